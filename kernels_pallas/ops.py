@@ -1,0 +1,129 @@
+"""The one switch between Pallas Mosaic-GPU kernels and their plain-jnp / XLA references.
+
+Every op here has the same contract on every backend; only the implementation changes:
+  reference  plain jnp (f32 upcast, no tiling): the oracle, and the path on CPU and non-Hopper GPUs
+  pallas     the Mosaic-GPU kernel, compiled for sm_90a
+  interpret  the same kernel body run by the Mosaic GPU interpreter on CPU (slow; tests only)
+  auto       pallas on a Hopper GPU when the arguments fit the kernel, reference otherwise
+
+Choose with the IE_JAX_KERNELS environment variable or the `kernel_backend(...)` context manager.
+This module knows nothing about models: it sees arrays and masks.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "reference", "pallas", "interpret")
+_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("ie_jax_kernel_backend", default=None)
+
+
+def current_backend() -> str:
+    name = _backend.get() or os.environ.get("IE_JAX_KERNELS", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"IE_JAX_KERNELS={name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str):
+    """Force a backend inside a block: `with kernel_backend("reference"): ...`."""
+    if name not in BACKENDS:
+        raise ValueError(f"{name=}; expected one of {BACKENDS}")
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+@functools.cache
+def is_hopper() -> bool:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") in ("9.0", "9.0a")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense attention
+
+
+def attention_reference(q, k, v, *, causal=True, q_segment_ids=None, kv_segment_ids=None, q_positions=None,
+                        kv_positions=None, scale=None, sliding_window=None, softcap=None):
+    """Plain-jnp attention in f32. q [B, T, N, H]; k, v [B, S, K, H]; N % K == 0 (GQA). Returns [B, T, N, H].
+
+    The mask is built from positions (default: the index, so T == S gives the usual causal triangle) and segment
+    ids (default: one segment): query i sees key j iff seg_q[i] == seg_kv[j] and, if causal, pos_kv[j] <= pos_q[i]
+    and, with a window W, pos_q[i] - pos_kv[j] < W. A query row that sees nothing returns zeros.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    scale = H ** -0.5 if scale is None else scale
+    qf = q.astype(jnp.float32).reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qf, k.astype(jnp.float32)) * scale  # [B, K, G, T, S]
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    mask = attention_mask(B, T, S, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                          q_positions=q_positions, kv_positions=kv_positions, sliding_window=sliding_window)
+    logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(jnp.float32))
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def attention_mask(B, T, S, *, causal, q_segment_ids=None, kv_segment_ids=None, q_positions=None,
+                   kv_positions=None, sliding_window=None):
+    """Boolean [B, T, S] mask; see `attention_reference`."""
+    q_pos = jnp.broadcast_to(jnp.arange(T) if q_positions is None else q_positions, (B, T))
+    kv_pos = jnp.broadcast_to(jnp.arange(S) if kv_positions is None else kv_positions, (B, S))
+    mask = jnp.ones((B, T, S), bool)
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        qs = q_segment_ids if q_segment_ids is not None else kv_segment_ids
+        ks = kv_segment_ids if kv_segment_ids is not None else q_segment_ids
+        mask &= qs[:, :, None] == ks[:, None, :]
+    diff = q_pos[:, :, None] - kv_pos[:, None, :]
+    if causal:
+        mask &= diff >= 0
+    if sliding_window is not None:
+        mask &= diff < sliding_window
+    return mask
+
+
+def attention(q, k, v, *, causal=True, q_segment_ids=None, kv_segment_ids=None, q_positions=None,
+              kv_positions=None, scale=None, sliding_window=None, softcap=None):
+    """Dense attention, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H]. Semantics of `attention_reference`.
+
+    The flash kernel takes the training/prefill shape: T == S, index-causal (no explicit positions) and one set of
+    segment ids shared by queries and keys. Anything else runs the reference.
+    """
+    backend = current_backend()
+    fits_kernel = (q.shape[1] == k.shape[1] and q_positions is None and kv_positions is None
+                   and (kv_segment_ids is None or kv_segment_ids is q_segment_ids))
+    use_kernel = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
+    if use_kernel and fits_kernel and _flash_available():
+        from kernels_pallas import flash_attention as fa
+        return fa.flash_attention(q, k, v, causal=causal, segment_ids=q_segment_ids, sm_scale=scale,
+                                  sliding_window=sliding_window, softcap=softcap,
+                                  interpret=backend == "interpret")
+    return attention_reference(q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                               q_positions=q_positions, kv_positions=kv_positions, scale=scale,
+                               sliding_window=sliding_window, softcap=softcap)
+
+
+@functools.cache
+def _flash_available() -> bool:
+    try:
+        from kernels_pallas import flash_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
