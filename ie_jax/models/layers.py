@@ -1,0 +1,111 @@
+"""Building blocks shared by the model families: Linear, Embed, RMSNorm, LayerNorm and rotary embeddings.
+
+Every parameter carries logical axis names in its `axes` metadata (see ie_jax/sharding.py); the names are
+  vocab, embed, heads (N*H), kv_heads (K*H), mlp, norm.
+Layers compute in the dtype of their input with f32 accumulation; norms and rotary math run in f32, as HF does.
+This module does not know about weight formats beyond plain dense arrays: quantized Linear variants replace
+`Linear` through `make_linear` without the model code changing.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ie_jax.config import ModelConfig
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias). kernel [in, out] (the transpose of an HF nn.Linear weight)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, axes: tuple[str | None, str | None],
+                 dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype), axes=axes[1:]) if bias else None
+
+    def __call__(self, x, out_dtype=None):  # [..., in] -> [..., out]
+        y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(out_dtype or x.dtype)
+
+
+def make_linear(in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The one place a weight format picks its Linear class. Dense only until quantized formats land."""
+    return Linear(in_features, out_features, bias=bias, axes=axes, dtype=dtype, rngs=rngs)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num_embeddings: int, features: int, *, dtype, rngs: nnx.Rngs, axes=("vocab", "embed")):
+        self.embedding = nnx.Param(_normal(rngs, (num_embeddings, features), dtype), axes=axes)
+
+    def __call__(self, ids):  # [B, T] -> [B, T, D]
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x):  # [B, T, D] -> [B, T, V] f32: the tied output projection
+        return jnp.dot(x, self.embedding[...].astype(x.dtype).T, preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
+        del rngs
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
+        del rngs
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] (f32), with linear or llama3 scaling applied as HF computes them."""
+    H = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq.astype(np.float32)
+    if rs.rope_type == "linear":
+        return (inv_freq / rs.factor).astype(np.float32)
+    # llama3: long wavelengths slow down by `factor`, short ones stay, a smooth blend in between.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate x [B, T, N, H] by positions [B, T] (HF "rotate_half" layout: pairs are (i, i + H/2))."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin

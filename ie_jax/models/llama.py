@@ -1,0 +1,117 @@
+"""The Llama family in one implementation: Llama 2/3/3.x, Mistral, Qwen2/2.5 and Qwen3 differ only by config flags
+(GQA ratio, qkv/o bias, q/k RMSNorm, rope scaling, sliding window, tied embeddings).
+
+Module names follow HF (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...) so that weight loading is a
+straight table. The decoder layers are stacked along a leading layer axis and run under `jax.lax.scan`: one layer
+is traced and compiled once, whatever the depth.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ie_jax.config import ModelConfig
+from ie_jax.models.context import DenseCausal
+from ie_jax.models.layers import Embed, RMSNorm, apply_rope, make_linear, rope_inv_freq
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = make_linear(D, N * H, bias=cfg.qkv_bias, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.k_proj = make_linear(D, K * H, bias=cfg.qkv_bias, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.v_proj = make_linear(D, K * H, bias=cfg.qkv_bias, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.o_proj = make_linear(N * H, D, bias=cfg.o_bias, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg.norm_eps, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(H, cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
+        self.qk_norm, self.sliding_window = cfg.qk_norm, cfg.sliding_window
+        self.inv_freq = rope_inv_freq(cfg)
+
+    def __call__(self, x, positions, ctx, cache):  # x [B, T, D], positions [B, T]
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        out, cache = ctx.attend(q, k, v, positions, cache, scale=self.head_dim ** -0.5,
+                                sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(B, T, -1)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = make_linear(D, F, bias=b, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.up_proj = make_linear(D, F, bias=b, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.down_proj = make_linear(F, D, bias=b, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, ctx, cache):
+        h, cache = self.self_attn(self.input_layernorm(x), positions, ctx, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False):
+    """Run stacked layers (leading layer axis on every variable) over x with lax.scan; returns (x, ctx)."""
+    graphdef, state = nnx.split(layers)
+
+    def body(x, xs):
+        layer_state, cache = xs
+        x, cache = nnx.merge(graphdef, layer_state)(x, positions, ctx, cache)
+        return x, cache
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, caches = jax.lax.scan(body, x, (state, ctx.layer_caches()))
+    return x, ctx.with_layer_caches(caches)
+
+
+def stacked(make, num_layers: int, rngs: nnx.Rngs):
+    """Build `num_layers` copies of a module as one module whose variables have a leading layer axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(rngs):
+        return make(rngs)
+
+    return build(rngs)
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = stacked(lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), cfg.num_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, bias=False, axes=("embed", "vocab"),
+                                       dtype=dtype, rngs=rngs)
+        self.remat = False  # gradient checkpointing per layer (training)
+
+    def __call__(self, token_ids, positions=None, ctx=None):
+        """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal()."""
+        positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape) if positions is None \
+            else positions
+        ctx = DenseCausal() if ctx is None else ctx
+        x = self.embed_tokens(token_ids)  # [B, T, D]
+        x, ctx = scan_layers(self.layers, x, positions, ctx, remat=self.remat)
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(x), ctx
+        return self.lm_head(x, out_dtype=jnp.float32), ctx
