@@ -28,7 +28,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(H, cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
         self.qk_norm, self.sliding_window = cfg.qk_norm, cfg.sliding_window
-        self.inv_freq = rope_inv_freq(cfg)
+        self.config = cfg  # static: rotary frequencies are recomputed (in numpy) at trace time
 
     def __call__(self, x, positions, ctx, cache):  # x [B, T, D], positions [B, T]
         B, T, _ = x.shape
@@ -37,7 +37,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        inv_freq = rope_inv_freq(self.config)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out, cache = ctx.attend(q, k, v, positions, cache, scale=self.head_dim ** -0.5,
                                 sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(B, T, -1)), cache

@@ -1,0 +1,290 @@
+"""Sampling parameters of one request, and the on-device sampler that applies them to a batch.
+
+`SamplingParams` carries vLLM's field names and meanings, so requests from vLLM/OpenAI clients map straight
+onto it. `SamplingTensors.from_params` turns a batch of them, plus each request's prompt and output token ids,
+into arrays with one row per sequence. `sample` (pure jnp, jittable, no host sync) draws one token per row from
+those arrays, so one compiled step serves any mix of greedy, seeded and penalised requests.
+
+This module knows nothing of stop strings beyond holding them (the detokenizer matches them), of when a request
+finishes (the scheduler decides), or of padding batches to compiled buckets (the runner does that, e.g. with
+rows built from `SamplingParams()`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+MAX_LOGPROBS = 20  # most top logprobs one request may ask for, per generated token
+
+
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be an int")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the tokens of one request. Defaults and meanings follow vLLM."""
+
+    n: int = 1
+    temperature: float = 1.0  # 0 => greedy
+    top_p: float = 1.0  # 1 => off
+    top_k: int = 0  # 0 or -1 => off
+    min_p: float = 0.0  # 0 => off
+    repetition_penalty: float = 1.0  # 1 => off; applies to prompt and output tokens
+    presence_penalty: float = 0.0  # output tokens only
+    frequency_penalty: float = 0.0  # output tokens only
+    seed: int | None = None  # None => a fresh random seed whenever the host builds the batch
+    max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop_token_ids are suppressed until this many tokens exist
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None => no logprobs; k => the sampled token's plus the top k
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        # Normalise the loosely typed list fields first, so that equal requests compare and hash equal.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+        for name in ("n", "top_k", "max_tokens", "min_tokens"):
+            _check_int(name, getattr(self, name))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.floating, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be a number")
+
+        if self.n < 1:
+            raise ValueError(f"n={self.n} must be at least 1")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < -1:
+            raise ValueError(f"top_k={self.top_k} must be -1 or 0 (off) or a positive count")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if not -2 <= self.presence_penalty <= 2:
+            raise ValueError(f"presence_penalty={self.presence_penalty} must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise ValueError(f"frequency_penalty={self.frequency_penalty} must be in [-2, 2]")
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be at least 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop={self.stop!r} must hold non-empty strings")
+        for i in self.stop_token_ids:
+            if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
+                raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must hold non-negative ints")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs={self.logprobs} must be None or in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@flax.struct.dataclass
+class SamplingTensors:
+    """Per-row sampling parameters of a batch, B rows. Every field is an array, so no mix recompiles."""
+
+    temperature: jax.Array  # [B] f32, 0 => greedy row
+    top_k: jax.Array  # [B] i32, 0 => off
+    top_p: jax.Array  # [B] f32, 1 => off
+    min_p: jax.Array  # [B] f32, 0 => off
+    repetition_penalty: jax.Array  # [B] f32
+    presence_penalty: jax.Array  # [B] f32
+    frequency_penalty: jax.Array  # [B] f32
+    seeds: jax.Array  # [B] u32, the request's seed mod 2**32
+    step: jax.Array  # [B] i32, tokens the request has generated so far
+    output_counts: jax.Array  # [B, V] i32, occurrences of each token in the output so far
+    prompt_mask: jax.Array  # [B, V] bool, token occurs in the prompt
+    suppress_eos: jax.Array  # [B] bool, min_tokens not reached yet
+    eos_ids: jax.Array  # [B, E] i32, ids banned while suppress_eos, padded with -1
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
+                    vocab_size: int, eos_ids: list[list[int]] | None = None) -> SamplingTensors:
+        """Build the rows on the host as numpy arrays; the jitted call that takes them moves them to device.
+
+        `eos_ids[r]` are the model's end-of-sequence ids for row r. While `min_tokens` is not reached, they are
+        banned unless `ignore_eos`, and the request's `stop_token_ids` are banned always (vLLM's rule).
+        Rows with `seed=None` get a fresh random seed on every call.
+        """
+        num_rows = len(params)
+        if num_rows == 0:
+            raise ValueError("params is empty: a batch needs at least one row")
+        if len(prompts) != num_rows or len(outputs) != num_rows:
+            raise ValueError(f"{len(params)=}, {len(prompts)=} and {len(outputs)=} must be equal")
+        if eos_ids is not None and len(eos_ids) != num_rows:
+            raise ValueError(f"{len(eos_ids)=} must equal {len(params)=}")
+        if vocab_size < 1:
+            raise ValueError(f"{vocab_size=} must be positive")
+
+        def row_ids(name: str, r: int, ids) -> np.ndarray:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise ValueError(f"{name}[{r}] holds ids outside [0, {vocab_size=}): {ids.min()}..{ids.max()}")
+            return ids
+
+        banned = []
+        for r, p in enumerate(params):
+            ids = list(p.stop_token_ids)
+            if eos_ids is not None and not p.ignore_eos:
+                ids = list(eos_ids[r]) + ids
+            banned.append(row_ids("eos_ids", r, sorted(set(ids))))
+        # Pad the banned ids to a power of two (at least 8), so that a batch's stop ids rarely change the shape.
+        num_banned = max(8, 1 << (max(len(b) for b in banned) - 1).bit_length())
+
+        t = dict(
+            temperature=np.array([0.0 if p.greedy else p.temperature for p in params], np.float32),
+            # -1 and counts >= V both mean "keep every token": store them as 0.
+            top_k=np.array([p.top_k if 0 < p.top_k < vocab_size else 0 for p in params], np.int32),
+            top_p=np.array([p.top_p for p in params], np.float32),
+            min_p=np.array([p.min_p for p in params], np.float32),
+            repetition_penalty=np.array([p.repetition_penalty for p in params], np.float32),
+            presence_penalty=np.array([p.presence_penalty for p in params], np.float32),
+            frequency_penalty=np.array([p.frequency_penalty for p in params], np.float32),
+            seeds=np.array([secrets.randbits(32) if p.seed is None else p.seed % 2**32 for p in params],
+                           np.uint32),
+            step=np.array([len(o) for o in outputs], np.int32),
+            output_counts=np.zeros((num_rows, vocab_size), np.int32),
+            prompt_mask=np.zeros((num_rows, vocab_size), bool),
+            suppress_eos=np.array([len(o) < p.min_tokens for p, o in zip(params, outputs)], bool),
+            eos_ids=np.full((num_rows, num_banned), -1, np.int32),
+        )
+        for r in range(num_rows):
+            t["output_counts"][r] = np.bincount(row_ids("outputs", r, outputs[r]), minlength=vocab_size)
+            t["prompt_mask"][r, row_ids("prompts", r, prompts[r])] = True
+            t["eos_ids"][r, : len(banned[r])] = banned[r]
+        return cls(**t)
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    token_ids: jax.Array  # [B] i32
+    logprobs: jax.Array  # [B] f32, sampled token under the raw model distribution (log_softmax of the logits)
+    top_ids: jax.Array  # [B, num_logprobs] i32, most likely tokens of the raw distribution, best first
+    top_logprobs: jax.Array  # [B, num_logprobs] f32, descending
+
+
+def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """EOS suppression, then repetition, then frequency and presence penalties. [B, V] f32 -> [B, V] f32."""
+    num_rows, vocab_size = logits.shape
+    # Scatter the banned ids into a [B, V] mask; the -1 padding goes out of range and is dropped.
+    banned_ids = jnp.where(t.eos_ids < 0, vocab_size, t.eos_ids)  # [B, E]
+    rows = jnp.arange(num_rows)[:, None]  # [B, 1]
+    banned = jnp.zeros((num_rows, vocab_size), bool).at[rows, banned_ids].set(True, mode="drop")  # [B, V]
+    logits = jnp.where(banned & False, -jnp.inf, logits)
+
+    # Repetition penalty on every token seen in the prompt or the output: dividing a positive logit and
+    # multiplying a negative one both make the token less likely when the penalty is > 1.
+    seen = t.prompt_mask | (t.output_counts > 0)  # [B, V]
+    penalty = t.repetition_penalty[:, None]  # [B, 1]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+    counts = t.output_counts.astype(jnp.float32)  # [B, V]
+    return logits - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
+
+
+def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Masks each row [B, V] to its top-k tokens, then to the nucleus of those whose mass reaches top_p.
+
+    Both filters keep a prefix of the row sorted in descending order, so they reduce to one cut-off logit
+    per row; ties with the cut-off are kept. This costs one full sort of [B, V], the sampler's most expensive
+    operation, which is why `sample` runs it only when some row asks for top-k or top-p.
+    """
+    vocab_size = scaled.shape[-1]
+    ordered = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
+    rank = jnp.arange(vocab_size)[None, :]  # [1, V]
+    num_top_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab_size), vocab_size)[:, None]  # [B, 1]
+    ordered = jnp.where(rank < num_top_k, ordered, -jnp.inf)
+
+    # Keep rank i while the mass strictly above it is below top_p: the smallest prefix reaching top_p. Rank 0
+    # sees mass 0 and always stays. top_p == 1 skips the test, so f32 round-off cannot drop the tail.
+    probs = jax.nn.softmax(ordered, axis=-1)  # [B, V]
+    mass_above = jnp.cumsum(probs, axis=-1) - probs  # [B, V]
+    in_nucleus = (mass_above < top_p[:, None]) | (top_p[:, None] >= 1)
+    num_keep = jnp.minimum(num_top_k, jnp.sum(in_nucleus, axis=-1, keepdims=True))  # [B, 1]
+    cutoff = jnp.take_along_axis(ordered, num_keep - 1, axis=-1)  # [B, 1]
+    return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+
+def _draw(penalised: jax.Array, t: SamplingTensors) -> jax.Array:
+    """Samples one token per row with temperature, top-k, top-p and min-p. [B, V] -> [B] i32."""
+    vocab_size = penalised.shape[-1]
+    temperature = jnp.where(t.temperature > 0, t.temperature, 1.0)  # greedy rows are discarded by the caller
+    scaled = penalised / temperature[:, None]  # [B, V]
+    needs_sort = jnp.any((t.top_k > 0) | (t.top_p < 1))
+    scaled = lax.cond(needs_sort, _top_k_top_p, lambda s, k, p: s, scaled, t.top_k, t.top_p)
+
+    # min-p: prob < min_p * max prob  <=>  logit < max logit + log(min_p). The ratio of two kept probabilities
+    # does not change when top-k/top-p renormalise, so this needs no softmax; min_p == 0 gives log 0 = -inf.
+    floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(t.min_p)[:, None]  # [B, 1]
+    scaled = jnp.where(scaled >= floor, scaled, -jnp.inf)
+
+    # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits). Each row's key depends only on
+    # its (seed, step), so a seeded request draws the same tokens whatever its batch position or batch-mates.
+    def row_noise(seed, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return jax.random.gumbel(key, (vocab_size,), jnp.float32)
+
+    noise = jax.vmap(row_noise)(t.seeds, t.step)  # [B, V]
+    return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> SampleOutput:
+    """Draws one token per row of `logits` [B, V] (any float dtype; computed in f32) under the rows' parameters.
+
+    Order of operations, per row:
+      1. min_tokens: ban `eos_ids` while `suppress_eos`;
+      2. repetition penalty on tokens in the prompt or the output;
+      3. frequency and presence penalties on tokens in the output;
+      4. greedy rows (temperature 0) take the argmax of the penalised logits; the others go on:
+      5. divide by temperature → top-k → top-p → min-p → sample.
+    Logprobs always come from the raw logits (vLLM's default "raw_logprobs"). `num_logprobs` is static: the
+    most any row in the batch asked for; rows that asked for fewer slice their share on the host.
+    """
+    num_rows, vocab_size = logits.shape
+    if t.output_counts.shape != (num_rows, vocab_size):
+        raise ValueError(f"{logits.shape=} does not match {t.output_counts.shape=}")
+    if not 0 <= num_logprobs <= vocab_size:
+        raise ValueError(f"{num_logprobs=} must be in [0, {vocab_size=}]")
+
+    logits = logits.astype(jnp.float32)  # [B, V]
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    penalised = apply_penalties(logits, t)
+    greedy_ids = jnp.argmax(penalised, axis=-1).astype(jnp.int32)  # [B]
+    is_greedy = t.temperature <= 0
+    # An all-greedy batch skips the noise and the sort at run time; the branch is chosen on device.
+    token_ids = lax.cond(jnp.all(is_greedy), lambda: greedy_ids,
+                         lambda: jnp.where(is_greedy, greedy_ids, _draw(penalised, t)))
+
+    if num_logprobs:
+        top_logprobs, top_ids = lax.top_k(raw_logprobs, num_logprobs)  # [B, num_logprobs]
+    else:
+        top_logprobs, top_ids = jnp.zeros((num_rows, 0), jnp.float32), jnp.zeros((num_rows, 0), jnp.int32)
+    return SampleOutput(
+        token_ids=token_ids,
+        logprobs=jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0],
+        top_ids=top_ids.astype(jnp.int32),
+        top_logprobs=top_logprobs,
+    )

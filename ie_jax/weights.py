@@ -1,0 +1,287 @@
+"""HF checkpoint I/O: load `*.safetensors` (single or sharded) into a sharded model, and save back to HF format.
+
+The mapping is a table per family: an HF name template ↔ a parameter path template, and whether the tensor is
+transposed (HF nn.Linear stores [out, in]; our kernels are [in, out]). `{layer}` marks the stacked layer index;
+other `{x}` fields range over listed choices. The same table drives loading and saving.
+
+Loading streams tensor by tensor: each one is read from a memory map, cast, and placed onto its sharding (stacked
+layers are written into a preallocated sharded array, slice by slice), so host memory peaks near one tensor.
+Missing, unexpected and mis-shaped tensors raise, naming the tensor and both shapes. Pickle checkpoints
+(`*.bin`, `*.pt`) are never read: they can execute code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from ie_jax.config import ModelConfig
+from ie_jax.models import build_model
+from ie_jax.sharding import single_device_shardings, state_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # e.g. "model.layers.{layer}.self_attn.{p}.weight"
+    path: str  # e.g. "layers.self_attn.{p}.kernel"
+    transpose: bool = False
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @functools.cached_property
+    def regex(self) -> re.Pattern:
+        pattern = re.escape(self.hf).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        for key, options in self.choices:
+            pattern = pattern.replace(rf"\{{{key}\}}", f"(?P<{key}>{'|'.join(map(re.escape, options))})")
+        return re.compile(pattern + "$")
+
+    def expand(self):
+        """Every (hf_template_with_layer, param_path) this rule covers."""
+        keys = [k for k, _ in self.choices]
+        for values in itertools.product(*(opts for _, opts in self.choices)):
+            sub = dict(zip(keys, values))
+            yield self.hf.replace("{layer}", "{{layer}}").format(**sub), self.path.format(**sub)
+
+
+def _r(hf, path, transpose=False, **choices):
+    return Rule(hf, path, transpose, tuple((k, tuple(v)) for k, v in choices.items()))
+
+
+LLAMA_RULES = (
+    _r("model.embed_tokens.weight", "embed_tokens.embedding"),
+    _r("model.layers.{layer}.self_attn.{p}.weight", "layers.self_attn.{p}.kernel", True,
+       p=("q_proj", "k_proj", "v_proj", "o_proj")),
+    _r("model.layers.{layer}.self_attn.{p}.bias", "layers.self_attn.{p}.bias", p=("q_proj", "k_proj", "v_proj", "o_proj")),
+    _r("model.layers.{layer}.self_attn.{p}.weight", "layers.self_attn.{p}.weight", p=("q_norm", "k_norm")),
+    _r("model.layers.{layer}.mlp.{p}.weight", "layers.mlp.{p}.kernel", True, p=("gate_proj", "up_proj", "down_proj")),
+    _r("model.layers.{layer}.mlp.{p}.bias", "layers.mlp.{p}.bias", p=("gate_proj", "up_proj", "down_proj")),
+    _r("model.layers.{layer}.{p}.weight", "layers.{p}.weight", p=("input_layernorm", "post_attention_layernorm")),
+    _r("model.norm.weight", "norm.weight"),
+    _r("lm_head.weight", "lm_head.kernel", True),
+)
+GPT2_RULES = (
+    _r("transformer.{p}.weight", "{p}.embedding", p=("wte", "wpe")),
+    _r("transformer.h.{layer}.{p}.{w}", "h.{p}.{w}", p=("ln_1", "ln_2"), w=("weight", "bias")),
+    _r("transformer.h.{layer}.{p}.weight", "h.{p}.kernel", p=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+    _r("transformer.h.{layer}.{p}.bias", "h.{p}.bias", p=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+    _r("transformer.ln_f.{w}", "ln_f.{w}", w=("weight", "bias")),
+)
+# Buffers some checkpoints carry that are not parameters (recomputed here).
+IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|transformer\.h\.\d+\.attn\.(masked_)?bias)$")
+
+
+def rules_for(cfg: ModelConfig) -> tuple[Rule, ...]:
+    return GPT2_RULES if cfg.is_gpt2 else LLAMA_RULES
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model: the message names the tensor and both shapes."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model creation
+
+
+def _flat(state) -> dict[str, nnx.Variable]:
+    return {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+
+
+def abstract_model(cfg: ModelConfig, dtype):
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+
+
+def _shardings(abs_state, mesh, rules):
+    return single_device_shardings(abs_state) if mesh is None else state_shardings(abs_state, mesh, rules)
+
+
+def init_model(cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rules="tp", seed: int = 0) -> nnx.Module:
+    """Random weights (std 0.02, norms at 1), created directly on their shardings: `--load-format dummy`."""
+    graphdef, abs_state = abstract_model(cfg, dtype)
+    shardings = _shardings(abs_state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(build_model(cfg, dtype=dtype, rngs=nnx.Rngs(seed))),
+                    out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing}")
+        return files
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("model-*.safetensors")) or sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise ValueError(f"{path} holds only pickle weights {pickled[:3]}; those are never loaded (they can run "
+                         f"code). Convert them to safetensors, e.g. with transformers' save_pretrained.")
+    raise FileNotFoundError(f"no *.safetensors weights in {path}")
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _set_layer(stacked, index, value, sharding):
+    return jax.lax.with_sharding_constraint(stacked.at[index].set(value), sharding)
+
+
+def load_hf_weights(path, cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rules="tp",
+                    progress: bool = True) -> nnx.Module:
+    """Load an HF safetensors checkpoint directory into a new model (see module docstring)."""
+    graphdef, abs_state = abstract_model(cfg, dtype)
+    flat_abs = _flat(abs_state)
+    shardings = {k: v.get_value() for k, v in _flat(_shardings(abs_state, mesh, rules)).items()}
+    arrays: dict[str, jax.Array] = {}
+    filled: dict[str, set[int]] = {k: set() for k in flat_abs}
+    table = rules_for(cfg)
+    files = checkpoint_files(path)
+    handles = [_open(f) for f in files]
+    total = sum(len(list(h.keys())) for h in handles)
+    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    for file, handle in zip(files, handles):
+        for name in handle.keys():
+            bar.update()
+            hf_name = _normalise(name, cfg)
+            if IGNORED.match(hf_name) or (cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
+                continue
+            rule, match = _match(table, hf_name)
+            param = rule.path.format(**{k: v for k, v in match.groupdict().items() if k != "layer"}) if rule else None
+            if param not in flat_abs:
+                raise CheckpointError(f"unexpected tensor {name!r} in {file.name}: the {cfg.model_type} model has no "
+                                      f"parameter for it")
+            target = flat_abs[param]
+            layer = match.groupdict().get("layer")
+            expected = target.shape[1:] if layer is not None else target.shape
+            shape = tuple(handle.get_slice(name).get_shape())
+            shape_t = shape[::-1] if rule.transpose else shape
+            if shape_t != tuple(expected):
+                raise CheckpointError(f"tensor {name!r} has shape {shape} but parameter {param} expects "
+                                      f"{tuple(expected[::-1]) if rule.transpose else tuple(expected)} "
+                                      f"(HF layout{', transposed on load' if rule.transpose else ''})")
+            value = handle.get_tensor(name)
+            value = (value.T if rule.transpose else value).astype(target.dtype)
+            if layer is None:
+                arrays[param] = jax.device_put(np.ascontiguousarray(value), shardings[param])
+                filled[param].add(-1)
+            else:
+                i = int(layer)
+                if i >= target.shape[0]:
+                    raise CheckpointError(f"unexpected tensor {name!r}: layer {i} >= num_layers={target.shape[0]}")
+                if param not in arrays:
+                    arrays[param] = jax.jit(lambda s=target.shape, d=target.dtype: jnp.zeros(s, d),
+                                            out_shardings=shardings[param])()
+                arrays[param] = _set_layer(arrays[param], i, value, shardings[param])
+                filled[param].add(i)
+    bar.close()
+    missing = []
+    for param, var in flat_abs.items():
+        want = {-1} if param in arrays and filled[param] == {-1} else set(range(var.shape[0]))
+        if not filled[param] or (filled[param] != {-1} and filled[param] != want):
+            missing.append(_hf_name_of(table, param, sorted(want - filled[param])[:1] or [0]))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+    state = nnx.from_flat_state({tuple(k.split(".")): flat_abs[k].replace(arrays[k]) for k in flat_abs})
+    return nnx.merge(graphdef, _restore_int_keys(state))
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read safetensors file {file}: {e} (corrupt or truncated header?)") from e
+
+
+def _normalise(name: str, cfg: ModelConfig) -> str:
+    if cfg.is_gpt2 and not name.startswith(("transformer.", "lm_head.")):
+        return "transformer." + name  # the original gpt2 checkpoints have no "transformer." prefix
+    return name
+
+
+def _match(table, name):
+    for rule in table:
+        m = rule.regex.match(name)
+        if m:
+            return rule, m
+    return None, None
+
+
+def _hf_name_of(table, param: str, layers) -> str:
+    for rule in table:
+        for hf, p in rule.expand():
+            if p == param:
+                return hf.format(layer=layers[0]) if "{layer}" in hf else hf
+    return param
+
+
+def _restore_int_keys(state):
+    return state  # module paths here are attribute names only (no integer list indices)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def hf_tensors(model: nnx.Module, cfg: ModelConfig):
+    """Yield (hf_name, numpy array) for every parameter, in HF layout, one tensor at a time."""
+    flat = _flat(nnx.state(model, nnx.Param))
+    for rule in rules_for(cfg):
+        for hf, param in rule.expand():
+            if param not in flat:
+                continue
+            value = np.asarray(jax.device_get(flat[param].get_value()))
+            if "{layer}" in hf:
+                for i in range(value.shape[0]):
+                    yield hf.format(layer=i), np.ascontiguousarray(value[i].T if rule.transpose else value[i])
+            else:
+                yield hf, np.ascontiguousarray(value.T if rule.transpose else value)
+
+
+def save_hf_checkpoint(model: nnx.Module, cfg: ModelConfig, out_dir, *, generation_config: dict | None = None,
+                       max_shard_bytes: int = 5 * 2**30, dtype=None) -> Path:
+    """Write config.json, generation_config.json and safetensors shards (+ index when more than one)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name, value in hf_tensors(model, cfg):
+        value = value.astype(dtype) if dtype is not None else value
+        if current and size + value.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = value
+        size += value.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in tensors})
+    if len(shards) > 1:
+        total = sum(v.nbytes for s in shards for v in s.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf_config = cfg.to_hf()
+    hf_config["torch_dtype"] = str(np.dtype(dtype or next(iter(shards[0].values())).dtype))
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if generation_config:
+        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    return out
