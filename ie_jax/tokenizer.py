@@ -8,8 +8,8 @@ itself out as an HF directory that `HFTokenizer` reads back to the same behaviou
 
 BOS/EOS rule (what transformers does): the tokenizer.json post-processor adds special tokens where it has one
 (Llama-3 style). An explicit `add_bos_token` / `add_eos_token` in tokenizer_config.json overrides it (Llama-2,
-Mistral, Gemma style): the token is added when the post-processor did not add it, and removed when the flag is
-false and the post-processor did.
+Mistral, Gemma style; Llama/Gemma tokenizer classes default it to BOS only): the token is added when the
+post-processor did not add it, and removed when the flag is false and the post-processor did.
 
 This module deliberately does not apply transformers' `clean_up_tokenization_spaces` in `decode` (" ." -> "."):
 streaming engines emit raw text, and that clean-up is not stable under appending tokens. It knows nothing of
@@ -55,6 +55,11 @@ def _read_json(path: Path) -> dict:
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# Tokenizer classes whose transformers implementation adds BOS (and not EOS) unless tokenizer_config says otherwise.
+_BOS_BY_DEFAULT_CLASSES = frozenset(
+    f"{name}Tokenizer{fast}" for name in ("Llama", "CodeLlama", "Gemma") for fast in ("", "Fast"))
 
 
 class Tokenizer:
@@ -169,7 +174,10 @@ class HFTokenizer(Tokenizer):
         bos, eos = self.bos_token_id, self._eos_token_id
         post_adds_bos = bos is not None and with_specials[:1] == [bos] and without[:1] != [bos]
         post_adds_eos = eos is not None and with_specials[-1:] == [eos] and without[-1:] != [eos]
-        add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
+        # Llama/Gemma tokenizer classes rebuild the post-processor from these flags and default them to BOS only.
+        class_defaults = (True, False) if config.get("tokenizer_class") in _BOS_BY_DEFAULT_CLASSES else (None, None)
+        add_bos = config.get("add_bos_token", class_defaults[0])
+        add_eos = config.get("add_eos_token", class_defaults[1])
         self._prepend_bos = bool(add_bos) and bos is not None and not post_adds_bos
         self._strip_bos = add_bos is False and post_adds_bos
         self._append_eos = bool(add_eos) and eos is not None and not post_adds_eos
@@ -285,12 +293,14 @@ class ByteTokenizer(Tokenizer):
         ids = self._checked_ids(ids)
         if not ids or max(ids) < 256:
             data = bytes(ids)
+        elif skip_special_tokens:
+            data = bytes([i for i in ids if i < 256])
         else:
             data = bytearray()
             for i in ids:
                 if i < 256:
                     data.append(i)
-                elif not skip_special_tokens:
+                else:
                     data += self._special_bytes[i - 256]
         return data.decode("utf-8", errors="replace")
 

@@ -47,9 +47,8 @@ class ContiguousCache:
     @classmethod
     def allocate(cls, num_layers, batch, max_len, num_kv_heads, head_dim, dtype, *, start=None):
         shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-        zeros = jnp.zeros(shape, dtype)
         start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-        return cls(zeros, zeros, jnp.zeros((batch,), jnp.int32), start)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32), start)
 
     def layer_caches(self):
         return (self.k, self.v)

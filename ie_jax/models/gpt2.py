@@ -70,7 +70,7 @@ class GPT2LMHeadModel(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape) if positions is None \
             else positions
         ctx = DenseCausal() if ctx is None else ctx
-        # Left-padding slots carry negative positions; clamp them for the table lookup (they are masked anyway).
-        x = self.wte(token_ids) + self.wpe(jnp.maximum(positions, 0))  # [B, T, D]
+        # Padding slots may carry positions outside the table; clamp them for the lookup (they are masked anyway).
+        x = self.wte(token_ids) + self.wpe(jnp.clip(positions, 0, self.config.max_position_embeddings - 1))
         x, ctx = scan_layers(self.h, x, positions, ctx, remat=self.remat)
         return self.wte.attend(self.ln_f(x)), ctx

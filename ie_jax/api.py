@@ -1,0 +1,85 @@
+"""The public entry points for research code: `load_model`, `forward`, and (re-exported) `generate`.
+
+    model, tokenizer = ie_jax.load_model("path/to/hf_dir" or "preset", dtype="bfloat16", load_format="auto")
+    logits = ie_jax.forward(model, token_ids)            # int32 [B, S] -> float32 [B, S, V]
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ie_jax.config import ModelConfig
+from ie_jax.presets import PRESETS, get_preset
+from ie_jax.tokenizer import ByteTokenizer, load_tokenizer
+from ie_jax.weights import init_model, load_hf_weights
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16, "half": jnp.float16,
+          "float": jnp.float32}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+BYTE_VOCAB = 263  # ByteTokenizer: 256 bytes + 7 specials
+
+
+def resolve_dtype(dtype, config_dtype: str | None = None):
+    if dtype == "auto":
+        return DTYPES.get(config_dtype or "bfloat16", jnp.bfloat16)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"{dtype=} is not supported; expected 'auto' or one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_format: str = "auto", mesh=None,
+               rules="tp", seed: int = 0, progress: bool = True):
+    """Load an HF checkpoint directory or build a named preset. Returns (model, tokenizer).
+
+    `load_format="dummy"` gives random weights (for benchmarks), from a preset name or a directory's config.json.
+    Presets have no weights, so they are always random. The tokenizer is None for a directory without one.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"{load_format=} is not supported; expected one of {LOAD_FORMATS}")
+    path = Path(model)
+    if path.is_dir():
+        hf_config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+        if hf_config is None:
+            raise FileNotFoundError(f"{path} has no config.json; is it an HF checkpoint directory?")
+        cfg = ModelConfig.from_hf(hf_config)
+        dt = resolve_dtype(dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"))
+        if load_format == "dummy":
+            m = init_model(cfg, dtype=dt, mesh=mesh, rules=rules, seed=seed)
+        else:
+            m = load_hf_weights(path, cfg, dtype=dt, mesh=mesh, rules=rules, progress=progress)
+        tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
+        return m, tokenizer
+    if str(model) in PRESETS:
+        if load_format == "safetensors":
+            raise ValueError(f"preset {model!r} has no weights to load; use load_format='dummy' or a directory")
+        cfg = get_preset(str(model))
+        m = init_model(cfg, dtype=resolve_dtype(dtype, "float32"), mesh=mesh, rules=rules, seed=seed)
+        return m, ByteTokenizer() if cfg.vocab_size == BYTE_VOCAB else None
+    raise ValueError(f"model={str(model)!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}."
+                     f" (Hub names are not downloaded: fetch the checkpoint first, e.g. `huggingface-cli download`.)")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, token_ids):
+    logits, _ = nnx.merge(graphdef, state)(token_ids)
+    return logits.astype(jnp.float32)
+
+
+def forward(model: nnx.Module, token_ids) -> jax.Array:
+    """Logits for a batch of full sequences: int32 [B, S] -> float32 [B, S, V] (causal, no padding)."""
+    token_ids = jnp.asarray(token_ids, jnp.int32)
+    if token_ids.ndim == 1:
+        token_ids = token_ids[None]
+    if token_ids.ndim != 2:
+        raise ValueError(f"token_ids must be [B, S]; got shape {token_ids.shape}")
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, token_ids)

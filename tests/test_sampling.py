@@ -1,0 +1,301 @@
+"""SamplingParams validation, the host builder, and the device sampler against numpy references."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from ie_jax.sampling import MAX_LOGPROBS, SamplingParams, SamplingTensors, apply_penalties, sample
+
+_sample = jax.jit(sample, static_argnums=2)
+V = 12  # vocab of the distribution tests
+NUM_DRAWS = 20_000
+TOLERANCE = 0.02  # max abs error of an empirical frequency; ~6 sigma at 20k draws
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _softmax(x):
+    return np.exp(_log_softmax(x))
+
+
+def _tensors(params, vocab_size, prompts=None, outputs=None, eos_ids=None):
+    prompts = prompts or [[] for _ in params]
+    outputs = outputs or [[] for _ in params]
+    return SamplingTensors.from_params(params, prompts, outputs, vocab_size, eos_ids)
+
+
+def _draws(logits_row, params, num_draws=NUM_DRAWS, seed=0):
+    """Tokens of `num_draws` rows that share one logits row and parameters and differ only in their step."""
+    one = _tensors([params], len(logits_row))
+    many = jax.tree.map(lambda x: np.repeat(x, num_draws, axis=0), one)
+    many = many.replace(seeds=np.full(num_draws, seed, np.uint32), step=np.arange(num_draws, dtype=np.int32))
+    logits = np.repeat(np.asarray(logits_row, np.float32)[None], num_draws, axis=0)
+    return np.asarray(_sample(logits, many).token_ids)
+
+
+def _frequencies(tokens, vocab_size):
+    return np.bincount(tokens, minlength=vocab_size) / len(tokens)
+
+
+def _distinct_logits(rng, vocab_size=V):
+    """Random logits with well separated probabilities, so no test sits on a tie or a cut-off boundary."""
+    return np.sort(rng.normal(size=vocab_size) * 1.5)[::-1][rng.permutation(vocab_size)].astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- params
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 0), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -2), ("top_k", 2.5), ("min_p", -0.1), ("min_p", 1.1), ("repetition_penalty", 0.0),
+    ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("frequency_penalty", 3.0),
+    ("frequency_penalty", -2.5), ("max_tokens", 0), ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1),
+    ("seed", 1.5), ("stop", [""]), ("stop_token_ids", [-3]),
+])
+def test_params_reject_bad_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_params_min_tokens_above_max_tokens():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=20, max_tokens=10)
+
+
+def test_params_normalise_and_greedy():
+    p = SamplingParams(stop="###", stop_token_ids=[7, 9], top_k=-1, logprobs=MAX_LOGPROBS)
+    assert p.stop == ("###",) and p.stop_token_ids == (7, 9)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert hash(p) == hash(dataclasses.replace(p))
+    assert not p.greedy
+    assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
+
+
+def test_from_params_builds_rows():
+    rng = np.random.default_rng(0)
+    vocab_size = 20
+    params = [SamplingParams(top_k=-1, min_tokens=3, stop_token_ids=[5], seed=2**32 + 7),
+              SamplingParams(top_k=50, temperature=0.7, ignore_eos=True, min_tokens=2),
+              SamplingParams(top_k=1, temperature=0.9)]
+    prompts = [list(rng.integers(0, vocab_size, 6)) for _ in params]
+    outputs = [list(rng.integers(0, vocab_size, n)) for n in (2, 1, 4)]
+    t = SamplingTensors.from_params(params, prompts, outputs, vocab_size, eos_ids=[[1, 2], [1, 2], [1, 2]])
+    np.testing.assert_array_equal(t.top_k, [0, 0, 1])  # -1 and k >= V are both off
+    np.testing.assert_array_equal(t.temperature, np.float32([1.0, 0.7, 0.0]))  # top_k=1 is greedy
+    assert t.seeds[0] == 7
+    np.testing.assert_array_equal(t.step, [2, 1, 4])
+    np.testing.assert_array_equal(t.suppress_eos, [True, True, False])
+    np.testing.assert_array_equal(t.eos_ids[:, :3], [[1, 2, 5], [-1, -1, -1], [1, 2, -1]])  # ignore_eos: no EOS ban
+    assert t.eos_ids.shape == (3, 8) and (t.eos_ids[:, 3:] == -1).all()
+    for r in range(3):
+        np.testing.assert_array_equal(t.output_counts[r], np.bincount(outputs[r], minlength=vocab_size))
+        np.testing.assert_array_equal(np.flatnonzero(t.prompt_mask[r]), np.unique(prompts[r]))
+    with pytest.raises(ValueError, match="outputs"):
+        SamplingTensors.from_params(params[:1], [[0]], [[vocab_size]], vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------- greedy
+
+
+def test_greedy_rows_take_argmax_in_a_mixed_batch():
+    rng = np.random.default_rng(1)
+    num_rows, vocab_size = 8, 64
+    logits = rng.normal(size=(num_rows, vocab_size)).astype(np.float32) * 3
+    params = [SamplingParams(temperature=0) if r % 2 == 0 else SamplingParams(temperature=1.0, seed=r)
+              for r in range(num_rows)]
+    params[1] = SamplingParams(top_k=1, temperature=1.5)
+    tokens = np.asarray(_sample(logits, _tensors(params, vocab_size)).token_ids)
+    greedy_rows = [0, 1, 2, 4, 6]
+    np.testing.assert_array_equal(tokens[greedy_rows], logits[greedy_rows].argmax(-1))
+    # Random rows draw from a nearly flat distribution over 64 tokens: all three landing on argmax is ~1e-4.
+    assert (tokens[[3, 5, 7]] != logits[[3, 5, 7]].argmax(-1)).any()
+
+
+def test_all_greedy_batch_in_bf16():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4, 100)).astype(jax.numpy.bfloat16)
+    out = _sample(logits, _tensors([SamplingParams(temperature=0)] * 4, 100))
+    np.testing.assert_array_equal(out.token_ids, np.asarray(logits, np.float32).argmax(-1))
+
+
+# ------------------------------------------------------------------------------------------- distributions
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_temperature_matches_softmax(temperature):
+    logits = _distinct_logits(np.random.default_rng(3))
+    freq = _frequencies(_draws(logits, SamplingParams(temperature=temperature)), V)
+    np.testing.assert_array_less(np.abs(freq - _softmax(logits / temperature)), TOLERANCE)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 7])
+def test_top_k_keeps_the_k_most_likely(top_k):
+    logits = _distinct_logits(np.random.default_rng(4))
+    freq = _frequencies(_draws(logits, SamplingParams(top_k=top_k, temperature=0.8)), V)
+    keep = np.argsort(-logits)[:top_k]
+    expected = np.zeros(V)
+    expected[keep] = _softmax(logits[keep] / 0.8)
+    assert (freq[expected == 0] == 0).all()
+    np.testing.assert_array_less(np.abs(freq - expected), TOLERANCE)
+
+
+def _nucleus_reference(logits, top_p):
+    order = np.argsort(-logits)
+    mass = np.cumsum(_softmax(logits)[order])
+    return order[: int(np.searchsorted(mass, top_p)) + 1]  # first prefix whose mass reaches top_p
+
+
+@pytest.mark.parametrize("quantile", [0, 2, 5])
+def test_top_p_keeps_the_nucleus(quantile):
+    logits = _distinct_logits(np.random.default_rng(5))
+    mass = np.cumsum(np.sort(_softmax(logits))[::-1])
+    top_p = float((mass[quantile] + mass[quantile + 1]) / 2)  # halfway between two prefixes: no boundary tie
+    keep = _nucleus_reference(logits, top_p)
+    assert len(keep) == quantile + 2
+    expected = np.zeros(V)
+    expected[keep] = _softmax(logits[keep])
+    freq = _frequencies(_draws(logits, SamplingParams(top_p=top_p)), V)
+    assert (freq[expected == 0] == 0).all()
+    np.testing.assert_array_less(np.abs(freq - expected), TOLERANCE)
+
+
+def test_top_k_then_top_p_then_min_p():
+    logits = _distinct_logits(np.random.default_rng(6))
+    temperature, top_k, top_p, min_p = 1.3, 8, 0.9, 0.08
+    scaled = logits / temperature
+    keep = np.argsort(-scaled)[:top_k]
+    probs = _softmax(scaled[keep])
+    order = np.argsort(-probs)
+    keep = keep[order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]]
+    keep = keep[_softmax(scaled[keep]) >= min_p * _softmax(scaled[keep]).max()]
+    expected = np.zeros(V)
+    expected[keep] = _softmax(scaled[keep])
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    freq = _frequencies(_draws(logits, params), V)
+    assert (freq[expected == 0] == 0).all()
+    np.testing.assert_array_less(np.abs(freq - expected), TOLERANCE)
+
+
+@pytest.mark.parametrize("num_keep", [2, 5])
+def test_min_p_drops_unlikely_tokens(num_keep):
+    logits = _distinct_logits(np.random.default_rng(7))
+    probs = _softmax(logits)
+    ratio = np.sort(probs)[::-1] / probs.max()
+    min_p = float((ratio[num_keep - 1] + ratio[num_keep]) / 2)  # halfway between two tokens: no boundary tie
+    keep = probs >= min_p * probs.max()
+    assert keep.sum() == num_keep
+    expected = np.where(keep, probs, 0) / probs[keep].sum()
+    freq = _frequencies(_draws(logits, SamplingParams(min_p=min_p)), V)
+    assert (freq[~keep] == 0).all()
+    np.testing.assert_array_less(np.abs(freq - expected), TOLERANCE)
+
+
+# -------------------------------------------------------------------------------------------------- penalties
+
+
+def _penalties_reference(logits, t):
+    expected = np.asarray(logits, np.float64).copy()
+    for r in range(expected.shape[0]):
+        if t.suppress_eos[r]:
+            expected[r, t.eos_ids[r][t.eos_ids[r] >= 0]] = -np.inf
+        for v in range(expected.shape[1]):
+            if t.prompt_mask[r, v] or t.output_counts[r, v] > 0:
+                x, penalty = expected[r, v], t.repetition_penalty[r]
+                expected[r, v] = x / penalty if x > 0 else x * penalty
+            count = t.output_counts[r, v]
+            expected[r, v] -= t.frequency_penalty[r] * count + t.presence_penalty[r] * (count > 0)
+    return expected
+
+
+def test_penalties_match_reference():
+    rng = np.random.default_rng(8)
+    num_rows, vocab_size = 6, 40
+    logits = rng.normal(size=(num_rows, vocab_size)).astype(np.float32) * 2
+    params = [SamplingParams(repetition_penalty=float(rng.uniform(0.5, 2.0)),
+                             presence_penalty=float(rng.uniform(-2, 2)), frequency_penalty=float(rng.uniform(-2, 2)),
+                             min_tokens=int(rng.integers(0, 8)), stop_token_ids=[3])
+              for _ in range(num_rows)]
+    prompts = [list(rng.integers(0, vocab_size, 10)) for _ in range(num_rows)]
+    outputs = [list(rng.integers(0, vocab_size, int(rng.integers(0, 12)))) for _ in range(num_rows)]
+    t = SamplingTensors.from_params(params, prompts, outputs, vocab_size, [[0, 1]] * num_rows)
+    assert t.suppress_eos.any() and not t.suppress_eos.all()
+    np.testing.assert_allclose(apply_penalties(logits, t), _penalties_reference(logits, t), rtol=1e-6, atol=1e-6)
+
+
+def test_min_tokens_never_samples_eos():
+    rng = np.random.default_rng(9)
+    num_rows, vocab_size, eos = 512, 16, 4
+    logits = rng.normal(size=(num_rows, vocab_size)).astype(np.float32)
+    logits[:, eos] = 4.0  # EOS is by far the most likely token
+    params = [SamplingParams(min_tokens=5, seed=r, temperature=0 if r % 4 == 0 else 1.0) for r in range(num_rows)]
+    outputs = [[7] * (r % 8) for r in range(num_rows)]  # rows with >= 5 outputs are free to stop
+    t = SamplingTensors.from_params(params, [[1]] * num_rows, outputs, vocab_size, [[eos]] * num_rows)
+    tokens = np.asarray(_sample(logits, t).token_ids)
+    assert (tokens[t.suppress_eos] != eos).all()
+    assert (tokens[~t.suppress_eos] == eos).mean() > 0.5
+
+
+# -------------------------------------------------------------------------------------------- seeds and jit
+
+
+def test_seeded_row_ignores_batch_position_and_mates():
+    rng = np.random.default_rng(10)
+    vocab_size, num_steps = 32, 40
+    row = rng.normal(size=vocab_size).astype(np.float32) * 0.5
+    mine = SamplingParams(seed=1234, temperature=0.9, top_p=1.0)
+    mates = [SamplingParams(top_p=0.7, top_k=5), SamplingParams(temperature=0), SamplingParams(min_p=0.2),
+             SamplingParams(repetition_penalty=1.5, seed=9), SamplingParams(temperature=2.0),
+             SamplingParams(top_k=3, temperature=0.3), SamplingParams(frequency_penalty=1.0)]
+    batch_params = mates[:5] + [mine] + mates[5:]
+    alone, in_batch = [], []
+    for step in range(num_steps):
+        t = _tensors([mine], vocab_size).replace(step=np.int32([step]))
+        alone.append(_sample(row[None], t).token_ids[0])
+        logits = rng.normal(size=(8, vocab_size)).astype(np.float32)
+        logits[5] = row
+        # Row 5's penalties are neutral, so its outputs do not matter; the mates' penalties do act.
+        t = _tensors(batch_params, vocab_size, outputs=[[1, 2]] * 8).replace(step=np.full(8, step, np.int32))
+        in_batch.append(_sample(logits, t).token_ids[5])
+    np.testing.assert_array_equal(alone, in_batch)
+    assert len(set(int(x) for x in alone)) > 5  # different steps give different draws
+
+
+def test_logprobs_are_raw_and_top_sorted():
+    rng = np.random.default_rng(11)
+    num_rows, vocab_size, k = 5, 50, 6
+    logits = rng.normal(size=(num_rows, vocab_size)).astype(np.float32) * 2
+    params = [SamplingParams(temperature=1.7, repetition_penalty=1.3, presence_penalty=0.5, top_p=0.9,
+                             seed=r) for r in range(num_rows)]
+    t = _tensors(params, vocab_size, outputs=[list(rng.integers(0, vocab_size, 5)) for _ in params])
+    out = _sample(logits, t, k)
+    expected = _log_softmax(logits)
+    tokens = np.asarray(out.token_ids)
+    np.testing.assert_allclose(out.logprobs, expected[np.arange(num_rows), tokens], atol=1e-5)
+    np.testing.assert_array_equal(out.top_ids, np.argsort(-expected, axis=-1)[:, :k])
+    np.testing.assert_allclose(out.top_logprobs, np.sort(expected, axis=-1)[:, ::-1][:, :k], atol=1e-5)
+    assert (np.diff(np.asarray(out.top_logprobs), axis=-1) <= 0).all()
+    assert _sample(logits, t).top_ids.shape == (num_rows, 0)
+
+
+def test_jit_compiles_once_for_any_parameter_mix():
+    num_traces = 0
+
+    def counted(logits, t):
+        nonlocal num_traces
+        num_traces += 1
+        return sample(logits, t)
+
+    step = jax.jit(counted)
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=(4, 30)).astype(np.float32)
+    first = [SamplingParams(temperature=0)] * 4
+    second = [SamplingParams(top_k=3, seed=1), SamplingParams(top_p=0.5), SamplingParams(min_p=0.1),
+              SamplingParams(repetition_penalty=1.2, min_tokens=3, stop_token_ids=[2])]
+    for params in (first, second, first):
+        step(logits, _tensors(params, 30, eos_ids=[[2]] * 4)).token_ids.block_until_ready()
+    assert num_traces == 1
