@@ -127,3 +127,64 @@ def _flash_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paged KV cache: [L, K, P, page_size, H] per K and V (all layers in one buffer, updated in place under donation)
+
+
+def write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping):
+    """Scatter k_new/v_new [T, K, H] into layer `layer` at slot_mapping [T] (-1: padding, written nowhere)."""
+    page_size, num_pages = k_cache.shape[3], k_cache.shape[2]
+    page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)  # out of range -> dropped
+    offset = slot_mapping % page_size
+    # Advanced indices split by a slice put their dims first: the update is [T, K, H].
+    k_cache = k_cache.at[layer, :, page, offset].set(k_new.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, :, page, offset].set(v_new.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs, *,
+                              scale=None, sliding_window=None, softcap=None):
+    """Ragged attention over the paged cache in plain jnp (f32): q [T, N, H] -> [T, N, H].
+
+    Token t of request r (qsl[r] <= t < qsl[r+1]) sits at position seq_lens[r] - q_len_r + (t - qsl[r]) and sees
+    the cached positions <= its own (within the window). Each token gathers its request's pages: memory
+    O(T * max_pages * page_size), fine for tests and decode, not for long prefill chunks (the kernel's job).
+    """
+    T, N, H = q.shape
+    K, page_size = k_cache.shape[1], k_cache.shape[3]
+    scale = H ** -0.5 if scale is None else scale
+    tok = jnp.arange(T)
+    req = jnp.clip(jnp.searchsorted(query_start_loc[1:], tok, side="right"), 0, page_table.shape[0] - 1)  # [T]
+    q_len = query_start_loc[req + 1] - query_start_loc[req]
+    pos = seq_lens[req] - q_len + tok - query_start_loc[req]  # [T]
+    real = tok < query_start_loc[num_seqs]
+    pages = page_table[req]  # [T, max_pages]
+    k = k_cache[layer][:, pages].reshape(K, T, -1, H).astype(jnp.float32)  # [K, T, C, H]
+    v = v_cache[layer][:, pages].reshape(K, T, -1, H).astype(jnp.float32)
+    qf = q.astype(jnp.float32).reshape(T, K, N // K, H)
+    logits = jnp.einsum("tkgh,ktch->tkgc", qf, k) * scale  # [T, K, G, C]
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    c = jnp.arange(k.shape[2])[None]  # [1, C]
+    mask = (c <= pos[:, None]) & real[:, None]
+    if sliding_window is not None:
+        mask &= pos[:, None] - c < sliding_window
+    logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    out = jnp.einsum("tkgc,ktch->tkgh", p, v)
+    return out.reshape(T, N, H).astype(q.dtype)
+
+
+def write_kv(k_cache, v_cache, layer, k_new, v_new, slot_mapping):
+    return write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs, *, scale=None,
+                    sliding_window=None, softcap=None):
+    """Ragged paged attention (decode and prefill chunks mixed). Semantics of `paged_attention_reference`."""
+    return paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs,
+                                     scale=scale, sliding_window=sliding_window, softcap=softcap)

@@ -4,11 +4,12 @@
                    by segment ids (a query sees only keys of its own segment, and only earlier ones).
   ContiguousCache  the reference generate: a preallocated cache [L, B, S_max, K, H] per K and V. Each call writes
                    its new K/V at per-row offsets and attends over the whole row (valid slots only).
-  (Paged           the engine: flat tokens over a paged cache; added with the engine.)
+  Paged            the serving engine: flat tokens (B = 1, T tokens of R requests) over a paged cache
+                   [L, K, pages, page_size, H] per K and V, addressed through slot_mapping and page_table.
 
-A context exposes `layer_caches()` (a pytree with a leading layer axis, or None) which the model scans over,
-`attend(...)` for one layer, and `with_layer_caches(...)` to return the updated context. The context never knows
-which model family calls it.
+A context hands the model its caches (`caches()`, all layers, or None), which ride in the layer scan's carry;
+`attend(..., caches, layer)` updates layer `layer` in place and returns them; `with_caches` gives the updated
+context back. The context never knows which model family calls it.
 """
 from __future__ import annotations
 
@@ -23,18 +24,18 @@ from kernels_pallas import ops
 class DenseCausal:
     segment_ids: jax.Array | None = None  # [B, S] int32; None = one segment per row
 
-    def layer_caches(self):
+    def caches(self):
         return None
 
-    def with_layer_caches(self, caches):
+    def with_caches(self, caches):
         return self
 
-    def attend(self, q, k, v, positions, cache, *, scale, sliding_window=None):
+    def attend(self, q, k, v, positions, caches, layer, *, scale, sliding_window=None):
         """q [B, T, N, H], k/v [B, T, K, H] -> ([B, T, N, H], None)."""
-        del positions  # index-causal: within a segment, positions increase with the index
+        del positions, layer  # index-causal: within a segment, positions increase with the index
         out = ops.attention(q, k, v, causal=True, q_segment_ids=self.segment_ids, scale=scale,
                             sliding_window=sliding_window)
-        return out, None
+        return out, caches
 
 
 @struct.dataclass
@@ -50,26 +51,50 @@ class ContiguousCache:
         start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32), start)
 
-    def layer_caches(self):
+    def caches(self):
         return (self.k, self.v)
 
-    def with_layer_caches(self, caches):
+    def with_caches(self, caches):
         return self.replace(k=caches[0], v=caches[1])
 
-    def attend(self, q, k, v, positions, cache, *, scale, sliding_window=None):
+    def attend(self, q, k, v, positions, caches, layer, *, scale, sliding_window=None):
         """Write k/v [B, T, K, H] at write_index, then attend q [B, T, N, H] at `positions` [B, T] to the row."""
-        k_cache, v_cache = cache  # [B, S_max, K, H] each
-        write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
-        k_cache = write(k_cache, k.astype(k_cache.dtype), self.write_index)
-        v_cache = write(v_cache, v.astype(v_cache.dtype), self.write_index)
         B, T = q.shape[:2]
-        slots = jnp.arange(k_cache.shape[1])
-        end = (self.write_index + T)[:, None]
-        kv_valid = (slots[None] >= self.start[:, None]) & (slots[None] < end)  # [B, S_max]
-        kv_positions = slots[None] - self.start[:, None]
+        rows = jnp.arange(B)[:, None]  # [B, 1]
+        slots = self.write_index[:, None] + jnp.arange(T)  # [B, T]
+        k_all = caches[0].at[layer, rows, slots].set(k.astype(caches[0].dtype))
+        v_all = caches[1].at[layer, rows, slots].set(v.astype(caches[1].dtype))
+        S = k_all.shape[2]
+        idx = jnp.arange(S)[None]  # [1, S]
+        kv_valid = (idx >= self.start[:, None]) & (idx < (self.write_index + T)[:, None])  # [B, S]
         # Left-padding queries (negative positions) get segment 0, as do empty slots: they see only each other.
-        q_segment = (positions >= 0).astype(jnp.int32)
-        out = ops.attention(q, k_cache, v_cache, causal=True, q_segment_ids=q_segment,
+        out = ops.attention(q, k_all[layer], v_all[layer], causal=True,
+                            q_segment_ids=(positions >= 0).astype(jnp.int32),
                             kv_segment_ids=kv_valid.astype(jnp.int32), q_positions=positions,
-                            kv_positions=kv_positions, scale=scale, sliding_window=sliding_window)
-        return out, (k_cache, v_cache)
+                            kv_positions=idx - self.start[:, None], scale=scale, sliding_window=sliding_window)
+        return out, (k_all, v_all)
+
+
+@struct.dataclass
+class Paged:
+    k: jax.Array  # [L, K, P, page_size, H]
+    v: jax.Array  # [L, K, P, page_size, H]
+    slot_mapping: jax.Array  # [T] int32: page * page_size + offset for each new token's K/V; -1 = padding
+    page_table: jax.Array  # [R, max_pages] int32
+    query_start_loc: jax.Array  # [R + 1] int32: request r's tokens are [qsl[r], qsl[r+1])
+    seq_lens: jax.Array  # [R] int32: tokens in the cache for r after this step's writes
+    num_seqs: jax.Array  # [] int32: rows >= num_seqs are padding
+
+    def caches(self):
+        return (self.k, self.v)
+
+    def with_caches(self, caches):
+        return self.replace(k=caches[0], v=caches[1])
+
+    def attend(self, q, k, v, positions, caches, layer, *, scale, sliding_window=None):
+        """q [1, T, N, H], k/v [1, T, K, H] (flat tokens) -> ([1, T, N, H], updated caches)."""
+        del positions  # implied by seq_lens and query_start_loc
+        k_all, v_all = ops.write_kv(caches[0], caches[1], layer, k[0], v[0], self.slot_mapping)
+        out = ops.paged_attention(q[0], k_all, v_all, layer, self.page_table, self.query_start_loc, self.seq_lens,
+                                  self.num_seqs, scale=scale, sliding_window=sliding_window)
+        return out[None], (k_all, v_all)

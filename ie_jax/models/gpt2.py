@@ -22,12 +22,12 @@ class GPT2Attention(nnx.Module):
         self.c_proj = make_linear(D, D, bias=True, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
-    def __call__(self, x, positions, ctx, cache):  # x [B, T, D]
+    def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D]
         B, T, D = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(B, T, self.num_heads, self.head_dim) for t in (q, k, v))  # [B, T, N, H]
-        out, cache = ctx.attend(q, k, v, positions, cache, scale=self.head_dim ** -0.5)
-        return self.c_proj(out.reshape(B, T, D)), cache
+        out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5)
+        return self.c_proj(out.reshape(B, T, D)), caches
 
 
 class GPT2MLP(nnx.Module):
@@ -48,10 +48,10 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = GPT2MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, ctx, cache):
-        h, cache = self.attn(self.ln_1(x), positions, ctx, cache)
+    def __call__(self, x, positions, ctx, caches, layer):
+        h, caches = self.attn(self.ln_1(x), positions, ctx, caches, layer)
         x = x + h
-        return x + self.mlp(self.ln_2(x)), cache
+        return x + self.mlp(self.ln_2(x)), caches
 
 
 class GPT2LMHeadModel(nnx.Module):

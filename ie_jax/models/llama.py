@@ -30,7 +30,7 @@ class Attention(nnx.Module):
         self.qk_norm, self.sliding_window = cfg.qk_norm, cfg.sliding_window
         self.config = cfg  # static: rotary frequencies are recomputed (in numpy) at trace time
 
-    def __call__(self, x, positions, ctx, cache):  # x [B, T, D], positions [B, T]
+    def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D], positions [B, T]
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
@@ -39,9 +39,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.config)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out, cache = ctx.attend(q, k, v, positions, cache, scale=self.head_dim ** -0.5,
-                                sliding_window=self.sliding_window)
-        return self.o_proj(out.reshape(B, T, -1)), cache
+        out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5,
+                                 sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(B, T, -1)), caches
 
 
 class MLP(nnx.Module):
@@ -62,25 +62,31 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, ctx, cache):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, ctx, cache)
+    def __call__(self, x, positions, ctx, caches, layer):
+        h, caches = self.self_attn(self.input_layernorm(x), positions, ctx, caches, layer)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + self.mlp(self.post_attention_layernorm(x)), caches
 
 
 def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False):
-    """Run stacked layers (leading layer axis on every variable) over x with lax.scan; returns (x, ctx)."""
-    graphdef, state = nnx.split(layers)
+    """Run stacked layers (leading layer axis on every variable) over x with lax.scan; returns (x, ctx).
 
-    def body(x, xs):
-        layer_state, cache = xs
-        x, cache = nnx.merge(graphdef, layer_state)(x, positions, ctx, cache)
-        return x, cache
+    The context's caches (whole, all layers) ride in the scan carry and each layer updates its own slice in place;
+    slicing them per layer as scan inputs/outputs would copy the entire KV cache every step.
+    """
+    graphdef, state = nnx.split(layers)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+
+    def body(carry, xs):
+        x, caches = carry
+        layer_state, layer = xs
+        x, caches = nnx.merge(graphdef, layer_state)(x, positions, ctx, caches, layer)
+        return (x, caches), None
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    x, caches = jax.lax.scan(body, x, (state, ctx.layer_caches()))
-    return x, ctx.with_layer_caches(caches)
+    (x, caches), _ = jax.lax.scan(body, (x, ctx.caches()), (state, jnp.arange(num_layers)))
+    return x, ctx.with_caches(caches)
 
 
 def stacked(make, num_layers: int, rngs: nnx.Rngs):

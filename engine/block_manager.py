@@ -1,0 +1,108 @@
+"""KV pages: the free list, reference counts and the prefix cache. Plain Python; the device never sees this.
+
+    request.page_ids      [ 7 | 2 | 9 | 4 ]       page i holds the K/V of tokens [i*P, (i+1)*P)
+                           full full full partial
+    request.page_hashes   [h0, h1, h2]            h_i = hash((h_{i-1}, tokens of page i, extra_key))
+    cached                {h: page}               full pages whose K/V are known, shareable by any request
+    free (LRU queue)      head ... tail           ref_count == 0 pages; new pages come from the head, freed pages
+                                                  join the tail, so the least recently used cached page goes first
+
+A page found in `cached` is reused by bumping its ref count (and leaving the free queue if it was idle).
+Allocating a free page that still carries a hash evicts that hash. After every request finishes or is aborted,
+every page is back in the free queue: `num_free_pages == num_pages` is the no-leak invariant tests check.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from engine.request import Request
+
+
+class BlockManager:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+        if num_pages < 1:
+            raise ValueError(f"{num_pages=} must be >= 1")
+        self.num_pages, self.page_size = num_pages, page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_pages
+        self.page_hash: list[int | None] = [None] * num_pages
+        self.cached: dict[int, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_pages
+
+    def pages_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def _update_hashes(self, request: Request, extra_key=None) -> None:
+        """Extend request.page_hashes over every full page of its known tokens."""
+        tokens, P = request.all_token_ids, self.page_size
+        for i in range(len(request.page_hashes), len(tokens) // P):
+            parent = request.page_hashes[-1] if request.page_hashes else None
+            request.page_hashes.append(hash((parent, tuple(tokens[i * P:(i + 1) * P]), extra_key)))
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Pages holding the longest cached prefix of a new request. At least one token is left to compute,
+        since the step must produce logits for the last one."""
+        if not self.enable_prefix_caching or request.num_computed_tokens:
+            return []
+        self._update_hashes(request)
+        hits = []
+        for h in request.page_hashes[: (request.num_tokens - 1) // self.page_size]:
+            page = self.cached.get(h)
+            if page is None:
+                break
+            hits.append(page)
+        self.prefix_queries += request.num_prompt_tokens
+        self.prefix_hits += len(hits) * self.page_size
+        return hits
+
+    def allocate(self, request: Request, num_new_tokens: int, cached_pages: list[int] = ()) -> bool:
+        """Give `request` the pages for `num_new_tokens` more tokens (after taking `cached_pages` as its first
+        pages). Returns False, changing nothing, when the free pages do not suffice."""
+        total = request.num_computed_tokens + len(cached_pages) * self.page_size + num_new_tokens
+        num_new_pages = self.pages_needed(total) - len(request.page_ids) - len(cached_pages)
+        idle_hits = sum(1 for p in cached_pages if self.ref_counts[p] == 0)
+        if num_new_pages + idle_hits > len(self.free):
+            return False
+        for page in cached_pages:
+            if self.ref_counts[page] == 0:
+                del self.free[page]
+            self.ref_counts[page] += 1
+            request.page_ids.append(page)
+        for _ in range(max(0, num_new_pages)):
+            page, _ = self.free.popitem(last=False)
+            if self.page_hash[page] is not None:  # evict the LRU cached page's content
+                del self.cached[self.page_hash[page]]
+                self.page_hash[page] = None
+            self.ref_counts[page] = 1
+            request.page_ids.append(page)
+        return True
+
+    def cache_full_pages(self, request: Request) -> None:
+        """Publish the request's full, computed pages in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        self._update_hashes(request)
+        for i in range(request.num_computed_tokens // self.page_size):
+            page, h = request.page_ids[i], request.page_hashes[i]
+            if self.page_hash[page] is None and h not in self.cached:
+                self.cached[h] = page
+                self.page_hash[page] = h
+
+    def free_request(self, request: Request) -> None:
+        """Drop the request's references; idle pages join the free queue, its last page first to go."""
+        for page in reversed(request.page_ids):
+            self.ref_counts[page] -= 1
+            assert self.ref_counts[page] >= 0, f"page {page} freed twice"
+            if self.ref_counts[page] == 0:
+                self.free[page] = None
+        request.page_ids = []

@@ -1,0 +1,57 @@
+"""Engine configuration (vLLM's names and meanings), validated once."""
+from __future__ import annotations
+
+import dataclasses
+
+
+def default_buckets(limit: int, smallest: int = 1) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `limit`, with `limit` itself last."""
+    out, b = [], smallest
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (limit,)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int = 2048  # prompt + output tokens per request
+    max_num_seqs: int = 64  # requests in one step
+    max_num_batched_tokens: int = 2048  # the per-step token budget shared by decodes and prompt chunks
+    page_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # KV pages; None = sized from gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9  # fraction of device memory for weights + KV cache
+    enable_prefix_caching: bool = True
+    token_buckets: tuple[int, ...] | None = None  # padded T sizes compiled at start-up; None = powers of two
+    seed: int = 0
+    max_queue: int | None = None  # waiting requests beyond this are refused (server: 503)
+    compilation_cache_dir: str | None = None
+    max_logprobs: int = 20
+
+    def __post_init__(self):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.page_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"page_size={self.page_size} must be one of 8, 16, 32, 64, 128")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.num_pages is not None and self.num_pages < self.max_pages_per_seq:
+            raise ValueError(f"num_pages={self.num_pages} cannot hold one request of max_model_len="
+                             f"{self.max_model_len} ({self.max_pages_per_seq} pages of {self.page_size})")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"max_num_seqs={self.max_num_seqs} (every running request needs a token per step)")
+        if self.token_buckets is not None and max(self.token_buckets) < self.max_num_batched_tokens:
+            raise ValueError(f"token_buckets={self.token_buckets} must reach max_num_batched_tokens")
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+    @property
+    def buckets(self) -> tuple[tuple[int, int], ...]:
+        """(tokens T, requests R) shapes compiled at start-up. A step of t tokens and r requests runs in the
+        smallest bucket with T >= t; R = min(T, max_num_seqs) always holds r, since r <= t."""
+        tokens = self.token_buckets or default_buckets(self.max_num_batched_tokens, 8)
+        return tuple((t, min(t, self.max_num_seqs)) for t in sorted(set(tokens)))

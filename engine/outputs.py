@@ -1,0 +1,22 @@
+"""What the engine hands back to its front ends: one `RequestOutput` per request per step that produced tokens.
+
+Outputs are deltas (the tokens, text and logprobs new since the last output), plus running totals; the offline
+`LLM` front end concatenates them, the server streams them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[dict[int, float]] | None  # per new token: {token_id: logprob}, sampled token included
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
