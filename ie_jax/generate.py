@@ -22,6 +22,7 @@ from flax import nnx
 from ie_jax.detokenizer import IncrementalDetokenizer
 from ie_jax.models import ContiguousCache, DenseCausal
 from ie_jax.sampling import SamplingParams, SamplingTensors, sample
+from ie_jax.stopping import check_stop
 
 
 @dataclasses.dataclass
@@ -120,9 +121,13 @@ def generate(model: nnx.Module, tokenizer, prompts: str | Sequence[str] | Sequen
                 entry = {int(i): float(v) for i, v in zip(top_ids[b, :k], top_lp[b, :k])} if k else {}
                 entry[tok] = float(lp[b])
                 logprobs[b].append(entry)
-            finished[b] = _check_stop(row_params[b], tok, len(gen[b]), eos, detoks[b], texts, b)
-            if finished[b] is not None and finished[b][1] is None and detoks[b] is not None:
-                texts[b] += detoks[b].flush()  # a run that ends mid-character still shows what it produced
+            new_text = detoks[b].add(tok) if detoks[b] is not None else ""
+            stop = check_stop(row_params[b], tok, len(gen[b]), eos, texts[b] + new_text, len(new_text))
+            texts[b] += new_text
+            if stop is not None:
+                if stop.finish_reason == "length" and detoks[b] is not None:
+                    stop.text += detoks[b].flush()  # a run cut mid-character still shows what it produced
+                texts[b], finished[b] = stop.text, (stop.finish_reason, stop.stop_reason)
         if all(f is not None for f in finished) or step == max_new - 1:
             break
         pos = jnp.asarray(end + step - start)[:, None]
@@ -145,28 +150,6 @@ def generate(model: nnx.Module, tokenizer, prompts: str | Sequence[str] | Sequen
             completions.append(CompletionOutput(j, texts[b], gen[b], reason, logprobs[b], stop))
         results.append(GenerateOutput(prompt if isinstance(prompt, str) else None, prompt_ids[i], completions))
     return results
-
-
-def _check_stop(p: SamplingParams, tok: int, num_generated: int, eos, detok, texts, b):
-    """Append tok's text to texts[b]; return (finish_reason, stop_reason) when row b is done, else None."""
-    can_stop = num_generated >= p.min_tokens
-    if can_stop and not p.ignore_eos and tok in eos:
-        return "stop", None
-    if can_stop and tok in p.stop_token_ids:
-        return "stop", tok
-    texts[b] += detok.add(tok) if detok is not None else ""
-    if can_stop and p.stop:
-        # Look only at the tail that can hold a stop string that crosses the last token boundary.
-        window = max(map(len, p.stop)) + 16
-        tail_start = max(0, len(texts[b]) - window)
-        for s in p.stop:
-            at = texts[b].find(s, tail_start)
-            if at >= 0:
-                texts[b] = texts[b][: at + (len(s) if p.include_stop_str_in_output else 0)]
-                return "stop", s
-    if num_generated >= p.max_tokens:
-        return "length", None
-    return None
 
 
 def _encode(tokenizer, prompt, vocab_size: int) -> list[int]:

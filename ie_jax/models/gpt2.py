@@ -65,12 +65,18 @@ class GPT2LMHeadModel(nnx.Module):
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.remat = False
 
-    def __call__(self, token_ids, positions=None, ctx=None):
-        """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal()."""
+    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None):
+        """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().
+
+        logits_indices [B, R]: compute logits only at these token indices (-> [B, R, V]); the engine samples from
+        one token per request, and the vocabulary projection of every token would cost more than the rest.
+        """
         positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape) if positions is None \
             else positions
         ctx = DenseCausal() if ctx is None else ctx
         # Padding slots may carry positions outside the table; clamp them for the lookup (they are masked anyway).
         x = self.wte(token_ids) + self.wpe(jnp.clip(positions, 0, self.config.max_position_embeddings - 1))
         x, ctx = scan_layers(self.h, x, positions, ctx, remat=self.remat)
+        if logits_indices is not None:
+            x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
         return self.wte.attend(self.ln_f(x)), ctx

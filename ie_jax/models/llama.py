@@ -111,13 +111,19 @@ class LlamaForCausalLM(nnx.Module):
                                        dtype=dtype, rngs=rngs)
         self.remat = False  # gradient checkpointing per layer (training)
 
-    def __call__(self, token_ids, positions=None, ctx=None):
-        """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal()."""
+    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None):
+        """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().
+
+        logits_indices [B, R]: compute logits only at these token indices (-> [B, R, V]); the engine samples from
+        one token per request, and the vocabulary projection of every token would cost more than the rest.
+        """
         positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape) if positions is None \
             else positions
         ctx = DenseCausal() if ctx is None else ctx
         x = self.embed_tokens(token_ids)  # [B, T, D]
         x, ctx = scan_layers(self.layers, x, positions, ctx, remat=self.remat)
+        if logits_indices is not None:
+            x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
         x = self.norm(x)
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(x), ctx

@@ -1,0 +1,69 @@
+"""`LLM`: offline batch generation over the engine, vLLM's front end for scripts and benchmarks.
+
+    llm = LLM("path/to/hf_dir" or preset, max_num_seqs=64)
+    outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32))
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from flax import nnx
+from tqdm.auto import tqdm
+
+import ie_jax
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from ie_jax.generate import CompletionOutput, GenerateOutput
+from ie_jax.sampling import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | nnx.Module = "default", *, tokenizer=None, dtype="auto", load_format="auto",
+                 seed: int = 0, progress: bool = True, **engine_args):
+        if isinstance(model, nnx.Module):
+            self.model, self.tokenizer = model, tokenizer
+        else:
+            self.model, loaded = ie_jax.load_model(model, dtype=dtype, load_format=load_format, seed=seed,
+                                                   progress=progress)
+            self.tokenizer = tokenizer or loaded
+        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(seed=seed, **engine_args),
+                                progress=progress)
+        self._ids = itertools.count()
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[GenerateOutput]:
+        """Run every prompt to completion; outputs are in prompt order (n > 1 gives n completions each)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        params = [p or SamplingParams() for p in params]
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        batch = next(self._ids)
+        rows = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            for j in range(p.n):
+                seed = None if p.seed is None else (p.seed + 7919 * j) % 2**32  # as ie_jax.generate derives them
+                child = SamplingParams(**{**p.__dict__, "n": 1, "seed": seed})
+                rid = f"{batch}-{i}-{j}"
+                self.engine.add_request(rid, prompt, child)
+                rows[rid] = (i, j, CompletionOutput(j, "", [], "length", [] if p.logprobs is not None else None))
+        bar = tqdm(total=len(rows), desc="generating", unit="req", disable=not use_tqdm, leave=False)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                _, _, c = rows[out.request_id]
+                c.token_ids += out.new_token_ids
+                c.text += out.new_text
+                if c.logprobs is not None:
+                    c.logprobs += out.new_logprobs or []
+                if out.finished:
+                    c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+                    bar.update()
+        bar.close()
+        results = []
+        for i, prompt in enumerate(prompts):
+            ids = self.engine.encode(prompt)
+            outs = [c for (pi, _, c) in rows.values() if pi == i]
+            results.append(GenerateOutput(prompt if isinstance(prompt, str) else None, ids, outs))
+        return results

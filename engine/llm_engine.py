@@ -1,0 +1,176 @@
+"""LLMEngine: requests in, token deltas out. `step()` is schedule → execute → update.
+
+The engine validates requests, resolves their seeds, and turns sampled ids into text and stop decisions; it leaves
+page bookkeeping to the scheduler/block manager and the device to the runner.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flax import nnx
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.runner import ModelRunner
+from engine.scheduler import Scheduler, SchedulerOutput
+from ie_jax.detokenizer import IncrementalDetokenizer
+from ie_jax.sampling import SamplingParams
+from ie_jax.stopping import check_stop
+
+
+class LLMEngine:
+    def __init__(self, model: nnx.Module, tokenizer, config: EngineConfig | None = None, *, warmup: bool = True,
+                 progress: bool = True):
+        self.config = config = config or EngineConfig()
+        self.model_config = model.config
+        if config.max_model_len > model.config.max_position_embeddings:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{model.config.max_position_embeddings}")
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or model.config.eos_token_id)
+        self.runner = ModelRunner(model, config)
+        self.block_manager = BlockManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.rng = np.random.default_rng(config.seed)
+        self.detokenizers: dict[str, IncrementalDetokenizer | None] = {}
+        self.texts: dict[str, str] = {}  # full output text so far
+        self.emitted: dict[str, int] = {}  # characters of it already handed out
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.last_step_host_s = 0.0
+        if warmup:
+            self.runner.warmup(progress)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> Request:
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: the engine runs one sequence per request; fan out n>1 above it")
+        ids = self.encode(prompt)
+        max_len = self.config.max_model_len
+        if len(ids) + params.max_tokens > max_len:
+            raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                             f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} "
+                             f"for the completion). Please reduce the prompt or max_tokens.")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}")
+        if self.config.max_queue is not None and len(self.scheduler.waiting) >= self.config.max_queue:
+            raise OverflowError(f"the waiting queue is full ({self.config.max_queue} requests)")
+        seed = params.seed if params.seed is not None else int(self.rng.integers(2**32))
+        request = Request(request_id, ids, params, seed, self.eos_token_ids, priority)
+        self.scheduler.add(request)
+        self.detokenizers[request_id] = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                                         if self.tokenizer is not None else None)
+        self.texts[request_id], self.emitted[request_id] = "", 0
+        return request
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        V = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        return ids
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.scheduler.abort(request_id)
+        if request is not None:
+            self._retire(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ------------------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        for request in out.preempted:
+            self.runner.release_slot(request)
+        for request, _ in out.scheduled:
+            if request.request_id not in self.runner.slot_of:
+                self.runner.assign_slot(request)
+        if not out.scheduled:
+            return []
+        inp, samples = self.runner.prepare(out)
+        host = time.perf_counter() - t0
+        res = self.runner.run(inp)
+        token_ids = np.asarray(res.token_ids)  # the one host sync per step
+        t1 = time.perf_counter()
+        self.scheduler.update(out)
+        outputs = self._update(out, samples, token_ids, res)
+        self.last_step_host_s = host + time.perf_counter() - t1
+        return outputs
+
+    def _update(self, out: SchedulerOutput, samples, token_ids, res) -> list[RequestOutput]:
+        want_logprobs = any(r.sampling_params.logprobs is not None for r, _ in out.scheduled)
+        if want_logprobs:
+            lp, top_ids, top_lp = (np.asarray(x) for x in (res.logprobs, res.top_ids, res.top_logprobs))
+        outputs = []
+        now = time.monotonic()
+        for row, ((request, n), sampled) in enumerate(zip(out.scheduled, samples)):
+            if not request.output_token_ids and request.num_computed_tokens == request.num_tokens:
+                self.num_prompt_tokens += request.num_prompt_tokens
+            if not sampled:
+                continue
+            tok = int(token_ids[row])
+            request.output_token_ids.append(tok)
+            request.first_token_time = request.first_token_time or now
+            self.num_generation_tokens += 1
+            k = request.sampling_params.logprobs
+            new_lp = None
+            if k is not None:
+                new_lp = [{**{int(i): float(v) for i, v in zip(top_ids[row, :k], top_lp[row, :k])},
+                           tok: float(lp[row])}]
+                request.output_logprobs.extend(new_lp)
+            rid = request.request_id
+            detok = self.detokenizers[rid]
+            text = self.texts[rid] + (detok.add(tok) if detok is not None else "")
+            new_chars = len(text) - len(self.texts[rid])
+            p = request.sampling_params
+            stop = check_stop(p, tok, len(request.output_token_ids), self.eos_token_ids, text, new_chars,
+                              at_max_len=request.num_tokens >= self.config.max_model_len)
+            if stop is None:
+                # Hold back what could be the start of a stop string, so streamed text never needs taking back.
+                holdback = max(map(len, p.stop)) - 1 if p.stop and not p.include_stop_str_in_output else 0
+                emit_to = max(self.emitted[rid], len(text) - holdback)
+            else:
+                if stop.finish_reason == "length" and detok is not None:
+                    stop.text += detok.flush()
+                text, emit_to = stop.text, len(stop.text)
+                request.stop_reason = stop.stop_reason
+                status = RequestStatus.FINISHED_STOPPED if stop.finish_reason == "stop" else \
+                    RequestStatus.FINISHED_LENGTH
+                self.scheduler.finish(request, status)
+            new_text = text[self.emitted[rid]: emit_to]
+            self.texts[rid], self.emitted[rid] = text, emit_to
+            outputs.append(self._output(request, [tok], new_text, new_lp))
+            if request.is_finished:
+                self._retire(request)
+        return outputs
+
+    def _retire(self, request: Request) -> None:
+        self.runner.release_slot(request)
+        self.detokenizers.pop(request.request_id, None)
+        self.texts.pop(request.request_id, None)
+        self.emitted.pop(request.request_id, None)
+
+    def _output(self, request: Request, new_ids, new_text, new_lp) -> RequestOutput:
+        return RequestOutput(request.request_id, new_ids, new_text, new_lp, request.is_finished,
+                             request.status.value if request.is_finished else None, request.stop_reason,
+                             request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "kv_usage": bm.usage, "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
+                "prompt_tokens_total": self.num_prompt_tokens, "generation_tokens_total": self.num_generation_tokens}

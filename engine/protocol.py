@@ -1,0 +1,212 @@
+"""The OpenAI wire format the server speaks: pydantic request models, the mapping of a request onto
+`SamplingParams`, and the JSON shapes of responses, stream chunks and errors.
+
+Field names, defaults and extras (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, ...)
+follow vLLM's OpenAI server, so clients written for it work unchanged. This module knows nothing of the engine,
+of HTTP or of tokenizers: it turns parsed JSON into plain values and plain values back into JSON-able dicts.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import pydantic
+
+from ie_jax.sampling import SamplingParams
+
+
+class ServerError(Exception):
+    """An error the client caused (or overload); becomes `error_body(...)` with this HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param = message, status, param
+
+
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+               405: "MethodNotAllowedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "BadRequestError"), "param": param,
+                      "code": status}}
+
+
+class _Request(pydantic.BaseModel):
+    # Unknown fields are ignored, as the OpenAI API and vLLM do.
+    model_config = pydantic.ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = True
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(_Request):
+    """Fields shared by completions and chat; the ones after `user` are vLLM's extras (sent via extra_body)."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: int = 0
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """Raises ValueError naming the field when a value is out of range."""
+        if self.logit_bias:
+            raise ServerError("logit_bias is not supported", param="logit_bias")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=0 if self.top_k is None else self.top_k,
+            min_p=self.min_p or 0.0, repetition_penalty=1.0 if self.repetition_penalty is None else
+            self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, max_tokens=max_tokens,
+            min_tokens=self.min_tokens, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    add_special_tokens: bool = True
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: one string or id list per prompt. An empty prompt raises."""
+        p = self.prompt
+        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not batch or any(len(x) == 0 for x in batch):
+            raise ServerError("prompt cannot be empty", param="prompt")
+        return batch
+
+
+class ChatMessage(_Request):
+    model_config = pydantic.ConfigDict(extra="allow")  # name, tool_calls, ... reach the template untouched
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def as_template_dict(self) -> dict:
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):  # content parts: only text is understood
+            texts = []
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ServerError(f"content part {part!r} is not supported: only type 'text'", param="messages")
+                texts.append(part["text"])
+            message["content"] = "".join(texts)
+        message.setdefault("content", "")
+        return message
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ServerError("top_logprobs needs logprobs=true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Responses. Plain dicts: they go straight to JSON, and streams build thousands of them a second.
+
+def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict:
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion, "prompt_tokens_details": {"cached_tokens": num_cached}}
+
+
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
+                      stop_reason: int | str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
+
+
+def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
+                stop_reason: int | str | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
+
+
+def chat_delta_choice(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None,
+                      stop_reason: int | str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
+
+
+def envelope(kind: Literal["text_completion", "chat.completion", "chat.completion.chunk"], request_id: str,
+             created: int, model: str, choices: list[dict], usage_: dict | None) -> dict:
+    return {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices,
+            "usage": usage_}
+
+
+def model_card(name: str, root: str, max_model_len: int) -> dict:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "ie-jax", "root": root,
+            "parent": None, "max_model_len": max_model_len}
+
+
+def validation_message(errors: list[dict]) -> str:
+    """One line from pydantic's error list, e.g. "body.max_tokens: Input should be a valid integer (got 'x')"."""
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ()))
+        got = f" (got {e['input']!r})" if "input" in e and e.get("type") != "missing" else ""
+        parts.append(f"{where}: {e.get('msg', 'invalid')}{got}")
+    return "; ".join(parts)[:2000]

@@ -1,0 +1,195 @@
+"""The model runner: owns the device, the paged KV cache and the one jitted step.
+
+For each step it flattens the scheduled tokens into fixed-shape arrays (padded up to a precompiled (T, R) bucket),
+calls `step(params, caches, penalty state, inputs)` with the caches donated, and samples on device. The host reads
+back only the sampled ids (and logprobs when a request asked for them).
+
+Penalty state lives on device, one row per *slot* (a seat a running request holds): output token counts and the
+prompt-token mask, [max_num_seqs + 1, V] (the last row is scratch for padding rows). Rows are filled only for
+requests that use penalties; for the others the penalties are neutral (1.0 / 0.0), so stale rows do nothing.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.request import Request
+from engine.scheduler import SchedulerOutput
+from ie_jax.models.context import Paged
+from ie_jax.sampling import SamplingTensors, sample
+
+NUM_BANNED = 8  # eos/stop ids banned per row while min_tokens is not reached
+
+
+@struct.dataclass
+class StepInputs:
+    input_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32
+    slot_mapping: jax.Array  # [T] int32, -1 for padding tokens
+    query_start_loc: jax.Array  # [R + 1] int32
+    seq_lens: jax.Array  # [R] int32
+    page_table: jax.Array  # [R, max_pages] int32
+    num_seqs: jax.Array  # [] int32
+    logits_indices: jax.Array  # [R] int32: each request's last scheduled token
+    slots: jax.Array  # [R] int32: penalty-state row of each request (scratch row for padding)
+    sample_mask: jax.Array  # [R] bool: the row's token is a real next token (not a mid-prompt chunk)
+    temperature: jax.Array  # [R] f32
+    top_k: jax.Array  # [R] int32
+    top_p: jax.Array  # [R] f32
+    min_p: jax.Array  # [R] f32
+    repetition_penalty: jax.Array  # [R] f32
+    presence_penalty: jax.Array  # [R] f32
+    frequency_penalty: jax.Array  # [R] f32
+    seeds: jax.Array  # [R] uint32
+    step: jax.Array  # [R] int32: tokens generated so far (with the seed, the row's random key)
+    suppress_eos: jax.Array  # [R] bool
+    eos_ids: jax.Array  # [R, NUM_BANNED] int32, -1 padded
+
+
+def _step(graphdef, state, caches, counts, prompt_mask, inp: StepInputs, num_logprobs: int):
+    ctx = Paged(caches[0], caches[1], inp.slot_mapping, inp.page_table, inp.query_start_loc, inp.seq_lens,
+                inp.num_seqs)
+    model = nnx.merge(graphdef, state)
+    logits, ctx = model(inp.input_ids[None], inp.positions[None], ctx, logits_indices=inp.logits_indices[None])
+    t = SamplingTensors(inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.repetition_penalty,
+                        inp.presence_penalty, inp.frequency_penalty, inp.seeds, inp.step, counts[inp.slots],
+                        prompt_mask[inp.slots], inp.suppress_eos, inp.eos_ids)
+    out = sample(logits[0], t, num_logprobs)
+    counts = counts.at[inp.slots, out.token_ids].add(inp.sample_mask.astype(counts.dtype))
+    return (ctx.k, ctx.v), counts, out
+
+
+class ModelRunner:
+    def __init__(self, model: nnx.Module, config: EngineConfig, *, cache_dtype=None):
+        self.config = cfg = config
+        self.model_config = mc = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self.dtype = cache_dtype or jax.tree.leaves(self.state)[0].dtype
+        self.page_bytes = 2 * mc.num_layers * mc.num_kv_heads * cfg.page_size * mc.head_dim * \
+            jnp.dtype(self.dtype).itemsize
+        self.num_pages = cfg.num_pages or self._pages_from_memory()
+        shape = (mc.num_layers, mc.num_kv_heads, self.num_pages, cfg.page_size, mc.head_dim)
+        self.caches = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        V, S = mc.vocab_size, cfg.max_num_seqs + 1
+        self.counts = jnp.zeros((S, V), jnp.int32)
+        self.prompt_mask = jnp.zeros((S, V), bool)
+        self.free_slots = list(range(cfg.max_num_seqs))
+        self.slot_of: dict[str, int] = {}
+        # Donated: the KV cache and the penalty counts are updated in place each step, never copied.
+        self._step = jax.jit(_step, static_argnums=(0, 6), donate_argnums=(2, 3))
+        self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
+
+    def _pages_from_memory(self) -> int:
+        cfg = self.config
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:  # CPU: enough pages for every seat at full length
+            return cfg.max_num_seqs * cfg.max_pages_per_seq
+        weights = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        # Headroom for the largest step's activations and logits: a rough 3 GiB + the sampler's [R, V] arrays.
+        headroom = 3 * 2**30 + 8 * cfg.max_num_seqs * self.model_config.vocab_size * 4
+        free = stats["bytes_limit"] * cfg.gpu_memory_utilization - weights - headroom
+        pages = int(free // self.page_bytes)
+        if pages < cfg.max_pages_per_seq:
+            raise ValueError(f"only {pages} KV pages fit in memory (gpu_memory_utilization="
+                             f"{cfg.gpu_memory_utilization}); one max_model_len={cfg.max_model_len} request needs "
+                             f"{cfg.max_pages_per_seq}. Lower --max-model-len or raise --gpu-memory-utilization.")
+        return pages
+
+    # ------------------------------------------------------------------------------------------------------------
+    def bucket(self, num_tokens: int) -> tuple[int, int]:
+        for T, R in self.config.buckets:
+            if T >= num_tokens:
+                return T, R
+        raise AssertionError(f"{num_tokens=} exceeds every bucket")
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every (T, R) bucket now (an all-padding step writes nothing), so serving never compiles."""
+        for T, R in tqdm(self.config.buckets, desc="compiling step buckets", disable=not progress, leave=False):
+            inp = self._empty_inputs(T, R)
+            self.caches, self.counts, out = self._step(self.graphdef, self.state, self.caches, self.counts,
+                                                       self.prompt_mask, inp, self.config.max_logprobs)
+        jax.block_until_ready(self.caches)
+
+    def num_compiled(self) -> int:
+        return self._step._cache_size()
+
+    def _empty_inputs(self, T: int, R: int) -> StepInputs:
+        """Fresh all-padding host arrays (each field its own buffer: `prepare` fills them in place)."""
+        i32, f32 = (lambda fill=0: np.full(R, fill, np.int32)), (lambda fill=0.0: np.full(R, fill, np.float32))
+        return StepInputs(
+            input_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32), slot_mapping=np.full(T, -1, np.int32),
+            query_start_loc=np.zeros(R + 1, np.int32), seq_lens=i32(),
+            page_table=np.zeros((R, self.config.max_pages_per_seq), np.int32), num_seqs=np.int32(0),
+            logits_indices=i32(), slots=i32(self.config.max_num_seqs), sample_mask=np.zeros(R, bool),
+            temperature=f32(), top_k=i32(), top_p=f32(1.0), min_p=f32(), repetition_penalty=f32(1.0),
+            presence_penalty=f32(), frequency_penalty=f32(), seeds=np.zeros(R, np.uint32), step=i32(),
+            suppress_eos=np.zeros(R, bool), eos_ids=np.full((R, NUM_BANNED), -1, np.int32))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def assign_slot(self, request: Request) -> None:
+        """Give a newly running request a penalty-state row, filled if it uses penalties."""
+        slot = self.free_slots.pop()
+        self.slot_of[request.request_id] = slot
+        p = request.sampling_params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            V = self.model_config.vocab_size
+            counts = np.bincount(np.asarray(request.output_token_ids, np.int64), minlength=V).astype(np.int32)
+            mask = np.zeros(V, bool)
+            mask[request.prompt_token_ids] = True
+            self.counts = self._set_row(self.counts, slot, counts)
+            self.prompt_mask = self._set_row(self.prompt_mask, slot, mask)
+
+    def release_slot(self, request: Request) -> None:
+        slot = self.slot_of.pop(request.request_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+
+    def prepare(self, out: SchedulerOutput) -> tuple[StepInputs, list[bool]]:
+        """Flatten a scheduled step into padded fixed-shape host arrays."""
+        T, R = self.bucket(out.num_tokens)
+        inp = self._empty_inputs(T, R)
+        P = self.config.page_size
+        pos = 0
+        samples = []
+        for r, (req, n) in enumerate(out.scheduled):
+            start = req.num_computed_tokens
+            tokens = req.all_token_ids[start: start + n]
+            inp.input_ids[pos: pos + n] = tokens
+            positions = np.arange(start, start + n, dtype=np.int32)
+            inp.positions[pos: pos + n] = positions
+            pages = np.asarray(req.page_ids, np.int32)
+            inp.slot_mapping[pos: pos + n] = pages[positions // P] * P + positions % P
+            inp.page_table[r, : len(pages)] = pages
+            inp.seq_lens[r] = start + n
+            pos += n
+            inp.query_start_loc[r + 1] = pos
+            inp.logits_indices[r] = pos - 1
+            inp.slots[r] = self.slot_of[req.request_id]
+            sampling = start + n == req.num_tokens
+            inp.sample_mask[r] = sampling
+            samples.append(sampling)
+            p = req.sampling_params
+            inp.temperature[r] = 0.0 if p.greedy else p.temperature
+            inp.top_k[r] = p.top_k if 0 < p.top_k < self.model_config.vocab_size else 0
+            inp.top_p[r], inp.min_p[r] = p.top_p, p.min_p
+            inp.repetition_penalty[r] = p.repetition_penalty
+            inp.presence_penalty[r], inp.frequency_penalty[r] = p.presence_penalty, p.frequency_penalty
+            inp.seeds[r], inp.step[r] = req.seed % 2**32, len(req.output_token_ids)
+            if len(req.output_token_ids) < p.min_tokens:
+                banned = (() if p.ignore_eos else req.eos_token_ids) + tuple(p.stop_token_ids)
+                inp.suppress_eos[r] = True
+                inp.eos_ids[r, : min(len(banned), NUM_BANNED)] = banned[:NUM_BANNED]
+        inp.query_start_loc[len(out.scheduled) + 1:] = pos
+        return inp.replace(num_seqs=np.int32(len(out.scheduled))), samples
+
+    def run(self, inp: StepInputs):
+        """Dispatch one step (asynchronously); returns the device-side sample output."""
+        self.caches, self.counts, res = self._step(self.graphdef, self.state, self.caches, self.counts,
+                                                   self.prompt_mask, inp, self.config.max_logprobs)
+        return res

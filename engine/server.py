@@ -1,0 +1,474 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one `AsyncLLM`.
+
+    POST /v1/completions, /v1/chat/completions   (stream or not; n, logprobs, stop, usage, ...)
+    GET  /v1/models, /health, /version, /metrics
+    POST /tokenize, /detokenize
+
+A request goes: pydantic validation → token ids and `SamplingParams` → n engine requests (ids "{id}-{index}",
+index = prompt * n + choice) → merged outputs → response JSON or SSE chunks. Every error the client can cause
+becomes vLLM's error JSON {"error": {"message", "type", "param", "code"}} with status 400 (401, 404, 503 where
+those fit), and a stream that fails after its headers went out ends with one error event and `data: [DONE]`.
+A client that goes away aborts its engine requests, so their pages are freed.
+
+The server does not detokenize, match stop strings or schedule: the engine does all of that. It does admission:
+with `max_queue` set, a request whose engine requests would bring the number admitted but not yet producing a
+token past `max_queue` is refused with 503.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import engine.protocol as P
+from engine.metrics import CONTENT_TYPE, ServerMetrics
+from engine.outputs import RequestOutput
+from ie_jax.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class _Job:
+    """One engine request: choice `index` of the response."""
+    index: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt_text: str | None = None  # for echo
+
+
+@dataclasses.dataclass
+class _Choice:
+    """What has arrived for one choice so far."""
+    text: list[str] = dataclasses.field(default_factory=list)
+    num_tokens: int = 0
+    num_prompt: int = 0
+    num_cached: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[tuple[int, dict[int, float]]] = dataclasses.field(default_factory=list)
+    started: bool = False  # streaming: a chunk of this choice went out
+    echo_len: int = 0  # streaming: characters of echoed prompt before the generated text
+
+
+async def _merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Items of several async iterators as they come, tagged with the iterator's position."""
+    pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(gens[i]))] = i
+                yield i, item
+    finally:
+        for task in pending:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+class OpenAIServer:
+    def __init__(self, engine, served_model_name: str, api_key: str | None, max_queue: int | None,
+                 model_root: str | None = None):
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"{max_queue=} must be None or >= 1")
+        self.engine, self.model_name, self.api_key, self.max_queue = engine, served_model_name, api_key, max_queue
+        self.model_root = model_root or served_model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.engine_config.max_model_len
+        self.metrics = ServerMetrics(engine.stats, served_model_name)
+        self._pending: set[str] = set()  # admitted engine requests with no token yet
+        self._token_strs: dict[int, str] = {}
+
+    # --- request → engine jobs --------------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_name, self.model_root):
+            raise P.ServerError(f"The model `{model}` does not exist.", status=404, param="model")
+
+    def encode(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise P.ServerError(f"token id {bad[0]} is out of vocabulary [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
+        """The request's max_tokens, defaulting to what is left of max_model_len; too long a request raises."""
+        if num_prompt == 0:
+            raise P.ServerError(f"{param} cannot be empty", param=param)
+        if num_prompt >= self.max_model_len:
+            raise P.ServerError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                                f"request has {num_prompt} input tokens. Please reduce the length of the input.",
+                                param=param)
+        if requested is None:
+            return self.max_model_len - num_prompt
+        if requested >= 1 and num_prompt + requested > self.max_model_len:
+            raise P.ServerError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{num_prompt + requested} tokens ({num_prompt} in the input, {requested} in the completion). "
+                f"Please reduce the length of the input or completion.", param="max_tokens")
+        return requested
+
+    def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams]
+             ) -> list[_Job]:
+        """Fan out n choices per prompt. A seeded request gives choice j the seed ie_jax.generate and LLM derive
+        for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends."""
+        out = []
+        for p, ((ids, text), sp) in enumerate(zip(prompts, params)):
+            for j in range(sp.n):
+                seed = None if sp.seed is None else (sp.seed + 7919 * j) % 2**32
+                index = p * sp.n + j
+                out.append(_Job(index, f"{request_id}-{index}", ids, dataclasses.replace(sp, n=1, seed=seed), text))
+        return out
+
+    def admit(self, jobs: list[_Job]) -> None:
+        if self.max_queue is not None and len(self._pending) + len(jobs) > self.max_queue:
+            raise P.ServerError(f"The server is overloaded: {len(self._pending)} requests are queued "
+                                f"(max_queue={self.max_queue}). Retry later.", status=503)
+        self._pending.update(j.request_id for j in jobs)
+
+    # --- engine outputs ---------------------------------------------------------------------------------------
+
+    async def _run_one(self, job: _Job, priority: int) -> AsyncIterator[RequestOutput]:
+        timer = self.metrics.tracker()
+        try:
+            async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id, priority=priority):
+                self._pending.discard(job.request_id)
+                timer.on_output(len(out.new_token_ids), out.finished, out.finish_reason)
+                yield out
+        finally:
+            self._pending.discard(job.request_id)
+
+    async def outputs(self, jobs: list[_Job], priority: int) -> AsyncIterator[tuple[_Job, RequestOutput]]:
+        """(job, delta) pairs until every job finished. Leaving early (disconnect, error) aborts the rest."""
+        unfinished = {j.request_id for j in jobs}
+        gens = [self._run_one(j, priority) for j in jobs]
+        try:
+            if len(gens) == 1:
+                async with contextlib.aclosing(gens[0]) as g:
+                    async for out in g:
+                        if out.finished:
+                            unfinished.discard(out.request_id)
+                        yield jobs[0], out
+            else:
+                async with contextlib.aclosing(_merge(gens)) as merged:
+                    async for i, out in merged:
+                        if out.finished:
+                            unfinished.discard(out.request_id)
+                        yield jobs[i], out
+        finally:
+            for j in jobs:
+                self._pending.discard(j.request_id)
+            with anyio.CancelScope(shield=True):
+                for rid in unfinished:
+                    await self.engine.abort(rid)
+
+    # --- response shaping -------------------------------------------------------------------------------------
+
+    def token_str(self, token_id: int) -> str:
+        s = self._token_strs.get(token_id)
+        if s is None:
+            s = self._token_strs[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return s
+
+    def completion_logprobs(self, entries: list[tuple[int, dict[int, float]]], offset: int) -> dict:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for token_id, lps in entries:
+            s = self.token_str(token_id)
+            tokens.append(s)
+            token_logprobs.append(lps.get(token_id))
+            top.append({self.token_str(t): lp for t, lp in sorted(lps.items(), key=lambda kv: -kv[1])})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def chat_logprobs(self, entries: list[tuple[int, dict[int, float]]], num_top: int) -> dict:
+        def item(t: int, lp: float) -> dict:
+            s = self.token_str(t)
+            return {"token": s, "logprob": max(lp, -9999.0), "bytes": list(s.encode("utf-8"))}
+
+        content = []
+        for token_id, lps in entries:
+            ranked = sorted(lps.items(), key=lambda kv: -kv[1])[:num_top]
+            content.append({**item(token_id, lps.get(token_id, float("-inf"))),
+                            "top_logprobs": [item(t, lp) for t, lp in ranked]})
+        return {"content": content, "refusal": None}
+
+    @staticmethod
+    def absorb(choice: _Choice, out: RequestOutput) -> list[tuple[int, dict[int, float]]]:
+        """Adds a delta to the choice; returns the delta's (token id, logprobs) entries."""
+        choice.text.append(out.new_text)
+        choice.num_tokens = out.num_output_tokens or choice.num_tokens + len(out.new_token_ids)
+        choice.num_prompt, choice.num_cached = out.num_prompt_tokens, out.num_cached_tokens
+        entries = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
+        choice.logprobs.extend(entries)
+        if out.finished:
+            choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
+        return entries
+
+    @staticmethod
+    def total_usage(jobs: list[_Job], choices: dict[int, _Choice]) -> dict:
+        """Prompt tokens count once per prompt, whatever n is (as in vLLM)."""
+        prompts = {id(j.prompt_ids): (len(j.prompt_ids), choices[j.index].num_cached) for j in jobs}
+        completion = sum(c.num_tokens for c in choices.values())
+        return P.usage(sum(n for n, _ in prompts.values()), completion, sum(c for _, c in prompts.values()))
+
+    async def collect(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
+                      num_top: int | None) -> dict:
+        choices = {j.index: _Choice() for j in jobs}
+        try:
+            async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
+                async for job, out in outs:
+                    self.absorb(choices[job.index], out)
+        except ValueError as e:
+            raise P.ServerError(str(e)) from e
+        body = []
+        for j in sorted(jobs, key=lambda j: j.index):
+            c = choices[j.index]
+            text = "".join(c.text)
+            if kind == "text_completion":
+                prefix = (j.prompt_text or "") if echo else ""
+                lp = self.completion_logprobs(c.logprobs, len(prefix)) if num_top is not None else None
+                body.append(P.completion_choice(j.index, prefix + text, lp, c.finish_reason, c.stop_reason))
+            else:
+                lp = self.chat_logprobs(c.logprobs, num_top) if num_top is not None else None
+                body.append(P.chat_choice(j.index, text, lp, c.finish_reason, c.stop_reason))
+        return P.envelope(kind, request_id, int(time.time()), self.model_name, body, self.total_usage(jobs, choices))
+
+    async def stream(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
+                     num_top: int | None, include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:
+        chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+        created = int(time.time())
+        choices = {j.index: _Choice() for j in jobs}
+
+        def event(body: list[dict], usage: dict | None = None) -> str:
+            obj = P.envelope(chunk_kind, request_id, created, self.model_name, body, usage)
+            return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+        try:
+            if chunk_kind == "chat.completion.chunk":  # the role goes first, before any token
+                for j in jobs:
+                    yield event([P.chat_delta_choice(j.index, {"role": "assistant", "content": ""})])
+            async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
+                async for job, out in outs:
+                    c = choices[job.index]
+                    entries = self.absorb(c, out)
+                    if not (out.new_text or out.finished or entries):
+                        continue
+                    finish, stop = (out.finish_reason, out.stop_reason) if out.finished else (None, None)
+                    if chunk_kind == "text_completion":
+                        prefix = (job.prompt_text or "") if echo and not c.started else ""
+                        c.echo_len += len(prefix)
+                        offset = c.echo_len + sum(map(len, c.text)) - len(out.new_text)
+                        lp = self.completion_logprobs(entries, offset) if num_top is not None else None
+                        body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
+                    else:
+                        lp = self.chat_logprobs(entries, num_top) if num_top is not None else None
+                        delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+                        body = P.chat_delta_choice(job.index, delta, lp, finish, stop)
+                    c.started = True
+                    usage = (P.usage(c.num_prompt, c.num_tokens, c.num_cached) if continuous_usage else None)
+                    yield event([body], usage)
+            if include_usage:
+                yield event([], self.total_usage(jobs, choices))
+        except ValueError as e:
+            yield f"data: {json.dumps(P.error_body(str(e), 400))}\n\n"
+        except Exception as e:  # the headers are gone: report in-band, as vLLM does
+            yield f"data: {json.dumps(P.error_body(f'{type(e).__name__}: {e}', 500))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def respond(self, raw: Request, kind: str, request_id: str, jobs: list[_Job], priority: int,
+                      body: P._SamplingFields, echo: bool, num_top: int | None) -> Response:
+        self.admit(jobs)
+        if body.stream:
+            return StreamingResponse(
+                self.stream(kind, request_id, jobs, priority, echo, num_top, body.include_usage,
+                            body.continuous_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top))
+        watch = asyncio.ensure_future(_wait_for_disconnect(raw))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():  # the client left (or this handler was cancelled): abort its requests
+                work.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
+            return Response(status_code=499)
+        return JSONResponse(work.result())
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _BearerAuth:
+    """Plain ASGI middleware (it leaves streams untouched): /v1 routes need 'Authorization: Bearer <api_key>';
+    /health, /metrics and the tokenizer routes stay open, as in vLLM."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error("Unauthorized: send 'Authorization: Bearer <api key>'", 401)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
+    return JSONResponse(P.error_body(message, status, param), status_code=status)
+
+
+def build_app(engine, *, served_model_name: str, api_key: str | None = None, max_queue: int | None = None,
+              model_root: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`."""
+    server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root)
+    app = FastAPI(title="ie-jax OpenAI-compatible server")
+    app.state.server = server
+
+    @app.exception_handler(P.ServerError)
+    async def _server_error(_, e: P.ServerError):
+        return _error(e.message, e.status, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, e: RequestValidationError):
+        return _error(P.validation_message(e.errors()), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):
+        return _error(str(e.detail), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_, e: Exception):
+        return _error(f"{type(e).__name__}: {e}", 500)
+
+    if api_key is not None:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        import ie_jax
+        return {"version": ie_jax.__version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [P.model_card(server.model_name, server.model_root, server.max_model_len)]}
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, raw: Request):
+        server.check_model(body.model)
+        if body.suffix:
+            raise P.ServerError("suffix is not supported", param="suffix")
+        if body.echo and body.logprobs is not None:
+            raise P.ServerError("echo with logprobs (prompt logprobs) is not supported", param="echo")
+        if body.best_of is not None and body.best_of != body.n:
+            raise P.ServerError(f"best_of={body.best_of} is not supported (only best_of == n)", param="best_of")
+        prompts, params = [], []
+        for prompt in body.prompts():
+            ids = server.encode(prompt, body.add_special_tokens)
+            max_tokens = server.max_tokens(len(ids), body.max_tokens, "prompt")
+            try:
+                params.append(body.sampling_params(max_tokens, body.logprobs))
+                text = prompt if isinstance(prompt, str) else server.tokenizer.decode(ids, skip_special_tokens=False)
+            except ValueError as e:
+                raise P.ServerError(str(e)) from e
+            prompts.append((ids, text))
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        jobs = server.jobs(request_id, prompts, params)
+        return await server.respond(raw, "text_completion", request_id, jobs, body.priority, body, body.echo,
+                                    body.logprobs)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest, raw: Request):
+        server.check_model(body.model)
+        if body.tools:
+            raise P.ServerError("tools are not supported", param="tools")
+        if not body.messages:
+            raise P.ServerError("messages cannot be empty", param="messages")
+        try:
+            num_top = body.num_logprobs
+            ids = server.tokenizer.apply_chat_template(
+                [m.as_template_dict() for m in body.messages], add_generation_prompt=body.add_generation_prompt,
+                tokenize=True, **(body.chat_template_kwargs or {}))
+            max_tokens = server.max_tokens(len(ids), body.requested_max_tokens, "messages")
+            params = body.sampling_params(max_tokens, num_top)
+        except ValueError as e:
+            raise P.ServerError(str(e)) from e
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = server.jobs(request_id, [(ids, None)], [params])
+        return await server.respond(raw, "chat.completion", request_id, jobs, body.priority, body, False, num_top)
+
+    @app.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest):
+        server.check_model(body.model)
+        try:
+            if body.messages is not None:
+                ids = server.tokenizer.apply_chat_template(
+                    [m.as_template_dict() for m in body.messages],
+                    add_generation_prompt=body.add_generation_prompt, tokenize=True)
+            elif body.prompt is not None:
+                ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            else:
+                raise P.ServerError("either prompt or messages is required", param="prompt")
+        except ValueError as e:
+            raise P.ServerError(str(e)) from e
+        strs = [server.token_str(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": server.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest):
+        server.check_model(body.model)
+        try:
+            return {"prompt": server.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        except ValueError as e:
+            raise P.ServerError(str(e), param="tokens") from e
+
+    return app
+
+
+def run_server(args) -> None:
+    """Build the engine from parsed `scripts/serve.py` flags and serve until interrupted."""
+    import uvicorn
+
+    from engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_args(args)
+    try:
+        app = build_app(engine, served_model_name=args.served_model_name or args.model, api_key=args.api_key,
+                        max_queue=args.max_queue, model_root=args.model)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_keep_alive=5)
+    finally:
+        engine.shutdown()
