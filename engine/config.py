@@ -32,8 +32,8 @@ class EngineConfig:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.page_size not in (8, 16, 32, 64, 128):
-            raise ValueError(f"page_size={self.page_size} must be one of 8, 16, 32, 64, 128")
+        if self.page_size & (self.page_size - 1) or self.page_size > 256:
+            raise ValueError(f"page_size={self.page_size} must be a power of two <= 256 (the GPU kernel: 16-64)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.num_pages is not None and self.num_pages < self.max_pages_per_seq:

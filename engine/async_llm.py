@@ -1,0 +1,160 @@
+"""AsyncLLM: the engine behind an asyncio API, for the server.
+
+The engine loop runs in one background thread, which alone touches the engine. Callers send it commands (add,
+abort) through a thread-safe queue; it sends each request's outputs to that request's asyncio queue with
+`call_soon_threadsafe`. When nothing is running the thread sleeps on the command queue, so an idle server costs
+nothing. A consumer that stops listening (client gone, task cancelled) aborts its request, freeing its pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+import jax
+
+import ie_jax
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from ie_jax.sampling import SamplingParams
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """JAX's persistent compilation cache: the second start-up loads the compiled step buckets from disk."""
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.engine_config = engine.config
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = threading.Event()
+        self.errored: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="ie-jax-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, args) -> "AsyncLLM":
+        """Build from the serve.py argparse namespace (vLLM's flag names)."""
+        enable_compilation_cache(getattr(args, "compilation_cache_dir", None))
+        model, tokenizer = ie_jax.load_model(args.model, dtype=args.dtype, load_format=args.load_format,
+                                             seed=args.seed)
+        max_model_len = args.max_model_len or min(model.config.max_position_embeddings, 8192)
+        config = EngineConfig(
+            max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=max(args.max_num_batched_tokens or 0, args.max_num_seqs) or 2048,
+            page_size=args.page_size, num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_queue=args.max_queue,
+            compilation_cache_dir=args.compilation_cache_dir)
+        return cls(LLMEngine(model, tokenizer, config))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopped.is_set():
+                block = not engine.has_unfinished_requests()
+                try:
+                    while True:
+                        command = self._commands.get(block=block, timeout=0.5 if block else None)
+                        block = False
+                        self._run_command(command)
+                except queue.Empty:
+                    pass
+                if engine.has_unfinished_requests():
+                    for out in engine.step():
+                        self._deliver(out.request_id, out)
+        except BaseException as e:  # the engine broke: fail every open stream rather than hang them
+            self.errored = e
+            for rid in list(self._streams):
+                self._deliver(rid, e)
+
+    def _run_command(self, command) -> None:
+        kind, args, done = command
+        result = None
+        try:
+            if kind == "add":
+                self.engine.add_request(*args)
+            elif kind == "abort":
+                self.engine.abort_request(*args)
+                self._streams.pop(args[0], None)
+        except Exception as e:  # noqa: BLE001  (handed to the caller)
+            result = e
+        if done is not None:
+            loop, future = done
+            loop.call_soon_threadsafe(_settle, future, result)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            self._streams.pop(request_id, None)
+        loop, q = stream
+        loop.call_soon_threadsafe(q.put_nowait, item)
+
+    async def _send(self, kind: str, *args) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put((kind, args, (loop, future)))
+        await future
+
+    # ------------------------------------------------------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output deltas until one has finished=True. Bad input raises ValueError; a full
+        queue raises OverflowError."""
+        if self.errored is not None:
+            raise RuntimeError(f"the engine has stopped: {self.errored!r}")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        try:
+            await self._send("add", request_id, list(prompt_token_ids), sampling_params, priority)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"the engine failed: {item!r}") from item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._commands.put(("abort", (request_id,), None))
+                self._streams.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        await self._send("abort", request_id)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopped.set()
+        self._commands.put(("noop", (), None))
+        self._thread.join(timeout)
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
