@@ -173,4 +173,5 @@ class LLMEngine:
         bm = self.block_manager
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_usage": bm.usage, "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
+                "num_preemptions": self.scheduler.num_preemptions,
                 "prompt_tokens_total": self.num_prompt_tokens, "generation_tokens_total": self.num_generation_tokens}

@@ -75,10 +75,13 @@ class ModelRunner:
             jnp.dtype(self.dtype).itemsize
         self.num_pages = cfg.num_pages or self._pages_from_memory()
         shape = (mc.num_layers, mc.num_kv_heads, self.num_pages, cfg.page_size, mc.head_dim)
-        self.caches = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        # Committed to the device up front, as the step's outputs will be: otherwise the first call after warm-up
+        # would see a different argument signature and compile again.
+        device = jax.devices()[0]
+        self.caches = tuple(jax.device_put(jnp.zeros(shape, self.dtype), device) for _ in range(2))
         V, S = mc.vocab_size, cfg.max_num_seqs + 1
-        self.counts = jnp.zeros((S, V), jnp.int32)
-        self.prompt_mask = jnp.zeros((S, V), bool)
+        self.counts = jax.device_put(jnp.zeros((S, V), jnp.int32), device)
+        self.prompt_mask = jax.device_put(jnp.zeros((S, V), bool), device)
         self.free_slots = list(range(cfg.max_num_seqs))
         self.slot_of: dict[str, int] = {}
         # Donated: the KV cache and the penalty counts are updated in place each step, never copied.

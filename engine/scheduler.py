@@ -29,6 +29,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # kept sorted by (priority, arrival)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -107,6 +108,7 @@ class Scheduler:
         self.block_manager.free_request(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self._enqueue(request)
 
     def update(self, out: SchedulerOutput) -> None:

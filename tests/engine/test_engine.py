@@ -1,0 +1,131 @@
+"""Engine == reference generate, token for token, across batching, chunking, prefix hits, preemption, n and seeds."""
+import numpy as np
+import pytest
+
+import ie_jax
+from engine.llm import LLM
+from ie_jax import SamplingParams
+
+PROMPTS = ["Hello there", "a", "The quick brown fox jumps over the lazy dog, twice over", "xyz" * 9, "0123456789"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
+
+
+def make_llm(tiny, **kw):
+    model, tok = tiny
+    args = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, page_size=8, progress=False)
+    return LLM(model, tokenizer=tok, **{**args, **kw})
+
+
+def reference(tiny, prompts, params):
+    model, tok = tiny
+    return [o.token_ids for o in ie_jax.generate(model, tok, prompts, params)]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def test_engine_equals_reference_with_chunked_prefill_and_no_recompiles(tiny):
+    llm = make_llm(tiny, max_num_batched_tokens=16, token_buckets=(4, 8, 16))  # prompts > budget: chunked
+    compiled = llm.engine.runner.num_compiled()
+    assert compiled == 3
+    got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in got] == reference(tiny, PROMPTS, GREEDY)
+    assert [o.text for o in got] == [tiny[1].decode(o.token_ids) for o in got]
+    assert llm.engine.runner.num_compiled() == compiled  # nothing compiled after warm-up
+    assert llm.engine.block_manager.num_free_pages == llm.engine.block_manager.num_pages
+
+
+def test_requests_arriving_at_different_steps(tiny):
+    llm = make_llm(tiny)
+    engine = llm.engine
+    expected = reference(tiny, PROMPTS, GREEDY)
+    got = {}
+    pending = list(enumerate(PROMPTS))
+    while pending or engine.has_unfinished_requests():
+        if pending:  # one new request every step
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, GREEDY)
+        for out in engine.step():
+            got.setdefault(int(out.request_id), []).extend(out.new_token_ids)
+    assert [got[i] for i in range(len(PROMPTS))] == expected
+
+
+def test_prefix_cache_hits_give_identical_tokens(tiny):
+    system = "You are a helpful assistant. Answer briefly and clearly. "
+    prompts = [system + q for q in ("What is 2+2?", "Name a colour.", "Say hi.")]
+    llm = make_llm(tiny, max_model_len=128)
+    first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    rest = llm.generate(prompts[1:], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in first + rest] == reference(tiny, prompts, GREEDY)
+    bm = llm.engine.block_manager
+    assert bm.prefix_hits >= 2 * 7 * 8  # the shared system prompt's 7 full pages, for both later requests
+    assert bm.num_free_pages == bm.num_pages
+
+
+def test_preemption_by_recompute_changes_nothing(tiny):
+    long = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    llm = make_llm(tiny, num_pages=12, max_num_seqs=4)  # 96 tokens of KV for 4 requests of ~45: must preempt
+    got = llm.generate(PROMPTS[:4], long, use_tqdm=False)
+    assert [o.token_ids for o in got] == reference(tiny, PROMPTS[:4], long)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_pages == 12
+
+
+def test_seeded_sampling_and_n_match_reference_whatever_the_batch(tiny):
+    seeded = SamplingParams(n=2, temperature=0.9, top_p=0.95, top_k=50, max_tokens=8, seed=42, ignore_eos=True,
+                            presence_penalty=0.5, repetition_penalty=1.2)
+    others = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True)
+    model, tok = tiny
+    expected = [c.token_ids for c in ie_jax.generate(model, tok, ["seeded"], seeded)[0].outputs]
+    llm = make_llm(tiny)
+    alone = llm.generate(["seeded"], seeded, use_tqdm=False)[0]
+    mixed = llm.generate(["x", "seeded", "yy"], [others, seeded, others], use_tqdm=False)[1]
+    assert [c.token_ids for c in alone.outputs] == expected == [c.token_ids for c in mixed.outputs]
+    assert expected[0] != expected[1]
+
+
+def test_stop_strings_and_logprobs_through_the_engine(tiny):
+    model, tok = tiny
+    base = ie_jax.generate(model, tok, "stop me", GREEDY)[0]
+    stop = base.text[3:5]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop], logprobs=3)
+    expected = ie_jax.generate(model, tok, "stop me", params)[0].outputs[0]
+    llm = make_llm(tiny)
+    streamed = ""
+    llm.engine.add_request("s", "stop me", params)
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            streamed += out.new_text
+            last = out
+    assert streamed == expected.text == base.text[: base.text.index(stop)]
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+    got = llm.generate(["stop me"], params, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == expected.token_ids
+    for a, b in zip(got.logprobs, expected.logprobs):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose(list(a.values()), [b[k] for k in a], atol=1e-4)
+
+
+def test_abort_and_bad_requests(tiny):
+    llm = make_llm(tiny)
+    engine = llm.engine
+    engine.add_request("a", "abc", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("b", "abcd", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort_request("a")
+    engine.step()
+    engine.abort_request("b")
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
+    assert sorted(engine.runner.free_slots) == list(range(4))
+    with pytest.raises(ValueError, match="maximum context length is 96"):
+        engine.add_request("c", "x" * 90, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("d", [], SamplingParams())
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("e", "hi", SamplingParams())
+        engine.add_request("e", "hi", SamplingParams())
