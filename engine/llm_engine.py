@@ -144,8 +144,8 @@ class LLMEngine:
                 holdback = max(map(len, p.stop)) - 1 if p.stop and not p.include_stop_str_in_output else 0
                 emit_to = max(self.emitted[rid], len(text) - holdback)
             else:
-                if stop.finish_reason == "length" and detok is not None:
-                    stop.text += detok.flush()
+                if not isinstance(stop.stop_reason, str) and detok is not None:
+                    stop.text += detok.flush()  # a run that ends mid-character still shows what it produced
                 text, emit_to = stop.text, len(stop.text)
                 request.stop_reason = stop.stop_reason
                 status = RequestStatus.FINISHED_STOPPED if stop.finish_reason == "stop" else \

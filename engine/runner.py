@@ -10,7 +10,8 @@ requests that use penalties; for the others the penalties are neutral (1.0 / 0.0
 """
 from __future__ import annotations
 
-import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,7 @@ class ModelRunner:
         self.slot_of: dict[str, int] = {}
         # Donated: the KV cache and the penalty counts are updated in place each step, never copied.
         self._step = jax.jit(_step, static_argnums=(0, 6), donate_argnums=(2, 3))
+        self.executables: dict[tuple[int, int], jax.stages.Compiled] = {}
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
     def _pages_from_memory(self) -> int:
@@ -111,16 +113,26 @@ class ModelRunner:
                 return T, R
         raise AssertionError(f"{num_tokens=} exceeds every bucket")
 
-    def warmup(self, progress: bool = True) -> None:
-        """Compile every (T, R) bucket now (an all-padding step writes nothing), so serving never compiles."""
-        for T, R in tqdm(self.config.buckets, desc="compiling step buckets", disable=not progress, leave=False):
-            inp = self._empty_inputs(T, R)
-            self.caches, self.counts, out = self._step(self.graphdef, self.state, self.caches, self.counts,
-                                                       self.prompt_mask, inp, self.config.max_logprobs)
-        jax.block_until_ready(self.caches)
+    def warmup(self, progress: bool = True, max_workers: int | None = None) -> None:
+        """Compile every (T, R) bucket ahead of time, several at once (XLA compiles outside the GIL), so that
+        serving never compiles: `run` calls only these executables and a shape outside them is an error."""
+        workers = max_workers or min(8, os.cpu_count() or 1)
+        args = (self.graphdef, self.state, self.caches, self.counts, self.prompt_mask)
+
+        def compile_bucket(bucket):
+            T, R = bucket
+            return bucket, self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs).compile()
+
+        buckets = [b for b in self.config.buckets if b not in self.executables]
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(buckets), desc="compiling step buckets",
+                                                       disable=not progress, leave=False) as bar:
+            for bucket, executable in pool.map(compile_bucket, buckets):
+                self.executables[bucket] = executable
+                bar.update()
 
     def num_compiled(self) -> int:
-        return self._step._cache_size()
+        """Executables built so far (the jitted function's own cache stays empty: every call is ahead-of-time)."""
+        return len(self.executables) + self._step._cache_size()
 
     def _empty_inputs(self, T: int, R: int) -> StepInputs:
         """Fresh all-padding host arrays (each field its own buffer: `prepare` fills them in place)."""
@@ -193,6 +205,9 @@ class ModelRunner:
 
     def run(self, inp: StepInputs):
         """Dispatch one step (asynchronously); returns the device-side sample output."""
-        self.caches, self.counts, res = self._step(self.graphdef, self.state, self.caches, self.counts,
-                                                   self.prompt_mask, inp, self.config.max_logprobs)
+        bucket = (inp.input_ids.shape[0], inp.seq_lens.shape[0])
+        if bucket not in self.executables:
+            self.warmup(progress=False)  # only when warm-up was skipped: compile everything once, now
+        step = self.executables[bucket]
+        self.caches, self.counts, res = step(self.state, self.caches, self.counts, self.prompt_mask, inp)
         return res

@@ -196,7 +196,10 @@ class OpenAIServer:
             s = self.token_str(token_id)
             tokens.append(s)
             token_logprobs.append(lps.get(token_id))
-            top.append({self.token_str(t): lp for t, lp in sorted(lps.items(), key=lambda kv: -kv[1])})
+            ranked: dict[str, float] = {}
+            for t, lp in sorted(lps.items(), key=lambda kv: -kv[1]):
+                ranked.setdefault(self.token_str(t), lp)  # tokens that print alike keep the likeliest
+            top.append(ranked)
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

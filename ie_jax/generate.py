@@ -125,8 +125,8 @@ def generate(model: nnx.Module, tokenizer, prompts: str | Sequence[str] | Sequen
             stop = check_stop(row_params[b], tok, len(gen[b]), eos, texts[b] + new_text, len(new_text))
             texts[b] += new_text
             if stop is not None:
-                if stop.finish_reason == "length" and detoks[b] is not None:
-                    stop.text += detoks[b].flush()  # a run cut mid-character still shows what it produced
+                if not isinstance(stop.stop_reason, str) and detoks[b] is not None:
+                    stop.text += detoks[b].flush()  # a run that ends mid-character still shows what it produced
                 texts[b], finished[b] = stop.text, (stop.finish_reason, stop.stop_reason)
         if all(f is not None for f in finished) or step == max_new - 1:
             break

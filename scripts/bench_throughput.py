@@ -1,0 +1,110 @@
+"""Offline throughput through `LLM.generate` (vLLM's `benchmark_throughput` semantics): fixed input/output lengths,
+random token prompts, ignore_eos, every request submitted at once.
+
+    python scripts/bench_throughput.py                                   # embedded default model, CPU-sized
+    python scripts/bench_throughput.py --model llama-3-8b --load-format dummy --dtype bfloat16 \
+        --input-len 1000 --output-len 1000 --num-prompts 1000 --max-num-seqs 256 --max-num-batched-tokens 8192
+
+Prints requests/s, total and output tokens/s, start-up time (load + compile; run twice with
+--compilation-cache-dir for cold vs warm), the per-step wall and host times, and writes JSON.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from engine.async_llm import enable_compilation_cache  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from ie_jax import SamplingParams  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--num-pages", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--compilation-cache-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path or folder (default: $OUT or benchmarks/results/)")
+    args = ap.parse_args(argv)
+
+    enable_compilation_cache(args.compilation_cache_dir)
+    max_len = args.max_model_len or args.input_len + args.output_len
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed,
+              max_model_len=max_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
+              num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
+              enable_prefix_caching=not args.no_prefix_caching)
+    startup_s = time.perf_counter() - T_START
+    engine = llm.engine
+    V = llm.model.config.vocab_size
+    rng = np.random.default_rng(args.seed)
+    prompts = [rng.integers(0, V, args.input_len).tolist() for _ in range(args.num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{i}", p, params)
+    step_s, host_s, decode_step_s = [], [], []
+    t0 = time.perf_counter()
+    num_out = 0
+    while engine.has_unfinished_requests():
+        ts = time.perf_counter()
+        waiting = len(engine.scheduler.waiting)
+        outs = engine.step()
+        dt = time.perf_counter() - ts
+        step_s.append(dt)
+        host_s.append(engine.last_step_host_s)
+        if not waiting and all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running):
+            decode_step_s.append(dt)  # a pure decode step: every running request past its prompt
+        num_out += sum(len(o.new_token_ids) for o in outs)
+    elapsed = time.perf_counter() - t0
+    assert num_out == args.num_prompts * args.output_len, (num_out, args.num_prompts * args.output_len)
+    total_tokens = args.num_prompts * (args.input_len + args.output_len)
+    res = dict(
+        bench="throughput", model=args.model, dtype=args.dtype, input_len=args.input_len, output_len=args.output_len,
+        num_prompts=args.num_prompts, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
+        num_pages=engine.runner.num_pages, buckets=len(engine.config.buckets), elapsed_s=elapsed,
+        requests_per_s=args.num_prompts / elapsed, total_tok_s=total_tokens / elapsed, output_tok_s=num_out / elapsed,
+        startup_s=startup_s, num_steps=len(step_s), step_ms_median=1e3 * float(np.median(step_s)),
+        host_ms_median=1e3 * float(np.median(host_s)), host_ms_mean=1e3 * float(np.mean(host_s)),
+        decode_step_ms_median=1e3 * float(np.median(decode_step_s)) if decode_step_s else None,
+        preemptions=engine.scheduler.num_preemptions, device=jax.devices()[0].device_kind,
+        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))
+    if decode_step_s:
+        res["decode_tok_s_per_seq"] = 1e3 / res["decode_step_ms_median"]
+    print(f"Throughput: {res['requests_per_s']:.2f} requests/s, {res['total_tok_s']:.1f} total tokens/s, "
+          f"{res['output_tok_s']:.1f} output tokens/s")
+    print(f"start-up {startup_s:.1f} s | steps {len(step_s)} | step median {res['step_ms_median']:.2f} ms | "
+          f"host median {res['host_ms_median']:.2f} ms | decode step median {res['decode_step_ms_median'] or 0:.2f} ms"
+          f" | preemptions {res['preemptions']}")
+    out = Path(args.out or os.environ.get("OUT") or "benchmarks/results")
+    if out.suffix != ".json":
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / f"throughput_{args.input_len}x{args.output_len}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

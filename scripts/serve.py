@@ -1,0 +1,81 @@
+"""Serve a model over an OpenAI-compatible HTTP API (flags follow `vllm serve`).
+
+    python scripts/serve.py                                   # the embedded default model, on 127.0.0.1:8000
+    python scripts/serve.py --model /path/to/hf_dir --max-model-len 4096
+    python scripts/serve.py --model /path/to/llama3-8b --load-format dummy --dtype bfloat16   # benchmarks
+
+Then any OpenAI client works against http://127.0.0.1:8000/v1, e.g.
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+        -d '{"prompt": "Hello", "max_tokens": 16}'
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import EngineConfig  # noqa: E402
+
+DEFAULT_MODEL = "default"
+
+BANNER = """\
+Serving the embedded default model: a tiny Llama (4 layers, hidden size 256) with random weights over a byte-level
+tokenizer (ids 0-255 are bytes, 256-262 special tokens). It is there to try the server and the API, and its text is
+noise. To serve a real checkpoint, pass a Hugging Face model directory (config.json, *.safetensors,
+tokenizer.json):  python scripts/serve.py --model /path/to/hf_dir"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    engine = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF checkpoint directory or preset name (default: {DEFAULT_MODEL!r}, the embedded tiny model)")
+    p.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 routes")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "bf16", "fp16",
+                                                       "fp32", "half", "float"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights of the checkpoint's shapes (benchmarks)")
+    p.add_argument("--seed", type=int, default=engine["seed"])
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + output tokens per request (default: the model's max_position_embeddings)")
+    p.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"], help="requests in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=engine["max_num_batched_tokens"],
+                   help="token budget of one step, shared by decodes and prompt chunks")
+    p.add_argument("--page-size", type=int, default=engine["page_size"], choices=[8, 16, 32, 64, 128],
+                   help="tokens per KV-cache page")
+    p.add_argument("--gpu-memory-utilization", type=float, default=engine["gpu_memory_utilization"],
+                   help="fraction of device memory for weights + KV cache")
+    p.add_argument("--num-pages", type=int, default=engine["num_pages"],
+                   help="KV-cache pages (overrides --gpu-memory-utilization)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=engine["enable_prefix_caching"], help="reuse KV pages of shared prompt prefixes")
+    p.add_argument("--compilation-cache-dir", default=engine["compilation_cache_dir"],
+                   help="JAX persistent compilation cache: a second start skips compilation")
+    p.add_argument("--max-queue", type=int, default=engine["max_queue"],
+                   help="requests admitted but not yet producing tokens beyond this get HTTP 503")
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    args = p.parse_args(argv)
+    if args.max_queue is not None and args.max_queue < 1:
+        p.error(f"--max-queue={args.max_queue} must be >= 1")
+    if args.served_model_name is None:
+        args.served_model_name = args.model
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.model == DEFAULT_MODEL:
+        print(BANNER, flush=True)
+    from engine.server import run_server
+    run_server(args)
+
+
+if __name__ == "__main__":
+    main()
