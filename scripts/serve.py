@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV-cache pages (overrides --gpu-memory-utilization)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=engine["enable_prefix_caching"], help="reuse KV pages of shared prompt prefixes")
-    p.add_argument("--compilation-cache-dir", default=engine["compilation_cache_dir"],
-                   help="JAX persistent compilation cache: a second start skips compilation")
+    p.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "ie-jax" / "xla"),
+                   help="JAX persistent compilation cache: a second start skips compilation ('' disables it)")
     p.add_argument("--max-queue", type=int, default=engine["max_queue"],
                    help="requests admitted but not yet producing tokens beyond this get HTTP 503")
     p.add_argument("--uvicorn-log-level", default="info",
