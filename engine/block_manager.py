@@ -45,7 +45,8 @@ class BlockManager:
     def _update_hashes(self, request: Request, extra_key=None) -> None:
         """Extend request.page_hashes over every full page of its known tokens."""
         tokens, P = request.all_token_ids, self.page_size
-        for i in range(len(request.page_hashes), len(tokens) // P):
+        known = len(tokens) - (1 if tokens and tokens[-1] < 0 else 0)  # a token still on the device is not hashed
+        for i in range(len(request.page_hashes), known // P):
             parent = request.page_hashes[-1] if request.page_hashes else None
             request.page_hashes.append(hash((parent, tuple(tokens[i * P:(i + 1) * P]), extra_key)))
 
@@ -92,7 +93,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self._update_hashes(request)
-        for i in range(request.num_computed_tokens // self.page_size):
+        for i in range(min(request.num_computed_tokens // self.page_size, len(request.page_hashes))):
             page, h = request.page_ids[i], request.page_hashes[i]
             if self.page_hash[page] is None and h not in self.cached:
                 self.cached[h] = page

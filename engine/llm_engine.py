@@ -40,6 +40,7 @@ class LLMEngine:
         self.emitted: dict[str, int] = {}  # characters of it already handed out
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.last_step_host_s = 0.0
+        self.in_flight = None  # (SchedulerOutput, sample rows, device result) of the step not yet read back
         if warmup:
             self.runner.warmup(progress)
 
@@ -88,42 +89,60 @@ class LLMEngine:
             self._retire(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or (
+            self.in_flight is not None and any(not r.is_finished for r, _ in self.in_flight[0].scheduled))
 
     # ------------------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and dispatch step n+1, then read back and process step n.
+
+        Step n+1 is built before step n's tokens reach the host: a request that sampled in step n carries a
+        placeholder (-1) as its newest token, which the device fills from its own copy. So the device never waits
+        for the host between steps; the one host sync per step is the token read-back of the step before.
+        """
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         for request in out.preempted:
             self.runner.release_slot(request)
-        for request, _ in out.scheduled:
-            if request.request_id not in self.runner.slot_of:
-                self.runner.assign_slot(request)
-        if not out.scheduled:
-            return []
-        inp, samples = self.runner.prepare(out)
+        dispatched = None
+        if out.scheduled:
+            for request, _ in out.scheduled:
+                if request.request_id not in self.runner.slot_of:
+                    self.runner.assign_slot(request)
+            inp, samples = self.runner.prepare(out)
+            res = self.runner.run(inp)  # asynchronous
+            self.scheduler.update(out)
+            for (request, n), sampled in zip(out.scheduled, samples):
+                if sampled:
+                    if not request.output_token_ids and not request.num_preemptions:
+                        self.num_prompt_tokens += request.num_prompt_tokens
+                    request.output_token_ids.append(-1)  # placeholder until the read-back below (next call)
+            dispatched = (out, samples, res)
         host = time.perf_counter() - t0
-        res = self.runner.run(inp)
-        token_ids = np.asarray(res.token_ids)  # the one host sync per step
-        t1 = time.perf_counter()
-        self.scheduler.update(out)
-        outputs = self._update(out, samples, token_ids, res)
-        self.last_step_host_s = host + time.perf_counter() - t1
+        outputs = []
+        if self.in_flight is not None:
+            prev_out, prev_samples, prev_res = self.in_flight
+            token_ids = np.asarray(prev_res.token_ids)  # the one host sync per step
+            t1 = time.perf_counter()
+            outputs = self._update(prev_out, prev_samples, token_ids, prev_res)
+            host += time.perf_counter() - t1
+        self.in_flight = dispatched
+        self.last_step_host_s = host
         return outputs
 
     def _update(self, out: SchedulerOutput, samples, token_ids, res) -> list[RequestOutput]:
+        """Resolve a finished step's placeholders: append text, apply stop rules, emit deltas."""
         want_logprobs = any(r.sampling_params.logprobs is not None for r, _ in out.scheduled)
         if want_logprobs:
             lp, top_ids, top_lp = (np.asarray(x) for x in (res.logprobs, res.top_ids, res.top_logprobs))
         outputs = []
         now = time.monotonic()
         for row, ((request, n), sampled) in enumerate(zip(out.scheduled, samples)):
-            if not request.output_token_ids and request.num_computed_tokens == request.num_tokens:
-                self.num_prompt_tokens += request.num_prompt_tokens
-            if not sampled:
+            if not sampled or request.is_finished:  # a finished request's extra token is dropped
                 continue
             tok = int(token_ids[row])
-            request.output_token_ids.append(tok)
+            index = request.output_token_ids.index(-1)
+            request.output_token_ids[index] = tok
             request.first_token_time = request.first_token_time or now
             self.num_generation_tokens += 1
             k = request.sampling_params.logprobs
@@ -137,8 +156,8 @@ class LLMEngine:
             text = self.texts[rid] + (detok.add(tok) if detok is not None else "")
             new_chars = len(text) - len(self.texts[rid])
             p = request.sampling_params
-            stop = check_stop(p, tok, len(request.output_token_ids), self.eos_token_ids, text, new_chars,
-                              at_max_len=request.num_tokens >= self.config.max_model_len)
+            stop = check_stop(p, tok, index + 1, self.eos_token_ids, text, new_chars,
+                              at_max_len=request.num_prompt_tokens + index + 1 >= self.config.max_model_len)
             if stop is None:
                 # Hold back what could be the start of a stop string, so streamed text never needs taking back.
                 holdback = max(map(len, p.stop)) - 1 if p.stop and not p.include_stop_str_in_output else 0
@@ -148,12 +167,13 @@ class LLMEngine:
                     stop.text += detok.flush()  # a run that ends mid-character still shows what it produced
                 text, emit_to = stop.text, len(stop.text)
                 request.stop_reason = stop.stop_reason
+                del request.output_token_ids[index + 1:]  # a token sampled after the stop is not output
                 status = RequestStatus.FINISHED_STOPPED if stop.finish_reason == "stop" else \
                     RequestStatus.FINISHED_LENGTH
                 self.scheduler.finish(request, status)
             new_text = text[self.emitted[rid]: emit_to]
             self.texts[rid], self.emitted[rid] = text, emit_to
-            outputs.append(self._output(request, [tok], new_text, new_lp))
+            outputs.append(self._output(request, [tok], new_text, new_lp, index + 1))
             if request.is_finished:
                 self._retire(request)
         return outputs
@@ -164,10 +184,10 @@ class LLMEngine:
         self.texts.pop(request.request_id, None)
         self.emitted.pop(request.request_id, None)
 
-    def _output(self, request: Request, new_ids, new_text, new_lp) -> RequestOutput:
+    def _output(self, request: Request, new_ids, new_text, new_lp, num_output: int) -> RequestOutput:
         return RequestOutput(request.request_id, new_ids, new_text, new_lp, request.is_finished,
                              request.status.value if request.is_finished else None, request.stop_reason,
-                             request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens)
+                             request.num_prompt_tokens, num_output, request.num_cached_tokens)
 
     def stats(self) -> dict:
         bm = self.block_manager

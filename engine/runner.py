@@ -31,6 +31,7 @@ NUM_BANNED = 8  # eos/stop ids banned per row while min_tokens is not reached
 @struct.dataclass
 class StepInputs:
     input_ids: jax.Array  # [T] int32
+    from_slot: jax.Array  # [T] int32: read the token from last_tokens[slot] (sampled by the step in flight), or -1
     positions: jax.Array  # [T] int32
     slot_mapping: jax.Array  # [T] int32, -1 for padding tokens
     query_start_loc: jax.Array  # [R + 1] int32
@@ -53,17 +54,20 @@ class StepInputs:
     eos_ids: jax.Array  # [R, NUM_BANNED] int32, -1 padded
 
 
-def _step(graphdef, state, caches, counts, prompt_mask, inp: StepInputs, num_logprobs: int):
+def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, inp: StepInputs, num_logprobs: int):
+    # Decode inputs sampled by the previous step never visit the host: they are read from last_tokens on device.
+    input_ids = jnp.where(inp.from_slot >= 0, last_tokens[jnp.maximum(inp.from_slot, 0)], inp.input_ids)
     ctx = Paged(caches[0], caches[1], inp.slot_mapping, inp.page_table, inp.query_start_loc, inp.seq_lens,
                 inp.num_seqs)
     model = nnx.merge(graphdef, state)
-    logits, ctx = model(inp.input_ids[None], inp.positions[None], ctx, logits_indices=inp.logits_indices[None])
+    logits, ctx = model(input_ids[None], inp.positions[None], ctx, logits_indices=inp.logits_indices[None])
     t = SamplingTensors(inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.repetition_penalty,
                         inp.presence_penalty, inp.frequency_penalty, inp.seeds, inp.step, counts[inp.slots],
                         prompt_mask[inp.slots], inp.suppress_eos, inp.eos_ids)
     out = sample(logits[0], t, num_logprobs)
     counts = counts.at[inp.slots, out.token_ids].add(inp.sample_mask.astype(counts.dtype))
-    return (ctx.k, ctx.v), counts, out
+    last_tokens = last_tokens.at[inp.slots].set(jnp.where(inp.sample_mask, out.token_ids, last_tokens[inp.slots]))
+    return (ctx.k, ctx.v), counts, last_tokens, out
 
 
 class ModelRunner:
@@ -83,10 +87,11 @@ class ModelRunner:
         V, S = mc.vocab_size, cfg.max_num_seqs + 1
         self.counts = jax.device_put(jnp.zeros((S, V), jnp.int32), device)
         self.prompt_mask = jax.device_put(jnp.zeros((S, V), bool), device)
+        self.last_tokens = jax.device_put(jnp.zeros((S,), jnp.int32), device)
         self.free_slots = list(range(cfg.max_num_seqs))
         self.slot_of: dict[str, int] = {}
-        # Donated: the KV cache and the penalty counts are updated in place each step, never copied.
-        self._step = jax.jit(_step, static_argnums=(0, 6), donate_argnums=(2, 3))
+        # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
+        self._step = jax.jit(_step, static_argnums=(0, 7), donate_argnums=(2, 3, 4))
         self.executables: dict[tuple[int, int], jax.stages.Compiled] = {}
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
@@ -117,7 +122,7 @@ class ModelRunner:
         """Compile every (T, R) bucket ahead of time, several at once (XLA compiles outside the GIL), so that
         serving never compiles: `run` calls only these executables and a shape outside them is an error."""
         workers = max_workers or min(8, os.cpu_count() or 1)
-        args = (self.graphdef, self.state, self.caches, self.counts, self.prompt_mask)
+        args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
 
         def compile_bucket(bucket):
             T, R = bucket
@@ -138,7 +143,8 @@ class ModelRunner:
         """Fresh all-padding host arrays (each field its own buffer: `prepare` fills them in place)."""
         i32, f32 = (lambda fill=0: np.full(R, fill, np.int32)), (lambda fill=0.0: np.full(R, fill, np.float32))
         return StepInputs(
-            input_ids=np.zeros(T, np.int32), positions=np.zeros(T, np.int32), slot_mapping=np.full(T, -1, np.int32),
+            input_ids=np.zeros(T, np.int32), from_slot=np.full(T, -1, np.int32), positions=np.zeros(T, np.int32),
+            slot_mapping=np.full(T, -1, np.int32),
             query_start_loc=np.zeros(R + 1, np.int32), seq_lens=i32(),
             page_table=np.zeros((R, self.config.max_pages_per_seq), np.int32), num_seqs=np.int32(0),
             logits_indices=i32(), slots=i32(self.config.max_num_seqs), sample_mask=np.zeros(R, bool),
@@ -154,7 +160,8 @@ class ModelRunner:
         p = request.sampling_params
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             V = self.model_config.vocab_size
-            counts = np.bincount(np.asarray(request.output_token_ids, np.int64), minlength=V).astype(np.int32)
+            known = [t for t in request.output_token_ids if t >= 0]
+            counts = np.bincount(np.asarray(known, np.int64), minlength=V).astype(np.int32)
             mask = np.zeros(V, bool)
             mask[request.prompt_token_ids] = True
             self.counts = self._set_row(self.counts, slot, counts)
@@ -174,8 +181,11 @@ class ModelRunner:
         samples = []
         for r, (req, n) in enumerate(out.scheduled):
             start = req.num_computed_tokens
-            tokens = req.all_token_ids[start: start + n]
+            tokens = np.asarray(req.all_token_ids[start: start + n], np.int32)
             inp.input_ids[pos: pos + n] = tokens
+            if tokens[-1] < 0:  # the request's newest token is still on the device (step in flight)
+                assert n == 1, "only a decode token can be pending"
+                inp.from_slot[pos] = self.slot_of[req.request_id]
             positions = np.arange(start, start + n, dtype=np.int32)
             inp.positions[pos: pos + n] = positions
             pages = np.asarray(req.page_ids, np.int32)
@@ -209,5 +219,6 @@ class ModelRunner:
         if bucket not in self.executables:
             self.warmup(progress=False)  # only when warm-up was skipped: compile everything once, now
         step = self.executables[bucket]
-        self.caches, self.counts, res = step(self.state, self.caches, self.counts, self.prompt_mask, inp)
+        self.caches, self.counts, self.last_tokens, res = step(self.state, self.caches, self.counts,
+                                                              self.last_tokens, self.prompt_mask, inp)
         return res

@@ -66,6 +66,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if self._done_pending(request):  # its last token, still in flight, ends it: compute nothing more
+                i += 1
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not bm.allocate(request, n):
                 victim = max(self.running, key=lambda r: r.sort_key)
@@ -102,6 +105,10 @@ class Scheduler:
                 scheduled.append((request, n))
                 budget -= n
         return SchedulerOutput(scheduled, preempted)
+
+    def _done_pending(self, request: Request) -> bool:
+        return bool(request.output_token_ids) and (len(request.output_token_ids) >= request.sampling_params.max_tokens
+                                                   or request.num_tokens >= self.config.max_model_len)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
