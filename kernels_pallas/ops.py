@@ -180,11 +180,38 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_star
 
 
 def write_kv(k_cache, v_cache, layer, k_new, v_new, slot_mapping):
+    """Write this step's K/V of layer `layer` into the stacked caches. Semantics of `write_kv_reference`.
+
+    Every backend runs the same XLA scatter: it moves only T * K * H elements per cache and, with the caches
+    donated (the engine's step), updates them in place (tests/kernels/test_paged_attention.py reads the HLO).
+    """
     return write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping)
 
 
 def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs, *, scale=None,
                     sliding_window=None, softcap=None):
-    """Ragged paged attention (decode and prefill chunks mixed). Semantics of `paged_attention_reference`."""
+    """Ragged paged attention (decode and prefill chunks mixed). Semantics of `paged_attention_reference`.
+
+    The kernel reads layer `layer` of the stacked cache in place. It takes head dim 64/128, pages that tile its
+    kv blocks, 64 % (N // K) == 0 and matching 16-bit dtypes (`kernel_supports`); anything else, on any
+    backend, runs the reference, as `attention` does.
+    """
+    backend = current_backend()
+    use_kernel = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
+    if use_kernel and _paged_available():
+        from kernels_pallas import paged_attention as pa
+        if pa.kernel_supports(q, k_cache):
+            return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
+                                             layer=layer, sm_scale=scale, sliding_window=sliding_window,
+                                             softcap=softcap, interpret=backend == "interpret")
     return paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs,
                                      scale=scale, sliding_window=sliding_window, softcap=softcap)
+
+
+@functools.cache
+def _paged_available() -> bool:
+    try:
+        from kernels_pallas import paged_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True

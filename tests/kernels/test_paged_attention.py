@@ -1,0 +1,329 @@
+"""Ragged paged attention and the KV-cache write, against their references.
+
+CPU tests run the real kernel body in the Mosaic GPU interpreter at small shapes; `gpu` tests compile it for the
+device at serving sizes. Every comparison draws fresh random inputs and random (non-contiguous) page tables.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import ops
+from kernels_pallas import paged_attention as pa
+from kernels_pallas.kv_cache import write_kv, write_kv_reference
+
+
+def make_batch(seed, *, q_lens, seq_lens, num_rows=None, extra_tokens=0, K=2, G=4, H=64, page_size=16,
+               dtype=jnp.bfloat16):
+    """Random q and caches; requests get disjoint random pages. Rows past len(q_lens) are padding."""
+    rng = np.random.default_rng(seed)
+    n = len(q_lens)
+    R = num_rows or n
+    max_pages = max(-(-s // page_size) for s in seq_lens)
+    P = R * max_pages + 3
+    page_table = rng.permutation(P)[:R * max_pages].reshape(R, max_pages).astype(np.int32)
+    qsl = np.zeros(R + 1, np.int32)
+    qsl[1:n + 1] = np.cumsum(q_lens)
+    qsl[n + 1:] = qsl[n]
+    sl = np.zeros(R, np.int32)
+    sl[:n] = seq_lens
+    T = int(qsl[n]) + extra_tokens
+    q = rng.standard_normal((T, K * G, H))
+    k_pages = rng.standard_normal((K, P, page_size, H))
+    v_pages = rng.standard_normal((K, P, page_size, H))
+    return (jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype),
+            jnp.asarray(page_table), jnp.asarray(qsl), jnp.asarray(sl), jnp.int32(n))
+
+
+def assert_close(out, expected, rows=None, tol=2e-2):
+    out = np.asarray(out, np.float32)
+    expected = np.asarray(expected, np.float32)
+    assert np.isfinite(out).all()
+    if rows is not None:
+        out, expected = out[:rows], expected[:rows]
+    err = np.linalg.norm(out - expected) / np.linalg.norm(expected)
+    diff = np.abs(out - expected)
+    print(f"rel err {err:.2e}  max abs {diff.max():.2e}  mean abs {diff.mean():.2e}")
+    assert err < tol, err
+
+
+def run_both(batch, config, **kw):
+    expected = pa.paged_attention_reference(*batch, **kw)
+    out = pa.ragged_paged_attention(*batch, config=config, interpret=True, **kw)
+    return out, expected
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The oracle itself
+
+
+def test_reference_matches_dense_attention():
+    """One request with identity pages is dense causal attention over the sequence's tail queries."""
+    batch = make_batch(0, q_lens=[9], seq_lens=[40], page_size=8, dtype=jnp.float32)
+    q, k_pages, v_pages, page_table, qsl, sl, n = batch
+    K, _, _, H = k_pages.shape
+    k = k_pages[:, page_table[0]].transpose(1, 2, 0, 3).reshape(1, -1, K, H)[:, :40]  # [1, S, K, H]
+    v = v_pages[:, page_table[0]].transpose(1, 2, 0, 3).reshape(1, -1, K, H)[:, :40]
+    expected = ops.attention_reference(q[None], k, v, q_positions=jnp.arange(31, 40)[None],
+                                       kv_positions=jnp.arange(40)[None])[0]
+    np.testing.assert_allclose(pa.paged_attention_reference(*batch), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel (Mosaic GPU interpreter)
+
+
+@pytest.mark.parametrize("page_size,block_kv", [(16, 64), (32, 32), (64, 32)])
+def test_decode_batch(page_size, block_kv):
+    # lengths 1, a page multiple, non-multiples, and the table's maximum
+    seq_lens = [1, 2 * page_size, 3 * page_size - 5, 4 * page_size]
+    batch = make_batch(page_size, q_lens=[1] * 4, seq_lens=seq_lens, page_size=page_size)
+    out, expected = run_both(batch, pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=1))
+    assert_close(out, expected)
+
+
+def test_mixed_decode_and_prefill_with_splits():
+    # prefill chunks of 20 and 17 tokens (several 64-row tiles with G = 4), a 1-token prompt and decodes
+    # (one split is covered by the decode and stacked-cache tests)
+    batch = make_batch(1, q_lens=[1, 20, 1, 17, 1], seq_lens=[90, 20, 1, 77, 128])
+    out, expected = run_both(batch, pa.TuningConfig(block_kv=64, num_stages=2, num_splits=3))
+    assert_close(out, expected)
+
+
+def test_padding_rows_and_tokens_do_not_touch_real_rows():
+    real = dict(q_lens=[3, 1, 6], seq_lens=[50, 33, 6], K=1)
+    clean = make_batch(2, **real)
+    padded = make_batch(2, **real, num_rows=6, extra_tokens=5)
+    # same real data; padding rows point at garbage lengths and pages
+    q = jnp.concatenate([clean[0], jax.random.normal(jax.random.key(3), (5,) + clean[0].shape[1:], clean[0].dtype)])
+    seq_lens = padded[5].at[3:].set(jnp.asarray([7, 1000, 3], jnp.int32))
+    qsl = padded[4].at[4:].set(jnp.asarray([12, 14, 15], jnp.int32))
+    page_table = jnp.concatenate([clean[3], jnp.full((3, clean[3].shape[1]), 10_000, jnp.int32)])
+    padded = (q, clean[1], clean[2], page_table, qsl, seq_lens, jnp.int32(3))
+    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=2)
+    out_clean = pa.ragged_paged_attention(*clean, config=config, interpret=True)
+    out_padded = pa.ragged_paged_attention(*padded, config=config, interpret=True)
+    T = clean[0].shape[0]
+    assert np.isfinite(np.asarray(out_padded, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(out_padded[:T], np.float32), np.asarray(out_clean, np.float32))
+    assert_close(out_clean, pa.paged_attention_reference(*clean))
+
+
+def test_sliding_window_and_softcap():
+    batch = make_batch(4, q_lens=[1, 12, 1], seq_lens=[100, 70, 37])
+    config = pa.TuningConfig(block_kv=32, num_stages=3, num_splits=2)
+    out, expected = run_both(batch, config, sliding_window=24, softcap=5.0)
+    assert_close(out, expected)
+
+
+def test_gqa_group_8_head_dim_128():
+    batch = make_batch(5, q_lens=[1, 9, 1], seq_lens=[100, 90, 1], K=1, G=8, H=128, page_size=32)
+    out, expected = run_both(batch, pa.TuningConfig(block_kv=64, num_stages=2, num_splits=2), sm_scale=0.1)
+    assert_close(out, expected)
+
+
+def make_stacked(seed, num_layers, **kw):
+    """A batch whose caches are [L, K, P, page_size, H], each layer drawn separately (same page table)."""
+    layers = [make_batch(seed + 100 * i, **kw) for i in range(num_layers)]
+    q, _, _, page_table, qsl, sl, n = layers[0]
+    k_cache = jnp.stack([b[1] for b in layers])
+    v_cache = jnp.stack([b[2] for b in layers])
+    return q, k_cache, v_cache, page_table, qsl, sl, n
+
+
+def test_stacked_cache_reads_the_named_layer():
+    """The kernel indexes a traced layer of the stacked cache itself; first and last layer against the oracle."""
+    L = 3
+    q, k_cache, v_cache, page_table, qsl, sl, n = make_stacked(10, L, q_lens=[1, 9, 1], seq_lens=[70, 40, 33], K=1)
+    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=1)
+
+    @jax.jit
+    def kernel(layer):
+        return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, qsl, sl, n, layer=layer, config=config,
+                                         interpret=True)
+
+    outs = []
+    for layer in (0, L - 1):
+        expected = ops.paged_attention_reference(q, k_cache, v_cache, jnp.int32(layer), page_table, qsl, sl, n)
+        outs.append(kernel(jnp.int32(layer)))
+        assert_close(outs[-1], expected)
+    # the layers hold different data, so reading the wrong one could not pass
+    assert not np.allclose(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32), atol=0.05)
+
+
+def test_ops_paged_attention_backends_agree():
+    """ops.paged_attention: the interpreter (kernel body) and the reference give the same result, mid-stack."""
+    q, k_cache, v_cache, page_table, qsl, sl, n = make_stacked(11, 3, q_lens=[1, 6, 1], seq_lens=[50, 30, 17],
+                                                               num_rows=4, K=1)
+    args = (q, k_cache, v_cache, jnp.int32(1), page_table, qsl, sl, n)
+    kw = dict(scale=0.2, softcap=8.0)
+    with ops.kernel_backend("reference"):
+        expected = ops.paged_attention(*args, **kw)
+    with ops.kernel_backend("interpret"):
+        out = ops.paged_attention(*args, **kw)
+        # shapes the kernel does not take (f32) fall back to the reference on every backend
+        as_f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+        fallback = ops.paged_attention(*as_f32, **kw)
+    assert_close(out, expected)
+    np.testing.assert_allclose(fallback, ops.paged_attention_reference(*as_f32, **kw), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_raise():
+    batch = make_batch(6, q_lens=[1], seq_lens=[5])
+    with pytest.raises(ValueError, match="block_kv"):
+        pa.TuningConfig(block_kv=48)
+    with pytest.raises(ValueError, match="sliding_window"):
+        pa.ragged_paged_attention(*batch, sliding_window=0)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        pa.ragged_paged_attention(*batch[:4], batch[4][:1], *batch[5:])
+    with pytest.raises(ValueError, match="unsupported"):
+        pa.ragged_paged_attention(batch[0].astype(jnp.float32), *batch[1:])
+    with pytest.raises(ValueError, match="layer"):  # a stacked cache needs its layer, a single layer takes none
+        pa.ragged_paged_attention(batch[0], batch[1][None], batch[2][None], *batch[3:])
+    with pytest.raises(ValueError, match="layer"):
+        pa.ragged_paged_attention(*batch, layer=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV-cache write
+
+
+def test_write_kv_matches_loop_and_skips_padding():
+    rng = np.random.default_rng(7)
+    K, P, page_size, H, T = 2, 6, 8, 16, 10
+    k_pages = jnp.asarray(rng.standard_normal((K, P, page_size, H)), jnp.bfloat16)
+    v_pages = jnp.asarray(rng.standard_normal((K, P, page_size, H)), jnp.bfloat16)
+    k_new = jnp.asarray(rng.standard_normal((T, K, H)), jnp.bfloat16)
+    v_new = jnp.asarray(rng.standard_normal((T, K, H)), jnp.bfloat16)
+    slots = rng.permutation(P * page_size)[:T].astype(np.int32)
+    slots[[2, 7]] = -1
+    slot_mapping = jnp.asarray(slots)
+    k_out, v_out = write_kv(k_pages, v_pages, k_new, v_new, slot_mapping)
+    k_exp, v_exp = write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping)
+    np.testing.assert_array_equal(np.asarray(k_out, np.float32), np.asarray(k_exp, np.float32))
+    np.testing.assert_array_equal(np.asarray(v_out, np.float32), np.asarray(v_exp, np.float32))
+    untouched = np.ones(P * page_size, bool)
+    untouched[slots[slots >= 0]] = False
+    flat = np.asarray(k_out, np.float32).reshape(K, -1, H)
+    np.testing.assert_array_equal(flat[:, untouched], np.asarray(k_pages, np.float32).reshape(K, -1, H)[:, untouched])
+
+
+def test_write_kv_is_in_place_when_donated():
+    K, P, page_size, H, T = 4, 512, 16, 64, 8
+    cache = jax.ShapeDtypeStruct((K, P, page_size, H), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((T, K, H), jnp.bfloat16)
+    compiled = jax.jit(write_kv, donate_argnums=(0, 1)).lower(
+        cache, cache, new, new, jax.ShapeDtypeStruct((T,), jnp.int32)).compile()
+    hlo = compiled.as_text()
+    full = f"bf16[{K},{P * page_size},{H}]", f"bf16[{K},{P},{page_size},{H}]"
+    copies = [line for line in hlo.splitlines() if " copy(" in line and any(s in line for s in full)]
+    assert not copies, copies
+    assert "input_output_alias" in hlo or "may-alias" in hlo or "must-alias" in hlo
+
+
+def test_ops_write_kv_stacked_matches_loop():
+    rng = np.random.default_rng(12)
+    L, K, P, page_size, H, T = 3, 2, 5, 8, 16, 7
+    k_cache = jnp.asarray(rng.standard_normal((L, K, P, page_size, H)), jnp.bfloat16)
+    v_cache = jnp.asarray(rng.standard_normal((L, K, P, page_size, H)), jnp.bfloat16)
+    k_new = jnp.asarray(rng.standard_normal((T, K, H)), jnp.bfloat16)
+    v_new = jnp.asarray(rng.standard_normal((T, K, H)), jnp.bfloat16)
+    slots = rng.permutation(P * page_size)[:T].astype(np.int32)
+    slots[3] = -1
+    k_out, v_out = jax.jit(ops.write_kv)(k_cache, v_cache, jnp.int32(L - 1), k_new, v_new, jnp.asarray(slots))
+    k_exp, v_exp = write_kv_reference(k_cache[L - 1], v_cache[L - 1], k_new, v_new, jnp.asarray(slots))
+    np.testing.assert_array_equal(np.asarray(k_out[L - 1], np.float32), np.asarray(k_exp, np.float32))
+    np.testing.assert_array_equal(np.asarray(v_out[L - 1], np.float32), np.asarray(v_exp, np.float32))
+    np.testing.assert_array_equal(np.asarray(k_out[:L - 1], np.float32), np.asarray(k_cache[:L - 1], np.float32))
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_ops_write_kv_stacked_is_in_place_when_donated(donate):
+    """The engine's write (traced layer, stacked cache) compiles to an in-place scatter under donation; without
+    donation the same HLO must show the full-size copies, so the check can fail."""
+    L, K, P, page_size, H, T = 4, 4, 256, 16, 64, 8
+    cache = jax.ShapeDtypeStruct((L, K, P, page_size, H), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((T, K, H), jnp.bfloat16)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    step = jax.jit(ops.write_kv, donate_argnums=(0, 1) if donate else ())
+    hlo = step.lower(cache, cache, i32, new, new, jax.ShapeDtypeStruct((T,), jnp.int32)).compile().as_text()
+    full = f"bf16[{L},{K},{P},{page_size},{H}]"
+    copies = [line for line in hlo.splitlines() if " copy(" in line and full in line.split("=")[1][:40]]
+    if donate:
+        assert not copies, copies
+        assert "input_output_alias" in hlo or "may-alias" in hlo or "must-alias" in hlo
+    else:
+        assert len(copies) == 2, copies
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device (full size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+def test_gpu_serving_sizes(page_size):
+    q_lens = [1] * 30 + [512, 100]
+    seq_lens = [int(x) for x in np.random.default_rng(8).integers(1, 4096, 30)] + [2048, 4096]
+    batch = make_batch(8, q_lens=q_lens, seq_lens=seq_lens, num_rows=40, extra_tokens=7, K=8, G=4, H=128,
+                       page_size=page_size)
+    out = pa.ragged_paged_attention(*batch)
+    expected = pa.paged_attention_reference(*batch)
+    assert_close(out, expected, rows=sum(q_lens))
+
+
+@pytest.mark.gpu
+def test_gpu_long_context_split():
+    batch = make_batch(9, q_lens=[1], seq_lens=[32768], K=8, G=4, H=128)
+    assert_close(pa.ragged_paged_attention(*batch), pa.paged_attention_reference(*batch))
+
+
+@pytest.mark.gpu
+def test_gpu_layer_scan_updates_the_stacked_cache_in_place():
+    """The engine's pattern: a scan over layers that writes then attends on a donated [L, ...] cache. The compiled
+    step must hold no full-size copy of the cache, and every layer's output must match the reference backend."""
+    L, page_size = 4, 16
+    batch = make_stacked(13, L, q_lens=[1] * 6 + [40], seq_lens=[300, 17, 1, 64, 900, 129, 200], num_rows=8,
+                         extra_tokens=3, K=8, G=4, H=128, page_size=page_size)
+    q, k_cache, v_cache, page_table, qsl, sl, n = batch
+    T = q.shape[0]
+    rng = np.random.default_rng(14)
+    slots = np.full(T, -1, np.int32)  # each real token's own slot, at its position in its request's pages
+    qsl_np, sl_np, pt_np = np.asarray(qsl), np.asarray(sl), np.asarray(page_table)
+    for r in range(int(n)):
+        pos = np.arange(sl_np[r] - (qsl_np[r + 1] - qsl_np[r]), sl_np[r])
+        slots[qsl_np[r]:qsl_np[r + 1]] = pt_np[r, pos // page_size] * page_size + pos % page_size
+    q_all = jnp.asarray(rng.standard_normal((L,) + q.shape), q.dtype)  # [L, T, N, H]
+    k_new = jnp.asarray(rng.standard_normal((L, T, 8, 128)), q.dtype)  # [L, T, K, H]
+    v_new = jnp.asarray(rng.standard_normal((L, T, 8, 128)), q.dtype)
+
+    def make_step():  # a fresh function per backend: the backend is read at trace time
+        def step(k_cache, v_cache, q_all, k_new, v_new, slot_mapping):
+            def layer_body(caches, xs):
+                layer, q, k, v = xs
+                kc, vc = ops.write_kv(*caches, layer, k, v, slot_mapping)
+                out = ops.paged_attention(q, kc, vc, layer, page_table, qsl, sl, n, scale=0.1)
+                return (kc, vc), out
+            caches, outs = jax.lax.scan(layer_body, (k_cache, v_cache), (jnp.arange(L), q_all, k_new, v_new))
+            return caches, outs
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    args = (q_all, k_new, v_new, jnp.asarray(slots))
+    results = {}
+    for backend in ("pallas", "reference"):
+        with ops.kernel_backend(backend):
+            step = make_step()
+            compiled = step.lower(k_cache, v_cache, *args).compile()
+            caches, outs = step(jnp.copy(k_cache), jnp.copy(v_cache), *args)
+        results[backend] = (caches, outs)
+        if backend == "pallas":
+            hlo = compiled.as_text()
+            full = "bf16[" + ",".join(map(str, k_cache.shape)) + "]"
+            copies = [line for line in hlo.splitlines()
+                      if (" copy(" in line or "copy-start(" in line) and full in line.split("=")[1][:60]]
+            assert not copies, copies
+    rows = int(qsl[n])
+    for layer in range(L):
+        assert_close(results["pallas"][1][layer], results["reference"][1][layer], rows=rows)
+    np.testing.assert_array_equal(np.asarray(results["pallas"][0][0], np.float32),
+                                  np.asarray(results["reference"][0][0], np.float32))
