@@ -1,0 +1,161 @@
+"""Trainer: accumulation equals a large batch, a mesh of 8 CPU devices equals one device, kill/resume is
+bit-identical, full fine-tuning from scratch learns, schedules, and the CLI end to end."""
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from finetune.data import DataConfig, sft_dataset
+from finetune.lora import LoraConfig, apply_lora
+from finetune.loop import LoopConfig, fit, read_metrics
+from finetune.trainer import TrainConfig, Trainer, make_schedule
+from ie_jax.sharding import make_mesh
+from ft_helpers import tiny, toy_sft_examples
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def lora_trainer(mesh=None, dropout=0.0, **kw):
+    model, tok = tiny("tiny-llama")
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, init_lora_weights=False))
+    cfg = dict(max_steps=8, learning_rate=5e-3, compute_dtype="float32", max_grad_norm=None) | kw
+    return Trainer(model, TrainConfig(**cfg), mesh=mesh), tok
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    # A large Adam epsilon makes the first update linear in the gradient, so params compare the gradients.
+    t1, tok = lora_trainer(adam_eps=1.0)
+    t2, _ = lora_trainer(adam_eps=1.0)
+    batch = next(iter(sft_dataset(toy_sft_examples(tok), DataConfig(seq_len=24, batch_size=2, grad_accum=2))))
+    big = {k: v.reshape(1, 4, *v.shape[2:]) for k, v in batch.items()}
+    m1, m2 = t1.train_step(batch), t2.train_step(big)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(t1.params), jax.tree.leaves(t2.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-8)
+
+
+def test_mesh_of_eight_cpu_devices_matches_one_device():
+    assert len(jax.devices()) == 8
+    single, tok = lora_trainer()
+    sharded, _ = lora_trainer(mesh=make_mesh(model=2, data=4))
+    spec = jax.tree.leaves(sharded.params)[0].sharding.spec  # layers.mlp.down_proj.lora_a [L, mlp, r]
+    assert "model" in tuple(spec)
+    it = iter(sft_dataset(toy_sft_examples(tok), DataConfig(seq_len=24, batch_size=4, num_epochs=None)))
+    for _ in range(2):
+        batch = next(it)
+        a, b = single.train_step(batch), sharded.train_step(batch)
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+    for x, y in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+class KilledAfter:
+    """An iterator that dies after n batches, as a killed process would (with grain's state methods)."""
+
+    def __init__(self, it, n):
+        self.it, self.n = it, n
+
+    def __next__(self):
+        if self.n == 0:
+            raise KeyboardInterrupt
+        self.n -= 1
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def test_kill_and_resume_repeats_the_loss_curve_bit_identically(tmp_path):
+    def run(out, kill_after=None, resume=False):
+        trainer, tok = lora_trainer(dropout=0.1)
+        it = iter(sft_dataset(toy_sft_examples(tok), DataConfig(seq_len=24, batch_size=2, grad_accum=2, seed=5,
+                                                                num_epochs=None)))
+        it = KilledAfter(it, kill_after) if kill_after else it
+        fit(trainer, it, LoopConfig(output_dir=str(out), save_every=2, resume=resume, progress=False, plot=False))
+
+    run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", kill_after=5)  # checkpoints at steps 2 and 4; step 5 is lost
+    assert [r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    run(tmp_path / "killed", resume=True)
+    whole = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
+    resumed = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == whole  # exactly equal floats
+
+
+def test_full_finetuning_from_scratch_learns_and_changes_every_param():
+    from flax import nnx
+    model, tok = tiny("tiny-gpt2", seed=3)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    trainer = Trainer(model, TrainConfig(method="full", max_steps=15, learning_rate=3e-3, compute_dtype="bfloat16",
+                                         warmup_steps=2))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(trainer.params))  # f32 master weights
+    it = iter(sft_dataset(toy_sft_examples(tok), DataConfig(seq_len=32, batch_size=4, num_epochs=None)))
+    losses = [float(trainer.train_step(next(it))["loss"]) for _ in range(15)]
+    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 1.0, losses
+    after = nnx.state(trainer.model(), nnx.Param)
+    changed = jax.tree.map(lambda x, y: not np.array_equal(x, np.asarray(y)), before, after)
+    assert all(jax.tree.leaves(changed))
+
+
+def test_schedules_and_validation():
+    cosine = make_schedule(TrainConfig(max_steps=10, learning_rate=1.0, warmup_steps=2))
+    assert [float(cosine(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert float(cosine(10)) == pytest.approx(0.0, abs=1e-6) and 0.4 < float(cosine(6)) < 0.6
+    linear = make_schedule(TrainConfig(max_steps=4, learning_rate=1.0, lr_schedule="linear"))
+    assert [float(linear(s)) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    with pytest.raises(ValueError, match="method='sft'"):
+        TrainConfig(method="sft")
+    model, _ = tiny("tiny-llama")
+    with pytest.raises(ValueError, match="has none"):
+        Trainer(model, TrainConfig(method="lora"))
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("finetune_lora_cli", ROOT / "scripts" / "finetune_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_writes_adapter_and_merged_model(tmp_path):
+    cli = _cli()
+    out = tmp_path / "run"
+    cli.main(["--model", "tiny-llama", "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--r", "4",
+              "--output", str(out), "--merge", "--no-progress", "--mesh-data", "1", "--dtype", "float32"])
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 32 and cfg["peft_type"] == "LORA"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "merged" / "tokenizer.json").is_file()
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3]
+    assert any("eval_loss" in r for r in read_metrics(out / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_hidden_states_projection_equals_model_logits(preset):
+    import ie_jax
+    import jax.numpy as jnp
+    from finetune.forward import hidden_states, output_projection
+    from ft_helpers import random_ids
+    model, _ = tiny(preset)
+    ids = random_ids(9, (2, 10))
+    h = hidden_states(model, ids, jnp.broadcast_to(jnp.arange(10), (2, 10)))
+    got = output_projection(model)(h.reshape(20, -1)).reshape(2, 10, -1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ie_jax.forward(model, ids)), atol=2e-6, rtol=1e-5)
+
+
+def test_save_projections_policy_gives_the_same_step():
+    t1, tok = lora_trainer()
+    t2, _ = lora_trainer(remat_policy="save_projections")
+    batch = next(iter(sft_dataset(toy_sft_examples(tok), DataConfig(seq_len=24, batch_size=2))))
+    assert float(t1.train_step(batch)["loss"]) == pytest.approx(float(t2.train_step(batch)["loss"]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(t1.params), jax.tree.leaves(t2.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
