@@ -40,6 +40,7 @@ class LLMEngine:
         self.emitted: dict[str, int] = {}  # characters of it already handed out
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.last_step_host_s = 0.0
+        self.last_step_times: dict[str, float] = {}
         self.in_flight = None  # (SchedulerOutput, sample rows, device result) of the step not yet read back
         if warmup:
             self.runner.warmup(progress)
@@ -104,13 +105,15 @@ class LLMEngine:
         out = self.scheduler.schedule()
         for request in out.preempted:
             self.runner.release_slot(request)
-        dispatched = None
+        dispatched, t_dispatch = None, 0.0
         if out.scheduled:
             for request, _ in out.scheduled:
                 if request.request_id not in self.runner.slot_of:
                     self.runner.assign_slot(request)
             inp, samples = self.runner.prepare(out)
+            t1 = time.perf_counter()
             res = self.runner.run(inp)  # asynchronous
+            t_dispatch = time.perf_counter() - t1
             self.scheduler.update(out)
             for (request, n), sampled in zip(out.scheduled, samples):
                 if sampled:
@@ -118,16 +121,19 @@ class LLMEngine:
                         self.num_prompt_tokens += request.num_prompt_tokens
                     request.output_token_ids.append(-1)  # placeholder until the read-back below (next call)
             dispatched = (out, samples, res)
-        host = time.perf_counter() - t0
-        outputs = []
+        t2 = time.perf_counter()
+        outputs, t_wait = [], 0.0
         if self.in_flight is not None:
             prev_out, prev_samples, prev_res = self.in_flight
             token_ids = np.asarray(prev_res.token_ids)  # the one host sync per step
-            t1 = time.perf_counter()
+            t3 = time.perf_counter()
+            t_wait = t3 - t2
             outputs = self._update(prev_out, prev_samples, token_ids, prev_res)
-            host += time.perf_counter() - t1
         self.in_flight = dispatched
-        self.last_step_host_s = host
+        total = time.perf_counter() - t0
+        # Host time = everything but waiting for the device (dispatch included: it should not block).
+        self.last_step_times = {"host": total - t_wait, "dispatch": t_dispatch, "wait": t_wait, "total": total}
+        self.last_step_host_s = total - t_wait
         return outputs
 
     def _update(self, out: SchedulerOutput, samples, token_ids, res) -> list[RequestOutput]:

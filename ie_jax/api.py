@@ -16,7 +16,7 @@ from flax import nnx
 
 from ie_jax.config import ModelConfig
 from ie_jax.presets import PRESETS, get_preset
-from ie_jax.tokenizer import ByteTokenizer, load_tokenizer
+from ie_jax.tokenizer import ByteTokenizer, SyntheticTokenizer, load_tokenizer
 from ie_jax.weights import init_model, load_hf_weights
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
@@ -41,7 +41,9 @@ def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_forma
     """Load an HF checkpoint directory or build a named preset. Returns (model, tokenizer).
 
     `load_format="dummy"` gives random weights (for benchmarks), from a preset name or a directory's config.json.
-    Presets have no weights, so they are always random. The tokenizer is None for a directory without one.
+    Presets have no weights, so they are always random; their tokenizer is the byte tokenizer for byte-level presets
+    and a `SyntheticTokenizer` (id i <-> word "w{i}") for real architectures. A directory without tokenizer files
+    gives None.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"{load_format=} is not supported; expected one of {LOAD_FORMATS}")
@@ -63,7 +65,9 @@ def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_forma
             raise ValueError(f"preset {model!r} has no weights to load; use load_format='dummy' or a directory")
         cfg = get_preset(str(model))
         m = init_model(cfg, dtype=resolve_dtype(dtype, "float32"), mesh=mesh, rules=rules, seed=seed)
-        return m, ByteTokenizer() if cfg.vocab_size == BYTE_VOCAB else None
+        if cfg.vocab_size == BYTE_VOCAB:
+            return m, ByteTokenizer()
+        return m, SyntheticTokenizer(cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
     raise ValueError(f"model={str(model)!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}."
                      f" (Hub names are not downloaded: fetch the checkpoint first, e.g. `huggingface-cli download`.)")
 

@@ -17,6 +17,7 @@ stop strings, model configs or the embedding size (which may exceed `vocab_size`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -344,6 +345,46 @@ class ByteTokenizer(Tokenizer):
         generation = _read_json(generation_path)
         generation.update(bos_token_id=self.BOS, eos_token_id=list(self.eos_token_ids), pad_token_id=self.PAD)
         generation_path.write_text(json.dumps(generation, indent=2) + "\n")
+
+
+class SyntheticTokenizer(Tokenizer):
+    """Stands in for the tokenizer of a preset that ships none (a real architecture with `--load-format dummy`
+    weights): id i is the word " w{i}", so every token has text and streaming, stop handling and benchmarks behave
+    as with a real tokenizer. encode maps such words back to their ids and any other word to an id by hash."""
+
+    def __init__(self, vocab_size: int, bos_token_id: int | None = None, eos_token_ids: Sequence[int] = ()):
+        self.vocab_size = vocab_size
+        self.bos_token_id, self.pad_token_id = bos_token_id, None
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.chat_templates = {"default": SYNTHETIC_CHAT_TEMPLATE}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        ids = [self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []
+        for word in text.split():
+            if word[:1] == "w" and word[1:].isdigit() and int(word[1:]) < self.vocab_size:
+                ids.append(int(word[1:]))
+            else:
+                ids.append(int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest()) % self.vocab_size)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = self._checked_ids(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if not self.is_special(i)]
+        return "".join(f" w{i}" for i in ids)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [f"w{i}" for i in self._checked_ids(ids)]
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id == self.bos_token_id or token_id in self.eos_token_ids
+
+
+SYNTHETIC_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def load_tokenizer(path: str | os.PathLike) -> HFTokenizer:

@@ -63,7 +63,7 @@ def main(argv=None):
 
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{i}", p, params)
-    step_s, host_s, decode_step_s = [], [], []
+    step_s, host_s, decode_step_s, dispatch_s, wait_s = [], [], [], [], []
     t0 = time.perf_counter()
     num_out = 0
     while engine.has_unfinished_requests():
@@ -73,6 +73,8 @@ def main(argv=None):
         dt = time.perf_counter() - ts
         step_s.append(dt)
         host_s.append(engine.last_step_host_s)
+        dispatch_s.append(engine.last_step_times.get("dispatch", 0.0))
+        wait_s.append(engine.last_step_times.get("wait", 0.0))
         if not waiting and all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running):
             decode_step_s.append(dt)  # a pure decode step: every running request past its prompt
         num_out += sum(len(o.new_token_ids) for o in outs)
@@ -87,6 +89,7 @@ def main(argv=None):
         requests_per_s=args.num_prompts / elapsed, total_tok_s=total_tokens / elapsed, output_tok_s=num_out / elapsed,
         startup_s=startup_s, num_steps=len(step_s), step_ms_median=1e3 * float(np.median(step_s)),
         host_ms_median=1e3 * float(np.median(host_s)), host_ms_mean=1e3 * float(np.mean(host_s)),
+        dispatch_ms_median=1e3 * float(np.median(dispatch_s)), wait_ms_median=1e3 * float(np.median(wait_s)),
         decode_step_ms_median=1e3 * float(np.median(decode_step_s)) if decode_step_s else None,
         preemptions=engine.scheduler.num_preemptions, device=jax.devices()[0].device_kind,
         commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -96,7 +99,8 @@ def main(argv=None):
     print(f"Throughput: {res['requests_per_s']:.2f} requests/s, {res['total_tok_s']:.1f} total tokens/s, "
           f"{res['output_tok_s']:.1f} output tokens/s")
     print(f"start-up {startup_s:.1f} s | steps {len(step_s)} | step median {res['step_ms_median']:.2f} ms | "
-          f"host median {res['host_ms_median']:.2f} ms | decode step median {res['decode_step_ms_median'] or 0:.2f} ms"
+          f"host median {res['host_ms_median']:.2f} ms (dispatch {res['dispatch_ms_median']:.2f}, device wait "
+          f"{res['wait_ms_median']:.2f}) | decode step median {res['decode_step_ms_median'] or 0:.2f} ms"
           f" | preemptions {res['preemptions']}")
     out = Path(args.out or os.environ.get("OUT") or "benchmarks/results")
     if out.suffix != ".json":
