@@ -112,7 +112,8 @@ class LLMEngine:
                     self.runner.assign_slot(request)
             inp, samples = self.runner.prepare(out)
             t1 = time.perf_counter()
-            res = self.runner.run(inp)  # asynchronous
+            greedy = all(r.sampling_params.greedy for r, _ in out.scheduled)
+            res = self.runner.run(inp, greedy)  # asynchronous
             t_dispatch = time.perf_counter() - t1
             self.scheduler.update(out)
             for (request, n), sampled in zip(out.scheduled, samples):

@@ -54,7 +54,8 @@ class StepInputs:
     eos_ids: jax.Array  # [R, NUM_BANNED] int32, -1 padded
 
 
-def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, inp: StepInputs, num_logprobs: int):
+def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, inp: StepInputs, num_logprobs: int,
+          sample_mode: str):
     # Decode inputs sampled by the previous step never visit the host: they are read from last_tokens on device.
     input_ids = jnp.where(inp.from_slot >= 0, last_tokens[jnp.maximum(inp.from_slot, 0)], inp.input_ids)
     ctx = Paged(caches[0], caches[1], inp.slot_mapping, inp.page_table, inp.query_start_loc, inp.seq_lens,
@@ -64,7 +65,7 @@ def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, inp: StepIn
     t = SamplingTensors(inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.repetition_penalty,
                         inp.presence_penalty, inp.frequency_penalty, inp.seeds, inp.step, counts[inp.slots],
                         prompt_mask[inp.slots], inp.suppress_eos, inp.eos_ids)
-    out = sample(logits[0], t, num_logprobs)
+    out = sample(logits[0], t, num_logprobs, sample_mode)
     counts = counts.at[inp.slots, out.token_ids].add(inp.sample_mask.astype(counts.dtype))
     last_tokens = last_tokens.at[inp.slots].set(jnp.where(inp.sample_mask, out.token_ids, last_tokens[inp.slots]))
     return (ctx.k, ctx.v), counts, last_tokens, out
@@ -91,8 +92,8 @@ class ModelRunner:
         self.free_slots = list(range(cfg.max_num_seqs))
         self.slot_of: dict[str, int] = {}
         # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
-        self._step = jax.jit(_step, static_argnums=(0, 7), donate_argnums=(2, 3, 4))
-        self.executables: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._step = jax.jit(_step, static_argnums=(0, 7, 8), donate_argnums=(2, 3, 4))
+        self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
     def _pages_from_memory(self) -> int:
@@ -119,20 +120,23 @@ class ModelRunner:
         raise AssertionError(f"{num_tokens=} exceeds every bucket")
 
     def warmup(self, progress: bool = True, max_workers: int | None = None) -> None:
-        """Compile every (T, R) bucket ahead of time, several at once (XLA compiles outside the GIL), so that
-        serving never compiles: `run` calls only these executables and a shape outside them is an error."""
+        """Compile every (T, R) bucket ahead of time, in both sampler modes (an all-greedy step runs argmax only;
+        others the full sampler), several at once (XLA compiles outside the GIL), so that serving never compiles:
+        `run` calls only these executables and a shape outside them is an error."""
         workers = max_workers or min(8, os.cpu_count() or 1)
         args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
 
-        def compile_bucket(bucket):
-            T, R = bucket
-            return bucket, self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs).compile()
+        def compile_bucket(key):
+            T, R, mode = key
+            lowered = self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs, mode)
+            return key, lowered.compile()
 
-        buckets = [b for b in self.config.buckets if b not in self.executables]
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(buckets), desc="compiling step buckets",
+        keys = [(T, R, mode) for mode in ("greedy", "sample") for T, R in self.config.buckets]
+        keys = [k for k in keys if k not in self.executables]
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc="compiling step buckets",
                                                        disable=not progress, leave=False) as bar:
-            for bucket, executable in pool.map(compile_bucket, buckets):
-                self.executables[bucket] = executable
+            for key, executable in pool.map(compile_bucket, keys):
+                self.executables[key] = executable
                 bar.update()
 
     def num_compiled(self) -> int:
@@ -213,9 +217,10 @@ class ModelRunner:
         inp.query_start_loc[len(out.scheduled) + 1:] = pos
         return inp.replace(num_seqs=np.int32(len(out.scheduled))), samples
 
-    def run(self, inp: StepInputs):
-        """Dispatch one step (asynchronously); returns the device-side sample output."""
-        bucket = (inp.input_ids.shape[0], inp.seq_lens.shape[0])
+    def run(self, inp: StepInputs, greedy: bool = False):
+        """Dispatch one step (asynchronously); returns the device-side sample output. `greedy`: every row of the
+        step is greedy, so the argmax-only executable serves it."""
+        bucket = (inp.input_ids.shape[0], inp.seq_lens.shape[0], "greedy" if greedy else "sample")
         if bucket not in self.executables:
             self.warmup(progress=False)  # only when warm-up was skipped: compile everything once, now
         step = self.executables[bucket]

@@ -231,13 +231,16 @@ def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
-def _draw(penalised: jax.Array, t: SamplingTensors) -> jax.Array:
+def _draw(penalised: jax.Array, t: SamplingTensors, device_branches: bool = True) -> jax.Array:
     """Samples one token per row with temperature, top-k, top-p and min-p. [B, V] -> [B] i32."""
     vocab_size = penalised.shape[-1]
     temperature = jnp.where(t.temperature > 0, t.temperature, 1.0)  # greedy rows are discarded by the caller
     scaled = penalised / temperature[:, None]  # [B, V]
-    needs_sort = jnp.any((t.top_k > 0) | (t.top_p < 1))
-    scaled = lax.cond(needs_sort, _top_k_top_p, lambda s, k, p: s, scaled, t.top_k, t.top_p)
+    if device_branches:
+        needs_sort = jnp.any((t.top_k > 0) | (t.top_p < 1))
+        scaled = lax.cond(needs_sort, _top_k_top_p, lambda s, k, p: s, scaled, t.top_k, t.top_p)
+    else:
+        scaled = _top_k_top_p(scaled, t.top_k, t.top_p)
 
     # min-p: prob < min_p * max prob  <=>  logit < max logit + log(min_p). The ratio of two kept probabilities
     # does not change when top-k/top-p renormalise, so this needs no softmax; min_p == 0 gives log 0 = -inf.
@@ -254,7 +257,10 @@ def _draw(penalised: jax.Array, t: SamplingTensors) -> jax.Array:
     return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> SampleOutput:
+SAMPLE_MODES = ("auto", "greedy", "sample")
+
+
+def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0, mode: str = "auto") -> SampleOutput:
     """Draws one token per row of `logits` [B, V] (any float dtype; computed in f32) under the rows' parameters.
 
     Order of operations, per row:
@@ -265,7 +271,16 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> Samp
       5. divide by temperature → top-k → top-p → min-p → sample.
     Logprobs always come from the raw logits (vLLM's default "raw_logprobs"). `num_logprobs` is static: the
     most any row in the batch asked for; rows that asked for fewer slice their share on the host.
+
+    `mode` (static) says how the all-greedy and no-top-k/top-p shortcuts are taken:
+      auto    chosen on device with lax.cond (one compiled function for every batch);
+      greedy  every row is greedy: argmax only, nothing else is computed;
+      sample  no device branches: the sort runs whatever the rows ask.
+    On GPUs, XLA runs lax.cond by reading the predicate back to the host, which stalls the launching thread until
+    the step reaches that point; the engine picks "greedy" or "sample" per step instead.
     """
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"{mode=} must be one of {SAMPLE_MODES}")
     num_rows, vocab_size = logits.shape
     if t.output_counts.shape != (num_rows, vocab_size):
         raise ValueError(f"{logits.shape=} does not match {t.output_counts.shape=}")
@@ -277,9 +292,13 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> Samp
     penalised = apply_penalties(logits, t)
     greedy_ids = jnp.argmax(penalised, axis=-1).astype(jnp.int32)  # [B]
     is_greedy = t.temperature <= 0
-    # An all-greedy batch skips the noise and the sort at run time; the branch is chosen on device.
-    token_ids = lax.cond(jnp.all(is_greedy), lambda: greedy_ids,
-                         lambda: jnp.where(is_greedy, greedy_ids, _draw(penalised, t)))
+    if mode == "greedy":
+        token_ids = greedy_ids
+    elif mode == "sample":
+        token_ids = jnp.where(is_greedy, greedy_ids, _draw(penalised, t, device_branches=False))
+    else:  # An all-greedy batch skips the noise and the sort at run time; the branch is chosen on device.
+        token_ids = lax.cond(jnp.all(is_greedy), lambda: greedy_ids,
+                             lambda: jnp.where(is_greedy, greedy_ids, _draw(penalised, t)))
 
     if num_logprobs:
         top_logprobs, top_ids = lax.top_k(raw_logprobs, num_logprobs)  # [B, num_logprobs]

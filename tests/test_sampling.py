@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -299,3 +300,21 @@ def test_jit_compiles_once_for_any_parameter_mix():
     for params in (first, second, first):
         step(logits, _tensors(params, 30, eos_ids=[[2]] * 4)).token_ids.block_until_ready()
     assert num_traces == 1
+
+
+def test_static_modes_match_device_branches():
+    """mode="greedy"/"sample" (no lax.cond, as the engine runs on GPUs) draw exactly what mode="auto" draws."""
+    rng = np.random.default_rng(7)
+    logits = jnp.asarray(rng.normal(size=(6, 50)).astype(np.float32))
+    mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.8, seed=1),
+             SamplingParams(temperature=1.2, top_k=5, seed=2), SamplingParams(temperature=1.0, seed=3),
+             SamplingParams(temperature=0.9, min_p=0.1, seed=4), SamplingParams(temperature=0.0, top_k=1)]
+    t = SamplingTensors.from_params(mixed, [[1, 2]] * 6, [[3]] * 6, 50)
+    auto = sample(logits, t, 2, "auto")
+    full = sample(logits, t, 2, "sample")
+    np.testing.assert_array_equal(auto.token_ids, full.token_ids)
+    greedy = [SamplingParams(temperature=0.0, repetition_penalty=1.3)] * 6
+    t = SamplingTensors.from_params(greedy, [[1, 2]] * 6, [[3]] * 6, 50)
+    np.testing.assert_array_equal(sample(logits, t, 0, "auto").token_ids, sample(logits, t, 0, "greedy").token_ids)
+    with pytest.raises(ValueError, match="mode"):
+        sample(logits, t, 0, "fast")
