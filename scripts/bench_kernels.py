@@ -1,4 +1,4 @@
-"""Kernel benchmarks on a Hopper GPU: `python scripts/bench_kernels.py {attention,paged,quant} [options]`.
+"""Kernel benchmarks on a Hopper GPU: `python scripts/bench_kernels.py {attention,paged,quant,skinny} [options]`.
 
 Each kernel module owns its benchmark in `main(argv)`; this script only dispatches, so that every kernel's
 sweep, correctness check and same-run baseline live beside the kernel itself.
@@ -10,6 +10,7 @@ KERNELS = {
     "attention": "kernels_pallas.flash_attention",
     "paged": "kernels_pallas.paged_attention",
     "quant": "kernels_pallas.quant_matmul",
+    "skinny": "kernels_pallas.skinny_matmul",
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,346 @@
+"""Skinny-M matmul for Hopper in Pallas Mosaic GPU: y[M, N] = x[M, K] @ w[K, N] for decode (M <= 64).
+
+Letters: M rows of x (tokens in the decode batch), K the contraction dim, N output features. Mp is M rounded up
+to a multiple of 8, S the number of K splits.
+
+Decode is weight-bandwidth bound: every weight byte is read once and used M times, so the kernel's only job is
+to keep HBM busy. How the work is cut:
+
+* The product is computed transposed, y^T[N, M] = w^T[N, K] @ x^T[K, M], so the *weights* are wgmma's A operand
+  (64..256 rows of N, read M-major straight from the TMA tile of w, no copy) and the tiny x is the B operand with
+  wgmma's N = Mp (8..64). Padding M to 8 instead of 64 keeps the x tiles and the partial sums small. It also
+  makes the weights the operand that may come from registers, which is where an int8/int4 weight-only variant
+  dequantizes (load the quantized tile, widen it in registers, feed wgmma's register A).
+* N alone gives too few tiles to fill 132 SMs (4096 / 128 = 32), so K is split too (split-K): CTA (n, s)
+  streams the contiguous slab w[s*K/S:(s+1)*K/S, n*bn:(n+1)*bn] through a ring of `num_stages` shared-memory
+  slots filled by TMA, each slot one [block_k, block_n] tile of w plus its [Mp, block_k] tile of x.
+* Each CTA writes f32 partials [S, N, Mp]; a fused jnp epilogue sums the splits, drops the padding, transposes
+  and casts. Its traffic is S * N * Mp * 4 bytes written and read, small next to the weights for M <= 16.
+
+This module knows nothing about models or quantization formats; it multiplies two bf16 matrices.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+MAX_M = 64
+_NUM_SMS = 132  # H100/H200 SXM; only used to pick a default split count
+_SWIZZLE = 128  # bytes; one swizzle atom is 64 bf16 columns
+_SWIZZLE_ELEMS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """How the weight matrix is cut into CTAs and tiles.
+
+    block_n: columns of w per CTA (wgmma M: 64, 128 or 256).
+    block_k: rows of w per pipeline step (a multiple of 64, the 128-byte swizzle atom).
+    num_stages: shared-memory slots in the TMA ring; bytes in flight per CTA = num_stages * block_k * block_n * 2.
+    num_splits: K splits (split-K); None picks the largest that keeps about `ctas_per_sm` CTAs per SM.
+    ctas_per_sm: target residency used only when num_splits is None.
+    """
+
+    block_n: int = 128
+    block_k: int = 128
+    num_stages: int = 4
+    num_splits: int | None = None
+    ctas_per_sm: int = 2
+
+    def __post_init__(self):
+        if self.block_n not in (64, 128, 256):
+            raise ValueError(f"{self.block_n=} must be 64, 128 or 256")
+        if self.block_k % _SWIZZLE_ELEMS or not 64 <= self.block_k <= 512:
+            raise ValueError(f"{self.block_k=} must be a multiple of 64 in [64, 512]")
+        if not 1 <= self.num_stages <= 12:
+            raise ValueError(f"{self.num_stages=} must be in [1, 12]")
+        if self.num_splits is not None and not 1 <= self.num_splits <= 256:
+            raise ValueError(f"{self.num_splits=} must be None or in [1, 256]")
+        if not 1 <= self.ctas_per_sm <= 8:
+            raise ValueError(f"{self.ctas_per_sm=} must be in [1, 8]")
+        smem = self.num_stages * self.block_k * (self.block_n + MAX_M) * 2
+        if smem > 220 * 1024:
+            raise ValueError(f"{self.num_stages=} x {self.block_k=} x {self.block_n=} needs {smem} B of SMEM (> 220 KiB)")
+
+    def splits_for(self, k: int, n: int) -> int:
+        """The split count for a [K, N] weight: explicit, or the largest divisor of K / block_k whose grid fits
+        `ctas_per_sm` CTAs on every SM."""
+        if self.num_splits is not None:
+            return self.num_splits
+        k_steps, n_blocks = k // self.block_k, n // self.block_n
+        target = max(1, self.ctas_per_sm * _NUM_SMS // n_blocks)
+        return max(s for s in range(1, k_steps + 1) if k_steps % s == 0 and s <= target)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel
+
+
+def _kernel(x_ref, w_ref, out_ref, x_smem, w_smem, o_smem, bars, *, block_n, block_k, num_stages, k_steps):
+    # x_ref   [Mp, K]             activations, rows padded to Mp
+    # w_ref   [K, N]              weights
+    # out_ref [S, N, Mp] f32      per-split partial sums of y^T
+    # x_smem  [num_stages, Mp, block_k]       ring of x tiles (B operand, read transposed)
+    # w_smem  [num_stages, block_k, block_n]  ring of w tiles (A operand, read transposed: M-major)
+    # o_smem  [block_n, Mp] f32   the CTA's partial, staged for one TMA store
+    # bars    [num_stages]        one barrier per slot, two arrivals' worth of bytes (x and w tiles)
+    n_idx = lax.axis_index("n")
+    s_idx = lax.axis_index("s")
+    k_base = s_idx * (k_steps * block_k)
+    n_cols = pl.ds(n_idx * block_n, block_n)
+
+    def issue(step, slot):
+        k_rows = pl.ds(k_base + step * block_k, block_k)
+        plgpu.copy_gmem_to_smem(w_ref.at[k_rows, n_cols], w_smem.at[slot], bars.at[slot])
+        plgpu.copy_gmem_to_smem(x_ref.at[:, k_rows], x_smem.at[slot], bars.at[slot])
+
+    for step in range(min(num_stages, k_steps)):  # fill the ring
+        issue(step, step)
+
+    def scope(acc_ref):  # acc_ref [block_n, Mp] f32
+        def body(step, carry):
+            slot = lax.rem(step, num_stages)
+            plgpu.barrier_wait(bars.at[slot])
+            # acc[N, Mp] += w^T[N, bk] @ x^T[bk, Mp]
+            plgpu.wgmma(acc_ref, w_smem.at[slot].transpose((1, 0)), x_smem.at[slot].transpose((1, 0)))
+            plgpu.wgmma_wait(0)  # the slot is read; refill it (the other slots' copies stay in flight)
+
+            @pl.when(step + num_stages < k_steps)
+            def _():
+                issue(step + num_stages, slot)
+
+            return carry
+
+        lax.fori_loop(0, k_steps, body, None)
+        o_smem[...] = acc_ref[...]
+
+    pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[s_idx, n_cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _partials(x_padded, w, *, config, num_splits, interpret):
+    mp, k = x_padded.shape
+    n = w.shape[1]
+    k_steps = k // (config.block_k * num_splits)
+    transforms = (plgpu.TilingTransform((8, _SWIZZLE_ELEMS)), plgpu.SwizzleTransform(_SWIZZLE))
+    body = functools.partial(_kernel, block_n=config.block_n, block_k=config.block_k,
+                             num_stages=config.num_stages, k_steps=k_steps)
+    kwargs = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_splits, n, mp), jnp.float32),
+        scratch_types=[
+            plgpu.SMEM((config.num_stages, mp, config.block_k), x_padded.dtype, transforms=transforms),
+            plgpu.SMEM((config.num_stages, config.block_k, config.block_n), w.dtype, transforms=transforms),
+            plgpu.SMEM((config.block_n, mp), jnp.float32),
+            plgpu.Barrier(num_arrivals=2, num_barriers=config.num_stages),
+        ],
+        grid=(n // config.block_n, num_splits),
+        grid_names=("n", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        **kwargs,
+    )
+    return kernel(x_padded, w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public wrapper
+
+
+def _check_args(x, w, config):
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"{x.shape=} and {w.shape=} must be [M, K] and [K, N]")
+    m, k = x.shape
+    if w.shape[0] != k:
+        raise ValueError(f"{x.shape=} and {w.shape=} disagree on K")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"{m=} (rows of x) must be in [1, {MAX_M}]; use a regular matmul above that")
+    if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
+        raise ValueError(f"{x.dtype=} and {w.dtype=} must both be bfloat16")
+    n = w.shape[1]
+    if n % config.block_n:
+        raise ValueError(f"{n=} must be a multiple of {config.block_n=}")
+    if k % config.block_k:
+        raise ValueError(f"{k=} must be a multiple of {config.block_k=}")
+    splits = config.splits_for(k, n)
+    if (k // config.block_k) % splits:
+        raise ValueError(f"{k=} must split into {splits=} slabs of whole {config.block_k=} steps")
+
+
+def skinny_matmul(x, w, *, config: TuningConfig | None = None, interpret=False):
+    """y = x @ w for x [M, K] bf16 with M <= 64 and w [K, N] bf16; f32 accumulation, bf16 output.
+
+    Needs K % config.block_k == 0 (128 by default), N % config.block_n == 0 (128 by default), and K / block_k
+    divisible by the split count. Raises ValueError otherwise.
+    """
+    config = config or TuningConfig()
+    _check_args(x, w, config)
+    return _skinny_matmul(x, w, config=config, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _skinny_matmul(x, w, *, config, interpret):
+    m, k = x.shape
+    n = w.shape[1]
+    mp = -(-m // 8) * 8
+    x_padded = jnp.pad(x, ((0, mp - m), (0, 0)))  # [Mp, K]
+    partials = _partials(x_padded, w, config=config, num_splits=config.splits_for(k, n), interpret=interpret)
+    return partials.sum(axis=0)[:, :m].T.astype(x.dtype)  # [S, N, Mp] -> [M, N]
+
+
+def skinny_matmul_reference(x, w):
+    """y = x @ w in f32 (no tiling), cast to x's dtype."""
+    return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark
+
+LLAMA3_8B_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+_HBM_TBPS = 4.14  # measured copy ceiling on the H200 (shared/GPU.md)
+_L2_BYTES = 50 * 2**20
+
+
+def _time_jax(fn, x, ws, reps):
+    """Median µs per call, each rep calling `fn` once per weight copy inside one executable (no host gaps)."""
+    many = jax.jit(lambda x, *ws: [fn(x, w) for w in ws])
+    jax.block_until_ready(many(x, *ws))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(x, *ws))
+        times.append((time.perf_counter() - t0) / len(ws))
+    return statistics.median(times) * 1e6
+
+
+def _time_torch(x, ws, reps):
+    """cuBLAS via torch.nn.functional.linear on the same arrays (weights as contiguous [N, K]), CUDA-graph timed."""
+    import torch
+    from torch.utils import dlpack
+    tx = dlpack.from_dlpack(x)
+    tws = [dlpack.from_dlpack(w).t().contiguous() for w in ws]  # [N, K], torch's layout for linear
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for w in tws:
+            torch.nn.functional.linear(tx, w)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outs = [torch.nn.functional.linear(tx, w) for w in tws]
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(tws))
+    del outs
+    return statistics.median(times)
+
+
+def _configs():
+    yield TuningConfig()
+    for bn, bk, stages, per_sm in [(128, 128, 3, 2), (128, 128, 6, 1), (128, 256, 3, 1), (256, 128, 4, 1),
+                                   (64, 256, 4, 2), (128, 64, 4, 4)]:
+        try:
+            yield TuningConfig(block_n=bn, block_k=bk, num_stages=stages, ctas_per_sm=per_sm)
+        except ValueError as e:
+            print(f"  skip config: {e}")
+
+
+def main(argv=()):
+    parser = argparse.ArgumentParser(prog="bench_kernels.py skinny")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--ms", default="1,16,64")
+    parser.add_argument("--shapes", default=",".join(LLAMA3_8B_SHAPES))
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="default config only")
+    args = parser.parse_args(list(argv))
+    try:
+        import torch  # noqa: F401
+        have_torch = torch.cuda.is_available()
+    except ImportError:
+        have_torch = False
+    configs = [TuningConfig()] if args.quick else list(_configs())
+    rows = []
+    for name in args.shapes.split(","):
+        k, n = LLAMA3_8B_SHAPES[name]
+        w_bytes = k * n * 2
+        num_copies = max(2, -(-4 * _L2_BYTES // w_bytes))  # rotate > 4x the L2 so HBM serves the weights
+        keys = jax.random.split(jax.random.key(k + n), num_copies + 1)
+        ws = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys[1:]]
+        for m in [int(v) for v in args.ms.split(",")]:
+            x = jax.random.normal(jax.random.fold_in(keys[0], m), (m, k), jnp.bfloat16)
+            expected = skinny_matmul_reference(x, ws[0]).astype(jnp.float32)
+            scale = float(jnp.max(jnp.abs(expected)))
+            xla_us = _time_jax(jnp.dot, x, ws, args.reps)
+            torch_us = _time_torch(x, ws, args.reps) if have_torch else None
+            tb = lambda us: w_bytes / (us * 1e-6) / 1e12  # noqa: E731
+            line = f"{name} K={k} N={n} M={m}: XLA {xla_us:.1f} us ({tb(xla_us):.2f} TB/s)"
+            if torch_us:
+                line += f", cuBLAS {torch_us:.1f} us ({tb(torch_us):.2f} TB/s)"
+            print(line, flush=True)
+            best = None
+            for cfg in configs:
+                try:
+                    _check_args(x, ws[0], cfg)
+                    out = skinny_matmul(x, ws[0], config=cfg).astype(jnp.float32)
+                    err = float(jnp.max(jnp.abs(out - expected))) / scale
+                    us = _time_jax(functools.partial(skinny_matmul, config=cfg), x, ws, args.reps)
+                except Exception as e:  # a config that does not compile (e.g. SMEM) is reported, not fatal
+                    print(f"  {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                ok = err < 1e-2
+                print(f"  bn={cfg.block_n} bk={cfg.block_k} st={cfg.num_stages} S={cfg.splits_for(k, n)}: "
+                      f"{us:.1f} us {tb(us):.2f} TB/s ({tb(us) / _HBM_TBPS:.0%} of copy) err {err:.1e}"
+                      f"{'' if ok else ' WRONG'}", flush=True)
+                row = dict(shape=name, k=k, n=n, m=m, config=dataclasses.asdict(cfg), splits=cfg.splits_for(k, n),
+                           us=us, tbps=tb(us), rel_err=err, ok=ok, xla_us=xla_us, torch_us=torch_us)
+                rows.append(row)
+                if ok and (best is None or us < best["us"]):
+                    best = row
+            if best:
+                print(f"  BEST {best['tbps']:.2f} TB/s: x{xla_us / best['us']:.2f} vs XLA"
+                      + (f", x{torch_us / best['us']:.2f} vs cuBLAS" if torch_us else ""), flush=True)
+        del ws
+    print("\nshape    M   best us   TB/s   vs XLA  vs cuBLAS  config")
+    for name in args.shapes.split(","):
+        for m in [int(v) for v in args.ms.split(",")]:
+            cand = [r for r in rows if r["shape"] == name and r["m"] == m and r["ok"]]
+            if not cand:
+                continue
+            b = min(cand, key=lambda r: r["us"])
+            c = b["config"]
+            vs_t = f"{b['torch_us'] / b['us']:.2f}" if b["torch_us"] else "-"
+            print(f"{name:8s} {m:3d} {b['us']:8.1f} {b['tbps']:6.2f} {b['xla_us'] / b['us']:7.2f} {vs_t:>9s}  "
+                  f"bn={c['block_n']} bk={c['block_k']} st={c['num_stages']} S={b['splits']}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"skinny_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump({"device": str(jax.devices()[0]), "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
