@@ -11,6 +11,7 @@ requests that use penalties; for the others the penalties are neutral (1.0 / 0.0
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -102,15 +103,40 @@ class ModelRunner:
         if "bytes_limit" not in stats:  # CPU: enough pages for every seat at full length
             return cfg.max_num_seqs * cfg.max_pages_per_seq
         weights = sum(x.nbytes for x in jax.tree.leaves(self.state))
-        # Headroom for the largest step's activations and logits: a rough 3 GiB + the sampler's [R, V] arrays.
-        headroom = 3 * 2**30 + 8 * cfg.max_num_seqs * self.model_config.vocab_size * 4
-        free = stats["bytes_limit"] * cfg.gpu_memory_utilization - weights - headroom
+        free = stats["bytes_limit"] * cfg.gpu_memory_utilization - weights - self.step_headroom()
         pages = int(free // self.page_bytes)
         if pages < cfg.max_pages_per_seq:
             raise ValueError(f"only {pages} KV pages fit in memory (gpu_memory_utilization="
                              f"{cfg.gpu_memory_utilization}); one max_model_len={cfg.max_model_len} request needs "
                              f"{cfg.max_pages_per_seq}. Lower --max-model-len or raise --gpu-memory-utilization.")
         return pages
+
+    def step_headroom(self) -> int:
+        """Device memory kept free of KV pages for the steps' temporaries: twice the largest step's estimate, since
+        step n+1 is launched while step n still holds its buffers. Too little makes the runtime wait for step n to
+        free memory before it can launch step n+1 (the launch blocks, and host and device stop overlapping).
+
+        Estimate (f32 upper bound): the widest per-token activations (MLP gate+up, q/k/v, residual) for the largest
+        token bucket, plus about eight [R, V] sampler arrays (logits, log-softmax, sort keys/indices, noise, ...).
+        `check_headroom` compares it with the compiled executables' own figure after warm-up.
+        """
+        mc, cfg = self.model_config, self.config
+        T, R = max(self.config.buckets)
+        per_token = 2 * mc.intermediate_size + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim + 2 * mc.hidden_size
+        step = 4 * (T * per_token + 8 * R * mc.vocab_size)
+        return 2 * step + 2**30
+
+    def check_headroom(self) -> None:
+        """Warn when the compiled steps need more temporary memory than the KV-cache sizing left them."""
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats or self.config.num_pages is not None:
+            return
+        temp = max((e.memory_analysis().temp_size_in_bytes for e in self.executables.values()
+                    if e.memory_analysis() is not None), default=0)
+        if 2 * temp > self.step_headroom():
+            warnings.warn(f"the largest step needs {temp / 2**30:.1f} GiB of temporaries (x2 with a step in flight) "
+                          f"but only {self.step_headroom() / 2**30:.1f} GiB was left free of KV pages: launches may "
+                          f"wait for memory. Lower --gpu-memory-utilization or set --num-pages.")
 
     # ------------------------------------------------------------------------------------------------------------
     def bucket(self, num_tokens: int) -> tuple[int, int]:
@@ -138,6 +164,7 @@ class ModelRunner:
             for key, executable in pool.map(compile_bucket, keys):
                 self.executables[key] = executable
                 bar.update()
+        self.check_headroom()
 
     def num_compiled(self) -> int:
         """Executables built so far (the jitted function's own cache stays empty: every call is ahead-of-time)."""
