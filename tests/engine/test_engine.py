@@ -129,3 +129,13 @@ def test_abort_and_bad_requests(tiny):
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("e", "hi", SamplingParams())
         engine.add_request("e", "hi", SamplingParams())
+
+
+def test_step_executables_hold_no_device_conditionals(tiny):
+    """XLA on GPU runs a `conditional` by reading its predicate back to the host, which stalls the launch of the
+    step and breaks host/device overlap; the engine's compiled steps must contain none."""
+    llm = make_llm(tiny, token_buckets=(8, 64))
+    executables = llm.engine.runner.executables
+    assert {mode for _, _, mode in executables} == {"greedy", "sample"}
+    for key, executable in executables.items():
+        assert "conditional(" not in executable.as_text(), key
