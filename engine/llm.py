@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -45,7 +46,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             for j in range(p.n):
                 seed = None if p.seed is None else (p.seed + 7919 * j) % 2**32  # as ie_jax.generate derives them
-                child = SamplingParams(**{**p.__dict__, "n": 1, "seed": seed})
+                child = dataclasses.replace(p, n=1, seed=seed)
                 rid = f"{batch}-{i}-{j}"
                 self.engine.add_request(rid, prompt, child)
                 rows[rid] = (i, j, CompletionOutput(j, "", [], "length", [] if p.logprobs is not None else None))
