@@ -146,9 +146,13 @@ class ModelRunner:
         raise AssertionError(f"{num_tokens=} exceeds every bucket")
 
     def warmup(self, progress: bool = True, max_workers: int | None = None) -> None:
-        """Compile every (T, R) bucket ahead of time, in both sampler modes (an all-greedy step runs argmax only;
-        others the full sampler), several at once (XLA compiles outside the GIL), so that serving never compiles:
-        `run` calls only these executables and a shape outside them is an error."""
+        """Compile every (T, R) bucket ahead of time, several at once (XLA compiles outside the GIL), so that
+        serving never compiles: `run` calls only these executables and a shape outside them is an error.
+
+        Every bucket gets the full sampler; decode-sized buckets (T <= max_num_seqs) also get an argmax-only variant
+        for all-greedy steps, where the sampler's sort would be a visible share of the step. Larger buckets are
+        prefill-heavy steps, where it is not, so they skip the second variant (start-up time: each executable costs
+        a trace under the GIL even when the compilation cache has it)."""
         workers = max_workers or min(8, os.cpu_count() or 1)
         args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
 
@@ -157,7 +161,8 @@ class ModelRunner:
             lowered = self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs, mode)
             return key, lowered.compile()
 
-        keys = [(T, R, mode) for mode in ("greedy", "sample") for T, R in self.config.buckets]
+        keys = [(T, R, "sample") for T, R in self.config.buckets]
+        keys += [(T, R, "greedy") for T, R in self.config.buckets if T <= self.config.max_num_seqs]
         keys = [k for k in keys if k not in self.executables]
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc="compiling step buckets",
                                                        disable=not progress, leave=False) as bar:
@@ -247,10 +252,11 @@ class ModelRunner:
     def run(self, inp: StepInputs, greedy: bool = False):
         """Dispatch one step (asynchronously); returns the device-side sample output. `greedy`: every row of the
         step is greedy, so the argmax-only executable serves it."""
-        bucket = (inp.input_ids.shape[0], inp.seq_lens.shape[0], "greedy" if greedy else "sample")
-        if bucket not in self.executables:
+        T, R = inp.input_ids.shape[0], inp.seq_lens.shape[0]
+        if (T, R, "sample") not in self.executables:
             self.warmup(progress=False)  # only when warm-up was skipped: compile everything once, now
-        step = self.executables[bucket]
+        mode = "greedy" if greedy and (T, R, "greedy") in self.executables else "sample"
+        step = self.executables[(T, R, mode)]
         self.caches, self.counts, self.last_tokens, res = step(self.state, self.caches, self.counts,
                                                               self.last_tokens, self.prompt_mask, inp)
         return res
