@@ -120,7 +120,7 @@ class ModelRunner:
         token bucket, plus about eight [R, V] sampler arrays (logits, log-softmax, sort keys/indices, noise, ...).
         `check_headroom` compares it with the compiled executables' own figure after warm-up.
         """
-        mc, cfg = self.model_config, self.config
+        mc = self.model_config
         T, R = max(self.config.buckets)
         per_token = 2 * mc.intermediate_size + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim + 2 * mc.hidden_size
         step = 4 * (T * per_token + 8 * R * mc.vocab_size)

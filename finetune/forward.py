@@ -28,7 +28,7 @@ def save_projections_policy(prim, *avals, **params) -> bool:
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = params["dimension_numbers"]
     if lhs_batch or rhs_batch:
         return False
-    lhs, rhs = avals[0], avals[1]
+    rhs = avals[1]
     contract = 1
     for d in rhs_contract:
         contract *= rhs.shape[d]

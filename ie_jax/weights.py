@@ -201,7 +201,7 @@ def load_hf_weights(path, cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rul
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
     state = nnx.from_flat_state({tuple(k.split(".")): flat_abs[k].replace(arrays[k]) for k in flat_abs})
-    return nnx.merge(graphdef, _restore_int_keys(state))
+    return nnx.merge(graphdef, state)
 
 
 def _open(file: Path):
@@ -231,10 +231,6 @@ def _hf_name_of(table, param: str, layers) -> str:
             if p == param:
                 return hf.format(layer=layers[0]) if "{layer}" in hf else hf
     return param
-
-
-def _restore_int_keys(state):
-    return state  # module paths here are attribute names only (no integer list indices)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ This module does not allocate pages or know which request owns them; the block m
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 

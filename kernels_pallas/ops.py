@@ -110,7 +110,7 @@ def attention(q, k, v, *, causal=True, q_segment_ids=None, kv_segment_ids=None, 
     fits_kernel = (q.shape[1] == k.shape[1] and q_positions is None and kv_positions is None
                    and (kv_segment_ids is None or kv_segment_ids is q_segment_ids))
     use_kernel = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
-    if use_kernel and fits_kernel and _flash_available():
+    if use_kernel and fits_kernel:
         from kernels_pallas import flash_attention as fa
         return fa.flash_attention(q, k, v, causal=causal, segment_ids=q_segment_ids, sm_scale=scale,
                                   sliding_window=sliding_window, softcap=softcap,
@@ -119,14 +119,6 @@ def attention(q, k, v, *, causal=True, q_segment_ids=None, kv_segment_ids=None, 
                                q_positions=q_positions, kv_positions=kv_positions, scale=scale,
                                sliding_window=sliding_window, softcap=softcap)
 
-
-@functools.cache
-def _flash_available() -> bool:
-    try:
-        from kernels_pallas import flash_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,7 +145,7 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_star
     O(T * max_pages * page_size), fine for tests and decode, not for long prefill chunks (the kernel's job).
     """
     T, N, H = q.shape
-    K, page_size = k_cache.shape[1], k_cache.shape[3]
+    K = k_cache.shape[1]
     scale = H ** -0.5 if scale is None else scale
     tok = jnp.arange(T)
     req = jnp.clip(jnp.searchsorted(query_start_loc[1:], tok, side="right"), 0, page_table.shape[0] - 1)  # [T]
@@ -198,7 +190,7 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
     """
     backend = current_backend()
     use_kernel = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
-    if use_kernel and _paged_available():
+    if use_kernel:
         from kernels_pallas import paged_attention as pa
         if pa.kernel_supports(q, k_cache):
             return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
@@ -207,11 +199,3 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
     return paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs,
                                      scale=scale, sliding_window=sliding_window, softcap=softcap)
 
-
-@functools.cache
-def _paged_available() -> bool:
-    try:
-        from kernels_pallas import paged_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
