@@ -47,6 +47,26 @@ def test_configs_cpu(config):
     assert_close(sm.skinny_matmul(x, w, config=config, interpret=True), sm.skinny_matmul_reference(x, w))
 
 
+@pytest.mark.parametrize("config", [
+    sm.TuningConfig(block_n=64, block_k=64, num_stages=4, num_splits=2, mma_depth=1),
+    sm.TuningConfig(block_n=64, block_k=128, num_stages=2, num_splits=1, mma_depth=1),
+])
+def test_mma_depth_one_cpu(config):
+    x, w = make_inputs(5, 9, 768, 128)
+    assert_close(sm.skinny_matmul(x, w, config=config, interpret=True), sm.skinny_matmul_reference(x, w))
+
+
+def test_tiled_weights_cpu():
+    x, w = make_inputs(6, 16, 768, 128)
+    tiled = sm.tile_weights(w, SMALL)
+    assert tiled.shape == (2, 12, 64, 64)
+    np.testing.assert_array_equal(np.asarray(sm.untile_weights(tiled)), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(tiled[1, 3]), np.asarray(w[3 * 64:4 * 64, 64:128]))
+    assert_close(sm.skinny_matmul(x, tiled, config=SMALL, interpret=True), sm.skinny_matmul_reference(x, w))
+    with pytest.raises(ValueError, match="tiles of"):
+        sm.skinny_matmul(x, sm.tile_weights(w, sm.TuningConfig(block_n=128, block_k=128)), config=SMALL)
+
+
 def test_race_free_cpu():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     x, w = make_inputs(4, 16, 512, 128)
@@ -69,6 +89,8 @@ def test_rejects_unsupported_shapes(shape, message):
 def test_rejects_bad_config_and_dtype():
     with pytest.raises(ValueError, match="block_n"):
         sm.TuningConfig(block_n=96)
+    with pytest.raises(ValueError, match="mma_depth"):
+        sm.TuningConfig(mma_depth=2)
     with pytest.raises(ValueError, match="SMEM"):
         sm.TuningConfig(block_n=256, block_k=256, num_stages=8)
     x, w = make_inputs(0, 4, 256, 128)
@@ -82,3 +104,11 @@ def test_rejects_bad_config_and_dtype():
 def test_llama_shapes_gpu(m, k, n):
     x, w = make_inputs(m + k + n, m, k, n)
     assert_close(sm.skinny_matmul(x, w), sm.skinny_matmul_reference(x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [sm.TuningConfig(mma_depth=1), sm.TuningConfig(block_k=64, num_stages=6)])
+def test_tiled_and_pipelined_gpu(config):
+    x, w = make_inputs(11, 16, 4096, 4096)
+    assert_close(sm.skinny_matmul(x, sm.tile_weights(w, config), config=config), sm.skinny_matmul_reference(x, w))
+    assert_close(sm.skinny_matmul(x, w, config=config), sm.skinny_matmul_reference(x, w))
