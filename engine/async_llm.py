@@ -57,7 +57,8 @@ class AsyncLLM:
             max_num_batched_tokens=max(args.max_num_batched_tokens or 0, args.max_num_seqs) or 2048,
             page_size=args.page_size, num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_queue=args.max_queue,
-            compilation_cache_dir=args.compilation_cache_dir)
+            compilation_cache_dir=args.compilation_cache_dir,
+            unroll_max_tokens=getattr(args, "unroll_max_tokens", None))
         return cls(LLMEngine(model, tokenizer, config))
 
     # ------------------------------------------------------------------------------------------------------------

@@ -56,12 +56,13 @@ class StepInputs:
 
 
 def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, inp: StepInputs, num_logprobs: int,
-          sample_mode: str):
+          sample_mode: str, unroll: bool = False):
     # Decode inputs sampled by the previous step never visit the host: they are read from last_tokens on device.
     input_ids = jnp.where(inp.from_slot >= 0, last_tokens[jnp.maximum(inp.from_slot, 0)], inp.input_ids)
     ctx = Paged(caches[0], caches[1], inp.slot_mapping, inp.page_table, inp.query_start_loc, inp.seq_lens,
                 inp.num_seqs)
     model = nnx.merge(graphdef, state)
+    model.scan_unroll = True if unroll else 1
     logits, ctx = model(input_ids[None], inp.positions[None], ctx, logits_indices=inp.logits_indices[None])
     t = SamplingTensors(inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.repetition_penalty,
                         inp.presence_penalty, inp.frequency_penalty, inp.seeds, inp.step, counts[inp.slots],
@@ -93,7 +94,7 @@ class ModelRunner:
         self.free_slots = list(range(cfg.max_num_seqs))
         self.slot_of: dict[str, int] = {}
         # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
-        self._step = jax.jit(_step, static_argnums=(0, 7, 8), donate_argnums=(2, 3, 4))
+        self._step = jax.jit(_step, static_argnums=(0, 7, 8, 9), donate_argnums=(2, 3, 4))
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
@@ -158,7 +159,8 @@ class ModelRunner:
 
         def compile_bucket(key):
             T, R, mode = key
-            lowered = self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs, mode)
+            lowered = self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs, mode,
+                                       self.config.unrolled(T))
             return key, lowered.compile()
 
         keys = [(T, R, "sample") for T, R in self.config.buckets]

@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JAX persistent compilation cache: a second start skips compilation ('' disables it)")
     p.add_argument("--max-queue", type=int, default=engine["max_queue"],
                    help="requests admitted but not yet producing tokens beyond this get HTTP 503")
+    p.add_argument("--unroll-max-tokens", type=int, default=engine["unroll_max_tokens"],
+                   help="steps of at most this many tokens run the layers unrolled (faster, slower to compile); "
+                        "default: --max-num-seqs; 0: never")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     args = p.parse_args(argv)

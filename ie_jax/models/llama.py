@@ -68,11 +68,14 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), caches
 
 
-def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False):
+def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False, unroll: int | bool = 1):
     """Run stacked layers (leading layer axis on every variable) over x with lax.scan; returns (x, ctx).
 
     The context's caches (whole, all layers) ride in the scan carry and each layer updates its own slice in place;
     slicing them per layer as scan inputs/outputs would copy the entire KV cache every step.
+    `unroll` is lax.scan's: True lays the layers out as straight-line code (no device loop), which serving uses
+    for its small decode steps, where a loop's per-iteration launches and predicate read-backs cost more than
+    the layer's own kernels.
     """
     graphdef, state = nnx.split(layers)
     num_layers = jax.tree.leaves(state)[0].shape[0]
@@ -85,7 +88,7 @@ def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False):
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    (x, caches), _ = jax.lax.scan(body, (x, ctx.caches()), (state, jnp.arange(num_layers)))
+    (x, caches), _ = jax.lax.scan(body, (x, ctx.caches()), (state, jnp.arange(num_layers)), unroll=unroll)
     return x, ctx.with_caches(caches)
 
 
@@ -110,6 +113,7 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, bias=False, axes=("embed", "vocab"),
                                        dtype=dtype, rngs=rngs)
         self.remat = False  # gradient checkpointing per layer (training)
+        self.scan_unroll: int | bool = 1  # lax.scan's unroll over the layers (serving sets True for decode)
 
     def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None):
         """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().
@@ -121,7 +125,7 @@ class LlamaForCausalLM(nnx.Module):
             else positions
         ctx = DenseCausal() if ctx is None else ctx
         x = self.embed_tokens(token_ids)  # [B, T, D]
-        x, ctx = scan_layers(self.layers, x, positions, ctx, remat=self.remat)
+        x, ctx = scan_layers(self.layers, x, positions, ctx, remat=self.remat, unroll=self.scan_unroll)
         if logits_indices is not None:
             x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
         x = self.norm(x)

@@ -1,0 +1,124 @@
+"""Where a serving step's device time goes: every kernel of one engine step, grouped by name (CUPTI).
+
+    python scripts/profile_step.py --model llama-3-8b --batch 1 --context 1024
+    python scripts/profile_step.py --model llama-3-8b --batch 64 --context 1024 --prefill 0
+
+Builds the engine's step for a decode batch of `--batch` requests at `--context` cached tokens (plus an optional
+prefill chunk of `--prefill` tokens) and measures it with the Mosaic GPU CUPTI profiler. Prints the device time
+of the step, the sum of its kernels against the weight-bytes floor, the wall time of a call (the difference is
+launch gaps and host work), and the kernels grouped by name. The cache is small and not donated, so the copy of
+it XLA makes per call is listed too; it is not part of the engine's step (the engine donates the cache).
+GPU only; writes JSON to --out.
+"""
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.runner import ModelRunner, _step  # noqa: E402
+from ie_jax import load_model  # noqa: E402
+
+HBM_TBPS = 4.14
+
+
+def decode_inputs(runner: ModelRunner, batch: int, context: int, prefill: int):
+    """Step inputs for `batch` decode rows at `context` cached tokens, plus one prefill chunk of `prefill` tokens."""
+    cfg = runner.config
+    P = cfg.page_size
+    T, R = runner.bucket(batch + prefill)
+    inp = runner._empty_inputs(T, R)
+    rng = np.random.default_rng(0)
+    rows = [(context, 1)] * batch + ([(context, prefill)] if prefill else [])
+    pages_per_row = -(-(context + max(prefill, 1)) // P)
+    perm = rng.permutation(runner.num_pages)
+    pos = 0
+    for r, (start, n) in enumerate(rows):
+        pages = perm[r * pages_per_row:(r + 1) * pages_per_row].astype(np.int32)
+        positions = np.arange(start, start + n, dtype=np.int32)
+        inp.input_ids[pos:pos + n] = rng.integers(0, runner.model_config.vocab_size, n)
+        inp.positions[pos:pos + n] = positions
+        inp.slot_mapping[pos:pos + n] = pages[positions // P] * P + positions % P
+        inp.page_table[r, :len(pages)] = pages
+        inp.seq_lens[r] = start + n
+        pos += n
+        inp.query_start_loc[r + 1] = pos
+        inp.logits_indices[r] = pos - 1
+        inp.slots[r] = r
+        inp.sample_mask[r] = True
+    inp.query_start_loc[len(rows) + 1:] = pos
+    return inp.replace(num_seqs=np.int32(len(rows)))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prefill", type=int, default=0)
+    ap.add_argument("--mode", default="greedy", choices=["greedy", "sample"])
+    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--loop", action="store_true", help="run the layers as a device loop (default: unrolled)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    from jax.experimental.mosaic.gpu import profiler
+
+    model, _ = load_model(args.model, load_format="dummy", dtype="bfloat16", progress=False)
+    pages_needed = (args.batch + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
+    cfg = EngineConfig(max_model_len=args.context + max(args.prefill, 1) + 16, max_num_seqs=max(args.batch + 1, 8),
+                       max_num_batched_tokens=max(512, args.batch + args.prefill), page_size=16,
+                       num_pages=pages_needed + 8)
+    runner = ModelRunner(model, cfg)
+    inp = jax.device_put(decode_inputs(runner, args.batch, args.context, args.prefill))
+    step = jax.jit(_step, static_argnums=(0, 7, 8, 9))  # not donated: callable again on the same arguments
+    call = lambda: step(runner.graphdef, runner.state, runner.caches, runner.counts, runner.last_tokens,  # noqa: E731
+                        runner.prompt_mask, inp, 0, args.mode, not args.loop)
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    compile_s = time.perf_counter() - t0
+    walls = []
+    for _ in range(args.iterations):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        walls.append(time.perf_counter() - t0)
+    _, timings = profiler.measure(step, iterations=args.iterations, aggregate=False)(
+        runner.graphdef, runner.state, runner.caches, runner.counts, runner.last_tokens, runner.prompt_mask, inp, 0,
+        args.mode, not args.loop)
+    per_iter = [sum(t for _, t in it) for it in timings]
+    groups = collections.defaultdict(lambda: [0, 0.0])
+    for name, t in timings[len(timings) // 2]:
+        groups[name][0] += 1
+        groups[name][1] += t
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.state))
+    device_ms = statistics.median(per_iter)
+    floor_ms = weight_bytes / HBM_TBPS / 1e9
+    print(f"{args.model} batch {args.batch} context {args.context} prefill {args.prefill} ({args.mode}): "
+          f"{len(timings[0])} kernels, device {device_ms:.3f} ms, wall {statistics.median(walls) * 1e3:.3f} ms, "
+          f"weights {weight_bytes / 1e9:.2f} GB -> floor {floor_ms:.3f} ms ({floor_ms / device_ms:.0%} of device), "
+          f"first call (compile) {compile_s:.1f} s")
+    print(f"{'count':>6} {'total ms':>9} {'mean us':>9}  kernel")
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    for name, (count, total) in ranked[:args.top]:
+        print(f"{count:6d} {total:9.3f} {total / count * 1e3:9.1f}  {name[:110]}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"profile_step_b{args.batch}_c{args.context}_p{args.prefill}_"
+                                  f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(dict(args=vars(args), compile_s=compile_s, device_ms=device_ms, wall_ms=statistics.median(walls) * 1e3,
+                       weight_bytes=weight_bytes, floor_ms=floor_ms, num_kernels=len(timings[0]),
+                       kernels=[dict(name=n, count=c, total_ms=t) for n, (c, t) in ranked]), f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
