@@ -30,7 +30,7 @@ class EngineConfig:
     # Steps of at most this many tokens run the layers as straight-line code instead of a device loop: a loop
     # pays a launch round trip per layer, which at small batch costs more than the layers' own kernels (batch-1
     # decode of an 8B model: 15.3 ms -> 6.0 ms on the H200), but an unrolled step takes ~8x longer to compile.
-    # None = max_num_seqs (every decode-sized bucket); 0 = never.
+    # None = every bucket up to the one that holds max_num_seqs decodes; 0 = never.
     unroll_max_tokens: int | None = None
 
     def __post_init__(self):
@@ -58,8 +58,10 @@ class EngineConfig:
 
     def unrolled(self, num_tokens: int) -> bool:
         """Whether the step bucket of `num_tokens` tokens runs its layers unrolled."""
-        limit = self.max_num_seqs if self.unroll_max_tokens is None else self.unroll_max_tokens
-        return num_tokens <= limit
+        if self.unroll_max_tokens is not None:
+            return num_tokens <= self.unroll_max_tokens
+        decode_bucket = min(t for t, _ in self.buckets if t >= self.max_num_seqs)  # holds a full decode batch
+        return num_tokens <= decode_bucket
 
     @property
     def buckets(self) -> tuple[tuple[int, int], ...]:
