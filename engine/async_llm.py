@@ -58,8 +58,9 @@ class AsyncLLM:
             page_size=args.page_size, num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_queue=args.max_queue,
             compilation_cache_dir=args.compilation_cache_dir,
-            unroll_max_tokens=getattr(args, "unroll_max_tokens", None))
-        return cls(LLMEngine(model, tokenizer, config))
+            unroll_layers=getattr(args, "unroll_layers", True),
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
+        return cls(LLMEngine(model, tokenizer, config, owns_model=True))
 
     # ------------------------------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -23,7 +23,8 @@ from ie_jax.stopping import check_stop
 
 class LLMEngine:
     def __init__(self, model: nnx.Module, tokenizer, config: EngineConfig | None = None, *, warmup: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, owns_model: bool = False):
+        """`owns_model`: the engine may release the model's stacked layer weights (see ModelRunner)."""
         self.config = config = config or EngineConfig()
         self.model_config = model.config
         if config.max_model_len > model.config.max_position_embeddings:
@@ -31,7 +32,7 @@ class LLMEngine:
                              f"{model.config.max_position_embeddings}")
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or model.config.eos_token_id)
-        self.runner = ModelRunner(model, config)
+        self.runner = ModelRunner(model, config, owns_model=owns_model)
         self.block_manager = BlockManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.rng = np.random.default_rng(config.seed)

@@ -56,29 +56,48 @@ class StepInputs:
 
 
 def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, inp: StepInputs, num_logprobs: int,
-          sample_mode: str, unroll: bool = False):
+          sample_mode: str, layer_states=None):
     # Decode inputs sampled by the previous step never visit the host: they are read from last_tokens on device.
     input_ids = jnp.where(inp.from_slot >= 0, last_tokens[jnp.maximum(inp.from_slot, 0)], inp.input_ids)
+    # caches: (k, v), or (k, v, k_scale, v_scale) for an fp8 cache (the scales pass through unchanged)
     ctx = Paged(caches[0], caches[1], inp.slot_mapping, inp.page_table, inp.query_start_loc, inp.seq_lens,
-                inp.num_seqs)
+                inp.num_seqs, *caches[2:])
     model = nnx.merge(graphdef, state)
-    model.scan_unroll = True if unroll else 1
-    logits, ctx = model(input_ids[None], inp.positions[None], ctx, logits_indices=inp.logits_indices[None])
+    logits, ctx = model(input_ids[None], inp.positions[None], ctx, logits_indices=inp.logits_indices[None],
+                        layer_states=layer_states)
     t = SamplingTensors(inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.repetition_penalty,
                         inp.presence_penalty, inp.frequency_penalty, inp.seeds, inp.step, counts[inp.slots],
                         prompt_mask[inp.slots], inp.suppress_eos, inp.eos_ids)
     out = sample(logits[0], t, num_logprobs, sample_mode)
     counts = counts.at[inp.slots, out.token_ids].add(inp.sample_mask.astype(counts.dtype))
     last_tokens = last_tokens.at[inp.slots].set(jnp.where(inp.sample_mask, out.token_ids, last_tokens[inp.slots]))
-    return (ctx.k, ctx.v), counts, last_tokens, out
+    return (ctx.k, ctx.v, *caches[2:]), counts, last_tokens, out
+
+
+def unstack_layers(model: nnx.Module, *, release: bool) -> tuple:
+    """The model's stacked decoder layers as one state per layer (separate arrays). With `release` the stacked
+    variables are replaced by empty arrays, so their memory is freed once nothing else holds them."""
+    stack = getattr(model, model.STACK)
+    state = nnx.state(stack)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+    take = jax.jit(lambda s, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), s))
+    layer_states = tuple(take(state, jnp.int32(i)) for i in range(num_layers))
+    if release:
+        nnx.update(stack, jax.tree.map(lambda a: jnp.zeros((0,) + a.shape[1:], a.dtype), state))
+    return layer_states
 
 
 class ModelRunner:
-    def __init__(self, model: nnx.Module, config: EngineConfig, *, cache_dtype=None):
+    def __init__(self, model: nnx.Module, config: EngineConfig, *, cache_dtype=None, owns_model: bool = False):
+        """`owns_model`: the runner may take the model's stacked layer weights apart (config.unroll_layers) and
+        release them, leaving the model object's layers empty. Otherwise the per-layer arrays are copies and the
+        model stays usable (tests, a model shared with other code), at the cost of its weights' memory."""
         self.config = cfg = config
         self.model_config = mc = model.config
+        self.layer_states = unstack_layers(model, release=owns_model) if cfg.unroll_layers else None
         self.graphdef, self.state = nnx.split(model)
-        self.dtype = cache_dtype or jax.tree.leaves(self.state)[0].dtype
+        fp8 = jnp.float8_e4m3fn
+        self.dtype = cache_dtype or (fp8 if cfg.fp8_kv_cache else jax.tree.leaves(self.state)[0].dtype)
         self.page_bytes = 2 * mc.num_layers * mc.num_kv_heads * cfg.page_size * mc.head_dim * \
             jnp.dtype(self.dtype).itemsize
         self.num_pages = cfg.num_pages or self._pages_from_memory()
@@ -86,7 +105,10 @@ class ModelRunner:
         # Committed to the device up front, as the step's outputs will be: otherwise the first call after warm-up
         # would see a different argument signature and compile again.
         device = jax.devices()[0]
-        self.caches = tuple(jax.device_put(jnp.zeros(shape, self.dtype), device) for _ in range(2))
+        caches = [jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)]
+        if self.dtype == fp8:  # static per-(layer, kv-head) scales, 1.0 until calibrated ones are loaded
+            caches += [jnp.ones((mc.num_layers, mc.num_kv_heads), jnp.float32) for _ in range(2)]
+        self.caches = tuple(jax.device_put(c, device) for c in caches)
         V, S = mc.vocab_size, cfg.max_num_seqs + 1
         self.counts = jax.device_put(jnp.zeros((S, V), jnp.int32), device)
         self.prompt_mask = jax.device_put(jnp.zeros((S, V), bool), device)
@@ -94,7 +116,7 @@ class ModelRunner:
         self.free_slots = list(range(cfg.max_num_seqs))
         self.slot_of: dict[str, int] = {}
         # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
-        self._step = jax.jit(_step, static_argnums=(0, 7, 8, 9), donate_argnums=(2, 3, 4))
+        self._step = jax.jit(_step, static_argnums=(0, 7, 8), donate_argnums=(2, 3, 4))
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
@@ -103,7 +125,7 @@ class ModelRunner:
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:  # CPU: enough pages for every seat at full length
             return cfg.max_num_seqs * cfg.max_pages_per_seq
-        weights = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        weights = sum(x.nbytes for x in jax.tree.leaves((self.state, self.layer_states)))
         free = stats["bytes_limit"] * cfg.gpu_memory_utilization - weights - self.step_headroom()
         pages = int(free // self.page_bytes)
         if pages < cfg.max_pages_per_seq:
@@ -160,7 +182,7 @@ class ModelRunner:
         def compile_bucket(key):
             T, R, mode = key
             lowered = self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs, mode,
-                                       self.config.unrolled(T))
+                                       self.layer_states)
             return key, lowered.compile()
 
         keys = [(T, R, "sample") for T, R in self.config.buckets]
@@ -260,5 +282,6 @@ class ModelRunner:
         mode = "greedy" if greedy and (T, R, "greedy") in self.executables else "sample"
         step = self.executables[(T, R, mode)]
         self.caches, self.counts, self.last_tokens, res = step(self.state, self.caches, self.counts,
-                                                              self.last_tokens, self.prompt_mask, inp)
+                                                              self.last_tokens, self.prompt_mask, inp,
+                                                              self.layer_states)
         return res

@@ -3,8 +3,9 @@
 Families map onto two implementations:
   llama  Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 (flags: GQA, qkv bias, q/k norm, rope scaling, window, tying)
   gpt2   GPT-2 (learned positions, LayerNorm, GELU, fused qkv)
-This module knows nothing about arrays or weights; it only describes shapes and options, and refuses options it
-cannot honour rather than silently computing something else.
+A checkpoint's weight format rides along as `ModelConfig.quantization` (a `QuantConfig`, read from HF
+`quantization_config`). This module knows nothing about arrays or weights; it only describes shapes and options,
+and refuses options it cannot honour rather than silently computing something else.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = LLAMA_TYPES + ("gpt2",)
 ROPE_TYPES = ("default", "linear", "llama3")
+QUANT_METHODS = ("int8", "awq", "gptq", "fp8")
+QUANT_BITS = {"int8": 8, "awq": 4, "gptq": 4, "fp8": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,101 @@ class RopeScaling:
             raise ValueError(f"rope_scaling.rope_type={self.rope_type!r} is not supported; expected one of {ROPE_TYPES}")
         if self.factor <= 0:
             raise ValueError(f"rope_scaling.factor={self.factor} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How the attention/MLP projections are stored (embeddings, norms and lm_head stay in the model dtype).
+
+      int8  W8A16: `weight` int8 [out, in] + `weight_scale` f32 [out], symmetric per output channel. Our own format:
+            config `{"quant_method": "int8", "bits": 8}`.
+      awq   W4A16, AutoAWQ "GEMM" checkpoints: asymmetric groups of `group_size` input rows.
+      gptq  W4A16, GPTQ (AutoGPTQ v1 "gptq" checkpoint format: zeros stored minus one); `desc_act` = act-order.
+      fp8   W8A8: e4m3 weights, per-output-channel (or per-tensor) scales; activations scaled per token
+            (`activation_scheme="dynamic"`) or by a calibrated `input_scale` ("static").
+    """
+    method: str
+    bits: int
+    group_size: int | None = None  # awq/gptq: rows per group; -1 (gptq) = one group over all rows
+    desc_act: bool = False  # gptq: rows are grouped by a permutation (g_idx) rather than contiguously
+    sym: bool = False  # gptq: informational (zeros are stored either way)
+    activation_scheme: str = "dynamic"  # fp8
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"quantization method={self.method!r} is not supported; expected one of {QUANT_METHODS}")
+        if self.bits != QUANT_BITS[self.method]:
+            raise ValueError(f"bits={self.bits} is not supported for {self.method}; expected {QUANT_BITS[self.method]}")
+        if self.method in ("awq", "gptq"):
+            ok = self.group_size is not None and (self.group_size > 0 or (self.method == "gptq" and
+                                                                          self.group_size == -1))
+            if not ok:
+                raise ValueError(f"group_size={self.group_size} must be a positive number of rows (or -1 for gptq)")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size={self.group_size} has no meaning for {self.method}; leave it None")
+        if self.desc_act and self.method != "gptq":
+            raise ValueError(f"desc_act=True is a gptq option, not {self.method}")
+        if self.activation_scheme not in ("dynamic", "static"):
+            raise ValueError(f"activation_scheme={self.activation_scheme!r} must be 'dynamic' or 'static'")
+        if self.activation_scheme == "static" and self.method != "fp8":
+            raise ValueError(f"activation_scheme='static' is an fp8 option, not {self.method}")
+
+    @classmethod
+    def from_hf(cls, q: dict[str, Any]) -> "QuantConfig":
+        """Parse an HF `quantization_config` dict; options that would change the layout raise ValueError."""
+        method = q.get("quant_method")
+        if method == "awq":
+            version = str(q.get("version", "gemm")).lower()
+            if version != "gemm":
+                raise ValueError(f"AWQ version={version!r} is not supported; only 'gemm' checkpoints load")
+            if not q.get("zero_point", True):
+                raise ValueError(f"AWQ zero_point={q['zero_point']!r} is not supported; expected true")
+            _refuse_modules(q)
+            return cls("awq", int(q.get("bits", q.get("w_bit", 4))), int(q.get("group_size", q.get("q_group_size",
+                                                                                                  128))))
+        if method == "gptq":
+            fmt = q.get("checkpoint_format", "gptq")
+            if fmt != "gptq":
+                raise ValueError(f"GPTQ checkpoint_format={fmt!r} is not supported; expected 'gptq'")
+            for key in ("use_exllama", "exllama_config"):
+                if isinstance(q.get(key), dict) and q[key].get("version", 1) != 1:
+                    raise ValueError(f"GPTQ {key}={q[key]!r}: exllama v2 layouts are not supported")
+            if q.get("static_groups"):
+                raise ValueError(f"GPTQ static_groups={q['static_groups']!r} is not supported")
+            _refuse_modules(q)
+            return cls("gptq", int(q.get("bits", 4)), int(q.get("group_size", 128)), bool(q.get("desc_act", False)),
+                       bool(q.get("sym", True)))
+        if method == "fp8":
+            if q.get("weight_block_size"):
+                raise ValueError(f"FP8 weight_block_size={q['weight_block_size']!r} is not supported; expected "
+                                 f"per-tensor or per-channel weight scales")
+            _refuse_modules(q, allowed=("lm_head",))
+            return cls("fp8", 8, activation_scheme=q.get("activation_scheme", "dynamic"))
+        if method == "int8":
+            return cls("int8", int(q.get("bits", 8)))
+        raise ValueError(f"quantization_config quant_method={method!r} is not supported; expected one of "
+                         f"{QUANT_METHODS}")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `quantization_config` dict a checkpoint of this format carries."""
+        if self.method == "awq":
+            return {"quant_method": "awq", "bits": 4, "group_size": self.group_size, "version": "gemm",
+                    "zero_point": True}
+        if self.method == "gptq":
+            return {"quant_method": "gptq", "bits": 4, "group_size": self.group_size, "desc_act": self.desc_act,
+                    "sym": self.sym, "checkpoint_format": "gptq"}
+        if self.method == "fp8":
+            return {"quant_method": "fp8", "activation_scheme": self.activation_scheme}
+        return {"quant_method": "int8", "bits": 8}
+
+
+def _refuse_modules(q: dict, allowed: tuple[str, ...] = ()) -> None:
+    """Layers left unquantized other than the ones we never quantize would need a per-module format."""
+    for key in ("modules_to_not_convert", "ignored_layers"):
+        extra = [m for m in (q.get(key) or ()) if m not in allowed]
+        if extra:
+            raise ValueError(f"quantization_config {key}={extra!r} is not supported: every attention/MLP "
+                             f"projection must be quantized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +154,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
+    quantization: QuantConfig | None = None  # None: every weight is in the model dtype
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -71,6 +170,9 @@ class ModelConfig:
         acts = ("gelu_new", "gelu_pytorch_tanh", "gelu") if self.is_gpt2 else ("silu",)
         if self.hidden_act not in acts:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported for {self.model_type}; expected {acts}")
+        if self.quantization is not None and self.is_gpt2:
+            raise ValueError(f"quantization={self.quantization.method!r} is not supported for gpt2; quantized "
+                             f"weights are implemented for the llama family")
 
     @property
     def is_gpt2(self) -> bool:
@@ -106,7 +208,10 @@ class ModelConfig:
                              f"expected one of {SUPPORTED_MODEL_TYPES}")
         eos = c.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        quant = QuantConfig.from_hf(c["quantization_config"]) if c.get("quantization_config") else None
         if model_type == "gpt2":
+            if quant is not None:
+                raise ValueError(f"quantization_config quant_method={quant.method!r} is not supported for gpt2")
             D, N = c["n_embd"], c["n_head"]
             return cls(model_type="gpt2", vocab_size=c["vocab_size"], hidden_size=D, num_layers=c["n_layer"],
                        num_heads=N, num_kv_heads=N, head_dim=D // N, intermediate_size=c.get("n_inner") or 4 * D,
@@ -134,7 +239,7 @@ class ModelConfig:
                    rope_scaling=_rope_scaling(c), tie_word_embeddings=c.get("tie_word_embeddings", False),
                    qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=c.get("mlp_bias", False),
                    qk_norm=model_type == "qwen3", sliding_window=window, bos_token_id=c.get("bos_token_id"),
-                   eos_token_id=eos)
+                   eos_token_id=eos, quantization=quant)
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict for this config (what `save_pretrained` writes)."""
@@ -164,6 +269,8 @@ class ModelConfig:
             out.update(attention_bias=self.o_bias)
         if self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
+        if self.quantization is not None:
+            out["quantization_config"] = self.quantization.to_hf()
         return out
 
 

@@ -4,6 +4,10 @@ The mapping is a table per family: an HF name template ↔ a parameter path temp
 transposed (HF nn.Linear stores [out, in]; our kernels are [in, out]). `{layer}` marks the stacked layer index;
 other `{x}` fields range over listed choices. The same table drives loading and saving.
 
+Quantized checkpoints (config `quantization_config`) use the same table: the dense kernel rule of every quantized
+projection becomes a module rule whose tensors (`qweight`, `scales`, ... per method, ie_jax/quant/checkpoint.py)
+are gathered per layer and repacked together into that Linear's variables.
+
 Loading streams tensor by tensor: each one is read from a memory map, cast, and placed onto its sharding (stacked
 layers are written into a preallocated sharded array, slice by slice), so host memory peaks near one tensor.
 Missing, unexpected and mis-shaped tensors raise, naming the tensor and both shapes. Pickle checkpoints
@@ -29,6 +33,8 @@ from tqdm.auto import tqdm
 
 from ie_jax.config import ModelConfig
 from ie_jax.models import build_model
+from ie_jax.quant import checkpoint as qckpt
+from ie_jax.quant.linear import QuantLinear, convert_linears
 from ie_jax.sharding import single_device_shardings, state_shardings
 
 
@@ -85,6 +91,21 @@ def rules_for(cfg: ModelConfig) -> tuple[Rule, ...]:
     return GPT2_RULES if cfg.is_gpt2 else LLAMA_RULES
 
 
+def quant_rules(cfg: ModelConfig, is_quantized) -> tuple[Rule, ...]:
+    """Module rules for the quantized projections: "model.layers.{layer}.mlp.{p}.{t}" <-> "layers.mlp.{p}", {t}
+    ranging over the method's tensor suffixes. `is_quantized(module_path)` says which dense kernel rules apply."""
+    if cfg.quantization is None:
+        return ()
+    required, optional = qckpt.module_tensors(cfg.quantization)
+    out = []
+    for rule in rules_for(cfg):
+        if rule.hf.endswith(".weight") and rule.path.endswith(".kernel") and any(
+                is_quantized(p.removesuffix(".kernel")) for _, p in rule.expand()):
+            out.append(Rule(rule.hf.removesuffix(".weight") + ".{t}", rule.path.removesuffix(".kernel"),
+                            rule.transpose, rule.choices + (("t", required + optional),)))
+    return tuple(out)
+
+
 class CheckpointError(ValueError):
     """A checkpoint does not match the model: the message names the tensor and both shapes."""
 
@@ -97,8 +118,16 @@ def _flat(state) -> dict[str, nnx.Variable]:
     return {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
 
 
+def _build(cfg: ModelConfig, dtype, seed: int) -> nnx.Module:
+    """The model of `cfg`, its projections in the quantized format when cfg.quantization is set."""
+    model = build_model(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    if cfg.quantization is not None:
+        convert_linears(model, cfg.quantization)  # no-op for projections that make_linear already built quantized
+    return model
+
+
 def abstract_model(cfg: ModelConfig, dtype):
-    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: _build(cfg, dtype, 0)))
 
 
 def _shardings(abs_state, mesh, rules):
@@ -106,11 +135,11 @@ def _shardings(abs_state, mesh, rules):
 
 
 def init_model(cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rules="tp", seed: int = 0) -> nnx.Module:
-    """Random weights (std 0.02, norms at 1), created directly on their shardings: `--load-format dummy`."""
+    """Random weights (std 0.02, norms at 1), created directly on their shardings: `--load-format dummy`.
+    With cfg.quantization the projections are those random weights quantized (the float copy never leaves jit)."""
     graphdef, abs_state = abstract_model(cfg, dtype)
     shardings = _shardings(abs_state, mesh, rules)
-    state = jax.jit(lambda: nnx.state(build_model(cfg, dtype=dtype, rngs=nnx.Rngs(seed))),
-                    out_shardings=shardings)()
+    state = jax.jit(lambda: nnx.state(_build(cfg, dtype, seed)), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 
@@ -148,56 +177,108 @@ def _set_layer(stacked, index, value, sharding):
 def load_hf_weights(path, cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rules="tp",
                     progress: bool = True) -> nnx.Module:
     """Load an HF safetensors checkpoint directory into a new model (see module docstring)."""
+    files = checkpoint_files(path)
+    handles = [_open(f) for f in files]
+    names = [n for h in handles for n in h.keys()]
+    if cfg.quantization is not None:
+        cfg = dataclasses.replace(cfg, quantization=qckpt.adjust_config(cfg.quantization, names))
     graphdef, abs_state = abstract_model(cfg, dtype)
     flat_abs = _flat(abs_state)
     shardings = {k: v.get_value() for k, v in _flat(_shardings(abs_state, mesh, rules)).items()}
     arrays: dict[str, jax.Array] = {}
     filled: dict[str, set[int]] = {k: set() for k in flat_abs}
     table = rules_for(cfg)
-    files = checkpoint_files(path)
-    handles = [_open(f) for f in files]
-    total = sum(len(list(h.keys())) for h in handles)
-    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    qtable = quant_rules(cfg, lambda module: f"{module}.q" in flat_abs)
+    pending: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}  # (module, layer) -> tensors seen so far
+
+    def check(param: str, layer, shape: tuple[int, ...], name: str, transpose: bool = False):
+        expected = flat_abs[param].shape[1:] if layer is not None else flat_abs[param].shape
+        if (shape[::-1] if transpose else shape) != tuple(expected):
+            raise CheckpointError(f"tensor {name!r} has shape {shape} but parameter {param} expects "
+                                  f"{tuple(expected[::-1]) if transpose else tuple(expected)} "
+                                  f"(HF layout{', transposed on load' if transpose else ''})")
+
+    def put(param: str, layer, value, name: str, transpose: bool = False):
+        """Check `value` (HF layout, one layer) against `param` and write it into its slice."""
+        target = flat_abs[param]
+        check(param, layer, tuple(value.shape), name, transpose)
+        value = (value.T if transpose else value).astype(target.dtype)
+        if layer is None:
+            arrays[param] = jax.device_put(np.ascontiguousarray(value), shardings[param])
+            filled[param].add(-1)
+            return
+        i = int(layer)
+        if i >= target.shape[0]:
+            raise CheckpointError(f"unexpected tensor {name!r}: layer {i} >= num_layers={target.shape[0]}")
+        if param not in arrays:
+            arrays[param] = jax.jit(lambda s=target.shape, d=target.dtype: jnp.zeros(s, d),
+                                    out_shardings=shardings[param])()
+        arrays[param] = _set_layer(arrays[param], i, value, shardings[param])
+        filled[param].add(i)
+
+    def put_module(module: str, layer, tensors: dict[str, np.ndarray], hf_module: str):
+        """Repack one layer's quantized tensors of `module` into its variables (checkpoint.repack)."""
+        K, N = flat_abs[f"{module}.q"].shape[-2:]
+        for t, shape in qckpt.hf_shapes(cfg.quantization, K, N).items():
+            if t in tensors and shape is not None and tuple(tensors[t].shape) != shape:
+                raise CheckpointError(f"tensor {hf_module}.{t!s} has shape {tuple(tensors[t].shape)} but the "
+                                      f"{cfg.quantization.method} projection [{K} -> {N}] expects {shape}")
+        try:
+            values = qckpt.repack(cfg.quantization, tensors, K, N)
+        except ValueError as e:
+            raise CheckpointError(f"cannot repack {hf_module}: {e}") from e
+        for var, value in values.items():
+            put(f"{module}.{var}", layer, np.asarray(value), f"{hf_module} ({var})")
+
+    required, optional = qckpt.module_tensors(cfg.quantization) if qtable else ((), ())
+    # Wait only for optional tensors this checkpoint has at all, so modules are placed as soon as they are complete.
+    optional = tuple(t for t in optional if any(n.endswith("." + t) for n in names))
+    bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for file, handle in zip(files, handles):
         for name in handle.keys():
             bar.update()
             hf_name = _normalise(name, cfg)
             if IGNORED.match(hf_name) or (cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
                 continue
+            rule, match = _match(qtable, hf_name)
+            if rule is not None:  # a tensor of a quantized projection: gather the module's tensors per layer
+                groups = match.groupdict()
+                module = rule.path.format(**{k: v for k, v in groups.items() if k not in ("layer", "t")})
+                layer = groups.get("layer")
+                key = (module, None if layer is None else int(layer))
+                pending.setdefault(key, {})[groups["t"]] = _get_tensor(handle, file, name)
+                if set(pending[key]) >= set(required + optional):
+                    put_module(module, layer, pending.pop(key), hf_name.removesuffix("." + groups["t"]))
+                continue
             rule, match = _match(table, hf_name)
             param = rule.path.format(**{k: v for k, v in match.groupdict().items() if k != "layer"}) if rule else None
+            if param not in flat_abs and qtable and hf_name.endswith(".bias") and param is not None:
+                if not np.any(_get_tensor(handle, file, name)):
+                    continue  # quantizers write an all-zero bias for projections that have none
             if param not in flat_abs:
                 raise CheckpointError(f"unexpected tensor {name!r} in {file.name}: the {cfg.model_type} model has no "
                                       f"parameter for it")
-            target = flat_abs[param]
             layer = match.groupdict().get("layer")
-            expected = target.shape[1:] if layer is not None else target.shape
-            shape = tuple(handle.get_slice(name).get_shape())
-            shape_t = shape[::-1] if rule.transpose else shape
-            if shape_t != tuple(expected):
-                raise CheckpointError(f"tensor {name!r} has shape {shape} but parameter {param} expects "
-                                      f"{tuple(expected[::-1]) if rule.transpose else tuple(expected)} "
-                                      f"(HF layout{', transposed on load' if rule.transpose else ''})")
-            value = handle.get_tensor(name)
-            value = (value.T if rule.transpose else value).astype(target.dtype)
-            if layer is None:
-                arrays[param] = jax.device_put(np.ascontiguousarray(value), shardings[param])
-                filled[param].add(-1)
-            else:
-                i = int(layer)
-                if i >= target.shape[0]:
-                    raise CheckpointError(f"unexpected tensor {name!r}: layer {i} >= num_layers={target.shape[0]}")
-                if param not in arrays:
-                    arrays[param] = jax.jit(lambda s=target.shape, d=target.dtype: jnp.zeros(s, d),
-                                            out_shardings=shardings[param])()
-                arrays[param] = _set_layer(arrays[param], i, value, shardings[param])
-                filled[param].add(i)
+            check(param, layer, tuple(handle.get_slice(name).get_shape()), name, rule.transpose)  # before reading
+            put(param, layer, _get_tensor(handle, file, name), name, rule.transpose)
     bar.close()
     missing = []
+    for (module, layer), tensors in pending.items():
+        hf = _hf_name_of(qtable, module, [layer if layer is not None else 0])
+        lacking = [t for t in required if t not in tensors]
+        if lacking:
+            missing.extend(f"{hf.rsplit('.', 1)[0]}.{t}" for t in lacking)
+        else:
+            put_module(module, layer, tensors, hf.rsplit(".", 1)[0])
     for param, var in flat_abs.items():
         want = {-1} if param in arrays and filled[param] == {-1} else set(range(var.shape[0]))
         if not filled[param] or (filled[param] != {-1} and filled[param] != want):
-            missing.append(_hf_name_of(table, param, sorted(want - filled[param])[:1] or [0]))
+            layers = sorted(want - filled[param])[:1] or [0]
+            module = param.rsplit(".", 1)[0]
+            if qtable and f"{module}.q" in flat_abs:
+                missing.append(_hf_name_of(qtable, module, layers).rsplit(".", 1)[0] + f".{required[0]}")
+            else:
+                missing.append(_hf_name_of(table, param, layers))
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
     state = nnx.from_flat_state({tuple(k.split(".")): flat_abs[k].replace(arrays[k]) for k in flat_abs})
@@ -209,6 +290,29 @@ def _open(file: Path):
         return safe_open(str(file), framework="numpy")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read safetensors file {file}: {e} (corrupt or truncated header?)") from e
+
+
+# safetensors' numpy reader has no float8 types; these are read from the file's bytes (ml_dtypes via jnp).
+_RAW_DTYPES = {"F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}
+
+
+@functools.lru_cache(maxsize=64)
+def _header(file: Path) -> tuple[int, dict]:
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def _get_tensor(handle, file: Path, name: str) -> np.ndarray:
+    dtype = handle.get_slice(name).get_dtype()
+    if dtype not in _RAW_DTYPES:
+        return handle.get_tensor(name)
+    base, header = _header(file)
+    start, end = header[name]["data_offsets"]
+    with open(file, "rb") as f:
+        f.seek(base + start)
+        data = f.read(end - start)
+    return np.frombuffer(data, np.dtype(_RAW_DTYPES[dtype])).reshape(header[name]["shape"])
 
 
 def _normalise(name: str, cfg: ModelConfig) -> str:
@@ -252,14 +356,37 @@ def hf_tensors(model: nnx.Module, cfg: ModelConfig):
                 yield hf, np.ascontiguousarray(value.T if rule.transpose else value)
 
 
+def quantized_hf_tensors(model: nnx.Module, cfg: ModelConfig):
+    """Yield (hf_name, numpy array) for every tensor of the quantized projections, in the method's HF format."""
+    if cfg.quantization is None:
+        return
+    flat = {k: v.get_value() for k, v in _flat(nnx.state(model)).items()}
+    modules = {".".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)}
+    for rule in quant_rules(cfg, lambda module: module in modules):
+        seen = set()
+        for hf, module in rule.expand():
+            hf_module = hf.rsplit(".", 1)[0]
+            if module not in modules or (hf_module, module) in seen:
+                continue
+            seen.add((hf_module, module))
+            values = {k.removeprefix(module + "."): np.asarray(jax.device_get(v)) for k, v in flat.items()
+                      if k.rsplit(".", 1)[0] == module}
+            stacked = "{layer}" in hf_module
+            for i in range(values["q"].shape[0] if stacked else 1):
+                layer = {k: v[i] for k, v in values.items()} if stacked else values
+                for t, tensor in qckpt.export(cfg.quantization, layer).items():
+                    name = f"{hf_module.format(layer=i) if stacked else hf_module}.{t}"
+                    yield name, np.ascontiguousarray(tensor)
+
+
 def save_hf_checkpoint(model: nnx.Module, cfg: ModelConfig, out_dir, *, generation_config: dict | None = None,
                        max_shard_bytes: int = 5 * 2**30, dtype=None) -> Path:
     """Write config.json, generation_config.json and safetensors shards (+ index when more than one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
-    for name, value in hf_tensors(model, cfg):
-        value = value.astype(dtype) if dtype is not None else value
+    dense = ((n, v.astype(dtype) if dtype is not None else v) for n, v in hf_tensors(model, cfg))
+    for name, value in itertools.chain(dense, quantized_hf_tensors(model, cfg)):  # quantized arrays keep dtypes
         if current and size + value.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0

@@ -125,24 +125,31 @@ def attention(q, k, v, *, causal=True, q_segment_ids=None, kv_segment_ids=None, 
 # Paged KV cache: [L, K, P, page_size, H] per K and V (all layers in one buffer, updated in place under donation)
 
 
-def write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping):
-    """Scatter k_new/v_new [T, K, H] into layer `layer` at slot_mapping [T] (-1: padding, written nowhere)."""
+def write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping, *, k_scale=None, v_scale=None):
+    """Scatter k_new/v_new [T, K, H] into layer `layer` at slot_mapping [T] (-1: padding, written nowhere).
+
+    An fp8 (float8_e4m3fn) cache stores x / scale, saturated to ±448; k_scale, v_scale [L, K] f32 (None = 1)."""
+    from kernels_pallas.kv_cache import as_bytes, from_bytes, quantize
     page_size, num_pages = k_cache.shape[3], k_cache.shape[2]
     page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)  # out of range -> dropped
     offset = slot_mapping % page_size
-    # Advanced indices split by a slice put their dims first: the update is [T, K, H].
-    k_cache = k_cache.at[layer, :, page, offset].set(k_new.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[layer, :, page, offset].set(v_new.astype(v_cache.dtype), mode="drop")
-    return k_cache, v_cache
+
+    def put(cache, new, scale):  # fp8 scatters as bytes: no widened copy of the cache
+        new = as_bytes(quantize(new, cache.dtype, None if scale is None else scale[layer]))
+        # Advanced indices split by a slice put their dims first: the update is [T, K, H].
+        return from_bytes(as_bytes(cache).at[layer, :, page, offset].set(new, mode="drop"), cache.dtype)
+
+    return put(k_cache, k_new, k_scale), put(v_cache, v_new, v_scale)
 
 
 def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs, *,
-                              scale=None, sliding_window=None, softcap=None):
+                              scale=None, sliding_window=None, softcap=None, k_scale=None, v_scale=None):
     """Ragged attention over the paged cache in plain jnp (f32): q [T, N, H] -> [T, N, H].
 
     Token t of request r (qsl[r] <= t < qsl[r+1]) sits at position seq_lens[r] - q_len_r + (t - qsl[r]) and sees
     the cached positions <= its own (within the window). Each token gathers its request's pages: memory
     O(T * max_pages * page_size), fine for tests and decode, not for long prefill chunks (the kernel's job).
+    An fp8 cache's values are multiplied by k_scale / v_scale [L, K] (None = 1).
     """
     T, N, H = q.shape
     K = k_cache.shape[1]
@@ -155,6 +162,10 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_star
     pages = page_table[req]  # [T, max_pages]
     k = k_cache[layer][:, pages].reshape(K, T, -1, H).astype(jnp.float32)  # [K, T, C, H]
     v = v_cache[layer][:, pages].reshape(K, T, -1, H).astype(jnp.float32)
+    if k_scale is not None:
+        k = k * k_scale[layer][:, None, None, None]
+    if v_scale is not None:
+        v = v * v_scale[layer][:, None, None, None]
     qf = q.astype(jnp.float32).reshape(T, K, N // K, H)
     logits = jnp.einsum("tkgh,ktch->tkgc", qf, k) * scale  # [T, K, G, C]
     if softcap is not None:
@@ -171,22 +182,24 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_star
     return out.reshape(T, N, H).astype(q.dtype)
 
 
-def write_kv(k_cache, v_cache, layer, k_new, v_new, slot_mapping):
+def write_kv(k_cache, v_cache, layer, k_new, v_new, slot_mapping, *, k_scale=None, v_scale=None):
     """Write this step's K/V of layer `layer` into the stacked caches. Semantics of `write_kv_reference`.
 
     Every backend runs the same XLA scatter: it moves only T * K * H elements per cache and, with the caches
     donated (the engine's step), updates them in place (tests/kernels/test_paged_attention.py reads the HLO).
+    For an fp8 cache the quantization (x / scale, saturating cast) fuses into the scatter's operand.
     """
-    return write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping)
+    return write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping, k_scale=k_scale,
+                              v_scale=v_scale)
 
 
 def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs, *, scale=None,
-                    sliding_window=None, softcap=None):
+                    sliding_window=None, softcap=None, k_scale=None, v_scale=None):
     """Ragged paged attention (decode and prefill chunks mixed). Semantics of `paged_attention_reference`.
 
     The kernel reads layer `layer` of the stacked cache in place. It takes head dim 64/128, pages that tile its
-    kv blocks, 64 % (N // K) == 0 and matching 16-bit dtypes (`kernel_supports`); anything else, on any
-    backend, runs the reference, as `attention` does.
+    kv blocks, 64 % (N // K) == 0 and a cache of q's 16-bit dtype or fp8 e4m3 with k_scale / v_scale [L, K]
+    (`kernel_supports`); anything else, on any backend, runs the reference, as `attention` does.
     """
     backend = current_backend()
     use_kernel = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
@@ -195,7 +208,31 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
         if pa.kernel_supports(q, k_cache):
             return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
                                              layer=layer, sm_scale=scale, sliding_window=sliding_window,
-                                             softcap=softcap, interpret=backend == "interpret")
+                                             softcap=softcap, k_scale=k_scale, v_scale=v_scale,
+                                             interpret=backend == "interpret")
     return paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs,
-                                     scale=scale, sliding_window=sliding_window, softcap=softcap)
+                                     scale=scale, sliding_window=sliding_window, softcap=softcap, k_scale=k_scale,
+                                     v_scale=v_scale)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantized matmul: x [..., K] @ W [K, N] with W in one of ie_jax.quant's formats (one matrix, no batch axes on W)
+
+
+def quant_matmul(x, qw, *, out_dtype=None):
+    """x [..., K] -> [..., N] in `out_dtype` (default x's dtype), for W held as Int8Weights, Int4Weights,
+    Fp8Weights or NF4Array. Semantics of the format's `*_matmul_reference` (dequantize, then an f32-accumulated
+    dot; FP8 quantizes x too). Every backend runs that XLA path until the quantized-matmul kernels plug in here.
+    """
+    from ie_jax.quant import fp8, int4, int8, nf4
+    if isinstance(qw, int8.Int8Weights):
+        return int8.int8_matmul_reference(x, qw, out_dtype)
+    if isinstance(qw, int4.Int4Weights):
+        return int4.int4_matmul_reference(x, qw, out_dtype)
+    if isinstance(qw, fp8.Fp8Weights):
+        return fp8.fp8_matmul_reference(x, qw, out_dtype)
+    if isinstance(qw, nf4.NF4Array):
+        y = jnp.dot(x, nf4.dequantize_nf4(qw, x.dtype), preferred_element_type=jnp.float32)
+        return y.astype(out_dtype or x.dtype)
+    raise ValueError(f"quant_matmul got weights of type {type(qw).__name__}; expected a format of ie_jax.quant")

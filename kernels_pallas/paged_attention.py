@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
@@ -37,8 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.kv_cache import write_kv, write_kv_reference  # noqa: F401  (re-exported)
-from kernels_pallas.paged_work import ROWS, default_splits, merge, request_lengths, work_list
+from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
+from kernels_pallas.paged_bench import bench_case, rel_err, time_call
+from kernels_pallas.paged_work import ROWS, default_splits, merge, pack_queries, request_lengths, work_list
 
 _LOG2E = math.log2(math.e)
 
@@ -70,7 +70,7 @@ class TuningConfig:
 
 
 def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-            q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, *,
+            q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, *kv16_smem,
             group, page_size, block_kv, num_stages, num_splits, scale, sliding_window, softcap):
     # meta_ref        [W, 8] int32       work items (GMEM, read as scalars; fields in paged_work.work_list)
     # layer_ref       [1] int32          which layer of the stacked cache to read
@@ -84,6 +84,8 @@ def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse
     # p_smem          [ROWS, block_kv]   probabilities, the A operand of PV
     # o_smem          [ROWS, H]          the tile's output, untiled so that any row range can be stored
     # lse_smem        [ROWS] f32
+    # kv16_smem       () for a 16-bit cache; for an fp8 cache (k16_smem, v16_smem) [block_kv, H] in q's dtype,
+    #                 the converted block the wgmmas read (k_smem/v_smem then hold the fp8 pages)
     w = lax.axis_index("w")
     kh = lax.axis_index("kh")
     head_dim = q_smem.shape[-1]
@@ -130,14 +132,37 @@ def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse
         row_pos = q_pos0 + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA) // group
         col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
 
+        def refill(block, slot):
+            @pl.when(block + num_stages < num_blocks)
+            def _():
+                issue(block + num_stages, slot)
+
+        def convert(src_smem, dst_smem):
+            # fp8 -> 16 bits through registers. The 2x-upcast layout reads 8 fp8 bytes and writes 16 bytes per
+            # thread access, with a bank-conflict-free plan for the swizzled buffers on both sides.
+            dst_smem[...] = plgpu.load(src_smem, layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(dst_smem.dtype)
+
         def body(block, carry):
             acc, m_i, l_i = carry  # [ROWS, H] f32, [ROWS] f32 (base-2 max), [ROWS] f32
             slot = lax.rem(block, num_stages)
             plgpu.barrier_wait(k_bar.at[slot])
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                return acc_ref[...]
+            if kv16_smem:  # fp8 cache: convert K, start QK^T, convert V while it runs, then free the fp8 slot
+                k16_smem, v16_smem = kv16_smem
+                convert(k_smem.at[slot], k16_smem)
+                plgpu.commit_smem()  # the generic-proxy stores must be visible to the wgmma (async proxy)
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k16_smem.T)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    convert(v_smem.at[slot], v16_smem)
+                    plgpu.commit_smem()  # also: every thread is done reading the fp8 slot before it is refilled
+                    refill(block, slot)
+                    return acc_ref[...]
+            else:
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))  # [ROWS, block_kv]
             if softcap is not None:
@@ -155,21 +180,19 @@ def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse
             p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
             l_i = l_i * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            plgpu.barrier_wait(v_bar.at[slot])
+            if not kv16_smem:
+                plgpu.barrier_wait(v_bar.at[slot])
 
             p_smem[...] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
 
             def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                plgpu.wgmma(acc_ref, p_smem, kv16_smem[1] if kv16_smem else v_smem.at[slot])
                 return acc_ref[...]
 
             acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
-
-            @pl.when(block + num_stages < num_blocks)
-            def _():
-                issue(block + num_stages, slot)
-
+            if not kv16_smem:
+                refill(block, slot)
             return acc, m_new, l_i
 
         acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
@@ -208,6 +231,14 @@ def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, 
     # fills a 64-byte one.
     pv_transforms = (plgpu.TilingTransform((8, min(64, config.block_kv))),
                      plgpu.SwizzleTransform(min(128, 2 * config.block_kv)))
+    ring = [plgpu.SMEM((config.num_stages, config.block_kv, H), k_pages.dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((config.num_stages, config.block_kv, H), v_pages.dtype, transforms=pv_transforms)]
+    kv16 = []
+    if k_pages.dtype == FP8:  # fp8 rows are H bytes: one swizzle span of H bytes each; then 16-bit copies
+        fp8_transforms = (plgpu.TilingTransform((8, H)), plgpu.SwizzleTransform(H))
+        ring = [plgpu.SMEM((config.num_stages, config.block_kv, H), FP8, transforms=fp8_transforms)] * 2
+        kv16 = [plgpu.SMEM((config.block_kv, H), dtype, transforms=(tiling, swizzle)),
+                plgpu.SMEM((config.block_kv, H), dtype, transforms=pv_transforms)]
     body = functools.partial(
         _kernel, group=group, page_size=page_size, block_kv=config.block_kv, num_stages=config.num_stages,
         num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap)
@@ -221,14 +252,14 @@ def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, 
                   jax.ShapeDtypeStruct((num_work, K, ROWS), jnp.float32)),
         scratch_types=[
             plgpu.SMEM((ROWS, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((config.num_stages, config.block_kv, H), k_pages.dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((config.num_stages, config.block_kv, H), v_pages.dtype, transforms=pv_transforms),
+            *ring,
             plgpu.SMEM((ROWS, config.block_kv), dtype, transforms=pv_transforms),
             plgpu.SMEM((ROWS, H), dtype),
             plgpu.SMEM((ROWS,), jnp.float32),
             plgpu.Barrier(num_arrivals=1),
             plgpu.Barrier(num_arrivals=copies_per_slot, num_barriers=config.num_stages),
             plgpu.Barrier(num_arrivals=copies_per_slot, num_barriers=config.num_stages),
+            *kv16,
         ],
         grid=(num_work, K),
         grid_names=("w", "kh"),
@@ -244,7 +275,7 @@ def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, 
 
 
 def _check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
-                softcap):
+                softcap, k_scale=None, v_scale=None):
     if q.ndim != 3:
         raise ValueError(f"{q.shape=} must be [T, N, H]")
     if k_pages.ndim not in (4, 5) or k_pages.shape != v_pages.shape:
@@ -273,6 +304,21 @@ def _check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_len
         raise ValueError(f"{sliding_window=} must be None or >= 1")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"{softcap=} must be None or > 0")
+    scales_shape = k_pages.shape[:-3]  # [K] or [L, K]
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            continue
+        if k_pages.dtype != FP8:
+            raise ValueError(f"{name} is for an fp8 cache; {k_pages.dtype=}")
+        if jnp.shape(scale) != scales_shape:
+            raise ValueError(f"{name}.shape={jnp.shape(scale)} must be {scales_shape} (per layer and kv-head)")
+
+
+def kv_scales(k_pages, k_scale, v_scale):
+    """The dequantization scales as f32 arrays of the cache's [K] or [L, K]: ones where not given."""
+    ones = jnp.ones(k_pages.shape[:-3], jnp.float32)
+    return (ones if k_scale is None else jnp.asarray(k_scale, jnp.float32),
+            ones if v_scale is None else jnp.asarray(v_scale, jnp.float32))
 
 
 def kernel_supports(q, k_pages, config=None) -> bool:
@@ -283,12 +329,19 @@ def kernel_supports(q, k_pages, config=None) -> bool:
     group = N // K
     blocks_fit_pages = config.block_kv % page_size == 0 or page_size % config.block_kv == 0
     return (H in (64, 128) and page_size % 8 == 0 and blocks_fit_pages and N % K == 0 and ROWS % group == 0
-            and q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype == q.dtype)
+            and q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype in (q.dtype, FP8)
+            and (k_pages.dtype != FP8 or config.block_kv % ROWS == 0))  # fp8: converted in 64-row tiles
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq_lens, num_seqs, *, layer=None,
-                           sm_scale=None, sliding_window=None, softcap=None, config=None, interpret=False):
+                           sm_scale=None, sliding_window=None, softcap=None, k_scale=None, v_scale=None,
+                           config=None, interpret=False):
     """Causal attention of flat ragged queries `q [T, N, H]` over a paged cache.
+
+    An fp8 (e4m3) cache holds K / k_scale and V / v_scale, with f32 scales per kv-head (`[K]`, or `[L, K]` for a
+    stacked cache; None = 1). The kernel fetches fp8 pages and turns them into f16 in shared memory (exact for
+    e4m3) before the wgmmas, which then run in f16: q enters pre-multiplied by `sm_scale * k_scale` (clamped to
+    f16's range) and v_scale multiplies the output.
 
     The cache is one layer `[K, P, page_size, H]` (layer=None), or all layers `[L, K, P, page_size, H]` with an
     int32 `layer` (may be traced, e.g. a layer-scan index) naming the one to read; the kernel indexes it in place.
@@ -297,22 +350,24 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq
     past `query_start_loc[num_seqs]` come back as zeros. A layer index outside [0, L) is undefined behaviour.
     """
     _check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
-                softcap)
+                softcap, k_scale, v_scale)
     config = config or TuningConfig()
     if not kernel_supports(q, k_pages, config):
         raise ValueError(f"{q.shape=} {q.dtype=} {k_pages.shape=} {k_pages.dtype=} {config=}: unsupported by the "
                          f"kernel (need H in (64, 128), page_size and block_kv multiples of each other, 64 % G == 0, "
-                         f"matching 16-bit dtypes)")
+                         f"a 16-bit q and a cache of q's dtype or float8_e4m3fn, block_kv >= 64 for fp8)")
+    scales = kv_scales(k_pages, k_scale, v_scale) if k_pages.dtype == FP8 else None
     if layer is None:  # one layer is the stacked case with L = 1 (a bitcast, no copy)
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+        scales = None if scales is None else (scales[0][None], scales[1][None])
     return _ragged_paged_attention(q, k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1), page_table,
                                    query_start_loc, seq_lens, jnp.asarray(num_seqs, jnp.int32).reshape(()),
-                                   sm_scale=sm_scale, sliding_window=sliding_window, softcap=softcap, config=config,
-                                   interpret=interpret)
+                                   scales, sm_scale=sm_scale, sliding_window=sliding_window, softcap=softcap,
+                                   config=config, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "softcap", "config", "interpret"))
-def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, *,
+def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, *,
                             sm_scale, sliding_window, softcap, config, interpret):
     T, N, H = q.shape
     _, K, _, page_size, _ = k_pages.shape
@@ -324,14 +379,14 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     meta, tile_start = work_list(query_start_loc, seq_lens, num_seqs, group=group, max_tiles=max_tiles,
                                   num_splits=num_splits, page_size=page_size, block_kv=config.block_kv,
                                   sliding_window=sliding_window)
-    # [K, Tq, H]: row i of kv-head k is token i // G, head k * G + i % G. The tail pads the last tile and keeps
-    # the row count a multiple of the TMA tiling.
-    q_packed = jnp.swapaxes(q.reshape(T, K, group, H), 0, 1).reshape(K, T * group, H)
-    q_packed = jnp.pad(q_packed, ((0, 0), (0, ROWS + (-T * group) % ROWS), (0, 0)))
+    k_scale, v_scale = (None, None) if scales is None else (scales[0][layer[0]], scales[1][layer[0]])  # [K]
+    q_packed = pack_queries(q, K, q_scale=None if scales is None else scale * k_scale)
     o_parts, lse_tiles = _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, group=group,
-                                      config=config, num_work=meta.shape[0], num_splits=num_splits, scale=scale,
-                                      sliding_window=sliding_window, softcap=softcap, interpret=interpret)
-    out = merge(o_parts, lse_tiles, tile_start, query_start_loc, seq_lens, num_seqs, T=T, group=group)
+                                      config=config, num_work=meta.shape[0], num_splits=num_splits,
+                                      scale=scale if scales is None else 1.0, sliding_window=sliding_window,
+                                      softcap=softcap, interpret=interpret)
+    out = merge(o_parts, lse_tiles, tile_start, query_start_loc, seq_lens, num_seqs, T=T, group=group,
+                v_scale=v_scale, out_dtype=q.dtype)
     return out.reshape(T, N, H)
 
 
@@ -340,12 +395,19 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
 
 
 def paged_attention_reference(q, k_pages, v_pages, page_table, query_start_loc, seq_lens, num_seqs, *, layer=None,
-                              sm_scale=None, sliding_window=None, softcap=None):
-    """Gathers each token's pages and runs dense causal attention in f32. Padding tokens return zeros."""
+                              sm_scale=None, sliding_window=None, softcap=None, k_scale=None, v_scale=None):
+    """Gathers each token's pages and runs dense causal attention in f32. Padding tokens return zeros.
+    An fp8 cache is first dequantized (`x.astype(f32) * scale`, per kv-head)."""
     _check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
-                softcap)
+                softcap, k_scale, v_scale)
+    if k_pages.dtype == FP8:
+        k_scale, v_scale = kv_scales(k_pages, k_scale, v_scale)  # [K] or [L, K]
     if layer is not None:  # the oracle may slice: it is not on the serving path
         k_pages, v_pages = k_pages[layer], v_pages[layer]
+        k_scale, v_scale = (None, None) if k_scale is None else (k_scale[layer], v_scale[layer])
+    if k_pages.dtype == FP8:
+        k_pages = k_pages.astype(jnp.float32) * k_scale[:, None, None, None]
+        v_pages = v_pages.astype(jnp.float32) * v_scale[:, None, None, None]
     T, N, H = q.shape
     K, _, page_size, _ = k_pages.shape
     R, max_pages = page_table.shape
@@ -389,63 +451,14 @@ HBM_TBPS = 4.14  # measured device-to-device copy ceiling on the H200 (shared GP
 MMA_TFLOPS = 752.0
 
 
-def _bench_case(name, seq_lens, q_lens, *, N=32, K=8, H=128, page_size=16, rotations=2, layers=1, seed=0):
-    """Random caches holding `rotations` disjoint page sets (timed round-robin so L2 never holds the KV).
-
-    layers > 1 builds the engine's stacked cache [L, K, P, page_size, H] with one page set per layer and times
-    the calls round-robin over a traced layer index instead (each layer holds different data)."""
-    rng = jax.random.key(seed)
-    R = len(seq_lens)
-    max_pages = -(-max(seq_lens) // page_size)
-    rotations = 1 if layers > 1 else rotations
-    P = rotations * R * max_pages
-    kq, kk, kv, kp = jax.random.split(rng, 4)
-    T = sum(q_lens)
-    q = jax.random.normal(kq, (T, N, H), jnp.bfloat16)
-    k_pages = jax.random.normal(kk, (K, P, page_size, H), jnp.bfloat16)
-    v_pages = jax.random.normal(kv, (K, P, page_size, H), jnp.bfloat16)
-    if layers > 1:  # an elementwise broadcast: no [L, ...] random-bits temporary
-        shift = (jnp.arange(layers, dtype=jnp.float32) * 0.05).astype(jnp.bfloat16)[:, None, None, None, None]
-        k_pages, v_pages = k_pages[None] + shift, v_pages[None] - shift
-    perm = jax.random.permutation(kp, P).astype(jnp.int32).reshape(rotations, R, max_pages)
-    qsl = jnp.asarray([0] + list(itertools.accumulate(q_lens)), jnp.int32)
-    return dict(name=name, q=q, k_pages=k_pages, v_pages=v_pages, page_tables=perm, qsl=qsl, layers=layers,
-                seq_lens=jnp.asarray(seq_lens, jnp.int32), num_seqs=jnp.int32(R), q_lens=q_lens,
-                kv_bytes=sum(seq_lens) * K * H * 2 * 2, decode=all(n == 1 for n in q_lens),
-                flops=4 * sum(n * s for n, s in zip(q_lens, seq_lens)) * N * H)
-
-
-def _time(fn, case, q=None, iterations=10):
-    """Median device time (µs) of one call and of its longest kernel, from CUPTI, over round-robin page tables
-    (stacked cache: over layers). fn(q, k, v, page_table, layer) with layer None for a single-layer cache."""
-    from jax.experimental.mosaic.gpu import profiler
-
-    tables = case["page_tables"]
-    L = case["layers"]
-    n = L if L > 1 else tables.shape[0]
-
-    def run_all(q, k, v, layer_ids):
-        return [fn(q, k, v, tables[i % tables.shape[0]], layer_ids[i] if L > 1 else None) for i in range(n)]
-
-    q = case["q"] if q is None else q
-    _, timings = profiler.measure(jax.jit(run_all), iterations=iterations, aggregate=False)(
-        q, case["k_pages"], case["v_pages"], jnp.arange(n, dtype=jnp.int32))  # traced layer ids
-    totals = sorted(sum(t for _, t in it) / n for it in timings)
-    longest = sorted(max(t for _, t in it) for it in timings)
-    return totals[len(totals) // 2] * 1e3, longest[len(longest) // 2] * 1e3
-
-
-def _rel_err(out, expected):
-    out, expected = out.astype(jnp.float32), expected.astype(jnp.float32)
-    return float(jnp.linalg.norm(out - expected) / jnp.linalg.norm(expected))
-
-
 def main(argv=()):
     parser = argparse.ArgumentParser(prog="bench_kernels.py paged")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--quick", action="store_true", help="one config per case")
     parser.add_argument("--stacked", action="store_true",
                         help="only single-layer vs 32-layer stacked cache, best config, no baseline")
+    parser.add_argument("--fp8", action="store_true",
+                        help="only the three decode cases: baseline, bf16 at its best config, fp8 swept")
     args = parser.parse_args(list(argv))
     import warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -453,32 +466,44 @@ def main(argv=()):
 
     # Built one at a time (thunks): two 32-layer caches would not fit together.
     cases = [
-        lambda: _bench_case("decode b64 ctx4096 p16", [4096] * 64, [1] * 64),
-        lambda: _bench_case("decode b1 ctx32768 p16", [32768], [1], rotations=4),
-        lambda: _bench_case("decode b256 ctx1024 p16", [1024] * 256, [1] * 256),
-        lambda: _bench_case("mixed 8x512 prefill + 120 decode", [2048] * 8 + [1024] * 120, [512] * 8 + [1] * 120),
-        lambda: _bench_case("decode b64 ctx4096 p32", [4096] * 64, [1] * 64, page_size=32),
-        lambda: _bench_case("decode b64 ctx4096 p64", [4096] * 64, [1] * 64, page_size=64),
+        lambda: bench_case("decode b64 ctx4096 p16", [4096] * 64, [1] * 64),
+        lambda: bench_case("decode b1 ctx32768 p16", [32768], [1], rotations=4),
+        lambda: bench_case("decode b256 ctx1024 p16", [1024] * 256, [1] * 256),
+        lambda: bench_case("mixed 8x512 prefill + 120 decode", [2048] * 8 + [1024] * 120, [512] * 8 + [1] * 120),
+        lambda: bench_case("decode b64 ctx4096 p32", [4096] * 64, [1] * 64, page_size=32),
+        lambda: bench_case("decode b64 ctx4096 p64", [4096] * 64, [1] * 64, page_size=64),
     ]
     if args.stacked:  # 32 layers of 16384 pages: 2 x 34 GB
         b64, mixed = ([4096] * 64, [1] * 64), ([2048] * 8 + [1024] * 120, [512] * 8 + [1] * 120)
-        cases = [lambda: _bench_case("decode b64 ctx4096 p16", *b64),
-                 lambda: _bench_case("decode b64 ctx4096 p16 L=32", *b64, layers=32),
-                 lambda: _bench_case("mixed 8x512 prefill + 120 decode", *mixed),
-                 lambda: _bench_case("mixed 8x512 prefill + 120 decode L=32", *mixed, layers=32)]
+        cases = [lambda: bench_case("decode b64 ctx4096 p16", *b64),
+                 lambda: bench_case("decode b64 ctx4096 p16 L=32", *b64, layers=32),
+                 lambda: bench_case("mixed 8x512 prefill + 120 decode", *mixed),
+                 lambda: bench_case("mixed 8x512 prefill + 120 decode L=32", *mixed, layers=32)]
+    decodes = [("decode b64 ctx4096 p16", [4096] * 64, [1] * 64, 2), ("decode b1 ctx32768 p16", [32768], [1], 4),
+               ("decode b256 ctx1024 p16", [1024] * 256, [1] * 256, 2)]
+    fp8_cases = [functools.partial(bench_case, name + " fp8", sl, ql, rotations=rot, fp8=True)
+                 for name, sl, ql, rot in decodes]
+    if args.fp8:
+        cases = [functools.partial(bench_case, name, sl, ql, rotations=rot) for name, sl, ql, rot in decodes]
+    if not args.stacked:
+        cases += fp8_cases
     configs = [TuningConfig(64, 2), TuningConfig(32, 4), TuningConfig(128, 2)]
-    if args.quick or args.stacked:
+    fp8_configs = [TuningConfig(64, 2), TuningConfig(64, 3), TuningConfig(64, 4), TuningConfig(128, 2)]
+    if args.quick or args.stacked or args.fp8:
         configs = configs[:1]
+    if args.quick:
+        fp8_configs = fp8_configs[:1]
     rows = []
     for make_case in cases:
         case = None  # free the previous case's caches first
         case = make_case()
         common = (case["qsl"], case["seq_lens"], case["num_seqs"])
         check_layer = case["layers"] - 1 if case["layers"] > 1 else None
+        scales = case["scales"]
         expected = paged_attention_reference(case["q"], case["k_pages"], case["v_pages"], case["page_tables"][0],
-                                             *common, layer=check_layer)
+                                             *common, layer=check_layer, **scales)
         base_us, base_cfg = None, None
-        if case["decode"] and case["layers"] == 1 and not args.stacked:
+        if case["decode"] and case["layers"] == 1 and not args.stacked and not scales:
             # The baseline applies no softmax scale: hand it pre-scaled queries (scaled outside the timed region).
             q_scaled = (case["q"].astype(jnp.float32) * case["q"].shape[-1] ** -0.5).astype(case["q"].dtype)
             for k_splits in (8, 16):
@@ -488,9 +513,9 @@ def main(argv=()):
                 def base(q, k, v, pt, layer, k_splits=k_splits):
                     return baseline_mod.paged_attention(q, k, v, pt, case["seq_lens"], k_splits=k_splits)
                 try:
-                    err = _rel_err(base(q_scaled, case["k_pages"], case["v_pages"], case["page_tables"][0], None),
+                    err = rel_err(base(q_scaled, case["k_pages"], case["v_pages"], case["page_tables"][0], None),
                                    expected)
-                    us, _ = _time(base, case, q=q_scaled)
+                    us, _ = time_call(base, case, q=q_scaled)
                 except Exception as e:  # e.g. the baseline's shared memory overflows at page 64
                     print(f"  baseline k_splits={k_splits}: FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
                     continue
@@ -499,16 +524,16 @@ def main(argv=()):
                     base_us, base_cfg = us, k_splits
         splits_opts = [None] + ([8, 16] if case["q"].shape[0] == 1 else [])
         best = None
-        for cfg in configs:
+        for cfg in fp8_configs if scales else configs:
             for splits in splits_opts:
                 cfg_s = dataclasses.replace(cfg, num_splits=splits)
                 def mine(q, k, v, pt, layer, cfg_s=cfg_s):
-                    return ragged_paged_attention(q, k, v, pt, *common, layer=layer, config=cfg_s)
+                    return ragged_paged_attention(q, k, v, pt, *common, layer=layer, config=cfg_s, **scales)
                 try:
                     out = mine(case["q"], case["k_pages"], case["v_pages"], case["page_tables"][0],
                                None if check_layer is None else jnp.int32(check_layer))
-                    err = _rel_err(out, expected)
-                    us, kernel_us = _time(mine, case)
+                    err = rel_err(out, expected)
+                    us, kernel_us = time_call(mine, case)
                 except Exception as e:  # a config that does not compile is reported and skipped
                     print(f"  {cfg_s}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
@@ -520,6 +545,9 @@ def main(argv=()):
             rows.append(dict(case=case["name"], status="failed"))
             continue
         us, cfg_s, err = best
+        if scales:  # fp8: the same shape's bf16 time and baseline, measured above in this process
+            bf16 = next((r for r in rows if r["case"] == case["name"].removesuffix(" fp8") and "us" in r), {})
+            base_us, base_cfg = bf16.get("baseline_us"), bf16.get("baseline_k_splits")
         floor_us = max(case["kv_bytes"] / HBM_TBPS / 1e6, case["flops"] / MMA_TFLOPS / 1e6)
         rows.append(dict(case=case["name"], us=round(us, 1), tbps=round(case["kv_bytes"] / us / 1e6, 3),
                          pct_roofline=round(100 * floor_us / us, 1), rel_err=err,
@@ -527,6 +555,9 @@ def main(argv=()):
                          baseline_us=None if base_us is None else round(base_us, 1), baseline_k_splits=base_cfg,
                          baseline_tbps=None if base_us is None else round(case["kv_bytes"] / base_us / 1e6, 3),
                          speedup=None if base_us is None else round(base_us / us, 2)))
+        if scales and bf16:
+            rows[-1].update(bf16_us=bf16["us"], bf16_over_fp8=round(bf16["us"] / us, 2),
+                            baseline_tbps=bf16["baseline_tbps"])
     print(f"\n{'case':36s} {'us':>8s} {'TB/s':>6s} {'%roof':>6s} {'base us':>8s} {'base TB/s':>9s} {'x':>5s}")
     for r in rows:
         if r.get("status") == "failed":
@@ -535,7 +566,8 @@ def main(argv=()):
         b = r["baseline_us"]
         print(f"{r['case']:36s} {r['us']:8.1f} {r['tbps']:6.2f} {r['pct_roofline']:6.1f} "
               f"{'n/a' if b is None else f'{b:.1f}':>8s} {'n/a' if b is None else r['baseline_tbps']:>9} "
-              f"{'n/a' if b is None else r['speedup']:>5}")
+              f"{'n/a' if b is None else r['speedup']:>5}"
+              + (f"  bf16/fp8 {r['bf16_over_fp8']}" if "bf16_over_fp8" in r else ""))
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"paged_{stamp}.json")

@@ -67,8 +67,30 @@ def work_list(query_start_loc, seq_lens, num_seqs, *, group, max_tiles, num_spli
     return meta.reshape(max_tiles * num_splits, META).astype(jnp.int32), tile_start
 
 
-def merge(o_parts, lse_tiles, tile_start, query_start_loc, seq_lens, num_seqs, *, T, group):
-    """Log-sum-exp merge of the kv splits, back to tokens. o_parts [S, K, Tq, H] -> [T, K, G, H]."""
+F16_MAX = 65504.0
+
+
+def pack_queries(q, num_kv_heads, q_scale=None):
+    """q [T, N, H] -> [K, Tq, H]: row i of kv-head k is token i // G, head k * G + i % G. The tail pads the last
+    tile and keeps the row count a multiple of the TMA tiling.
+
+    q_scale [K] (fp8 cache): the softmax scale times each kv-head's k_scale, applied here in f32; the rows then go
+    to f16 (clamped to its range), the wgmma type of an fp8 cache, whose e4m3 values f16 holds exactly.
+    """
+    T, N, H = q.shape
+    K, group = num_kv_heads, N // num_kv_heads
+    q_packed = jnp.swapaxes(q.reshape(T, K, group, H), 0, 1)  # [K, T, G, H]
+    if q_scale is not None:
+        q_packed = q_packed.astype(jnp.float32) * q_scale[:, None, None, None]
+        q_packed = jnp.clip(q_packed, -F16_MAX, F16_MAX).astype(jnp.float16)
+    q_packed = q_packed.reshape(K, T * group, H)
+    return jnp.pad(q_packed, ((0, 0), (0, ROWS + (-T * group) % ROWS), (0, 0)))
+
+
+def merge(o_parts, lse_tiles, tile_start, query_start_loc, seq_lens, num_seqs, *, T, group, v_scale=None,
+          out_dtype=None):
+    """Log-sum-exp merge of the kv splits, back to tokens. o_parts [S, K, Tq, H] -> [T, K, G, H] of out_dtype
+    (default o_parts'). v_scale [K] (fp8 cache) multiplies each kv-head's output."""
     S, K, _, H = o_parts.shape
     live, q_lens = request_lengths(query_start_loc, seq_lens, num_seqs)
     R = seq_lens.shape[0]
@@ -92,4 +114,6 @@ def merge(o_parts, lse_tiles, tile_start, query_start_loc, seq_lens, num_seqs, *
         num = jnp.einsum("sktg,sktgh->ktgh", wts, o.astype(jnp.float32))
         merged = num / jnp.where(den == 0, 1.0, den)[..., None]
     out = jnp.swapaxes(merged, 0, 1)  # [T, K, G, H]
-    return jnp.where(real[:, None, None, None], out, 0).astype(o_parts.dtype)
+    if v_scale is not None:
+        out = out.astype(jnp.float32) * v_scale[:, None, None]
+    return jnp.where(real[:, None, None, None], out, 0).astype(out_dtype or o_parts.dtype)

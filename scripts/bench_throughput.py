@@ -43,8 +43,8 @@ def main(argv=None):
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--compilation-cache-dir", default=None)
-    ap.add_argument("--unroll-max-tokens", type=int, default=None,
-                    help="steps of at most this many tokens run the layers unrolled (default: --max-num-seqs)")
+    ap.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=True,
+                    help="straight-line decoder layers (default) or a device loop (--no-unroll-layers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path or folder (default: $OUT or benchmarks/results/)")
     args = ap.parse_args(argv)
@@ -55,7 +55,7 @@ def main(argv=None):
               max_model_len=max_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
-              enable_prefix_caching=not args.no_prefix_caching, unroll_max_tokens=args.unroll_max_tokens)
+              enable_prefix_caching=not args.no_prefix_caching, unroll_layers=args.unroll_layers)
     startup_s = time.perf_counter() - T_START
     engine = llm.engine
     V = llm.model.config.vocab_size

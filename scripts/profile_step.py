@@ -68,7 +68,8 @@ def main(argv=None):
     ap.add_argument("--mode", default="greedy", choices=["greedy", "sample"])
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--loop", action="store_true", help="run the layers as a device loop (default: unrolled)")
+    ap.add_argument("--layers", default="unrolled", choices=["scan", "unrolled"],
+                    help="a device loop over the stacked weights, or straight-line code over per-layer arrays")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     from jax.experimental.mosaic.gpu import profiler
@@ -77,12 +78,14 @@ def main(argv=None):
     pages_needed = (args.batch + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
     cfg = EngineConfig(max_model_len=args.context + max(args.prefill, 1) + 16, max_num_seqs=max(args.batch + 1, 8),
                        max_num_batched_tokens=max(512, args.batch + args.prefill), page_size=16,
-                       num_pages=pages_needed + 8)
-    runner = ModelRunner(model, cfg)
+                       num_pages=pages_needed + 8, unroll_layers=args.layers == "unrolled")
+    runner = ModelRunner(model, cfg, owns_model=True)
     inp = jax.device_put(decode_inputs(runner, args.batch, args.context, args.prefill))
-    step = jax.jit(_step, static_argnums=(0, 7, 8, 9))  # not donated: callable again on the same arguments
-    call = lambda: step(runner.graphdef, runner.state, runner.caches, runner.counts, runner.last_tokens,  # noqa: E731
-                        runner.prompt_mask, inp, 0, args.mode, not args.loop)
+    state, layer_states = runner.state, runner.layer_states
+    step = jax.jit(_step, static_argnums=(0, 7, 8))  # not donated: callable again on the same arguments
+    args_ = (runner.graphdef, state, runner.caches, runner.counts, runner.last_tokens, runner.prompt_mask, inp, 0,
+             args.mode, layer_states)
+    call = lambda: step(*args_)  # noqa: E731
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     compile_s = time.perf_counter() - t0
@@ -91,18 +94,16 @@ def main(argv=None):
         t0 = time.perf_counter()
         jax.block_until_ready(call())
         walls.append(time.perf_counter() - t0)
-    _, timings = profiler.measure(step, iterations=args.iterations, aggregate=False)(
-        runner.graphdef, runner.state, runner.caches, runner.counts, runner.last_tokens, runner.prompt_mask, inp, 0,
-        args.mode, not args.loop)
+    _, timings = profiler.measure(step, iterations=args.iterations, aggregate=False)(*args_)
     per_iter = [sum(t for _, t in it) for it in timings]
     groups = collections.defaultdict(lambda: [0, 0.0])
     for name, t in timings[len(timings) // 2]:
         groups[name][0] += 1
         groups[name][1] += t
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.state))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves((state, layer_states)))
     device_ms = statistics.median(per_iter)
     floor_ms = weight_bytes / HBM_TBPS / 1e9
-    print(f"{args.model} batch {args.batch} context {args.context} prefill {args.prefill} ({args.mode}): "
+    print(f"{args.model} batch {args.batch} context {args.context} prefill {args.prefill} ({args.mode}, {args.layers}): "
           f"{len(timings[0])} kernels, device {device_ms:.3f} ms, wall {statistics.median(walls) * 1e3:.3f} ms, "
           f"weights {weight_bytes / 1e9:.2f} GB -> floor {floor_ms:.3f} ms ({floor_ms / device_ms:.0%} of device), "
           f"first call (compile) {compile_s:.1f} s")

@@ -57,11 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=engine["enable_prefix_caching"], help="reuse KV pages of shared prompt prefixes")
     p.add_argument("--compilation-cache-dir", default=str(Path.home() / ".cache" / "ie-jax" / "xla"),
                    help="JAX persistent compilation cache: a second start skips compilation ('' disables it)")
+    p.add_argument("--kv-cache-dtype", default=engine["kv_cache_dtype"], choices=["auto", "bf16", "fp8", "fp8_e4m3"],
+                   help="fp8: e4m3 KV cache with per-(layer, kv-head) scales (half the bytes per token)")
     p.add_argument("--max-queue", type=int, default=engine["max_queue"],
                    help="requests admitted but not yet producing tokens beyond this get HTTP 503")
-    p.add_argument("--unroll-max-tokens", type=int, default=engine["unroll_max_tokens"],
-                   help="steps of at most this many tokens run the layers unrolled (faster, slower to compile); "
-                        "default: --max-num-seqs; 0: never")
+    p.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=engine["unroll_layers"],
+                   help="run the decoder layers as straight-line code (fast steps); --no-unroll-layers keeps a "
+                        "device loop (slower steps, faster start-up)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     args = p.parse_args(argv)

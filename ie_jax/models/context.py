@@ -84,6 +84,9 @@ class Paged:
     query_start_loc: jax.Array  # [R + 1] int32: request r's tokens are [qsl[r], qsl[r+1])
     seq_lens: jax.Array  # [R] int32: tokens in the cache for r after this step's writes
     num_seqs: jax.Array  # [] int32: rows >= num_seqs are padding
+    # fp8 (float8_e4m3fn) caches only: [L, K] f32 dequantization scales (stored = x / scale); None = 16-bit cache
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     def caches(self):
         return (self.k, self.v)
@@ -94,7 +97,8 @@ class Paged:
     def attend(self, q, k, v, positions, caches, layer, *, scale, sliding_window=None):
         """q [1, T, N, H], k/v [1, T, K, H] (flat tokens) -> ([1, T, N, H], updated caches)."""
         del positions  # implied by seq_lens and query_start_loc
-        k_all, v_all = ops.write_kv(caches[0], caches[1], layer, k[0], v[0], self.slot_mapping)
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        k_all, v_all = ops.write_kv(caches[0], caches[1], layer, k[0], v[0], self.slot_mapping, **scales)
         out = ops.paged_attention(q[0], k_all, v_all, layer, self.page_table, self.query_start_loc, self.seq_lens,
-                                  self.num_seqs, scale=scale, sliding_window=sliding_window)
+                                  self.num_seqs, scale=scale, sliding_window=sliding_window, **scales)
         return out[None], (k_all, v_all)

@@ -64,9 +64,10 @@ class GPT2LMHeadModel(nnx.Module):
         self.h = stacked(lambda r: GPT2Block(cfg, dtype=dtype, rngs=r), cfg.num_layers, rngs)
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.remat = False
-        self.scan_unroll: int | bool = 1  # lax.scan unroll over the layers (see llama.scan_layers)
 
-    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None):
+    STACK = "h"  # the attribute holding the stacked blocks
+
+    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None, layer_states=None):
         """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().
 
         logits_indices [B, R]: compute logits only at these token indices (-> [B, R, V]); the engine samples from
@@ -77,7 +78,7 @@ class GPT2LMHeadModel(nnx.Module):
         ctx = DenseCausal() if ctx is None else ctx
         # Padding slots may carry positions outside the table; clamp them for the lookup (they are masked anyway).
         x = self.wte(token_ids) + self.wpe(jnp.clip(positions, 0, self.config.max_position_embeddings - 1))
-        x, ctx = scan_layers(self.h, x, positions, ctx, remat=self.remat, unroll=self.scan_unroll)
+        x, ctx = scan_layers(self.h, x, positions, ctx, remat=self.remat, layer_states=layer_states)
         if logits_indices is not None:
             x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
         return self.wte.attend(self.ln_f(x)), ctx

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ie_jax.config import ModelConfig
+from ie_jax.config import ModelConfig, QuantConfig
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -37,9 +37,15 @@ class Linear(nnx.Module):
         return y.astype(out_dtype or x.dtype)
 
 
-def make_linear(in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs) -> nnx.Module:
-    """The one place a weight format picks its Linear class. Dense only until quantized formats land."""
-    return Linear(in_features, out_features, bias=bias, axes=axes, dtype=dtype, rngs=rngs)
+def make_linear(in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs,
+                quant: QuantConfig | None = None) -> nnx.Module:
+    """The one place a weight format picks its Linear class: dense, or ie_jax/quant/linear.py's class for `quant`
+    (random weights in that format; loading replaces them). Every class has Linear's call contract."""
+    if quant is None:
+        return Linear(in_features, out_features, bias=bias, axes=axes, dtype=dtype, rngs=rngs)
+    from ie_jax.quant.linear import linear_class  # the quantized layers import this module
+    return linear_class(quant).random(in_features, out_features, bias=bias, axes=axes, dtype=dtype, rngs=rngs,
+                                      quant=quant)
 
 
 class Embed(nnx.Module):

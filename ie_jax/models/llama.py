@@ -19,10 +19,14 @@ from ie_jax.models.layers import Embed, RMSNorm, apply_rope, make_linear, rope_i
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = make_linear(D, N * H, bias=cfg.qkv_bias, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
-        self.k_proj = make_linear(D, K * H, bias=cfg.qkv_bias, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-        self.v_proj = make_linear(D, K * H, bias=cfg.qkv_bias, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-        self.o_proj = make_linear(N * H, D, bias=cfg.o_bias, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
+        self.q_proj = make_linear(D, N * H, bias=cfg.qkv_bias, axes=("embed", "heads"), dtype=dtype, rngs=rngs,
+                                  quant=cfg.quantization)
+        self.k_proj = make_linear(D, K * H, bias=cfg.qkv_bias, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs,
+                                  quant=cfg.quantization)
+        self.v_proj = make_linear(D, K * H, bias=cfg.qkv_bias, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs,
+                                  quant=cfg.quantization)
+        self.o_proj = make_linear(N * H, D, bias=cfg.o_bias, axes=("heads", "embed"), dtype=dtype, rngs=rngs,
+                                  quant=cfg.quantization)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(H, cfg.norm_eps, dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(H, cfg.norm_eps, dtype=dtype, rngs=rngs)
@@ -47,9 +51,12 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = make_linear(D, F, bias=b, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.up_proj = make_linear(D, F, bias=b, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.down_proj = make_linear(F, D, bias=b, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.gate_proj = make_linear(D, F, bias=b, axes=("embed", "mlp"), dtype=dtype, rngs=rngs,
+                                     quant=cfg.quantization)
+        self.up_proj = make_linear(D, F, bias=b, axes=("embed", "mlp"), dtype=dtype, rngs=rngs,
+                                   quant=cfg.quantization)
+        self.down_proj = make_linear(F, D, bias=b, axes=("mlp", "embed"), dtype=dtype, rngs=rngs,
+                                     quant=cfg.quantization)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -68,15 +75,22 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), caches
 
 
-def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False, unroll: int | bool = 1):
+def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False, layer_states=None):
     """Run stacked layers (leading layer axis on every variable) over x with lax.scan; returns (x, ctx).
 
     The context's caches (whole, all layers) ride in the scan carry and each layer updates its own slice in place;
     slicing them per layer as scan inputs/outputs would copy the entire KV cache every step.
-    `unroll` is lax.scan's: True lays the layers out as straight-line code (no device loop), which serving uses
-    for its small decode steps, where a loop's per-iteration launches and predicate read-backs cost more than
-    the layer's own kernels.
+    `layer_states` (serving): one state per layer, as separate arrays. The layers then run as straight-line code
+    instead of a device loop, whose per-iteration launch round trips cost more than a decode step's own kernels.
+    Every layer's kernels are identical (no slice of a stacked weight fused into them), so XLA compiles and
+    autotunes each distinct kernel once, not once per layer. The stacked variables are not read.
     """
+    if layer_states is not None:
+        graphdef = nnx.graphdef(layers)
+        caches = ctx.caches()
+        for i, layer_state in enumerate(layer_states):
+            x, caches = nnx.merge(graphdef, layer_state)(x, positions, ctx, caches, jnp.int32(i))
+        return x, ctx.with_caches(caches)
     graphdef, state = nnx.split(layers)
     num_layers = jax.tree.leaves(state)[0].shape[0]
 
@@ -88,7 +102,7 @@ def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False, unro
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    (x, caches), _ = jax.lax.scan(body, (x, ctx.caches()), (state, jnp.arange(num_layers)), unroll=unroll)
+    (x, caches), _ = jax.lax.scan(body, (x, ctx.caches()), (state, jnp.arange(num_layers)))
     return x, ctx.with_caches(caches)
 
 
@@ -113,9 +127,10 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, bias=False, axes=("embed", "vocab"),
                                        dtype=dtype, rngs=rngs)
         self.remat = False  # gradient checkpointing per layer (training)
-        self.scan_unroll: int | bool = 1  # lax.scan's unroll over the layers (serving sets True for decode)
 
-    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None):
+    STACK = "layers"  # the attribute holding the stacked decoder layers
+
+    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None, layer_states=None):
         """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().
 
         logits_indices [B, R]: compute logits only at these token indices (-> [B, R, V]); the engine samples from
@@ -125,7 +140,7 @@ class LlamaForCausalLM(nnx.Module):
             else positions
         ctx = DenseCausal() if ctx is None else ctx
         x = self.embed_tokens(token_ids)  # [B, T, D]
-        x, ctx = scan_layers(self.layers, x, positions, ctx, remat=self.remat, unroll=self.scan_unroll)
+        x, ctx = scan_layers(self.layers, x, positions, ctx, remat=self.remat, layer_states=layer_states)
         if logits_indices is not None:
             x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
         x = self.norm(x)

@@ -1,5 +1,7 @@
 """Engine == reference generate, token for token, across batching, chunking, prefix hits, preemption, n and seeds."""
+import jax
 import numpy as np
+from flax import nnx
 import pytest
 
 import ie_jax
@@ -139,3 +141,34 @@ def test_step_executables_hold_no_device_conditionals(tiny):
     assert sorted(executables) == [(4, 4, "greedy"), (4, 4, "sample"), (64, 4, "sample")]
     for key, executable in executables.items():
         assert "conditional(" not in executable.as_text(), key
+
+
+def test_unrolled_layers_match_the_layer_loop_and_hold_no_while(tiny):
+    """The default step runs the layers as straight-line code over per-layer weights: same tokens as the device
+    loop over the stacked weights, the layer loop gone from the compiled step, and the caller's model untouched."""
+    model, _ = tiny
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model.layers))]
+    looped = make_llm(tiny, unroll_layers=False, token_buckets=(8, 64))
+    unrolled = make_llm(tiny, token_buckets=(8, 64))
+    assert unrolled.engine.runner.layer_states is not None and looped.engine.runner.layer_states is None
+    # The layer loop is gone; other small loops (searchsorted's) stay.
+    for key, executable in unrolled.engine.runner.executables.items():
+        assert executable.as_text().count(" while(") < looped.engine.runner.executables[key].as_text().count(
+            " while("), key
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=3, ignore_eos=True)
+    for params in (GREEDY, sampled):
+        a = [o.token_ids for o in looped.generate(PROMPTS, params, use_tqdm=False)]
+        b = [o.token_ids for o in unrolled.generate(PROMPTS, params, use_tqdm=False)]
+        assert a == b
+    after = jax.tree.leaves(nnx.state(model.layers))
+    assert all(np.array_equal(x, np.asarray(y)) for x, y in zip(before, after))  # not owned: not released
+
+
+def test_engine_that_loads_its_model_releases_the_stacked_weights():
+    llm = LLM("tiny-llama", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16, page_size=8,
+              token_buckets=(8, 16), progress=False)
+    assert all(x.shape[0] == 0 for x in jax.tree.leaves(nnx.state(llm.model.layers)))
+    layer_states = llm.engine.runner.layer_states
+    assert len(layer_states) == llm.model.config.num_layers
+    out = llm.generate(["abc"], GREEDY, use_tqdm=False)
+    assert len(out[0].token_ids) == 10

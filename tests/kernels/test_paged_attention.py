@@ -10,7 +10,12 @@ import pytest
 
 from kernels_pallas import ops
 from kernels_pallas import paged_attention as pa
-from kernels_pallas.kv_cache import write_kv, write_kv_reference
+from kernels_pallas.kv_cache import FP8_MAX, write_kv, write_kv_reference
+
+# e4m3 keeps 3 mantissa bits: rounding to nearest moves a value by at most 2^-4 of itself. Against the unquantized
+# (bf16) reference the output may move by about that much; against the dequantized cache only the kernel's own
+# f16/f32 rounding remains (the bf16 tolerance).
+FP8_TOL = 2.0 ** -4
 
 
 def make_batch(seed, *, q_lens, seq_lens, num_rows=None, extra_tokens=0, K=2, G=4, H=64, page_size=16,
@@ -45,6 +50,18 @@ def assert_close(out, expected, rows=None, tol=2e-2):
     diff = np.abs(out - expected)
     print(f"rel err {err:.2e}  max abs {diff.max():.2e}  mean abs {diff.mean():.2e}")
     assert err < tol, err
+
+
+def to_fp8(batch, seed, spread=3.0):
+    """(fp8 batch, the unquantized bf16 batch it came from, scales). The caches are scaled by `spread` and stored
+    as x / scale with random per-kv-head scales, so values reach far into e4m3's normal range and its subnormals."""
+    q, k_pages, v_pages, *rest = batch
+    rng = np.random.default_rng(seed)
+    scales = [jnp.asarray(rng.uniform(0.02, 0.2, k_pages.shape[:-3]), jnp.float32) for _ in range(2)]  # [(L,) K]
+    orig = [(x.astype(jnp.float32) * spread).astype(x.dtype) for x in (k_pages, v_pages)]
+    fp8 = [jnp.clip(x.astype(jnp.float32) / s[..., None, None, None], -FP8_MAX, FP8_MAX).astype(pa.FP8)
+           for x, s in zip(orig, scales)]
+    return (q, *fp8, *rest), (q, *orig, *rest), dict(k_scale=scales[0], v_scale=scales[1])
 
 
 def run_both(batch, config, **kw):
@@ -122,6 +139,43 @@ def test_gqa_group_8_head_dim_128():
     assert_close(out, expected)
 
 
+@pytest.mark.parametrize("page_size,stages", [(16, 2), (64, 3)])
+def test_fp8_decode_batch(page_size, stages):
+    seq_lens = [1, 2 * page_size, 3 * page_size - 5, 4 * page_size]
+    batch = make_batch(20 + page_size, q_lens=[1] * 4, seq_lens=seq_lens, page_size=page_size, H=128)
+    fp8, orig, scales = to_fp8(batch, 21)
+    out = pa.ragged_paged_attention(*fp8, **scales, config=pa.TuningConfig(64, stages, num_splits=1),
+                                    interpret=True)
+    assert_close(out, pa.paged_attention_reference(*fp8, **scales))
+    assert_close(out, pa.paged_attention_reference(*orig), tol=FP8_TOL)
+
+
+def test_fp8_mixed_decode_and_prefill_with_splits_window_softcap():
+    batch = make_batch(22, q_lens=[1, 20, 1, 17, 1], seq_lens=[90, 20, 1, 77, 128])
+    fp8, orig, scales = to_fp8(batch, 23)
+    kw = dict(sliding_window=50, softcap=4.0, sm_scale=0.3)
+    out = pa.ragged_paged_attention(*fp8, **scales, **kw, config=pa.TuningConfig(64, 2, num_splits=3),
+                                    interpret=True)
+    assert_close(out, pa.paged_attention_reference(*fp8, **scales, **kw))
+    assert_close(out, pa.paged_attention_reference(*orig, **kw), tol=FP8_TOL)
+
+
+def test_fp8_scales_are_applied_per_kv_head():
+    """Rescaling the stored values and the scales together must not change the result; rescaling only the
+    stored values must (so a kernel that ignored the scales could not pass)."""
+    batch = make_batch(24, q_lens=[1, 6], seq_lens=[40, 30], K=2)
+    fp8, _, scales = to_fp8(batch, 25, spread=1.0)
+    q, k8, v8, *rest = fp8
+    half = lambda x: (x.astype(jnp.float32) / 2).astype(pa.FP8)  # exact: a power of two, no underflow at spread 1
+    config = pa.TuningConfig(64, 2, num_splits=1)
+    out = pa.ragged_paged_attention(*fp8, **scales, config=config, interpret=True)
+    out_rescaled = pa.ragged_paged_attention(q, half(k8), half(v8), *rest, k_scale=2 * scales["k_scale"],
+                                             v_scale=2 * scales["v_scale"], config=config, interpret=True)
+    assert_close(out_rescaled, out, tol=1e-2)
+    out_wrong = pa.ragged_paged_attention(q, half(k8), half(v8), *rest, **scales, config=config, interpret=True)
+    assert not np.allclose(np.asarray(out_wrong, np.float32), np.asarray(out, np.float32), atol=1e-2)
+
+
 def make_stacked(seed, num_layers, **kw):
     """A batch whose caches are [L, K, P, page_size, H], each layer drawn separately (same page table)."""
     layers = [make_batch(seed + 100 * i, **kw) for i in range(num_layers)]
@@ -168,6 +222,38 @@ def test_ops_paged_attention_backends_agree():
     np.testing.assert_allclose(fallback, ops.paged_attention_reference(*as_f32, **kw), rtol=1e-6, atol=1e-6)
 
 
+def test_ops_fp8_stacked_write_then_attend_backends_agree():
+    """The engine's fp8 pattern through ops: quantize-and-write this step's K/V into a mid layer of a stacked fp8
+    cache, then attend; the interpreter and the reference agree, and both stay within e4m3's rounding of the
+    same computation on a bf16 cache."""
+    L, page_size = 3, 16
+    batch = make_stacked(30, L, q_lens=[1, 6, 1], seq_lens=[50, 30, 17], num_rows=4, K=2, H=128)
+    fp8, orig, scales = to_fp8(batch, 31)
+    q = fp8[0]
+    T = q.shape[0]
+    rng = np.random.default_rng(32)
+    k_new = jnp.asarray(rng.standard_normal((T, 2, 128)) * 3, jnp.bfloat16)
+    v_new = jnp.asarray(rng.standard_normal((T, 2, 128)) * 3, jnp.bfloat16)
+    qsl, sl, pt = np.asarray(batch[4]), np.asarray(batch[5]), np.asarray(batch[3])
+    slots = np.full(T, -1, np.int32)
+    for r in range(3):
+        pos = np.arange(sl[r] - (qsl[r + 1] - qsl[r]), sl[r])
+        slots[qsl[r]:qsl[r + 1]] = pt[r, pos // page_size] * page_size + pos % page_size
+    layer, slots = jnp.int32(1), jnp.asarray(slots)
+
+    def step(k_cache, v_cache, **sc):
+        kc, vc = ops.write_kv(k_cache, v_cache, layer, k_new, v_new, slots, **sc)
+        return ops.paged_attention(q, kc, vc, layer, *batch[3:], scale=0.1, **sc)
+
+    with ops.kernel_backend("reference"):
+        expected = step(*fp8[1:3], **scales)
+        unquantized = step(*orig[1:3])
+    with ops.kernel_backend("interpret"):
+        out = step(*fp8[1:3], **scales)
+    assert_close(out, expected)
+    assert_close(out, unquantized, tol=FP8_TOL)
+
+
 def test_bad_arguments_raise():
     batch = make_batch(6, q_lens=[1], seq_lens=[5])
     with pytest.raises(ValueError, match="block_kv"):
@@ -182,6 +268,13 @@ def test_bad_arguments_raise():
         pa.ragged_paged_attention(batch[0], batch[1][None], batch[2][None], *batch[3:])
     with pytest.raises(ValueError, match="layer"):
         pa.ragged_paged_attention(*batch, layer=0)
+    fp8, _, scales = to_fp8(batch, 6)
+    with pytest.raises(ValueError, match="k_scale"):  # scales belong to an fp8 cache
+        pa.ragged_paged_attention(*batch, k_scale=scales["k_scale"])
+    with pytest.raises(ValueError, match="v_scale.shape"):
+        pa.ragged_paged_attention(*fp8, v_scale=scales["v_scale"][None])
+    with pytest.raises(ValueError, match="unsupported"):  # fp8 converts 64-row tiles
+        pa.ragged_paged_attention(*fp8, config=pa.TuningConfig(block_kv=32))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,6 +299,29 @@ def test_write_kv_matches_loop_and_skips_padding():
     untouched[slots[slots >= 0]] = False
     flat = np.asarray(k_out, np.float32).reshape(K, -1, H)
     np.testing.assert_array_equal(flat[:, untouched], np.asarray(k_pages, np.float32).reshape(K, -1, H)[:, untouched])
+
+
+def test_write_kv_fp8_quantizes_per_head_and_saturates():
+    rng = np.random.default_rng(15)
+    K, P, page_size, H, T = 2, 6, 8, 16, 10
+    k_pages = jnp.asarray(rng.standard_normal((K, P, page_size, H)), pa.FP8)
+    v_pages = jnp.asarray(rng.standard_normal((K, P, page_size, H)), pa.FP8)
+    k_new = jnp.asarray(rng.standard_normal((T, K, H)) * 30, jnp.bfloat16)  # some of k_new / 0.05 pass 448
+    v_new = jnp.asarray(rng.standard_normal((T, K, H)), jnp.bfloat16)
+    k_scale, v_scale = jnp.asarray([0.05, 2.0], jnp.float32), jnp.asarray([0.5, 0.01], jnp.float32)
+    slots = rng.permutation(P * page_size)[:T].astype(np.int32)
+    slots[4] = -1
+    k_out, v_out = write_kv(k_pages, v_pages, k_new, v_new, jnp.asarray(slots), k_scale, v_scale)
+    k_exp, v_exp = write_kv_reference(k_pages, v_pages, k_new, v_new, jnp.asarray(slots), k_scale, v_scale)
+    np.testing.assert_array_equal(np.asarray(k_out, np.float32), np.asarray(k_exp, np.float32))
+    np.testing.assert_array_equal(np.asarray(v_out, np.float32), np.asarray(v_exp, np.float32))
+    stored = np.asarray(k_out, np.float32).reshape(K, -1, H)[:, slots[slots >= 0]]  # [K, T', H]
+    assert np.isfinite(stored).all() and np.abs(stored).max() == FP8_MAX  # saturated, not NaN
+    # dequantized values are within half an e4m3 step (2^-4 relative, or the subnormal step 2^-10) of the input
+    x = np.swapaxes(np.asarray(k_new, np.float32)[slots >= 0], 0, 1) / np.asarray(k_scale)[:, None, None]
+    fits = np.abs(x) <= FP8_MAX
+    err = np.abs(stored - x)[fits]
+    assert (err <= np.maximum(np.abs(x[fits]) * 2.0 ** -4, 2.0 ** -10)).all()
 
 
 def test_write_kv_is_in_place_when_donated():
@@ -240,7 +356,8 @@ def test_ops_write_kv_stacked_matches_loop():
 @pytest.mark.parametrize("donate", [True, False])
 def test_ops_write_kv_stacked_is_in_place_when_donated(donate):
     """The engine's write (traced layer, stacked cache) compiles to an in-place scatter under donation; without
-    donation the same HLO must show the full-size copies, so the check can fail."""
+    donation the same HLO must show the full-size copies, so the check can fail. (The fp8 write's check runs on
+    the GPU: the CPU backend widens every f8 or byte-viewed scatter through a full-size pass.)"""
     L, K, P, page_size, H, T = 4, 4, 256, 16, 64, 8
     cache = jax.ShapeDtypeStruct((L, K, P, page_size, H), jnp.bfloat16)
     new = jax.ShapeDtypeStruct((T, K, H), jnp.bfloat16)
@@ -270,6 +387,75 @@ def test_gpu_serving_sizes(page_size):
     out = pa.ragged_paged_attention(*batch)
     expected = pa.paged_attention_reference(*batch)
     assert_close(out, expected, rows=sum(q_lens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_gpu_fp8_serving_sizes(page_size):
+    q_lens = [1] * 30 + [512, 100]
+    seq_lens = [int(x) for x in np.random.default_rng(16).integers(1, 4096, 30)] + [2048, 4096]
+    batch = make_batch(16, q_lens=q_lens, seq_lens=seq_lens, num_rows=40, extra_tokens=7, K=8, G=4, H=128,
+                       page_size=page_size)
+    fp8, orig, scales = to_fp8(batch, 17)
+    rows = sum(q_lens)
+    out = pa.ragged_paged_attention(*fp8, **scales)
+    assert_close(out, pa.paged_attention_reference(*fp8, **scales), rows=rows)
+    assert_close(out, pa.paged_attention_reference(*orig), rows=rows, tol=FP8_TOL)
+
+
+def full_size_passes(hlo, shape):
+    """Entry instructions that produce a whole cache of `shape` other than the scatter itself (in place) and
+    free views: each such line is a pass over the whole cache."""
+    dims = "[" + ",".join(map(str, shape)) + "]"
+    entry = hlo[hlo.index("ENTRY"):]
+    free = (" parameter(", " bitcast(", " tuple(", " get-tuple-element(")
+    return [line.strip()[:160] for line in entry.splitlines()
+            if "=" in line and dims in line.split("=")[1][:40] and not any(f in line for f in free)
+            and "scatter" not in line]
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_write_kv_is_in_place_when_donated():
+    """On the device the fp8 write (quantize + byte scatter) must not pass over the whole cache: checked in the
+    compiled HLO and by timing against a plain copy of one cache. The direct f8 scatter is reported beside it."""
+    import time
+    L, K, P, page_size, H, T = 4, 8, 8192, 16, 128, 64
+    shape = (L, K, P, page_size, H)
+    k_cache = jnp.zeros(shape, pa.FP8)
+    v_cache = jnp.zeros(shape, pa.FP8)
+    new = jnp.asarray(np.random.default_rng(40).standard_normal((T, K, H)), jnp.bfloat16)
+    slots = jnp.asarray(np.random.default_rng(41).permutation(P * page_size)[:T].astype(np.int32))
+    scale = jnp.full((L, K), 0.5, jnp.float32)
+
+    def direct(kc, vc, layer, k, v, s):  # for the record: the f8 scatter without the byte view
+        kq = jnp.clip(k / 0.5, -FP8_MAX, FP8_MAX).astype(pa.FP8)
+        page, off = s // page_size, s % page_size
+        return kc.at[layer, :, page, off].set(kq, mode="drop"), vc.at[layer, :, page, off].set(kq, mode="drop")
+
+    timings = {}
+    for name, fn in (("ops", lambda *a: ops.write_kv(*a, k_scale=scale, v_scale=scale)), ("direct", direct),
+                     ("copy", lambda kc, vc, *_: (kc + 0, vc))):
+        step = jax.jit(fn, donate_argnums=(0, 1))
+        hlo = step.lower(k_cache, v_cache, jnp.int32(2), new, new, slots).compile().as_text()
+        passes = full_size_passes(hlo, shape)
+        for _ in range(3):
+            k_cache, v_cache = step(k_cache, v_cache, jnp.int32(2), new, new, slots)
+        jax.block_until_ready(k_cache)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            k_cache, v_cache = step(k_cache, v_cache, jnp.int32(2), new, new, slots)
+        jax.block_until_ready(k_cache)
+        timings[name] = (time.perf_counter() - t0) / 20 * 1e6
+        print(f"write_kv {name}: {timings[name]:.1f} us/step, full-size passes {passes}")
+        if name == "ops":
+            assert not passes, passes
+    assert timings["ops"] < timings["copy"] / 4, timings
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_long_context_split():
+    fp8, _, scales = to_fp8(make_batch(18, q_lens=[1], seq_lens=[32768], K=8, G=4, H=128), 19)
+    assert_close(pa.ragged_paged_attention(*fp8, **scales), pa.paged_attention_reference(*fp8, **scales))
 
 
 @pytest.mark.gpu
