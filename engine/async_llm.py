@@ -60,7 +60,7 @@ class AsyncLLM:
             compilation_cache_dir=args.compilation_cache_dir,
             unroll_layers=getattr(args, "unroll_layers", True),
             kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
-        return cls(LLMEngine(model, tokenizer, config, owns_model=True))
+        return cls(LLMEngine(model, tokenizer, config, owns_model=True, background_extras=True))
 
     # ------------------------------------------------------------------------------------------------------------
     def _loop(self) -> None:

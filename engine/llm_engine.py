@@ -23,8 +23,9 @@ from ie_jax.stopping import check_stop
 
 class LLMEngine:
     def __init__(self, model: nnx.Module, tokenizer, config: EngineConfig | None = None, *, warmup: bool = True,
-                 progress: bool = True, owns_model: bool = False):
-        """`owns_model`: the engine may release the model's stacked layer weights (see ModelRunner)."""
+                 progress: bool = True, owns_model: bool = False, background_extras: bool = False):
+        """`owns_model`: the engine may release the model's stacked layer weights (see ModelRunner).
+        `background_extras`: compile the argmax-only step variants after start-up (see ModelRunner.warmup)."""
         self.config = config = config or EngineConfig()
         self.model_config = model.config
         if config.max_model_len > model.config.max_position_embeddings:
@@ -44,7 +45,7 @@ class LLMEngine:
         self.last_step_times: dict[str, float] = {}
         self.in_flight = None  # (SchedulerOutput, sample rows, device result) of the step not yet read back
         if warmup:
-            self.runner.warmup(progress)
+            self.runner.warmup(progress, background_extras=background_extras)
 
     # ------------------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,

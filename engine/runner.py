@@ -11,6 +11,7 @@ requests that use penalties; for the others the penalties are neutral (1.0 / 0.0
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -168,14 +169,18 @@ class ModelRunner:
                 return T, R
         raise AssertionError(f"{num_tokens=} exceeds every bucket")
 
-    def warmup(self, progress: bool = True, max_workers: int | None = None) -> None:
+    def warmup(self, progress: bool = True, max_workers: int | None = None, background_extras: bool = False) -> None:
         """Compile every (T, R) bucket ahead of time, several at once (XLA compiles outside the GIL), so that
         serving never compiles: `run` calls only these executables and a shape outside them is an error.
 
         Every bucket gets the full sampler; decode-sized buckets (T <= max_num_seqs) also get an argmax-only variant
         for all-greedy steps, where the sampler's sort would be a visible share of the step. Larger buckets are
         prefill-heavy steps, where it is not, so they skip the second variant (start-up time: each executable costs
-        a trace under the GIL even when the compilation cache has it)."""
+        a trace under the GIL even when the compilation cache has it).
+
+        `background_extras` (the server): only the full-sampler executables are built before returning; the
+        argmax-only variants compile on a background thread and `run` picks each up once it exists. Until then
+        greedy steps run the full sampler, which gives the same tokens."""
         workers = max_workers or min(8, os.cpu_count() or 1)
         args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
 
@@ -186,13 +191,24 @@ class ModelRunner:
             return key, lowered.compile()
 
         keys = [(T, R, "sample") for T, R in self.config.buckets]
-        keys += [(T, R, "greedy") for T, R in self.config.buckets if T <= self.config.max_num_seqs]
+        extras = [(T, R, "greedy") for T, R in self.config.buckets if T <= self.config.max_num_seqs]
+        if not background_extras:
+            keys, extras = keys + extras, []
         keys = [k for k in keys if k not in self.executables]
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc="compiling step buckets",
                                                        disable=not progress, leave=False) as bar:
             for key, executable in pool.map(compile_bucket, keys):
                 self.executables[key] = executable
                 bar.update()
+        extras = [k for k in extras if k not in self.executables]
+        if extras:
+            def compile_extras():
+                with ThreadPoolExecutor(2) as pool:
+                    for key, executable in pool.map(compile_bucket, extras):
+                        self.executables[key] = executable  # one dict store: atomic for the engine thread
+
+            self.extras_thread = threading.Thread(target=compile_extras, name="compile-greedy", daemon=True)
+            self.extras_thread.start()
         self.check_headroom()
 
     def num_compiled(self) -> int:

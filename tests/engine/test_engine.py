@@ -5,7 +5,9 @@ from flax import nnx
 import pytest
 
 import ie_jax
+from engine.config import EngineConfig
 from engine.llm import LLM
+from engine.llm_engine import LLMEngine
 from ie_jax import SamplingParams
 
 PROMPTS = ["Hello there", "a", "The quick brown fox jumps over the lazy dog, twice over", "xyz" * 9, "0123456789"]
@@ -172,3 +174,20 @@ def test_engine_that_loads_its_model_releases_the_stacked_weights():
     assert len(layer_states) == llm.model.config.num_layers
     out = llm.generate(["abc"], GREEDY, use_tqdm=False)
     assert len(out[0].token_ids) == 10
+
+
+def test_background_compile_of_greedy_variants(tiny):
+    """The server's start-up builds only the full-sampler steps; the argmax-only variants arrive on a background
+    thread, and greedy requests give the same tokens before and after they do."""
+    model, tok = tiny
+    config = EngineConfig(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, page_size=8,
+                          token_buckets=(4, 64))
+    engine = LLMEngine(model, tok, config, progress=False, background_extras=True)
+    runner = engine.runner
+    assert {(4, 4, "sample"), (64, 4, "sample")} <= set(runner.executables)
+    runner.extras_thread.join(timeout=300)
+    assert sorted(runner.executables) == [(4, 4, "greedy"), (4, 4, "sample"), (64, 4, "sample")]
+    llm = make_llm(tiny, token_buckets=(4, 64))
+    want = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    llm.engine = engine
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
