@@ -44,11 +44,12 @@ class BlockManager:
 
     def _update_hashes(self, request: Request, extra_key=None) -> None:
         """Extend request.page_hashes over every full page of its known tokens."""
-        tokens, P = request.all_token_ids, self.page_size
-        known = len(tokens) - (1 if tokens and tokens[-1] < 0 else 0)  # a token still on the device is not hashed
-        for i in range(len(request.page_hashes), known // P):
+        P, n = self.page_size, request.num_tokens
+        pending = n and request.token_ids_slice(n - 1, n)[0] < 0  # a token still on the device is not hashed
+        for i in range(len(request.page_hashes), (n - pending) // P):
             parent = request.page_hashes[-1] if request.page_hashes else None
-            request.page_hashes.append(hash((parent, tuple(tokens[i * P:(i + 1) * P]), extra_key)))
+            page_tokens = tuple(request.token_ids_slice(i * P, (i + 1) * P))
+            request.page_hashes.append(hash((parent, page_tokens, extra_key)))
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Pages holding the longest cached prefix of a new request. At least one token is left to compute,
@@ -93,11 +94,13 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self._update_hashes(request)
-        for i in range(min(request.num_computed_tokens // self.page_size, len(request.page_hashes))):
+        full = min(request.num_computed_tokens // self.page_size, len(request.page_hashes))
+        for i in range(request.num_published_pages, full):  # pages before it were published (or taken) already
             page, h = request.page_ids[i], request.page_hashes[i]
             if self.page_hash[page] is None and h not in self.cached:
                 self.cached[h] = page
                 self.page_hash[page] = h
+        request.num_published_pages = max(request.num_published_pages, full)
 
     def free_request(self, request: Request) -> None:
         """Drop the request's references; idle pages join the free queue, its last page first to go."""
@@ -107,3 +110,4 @@ class BlockManager:
             if self.ref_counts[page] == 0:
                 self.free[page] = None
         request.page_ids = []
+        request.num_published_pages = 0

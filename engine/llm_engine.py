@@ -150,8 +150,12 @@ class LLMEngine:
             if not sampled or request.is_finished:  # a finished request's extra token is dropped
                 continue
             tok = int(token_ids[row])
-            index = request.output_token_ids.index(-1)
-            request.output_token_ids[index] = tok
+            ids = request.output_token_ids
+            index = len(ids) - 1  # the oldest placeholder: placeholders (-1) sit at the end, at most two
+            while index > 0 and ids[index - 1] < 0:
+                index -= 1
+            assert ids[index] < 0, "a sampled token without its placeholder"
+            ids[index] = tok
             request.first_token_time = request.first_token_time or now
             self.num_generation_tokens += 1
             k = request.sampling_params.logprobs

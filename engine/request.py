@@ -18,7 +18,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
 
 
 @dataclasses.dataclass(eq=False)
@@ -36,6 +39,7 @@ class Request:
     num_cached_tokens: int = 0  # of the prompt, served by the prefix cache at first schedule
     page_ids: list[int] = dataclasses.field(default_factory=list)
     page_hashes: list[int] = dataclasses.field(default_factory=list)  # chained hashes of its full pages so far
+    num_published_pages: int = 0  # its first pages already offered to the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
@@ -52,6 +56,13 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_slice(self, start: int, stop: int) -> list[int]:
+        """all_token_ids[start:stop] without building the whole list (a decode step reads one token)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p: stop - p]
+        return self.prompt_token_ids[start:stop] + self.output_token_ids[:max(stop - p, 0)]
 
     @property
     def is_finished(self) -> bool:

@@ -257,16 +257,22 @@ class ModelRunner:
         samples = []
         for r, (req, n) in enumerate(out.scheduled):
             start = req.num_computed_tokens
-            tokens = np.asarray(req.all_token_ids[start: start + n], np.int32)
-            inp.input_ids[pos: pos + n] = tokens
-            if tokens[-1] < 0:  # the request's newest token is still on the device (step in flight)
-                assert n == 1, "only a decode token can be pending"
-                inp.from_slot[pos] = self.slot_of[req.request_id]
-            positions = np.arange(start, start + n, dtype=np.int32)
-            inp.positions[pos: pos + n] = positions
-            pages = np.asarray(req.page_ids, np.int32)
-            inp.slot_mapping[pos: pos + n] = pages[positions // P] * P + positions % P
+            pages = req.page_ids
             inp.page_table[r, : len(pages)] = pages
+            if n == 1:  # a decode row (the common case): plain Python ints, no temporaries
+                token = req.token_ids_slice(start, start + 1)[0]
+                inp.input_ids[pos] = token
+                if token < 0:  # the request's newest token is still on the device (step in flight)
+                    inp.from_slot[pos] = self.slot_of[req.request_id]
+                inp.positions[pos] = start
+                inp.slot_mapping[pos] = pages[start // P] * P + start % P
+            else:
+                tokens = np.asarray(req.token_ids_slice(start, start + n), np.int32)
+                inp.input_ids[pos: pos + n] = tokens
+                assert tokens[-1] >= 0, "only a decode token can be pending"
+                positions = np.arange(start, start + n, dtype=np.int32)
+                inp.positions[pos: pos + n] = positions
+                inp.slot_mapping[pos: pos + n] = np.asarray(pages, np.int32)[positions // P] * P + positions % P
             inp.seq_lens[r] = start + n
             pos += n
             inp.query_start_loc[r + 1] = pos
