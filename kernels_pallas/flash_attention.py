@@ -3,15 +3,15 @@
 Shapes: q [B, T, N, H]; k, v [B, T, K, H] with N % K == 0 (MHA, GQA, MQA); segment_ids [B, T] int32.
 B batch, T tokens, N query heads, K kv heads, G = N // K query heads per kv head, H head dim.
 
-One CTA computes a 128-row query tile of one (batch, head). It runs three warpgroups:
-  producer   warpgroup 2: TMA-loads K/V blocks into a `num_stages`-deep ring of swizzled SMEM buffers, waiting
-             on "consumed" barriers before it overwrites a slot;
-  consumers  warpgroups 0 and 1 each own 64 query rows: S = Q K^T (wgmma), online softmax in base 2 (log2(e)
-             folded into the scale), O += P V (wgmma with P in registers). A shared "schedule" barrier makes
-             the two consumers take turns on the tensor cores, so one's softmax hides under the other's matmuls.
-The KV loop visits only the blocks the tile can see (causal and sliding-window bounds) and applies the mask only
-on blocks that need it (the diagonal, the window's edge, the ragged tail, or every block with segment ids).
-T is padded up to the tile inside the wrapper; padded keys are masked, padded query rows are sliced off.
+One CTA computes a 128-row query tile of one (batch, head) with three warpgroups. The producer (warpgroup 2)
+TMA-loads K/V blocks into a `num_stages`-deep ring of swizzled SMEM buffers, waiting on "consumed" barriers
+before it overwrites a slot. Consumers 0 and 1 each own 64 query rows: S = Q K^T (wgmma), online softmax in base 2
+(scale and log2(e) folded into one FMA), O += P V (wgmma, P in registers). Pipelined (d128/d256 default), a
+consumer issues S_j and O += P_{j-1} V_{j-1} back to back and runs the softmax of S_j while the second product
+is on the tensor cores. Optionally the consumers take turns issuing (`schedule`). The KV loop visits only the
+blocks the tile can see (causal and window bounds) and masks only those that need it (diagonal, window edge,
+ragged tail, or all with segment ids). T is padded up to the tile inside the wrapper; padded keys are masked,
+padded query rows sliced off. Causal tiles launch longest first, so the last wave holds short tiles.
 
 The backward kernels, and the mask/pipeline pieces both directions share, live in `flash_attention_bwd.py`.
 This module does not know about models, positions or paging: the caller gives index-causal, equal-length q, k/v.
@@ -33,11 +33,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import flash_attention_bwd, ops
 from kernels_pallas.flash_attention_bwd import (BLOCK_Q, LOG2E, NUM_CONSUMERS, TILE_Q, MaskSpec, interpret_params,
-                                                kv_block_range, mma, pad_tokens, produce, scaled_logits,
-                                                smem_transforms, three_loops, visible)
+                                                kv_block_range, mma, mma_fresh, pad_tokens, produce,
+                                                scaled_logits, smem_transforms, three_loops, visible)
 
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
+SCHEDULES = ("handoff", "rendezvous", "none")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -46,11 +47,17 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-    """Block sizes and pipeline depth. Forward: 128 query rows x `block_kv` keys per step. Backward: the dK/dV
-    pass streams `bwd_block_q` query rows past 128 keys; the dQ pass streams `bwd_block_kv` keys past 128 rows."""
+    """Block sizes, pipeline depth and issue order.
+
+    Forward: 128 query rows x `block_kv` keys per step. `pipeline` overlaps each softmax with the next QK^T and
+    the previous PV. `schedule`, how the two consumers share the tensor cores: "none", "handoff" (wait for the
+    turn before issuing, pass it on right after; pipelined only) or "rendezvous" (both meet at a barrier after
+    every issue and every softmax). Backward: the dK/dV pass streams `bwd_block_q` query rows past 128 keys;
+    the dQ pass streams `bwd_block_kv` keys past 128 rows."""
     block_kv: int = 128
     num_stages: int = 2
-    schedule_barrier: bool = True
+    pipeline: bool = True
+    schedule: str = "none"
     bwd_block_q: int = 64
     bwd_block_kv: int = 64
     bwd_num_stages: int = 2
@@ -64,12 +71,17 @@ class TuningConfig:
             value = getattr(self, name)
             if not 2 <= value <= 4:
                 raise ValueError(f"{name}={value} must be in [2, 4]")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if self.schedule == "handoff" and not self.pipeline:
+            raise ValueError(f"schedule={self.schedule!r} needs pipeline=True")
 
     @staticmethod
     def default(head_dim: int) -> TuningConfig:
-        """Best forward of the H200 sweep in docs/kernels/flash_attention.md (b4 s8192, 32/8 heads)."""
-        block_kv = {64: 256, 128: 128, 256: 64}[head_dim]
-        return TuningConfig(block_kv=block_kv, num_stages=2)
+        """Best forward of the H200 sweeps in docs/kernels/flash_attention.md (b4 s8192, 32/8 heads)."""
+        if head_dim == 64:   # a 256-key step halves the per-step overhead; S [64, 256] leaves no room to pipeline
+            return TuningConfig(block_kv=256, pipeline=False, schedule="rendezvous")
+        return TuningConfig(block_kv=128 if head_dim == 128 else 64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,33 +91,52 @@ class TuningConfig:
 def _forward_call(q, k, v, segment_ids, *, spec: MaskSpec, scale: float, softcap, config: TuningConfig, interpret):
     """q [B, Tp, N, H], k/v [B, Tp, K, H], segment_ids [B, Tp] or None (Tp a multiple of the tiles)."""
     B, Tp, N, H = q.shape
-    K = k.shape[2]
-    G = N // K
+    G = N // k.shape[2]
     dtype = q.dtype
-    block_kv = config.block_kv
-    stages = config.num_stages
+    block_kv, stages, schedule = config.block_kv, config.num_stages, config.schedule
     use_interpreter = interpret is not None
     transforms = smem_transforms(dtype)
+    # exp2(s * fold - m): the scale and log2(e) ride in one FMA. Softcap applies its own scale inside tanh.
+    fold = 1.0 if softcap is not None else scale * LOG2E
 
     def kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, qseg_smem, kvseg_smem,
-               lse_smem, q_bar, qs_bar, k_full, v_full, s_full, k_consumed, v_consumed, schedule):
+               lse_smem, q_bar, qs_bar, k_full, v_full, s_full, k_consumed, v_consumed, meet, turn):
         # q_ref [B, Tp, N, H]; k_ref, v_ref [B, Tp, K, H]; seg_ref [B, Tp] int32 (or unused)
         # o_ref [B, Tp, N, H]; lse_ref [B, N, Tp] f32
         # q_smem [2, 64, H]: Q of each consumer, reused for its output; k_smem, v_smem [stages, block_kv, H]
         # p_smem [2, 64, block_kv]: P for the interpreter only; qseg_smem [2, 64]; kvseg_smem [stages, block_kv]
-        # lse_smem [2, 64] f32
-        head = lax.axis_index("heads")
-        tile = lax.axis_index("q_tiles")
-        batch = lax.axis_index("batch")
-        wg = lax.axis_index("wg")
+        # lse_smem [2, 64] f32; meet: the rendezvous barrier; turn [2]: the handoff barriers, one per consumer
+        head, tile, batch, wg = (lax.axis_index(name) for name in ("heads", "q_tiles", "batch", "wg"))
+        if spec.causal:   # longest tiles first
+            tile = Tp // TILE_Q - 1 - tile
         kv_head = lax.div(head, G)
         q0 = tile * TILE_Q
         lo, a, c, hi = kv_block_range(spec, q0, TILE_Q, block_kv)
+        # Visit at least one block (masked: [lo, a) or [c, hi) holds it), so the pipelined loop can peel the
+        # first block. Only a tile of padded rows sees nothing; its output is sliced off.
+        lo = jnp.minimum(lo, hi - 1)
 
         def rendezvous():
-            if config.schedule_barrier:
-                plgpu.barrier_arrive(schedule)
-                plgpu.barrier_wait(schedule)
+            plgpu.barrier_arrive(meet)
+            plgpu.barrier_wait(meet)
+
+        def turn_wait(*ready, first=False):
+            """Before this consumer issues wgmmas: wait for the `ready` barriers (data) and for its turn."""
+            if schedule == "rendezvous" and not first:   # data waits inside: the other consumer may need us
+                plgpu.barrier_arrive(meet)
+            for barrier in ready:
+                plgpu.barrier_wait(barrier)
+            if schedule == "rendezvous" and not first:
+                plgpu.barrier_wait(meet)
+            elif schedule == "handoff":
+                plgpu.barrier_wait(turn.at[wg])
+
+        def turn_pass(last=False):
+            """After this consumer issued its wgmmas: let the other one issue."""
+            if schedule == "rendezvous" and not last:
+                rendezvous()
+            elif schedule == "handoff":
+                plgpu.barrier_arrive(turn.at[1 - wg])
 
         @pl.when(wg < NUM_CONSUMERS)
         def _consumer():
@@ -122,53 +153,132 @@ def _forward_call(q, k, v, segment_ids, *, spec: MaskSpec, scale: float, softcap
                 q_seg = plgpu.load(qseg_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                 q_seg = lax.broadcast_in_dim(q_seg, (BLOCK_Q, block_kv), [0])
 
-            def step(i, carry, masked):
-                acc, m, l = carry   # [64, H], [64], [64] f32 (m in base 2)
-                slot = lax.rem(i - lo, stages)
-                plgpu.barrier_wait(k_full.at[slot])
-
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
-                    rendezvous()
-                    return acc_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))   # [64, block_kv]
-                plgpu.barrier_arrive(k_consumed.at[slot])
-                s, _ = scaled_logits(s, scale, softcap)
+            def softmax(s, m, l, i, masked):
+                """Raw q.k of KV block i, s [64, block_kv] -> p [64, block_kv] f32, new m and l, rescale alpha."""
+                if softcap is not None:
+                    s, _ = scaled_logits(s, scale, softcap)
                 if masked:
                     q_ids = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
                     kv_ids = i * block_kv + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
                     kv_seg = None
                     if spec.has_segments:
+                        slot = lax.rem(i - lo, stages)
                         plgpu.barrier_wait(s_full.at[slot])
                         kv_seg = plgpu.load(kvseg_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                         kv_seg = lax.broadcast_in_dim(kv_seg, s.shape, [1])
                     ok = visible(spec, q_ids, kv_ids, q_seg, kv_seg)
                     if ok is not None:
                         s = jnp.where(ok, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1))
+                s_max = s.max(axis=1)
+                m_new = jnp.maximum(m, s_max if fold == 1.0 else s_max * fold)   # fold > 0 commutes with max
                 m_use = m_new
                 if masked:   # a row that has seen nothing yet has m = -inf; shift it by 0 instead
                     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 alpha = jnp.exp2(m - m_use)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p = jnp.exp2(s * fold - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                if config.schedule_barrier:
-                    plgpu.barrier_arrive(schedule)
-                plgpu.barrier_wait(v_full.at[slot])
-                if config.schedule_barrier:
-                    plgpu.barrier_wait(schedule)
-                acc = mma(acc, p16, v_smem.at[slot], p_smem.at[wg], use_interpreter)
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                return acc, m_new, l
+                return p, m_new, l, alpha
+
+            def rescale(acc, alpha):   # [64, H] * [64]
+                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+            def plain(acc, m, l):
+                """One block per step: S = Q K^T, wait, softmax, O += P V, wait."""
+                def step(i, carry, masked):
+                    acc, m, l = carry   # [64, H], [64], [64] f32 (m in base 2)
+                    slot = lax.rem(i - lo, stages)
+                    plgpu.barrier_wait(k_full.at[slot])
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+                        turn_pass()
+                        return acc_ref[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))   # [64, block_kv]
+                    plgpu.barrier_arrive(k_consumed.at[slot])
+                    p, m, l, alpha = softmax(s, m, l, i, masked)
+                    acc = rescale(acc, alpha)
+                    p16 = p.astype(dtype)
+                    turn_wait(v_full.at[slot])
+                    acc = mma(acc, p16, v_smem.at[slot], p_smem.at[wg], use_interpreter)
+                    plgpu.barrier_arrive(v_consumed.at[slot])
+                    return acc, m, l
+                return three_loops(lo, a, c, hi, step, (acc, m, l))
+
+            def pipelined(acc, m, l, o_acc=None, s_acc=None):
+                """S_j and P_{j-1} V_{j-1} in flight together; the softmax of S_j runs under the second.
+
+                Compiled, O and S live in wgmma accumulators o_acc [64, H] and s_acc [64, block_kv] for the whole
+                loop; interpreted (both None), O is the carried `acc` and each product completes at once.
+                """
+                def pv(acc, p16, pslot):   # O += P V (issued; completes before the interpreter returns)
+                    if use_interpreter:
+                        return mma(acc, p16, v_smem.at[pslot], p_smem.at[wg], True)
+                    plgpu.wgmma(o_acc, p16, v_smem.at[pslot])
+                    return acc
+
+                def issue(j, prev, acc):
+                    """Waits for K_j (and V_{j-1}), issues S_j (and O += P_{j-1} V_{j-1}); returns S_j."""
+                    slot = lax.rem(j - lo, stages)
+                    ready = [k_full.at[slot]]
+                    if prev is not None:
+                        p16, pslot = prev
+                        ready.append(v_full.at[pslot])
+                    turn_wait(*ready, first=prev is None)
+                    if use_interpreter:
+                        s = mma_fresh(qo, k_smem.at[slot].transpose((1, 0)), (BLOCK_Q, block_kv))
+                    else:
+                        s_acc[...] = plgpu.layout_cast(jnp.zeros((BLOCK_Q, block_kv), jnp.float32),
+                                                       plgpu.Layout.WGMMA)
+                        plgpu.wgmma(s_acc, qo, k_smem.at[slot].transpose((1, 0)))
+                    if prev is not None:
+                        acc = pv(acc, p16, pslot)
+                    turn_pass()
+                    if not use_interpreter:   # S_j was issued first, so it is done once one group remains
+                        s = plgpu.wgmma_accumulator_load(s_acc, wait_n=0 if prev is None else 1)
+                    plgpu.barrier_arrive(k_consumed.at[slot])
+                    return s, acc
+
+                def step(j, carry, masked):
+                    acc, p16, m, l = carry   # acc [64, H] (interpreter) or None; p16 [64, block_kv] of block j-1
+                    pslot = lax.rem(j - 1 - lo, stages)
+                    s, acc = issue(j, (p16, pslot), acc)
+                    p, m, l, alpha = softmax(s, m, l, j, masked)
+                    if use_interpreter:
+                        acc = rescale(acc, alpha)
+                    else:   # reading the accumulator waits for P_{j-1} V_{j-1}
+                        o_acc[...] = rescale(o_acc[...], alpha)
+                    plgpu.barrier_arrive(v_consumed.at[pslot])
+                    return acc, p.astype(dtype), m, l
+
+                s, acc = issue(lo, None, acc)
+                p, m, l, _ = softmax(s, m, l, lo, masked=True)   # O is still 0: nothing to rescale
+                carry = (acc if use_interpreter else None, p.astype(dtype), m, l)
+                a1 = jnp.maximum(a, lo + 1)
+                acc, p16, m, l = three_loops(lo + 1, a1, jnp.maximum(c, a1), hi, step, carry)
+                pslot = lax.rem(hi - 1 - lo, stages)
+                turn_wait(v_full.at[pslot])
+                acc = pv(acc, p16, pslot)
+                turn_pass(last=True)
+                if not use_interpreter:
+                    acc = o_acc[...]
+                plgpu.barrier_arrive(v_consumed.at[pslot])
+                return acc, m, l
 
             acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, H), jnp.float32), plgpu.Layout.WGMMA)
             m = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            pl.when(wg == 1)(rendezvous)         # offset the consumers by half a step: ping-pong
-            acc, m, l = three_loops(lo, a, c, hi, step, (acc, m, l))
-            pl.when(wg == 0)(rendezvous)
+            if schedule != "none":   # rendezvous: consumer 1 runs half a step late; handoff: consumer 0 goes first
+                pl.when(wg == 1)(rendezvous if schedule == "rendezvous" else lambda: plgpu.barrier_arrive(turn.at[0]))
+            if not config.pipeline:
+                acc, m, l = plain(acc, m, l)
+            elif use_interpreter:
+                acc, m, l = pipelined(acc, m, l)
+            else:
+                acc, m, l = pl.run_scoped(lambda o_acc, s_acc: pipelined(None, m, l, o_acc, s_acc),
+                                          plgpu.ACC((BLOCK_Q, H), jnp.float32),
+                                          plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+            if schedule != "none":   # balance consumer 1's extra rendezvous / observe its last handoff
+                pl.when(wg == 0)(rendezvous if schedule == "rendezvous" else lambda: plgpu.barrier_wait(turn.at[0]))
 
             l_safe = jnp.where(l == 0.0, 1.0, l)  # a row that sees nothing gives 0
             acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
@@ -186,7 +296,7 @@ def _forward_call(q, k, v, segment_ids, *, spec: MaskSpec, scale: float, softcap
                 (lambda j: k_ref.at[batch, pl.ds(j * block_kv, block_kv), kv_head], k_smem, k_full, k_consumed),
                 (lambda j: v_ref.at[batch, pl.ds(j * block_kv, block_kv), kv_head], v_smem, v_full, v_consumed),
             ]
-            if spec.has_segments:   # the segment slot is read after QK, so it is freed together with V
+            if spec.has_segments:   # the segment slot is read in the softmax, so it is freed together with V
                 copies.append((lambda j: seg_ref.at[batch, pl.ds(j * block_kv, block_kv)], kvseg_smem, s_full,
                                v_consumed))
             produce(lo, hi, stages, copies)
@@ -196,7 +306,7 @@ def _forward_call(q, k, v, segment_ids, *, spec: MaskSpec, scale: float, softcap
         plgpu.SMEM((NUM_CONSUMERS, BLOCK_Q, H), dtype, transforms=transforms),
         plgpu.SMEM((stages, block_kv, H), dtype, transforms=transforms),
         plgpu.SMEM((stages, block_kv, H), dtype, transforms=transforms),
-        plgpu.SMEM((NUM_CONSUMERS, BLOCK_Q, block_kv) if use_interpreter else (NUM_CONSUMERS, 8, 64), dtype),
+        plgpu.SMEM((NUM_CONSUMERS, BLOCK_Q, block_kv) if use_interpreter else (NUM_CONSUMERS, 8), dtype),
         plgpu.SMEM((NUM_CONSUMERS, BLOCK_Q), jnp.int32),
         plgpu.SMEM((stages, block_kv), jnp.int32),
         plgpu.SMEM((NUM_CONSUMERS, BLOCK_Q), jnp.float32),
@@ -207,7 +317,8 @@ def _forward_call(q, k, v, segment_ids, *, spec: MaskSpec, scale: float, softcap
         plgpu.Barrier(num_barriers=stages),                            # kv segments full
         plgpu.Barrier(num_barriers=stages, num_arrivals=NUM_CONSUMERS),
         plgpu.Barrier(num_barriers=stages, num_arrivals=NUM_CONSUMERS),
-        plgpu.Barrier(num_arrivals=NUM_CONSUMERS),                     # schedule (ping-pong)
+        plgpu.Barrier(num_arrivals=NUM_CONSUMERS),                     # rendezvous
+        plgpu.Barrier(num_barriers=NUM_CONSUMERS),                     # handoff turns
     ]
     o, lse = plgpu.kernel(
         kernel,
@@ -256,8 +367,7 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
         raise ValueError(f"head dim {H=} must be one of {HEAD_DIMS}")
     if q.dtype not in map(jnp.dtype, DTYPES) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{q.dtype=}, {k.dtype=}, {v.dtype=} must all be bfloat16 or float16")
-    if segment_ids is not None and (segment_ids.shape != (B, T) or not jnp.issubdtype(segment_ids.dtype,
-                                                                                     jnp.integer)):
+    if segment_ids is not None and (segment_ids.shape != (B, T) or segment_ids.dtype.kind not in "iu"):
         raise ValueError(f"{segment_ids.shape=} ({segment_ids.dtype}) must be integer [B={B}, T={T}]")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"{sliding_window=} must be >= 1")
@@ -274,13 +384,10 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
     return (o, lse) if return_lse else o
 
 
-def padded_length(T: int, config: TuningConfig) -> int:
-    tile = max(TILE_Q, config.block_kv, config.bwd_block_q, config.bwd_block_kv)
-    return pl.cdiv(T, tile) * tile
-
-
 def mask_spec(T: int, opts: _Options, has_segments: bool) -> MaskSpec:
-    return MaskSpec(opts.causal, opts.window, has_segments, T, padded_length(T, opts.config))
+    """T padded to a multiple of every tile of the forward and backward kernels."""
+    tile = max(TILE_Q, opts.config.block_kv, opts.config.bwd_block_q, opts.config.bwd_block_kv)
+    return MaskSpec(opts.causal, opts.window, has_segments, T, pl.cdiv(T, tile) * tile)
 
 
 def _forward(q, k, v, seg, opts: _Options):
@@ -346,13 +453,26 @@ def flash_attention_reference(q, k, v, *, causal: bool = True, segment_ids=None,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark: python scripts/bench_kernels.py attention [--quick] [--out PATH]
+# Benchmark: python scripts/bench_kernels.py attention [--quick | --sweep] [--out PATH]
 
 PEAK_TFLOPS = 752.0         # measured bf16 GEMM ceiling (shared/GPU.md)
-PEAK_TBPS = 4.14
+SHAPES = {"b4 s8192 h32/8 d128": (4, 8192, 32, 8, 128), "b1 s32768 h32/8 d128": (1, 32768, 32, 8, 128),
+          "b4 s8192 h32/8 d64": (4, 8192, 32, 8, 64), "b2 s8192 h32/8 d256": (2, 8192, 32, 8, 256)}
+SWEEP = {   # forward variants per head dim; the first of each is the default, --sweep times them all
+    128: {"pipe-none": TuningConfig.default(128), "pipe-handoff": TuningConfig(schedule="handoff"),
+          "plain-rendezvous": TuningConfig(pipeline=False, schedule="rendezvous"),
+          "pipe-rendezvous": TuningConfig(schedule="rendezvous"),
+          "pipe-handoff-kv64x4": TuningConfig(block_kv=64, num_stages=4, schedule="handoff")},
+    64: {"plain-rendezvous-kv256": TuningConfig.default(64), "pipe-none-kv128": TuningConfig(),
+         "pipe-handoff-kv128": TuningConfig(schedule="handoff")},
+    256: {"pipe-none-kv64": TuningConfig.default(256),
+          "pipe-handoff-kv64": TuningConfig(block_kv=64, schedule="handoff"),
+          "plain-rendezvous-kv64": TuningConfig(block_kv=64, pipeline=False, schedule="rendezvous")},
+}
 
 
 def _time_ms(fn, *args, reps: int = 5, iters: int = 10) -> float:
+    """Median over `reps` of the mean time of `iters` back-to-back calls, after one warm-up call."""
     jax.block_until_ready(fn(*args))
     samples = []
     for _ in range(reps):
@@ -364,130 +484,117 @@ def _time_ms(fn, *args, reps: int = 5, iters: int = 10) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def _attention_flops(B, S, N, H, causal):
-    return 4 * B * S * S * N * H / (2 if causal else 1)
+def _inputs(B, T, N, K, H, seed, segments=False):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q, do = (jax.random.normal(key, (B, T, N, H), jnp.bfloat16) for key in keys[:2])
+    k, v = (jax.random.normal(key, (B, T, K, H), jnp.bfloat16) for key in keys[2:4])
+    return q, k, v, do, jnp.sort(jax.random.randint(keys[4], (B, T), 0, 4), axis=1) if segments else None
 
 
-def _rel_err(x, ref):
-    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
-
-
-def _save(results, out):
-    out = out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "attention.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
-
-
-def _check(B, T, N, K, H, **kw):
-    """Forward, lse and gradients against the f32 reference on fresh random data; returns the worst rel error."""
-    keys = jax.random.split(jax.random.key(T + N + H), 5)
-    q = jax.random.normal(keys[0], (B, T, N, H), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (B, T, K, H), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (B, T, K, H), jnp.bfloat16)
-    do = jax.random.normal(keys[3], (B, T, N, H), jnp.bfloat16)
-    seg = jnp.sort(jax.random.randint(keys[4], (B, T), 0, 4), axis=1) if kw.pop("segments", False) else None
+def _check(case, results):
+    """Forward, lse (and gradients unless fwd_only) vs the f32 reference: appends rel errors o, lse[, dq, dk, dv]."""
+    kw = dict(case)
+    B, T, N, K, H, fwd_only, config = (kw.pop(name, None) for name in ("B", "T", "N", "K", "H", "fwd_only", "config"))
+    q, k, v, do, seg = _inputs(B, T, N, K, H, T + N + H, kw.pop("segments", False))
+    ours = functools.partial(flash_attention, return_lse=True, config=config)
 
     def run(fn, q, k, v, do, seg):
         (o, lse), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids=seg, **kw), q, k, v)
-        return (o, lse, *vjp((do, jnp.zeros_like(lse))))
-    ref = jax.jit(functools.partial(run, flash_attention_reference))(q, k, v, do, seg)
-    ours = jax.jit(lambda q, k, v, seg: flash_attention(q, k, v, segment_ids=seg, return_lse=True, **kw))(q, k, v, seg)
-    print("  forward rel err o, lse:", [_rel_err(a, b) for a, b in zip(ours, ref)], flush=True)
-    ours = jax.jit(functools.partial(run, functools.partial(flash_attention, return_lse=True)))(q, k, v, do, seg)
-    return [_rel_err(a, b) for a, b in zip(ours, ref)]
+        return (o, lse) if fwd_only else (o, lse, *vjp((do, jnp.zeros_like(lse))))
+    try:
+        got, expected = (jax.jit(functools.partial(run, fn))(q, k, v, do, seg)
+                         for fn in (ours, flash_attention_reference))
+        errs = [float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
+                      / jnp.linalg.norm(b.astype(jnp.float32).ravel())) for a, b in zip(got, expected)]
+        ok = max(errs) < 2e-2
+    except Exception as e:  # noqa: BLE001 - report and continue the sweep
+        errs, ok = repr(e)[:300], False
+    case = {name: str(value) if isinstance(value, TuningConfig) else value for name, value in case.items()}
+    results["checks"].append({"case": case, "rel_err o,lse[,dq,dk,dv]": errs, "ok": ok})
+    print(f"check {case}: {errs} {'OK' if ok else 'FAIL'}", flush=True)
+
+
+def _bench_shape(name, causal, configs, args):
+    """Times every config and cuDNN (and XLA) on one shape in `args.rounds` interleaved rounds."""
+    B, S, N, K, H = SHAPES[name]
+    q, k, v, do, _ = _inputs(B, S, N, K, H, S + H + causal)
+    flops = 4 * B * S * S * N * H / (2 if causal else 1)
+    impls = {f"pallas:{label}": functools.partial(flash_attention, causal=causal, config=cfg)
+             for label, cfg in configs.items()}
+    impls["cudnn"] = functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation="cudnn")
+    if S <= 8192 and not args.sweep and not args.no_xla:
+        impls["xla"] = functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation="xla")
+    row = {"shape": name, "B": B, "S": S, "N": N, "K": K, "H": H, "causal": causal, "fwd_tflop": flops / 1e12}
+    row.update({label: {"config": dataclasses.asdict(configs[label[7:]]) if label.startswith("pallas") else None,
+                        "fwd_ms_rounds": []} for label in impls})
+    for _ in range(args.rounds):
+        for label, fn in impls.items():
+            if "error" not in row[label]:
+                try:
+                    row[label]["fwd_ms_rounds"].append(_time_ms(jax.jit(fn), q, k, v))
+                except Exception as e:  # noqa: BLE001
+                    row[label]["error"] = repr(e)[:300]
+    for label, fn in impls.items():
+        entry = row[label]
+        if "error" not in entry:   # best round: the rounds differ by clock drift, not by the kernel
+            entry["fwd_ms"] = min(entry["fwd_ms_rounds"])
+            entry["fwd_tflops"] = flops / entry["fwd_ms"] / 1e9
+            if not args.no_bwd and label in (next(iter(impls)), "cudnn"):   # one backward for every config
+                fwd_bwd = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
+                entry["fwd_bwd_ms"] = _time_ms(fwd_bwd, q, k, v, do, reps=3, iters=5)
+                entry["fwd_bwd_tflops"] = 3.5 * flops / entry["fwd_bwd_ms"] / 1e9
+        print(f"{name} causal={causal} {label}: {entry}", flush=True)
+    return row
+
+
+def _table(results):
+    print("\n| shape | causal | impl | fwd ms | fwd TFLOP/s | % of 752 | vs cuDNN | fwd+bwd ms | fwd+bwd TFLOP/s "
+          "| vs cuDNN |\n|---|---|---|---|---|---|---|---|---|---|")
+    for row in results["runs"]:
+        base, nan = row["cudnn"], float("nan")
+        for label, e in [(name, e) for name, e in row.items() if isinstance(e, dict) and "fwd_ms" in e]:
+            ratio, bwd = e["fwd_tflops"] / base.get("fwd_tflops", nan), e.get("fwd_bwd_tflops", nan)
+            print(f"| {row['shape']} | {row['causal']} | {label} | {e['fwd_ms']:.3f} | {e['fwd_tflops']:.0f} | "
+                  f"{100 * e['fwd_tflops'] / PEAK_TFLOPS:.0f}% | {ratio:.2f} | {e.get('fwd_bwd_ms', nan):.3f} | "
+                  f"{bwd:.0f} | {bwd / base.get('fwd_bwd_tflops', nan):.2f} |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="JSON path (default $OUT/attention.json or benchmarks/results)")
-    parser.add_argument("--quick", action="store_true", help="only the b4 s8192 d128 shapes, no sweep")
-    parser.add_argument("--no-check", action="store_true")
-    parser.add_argument("--no-bwd", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="only b4 s8192 d128 with the default config")
+    parser.add_argument("--sweep", action="store_true", help="every forward variant in SWEEP vs cuDNN, no backward")
+    parser.add_argument("--head-dims", default="128,64,256")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the best is reported)")
+    for flag in ("--no-check", "--no-bwd", "--no-xla"):
+        parser.add_argument(flag, action="store_true")
     parser.add_argument("--watchdog", type=float, default=0, help="dump stacks and exit after this many seconds")
     args = parser.parse_args(argv)
-    if args.watchdog:
-        import faulthandler
-        faulthandler.dump_traceback_later(args.watchdog, exit=True)
+    args.no_bwd = args.no_bwd or args.sweep
+    if args.watchdog:   # a deadlocked kernel never returns: dump the stacks and exit instead
+        __import__("faulthandler").dump_traceback_later(args.watchdog, exit=True)
+    out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "attention.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "checks": [], "runs": []}
-
-    if not args.no_check:
-        cases = [dict(B=2, T=1024, N=8, K=2, H=128, causal=True), dict(B=2, T=1024, N=8, K=2, H=128, causal=False),
-                 dict(B=1, T=1000, N=4, K=1, H=64, causal=True, segments=True),
-                 dict(B=1, T=777, N=4, K=4, H=128, causal=True, sliding_window=200, softcap=30.0),
-                 dict(B=1, T=512, N=4, K=2, H=256, causal=True)]
-        for case in cases:
-            print(f"checking {case}", flush=True)
-            try:
-                errs = _check(**dict(case))
-                ok = max(errs) < 2e-2
-            except Exception as e:  # noqa: BLE001 - report and continue the sweep
-                errs, ok = repr(e)[:300], False
-            results["checks"].append({"case": {k: v for k, v in case.items()}, "rel_err o,lse,dq,dk,dv": errs,
-                                      "ok": ok})
-            print(f"check {case}: {errs} {'OK' if ok else 'FAIL'}", flush=True)
-
-    shapes = [("b4 s8192 h32/8 d128", 4, 8192, 32, 8, 128)]
-    if not args.quick:
-        shapes += [("b1 s32768 h32/8 d128", 1, 32768, 32, 8, 128), ("b4 s8192 h32/8 d64", 4, 8192, 32, 8, 64),
-                   ("b2 s8192 h32/8 d256", 2, 8192, 32, 8, 256)]
-    sweep = {128: [TuningConfig(block_kv=128, num_stages=2), TuningConfig(block_kv=64, num_stages=4),
-                   TuningConfig(block_kv=128, num_stages=2, bwd_block_kv=128)],
-             64: [TuningConfig(block_kv=128, num_stages=2), TuningConfig(block_kv=256, num_stages=2)],
-             256: [TuningConfig(block_kv=64, num_stages=2)]}
-    for name, B, S, N, K, H in shapes:
-        for causal in (True, False):
-            if S > 8192 and not causal:
-                continue
-            keys = jax.random.split(jax.random.key(S + H + causal), 4)
-            q = jax.random.normal(keys[0], (B, S, N, H), jnp.bfloat16)
-            k = jax.random.normal(keys[1], (B, S, K, H), jnp.bfloat16)
-            v = jax.random.normal(keys[2], (B, S, K, H), jnp.bfloat16)
-            do = jax.random.normal(keys[3], (B, S, N, H), jnp.bfloat16)
-            flops = _attention_flops(B, S, N, H, causal)
-            impls = {}
-            configs = sweep[H][:1] if args.quick or S > 8192 else sweep[H]
-            for i, cfg in enumerate(configs):
-                impls[f"pallas[{i}]"] = (functools.partial(flash_attention, causal=causal, config=cfg), cfg)
-            impls["cudnn"] = (functools.partial(jax.nn.dot_product_attention, is_causal=causal,
-                                                implementation="cudnn"), None)
-            if S <= 8192:
-                impls["xla"] = (functools.partial(jax.nn.dot_product_attention, is_causal=causal,
-                                                  implementation="xla"), None)
-            row = {"shape": name, "B": B, "S": S, "N": N, "K": K, "H": H, "causal": causal, "fwd_tflop": flops / 1e12}
-            for label, (fn, cfg) in impls.items():
-                entry = {"config": None if cfg is None else dataclasses.asdict(cfg)}
-                try:
-                    fwd = jax.jit(fn)
-                    entry["fwd_ms"] = _time_ms(fwd, q, k, v)
-                    entry["fwd_tflops"] = flops / entry["fwd_ms"] / 1e9
-                    if not args.no_bwd and not label.startswith("xla"):
-                        def fwd_bwd(q, k, v, do, fn=fn):
-                            o, vjp = jax.vjp(fn, q, k, v)
-                            return vjp(do)
-                        entry["fwd_bwd_ms"] = _time_ms(jax.jit(fwd_bwd), q, k, v, do, reps=3, iters=5)
-                        entry["fwd_bwd_tflops"] = 3.5 * flops / entry["fwd_bwd_ms"] / 1e9
-                except Exception as e:  # noqa: BLE001
-                    entry["error"] = repr(e)[:300]
-                row[label] = entry
-                print(f"{name} causal={causal} {label}: {entry}", flush=True)
-            results["runs"].append(row)
-            _save(results, args.out)
-    _save(results, args.out)
-    print("\n| shape | causal | impl | fwd ms | fwd TFLOP/s | % of 752 | vs cuDNN | fwd+bwd ms | fwd+bwd TFLOP/s | vs cuDNN |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in results["runs"]:
-        base = row.get("cudnn", {})
-        for label in [k for k in row if isinstance(row[k], dict)]:
-            e = row[label]
-            if "fwd_ms" not in e:
-                print(f"| {row['shape']} | {row['causal']} | {label} | error | | | | | | |")
-                continue
-            ratio = e["fwd_tflops"] / base["fwd_tflops"] if "fwd_tflops" in base else float("nan")
-            bwd = e.get("fwd_bwd_tflops")
-            bratio = bwd / base["fwd_bwd_tflops"] if bwd and "fwd_bwd_tflops" in base else float("nan")
-            print(f"| {row['shape']} | {row['causal']} | {label} | {e['fwd_ms']:.3f} | {e['fwd_tflops']:.0f} | "
-                  f"{100 * e['fwd_tflops'] / PEAK_TFLOPS:.0f}% | {ratio:.2f} | {e.get('fwd_bwd_ms', float('nan')):.3f} | "
-                  f"{bwd or float('nan'):.0f} | {bratio:.2f} |")
+    head_dims = [128] if args.quick else [int(h) for h in args.head_dims.split(",")]
+    if not args.no_check and not args.sweep:
+        for case in [dict(B=2, T=1024, N=8, K=2, H=128, causal=True), dict(B=2, T=1024, N=8, K=2, H=128, causal=False),
+                     dict(B=1, T=1000, N=4, K=1, H=64, causal=True, segments=True),
+                     dict(B=1, T=777, N=4, K=4, H=128, causal=True, sliding_window=200, softcap=30.0),
+                     dict(B=1, T=512, N=4, K=2, H=256, causal=True)]:
+            _check(case, results)
+    for H in head_dims:
+        if not args.no_check and args.sweep:   # every variant, forward only, with more KV steps than stages
+            for cfg in SWEEP[H].values():
+                for causal in (True, False):
+                    _check(dict(B=1, T=1024, N=8, K=2, H=H, causal=causal, config=cfg, fwd_only=True), results)
+        names = [n for n, shape in SHAPES.items() if shape[-1] == H and shape[1] == 8192]
+        names += ["b1 s32768 h32/8 d128"] if H == 128 and not args.quick and not args.sweep else []
+        for name in names:
+            for causal in (True, False) if SHAPES[name][1] <= 8192 else (True,):
+                keep = 1 if args.quick or SHAPES[name][1] > 8192 else None if args.sweep else 3
+                results["runs"].append(_bench_shape(name, causal, dict(list(SWEEP[H].items())[:keep]), args))
+                with open(out, "w") as f:
+                    json.dump(results, f, indent=1)
+    _table(results)
     return 0

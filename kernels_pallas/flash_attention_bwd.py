@@ -105,7 +105,8 @@ def produce(lo, hi, num_stages: int, copies):
 
     copies: (src(step) -> GMEM ref, dst SMEM [stages, ...], full barriers [stages], consumed barriers [stages]).
     A slot is reused only after its consumers arrived on its consumed barrier. Copies may share a consumed
-    barrier; each barrier is waited on once per step, since every wait advances the waiter's phase.
+    barrier; each barrier is waited on once per step, since every wait advances the waiter's phase. Each copy
+    waits only for its own barrier, in list order, so an early-freed buffer (K) refills before a late one (V).
     """
     distinct = []
     for *_, consumed in copies:
@@ -116,12 +117,11 @@ def produce(lo, hi, num_stages: int, copies):
     def _(step):
         i = step - lo
         slot = lax.rem(i, num_stages)
-
-        @pl.when(i >= num_stages)
-        def _():
-            for consumed in distinct:
-                plgpu.barrier_wait(consumed.at[slot])
-        for src, dst, full, _ in copies:
+        waited = []
+        for src, dst, full, consumed in copies:
+            if not any(consumed is w for w in waited):
+                waited.append(consumed)
+                pl.when(i >= num_stages)(lambda consumed=consumed: plgpu.barrier_wait(consumed.at[slot]))
             plgpu.copy_gmem_to_smem(src(step), dst.at[slot], full.at[slot])
 
     # Drain: observe the consumption of the last slots, so every barrier phase is waited on before exit.

@@ -51,7 +51,8 @@ def _check_forward(B, T, N, K, H, dtype=jnp.bfloat16, segments=False, interpret=
     np.testing.assert_allclose(np.asarray(lse), np.asarray(expected_lse), atol=LSE_TOL, rtol=LSE_TOL)
 
 
-def _check_grads(B, T, N, K, H, dtype=jnp.bfloat16, segments=False, interpret=None, with_lse=False, **kw):
+def _check_grads(B, T, N, K, H, dtype=jnp.bfloat16, segments=False, interpret=None, with_lse=False, config=None,
+                 **kw):
     q, k, v, seg, key = _inputs(B, T, N, K, H, dtype, segments)
     do = jax.random.normal(key, (B, T, N, H), jnp.float32)
     dlse = jax.random.normal(jax.random.fold_in(key, 1), (B, N, T), jnp.float32)
@@ -59,7 +60,7 @@ def _check_grads(B, T, N, K, H, dtype=jnp.bfloat16, segments=False, interpret=No
     def loss(attn, q, k, v):
         o, lse = attn(q, k, v, segment_ids=seg, **kw)
         return jnp.sum(o.astype(jnp.float32) * do) + (jnp.sum(lse * dlse) if with_lse else 0.0)
-    kernel = functools.partial(fa.flash_attention, return_lse=True,
+    kernel = functools.partial(fa.flash_attention, return_lse=True, config=config,
                                interpret=interpret if interpret is not None else _interp())
     got = jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2))(q, k, v)
     expected = jax.grad(functools.partial(loss, fa.flash_attention_reference), argnums=(0, 1, 2))(q, k, v)
@@ -102,6 +103,18 @@ def test_backward_interpret_d128_fp16():
     _check_grads(B=1, T=128, N=4, K=1, H=128, dtype=jnp.float16, causal=True)
 
 
+@pytest.mark.parametrize("config", [
+    fa.TuningConfig(schedule="handoff"),                              # pipelined, handoff
+    fa.TuningConfig(schedule="rendezvous"),                           # pipelined, rendezvous
+    fa.TuningConfig(block_kv=64, schedule="none"),                    # pipelined, no schedule
+    fa.TuningConfig(pipeline=False, schedule="rendezvous"),           # one block per step
+], ids=["pipe-handoff", "pipe-rendezvous", "pipe-none", "plain"])
+def test_forward_schedules_reuse_slots(config):
+    # 512 keys at 128 a block: more blocks than stages, so every slot is refilled while the other consumer runs
+    # (a handoff/rendezvous order that deadlocks against the producer hangs here).
+    _check_forward(B=1, T=512, N=2, K=1, H=64, causal=False, config=config)
+
+
 def test_no_races():
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     cfg = fa.TuningConfig(block_kv=64, bwd_block_kv=64)      # more steps than pipeline stages: slots are reused
@@ -139,6 +152,10 @@ def test_tuning_config_validates():
         fa.TuningConfig(block_kv=96)
     with pytest.raises(ValueError, match="num_stages"):
         fa.TuningConfig(num_stages=1)
+    with pytest.raises(ValueError, match="schedule"):
+        fa.TuningConfig(schedule="round-robin")
+    with pytest.raises(ValueError, match="pipeline"):
+        fa.TuningConfig(pipeline=False, schedule="handoff")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +169,8 @@ def test_tuning_config_validates():
     dict(B=1, T=4096, N=16, K=2, H=64, causal=True, segments=True),
     dict(B=1, T=3000, N=8, K=1, H=128, causal=True, sliding_window=1024, softcap=30.0),
     dict(B=1, T=2048, N=8, K=8, H=256, causal=True, dtype=jnp.float16),
-], ids=["gqa-causal", "gqa-full", "d64-seg", "ragged-window-softcap", "d256-fp16"])
+    dict(B=1, T=4096, N=8, K=2, H=128, causal=False, config=fa.TuningConfig(pipeline=False, schedule="rendezvous")),
+], ids=["gqa-causal", "gqa-full", "d64-seg", "ragged-window-softcap", "d256-fp16", "plain"])
 def test_gpu_forward_and_grads(case):
     _check_forward(**case, interpret=False)
     _check_grads(**case, interpret=False)
