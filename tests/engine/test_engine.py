@@ -191,3 +191,13 @@ def test_background_compile_of_greedy_variants(tiny):
     want = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     llm.engine = engine
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
+
+
+@pytest.mark.parametrize("method", ["int8", "awq", "fp8"])
+def test_engine_serves_quantized_models_like_the_reference(method):
+    from ie_jax.quant import quantize_model
+    model, tok = ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
+    quantize_model(model, method, group_size=32)
+    llm = make_llm((model, tok), token_buckets=(8, 64))
+    got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert got == reference((model, tok), PROMPTS, GREEDY)
