@@ -100,7 +100,7 @@ class BlockManager:
             if self.page_hash[page] is None and h not in self.cached:
                 self.cached[h] = page
                 self.page_hash[page] = h
-        request.num_published_pages = max(request.num_published_pages, full)
+        request.num_published_pages = full  # computed tokens only grow (preemption resets it in free_request)
 
     def free_request(self, request: Request) -> None:
         """Drop the request's references; idle pages join the free queue, its last page first to go."""

@@ -119,6 +119,7 @@ class ModelRunner:
         # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
         self._step = jax.jit(_step, static_argnums=(0, 7, 8), donate_argnums=(2, 3, 4))
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}
+        self.extras_thread: threading.Thread | None = None  # compiles argmax-only variants (warmup, background)
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
     def _pages_from_memory(self) -> int:

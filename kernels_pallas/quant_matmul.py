@@ -36,9 +36,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels_pallas.skinny_matmul import interpret_kwargs, split_count
+
 MAX_M = 64
 GROUP = 128  # int4 group size the kernel supports (= block_k): one scale/bias row per pipeline step
-_NUM_SMS = 132
 _SWIZZLE = 128  # bytes
 
 
@@ -67,11 +68,7 @@ class TuningConfig:
             raise ValueError(f"{self.ctas_per_sm=} must be in [1, 8]")
 
     def splits_for(self, k: int, n: int) -> int:
-        if self.num_splits is not None:
-            return self.num_splits
-        k_steps, n_blocks = k // self.block_k, n // self.block_n
-        target = max(1, self.ctas_per_sm * _NUM_SMS // n_blocks)
-        return max(s for s in range(1, k_steps + 1) if k_steps % s == 0 and s <= target)
+        return split_count(k, n, self)
 
 
 @struct.dataclass
@@ -181,15 +178,11 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
     k_steps = k // (config.block_k * num_splits)
     kw = config.block_k // 2 if int4 else config.block_k
     bf16_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(_SWIZZLE))
-    byte_tf = (plgpu.TilingTransform((8, 128 if not int4 else 64)), plgpu.SwizzleTransform(_SWIZZLE if not int4 else 64))
+    byte_tf = (plgpu.TilingTransform((8, kw)), plgpu.SwizzleTransform(kw))  # a weight-tile row is kw bytes
     scale_ref = packed.scale if int4 else jnp.zeros((1, n), jnp.float32)
     bias_ref = packed.bias if int4 else jnp.zeros((1, n), jnp.float32)
     body = functools.partial(_kernel, int4=int4, block_n=config.block_n, block_k=config.block_k,
                              num_stages=config.num_stages, k_steps=k_steps)
-    kwargs = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_splits, n, mp), jnp.float32),
@@ -205,7 +198,7 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
         grid=(n // config.block_n, num_splits),
         grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **kwargs,
+        **interpret_kwargs(interpret),
     )
     return kernel(x_padded, packed.q, scale_ref, bias_ref)
 

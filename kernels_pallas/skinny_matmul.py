@@ -82,13 +82,25 @@ class TuningConfig:
             raise ValueError(f"{self.num_stages=} x {self.block_k=} x {self.block_n=} needs {smem} B of SMEM (> 220 KiB)")
 
     def splits_for(self, k: int, n: int) -> int:
-        """The split count for a [K, N] weight: explicit, or the largest divisor of K / block_k whose grid fits
-        `ctas_per_sm` CTAs on every SM."""
-        if self.num_splits is not None:
-            return self.num_splits
-        k_steps, n_blocks = k // self.block_k, n // self.block_n
-        target = max(1, self.ctas_per_sm * _NUM_SMS // n_blocks)
-        return max(s for s in range(1, k_steps + 1) if k_steps % s == 0 and s <= target)
+        return split_count(k, n, self)
+
+
+def split_count(k: int, n: int, config) -> int:
+    """The K split count for a [K, N] weight under a config with block_k, block_n, num_splits, ctas_per_sm:
+    explicit, or the largest divisor of K / block_k whose grid fits `ctas_per_sm` CTAs on every SM."""
+    if config.num_splits is not None:
+        return config.num_splits
+    k_steps, n_blocks = k // config.block_k, n // config.block_n
+    target = max(1, config.ctas_per_sm * _NUM_SMS // n_blocks)
+    return max(s for s in range(1, k_steps + 1) if k_steps % s == 0 and s <= target)
+
+
+def interpret_kwargs(interpret) -> dict:
+    """plgpu.kernel's `interpret` argument: False (compile), True (the interpreter) or InterpretGPUParams."""
+    if not interpret:
+        return {}
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return {"interpret": InterpretGPUParams() if interpret is True else interpret}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,10 +167,6 @@ def _partials(x_padded, w, *, config, num_splits, interpret, copy_only=False):
     transforms = (plgpu.TilingTransform((8, _SWIZZLE_ELEMS)), plgpu.SwizzleTransform(_SWIZZLE))
     body = functools.partial(_kernel, block_n=config.block_n, block_k=config.block_k, num_stages=config.num_stages,
                              k_steps=k_steps, tiled=tiled, mma_depth=config.mma_depth, copy_only=copy_only)
-    kwargs = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_splits, n, mp), jnp.float32),
@@ -171,7 +179,7 @@ def _partials(x_padded, w, *, config, num_splits, interpret, copy_only=False):
         grid=(n // config.block_n, num_splits),
         grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        **kwargs,
+        **interpret_kwargs(interpret),
     )
     return kernel(x_padded, w)
 

@@ -25,38 +25,32 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
+from engine.request import Request  # noqa: E402
 from engine.runner import ModelRunner, _step  # noqa: E402
-from ie_jax import load_model  # noqa: E402
+from engine.scheduler import SchedulerOutput  # noqa: E402
+from ie_jax import SamplingParams, load_model  # noqa: E402
 
 HBM_TBPS = 4.14
 
 
 def decode_inputs(runner: ModelRunner, batch: int, context: int, prefill: int):
-    """Step inputs for `batch` decode rows at `context` cached tokens, plus one prefill chunk of `prefill` tokens."""
-    cfg = runner.config
-    P = cfg.page_size
-    T, R = runner.bucket(batch + prefill)
-    inp = runner._empty_inputs(T, R)
+    """Step inputs, built by the runner's own `prepare`, for `batch` decode rows at `context` cached tokens plus
+    one prefill chunk of `prefill` tokens; pages are a random permutation (not contiguous), tokens random."""
+    P = runner.config.page_size
     rng = np.random.default_rng(0)
-    rows = [(context, 1)] * batch + ([(context, prefill)] if prefill else [])
+    perm = rng.permutation(runner.num_pages).tolist()
     pages_per_row = -(-(context + max(prefill, 1)) // P)
-    perm = rng.permutation(runner.num_pages)
-    pos = 0
-    for r, (start, n) in enumerate(rows):
-        pages = perm[r * pages_per_row:(r + 1) * pages_per_row].astype(np.int32)
-        positions = np.arange(start, start + n, dtype=np.int32)
-        inp.input_ids[pos:pos + n] = rng.integers(0, runner.model_config.vocab_size, n)
-        inp.positions[pos:pos + n] = positions
-        inp.slot_mapping[pos:pos + n] = pages[positions // P] * P + positions % P
-        inp.page_table[r, :len(pages)] = pages
-        inp.seq_lens[r] = start + n
-        pos += n
-        inp.query_start_loc[r + 1] = pos
-        inp.logits_indices[r] = pos - 1
-        inp.slots[r] = r
-        inp.sample_mask[r] = True
-    inp.query_start_loc[len(rows) + 1:] = pos
-    return inp.replace(num_seqs=np.int32(len(rows)))
+    params = SamplingParams(temperature=0.0, max_tokens=max(prefill, 1) + 1)
+    scheduled = []
+    for r, n in enumerate([1] * batch + ([prefill] if prefill else [])):
+        tokens = rng.integers(0, runner.model_config.vocab_size, context + n).tolist()
+        request = Request(f"profile-{r}", tokens, params, seed=r)
+        request.num_computed_tokens = context
+        request.page_ids = perm[r * pages_per_row:(r + 1) * pages_per_row]
+        runner.assign_slot(request)
+        scheduled.append((request, n))
+    inp, _ = runner.prepare(SchedulerOutput(scheduled, []))
+    return inp
 
 
 def main(argv=None):

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ie_jax.quant.int8 import absmax_scale
+
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
 
@@ -43,8 +45,7 @@ def quantize_fp8(w) -> Fp8Weights:
     w = jnp.asarray(w, jnp.float32)
     if w.ndim < 2:
         raise ValueError(f"w.shape={w.shape}: expected [..., K, N]")
-    absmax = jnp.max(jnp.abs(w), axis=-2)  # [..., N]
-    scale = jnp.where(absmax == 0, 1.0, absmax / FP8_MAX)
+    scale = absmax_scale(w, -2, FP8_MAX)  # [..., N]
     return Fp8Weights(_to_fp8(w / scale[..., None, :]), scale)
 
 
@@ -56,8 +57,7 @@ def quantize_activations(x, input_scale=None):
     """x [..., K] -> (e4m3 [..., K], f32 scale [..., 1]): per token, or the static `input_scale` (a scalar)."""
     x32 = x.astype(jnp.float32)
     if input_scale is None:
-        absmax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-        scale = jnp.where(absmax == 0, 1.0, absmax / FP8_MAX)
+        scale = absmax_scale(x32, -1, FP8_MAX, keepdims=True)
     else:
         scale = jnp.broadcast_to(jnp.asarray(input_scale, jnp.float32), (*x.shape[:-1], 1))
     return _to_fp8(x32 / scale), scale

@@ -26,13 +26,18 @@ class Int8Weights:
     scale: jax.Array  # [..., N] f32
 
 
+def absmax_scale(x, axis: int, qmax: float, keepdims: bool = False) -> jax.Array:
+    """Symmetric scale max|x| / qmax along `axis` (f32); an all-zero slice gets 1 so that it quantizes to 0."""
+    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims)
+    return jnp.where(absmax == 0, 1.0, absmax / qmax)
+
+
 def quantize_int8(w) -> Int8Weights:
     """Symmetric round-to-nearest per output channel (the last axis)."""
     w = jnp.asarray(w, jnp.float32)
     if w.ndim < 2:
         raise ValueError(f"w.shape={w.shape}: expected [..., K, N]")
-    absmax = jnp.max(jnp.abs(w), axis=-2)  # [..., N]
-    scale = jnp.where(absmax == 0, 1.0, absmax / INT8_MAX)
+    scale = absmax_scale(w, -2, INT8_MAX)  # [..., N]
     q = jnp.clip(jnp.round(w / scale[..., None, :]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
     return Int8Weights(q, scale.astype(jnp.float32))
 
