@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import jax
@@ -49,6 +51,7 @@ class AsyncLLM:
     def from_args(cls, args) -> "AsyncLLM":
         """Build from the serve.py argparse namespace (vLLM's flag names)."""
         enable_compilation_cache(getattr(args, "compilation_cache_dir", None))
+        t0 = time.perf_counter()
         model, tokenizer = ie_jax.load_model(args.model, dtype=args.dtype, load_format=args.load_format,
                                              seed=args.seed)
         max_model_len = args.max_model_len or min(model.config.max_position_embeddings, 8192)
@@ -60,7 +63,13 @@ class AsyncLLM:
             compilation_cache_dir=args.compilation_cache_dir,
             unroll_layers=getattr(args, "unroll_layers", True),
             kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
-        return cls(LLMEngine(model, tokenizer, config, owns_model=True, background_extras=True))
+        t1 = time.perf_counter()
+        print(f"model {args.model!r} ready on {jax.devices()[0].device_kind} in {t1 - t0:.1f} s", file=sys.stderr,
+              flush=True)
+        engine = LLMEngine(model, tokenizer, config, owns_model=True, background_extras=True)
+        print(f"engine warm-up: {len(engine.runner.executables)} step executables in {time.perf_counter() - t1:.1f} s "
+              f"({engine.runner.num_pages} KV pages of {config.page_size} tokens)", file=sys.stderr, flush=True)
+        return cls(engine)
 
     # ------------------------------------------------------------------------------------------------------------
     def _loop(self) -> None:

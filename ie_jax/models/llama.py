@@ -7,9 +7,12 @@ is traced and compiled once, whatever the depth.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ie_jax.config import ModelConfig
 from ie_jax.models.context import DenseCausal
@@ -43,9 +46,10 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.config)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
         out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5,
                                  sliding_window=self.sliding_window)
-        return self.o_proj(out.reshape(B, T, -1)), caches
+        return self.o_proj(checkpoint_name(out, "attn_out").reshape(B, T, -1)), caches
 
 
 class MLP(nnx.Module):
@@ -59,7 +63,8 @@ class MLP(nnx.Module):
                                      quant=cfg.quantization)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = checkpoint_name(self.gate_proj(x), "mlp_gate"), checkpoint_name(self.up_proj(x), "mlp_up")
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -71,8 +76,14 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, ctx, caches, layer):
         h, caches = self.self_attn(self.input_layernorm(x), positions, ctx, caches, layer)
-        x = x + h
+        x = checkpoint_name(x + h, "resid_mid")
         return x + self.mlp(self.post_attention_layernorm(x)), caches
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_call(graphdef, layer_state, x, positions, ctx, layer):
+    x, caches = nnx.merge(graphdef, layer_state)(x, positions, ctx, ctx.caches(), layer)
+    return x, ctx.with_caches(caches)
 
 
 def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False, layer_states=None):
@@ -83,14 +94,15 @@ def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False, laye
     `layer_states` (serving): one state per layer, as separate arrays. The layers then run as straight-line code
     instead of a device loop, whose per-iteration launch round trips cost more than a decode step's own kernels.
     Every layer's kernels are identical (no slice of a stacked weight fused into them), so XLA compiles and
-    autotunes each distinct kernel once, not once per layer. The stacked variables are not read.
+    autotunes each distinct kernel once, not once per layer. Each layer is one call of the same nested jit with a
+    traced layer index, so a step traces and lowers one layer, not all of them (start-up time); XLA inlines the
+    calls before optimizing, so the compiled step is the straight-line one. The stacked variables are not read.
     """
     if layer_states is not None:
         graphdef = nnx.graphdef(layers)
-        caches = ctx.caches()
         for i, layer_state in enumerate(layer_states):
-            x, caches = nnx.merge(graphdef, layer_state)(x, positions, ctx, caches, jnp.int32(i))
-        return x, ctx.with_caches(caches)
+            x, ctx = _layer_call(graphdef, layer_state, x, positions, ctx, jnp.int32(i))
+        return x, ctx
     graphdef, state = nnx.split(layers)
     num_layers = jax.tree.leaves(state)[0].shape[0]
 
