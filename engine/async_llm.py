@@ -67,8 +67,11 @@ class AsyncLLM:
         print(f"model {args.model!r} ready on {jax.devices()[0].device_kind} in {t1 - t0:.1f} s", file=sys.stderr,
               flush=True)
         engine = LLMEngine(model, tokenizer, config, owns_model=True, background_extras=True)
+        w = engine.runner.warmup_times
         print(f"engine warm-up: {len(engine.runner.executables)} step executables in {time.perf_counter() - t1:.1f} s "
-              f"({engine.runner.num_pages} KV pages of {config.page_size} tokens)", file=sys.stderr, flush=True)
+              f"(summed over threads: trace+lower {w['lower']:.1f} s, compile {w['compile']:.1f} s; compilation cache "
+              f"{w['cache_hits']} hits, {w['cache_misses']} misses); {engine.runner.num_pages} KV pages of "
+              f"{config.page_size} tokens", file=sys.stderr, flush=True)
         return cls(engine)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,6 +76,18 @@ def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, inp: StepIn
     return (ctx.k, ctx.v, *caches[2:]), counts, last_tokens, out
 
 
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}
+_cache_counts = {"cache_hits": 0, "cache_misses": 0}  # persistent compilation cache lookups in this process
+
+
+def _count_cache_event(event: str, **_) -> None:
+    if event in _CACHE_EVENTS:
+        _cache_counts[_CACHE_EVENTS[event]] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_event)
+
+
 def unstack_layers(model: nnx.Module, *, release: bool) -> tuple:
     """The model's stacked decoder layers as one state per layer (separate arrays). With `release` the stacked
     variables are replaced by empty arrays, so their memory is freed once nothing else holds them."""
@@ -120,6 +133,9 @@ class ModelRunner:
         self._step = jax.jit(_step, static_argnums=(0, 7, 8), donate_argnums=(2, 3, 4))
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}
         self.extras_thread: threading.Thread | None = None  # compiles argmax-only variants (warmup, background)
+        # Seconds summed over warm-up's worker threads (trace + lower, XLA compile or cache load) and the
+        # persistent compilation cache's hits / misses, for the start-up log.
+        self.warmup_times = {"lower": 0.0, "compile": 0.0, "cache_hits": 0, "cache_misses": 0}
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
     def _pages_from_memory(self) -> int:
@@ -185,12 +201,20 @@ class ModelRunner:
         workers = max_workers or min(8, os.cpu_count() or 1)
         args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
 
+        times = self.warmup_times
+
         def compile_bucket(key):
             T, R, mode = key
+            t0 = time.perf_counter()
             lowered = self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs, mode,
                                        self.layer_states)
-            return key, lowered.compile()
+            t1 = time.perf_counter()
+            executable = lowered.compile()
+            times["lower"] += t1 - t0
+            times["compile"] += time.perf_counter() - t1
+            return key, executable
 
+        counts_before = dict(_cache_counts)
         keys = [(T, R, "sample") for T, R in self.config.buckets]
         extras = [(T, R, "greedy") for T, R in self.config.buckets if T <= self.config.max_num_seqs]
         if not background_extras:
@@ -201,6 +225,7 @@ class ModelRunner:
             for key, executable in pool.map(compile_bucket, keys):
                 self.executables[key] = executable
                 bar.update()
+        times.update({k: times[k] + _cache_counts[k] - counts_before[k] for k in counts_before})
         extras = [k for k in extras if k not in self.executables]
         if extras:
             def compile_extras():
