@@ -76,6 +76,12 @@ def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, inp: StepIn
     return (ctx.k, ctx.v, *caches[2:]), counts, last_tokens, out
 
 
+# Lowering is serialized; only XLA's compile runs on several threads. Mosaic GPU's kernel emitter keeps
+# process-global state while it lowers (which thread subset the code being emitted runs on), so two kernels
+# lowered at once can leak that state into each other: a wrong kernel, and a compilation-cache key that differs
+# from run to run. Lowering is a small part of start-up once the layers are one nested jit.
+_LOWERING_LOCK = threading.Lock()
+
 _CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}
 _cache_counts = {"cache_hits": 0, "cache_misses": 0}  # persistent compilation cache lookups in this process
 
@@ -206,8 +212,9 @@ class ModelRunner:
         def compile_bucket(key):
             T, R, mode = key
             t0 = time.perf_counter()
-            lowered = self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs, mode,
-                                       self.layer_states)
+            with _LOWERING_LOCK:
+                lowered = self._step.lower(*args, self._empty_inputs(T, R), self.config.max_logprobs, mode,
+                                           self.layer_states)
             t1 = time.perf_counter()
             executable = lowered.compile()
             times["lower"] += t1 - t0

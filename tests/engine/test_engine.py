@@ -1,4 +1,7 @@
 """Engine == reference generate, token for token, across batching, chunking, prefix hits, preemption, n and seeds."""
+import threading
+import time
+
 import jax
 import numpy as np
 from flax import nnx
@@ -191,6 +194,36 @@ def test_background_compile_of_greedy_variants(tiny):
     want = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     llm.engine = engine
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
+
+
+def test_warmup_lowers_one_bucket_at_a_time(tiny):
+    """Mosaic GPU's emitter keeps process-global state while lowering a kernel, so warm-up may compile buckets on
+    several threads but must lower them one at a time (otherwise kernels and cache keys vary from run to run)."""
+    model, tok = tiny
+    config = EngineConfig(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, page_size=8,
+                          token_buckets=(4, 16, 32, 64))
+    engine = LLMEngine(model, tok, config, warmup=False)
+    runner, step = engine.runner, engine.runner._step
+    active, most = [0], [0]
+    lock = threading.Lock()
+
+    class CountingStep:  # the jitted step, with its `lower` watched
+        def lower(self, *args):
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            time.sleep(0.05)  # give a racing thread the chance to enter
+            try:
+                return step.lower(*args)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    runner._step = CountingStep()
+    runner.warmup(progress=False, max_workers=4)
+    assert most[0] == 1
+    assert len(runner.executables) == 5  # 4 full-sampler steps + the one argmax-only decode bucket
+    assert runner.warmup_times["lower"] > 0 and runner.warmup_times["compile"] > 0
 
 
 @pytest.mark.parametrize("method", ["int8", "awq", "fp8"])
