@@ -15,7 +15,13 @@ from flax import nnx
 from ie_jax.models.context import DenseCausal
 from ie_jax.models.llama import scan_layers
 
-REMAT_POLICIES = ("nothing", "save_projections")
+REMAT_POLICIES = ("nothing", "save_projections", "save_attention", "save_all")
+
+# Values the model and the adapters tag with `checkpoint_name` (ie_jax/models/llama.py, lora.py). Per token and
+# layer, for Llama-3-8B in bf16: q, k, v after rotary 12 KiB, attention output 8 KiB, the residual after attention
+# 8 KiB, the MLP gate and up outputs 28 KiB each, the adapters' x @ A 0.2 KiB.
+ATTENTION_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out", "resid_mid", "lora_down")
+MLP_NAMES = ("mlp_gate", "mlp_up")
 
 
 def save_projections_policy(prim, *avals, **params) -> bool:
@@ -39,6 +45,21 @@ def save_projections_policy(prim, *avals, **params) -> bool:
     return contract > 64 and free <= contract
 
 
+def names_policy(names: tuple[str, ...]):
+    """Save the tagged values in `names` and the outputs of Pallas kernels (the flash-attention forward's output and
+    log-sum-exp: its backward needs both, and without them the forward kernel would run again); recompute the rest
+    (norms, rotary, elementwise, and the projections whose outputs are not named)."""
+    by_name = jax.checkpoint_policies.save_only_these_names(*names)
+
+    def policy(prim, *avals, **params) -> bool:
+        return prim.name == "pallas_call" or by_name(prim, *avals, **params)
+
+    return policy
+
+
+NAMED_POLICIES = {"save_attention": ATTENTION_NAMES, "save_all": ATTENTION_NAMES + MLP_NAMES}
+
+
 def _scan_with_policy(layers, x, positions, ctx, policy):
     """scan_layers for the dense (cache-free) context, with a chosen jax.checkpoint policy per layer."""
     graphdef, state = nnx.split(layers)
@@ -57,6 +78,8 @@ def _layers(model, x, positions, ctx, remat_policy):
     layers = model.h if model.config.is_gpt2 else model.layers
     if remat_policy == "save_projections":
         return _scan_with_policy(layers, x, positions, ctx, save_projections_policy)
+    if remat_policy in NAMED_POLICIES:
+        return _scan_with_policy(layers, x, positions, ctx, names_policy(NAMED_POLICIES[remat_policy]))
     return scan_layers(layers, x, positions, ctx, remat=model.remat)[0]
 
 
@@ -64,7 +87,10 @@ def hidden_states(model, token_ids, positions, segment_ids=None, remat_policy: s
     """token_ids, positions, segment_ids [B, T] -> final normed hidden states [B, T, D] (activation dtype).
 
     remat_policy "nothing" runs the model's own scan (checkpointing per `model.remat`); "save_projections"
-    checkpoints every layer with `save_projections_policy`."""
+    checkpoints every layer with `save_projections_policy`; "save_attention" keeps the attention block's tagged
+    values (q, k, v, its output, the residual after it) and recomputes the MLP's gate/up GEMMs in the backward pass
+    (~36 KiB per token and layer on Llama-3-8B); "save_all" keeps the gate/up outputs too, so no GEMM runs twice
+    (~92 KiB: for micro-batches of one 2048-token row)."""
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"{remat_policy=} must be one of {REMAT_POLICIES}")
     ctx = DenseCausal(segment_ids=segment_ids)
@@ -84,3 +110,18 @@ def output_projection(model):
     if cfg.tie_word_embeddings:
         return model.embed_tokens.attend
     return lambda h: model.lm_head(h, out_dtype=jnp.float32)
+
+
+def frozen_head_kernel(model):
+    """The output matrix [D, V] when the head is a plain matrix (the tied embedding, or an lm_head without bias or
+    adapter), else None. Adapter methods train no head, so their loss can use `losses.frozen_head_nll`."""
+    from ie_jax.models.layers import Linear
+    cfg = model.config
+    if cfg.is_gpt2:
+        return model.wte.embedding[...].T
+    if cfg.tie_word_embeddings:
+        return model.embed_tokens.embedding[...].T
+    head = model.lm_head
+    if type(head) is Linear and head.bias is None:
+        return head.kernel[...]
+    return None

@@ -24,6 +24,7 @@ import re
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ie_jax.config import ModelConfig
 from ie_jax.models.layers import Linear
@@ -76,6 +77,16 @@ def kernel_axes(base: nnx.Module) -> tuple:
     return tuple(base.kernel_axes)
 
 
+def _frozen_output(base: nnx.Module, x, out_dtype):  # [..., in] -> [..., out]
+    """The base layer's output, with the GEMM handing out `out_dtype` (f32 accumulation inside). Linear's own call
+    returns an f32 product cast down; differentiated, that cast makes the cotangent f32 and the backward pass's
+    x-gradient an f32 (TF32) GEMM on an f32 copy of the kernel. Here the cotangent stays bf16."""
+    if type(base) is not Linear:
+        return base(x, out_dtype=out_dtype)
+    y = jnp.dot(x, base.kernel[...].astype(x.dtype), preferred_element_type=out_dtype)
+    return y if base.bias is None else y + base.bias[...].astype(out_dtype)
+
+
 class LoRALinear(nnx.Module):
     """base(x) + scaling * dropout(x) @ A @ B; `base` is a Linear (or a quantized one with the same call)."""
 
@@ -100,18 +111,22 @@ class LoRALinear(nnx.Module):
             self.dropout_key = LoRADropoutKey(jax.random.key_data(keys).reshape(*lead, 2))
 
     def __call__(self, x, out_dtype=None):  # [..., in] -> [..., out]
-        # The sum is formed in the output dtype (bf16 in training), as PEFT does: an f32 copy of every projection's
-        # output would double the activation traffic. With B = 0 the delta is an exact 0, so y is unchanged.
+        # Both low-rank matmuls run in the activation dtype (f32 accumulation inside the GEMM) with the scaling folded
+        # into B, so the update comes out in the output dtype and its add is a plain bf16 add XLA can fold into the
+        # base GEMM's epilogue; an f32 [..., out] delta would double the traffic of the widest outputs.
+        # With B = 0 the delta is an exact 0, so y is unchanged.
         out_dtype = out_dtype or x.dtype
-        y = self.base(x, out_dtype=out_dtype)
-        h = x
-        if self.dropout > 0:
-            key = jax.random.wrap_key_data(self.dropout_key[...])
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
-            h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        down = jnp.dot(h, self.lora_a[...].astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-        delta = jnp.dot(down, self.lora_b[...].astype(x.dtype), preferred_element_type=jnp.float32)
-        return y + (self.scaling * delta).astype(out_dtype)
+        y = _frozen_output(self.base, x, out_dtype)
+        with jax.named_scope("lora"):
+            h = x
+            if self.dropout > 0:
+                key = jax.random.wrap_key_data(self.dropout_key[...])
+                keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+                h = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+            down = jnp.dot(h, self.lora_a[...].astype(x.dtype), preferred_element_type=x.dtype)  # [..., r]
+            down = checkpoint_name(down, "lora_down")  # r values per token: always worth keeping under remat
+            b = (self.scaling * self.lora_b[...]).astype(out_dtype)  # [r, out]
+            return y + jnp.dot(down.astype(out_dtype), b, preferred_element_type=out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

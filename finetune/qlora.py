@@ -52,11 +52,14 @@ class NF4Linear(nnx.Module):
                         self.matrix_shape, self.block_size, self.scale_block_size)
 
     def __call__(self, x, out_dtype=None):  # [..., in] -> [..., out]
+        # The GEMM accumulates in f32 but hands out the output dtype, so its cotangent, and the backward pass's
+        # x-gradient GEMM, stay in bf16 (an f32 output would make the backward an f32 GEMM on an f32 copy of w).
+        out_dtype = out_dtype or x.dtype
         w = dequantize_nf4(self.nf4(), x.dtype)  # [in, out] (one scanned layer's slice)
-        y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        y = jnp.dot(x, w, preferred_element_type=out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(out_dtype or x.dtype)
+            y = y + self.bias[...].astype(out_dtype)
+        return y
 
     def dense(self) -> Linear:
         """A plain Linear holding the dequantized kernel (in the original dtype), sharing this layer's bias."""

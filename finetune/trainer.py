@@ -29,9 +29,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from finetune.forward import REMAT_POLICIES, hidden_states, output_projection
+from finetune.forward import REMAT_POLICIES, frozen_head_kernel, hidden_states, output_projection
 from finetune.lora import LoRAParam, lora_modules, reseed_dropout, set_dropout
-from finetune.losses import DPOConfig, chunked_token_nll, dpo_loss, sequence_logps
+from finetune.losses import DPOConfig, chunked_token_nll, dpo_loss, frozen_head_nll, sequence_logps
 from ie_jax.sharding import state_shardings
 
 METHODS = ("lora", "qlora", "dpo", "full")
@@ -54,7 +54,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # None: no clipping
     compute_dtype: str = "bfloat16"
     gradient_checkpointing: bool = True  # jax.checkpoint per decoder layer
-    remat_policy: str = "nothing"  # with checkpointing: "nothing" saved, or "save_projections" (forward.py)
+    remat_policy: str = "nothing"  # with checkpointing: what each layer keeps (forward.REMAT_POLICIES)
     loss_chunk: int = 2048  # tokens per chunk of the output projection + cross-entropy
     seed: int = 0
     dpo: DPOConfig = DPOConfig()
@@ -150,6 +150,9 @@ class Trainer:
         g = lambda k: mb[prefix + k]  # noqa: E731
         policy = self.config.remat_policy if self.config.gradient_checkpointing else "nothing"
         h = hidden_states(model, g("inputs"), g("positions"), g("segment_ids"), remat_policy=policy)  # [B, T, D]
+        kernel = frozen_head_kernel(model) if self.config.method != "full" else None
+        if kernel is not None:  # adapters train no head: its gradient GEMM is formed in the forward pass
+            return frozen_head_nll(h, kernel, g("targets"), chunk=self.config.loss_chunk)
         return chunked_token_nll(h, output_projection(model), g("targets"), chunk=self.config.loss_chunk)
 
     def _pair_logps(self, model, mb):
@@ -198,9 +201,10 @@ class Trainer:
                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
         (grads, loss, metrics), _ = jax.lax.scan(micro, init, batch)
         n = self._normalizer(batch)
-        grads = jax.tree.map(lambda g: g / n, grads)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            grads = jax.tree.map(lambda g: g / n, grads)
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
         out = {"loss": loss / n, "grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(step),
                "num_tokens": jnp.sum(batch["segment_ids" if "segment_ids" in batch else "chosen_segment_ids"] > 0)}
         out.update({k: v / n for k, v in metrics.items()})

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import ie_jax  # noqa: E402
 from finetune import data as D  # noqa: E402
 from finetune.export import load_peft_adapter, save_merged, save_peft_adapter, save_tokenizer  # noqa: E402
+from finetune.forward import REMAT_POLICIES  # noqa: E402
 from finetune.formats import SFTExample, load_preference, load_sft  # noqa: E402
 from finetune.lora import LoraConfig, apply_lora  # noqa: E402
 from finetune.loop import LoopConfig, fit  # noqa: E402
@@ -74,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--loss-on-all-tokens", action="store_true", help="train on prompts / user turns too")
     p.add_argument("--truncation", choices=("truncate", "error"), default="truncate")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--remat-policy", default="nothing", choices=REMAT_POLICIES,
+                   help="what each checkpointed layer keeps for the backward pass: nothing (least memory), "
+                        "save_attention (recompute only the MLP's gate/up), save_all (recompute no GEMM; pair it "
+                        "with --grad-accum to fit), save_projections")
     p.add_argument("--compute-dtype", default="bfloat16", help="full fine-tuning: dtype of the forward pass")
     p.add_argument("--seed", type=int, default=0)
     # DPO
@@ -178,7 +183,8 @@ def main(argv=None):
     config = TrainConfig(
         method=args.method, max_steps=steps, learning_rate=args.lr, lr_schedule=args.lr_schedule,
         warmup_steps=min(args.warmup_steps, steps), weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        compute_dtype=args.compute_dtype, gradient_checkpointing=not args.no_gradient_checkpointing, seed=args.seed,
+        compute_dtype=args.compute_dtype, gradient_checkpointing=not args.no_gradient_checkpointing,
+        remat_policy=args.remat_policy, seed=args.seed,
         dpo=DPOConfig(beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
                       precompute_ref_log_probs=args.precompute_ref_log_probs))
     trainer = Trainer(model, config, mesh=mesh, rules=args.sharding_rules)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -129,7 +130,8 @@ def test_cli_writes_adapter_and_merged_model(tmp_path):
     cli = _cli()
     out = tmp_path / "run"
     cli.main(["--model", "tiny-llama", "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--r", "4",
-              "--output", str(out), "--merge", "--no-progress", "--mesh-data", "1", "--dtype", "float32"])
+              "--output", str(out), "--merge", "--no-progress", "--mesh-data", "1", "--dtype", "float32",
+              "--remat-policy", "save_attention"])
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 32 and cfg["peft_type"] == "LORA"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -152,10 +154,69 @@ def test_hidden_states_projection_equals_model_logits(preset):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ie_jax.forward(model, ids)), atol=2e-6, rtol=1e-5)
 
 
-def test_save_projections_policy_gives_the_same_step():
+@pytest.mark.parametrize("policy", ["save_projections", "save_attention", "save_all"])
+def test_remat_policies_give_the_same_step(policy):
     t1, tok = lora_trainer()
-    t2, _ = lora_trainer(remat_policy="save_projections")
+    t2, _ = lora_trainer(remat_policy=policy)
     batch = next(iter(sft_dataset(toy_sft_examples(tok), DataConfig(seq_len=24, batch_size=2))))
     assert float(t1.train_step(batch)["loss"]) == pytest.approx(float(t2.train_step(batch)["loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(t1.params), jax.tree.leaves(t2.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def _dot_widths(policy):
+    """Output widths of every matmul in one gradient of the layers' hidden states under `policy`."""
+    import collections
+    import jax.numpy as jnp
+    from finetune.forward import hidden_states
+    from finetune.lora import LoRAParam
+    from flax import nnx
+    model, _ = tiny("tiny-llama")
+    apply_lora(model, LoraConfig(r=4, alpha=8, init_lora_weights=False))
+    model.remat = True
+    graphdef, params, rest = nnx.split(model, LoRAParam, ...)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 8)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+
+    def loss(params):
+        return jnp.sum(hidden_states(nnx.merge(graphdef, params, rest), ids, pos, remat_policy=policy) ** 2)
+
+    widths = collections.Counter()
+
+    def walk(jpr):
+        for eqn in jpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                widths[eqn.outvars[0].aval.shape[-1]] += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    return widths
+
+
+def test_named_policies_recompute_only_what_they_drop():
+    from ie_jax.presets import get_preset
+    cfg = get_preset("tiny-llama")
+    F, r = cfg.intermediate_size, 4
+    q, kv, D = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
+    least = _dot_widths("save_all")  # keeps every GEMM output the backward pass needs
+    extra = lambda policy: sorted((_dot_widths(policy) - least).elements())  # noqa: E731
+    # Nothing saved: every projection (base and adapter x @ A, @ B) runs twice.
+    assert {q, kv, D, F, r} <= set(extra("nothing"))
+    # save_attention: only the gate/up GEMMs run again, each as base + adapter @ B (x @ A is kept).
+    assert extra("save_attention") == [F] * 4
+    assert extra("save_all") == [] and not (least - _dot_widths("nothing"))
+
+
+def test_frozen_head_nll_matches_chunked_nll_and_its_gradient():
+    import jax.numpy as jnp
+    from finetune.losses import chunked_token_nll, frozen_head_nll
+    k = jax.random.split(jax.random.key(3), 4)
+    h = jax.random.normal(k[0], (2, 13, 32), jnp.float32)  # 26 tokens: chunks of 8 with padding
+    w = 0.3 * jax.random.normal(k[1], (32, 50), jnp.float32)
+    t = jax.random.randint(k[2], (2, 13), 0, 50)
+    ct = jax.random.uniform(k[3], (2, 13))  # uneven per-token weights, as DPO's summed log-probs give
+    expected = lambda h: jnp.sum(chunked_token_nll(h, lambda x: x @ w, t, chunk=8) * ct)  # noqa: E731
+    got = lambda h: jnp.sum(frozen_head_nll(h, w, t, chunk=8) * ct)  # noqa: E731
+    np.testing.assert_allclose(float(got(h)), float(expected(h)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(got))(h)), np.asarray(jax.grad(expected)(h)), atol=1e-6)
