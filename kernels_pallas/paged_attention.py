@@ -21,14 +21,10 @@ This module knows nothing about models, schedulers or how pages are allocated: i
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
-import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
-from kernels_pallas.paged_bench import bench_case, rel_err, time_call
-from kernels_pallas.paged_work import ROWS, default_splits, merge, pack_queries, request_lengths, work_list
+from kernels_pallas.paged_work import (LSE_COLS, ROWS, default_splits, merge, pack_queries, request_lengths,
+                                      work_list)
 
 _LOG2E = math.log2(math.e)
 
@@ -50,11 +46,23 @@ class TuningConfig:
     block_kv: kv tokens per pipeline step (a whole number of pages; 64 or 128 keeps wgmma's N dimension legal).
     num_stages: shared-memory slots in the TMA ring; more slots keep more bytes in flight.
     num_splits: kv splits per tile (flash-decoding); None picks one from the static shapes (`paged_work.default_splits`).
+    convert_wg: fp8 cache only: a second warpgroup issues the TMAs and converts each fp8 block to f16 while the
+        first runs the wgmmas and the softmax (False: one warpgroup does both, in turn).
+    p_in_registers: P is the register A operand of the PV wgmma instead of going through shared memory. GPU only:
+        the CPU interpreter cannot run a register A operand. None: on the GPU, not in the interpreter.
+    convert_ahead: fp8 cache, one warpgroup: convert the next block's K while this block's PV runs (and V while
+        QK^T runs), so that no conversion sits between two wgmmas.
+    prefetch_pages: load the page ids of the block a step will refill at the start of that step, not right
+        before the TMAs (not measured yet; see docs/kernels/paged_attention.md).
     """
 
     block_kv: int = 64
     num_stages: int = 2
     num_splits: int | None = None
+    convert_wg: bool = False
+    p_in_registers: bool | None = None
+    convert_ahead: bool = True
+    prefetch_pages: bool = False
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):
@@ -70,25 +78,35 @@ class TuningConfig:
 
 
 def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-            q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, *kv16_smem,
-            group, page_size, block_kv, num_stages, num_splits, scale, sliding_window, softcap):
+            q_smem, buffers, lse_smem, q_bar, k_bar, v_bar, *handoff,
+            group, page_size, block_kv, num_stages, num_splits, scale, sliding_window, softcap, convert_wg,
+            p_in_registers, convert_ahead, prefetch_pages):
     # meta_ref        [W, 8] int32       work items (GMEM, read as scalars; fields in paged_work.work_list)
     # layer_ref       [1] int32          which layer of the stacked cache to read
     # page_table_ref  [R, max_pages] int32
     # q_ref           [K, Tq, H]         packed queries, Tq >= T * G + ROWS
     # k_ref, v_ref    [L, K, P, page_size, H]
     # o_ref           [S, K, Tq, H]      normalised output per split, packed rows like q_ref (q dtype)
-    # lse_ref         [W, K, ROWS] f32   per-tile base-2 log-sum-exp (-inf where a row saw no key)
+    # lse_ref         [S, K, Tq, LSE_COLS] f32  base-2 log-sum-exp per packed row like o_ref (-inf where a row saw
+    #                 no key), repeated LSE_COLS times so that a one-row TMA box spans 16+ bytes; S > 1 only
     # q_smem          [ROWS, H]          the tile's queries
     # k_smem, v_smem  [num_stages, block_kv, H]
-    # p_smem          [ROWS, block_kv]   probabilities, the A operand of PV
+    # p_smem          [ROWS, block_kv]   probabilities, the A operand of PV (None with p_in_registers)
     # o_smem          [ROWS, H]          the tile's output, untiled so that any row range can be stored
-    # lse_smem        [ROWS] f32
-    # kv16_smem       () for a 16-bit cache; for an fp8 cache (k16_smem, v16_smem) [block_kv, H] in q's dtype,
-    #                 the converted block the wgmmas read (k_smem/v_smem then hold the fp8 pages)
+    # lse_smem        [ROWS, LSE_COLS] f32
+    # k16_smem, v16_smem [block_kv, H]  fp8 cache: k_smem/v_smem hold the fp8 pages and these the converted
+    #                 block (q's dtype) that the wgmmas read; None for a 16-bit cache
+    # buffers         a union: ((k_smem, v_smem, p_smem, k16_smem, v16_smem), o_smem), the loop's buffers
+    #                 and the epilogue's, whose lifetimes do not overlap (every issued TMA is consumed)
+    # handoff         convert_wg only: barriers (k16_ready, v16_ready, k16_free, v16_free), one phase per block,
+    #                 between the converting warpgroup (1) and the computing one (0)
     w = lax.axis_index("w")
     kh = lax.axis_index("kh")
     head_dim = q_smem.shape[-1]
+    (k_smem, v_smem, p_smem, k16_smem, v16_smem), o_smem = buffers
+    fp8 = k16_smem is not None
+    if convert_wg:
+        k16_ready, v16_ready, k16_free, v16_free = handoff
 
     valid = meta_ref[w, 0]
 
@@ -106,124 +124,204 @@ def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse
         k_layer = k_ref.at[layer_ref[0]]  # [K, P, page_size, H]: a view, the TMA source moves by one layer
         v_layer = v_ref.at[layer_ref[0]]
 
-        plgpu.copy_gmem_to_smem(q_ref.at[kh, pl.ds(q_row0, ROWS)], q_smem, q_bar)
-
-        def issue(block, slot):
+        def page_ids(block):
+            # The page-table entries of `block` (scalar GMEM loads, clamped to a valid column past the end).
             if block_kv >= page_size:  # whole pages
-                for p in range(block_kv // page_size):
-                    page_idx = jnp.minimum(first_page + block * (block_kv // page_size) + p, last_page)
-                    page = page_table_ref[req, page_idx]
+                first = first_page + block * (block_kv // page_size)
+                return [page_table_ref[req, jnp.minimum(first + p, last_page)] for p in range(block_kv // page_size)]
+            return [page_table_ref[req, jnp.minimum((kv_begin + block * block_kv) // page_size, last_page)]]
+
+        def issue(block, slot, pages=None):
+            pages = page_ids(block) if pages is None else pages
+            if block_kv >= page_size:
+                for p, page in enumerate(pages):
                     rows = pl.ds(p * page_size, page_size)
                     plgpu.copy_gmem_to_smem(k_layer.at[kh, page], k_smem.at[slot, rows], k_bar.at[slot])
                     plgpu.copy_gmem_to_smem(v_layer.at[kh, page], v_smem.at[slot, rows], v_bar.at[slot])
             else:  # a slice of one page
-                token = kv_begin + block * block_kv
-                page = page_table_ref[req, jnp.minimum(token // page_size, last_page)]
-                rows = pl.ds(lax.rem(token, page_size), block_kv)
-                plgpu.copy_gmem_to_smem(k_layer.at[kh, page, rows], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_layer.at[kh, page, rows], v_smem.at[slot], v_bar.at[slot])
+                rows = pl.ds(lax.rem(kv_begin + block * block_kv, page_size), block_kv)
+                plgpu.copy_gmem_to_smem(k_layer.at[kh, pages[0], rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_layer.at[kh, pages[0], rows], v_smem.at[slot], v_bar.at[slot])
 
-        for s in range(num_stages):
-            @pl.when(s < num_blocks)
-            def _():
-                issue(s, s)
-
-        plgpu.barrier_wait(q_bar)
-        row_pos = q_pos0 + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA) // group
-        col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
-
-        def refill(block, slot):
+        def refill(block, slot, pages=None):
             @pl.when(block + num_stages < num_blocks)
             def _():
-                issue(block + num_stages, slot)
+                issue(block + num_stages, slot, pages)
+
+        def prefetch(block):
+            # With prefetch_pages, the refill's page ids are loaded at the top of the block's step and used at its
+            # end, so their GMEM latency overlaps the wgmmas instead of sitting in front of each TMA.
+            return page_ids(block + num_stages) if prefetch_pages else None
 
         def convert(src_smem, dst_smem):
             # fp8 -> 16 bits through registers. The 2x-upcast layout reads 8 fp8 bytes and writes 16 bytes per
-            # thread access, with a bank-conflict-free plan for the swizzled buffers on both sides.
+            # thread access, with a bank-conflict-free plan for the swizzled buffers on both sides. The commit
+            # makes the generic-proxy stores visible to the wgmma (async proxy) and, being a warpgroup barrier,
+            # also means every thread is done reading the fp8 slot.
             dst_smem[...] = plgpu.load(src_smem, layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(dst_smem.dtype)
-
-        def body(block, carry):
-            acc, m_i, l_i = carry  # [ROWS, H] f32, [ROWS] f32 (base-2 max), [ROWS] f32
-            slot = lax.rem(block, num_stages)
-            plgpu.barrier_wait(k_bar.at[slot])
-
-            if kv16_smem:  # fp8 cache: convert K, start QK^T, convert V while it runs, then free the fp8 slot
-                k16_smem, v16_smem = kv16_smem
-                convert(k_smem.at[slot], k16_smem)
-                plgpu.commit_smem()  # the generic-proxy stores must be visible to the wgmma (async proxy)
-
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k16_smem.T)
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    convert(v_smem.at[slot], v16_smem)
-                    plgpu.commit_smem()  # also: every thread is done reading the fp8 slot before it is refilled
-                    refill(block, slot)
-                    return acc_ref[...]
-            else:
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                    return acc_ref[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))  # [ROWS, block_kv]
-            if softcap is not None:
-                s = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
-            else:
-                s = s * (scale * _LOG2E)
-            kv_pos = kv_begin + block * block_kv + col
-            mask = (kv_pos <= row_pos) & (kv_pos < kv_end)
-            if sliding_window is not None:
-                mask &= kv_pos > row_pos - sliding_window
-            s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_safe)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            if not kv16_smem:
-                plgpu.barrier_wait(v_bar.at[slot])
-
-            p_smem[...] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, kv16_smem[1] if kv16_smem else v_smem.at[slot])
-                return acc_ref[...]
+        def converting_warpgroup():  # only with convert_wg: TMA ring in, f16 block out, one block ahead
+            for s in range(num_stages):
+                pl.when(s < num_blocks)(functools.partial(issue, s, s))
 
-            acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
-            if not kv16_smem:
-                refill(block, slot)
-            return acc, m_new, l_i
+            @pl.loop(0, num_blocks)
+            def _(block):
+                slot = lax.rem(block, num_stages)
+                next_pages = prefetch(block)
+                plgpu.barrier_wait(k_bar.at[slot])
+                pl.when(block > 0)(lambda: plgpu.barrier_wait(k16_free))  # QK^T of the previous block is done
+                convert(k_smem.at[slot], k16_smem)
+                plgpu.barrier_arrive(k16_ready)
+                plgpu.barrier_wait(v_bar.at[slot])
+                pl.when(block > 0)(lambda: plgpu.barrier_wait(v16_free))  # PV of the previous block is done
+                convert(v_smem.at[slot], v16_smem)
+                plgpu.barrier_arrive(v16_ready)
+                refill(block, slot, next_pages)
 
-        acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc, m_i, l_i = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_i))
+            @pl.when(num_blocks > 0)
+            def _():  # observe the last block's handoff phases too: every phase of a barrier has a waiter
+                plgpu.barrier_wait(k16_free)
+                plgpu.barrier_wait(v16_free)
 
-        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-        o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
-        lse_smem[...] = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))
-        plgpu.commit_smem()
-        # Store exactly `num_rows` rows (the next request's rows follow in o_ref): TMA boxes have static sizes,
-        # so write the row count's binary digits, largest first.
-        split = lax.rem(w, num_splits)
-        start = 0
-        size = ROWS
-        while size >= 1:
-            @pl.when((num_rows & size) != 0)
-            def _(size=size, start=start):
-                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, size)],
-                                        o_ref.at[split, kh, pl.ds(q_row0 + start, size)])
-            start = start + (num_rows & size)
-            size //= 2
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[w, kh])
-        plgpu.wait_smem_to_gmem(0)
+        def computing_warpgroup():
+            plgpu.copy_gmem_to_smem(q_ref.at[kh, pl.ds(q_row0, ROWS)], q_smem, q_bar)
+            if not convert_wg:
+                for s in range(num_stages):
+                    pl.when(s < num_blocks)(functools.partial(issue, s, s))
+            plgpu.barrier_wait(q_bar)
+            row_pos = q_pos0 + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0,
+                                                      layout=plgpu.Layout.WGMMA) // group
+            col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
+            if convert_ahead:
+                @pl.when(num_blocks > 0)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[0])
+                    convert(k_smem.at[0], k16_smem)
+
+            def convert_next_k(block):  # while PV(block) runs; K16 is free since QK^T(block) completed
+                if convert_ahead:
+                    @pl.when(block + 1 < num_blocks)
+                    def _():
+                        next_slot = lax.rem(block + 1, num_stages)
+                        plgpu.barrier_wait(k_bar.at[next_slot])
+                        convert(k_smem.at[next_slot], k16_smem)
+
+            def body(block, carry):
+                acc, m_i, l_i = carry  # [ROWS, H] f32, [ROWS] f32 (base-2 max), [ROWS] f32
+                slot = lax.rem(block, num_stages)
+                next_pages = None if convert_wg else prefetch(block)
+                if convert_wg:
+                    plgpu.barrier_wait(k16_ready)
+                elif not convert_ahead:
+                    plgpu.barrier_wait(k_bar.at[slot])
+
+                if convert_wg:
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k16_smem.T)
+                        return acc_ref[...]
+                elif fp8:  # one warpgroup: convert K, start QK^T, convert V while it runs, then free the slot
+                    if not convert_ahead:
+                        convert(k_smem.at[slot], k16_smem)
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k16_smem.T)
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        convert(v_smem.at[slot], v16_smem)
+                        refill(block, slot, next_pages)
+                        return acc_ref[...]
+                else:
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                        return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))  # [ROWS, block_kv]
+                if convert_wg:
+                    plgpu.barrier_arrive(k16_free)
+                if softcap is not None:
+                    s = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
+                else:
+                    s = s * (scale * _LOG2E)
+                kv_pos = kv_begin + block * block_kv + col
+                mask = (kv_pos <= row_pos) & (kv_pos < kv_end)
+                if sliding_window is not None:
+                    mask &= kv_pos > row_pos - sliding_window
+                s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m_i - m_safe)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                if convert_wg:
+                    plgpu.barrier_wait(v16_ready)
+                elif not fp8:
+                    plgpu.barrier_wait(v_bar.at[slot])
+                v_block = v16_smem if fp8 else v_smem.at[slot]
+
+                if p_in_registers:  # GPU only: register A operand, the accumulator carried into the wgmma
+                    p16 = p.astype(q_smem.dtype)
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_block)
+                        convert_next_k(block)
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                else:
+                    p_smem[...] = p.astype(p_smem.dtype)
+                    plgpu.commit_smem()
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p_smem, v_block)
+                        convert_next_k(block)
+                        return acc_ref[...]
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+                if convert_wg:
+                    plgpu.barrier_arrive(v16_free)
+                elif not fp8:
+                    refill(block, slot, next_pages)
+                return acc, m_new, l_i
+
+            acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc, m_i, l_i = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_i))
+
+            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+            o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
+            if num_splits > 1:
+                lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))  # [ROWS]
+                lse_smem[...] = lax.broadcast_in_dim(lse, (ROWS, LSE_COLS), [0])
+            plgpu.commit_smem()
+            # Store exactly `num_rows` rows (the next request's rows follow in o_ref): TMA boxes have static
+            # sizes, so write the row count's binary digits, largest first.
+            split = lax.rem(w, num_splits)
+            start = 0
+            size = ROWS
+            while size >= 1:
+                @pl.when((num_rows & size) != 0)
+                def _(size=size, start=start):
+                    rows = pl.ds(q_row0 + start, size)
+                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, size)], o_ref.at[split, kh, rows])
+                    if num_splits > 1:
+                        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(start, size)], lse_ref.at[split, kh, rows])
+                start = start + (num_rows & size)
+                size //= 2
+            plgpu.wait_smem_to_gmem(0)
+
+        if convert_wg:
+            pl.when(lax.axis_index("wg") == 1)(converting_warpgroup)
+            pl.when(lax.axis_index("wg") == 0)(computing_warpgroup)
+        else:
+            computing_warpgroup()
 
 
 def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, config, num_work, num_splits, scale,
                  sliding_window, softcap, interpret):
     _, K, P, page_size, H = k_pages.shape
     dtype = q_packed.dtype
+    fp8 = k_pages.dtype == FP8
+    convert_wg = fp8 and config.convert_wg
+    convert_ahead = fp8 and not convert_wg and config.convert_ahead
     copies_per_slot = max(1, config.block_kv // page_size)
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
@@ -233,38 +331,41 @@ def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, 
                      plgpu.SwizzleTransform(min(128, 2 * config.block_kv)))
     ring = [plgpu.SMEM((config.num_stages, config.block_kv, H), k_pages.dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((config.num_stages, config.block_kv, H), v_pages.dtype, transforms=pv_transforms)]
-    kv16 = []
-    if k_pages.dtype == FP8:  # fp8 rows are H bytes: one swizzle span of H bytes each; then 16-bit copies
+    kv16 = [None, None]
+    if fp8:  # fp8 rows are H bytes: one swizzle span of H bytes each; then 16-bit copies
         fp8_transforms = (plgpu.TilingTransform((8, H)), plgpu.SwizzleTransform(H))
         ring = [plgpu.SMEM((config.num_stages, config.block_kv, H), FP8, transforms=fp8_transforms)] * 2
         kv16 = [plgpu.SMEM((config.block_kv, H), dtype, transforms=(tiling, swizzle)),
                 plgpu.SMEM((config.block_kv, H), dtype, transforms=pv_transforms)]
+    p_type = None if config.p_in_registers else plgpu.SMEM((ROWS, config.block_kv), dtype, transforms=pv_transforms)
     body = functools.partial(
         _kernel, group=group, page_size=page_size, block_kv=config.block_kv, num_stages=config.num_stages,
-        num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap)
+        num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap, convert_wg=convert_wg,
+        p_in_registers=config.p_in_registers, convert_ahead=convert_ahead, prefetch_pages=config.prefetch_pages)
     kwargs = {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
+    if convert_wg:
+        kwargs.update(num_threads=2, thread_name="wg")
     kernel = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((num_splits, K, q_packed.shape[1], H), dtype),
-                  jax.ShapeDtypeStruct((num_work, K, ROWS), jnp.float32)),
+                  jax.ShapeDtypeStruct((num_splits, K, q_packed.shape[1] if num_splits > 1 else 1, LSE_COLS),
+                                       jnp.float32)),
         scratch_types=[
             plgpu.SMEM((ROWS, H), dtype, transforms=(tiling, swizzle)),
-            *ring,
-            plgpu.SMEM((ROWS, config.block_kv), dtype, transforms=pv_transforms),
-            plgpu.SMEM((ROWS, H), dtype),
-            plgpu.SMEM((ROWS,), jnp.float32),
+            plgpu.RefUnion((*ring, p_type, *kv16), plgpu.SMEM((ROWS, H), dtype)),
+            plgpu.SMEM((ROWS, LSE_COLS), jnp.float32),
             plgpu.Barrier(num_arrivals=1),
             plgpu.Barrier(num_arrivals=copies_per_slot, num_barriers=config.num_stages),
             plgpu.Barrier(num_arrivals=copies_per_slot, num_barriers=config.num_stages),
-            *kv16,
+            *([plgpu.Barrier(num_arrivals=1)] * 4 if convert_wg else []),  # k16/v16 ready, k16/v16 free
         ],
         grid=(num_work, K),
         grid_names=("w", "kh"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
-                                             approx_math=True),
+                                             approx_math=True, reduction_scratch_bytes=0),
         **kwargs,
     )
     return kernel(meta, layer, page_table, q_packed, k_pages, v_pages)
@@ -356,6 +457,10 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq
         raise ValueError(f"{q.shape=} {q.dtype=} {k_pages.shape=} {k_pages.dtype=} {config=}: unsupported by the "
                          f"kernel (need H in (64, 128), page_size and block_kv multiples of each other, 64 % G == 0, "
                          f"a 16-bit q and a cache of q's dtype or float8_e4m3fn, block_kv >= 64 for fp8)")
+    if config.p_in_registers and interpret:
+        raise ValueError(f"{config.p_in_registers=} needs the GPU: the interpreter has no register A operand")
+    if config.p_in_registers is None:
+        config = dataclasses.replace(config, p_in_registers=not interpret)
     scales = kv_scales(k_pages, k_scale, v_scale) if k_pages.dtype == FP8 else None
     if layer is None:  # one layer is the stacked case with L = 1 (a bitcast, no copy)
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
@@ -376,16 +481,16 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     scale = H ** -0.5 if sm_scale is None else float(sm_scale)
     max_tiles = max(1, min(T, T * group // ROWS + R))
     num_splits = config.num_splits or default_splits(max_tiles, K, max_pages * page_size)
-    meta, tile_start = work_list(query_start_loc, seq_lens, num_seqs, group=group, max_tiles=max_tiles,
+    meta = work_list(query_start_loc, seq_lens, num_seqs, group=group, max_tiles=max_tiles,
                                   num_splits=num_splits, page_size=page_size, block_kv=config.block_kv,
                                   sliding_window=sliding_window)
     k_scale, v_scale = (None, None) if scales is None else (scales[0][layer[0]], scales[1][layer[0]])  # [K]
     q_packed = pack_queries(q, K, q_scale=None if scales is None else scale * k_scale)
-    o_parts, lse_tiles = _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, group=group,
+    o_parts, lse_rows = _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, group=group,
                                       config=config, num_work=meta.shape[0], num_splits=num_splits,
                                       scale=scale if scales is None else 1.0, sliding_window=sliding_window,
                                       softcap=softcap, interpret=interpret)
-    out = merge(o_parts, lse_tiles, tile_start, query_start_loc, seq_lens, num_seqs, T=T, group=group,
+    out = merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, T=T, group=group,
                 v_scale=v_scale, out_dtype=q.dtype)
     return out.reshape(T, N, H)
 
@@ -445,136 +550,14 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, query_start_loc, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark: python scripts/bench_kernels.py paged [--out DIR] [--quick]
-
-HBM_TBPS = 4.14  # measured device-to-device copy ceiling on the H200 (shared GPU.md)
-MMA_TFLOPS = 752.0
+# Benchmark: python scripts/bench_kernels.py paged [--out DIR] [--quick] [--fp8] [--stacked]
 
 
 def main(argv=()):
-    parser = argparse.ArgumentParser(prog="bench_kernels.py paged")
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--quick", action="store_true", help="one config per case")
-    parser.add_argument("--stacked", action="store_true",
-                        help="only single-layer vs 32-layer stacked cache, best config, no baseline")
-    parser.add_argument("--fp8", action="store_true",
-                        help="only the three decode cases: baseline, bf16 at its best config, fp8 swept")
-    args = parser.parse_args(list(argv))
-    import warnings
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from jax.experimental.pallas.ops.gpu import paged_attention as baseline_mod
-
-    # Built one at a time (thunks): two 32-layer caches would not fit together.
-    cases = [
-        lambda: bench_case("decode b64 ctx4096 p16", [4096] * 64, [1] * 64),
-        lambda: bench_case("decode b1 ctx32768 p16", [32768], [1], rotations=4),
-        lambda: bench_case("decode b256 ctx1024 p16", [1024] * 256, [1] * 256),
-        lambda: bench_case("mixed 8x512 prefill + 120 decode", [2048] * 8 + [1024] * 120, [512] * 8 + [1] * 120),
-        lambda: bench_case("decode b64 ctx4096 p32", [4096] * 64, [1] * 64, page_size=32),
-        lambda: bench_case("decode b64 ctx4096 p64", [4096] * 64, [1] * 64, page_size=64),
-    ]
-    if args.stacked:  # 32 layers of 16384 pages: 2 x 34 GB
-        b64, mixed = ([4096] * 64, [1] * 64), ([2048] * 8 + [1024] * 120, [512] * 8 + [1] * 120)
-        cases = [lambda: bench_case("decode b64 ctx4096 p16", *b64),
-                 lambda: bench_case("decode b64 ctx4096 p16 L=32", *b64, layers=32),
-                 lambda: bench_case("mixed 8x512 prefill + 120 decode", *mixed),
-                 lambda: bench_case("mixed 8x512 prefill + 120 decode L=32", *mixed, layers=32)]
-    decodes = [("decode b64 ctx4096 p16", [4096] * 64, [1] * 64, 2), ("decode b1 ctx32768 p16", [32768], [1], 4),
-               ("decode b256 ctx1024 p16", [1024] * 256, [1] * 256, 2)]
-    fp8_cases = [functools.partial(bench_case, name + " fp8", sl, ql, rotations=rot, fp8=True)
-                 for name, sl, ql, rot in decodes]
-    if args.fp8:
-        cases = [functools.partial(bench_case, name, sl, ql, rotations=rot) for name, sl, ql, rot in decodes]
-    if not args.stacked:
-        cases += fp8_cases
-    configs = [TuningConfig(64, 2), TuningConfig(32, 4), TuningConfig(128, 2)]
-    fp8_configs = [TuningConfig(64, 2), TuningConfig(64, 3), TuningConfig(64, 4), TuningConfig(128, 2)]
-    if args.quick or args.stacked or args.fp8:
-        configs = configs[:1]
-    if args.quick:
-        fp8_configs = fp8_configs[:1]
-    rows = []
-    for make_case in cases:
-        case = None  # free the previous case's caches first
-        case = make_case()
-        common = (case["qsl"], case["seq_lens"], case["num_seqs"])
-        check_layer = case["layers"] - 1 if case["layers"] > 1 else None
-        scales = case["scales"]
-        expected = paged_attention_reference(case["q"], case["k_pages"], case["v_pages"], case["page_tables"][0],
-                                             *common, layer=check_layer, **scales)
-        base_us, base_cfg = None, None
-        if case["decode"] and case["layers"] == 1 and not args.stacked and not scales:
-            # The baseline applies no softmax scale: hand it pre-scaled queries (scaled outside the timed region).
-            q_scaled = (case["q"].astype(jnp.float32) * case["q"].shape[-1] ** -0.5).astype(case["q"].dtype)
-            for k_splits in (8, 16):
-                if case["page_tables"].shape[-1] % k_splits:
-                    continue
-
-                def base(q, k, v, pt, layer, k_splits=k_splits):
-                    return baseline_mod.paged_attention(q, k, v, pt, case["seq_lens"], k_splits=k_splits)
-                try:
-                    err = rel_err(base(q_scaled, case["k_pages"], case["v_pages"], case["page_tables"][0], None),
-                                   expected)
-                    us, _ = time_call(base, case, q=q_scaled)
-                except Exception as e:  # e.g. the baseline's shared memory overflows at page 64
-                    print(f"  baseline k_splits={k_splits}: FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    continue
-                print(f"  baseline k_splits={k_splits}: {us:.1f} us  err {err:.2e}", flush=True)
-                if err < 2e-2 and (base_us is None or us < base_us):
-                    base_us, base_cfg = us, k_splits
-        splits_opts = [None] + ([8, 16] if case["q"].shape[0] == 1 else [])
-        best = None
-        for cfg in fp8_configs if scales else configs:
-            for splits in splits_opts:
-                cfg_s = dataclasses.replace(cfg, num_splits=splits)
-                def mine(q, k, v, pt, layer, cfg_s=cfg_s):
-                    return ragged_paged_attention(q, k, v, pt, *common, layer=layer, config=cfg_s, **scales)
-                try:
-                    out = mine(case["q"], case["k_pages"], case["v_pages"], case["page_tables"][0],
-                               None if check_layer is None else jnp.int32(check_layer))
-                    err = rel_err(out, expected)
-                    us, kernel_us = time_call(mine, case)
-                except Exception as e:  # a config that does not compile is reported and skipped
-                    print(f"  {cfg_s}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                tbps = case["kv_bytes"] / us / 1e6
-                print(f"  {cfg_s}: {us:.1f} us (kernel {kernel_us:.1f})  {tbps:.2f} TB/s  err {err:.2e}", flush=True)
-                if err < 2e-2 and (best is None or us < best[0]):
-                    best = (us, cfg_s, err)
-        if best is None:
-            rows.append(dict(case=case["name"], status="failed"))
-            continue
-        us, cfg_s, err = best
-        if scales:  # fp8: the same shape's bf16 time and baseline, measured above in this process
-            bf16 = next((r for r in rows if r["case"] == case["name"].removesuffix(" fp8") and "us" in r), {})
-            base_us, base_cfg = bf16.get("baseline_us"), bf16.get("baseline_k_splits")
-        floor_us = max(case["kv_bytes"] / HBM_TBPS / 1e6, case["flops"] / MMA_TFLOPS / 1e6)
-        rows.append(dict(case=case["name"], us=round(us, 1), tbps=round(case["kv_bytes"] / us / 1e6, 3),
-                         pct_roofline=round(100 * floor_us / us, 1), rel_err=err,
-                         config=dataclasses.asdict(cfg_s), kv_bytes=case["kv_bytes"], flops=case["flops"],
-                         baseline_us=None if base_us is None else round(base_us, 1), baseline_k_splits=base_cfg,
-                         baseline_tbps=None if base_us is None else round(case["kv_bytes"] / base_us / 1e6, 3),
-                         speedup=None if base_us is None else round(base_us / us, 2)))
-        if scales and bf16:
-            rows[-1].update(bf16_us=bf16["us"], bf16_over_fp8=round(bf16["us"] / us, 2),
-                            baseline_tbps=bf16["baseline_tbps"])
-    print(f"\n{'case':36s} {'us':>8s} {'TB/s':>6s} {'%roof':>6s} {'base us':>8s} {'base TB/s':>9s} {'x':>5s}")
-    for r in rows:
-        if r.get("status") == "failed":
-            print(f"{r['case']:36s} FAILED")
-            continue
-        b = r["baseline_us"]
-        print(f"{r['case']:36s} {r['us']:8.1f} {r['tbps']:6.2f} {r['pct_roofline']:6.1f} "
-              f"{'n/a' if b is None else f'{b:.1f}':>8s} {'n/a' if b is None else r['baseline_tbps']:>9} "
-              f"{'n/a' if b is None else r['speedup']:>5}"
-              + (f"  bf16/fp8 {r['bf16_over_fp8']}" if "bf16_over_fp8" in r else ""))
-    os.makedirs(args.out, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out, f"paged_{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, stacked=args.stacked, rows=rows), f, indent=1)
-    print("wrote", path)
-    return 0
+    """Sweeps configs on the named cases, checks each against `paged_attention_reference`, times the same-run
+    baseline and writes JSON (the sweep lives in paged_bench.py to keep this file about the kernel)."""
+    from kernels_pallas import paged_bench
+    return paged_bench.main(argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 ROWS = 64  # rows of a wgmma tile: (token, q-head) pairs of one request
 META = 8  # int32 fields per work item, see `work_list`
+LSE_COLS = 8  # a row's log-sum-exp is stored 8 times (32 bytes): TMA boxes need 16-byte rows
 
 
 def default_splits(num_tiles, num_kv_heads, max_kv_len, target_ctas=264, min_split_tokens=512):
@@ -42,7 +43,8 @@ def work_list(query_start_loc, seq_lens, num_seqs, *, group, max_tiles, num_spli
     tile_end = jnp.cumsum(tiles)
     tile_start = tile_end - tiles
     i = jnp.arange(max_tiles)
-    req = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), R - 1)  # [max_tiles]
+    # one compare-and-count fusion; the default binary search is a while loop of small kernels on the GPU
+    req = jnp.minimum(jnp.searchsorted(tile_end, i, side="right", method="compare_all"), R - 1)  # [max_tiles]
     valid = i < tile_end[-1]
     local = i - tile_start[req]
     q_len, seq_len = q_lens[req], seq_lens[req]
@@ -64,7 +66,7 @@ def work_list(query_start_loc, seq_lens, num_seqs, *, group, max_tiles, num_spli
         bcast(q_pos0), begin, end, bcast(jnp.maximum(kv_hi - 1, 0) // page_size),
         bcast(jnp.clip(q_len * group - local * ROWS, 0, ROWS)),
     ], axis=-1)
-    return meta.reshape(max_tiles * num_splits, META).astype(jnp.int32), tile_start
+    return meta.reshape(max_tiles * num_splits, META).astype(jnp.int32)
 
 
 F16_MAX = 65504.0
@@ -87,27 +89,20 @@ def pack_queries(q, num_kv_heads, q_scale=None):
     return jnp.pad(q_packed, ((0, 0), (0, ROWS + (-T * group) % ROWS), (0, 0)))
 
 
-def merge(o_parts, lse_tiles, tile_start, query_start_loc, seq_lens, num_seqs, *, T, group, v_scale=None,
-          out_dtype=None):
-    """Log-sum-exp merge of the kv splits, back to tokens. o_parts [S, K, Tq, H] -> [T, K, G, H] of out_dtype
-    (default o_parts'). v_scale [K] (fp8 cache) multiplies each kv-head's output."""
+def merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, *, T, group, v_scale=None, out_dtype=None):
+    """Log-sum-exp merge of the kv splits, back to tokens: o_parts [S, K, Tq, H] and lse_rows [S, K, Tq, LSE_COLS]
+    (both packed rows; lse unused when S == 1) -> [T, K, G, H] of out_dtype (default o_parts'). v_scale [K] (fp8
+    cache) multiplies each kv-head's output. Tokens outside the live requests [qsl[0], qsl[num_seqs]) (qsl is
+    non-decreasing) come back as zeros: the kernel never wrote their rows."""
     S, K, _, H = o_parts.shape
-    live, q_lens = request_lengths(query_start_loc, seq_lens, num_seqs)
-    R = seq_lens.shape[0]
-    end = query_start_loc[:-1] + q_lens  # [R]; padding rows end where they start
     t = jnp.arange(T)
-    req = jnp.minimum(jnp.sum((t[:, None] >= end[None, :]) & live[None, :], axis=1), R - 1)  # [T]
-    local = t - query_start_loc[req]
-    real = (local >= 0) & (local < q_lens[req])  # [T]; rows of other tokens were never written
+    real = (t >= query_start_loc[0]) & (t < query_start_loc[jnp.clip(num_seqs, 0, seq_lens.shape[0])])  # [T]
     o = o_parts[:, :, :T * group].reshape(S, K, T, group, H)
     if S == 1:
         merged = o[0]
     else:
-        tile = jnp.where(real, tile_start[req] + local * group // ROWS, 0)  # [T]
-        row = jnp.where(real, local * group % ROWS, 0)
-        lse = lse_tiles.reshape(-1, S, K, ROWS)
-        lse = lse[tile[:, None], :, :, row[:, None] + jnp.arange(group)]  # [T, G, S, K]
-        lse = jnp.where(real[:, None, None, None], lse, 0.0).transpose(2, 3, 0, 1)  # [S, K, T, G]
+        lse = lse_rows[:, :, :T * group, 0].reshape(S, K, T, group)
+        lse = jnp.where(real[:, None], lse, 0.0)  # rows of padding tokens hold garbage
         m = jnp.max(lse, axis=0)
         wts = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # -inf -> 0
         den = jnp.sum(wts, axis=0)

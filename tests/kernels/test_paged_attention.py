@@ -92,12 +92,14 @@ def test_reference_matches_dense_attention():
 # Kernel (Mosaic GPU interpreter)
 
 
-@pytest.mark.parametrize("page_size,block_kv", [(16, 64), (32, 32), (64, 32)])
-def test_decode_batch(page_size, block_kv):
+@pytest.mark.parametrize("page_size,block_kv,prefetch", [(16, 64, False), (32, 32, False), (64, 32, False),
+                                                         (16, 64, True), (64, 32, True)])
+def test_decode_batch(page_size, block_kv, prefetch):
     # lengths 1, a page multiple, non-multiples, and the table's maximum
     seq_lens = [1, 2 * page_size, 3 * page_size - 5, 4 * page_size]
     batch = make_batch(page_size, q_lens=[1] * 4, seq_lens=seq_lens, page_size=page_size)
-    out, expected = run_both(batch, pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=1))
+    config = pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=1, prefetch_pages=prefetch)
+    out, expected = run_both(batch, config)
     assert_close(out, expected)
 
 
@@ -109,7 +111,8 @@ def test_mixed_decode_and_prefill_with_splits():
     assert_close(out, expected)
 
 
-def test_padding_rows_and_tokens_do_not_touch_real_rows():
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_padding_rows_and_tokens_do_not_touch_real_rows(num_splits):
     real = dict(q_lens=[3, 1, 6], seq_lens=[50, 33, 6], K=1)
     clean = make_batch(2, **real)
     padded = make_batch(2, **real, num_rows=6, extra_tokens=5)
@@ -119,12 +122,13 @@ def test_padding_rows_and_tokens_do_not_touch_real_rows():
     qsl = padded[4].at[4:].set(jnp.asarray([12, 14, 15], jnp.int32))
     page_table = jnp.concatenate([clean[3], jnp.full((3, clean[3].shape[1]), 10_000, jnp.int32)])
     padded = (q, clean[1], clean[2], page_table, qsl, seq_lens, jnp.int32(3))
-    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=2)
+    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=num_splits)
     out_clean = pa.ragged_paged_attention(*clean, config=config, interpret=True)
     out_padded = pa.ragged_paged_attention(*padded, config=config, interpret=True)
     T = clean[0].shape[0]
     assert np.isfinite(np.asarray(out_padded, np.float32)).all()
     np.testing.assert_array_equal(np.asarray(out_padded[:T], np.float32), np.asarray(out_clean, np.float32))
+    assert not np.asarray(out_padded[T:], np.float32).any()  # padding tokens come back as zeros
     assert_close(out_clean, pa.paged_attention_reference(*clean))
 
 
@@ -152,14 +156,32 @@ def test_fp8_decode_batch(page_size, stages):
     assert_close(out, pa.paged_attention_reference(*orig), tol=FP8_TOL)
 
 
-def test_fp8_mixed_decode_and_prefill_with_splits_window_softcap():
+@pytest.mark.parametrize("convert_wg,convert_ahead", [(False, False), (False, True), (True, False)])
+def test_fp8_mixed_decode_and_prefill_with_splits_window_softcap(convert_wg, convert_ahead):
     batch = make_batch(22, q_lens=[1, 20, 1, 17, 1], seq_lens=[90, 20, 1, 77, 128])
     fp8, orig, scales = to_fp8(batch, 23)
     kw = dict(sliding_window=50, softcap=4.0, sm_scale=0.3)
-    out = pa.ragged_paged_attention(*fp8, **scales, **kw, config=pa.TuningConfig(64, 2, num_splits=3),
-                                    interpret=True)
+    config = pa.TuningConfig(64, 3, num_splits=3, convert_wg=convert_wg, convert_ahead=convert_ahead)
+    out = pa.ragged_paged_attention(*fp8, **scales, **kw, config=config, interpret=True)
     assert_close(out, pa.paged_attention_reference(*fp8, **scales, **kw))
     assert_close(out, pa.paged_attention_reference(*orig, **kw), tol=FP8_TOL)
+
+
+@pytest.mark.parametrize("convert_wg,convert_ahead,prefetch", [(False, False, False), (False, True, True),
+                                                                (True, False, True)])
+def test_fp8_pipeline_has_no_races(convert_wg, convert_ahead, prefetch):
+    """One warpgroup converting and computing in turn (the next K during PV, or not), or a converting warpgroup
+    handing f16 blocks to the computing one through barriers: more blocks than ring slots, so every slot and
+    handoff buffer is reused."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    batch = make_batch(26, q_lens=[1, 9, 1], seq_lens=[300, 200, 1], K=1, H=128)
+    fp8, _, scales = to_fp8(batch, 27)
+    config = pa.TuningConfig(64, 2, num_splits=1, convert_wg=convert_wg, convert_ahead=convert_ahead,
+                             prefetch_pages=prefetch)
+    out = pa.ragged_paged_attention(*fp8, **scales, config=config, interpret=InterpretGPUParams(detect_races=True))
+    assert not interpret_pallas_call.get_races().races_found
+    assert_close(out, pa.paged_attention_reference(*fp8, **scales))
 
 
 def test_fp8_scales_are_applied_per_kv_head():
@@ -277,6 +299,24 @@ def test_bad_arguments_raise():
         pa.ragged_paged_attention(*fp8, v_scale=scales["v_scale"][None])
     with pytest.raises(ValueError, match="unsupported"):  # fp8 converts 64-row tiles
         pa.ragged_paged_attention(*fp8, config=pa.TuningConfig(block_kv=32))
+    with pytest.raises(ValueError, match="p_in_registers"):
+        pa.ragged_paged_attention(*batch, config=pa.TuningConfig(p_in_registers=True), interpret=True)
+
+
+@pytest.mark.parametrize("fp8,config", [
+    (False, pa.TuningConfig()), (False, pa.TuningConfig(p_in_registers=True)), (True, pa.TuningConfig()),
+    (True, pa.TuningConfig(convert_wg=True)), (True, pa.TuningConfig(64, 3, convert_wg=True, p_in_registers=True)),
+    (True, pa.TuningConfig(64, 4, p_in_registers=True)), (True, pa.TuningConfig(convert_ahead=False)),
+    (False, pa.TuningConfig(prefetch_pages=True)), (True, pa.TuningConfig(64, 3, prefetch_pages=True))])
+def test_lowers_for_the_gpu_cpu(fp8, config):
+    """The full Mosaic GPU lowering (layouts, register A operands, warpgroup handoff, SMEM budget) runs on CPU
+    at a serving shape; the register-A paths are otherwise only checked by the gpu tests."""
+    T, N, K, H, P, page_size, R = 64, 32, 8, 128, 4096, 16, 64
+    cache = jax.ShapeDtypeStruct((K, P, page_size, H), pa.FP8 if fp8 else jnp.bfloat16)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    f = jax.jit(lambda *a: pa.ragged_paged_attention(*a, config=config))
+    f.trace(jax.ShapeDtypeStruct((T, N, H), jnp.bfloat16), cache, cache, i32(R, 64), i32(R + 1), i32(R),
+            i32()).lower(lowering_platforms=("cuda",))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,27 +420,33 @@ def test_ops_write_kv_stacked_is_in_place_when_donated(donate):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size", [16, 32, 64])
-def test_gpu_serving_sizes(page_size):
+@pytest.mark.parametrize("page_size,config", [(16, None), (32, None), (64, None),
+                                              (16, pa.TuningConfig(64, 3)), (16, pa.TuningConfig(p_in_registers=False)),
+                                              (16, pa.TuningConfig(prefetch_pages=True))])
+def test_gpu_serving_sizes(page_size, config):
     q_lens = [1] * 30 + [512, 100]
     seq_lens = [int(x) for x in np.random.default_rng(8).integers(1, 4096, 30)] + [2048, 4096]
     batch = make_batch(8, q_lens=q_lens, seq_lens=seq_lens, num_rows=40, extra_tokens=7, K=8, G=4, H=128,
                        page_size=page_size)
-    out = pa.ragged_paged_attention(*batch)
+    out = pa.ragged_paged_attention(*batch, config=config)
     expected = pa.paged_attention_reference(*batch)
     assert_close(out, expected, rows=sum(q_lens))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size", [16, 64])
-def test_gpu_fp8_serving_sizes(page_size):
+@pytest.mark.parametrize("page_size,config", [
+    (16, pa.TuningConfig(64, 2)), (64, pa.TuningConfig(64, 2)), (16, pa.TuningConfig(64, 4)),
+    (16, pa.TuningConfig(64, 2, convert_ahead=False, p_in_registers=False)),
+    (64, pa.TuningConfig(64, 3, convert_wg=True)), (16, pa.TuningConfig(64, 2, prefetch_pages=True)),
+    (16, pa.TuningConfig(64, 2, convert_wg=True, prefetch_pages=True))])
+def test_gpu_fp8_serving_sizes(page_size, config):
     q_lens = [1] * 30 + [512, 100]
     seq_lens = [int(x) for x in np.random.default_rng(16).integers(1, 4096, 30)] + [2048, 4096]
     batch = make_batch(16, q_lens=q_lens, seq_lens=seq_lens, num_rows=40, extra_tokens=7, K=8, G=4, H=128,
                        page_size=page_size)
     fp8, orig, scales = to_fp8(batch, 17)
     rows = sum(q_lens)
-    out = pa.ragged_paged_attention(*fp8, **scales)
+    out = pa.ragged_paged_attention(*fp8, **scales, config=config)
     assert_close(out, pa.paged_attention_reference(*fp8, **scales), rows=rows)
     assert_close(out, pa.paged_attention_reference(*orig), rows=rows, tol=FP8_TOL)
 
