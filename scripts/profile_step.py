@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.request import Request  # noqa: E402
-from engine.runner import ModelRunner, _step  # noqa: E402
+from engine.runner import STEP_COMPILER_OPTIONS, ModelRunner, _step  # noqa: E402
 from engine.scheduler import SchedulerOutput  # noqa: E402
 from ie_jax import SamplingParams, load_model  # noqa: E402
 
@@ -76,7 +76,8 @@ def main(argv=None):
     runner = ModelRunner(model, cfg, owns_model=True)
     inp = jax.device_put(decode_inputs(runner, args.batch, args.context, args.prefill))
     state, layer_states = runner.state, runner.layer_states
-    step = jax.jit(_step, static_argnums=(0, 7, 8))  # not donated: callable again on the same arguments
+    # not donated: callable again on the same arguments
+    step = jax.jit(_step, static_argnums=(0, 7, 8), compiler_options=STEP_COMPILER_OPTIONS)
     args_ = (runner.graphdef, state, runner.caches, runner.counts, runner.last_tokens, runner.prompt_mask, inp, 0,
              args.mode, layer_states)
     call = lambda: step(*args_)  # noqa: E731
