@@ -285,6 +285,7 @@ def hf_config(preset: str) -> dict:
 
 
 CUBLAS_ONLY = "--xla_gpu_enable_triton_gemm=false"
+NO_DOT_MERGER = "--xla_gpu_dot_merger_threshold_mb=0"  # no per-step concatenation of q/k/v and gate/up weights
 
 
 def _cfg(framework, method, ckpt, attention="auto", batch=None, policy="nothing", micro=1, xla_flags=""):
@@ -297,6 +298,8 @@ CONFIGS = {
     "jax-lora-all-mb4": _cfg("jax", "lora", True, policy="save_all", micro=4),
     "jax-lora-all-mb2": _cfg("jax", "lora", True, policy="save_all", micro=2),
     "jax-lora-attn-mb2": _cfg("jax", "lora", True, policy="save_attention", micro=2),
+    "jax-lora-all-mb2-nomerge": _cfg("jax", "lora", True, policy="save_all", micro=2, xla_flags=NO_DOT_MERGER),
+    "jax-lora-attn-nomerge": _cfg("jax", "lora", True, policy="save_attention", xla_flags=NO_DOT_MERGER),
     "jax-lora-attn-cublas": _cfg("jax", "lora", True, policy="save_attention", xla_flags=CUBLAS_ONLY),
     "jax-lora-all-mb4-cublas": _cfg("jax", "lora", True, policy="save_all", micro=4, xla_flags=CUBLAS_ONLY),
     "jax-lora-ckpt-saveproj": _cfg("jax", "lora", True, policy="save_projections"),
