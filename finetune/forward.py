@@ -20,7 +20,7 @@ REMAT_POLICIES = ("nothing", "save_projections", "save_attention", "save_all")
 # Values the model and the adapters tag with `checkpoint_name` (ie_jax/models/llama.py, lora.py). Per token and
 # layer, for Llama-3-8B in bf16: q, k, v after rotary 12 KiB, attention output 8 KiB, the residual after attention
 # 8 KiB, the MLP gate and up outputs 28 KiB each, the adapters' x @ A 0.2 KiB.
-ATTENTION_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out", "resid_mid", "lora_down")
+ATTENTION_NAMES = ("attn_q", "attn_k", "attn_v", "flash_out", "flash_lse", "resid_mid", "lora_down")
 MLP_NAMES = ("mlp_gate", "mlp_up")
 
 

@@ -28,6 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -407,6 +408,10 @@ def _flash(q, k, v, seg, opts: _Options):
 
 def _flash_fwd(q, k, v, seg, opts: _Options):
     o, lse = _forward(q, k, v, seg, opts)
+    # Named for remat policies (`save_only_these_names("flash_out", "flash_lse")`): without a name, a policy can
+    # only keep them by their producer, which is the slice off the padded kernel output, so under jax.checkpoint
+    # the backward pass would run the forward kernel again to rebuild its own residuals.
+    o, lse = checkpoint_name(o, "flash_out"), checkpoint_name(lse, "flash_lse")
     return (o, lse), (q, k, v, seg, o, lse)
 
 
