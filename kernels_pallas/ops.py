@@ -222,15 +222,39 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
 
 def quant_matmul(x, qw, *, out_dtype=None):
     """x [..., K] -> [..., N] in `out_dtype` (default x's dtype), for W held as Int8Weights, Int4Weights,
-    Fp8Weights or NF4Array. Semantics of the format's `*_matmul_reference` (dequantize, then an f32-accumulated
-    dot; FP8 quantizes x too). Every backend runs that XLA path until the quantized-matmul kernels plug in here.
+    Fp8Weights or NF4Array (one matrix), or in the kernel's packed layout (quant_matmul.PackedInt8 / PackedInt4).
+    Semantics of the format's `*_matmul_reference` (dequantize, then an f32-accumulated dot; FP8 quantizes x too).
+
+    On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
+    (group 128, no act-order) run the Pallas kernel where `quant_matmul.kernel_config` says it was measured faster
+    than XLA; FP8 runs XLA's fp8 dot (cuBLASLt) where that was measured faster than the bf16 upcast. Everything
+    else, and every call on CPU, runs the reference (XLA dequantize-then-dot).
     """
     from ie_jax.quant import fp8, int4, int8, nf4
+    from kernels_pallas import quant_matmul as qm
+    backend = current_backend()
+    on_hopper = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
+    if on_hopper and isinstance(qw, (int8.Int8Weights, int4.Int4Weights, qm.PackedInt8, qm.PackedInt4)):
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        config = qm.kernel_config(qw, rows.shape[0], forced=backend != "auto")
+        if config is not None:
+            try:
+                qm.check_args(rows, qw, config)
+            except ValueError:
+                config = None
+        if config is not None:
+            y = qm.quant_matmul(rows, qw, config=config, interpret=backend == "interpret",
+                                out_dtype=out_dtype or x.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+    if isinstance(qw, (qm.PackedInt8, qm.PackedInt4)):
+        return qm.packed_matmul_xla(x, qw, out_dtype)
     if isinstance(qw, int8.Int8Weights):
         return int8.int8_matmul_reference(x, qw, out_dtype)
     if isinstance(qw, int4.Int4Weights):
         return int4.int4_matmul_reference(x, qw, out_dtype)
     if isinstance(qw, fp8.Fp8Weights):
+        if on_hopper and backend != "interpret" and qm.FP8_XLA_DOT and qw.q.ndim == 2:
+            return qm.fp8_matmul(x, qw.q, qw.scale, qw.input_scale, out_dtype=out_dtype)
         return fp8.fp8_matmul_reference(x, qw, out_dtype)
     if isinstance(qw, nf4.NF4Array):
         y = jnp.dot(x, nf4.dequantize_nf4(qw, x.dtype), preferred_element_type=jnp.float32)

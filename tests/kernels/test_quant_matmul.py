@@ -1,8 +1,10 @@
 """Weight-only quantized skinny matmul (W8A16, W4A16) against the formats' own references.
 
 CPU tests run the kernel body in the Mosaic GPU interpreter at small shapes (several K splits, ring slots refilled,
-M not a multiple of 8) and check the CUDA lowering (layouts, SMEM) without a GPU; `gpu` tests compile it at
-Llama-3-8B layer sizes. Weights are random normal draws quantized by ie_jax.quant.
+M not a multiple of 8), on the packed layouts and on the formats' own arrays, and check the CUDA lowering (layouts,
+SMEM) without a GPU; `gpu` tests compile it at Llama-3-8B layer sizes. Also the XLA paths on the packed layouts
+(dequantize-then-dot, fp8 dot) and the measured dispatch table. Weights are random normal draws quantized by
+ie_jax.quant.
 """
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,15 @@ def test_matches_the_format_reference_cpu(fmt, m):
     assert rel_err(out, reference(x, qw)) < 1.5e-2
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, 13])
+def test_reads_the_format_layout_in_place_cpu(fmt, m):
+    """Int8Weights / Int4Weights ([K, N], the quantized Linear's arrays) go in unpacked."""
+    x, qw, _, reference = make(m + 3, m, 768, 128, fmt)
+    out = qm.quant_matmul(x, qw, config=qm.TuningConfig(num_stages=2, num_splits=2), interpret=True)
+    assert rel_err(out, reference(x, qw)) < 1.5e-2
+
+
 def test_race_free_cpu():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     x, qw, packed, reference = make(9, 8, 512, 128, "int4")
@@ -52,32 +63,57 @@ def test_race_free_cpu():
     assert rel_err(out, reference(x, qw)) < 1.5e-2
 
 
-def test_int4_packing_pairs_columns_j_and_j_plus_64():
+def test_int4_packing_is_signed_transposed_with_folded_zero():
     x, qw, packed, _ = make(0, 1, 256, 8, "int4")
-    q = np.asarray(qw.q)  # [K, N] 0..15
-    byte = np.asarray(packed.q)  # [N, K/2]
-    for n in range(8):
-        for tile in range(2):
-            for j in (0, 17, 63):
-                k = tile * 128 + j
-                assert byte[n, tile * 64 + j] == q[k, n] | (q[k + 64, n] << 4)
+    q = np.asarray(qw.q, np.int32)  # [K, N] 0..15
+    assert packed.q.dtype == jnp.int4 and packed.q.shape == (8, 256)
+    np.testing.assert_array_equal(np.asarray(packed.q.astype(jnp.int32)), q.T - 8)
     zeros, scales = np.asarray(qw.zeros, np.float32), np.asarray(qw.scales, np.float32)
-    np.testing.assert_allclose(np.asarray(packed.bias), -zeros * scales, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(packed.bias, np.float32), (8 - zeros) * scales, rtol=1e-2, atol=1e-6)
+    # The packed dequantization is the format's, up to bf16 rounding of scale and bias.
+    w = np.asarray(qm.dequantize_packed(packed))
+    from ie_jax.quant.int4 import dequantize_int4
+    ref = np.asarray(dequantize_int4(qw))
+    assert np.abs(w - ref).max() <= 2e-2 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_lowers_for_the_gpu_cpu(fmt):
+@pytest.mark.parametrize("m", [3, 100])
+def test_xla_path_on_packed_layout_matches_the_format_reference(fmt, m):
+    x, qw, packed, reference = make(m + 7, m, 256, 128, fmt)
+    assert rel_err(qm.packed_matmul_xla(x, packed), reference(x, qw)) < 1.5e-2
+
+
+@pytest.mark.parametrize("n_major", [False, True])
+def test_fp8_matmul_matches_the_format_reference(n_major):
+    from ie_jax.quant.fp8 import fp8_matmul_reference, quantize_fp8
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (5, 256), jnp.bfloat16)
+    qw = quantize_fp8(0.05 * jax.random.normal(kw, (256, 64), jnp.float32))
+    q = qw.q.T if n_major else qw.q
+    out = qm.fp8_matmul(x, q, qw.scale, n_major=n_major, out_dtype=jnp.float32)
+    assert rel_err(out, fp8_matmul_reference(x, qw, jnp.float32)) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed-smem", "format"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_lowers_for_the_gpu_cpu(fmt, layout):
     """The full Mosaic GPU lowering (layouts, 8-bit arithmetic rules, SMEM budget) runs on CPU."""
+    from ie_jax.quant.int4 import Int4Weights
+    from ie_jax.quant.int8 import Int8Weights
     k, n = 4096, 4096
-    q = jax.ShapeDtypeStruct((n, k) if fmt == "int8" else (n, k // 2), jnp.int8 if fmt == "int8" else jnp.uint8)
-    if fmt == "int8":
-        packed = qm.PackedInt8(q, jax.ShapeDtypeStruct((n,), jnp.float32))
+    S = jax.ShapeDtypeStruct
+    groups = (k // 128, n)
+    if layout == "format":
+        packed = (Int8Weights(S((k, n), jnp.int8), S((n,), jnp.float32)) if fmt == "int8" else
+                  Int4Weights(S((k, n), jnp.uint8), S(groups, jnp.float16), S(groups, jnp.uint8), 128))
+    elif fmt == "int8":
+        packed = qm.PackedInt8(S((n, k), jnp.int8), S((n,), jnp.float32))
     else:
-        groups = jax.ShapeDtypeStruct((k // 128, n), jnp.float32)
-        packed = qm.PackedInt4(q, groups, groups)
-    x = jax.ShapeDtypeStruct((16, k), jnp.bfloat16)
-    f = jax.jit(lambda x, p: qm._quant_matmul(x, p, config=qm.TuningConfig(), interpret=False))
-    f.trace(x, packed).lower(lowering_platforms=("cuda",))
+        packed = qm.PackedInt4(S((n, k), jnp.int4), S(groups, jnp.bfloat16), S(groups, jnp.bfloat16))
+    config = qm.TuningConfig(a_in_registers=layout == "packed")
+    f = jax.jit(lambda x, p: qm._quant_matmul(x, p, config=config, interpret=False))
+    f.trace(S((16, k), jnp.bfloat16), packed).lower(lowering_platforms=("cuda",))
 
 
 def test_rejects_bad_arguments():
@@ -89,7 +125,11 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="disagree"):
         qm.quant_matmul(jnp.zeros((4, 384), jnp.bfloat16), packed)
     with pytest.raises(ValueError, match="PackedInt8"):
-        qm.quant_matmul(x, qw)
+        qm.quant_matmul(x, {"q": qw.q})
+    with pytest.raises(ValueError, match="group_size"):
+        qm.quant_matmul(x, quantize_int4(jnp.ones((256, 128)), group_size=64))
+    with pytest.raises(ValueError, match="zero-point rows"):  # a 64-byte TMA box misaligns the ring on the GPU
+        qm.quant_matmul(x, quantize_int4(jnp.ones((256, 128))), config=qm.TuningConfig(block_n=64))
     with pytest.raises(ValueError, match="group_size"):
         qm.pack_int4(quantize_int4(jnp.ones((256, 128)), group_size=64))
     with pytest.raises(ValueError, match="block_n"):
@@ -103,3 +143,15 @@ def test_rejects_bad_arguments():
 def test_llama_shapes_gpu(fmt, m, k, n):
     x, qw, packed, reference = make(m + k + n, m, k, n, fmt)
     assert rel_err(qm.quant_matmul(x, packed), reference(x, qw)) < 1.5e-2
+    assert rel_err(qm.quant_matmul(x, qw), reference(x, qw)) < 1.5e-2  # the format layout, read in place
+
+
+def test_kernel_config_follows_the_measurements():
+    _, q8, p8, _ = make(1, 1, 256, 128, "int8")
+    _, q4, p4, _ = make(1, 1, 256, 128, "int4")
+    assert qm.kernel_config(p8, 16) is not None and qm.kernel_config(p8, 17) is None
+    assert qm.kernel_config(p4, 64) is not None and qm.kernel_config(p4, 65) is None
+    assert qm.kernel_config(q4, 1) is not None
+    assert qm.kernel_config(q8, 1) is None  # XLA's int8 dot measured as fast: stays on XLA
+    assert qm.kernel_config(q8, 1, forced=True) is not None and qm.kernel_config(q8, 65, forced=True) is None
+    assert qm.kernel_config({"q": q8.q}, 1, forced=True) is None

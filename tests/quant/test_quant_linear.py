@@ -126,3 +126,28 @@ def test_quant_matmul_takes_nf4_too():
     q = quantize_nf4(w)
     expected = np.asarray(x) @ np.asarray(dequantize_nf4(q))
     np.testing.assert_allclose(np.asarray(quant_matmul(x, q)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["int8", "awq"])
+def test_linear_dispatch_reference_on_cpu_kernel_under_interpret(method):
+    """Backend auto on CPU runs the format reference bit for bit; backend interpret sends a decode-sized bf16 call
+    (group 128) through the kernel body, which still matches the layer's dense equivalent; above 64 rows even
+    the forced backend falls back to the reference."""
+    from kernels_pallas import ops
+    from ie_jax.quant.int4 import int4_matmul_reference
+    from ie_jax.quant.int8 import int8_matmul_reference
+    quant = QuantConfig("int8", 8) if method == "int8" else QuantConfig("awq", 4, 128)
+    lin = make_linear(256, 128, bias=False, axes=("embed", "mlp"), dtype=jnp.bfloat16, rngs=nnx.Rngs(4), quant=quant)
+    reference = int8_matmul_reference if method == "int8" else int4_matmul_reference
+    x = jax.random.normal(jax.random.key(5), (2, 3, 256), jnp.bfloat16)
+    assert ops.current_backend() == "auto" and not ops.is_hopper()
+    np.testing.assert_array_equal(np.asarray(lin(x), np.float32), np.asarray(reference(x, lin.weights()), np.float32))
+    dense = lin.dense()(x.astype(jnp.float32))
+    with ops.kernel_backend("interpret"):
+        got = lin(x, out_dtype=jnp.float32)
+        big = jax.random.normal(jax.random.key(6), (65, 256), jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(lin(big), np.float32),
+                                      np.asarray(reference(big, lin.weights()), np.float32))
+    assert got.shape == (2, 3, 128) and got.dtype == jnp.float32
+    assert _rel(got, dense) < 1e-2
+    assert not np.array_equal(np.asarray(got), np.asarray(lin(x, out_dtype=jnp.float32)))  # another code path
