@@ -237,12 +237,7 @@ def quant_matmul(x, qw, *, out_dtype=None):
     if on_hopper and isinstance(qw, (int8.Int8Weights, int4.Int4Weights, qm.PackedInt8, qm.PackedInt4)):
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         config = qm.kernel_config(qw, rows.shape[0], forced=backend != "auto")
-        if config is not None:
-            try:
-                qm.check_args(rows, qw, config)
-            except ValueError:
-                config = None
-        if config is not None:
+        if config is not None and qm.kernel_supports(rows, qw, config):
             y = qm.quant_matmul(rows, qw, config=config, interpret=backend == "interpret",
                                 out_dtype=out_dtype or x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])

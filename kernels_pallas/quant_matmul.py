@@ -286,6 +286,15 @@ def _kn(packed) -> tuple[int, int]:
     return tuple(w.shape) if kn else tuple(w.shape[::-1])
 
 
+def kernel_supports(x, packed, config: TuningConfig | None = None) -> bool:
+    """Whether the kernel takes x [M, K] and these weights under `config` (`check_args` without the message)."""
+    try:
+        check_args(x, packed, config)
+    except ValueError:
+        return False
+    return True
+
+
 def check_args(x, packed, config: TuningConfig | None = None):
     """Raise ValueError unless the kernel takes x [M, K] and these weights (packed, or a format's own
     Int8Weights / Int4Weights of one matrix) under `config`."""
