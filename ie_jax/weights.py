@@ -218,7 +218,7 @@ def load_hf_weights(path, cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rul
 
     def put_module(module: str, layer, tensors: dict[str, np.ndarray], hf_module: str):
         """Repack one layer's quantized tensors of `module` into its variables (checkpoint.repack)."""
-        K, N = flat_abs[f"{module}.q"].shape[-2:]
+        K, N = qckpt.matrix_shape(cfg.quantization, flat_abs[f"{module}.q"].shape)
         for t, shape in qckpt.hf_shapes(cfg.quantization, K, N).items():
             if t in tensors and shape is not None and tuple(tensors[t].shape) != shape:
                 raise CheckpointError(f"tensor {hf_module}.{t!s} has shape {tuple(tensors[t].shape)} but the "

@@ -227,8 +227,8 @@ def quant_matmul(x, qw, *, out_dtype=None):
 
     On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
     (group 128, no act-order) run the Pallas kernel where `quant_matmul.kernel_config` says it was measured faster
-    than XLA; FP8 runs XLA's fp8 dot (cuBLASLt) where that was measured faster than the bf16 upcast. Everything
-    else, and every call on CPU, runs the reference (XLA dequantize-then-dot).
+    than XLA; FP8 (q held [N, K], K-major) runs XLA's fp8 dot (cuBLASLt) where that was measured faster than the
+    bf16 upcast. Everything else, and every call on CPU, runs the reference (XLA dequantize-then-dot).
     """
     from ie_jax.quant import fp8, int4, int8, nf4
     from kernels_pallas import quant_matmul as qm
@@ -249,7 +249,7 @@ def quant_matmul(x, qw, *, out_dtype=None):
         return int4.int4_matmul_reference(x, qw, out_dtype)
     if isinstance(qw, fp8.Fp8Weights):
         if on_hopper and backend != "interpret" and qm.FP8_XLA_DOT and qw.q.ndim == 2:
-            return qm.fp8_matmul(x, qw.q, qw.scale, qw.input_scale, out_dtype=out_dtype)
+            return qm.fp8_matmul(x, qw.q, qw.scale, qw.input_scale, out_dtype=out_dtype, n_major=True)
         return fp8.fp8_matmul_reference(x, qw, out_dtype)
     if isinstance(qw, nf4.NF4Array):
         y = jnp.dot(x, nf4.dequantize_nf4(qw, x.dtype), preferred_element_type=jnp.float32)

@@ -10,7 +10,8 @@ One projection `<module>` (e.g. model.layers.3.self_attn.q_proj) is stored per m
         (only with activation_scheme "static")                                                      (HF FP8)
 plus an optional dense `<module>.bias`. The bit layouts are described in int4.py and fp8.py. `repack` turns one
 layer's tensors into the arrays our Linear holds (the internal layout of linear.py); `export` is its inverse, so
-save -> load gives identical arrays. A kernel that wants another packing changes `repack` and nothing else.
+save -> load gives identical arrays. A kernel that wants another packing changes `repack` and nothing else. fp8's
+`weight` [out, in] is already our q [N, K], byte for byte: it is neither transposed nor copied into a new layout.
 
 weights.py drives loading and saving with its name table; this module knows the per-module formats, not the
 model's names.
@@ -53,6 +54,13 @@ def adjust_config(quant: QuantConfig, tensor_names) -> QuantConfig:
 
 def _group_size(quant: QuantConfig, K: int) -> int:
     return K if quant.group_size == -1 else quant.group_size
+
+
+def matrix_shape(quant: QuantConfig, q_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(K = in, N = out) of one projection from the shape of the `q` our Linear holds: [..., K, N], or [..., N, K]
+    for fp8 (K-major)."""
+    *_, a, b = q_shape
+    return (b, a) if quant.method == "fp8" else (a, b)
 
 
 def hf_shapes(quant: QuantConfig, K: int, N: int) -> dict[str, tuple[int, ...] | None]:

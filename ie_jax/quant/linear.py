@@ -2,13 +2,14 @@
 
     Int8Linear   W8A16  q int8 [in, out], scale f32 [out]
     Int4Linear   W4A16  q uint8 [in, out] (0..15), scales f16 / zeros uint8 [in/G, out], perm int32 [in] (act-order)
-    Fp8Linear    W8A8   q e4m3 [in, out], scale f32 [out], input_scale f32 [] (static activation scale)
+    Fp8Linear    W8A8   q e4m3 [out, in] (K-major, what the fp8 GEMM reads), scale f32 [out], input_scale f32 []
+                        (static activation scale)
 
 The quantized arrays are `QuantData` variables: frozen (never an `nnx.Param`, so no optimizer or LoRA transform
 trains them) but carrying the same `axes` metadata as the dense kernel, so ie_jax/sharding.py places them the same
-way (scales follow the out axis; `perm` is replicated). Stacked layers hold every array with a leading layer axis
-[L, ...]; under the layer scan each layer sees its own slice. The bias, when present, stays a dense `nnx.Param`.
-The matmul itself is `kernels_pallas.ops.quant_matmul`.
+way (scales follow the out axis; `perm` is replicated; fp8's [out, in] q carries the axes reversed). Stacked layers
+hold every array with a leading layer axis [L, ...]; under the layer scan each layer sees its own slice. The bias,
+when present, stays a dense `nnx.Param`. The matmul itself is `kernels_pallas.ops.quant_matmul`.
 
     make_linear(..., quant=cfg.quantization)    # ie_jax/models/layers.py: random weights in the format
     quantize_model(model, "int8" | "awq" | "fp8", group_size=128)   # a float model's projections, in place
@@ -162,12 +163,14 @@ class Int4Linear(QuantLinear):
 
 
 class Fp8Linear(QuantLinear):
+    """q is held [out, in] (see ie_jax/quant/fp8.py), so its axes are the dense kernel's reversed."""
+
     def __init__(self, qw: Fp8Weights, *, axes, dtype, bias: nnx.Param | None = None, quant: QuantConfig):
         self._init_common(axes=axes, dtype=dtype, bias=bias, quant=quant)
         if (quant.activation_scheme == "static") != (qw.input_scale is not None):
             raise ValueError(f"activation_scheme={quant.activation_scheme!r} needs an input_scale exactly when it is "
                              f"'static'")
-        self.q = QuantData(qw.q, axes=tuple(axes))  # [..., in, out] e4m3
+        self.q = QuantData(qw.q, axes=tuple(axes)[::-1])  # [..., out, in] e4m3
         self.scale = QuantData(qw.scale, axes=tuple(axes)[1:])  # [..., out] f32
         self.input_scale = QuantData(qw.input_scale, axes=()) if qw.input_scale is not None else None  # [...]
 
@@ -177,6 +180,11 @@ class Fp8Linear(QuantLinear):
         if quant.activation_scheme == "static":  # no calibration here: a unit scale (activations within +-448)
             qw = qw.replace(input_scale=jnp.ones(kernel.shape[:-2], jnp.float32))
         return cls(qw, axes=axes, dtype=dtype, bias=bias, quant=quant)
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        *lead, out_features, in_features = self.q.shape
+        return (*lead, in_features, out_features)
 
     def weights(self) -> Fp8Weights:
         return Fp8Weights(self.q[...], self.scale[...], None if self.input_scale is None else self.input_scale[...])

@@ -89,10 +89,31 @@ def test_fp8_matmul_matches_the_format_reference(n_major):
     from ie_jax.quant.fp8 import fp8_matmul_reference, quantize_fp8
     kx, kw = jax.random.split(jax.random.key(3))
     x = jax.random.normal(kx, (5, 256), jnp.bfloat16)
-    qw = quantize_fp8(0.05 * jax.random.normal(kw, (256, 64), jnp.float32))
-    q = qw.q.T if n_major else qw.q
+    qw = quantize_fp8(0.05 * jax.random.normal(kw, (256, 64), jnp.float32))  # q [N, K]
+    q = qw.q if n_major else qw.q.T
     out = qm.fp8_matmul(x, q, qw.scale, n_major=n_major, out_dtype=jnp.float32)
     assert rel_err(out, fp8_matmul_reference(x, qw, jnp.float32)) < 1e-5
+
+
+def test_fp8_dispatch_runs_the_k_major_dot_on_the_formats_layout():
+    """ops.quant_matmul hands Fp8Weights' q [N, K] to XLA's fp8 dot as is (backend pallas forces the Hopper path,
+    which XLA also runs on CPU); static input scales included."""
+    from ie_jax.quant.fp8 import fp8_matmul_reference, quantize_fp8
+    from kernels_pallas.ops import kernel_backend, quant_matmul
+    kx, kw = jax.random.split(jax.random.key(4))
+    x = jax.random.normal(kx, (2, 3, 256), jnp.bfloat16)
+    qw = quantize_fp8(0.05 * jax.random.normal(kw, (256, 96), jnp.float32))
+    assert qm.FP8_XLA_DOT
+    for w in (qw, qw.replace(input_scale=jnp.float32(0.02))):
+        with kernel_backend("pallas"):
+            hlo = jax.jit(lambda x, w: quant_matmul(x, w, out_dtype=jnp.float32)).lower(x, w).as_text()
+            out = quant_matmul(x, w, out_dtype=jnp.float32)
+        dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+        assert len(dots) == 1 and "contracting_dims = [2] x [1]" in dots[0], dots
+        assert "tensor<96x256xf8E4M3FN>) -> tensor<2x3x96xf32>" in dots[0], dots  # e4m3 q [N, K], not upcast
+        assert "transpose" not in hlo
+        assert out.shape == (2, 3, 96)
+        assert rel_err(out, fp8_matmul_reference(x, w, jnp.float32)) < 1e-5
 
 
 @pytest.mark.parametrize("layout", ["packed", "packed-smem", "format"])

@@ -127,10 +127,18 @@ def test_hf_fp8_checkpoint_with_per_tensor_and_input_scales(tiny, tmp_path):
     for path, lin in _projections(loaded):
         assert isinstance(lin, Fp8Linear)
         for layer in range(cfg.num_layers):
+            weight = tensors[f"model.layers.{layer}.{path}.weight"]  # [out, in]
+            assert np.array_equal(np.asarray(lin.q[...][layer]).view(np.uint8), weight.view(np.uint8))  # as is
             np.testing.assert_array_equal(np.asarray(lin.dequantize())[layer], expected[(path, layer)])
             assert float(lin.input_scale[...][layer]) == float(tensors[f"model.layers.{layer}.{path}.input_scale"])
     ref = ie_jax.forward(tiny, IDS)
     assert float(jnp.linalg.norm(ie_jax.forward(loaded, IDS) - ref) / jnp.linalg.norm(ref)) < 0.1
+    # a weight stored [in, out] is refused, naming the tensor and both shapes
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = np.ascontiguousarray(tensors[name].T)
+    bad = _write(tmp_path / "fp8_t", tensors, {**cfg.to_hf(), "quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(CheckpointError, match=r"down_proj.*\(128, 64\).*\(64, 128\)"):
+        ie_jax.load_model(bad, dtype="float32", progress=False)
 
 
 @pytest.mark.parametrize("method", ["int8", "awq", "gptq", "fp8"])

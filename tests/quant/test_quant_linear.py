@@ -70,6 +70,18 @@ def test_stacked_construction_and_sharding():
     assert tuple(spec) == (None, None, "model")
 
 
+def test_fp8_holds_q_k_major_with_the_axes_reversed():
+    quant = CONFIGS["fp8"]
+    layers = stacked(lambda r: make_linear(64, 128, bias=False, axes=("embed", "mlp"), dtype=jnp.float32, rngs=r,
+                                           quant=quant), 3, nnx.Rngs(0))
+    assert layers.q.shape == (3, 128, 64) and layers.scale.shape == (3, 128) and layers.kernel_shape == (3, 64, 128)
+    assert layers.q.get_metadata()["axes"] == ("mlp", "embed") and layers.scale.get_metadata()["axes"] == ("mlp",)
+    assert layers.dequantize().shape == (3, 64, 128)
+    specs = {k[0]: v.get_value().spec for k, v in nnx.to_flat_state(
+        state_shardings(nnx.state(layers), make_mesh(model=4), "tp"))}
+    assert tuple(specs["q"]) == (None, "model", None) and tuple(specs["scale"]) == (None, "model")
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, tokenizer = ie_jax.load_model("tiny-llama", dtype="float32", seed=3)
