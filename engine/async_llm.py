@@ -53,7 +53,7 @@ class AsyncLLM:
         enable_compilation_cache(getattr(args, "compilation_cache_dir", None))
         t0 = time.perf_counter()
         model, tokenizer = ie_jax.load_model(args.model, dtype=args.dtype, load_format=args.load_format,
-                                             seed=args.seed)
+                                             seed=args.seed, quantization=getattr(args, "quantization", None))
         max_model_len = args.max_model_len or min(model.config.max_position_embeddings, 8192)
         config = EngineConfig(
             max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,

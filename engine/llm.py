@@ -21,13 +21,13 @@ from ie_jax.sampling import SamplingParams
 
 class LLM:
     def __init__(self, model: str | nnx.Module = "default", *, tokenizer=None, dtype="auto", load_format="auto",
-                 seed: int = 0, progress: bool = True, **engine_args):
+                 seed: int = 0, progress: bool = True, quantization: str | None = None, **engine_args):
         owns_model = not isinstance(model, nnx.Module)
         if not owns_model:
             self.model, self.tokenizer = model, tokenizer
         else:
             self.model, loaded = ie_jax.load_model(model, dtype=dtype, load_format=load_format, seed=seed,
-                                                   progress=progress)
+                                                   progress=progress, quantization=quantization)
             self.tokenizer = tokenizer or loaded
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(seed=seed, **engine_args),
                                 progress=progress, owns_model=owns_model)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ from flax import nnx
 
 from ie_jax.config import ModelConfig
 from ie_jax.presets import PRESETS, get_preset
+from ie_jax.quant.linear import quant_config, quantize_model
 from ie_jax.tokenizer import ByteTokenizer, SyntheticTokenizer, load_tokenizer
 from ie_jax.weights import init_model, load_hf_weights
 
@@ -37,8 +39,12 @@ def resolve_dtype(dtype, config_dtype: str | None = None):
 
 
 def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_format: str = "auto", mesh=None,
-               rules="tp", seed: int = 0, progress: bool = True):
+               rules="tp", seed: int = 0, progress: bool = True, quantization: str | None = None):
     """Load an HF checkpoint directory or build a named preset. Returns (model, tokenizer).
+
+    `quantization` ("int8", "int4" (round-to-nearest, AWQ's layout) or "fp8"; vLLM's `--quantization`) quantizes a
+    float model's projections as it loads. A checkpoint that is already quantized loads in its own format, and naming
+    a different one is an error.
 
     `load_format="dummy"` gives random weights (for benchmarks), from a preset name or a directory's config.json.
     Presets have no weights, so they are always random; their tokenizer is the byte tokenizer for byte-level presets
@@ -55,21 +61,37 @@ def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_forma
         cfg = ModelConfig.from_hf(hf_config)
         dt = resolve_dtype(dtype, hf_config.get("torch_dtype") or hf_config.get("dtype"))
         if load_format == "dummy":
-            m = init_model(cfg, dtype=dt, mesh=mesh, rules=rules, seed=seed)
+            m = init_model(_quantized(cfg, quantization), dtype=dt, mesh=mesh, rules=rules, seed=seed)
         else:
+            _quantized(cfg, quantization)  # checks the name against the checkpoint's own format
             m = load_hf_weights(path, cfg, dtype=dt, mesh=mesh, rules=rules, progress=progress)
+            if quantization is not None and cfg.quantization is None:
+                quantize_model(m, quantization)
         tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
         return m, tokenizer
     if str(model) in PRESETS:
         if load_format == "safetensors":
             raise ValueError(f"preset {model!r} has no weights to load; use load_format='dummy' or a directory")
-        cfg = get_preset(str(model))
+        cfg = _quantized(get_preset(str(model)), quantization)
         m = init_model(cfg, dtype=resolve_dtype(dtype, "float32"), mesh=mesh, rules=rules, seed=seed)
         if cfg.vocab_size == BYTE_VOCAB:
             return m, ByteTokenizer()
         return m, SyntheticTokenizer(cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
     raise ValueError(f"model={str(model)!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}."
                      f" (Hub names are not downloaded: fetch the checkpoint first, e.g. `huggingface-cli download`.)")
+
+
+def _quantized(cfg: ModelConfig, quantization: str | None) -> ModelConfig:
+    """cfg with the projections stored in `quantization` (None: as they are)."""
+    if quantization is None:
+        return cfg
+    quant = quant_config(quantization)
+    if cfg.quantization is not None:
+        if cfg.quantization.method != quant.method:
+            raise ValueError(f"the checkpoint is quantized with {cfg.quantization.method!r}, which does not match "
+                             f"quantization={quantization!r}; leave it out to load the checkpoint's own format")
+        return cfg
+    return dataclasses.replace(cfg, quantization=quant)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -32,6 +32,8 @@ def main(argv=None):
     ap.add_argument("--model", default="default")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "fp8"],
+                    help="quantize the projections on load (serve.py's flag)")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--num-prompts", type=int, default=16)
@@ -52,6 +54,7 @@ def main(argv=None):
     enable_compilation_cache(args.compilation_cache_dir)
     max_len = args.max_model_len or args.input_len + args.output_len
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed,
+              quantization=args.quantization,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -84,7 +87,8 @@ def main(argv=None):
     assert num_out == args.num_prompts * args.output_len, (num_out, args.num_prompts * args.output_len)
     total_tokens = args.num_prompts * (args.input_len + args.output_len)
     res = dict(
-        bench="throughput", model=args.model, dtype=args.dtype, input_len=args.input_len, output_len=args.output_len,
+        bench="throughput", model=args.model, dtype=args.dtype, quantization=args.quantization,
+        input_len=args.input_len, output_len=args.output_len,
         num_prompts=args.num_prompts, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
         num_pages=engine.runner.num_pages, buckets=len(engine.config.buckets), elapsed_s=elapsed,

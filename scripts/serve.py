@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                        "fp32", "half", "float"])
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights of the checkpoint's shapes (benchmarks)")
+    p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "fp8"],
+                   help="quantize a float checkpoint's projections on load (int4: round-to-nearest, groups of 128; "
+                        "fp8: e4m3 weights, dynamic per-token activation scales); a quantized checkpoint needs none")
     p.add_argument("--seed", type=int, default=engine["seed"])
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + output tokens per request (default: the model's max_position_embeddings)")
