@@ -35,12 +35,7 @@ def chunked_token_nll(hidden, project, targets, *, chunk: int = 1024):
     Tokens are flattened and processed `chunk` at a time under jax.checkpoint: each chunk's logits are recomputed in
     the backward pass rather than stored, so memory holds one [chunk, V] block instead of [B*T, V].
     """
-    B, T, D = hidden.shape
-    n = B * T
-    chunk = min(chunk, n)
-    pad = -n % chunk
-    h = jnp.pad(hidden.reshape(n, D), ((0, pad), (0, 0))).reshape(-1, chunk, D)  # [C, chunk, D]
-    t = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)  # [C, chunk]
+    h, t = _chunks(hidden, targets, chunk)
 
     @jax.checkpoint
     def one(args):
@@ -49,10 +44,11 @@ def chunked_token_nll(hidden, project, targets, *, chunk: int = 1024):
 
     with jax.named_scope("cross_entropy"):
         nll = jax.lax.map(one, (h, t))  # [C, chunk]
-    return nll.reshape(-1)[:n].reshape(B, T)
+    return _unchunk(nll, hidden.shape[:2])
 
 
 def _chunks(hidden, targets, chunk):
+    """hidden [B, T, D], targets [B, T] -> the flat tokens padded to whole chunks: [C, chunk, D], [C, chunk]."""
     B, T, D = hidden.shape
     n = B * T
     chunk = min(chunk, n)
@@ -62,13 +58,18 @@ def _chunks(hidden, targets, chunk):
     return h, t
 
 
+def _unchunk(x, batch_shape):
+    """[C, chunk, ...] -> [B, T, ...]: drop the padding tokens `_chunks` added."""
+    B, T = batch_shape
+    return x.reshape(-1, *x.shape[2:])[:B * T].reshape(B, T, *x.shape[2:])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _frozen_head_nll(hidden, kernel, targets, chunk):
     return _frozen_head(hidden, kernel, targets, chunk, with_grad=False)[0]
 
 
 def _frozen_head(hidden, kernel, targets, chunk, with_grad=True):
-    B, T, D = hidden.shape
     h, t = _chunks(hidden, targets, chunk)
     w = kernel.astype(hidden.dtype)  # [D, V]
 
@@ -85,9 +86,8 @@ def _frozen_head(hidden, kernel, targets, chunk, with_grad=True):
 
     with jax.named_scope("cross_entropy"):
         nll, dh = jax.lax.map(one, (h, t))  # [C, chunk], [C, chunk, D]
-    n = B * T
-    nll = nll.reshape(-1)[:n].reshape(B, T)
-    return nll, None if dh is None else dh.reshape(-1, D)[:n].reshape(B, T, D)
+    batch_shape = hidden.shape[:2]
+    return _unchunk(nll, batch_shape), None if dh is None else _unchunk(dh, batch_shape)
 
 
 def _frozen_head_bwd(chunk, dh, ct):  # ct [B, T]: the cotangent of each token's nll
