@@ -213,8 +213,6 @@ class ModelRunner:
         workers = max_workers or min(8, os.cpu_count() or 1)
         args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
 
-        times = self.warmup_times
-
         def compile_bucket(key):
             T, R, mode = key
             t0 = time.perf_counter()
@@ -223,9 +221,7 @@ class ModelRunner:
                                            self.layer_states)
             t1 = time.perf_counter()
             executable = lowered.compile()
-            times["lower"] += t1 - t0
-            times["compile"] += time.perf_counter() - t1
-            return key, executable
+            return key, executable, (t1 - t0, time.perf_counter() - t1)
 
         counts_before = dict(_cache_counts)
         keys = [(T, R, "sample") for T, R in self.config.buckets]
@@ -235,15 +231,18 @@ class ModelRunner:
         keys = [k for k in keys if k not in self.executables]
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc="compiling step buckets",
                                                        disable=not progress, leave=False) as bar:
-            for key, executable in pool.map(compile_bucket, keys):
+            for key, executable, (lower_s, compile_s) in pool.map(compile_bucket, keys):
                 self.executables[key] = executable
+                self.warmup_times["lower"] += lower_s
+                self.warmup_times["compile"] += compile_s
                 bar.update()
-        times.update({k: times[k] + _cache_counts[k] - counts_before[k] for k in counts_before})
+        for k in counts_before:
+            self.warmup_times[k] += _cache_counts[k] - counts_before[k]
         extras = [k for k in extras if k not in self.executables]
         if extras:
             def compile_extras():
                 with ThreadPoolExecutor(2) as pool:
-                    for key, executable in pool.map(compile_bucket, extras):
+                    for key, executable, _ in pool.map(compile_bucket, extras):
                         self.executables[key] = executable  # one dict store: atomic for the engine thread
 
             self.extras_thread = threading.Thread(target=compile_extras, name="compile-greedy", daemon=True)

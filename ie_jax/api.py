@@ -63,10 +63,10 @@ def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_forma
         if load_format == "dummy":
             m = init_model(_quantized(cfg, quantization), dtype=dt, mesh=mesh, rules=rules, seed=seed)
         else:
-            _quantized(cfg, quantization)  # checks the name against the checkpoint's own format
+            target = _quantized(cfg, quantization)  # also checks the name against a quantized checkpoint
             m = load_hf_weights(path, cfg, dtype=dt, mesh=mesh, rules=rules, progress=progress)
-            if quantization is not None and cfg.quantization is None:
-                quantize_model(m, quantization)
+            if target.quantization != cfg.quantization:  # a float checkpoint, quantized as it loads
+                quantize_model(m, target.quantization)
         tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
         return m, tokenizer
     if str(model) in PRESETS:
