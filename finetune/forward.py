@@ -46,15 +46,9 @@ def save_projections_policy(prim, *avals, **params) -> bool:
 
 
 def names_policy(names: tuple[str, ...]):
-    """Save the tagged values in `names` and the outputs of Pallas kernels (the flash-attention forward's output and
-    log-sum-exp: its backward needs both, and without them the forward kernel would run again); recompute the rest
-    (norms, rotary, elementwise, and the projections whose outputs are not named)."""
-    by_name = jax.checkpoint_policies.save_only_these_names(*names)
-
-    def policy(prim, *avals, **params) -> bool:
-        return prim.name == "pallas_call" or by_name(prim, *avals, **params)
-
-    return policy
+    """Save the tagged values in `names` (the flash kernel tags its own residuals, `flash_out` / `flash_lse`);
+    recompute the rest (norms, rotary, elementwise, and the projections whose outputs are not named)."""
+    return jax.checkpoint_policies.save_only_these_names(*names)
 
 
 NAMED_POLICIES = {"save_attention": ATTENTION_NAMES, "save_all": ATTENTION_NAMES + MLP_NAMES}

@@ -220,3 +220,48 @@ def test_frozen_head_nll_matches_chunked_nll_and_its_gradient():
     got = lambda h: jnp.sum(frozen_head_nll(h, w, t, chunk=8) * ct)  # noqa: E731
     np.testing.assert_allclose(float(got(h)), float(expected(h)), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(got))(h)), np.asarray(jax.grad(expected)(h)), atol=1e-6)
+
+
+@pytest.mark.parametrize("policy,forward_kernels", [("nothing", 2), ("save_attention", 1), ("save_all", 1)])
+def test_named_policies_keep_the_flash_residuals(policy, forward_kernels):
+    """Under a named policy the flash kernel's own residuals (output, lse) are kept, so the gradient runs its
+    forward kernel once; with nothing saved the backward pass reruns it. Traced with the Pallas kernels (no run)."""
+    import collections
+    import dataclasses
+    import jax.numpy as jnp
+    from finetune.forward import hidden_states
+    from finetune.lora import LoRAParam
+    from flax import nnx
+    from ie_jax.presets import get_preset
+    from ie_jax.weights import init_model
+    from kernels_pallas import ops
+    cfg = dataclasses.replace(get_preset("tiny-llama"), hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64,
+                              intermediate_size=256)
+    model = init_model(cfg, dtype=jnp.bfloat16, seed=0)
+    apply_lora(model, LoraConfig(r=4, alpha=8, init_lora_weights=False))
+    model.remat = True
+    graphdef, params, rest = nnx.split(model, LoRAParam, ...)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 200, (1, 128)), jnp.int32)
+    pos = jnp.arange(128)[None]
+
+    def loss(params):
+        h = hidden_states(nnx.merge(graphdef, params, rest), ids, pos, remat_policy=policy)
+        return jnp.sum(h.astype(jnp.float32) ** 2)
+
+    # kernel calls: "forward" is the one returning the f32 lse [B, N, T] (T = 128 is padded to 256 inside)
+    kernels = collections.Counter()
+
+    def walk(jpr):
+        for eqn in jpr.eqns:
+            if eqn.primitive.name in ("pallas_call", "custom_vmap_call", "mpmd_map", "core_map"):
+                avals = [v.aval for v in eqn.outvars]
+                lse = any(a.dtype == jnp.float32 and a.shape == (1, cfg.num_heads, 256) for a in avals)
+                kernels["forward" if lse else "backward"] += 1
+                continue
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    with ops.kernel_backend("pallas"):
+        walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert kernels["backward"] == 2  # dK/dV and dQ
+    assert kernels["forward"] == forward_kernels
