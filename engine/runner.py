@@ -26,6 +26,7 @@ from engine.config import EngineConfig
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from ie_jax.models.context import Paged
+from ie_jax.models.llama import fuse_projections
 from ie_jax.sampling import SamplingTensors, sample
 
 NUM_BANNED = 8  # eos/stop ids banned per row while min_tokens is not reached
@@ -114,12 +115,17 @@ def unstack_layers(model: nnx.Module, *, release: bool) -> tuple:
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, config: EngineConfig, *, cache_dtype=None, owns_model: bool = False):
-        """`owns_model`: the runner may take the model's stacked layer weights apart (config.unroll_layers) and
-        release them, leaving the model object's layers empty. Otherwise the per-layer arrays are copies and the
-        model stays usable (tests, a model shared with other code), at the cost of its weights' memory."""
+        """`owns_model`: the runner may restructure the model in place: projections that share an input are fused
+        into one Linear (q/k/v, gate/up: one GEMM each) and, with config.unroll_layers, the stacked layer weights
+        are taken apart and released, leaving the model object's layers empty. Otherwise the runner works on a
+        copy and the model stays usable (tests, a model shared with other code), at the cost of its weights'
+        memory."""
         self.config = cfg = config
         self.model_config = mc = model.config
-        self.layer_states = unstack_layers(model, release=owns_model) if cfg.unroll_layers else None
+        if not owns_model:  # the step runs a restructured copy; the caller's model stays as it was
+            model = nnx.clone(model)
+        fuse_projections(model)
+        self.layer_states = unstack_layers(model, release=True) if cfg.unroll_layers else None
         self.graphdef, self.state = nnx.split(model)
         fp8 = jnp.float8_e4m3fn
         self.dtype = cache_dtype or (fp8 if cfg.fp8_kv_cache else jax.tree.leaves(self.state)[0].dtype)

@@ -65,6 +65,7 @@ def main(argv=None):
     ap.add_argument("--layers", default="unrolled", choices=["scan", "unrolled"],
                     help="a device loop over the stacked weights, or straight-line code over per-layer arrays")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--dump-hlo", action="store_true", help="also write the compiled step's optimized HLO text")
     args = ap.parse_args(argv)
     from jax.experimental.mosaic.gpu import profiler
 
@@ -114,6 +115,9 @@ def main(argv=None):
                        weight_bytes=weight_bytes, floor_ms=floor_ms, num_kernels=len(timings[0]),
                        kernels=[dict(name=n, count=c, total_ms=t) for n, (c, t) in ranked]), f, indent=1)
     print(f"wrote {path}")
+    if args.dump_hlo:
+        with open(path.replace(".json", ".hlo.txt"), "w") as f:
+            f.write(step.lower(*args_).compile().as_text())
 
 
 if __name__ == "__main__":

@@ -31,10 +31,27 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), axes=axes[1:]) if bias else None
 
     def __call__(self, x, out_dtype=None):  # [..., in] -> [..., out]
-        y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(out_dtype or x.dtype)
+        out_dtype = out_dtype or x.dtype
+        kernel = self.kernel[...].astype(x.dtype)
+        if self.bias is None:  # the GEMM accumulates in f32 and writes out_dtype itself: no f32 [..., out] pass
+            return jnp.dot(x, kernel, preferred_element_type=out_dtype)
+        y = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(out_dtype)
+
+    @classmethod
+    def concatenate(cls, parts: list["Linear"]) -> "Linear":
+        """One Linear whose output columns are the parts' outputs side by side (same input, same dtype).
+        The output axis loses its sharding name: a split of the concatenation is not a split of each part."""
+        kernel = jnp.concatenate([p.kernel[...] for p in parts], axis=-1)  # [..., in, out]
+        has_bias = parts[0].bias is not None
+        # Built abstractly (no random init of the big kernel), then given the concatenated arrays.
+        self = nnx.eval_shape(lambda: cls(1, 1, bias=has_bias, axes=(None, None), dtype=kernel.dtype,
+                                          rngs=nnx.Rngs(0)))
+        axes = tuple(parts[0].kernel.get_metadata("axes", (None, None)))[:-1] + (None,)
+        self.kernel = nnx.Param(kernel, axes=axes)
+        if has_bias:
+            self.bias = nnx.Param(jnp.concatenate([p.bias[...] for p in parts], axis=-1), axes=(None,))
+        return self
 
 
 def make_linear(in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs,
@@ -46,6 +63,18 @@ def make_linear(in_features: int, out_features: int, *, bias: bool, axes, dtype,
     from ie_jax.quant.linear import linear_class  # the quantized layers import this module
     return linear_class(quant).random(in_features, out_features, bias=bias, axes=axes, dtype=dtype, rngs=rngs,
                                       quant=quant)
+
+
+def fuse_linears(parts: list[nnx.Module]) -> nnx.Module | None:
+    """The parts (Linear layers over the same input) as one GEMM, or None where they cannot be: different classes,
+    a class without `concatenate` (adapters, some formats), or weights spread over several devices."""
+    cls = type(parts[0])
+    if any(type(p) is not cls for p in parts) or not hasattr(cls, "concatenate"):
+        return None
+    if any(len(getattr(x, "sharding", None) and x.sharding.device_set or ()) > 1
+           for p in parts for x in jax.tree.leaves(nnx.state(p))):
+        return None
+    return cls.concatenate(parts)
 
 
 class Embed(nnx.Module):

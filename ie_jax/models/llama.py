@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ie_jax.config import ModelConfig
 from ie_jax.models.context import DenseCausal
-from ie_jax.models.layers import Embed, RMSNorm, apply_rope, make_linear, rope_inv_freq
+from ie_jax.models.layers import Embed, RMSNorm, apply_rope, fuse_linears, make_linear, rope_inv_freq
 
 
 class Attention(nnx.Module):
@@ -33,15 +33,30 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(H, cfg.norm_eps, dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(H, cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.qkv_proj = nnx.data(None)  # serving: q/k/v as one Linear (`fuse`)
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
         self.qk_norm, self.sliding_window = cfg.qk_norm, cfg.sliding_window
         self.config = cfg  # static: rotary frequencies are recomputed (in numpy) at trace time
 
+    def fuse(self) -> bool:
+        """Replace q/k/v by one Linear over their concatenated columns: one GEMM instead of three."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
+        return fused is not None
+
+    def _qkv(self, x):
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return jnp.split(self.qkv_proj(x), [q_cols, q_cols + kv_cols], axis=-1)
+
     def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D], positions [B, T]
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        q, k, v = self._qkv(x)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.config)
@@ -61,9 +76,21 @@ class MLP(nnx.Module):
                                    quant=cfg.quantization)
         self.down_proj = make_linear(F, D, bias=b, axes=("mlp", "embed"), dtype=dtype, rngs=rngs,
                                      quant=cfg.quantization)
+        self.gate_up_proj = nnx.data(None)  # serving: gate/up as one Linear (`fuse`)
+
+    def fuse(self) -> bool:
+        """Replace gate/up by one Linear over their concatenated columns: one GEMM instead of two."""
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj, self.gate_proj, self.up_proj = fused, None, None
+        return fused is not None
 
     def __call__(self, x):
-        gate, up = checkpoint_name(self.gate_proj(x), "mlp_gate"), checkpoint_name(self.up_proj(x), "mlp_up")
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
         return self.down_proj(jax.nn.silu(gate) * up)
 
 
@@ -116,6 +143,12 @@ def scan_layers(layers: nnx.Module, x, positions, ctx, remat: bool = False, laye
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     (x, caches), _ = jax.lax.scan(body, (x, ctx.caches()), (state, jnp.arange(num_layers)))
     return x, ctx.with_caches(caches)
+
+
+def fuse_projections(model: nnx.Module) -> int:
+    """Serving: every module with a `fuse()` joins its projections that share an input (q/k/v, gate/up) into one
+    Linear, in place; returns how many did. Weight loading, LoRA and checkpoints keep the separate HF modules."""
+    return sum(m.fuse() for _, m in list(nnx.iter_modules(model)) if hasattr(m, "fuse"))
 
 
 def stacked(make, num_layers: int, rngs: nnx.Rngs):
