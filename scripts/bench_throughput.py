@@ -34,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", "-q", default=None, choices=["int8", "int4", "fp8"],
                     help="quantize the projections on load (serve.py's flag)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp8", "fp8_e4m3"],
+                    help="the KV cache's dtype (serve.py's flag): auto = the weights' dtype")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--num-prompts", type=int, default=16)
@@ -58,7 +60,8 @@ def main(argv=None):
               max_model_len=max_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
-              enable_prefix_caching=not args.no_prefix_caching, unroll_layers=args.unroll_layers)
+              enable_prefix_caching=not args.no_prefix_caching, unroll_layers=args.unroll_layers,
+              kv_cache_dtype=args.kv_cache_dtype)
     startup_s = time.perf_counter() - T_START
     engine = llm.engine
     V = llm.model.config.vocab_size
@@ -89,7 +92,7 @@ def main(argv=None):
     res = dict(
         bench="throughput", model=args.model, dtype=args.dtype, quantization=args.quantization,
         input_len=args.input_len, output_len=args.output_len,
-        num_prompts=args.num_prompts, max_num_seqs=args.max_num_seqs,
+        num_prompts=args.num_prompts, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
         num_pages=engine.runner.num_pages, buckets=len(engine.config.buckets), elapsed_s=elapsed,
         requests_per_s=args.num_prompts / elapsed, total_tok_s=total_tokens / elapsed, output_tok_s=num_out / elapsed,
