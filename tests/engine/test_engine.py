@@ -1,4 +1,5 @@
 """Engine == reference generate, token for token, across batching, chunking, prefix hits, preemption, n and seeds."""
+import dataclasses
 import threading
 import time
 
@@ -11,6 +12,7 @@ import ie_jax
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
+from engine.runner import StepInputs
 from ie_jax import SamplingParams
 
 PROMPTS = ["Hello there", "a", "The quick brown fox jumps over the lazy dog, twice over", "xyz" * 9, "0123456789"]
@@ -234,3 +236,27 @@ def test_engine_serves_quantized_models_like_the_reference(method):
     llm = make_llm((model, tok), token_buckets=(8, 64))
     got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert got == reference((model, tok), PROMPTS, GREEDY)
+
+
+def test_step_inputs_cross_as_one_buffer_and_unpack_exactly(tiny):
+    """The runner sends a step's inputs as one int32 buffer; unpacking it on device gives every field back, bit for
+    bit (f32 and uint32 fields travel as their bit patterns, bools as 0/1)."""
+    llm = make_llm(tiny)
+    inp = llm.engine.runner._empty_inputs(16, 4)
+    rng = np.random.default_rng(0)
+    for f in dataclasses.fields(inp):
+        a = np.asarray(getattr(inp, f.name))
+        if a.dtype == np.bool_:
+            value = rng.random(a.shape) < 0.5
+        elif a.dtype == np.float32:
+            value = rng.standard_normal(a.shape).astype(np.float32)
+        else:
+            value = rng.integers(-2**31 if a.dtype == np.int32 else 0, 2**31 - 1, a.shape).astype(a.dtype)
+        inp = inp.replace(**{f.name: value})
+    packed = inp.pack()
+    assert packed.dtype == np.int32 and packed.ndim == 1
+    back = jax.jit(StepInputs.unpack, static_argnums=1)(packed, inp.layout())
+    for f in dataclasses.fields(inp):
+        want, got = np.asarray(getattr(inp, f.name)), np.asarray(getattr(back, f.name))
+        assert got.dtype == want.dtype and got.shape == want.shape, f.name
+        np.testing.assert_array_equal(got, want, err_msg=f.name)
