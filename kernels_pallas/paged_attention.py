@@ -33,8 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
-from kernels_pallas.paged_work import (LSE_COLS, ROWS, default_splits, merge, pack_queries, request_lengths,
-                                      work_list)
+from kernels_pallas.paged_work import (LSE_COLS, META, ROWS, check_args, default_splits, kv_split, merge,
+                                      pack_queries, request_lengths, work_list)
 
 _LOG2E = math.log2(math.e)
 
@@ -54,6 +54,10 @@ class TuningConfig:
         QK^T runs), so that no conversion sits between two wgmmas.
     prefetch_pages: load the page ids of the block a step will refill at the start of that step, not right
         before the TMAs (not measured yet; see docs/kernels/paged_attention.md).
+    direct: each CTA derives its (request, split) work from query_start_loc / seq_lens and reads q and writes
+        its output in q's own [T * N, H] order, a tile being ROWS // N whole tokens with all N heads: no work-list
+        and no packing kernels. For small batches (latency bound); needs 64 % N == 0 and N % 8 == 0. None: on
+        when `use_direct` says so from the static shapes.
     """
 
     block_kv: int = 64
@@ -63,6 +67,7 @@ class TuningConfig:
     p_in_registers: bool | None = None
     convert_ahead: bool = True
     prefetch_pages: bool = False
+    direct: bool | None = None
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):
@@ -77,16 +82,19 @@ class TuningConfig:
 # Kernel
 
 
-def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
             q_smem, buffers, lse_smem, q_bar, k_bar, v_bar, *handoff,
             group, page_size, block_kv, num_stages, num_splits, scale, sliding_window, softcap, convert_wg,
-            p_in_registers, convert_ahead, prefetch_pages):
-    # meta_ref        [W, 8] int32       work items (GMEM, read as scalars; fields in paged_work.work_list)
+            p_in_registers, convert_ahead, prefetch_pages, direct, num_heads):
+    # work_ref        packed: [W, 8] int32 work items (GMEM, read as scalars; fields in paged_work.work_list)
+    #                 direct: [R + 1] int32 query_start_loc; the CTA derives its item itself (direct_item)
+    # seq_lens_ref    [R] int32, num_seqs_ref [1] int32 (read by the direct path only)
     # layer_ref       [1] int32          which layer of the stacked cache to read
     # page_table_ref  [R, max_pages] int32
-    # q_ref           [K, Tq, H]         packed queries, Tq >= T * G + ROWS
+    # q_ref           [K, Tq, H]         packed queries, Tq >= T * G + ROWS; direct: [T * N, H] (q as given)
     # k_ref, v_ref    [L, K, P, page_size, H]
-    # o_ref           [S, K, Tq, H]      normalised output per split, packed rows like q_ref (q dtype)
+    # o_ref           [S, K, Tq, H]      normalised output per split, packed rows like q_ref (q dtype);
+    #                 direct: [S, T * N, H], rows in q's order
     # lse_ref         [S, K, Tq, LSE_COLS] f32  base-2 log-sum-exp per packed row like o_ref (-inf where a row saw
     #                 no key), repeated LSE_COLS times so that a one-row TMA box spans 16+ bytes; S > 1 only
     # q_smem          [ROWS, H]          the tile's queries
@@ -108,19 +116,18 @@ def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse
     if convert_wg:
         k16_ready, v16_ready, k16_free, v16_free = handoff
 
-    valid = meta_ref[w, 0]
+    split = lax.rem(w, num_splits)
 
-    @pl.when(valid > 0)
-    def _():
-        req = meta_ref[w, 1]
-        q_row0 = meta_ref[w, 2]
-        q_pos0 = meta_ref[w, 3]  # position of the tile's first token
-        kv_begin = meta_ref[w, 4]  # page-aligned
-        kv_end = meta_ref[w, 5]  # exclusive; this split's share
-        last_page = meta_ref[w, 6]  # last page index the tile may touch (a valid page-table column)
-        num_rows = meta_ref[w, 7]  # rows of this tile that belong to its request
+    def run_tile(req, q_row0, q_pos0, kv_begin, kv_end, last_page, num_rows):
+        # req: request; q_row0: first packed row in q_ref[kh] (direct: first row of q_ref, token-major);
+        # q_pos0: position of the tile's first token; [kv_begin, kv_end): this split's keys (kv_begin
+        # page-aligned); last_page: last page-table column the tile may touch; num_rows: rows of this tile that
+        # belong to its request (direct: tokens)
         num_blocks = pl.cdiv(jnp.maximum(kv_end - kv_begin, 0), block_kv)
         first_page = kv_begin // page_size
+        # direct: q's ROWS-row box starts at the tile's first token unless that runs past q's end; then it is
+        # moved back and the tile's rows start `row_shift` rows into it
+        row_shift = q_row0 - jnp.minimum(q_row0, q_ref.shape[0] - min(ROWS, q_ref.shape[0])) if direct else 0
         k_layer = k_ref.at[layer_ref[0]]  # [K, P, page_size, H]: a view, the TMA source moves by one layer
         v_layer = v_ref.at[layer_ref[0]]
 
@@ -185,13 +192,19 @@ def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse
                 plgpu.barrier_wait(v16_free)
 
         def computing_warpgroup():
-            plgpu.copy_gmem_to_smem(q_ref.at[kh, pl.ds(q_row0, ROWS)], q_smem, q_bar)
+            if direct:  # ROWS rows of q [T * N, H] from the tile's first token on, all heads (see row_shift)
+                box = min(ROWS, q_ref.shape[0])
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0 - row_shift, box)],
+                                        q_smem if box == ROWS else q_smem.at[pl.ds(0, box)], q_bar)
+            else:
+                plgpu.copy_gmem_to_smem(q_ref.at[kh, pl.ds(q_row0, ROWS)], q_smem, q_bar)
             if not convert_wg:
                 for s in range(num_stages):
                     pl.when(s < num_blocks)(functools.partial(issue, s, s))
             plgpu.barrier_wait(q_bar)
-            row_pos = q_pos0 + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0,
-                                                      layout=plgpu.Layout.WGMMA) // group
+            row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
+            # direct: rows are (token, q-head) of all N heads; the other kv-heads' rows are computed and dropped
+            row_pos = q_pos0 + ((row - row_shift) // num_heads if direct else row // group)
             col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
             if convert_ahead:
                 @pl.when(num_blocks > 0)
@@ -292,11 +305,19 @@ def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse
                 lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))  # [ROWS]
                 lse_smem[...] = lax.broadcast_in_dim(lse, (ROWS, LSE_COLS), [0])
             plgpu.commit_smem()
+            if direct:  # each token's G rows of this kv-head go to their place in [T * N, H]
+                for j in range(ROWS // num_heads):
+                    @pl.when(j < num_rows)
+                    def _(j=j):
+                        src = pl.ds(row_shift + j * num_heads + kh * group, group)
+                        dst = pl.ds(q_row0 + j * num_heads + kh * group, group)
+                        plgpu.copy_smem_to_gmem(o_smem.at[src], o_ref.at[split, dst])
+                        if num_splits > 1:
+                            plgpu.copy_smem_to_gmem(lse_smem.at[src], lse_ref.at[split, dst])
             # Store exactly `num_rows` rows (the next request's rows follow in o_ref): TMA boxes have static
             # sizes, so write the row count's binary digits, largest first.
-            split = lax.rem(w, num_splits)
             start = 0
-            size = ROWS
+            size = 0 if direct else ROWS
             while size >= 1:
                 @pl.when((num_rows & size) != 0)
                 def _(size=size, start=start):
@@ -314,9 +335,30 @@ def _kernel(meta_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse
         else:
             computing_warpgroup()
 
+    if not direct:
+        pl.when(work_ref[w, 0] > 0)(lambda: run_tile(*[work_ref[w, i] for i in range(1, META)]))
+        return
+    # direct: CTA (request, split) walks its request's tokens ROWS // N at a time (one pass for a decode token)
+    tokens_per_tile = ROWS // num_heads
+    req = w // num_splits
+    q_start = work_ref[req]
+    q_len = jnp.where(req < num_seqs_ref[0], jnp.maximum(work_ref[req + 1] - q_start, 0), 0)
+    seq_len = seq_lens_ref[req]
 
-def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, config, num_work, num_splits, scale,
-                 sliding_window, softcap, interpret):
+    @pl.loop(0, pl.cdiv(q_len, tokens_per_tile))
+    def _(sub):
+        tok0 = sub * tokens_per_tile
+        num_tokens = jnp.minimum(q_len - tok0, tokens_per_tile)
+        q_pos0 = seq_len - q_len + tok0
+        kv_hi = q_pos0 + num_tokens
+        begin, end = kv_split(q_pos0, kv_hi, split, num_splits=num_splits, page_size=page_size, block_kv=block_kv,
+                              sliding_window=sliding_window)
+        run_tile(req, (q_start + tok0) * num_heads, q_pos0, begin, end, jnp.maximum(kv_hi - 1, 0) // page_size,
+                 num_tokens)
+
+
+def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages, v_pages, *, group, config, num_work,
+                 num_splits, scale, sliding_window, softcap, interpret, direct):
     _, K, P, page_size, H = k_pages.shape
     dtype = q_packed.dtype
     fp8 = k_pages.dtype == FP8
@@ -341,7 +383,10 @@ def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, 
     body = functools.partial(
         _kernel, group=group, page_size=page_size, block_kv=config.block_kv, num_stages=config.num_stages,
         num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap, convert_wg=convert_wg,
-        p_in_registers=config.p_in_registers, convert_ahead=convert_ahead, prefetch_pages=config.prefetch_pages)
+        p_in_registers=config.p_in_registers, convert_ahead=convert_ahead, prefetch_pages=config.prefetch_pages,
+        direct=direct, num_heads=K * group)
+    rows = q_packed.shape[-2]  # packed: per kv-head; direct: T * N, all heads
+    o_shape = (num_splits, rows, H) if direct else (num_splits, K, rows, H)
     kwargs = {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -350,9 +395,8 @@ def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, 
         kwargs.update(num_threads=2, thread_name="wg")
     kernel = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((num_splits, K, q_packed.shape[1], H), dtype),
-                  jax.ShapeDtypeStruct((num_splits, K, q_packed.shape[1] if num_splits > 1 else 1, LSE_COLS),
-                                       jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct(o_shape, dtype),
+                  jax.ShapeDtypeStruct((*o_shape[:-2], rows if num_splits > 1 else 1, LSE_COLS), jnp.float32)),
         scratch_types=[
             plgpu.SMEM((ROWS, H), dtype, transforms=(tiling, swizzle)),
             plgpu.RefUnion((*ring, p_type, *kv16), plgpu.SMEM((ROWS, H), dtype)),
@@ -368,51 +412,11 @@ def _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, *, group, 
                                              approx_math=True, reduction_scratch_bytes=0),
         **kwargs,
     )
-    return kernel(meta, layer, page_table, q_packed, k_pages, v_pages)
+    return kernel(work, seq_lens, num_seqs.reshape(1), layer, page_table, q_packed, k_pages, v_pages)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public wrapper
-
-
-def _check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
-                softcap, k_scale=None, v_scale=None):
-    if q.ndim != 3:
-        raise ValueError(f"{q.shape=} must be [T, N, H]")
-    if k_pages.ndim not in (4, 5) or k_pages.shape != v_pages.shape:
-        raise ValueError(f"{k_pages.shape=} and {v_pages.shape=} must be equal [K, P, page_size, H] or "
-                         f"[L, K, P, page_size, H]")
-    if (k_pages.ndim == 5) != (layer is not None):
-        raise ValueError(f"{layer=} must be given exactly when the cache is stacked [L, K, P, page_size, H] "
-                         f"({k_pages.shape=})")
-    if layer is not None and (jnp.shape(layer) not in ((), (1,)) or not jnp.issubdtype(jnp.result_type(layer),
-                                                                                      jnp.integer)):
-        raise ValueError(f"{jnp.shape(layer)=} {jnp.result_type(layer)=} must be an integer scalar")
-    T, N, H = q.shape
-    K, _, _, Hk = k_pages.shape[-4:]
-    if Hk != H:
-        raise ValueError(f"{k_pages.shape=} head dim must equal {q.shape=} head dim")
-    if N % K:
-        raise ValueError(f"{q.shape=} q-heads must be a multiple of {k_pages.shape=} kv-heads")
-    if page_table.ndim != 2 or page_table.dtype != jnp.int32:
-        raise ValueError(f"{page_table.shape=} {page_table.dtype=} must be int32 [R, max_pages]")
-    R = page_table.shape[0]
-    if query_start_loc.shape != (R + 1,) or seq_lens.shape != (R,):
-        raise ValueError(f"{query_start_loc.shape=} must be [{R + 1}] and {seq_lens.shape=} must be [{R}]")
-    if jnp.shape(num_seqs) not in ((), (1,)):
-        raise ValueError(f"{jnp.shape(num_seqs)=} must be a scalar")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"{sliding_window=} must be None or >= 1")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"{softcap=} must be None or > 0")
-    scales_shape = k_pages.shape[:-3]  # [K] or [L, K]
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if scale is None:
-            continue
-        if k_pages.dtype != FP8:
-            raise ValueError(f"{name} is for an fp8 cache; {k_pages.dtype=}")
-        if jnp.shape(scale) != scales_shape:
-            raise ValueError(f"{name}.shape={jnp.shape(scale)} must be {scales_shape} (per layer and kv-head)")
 
 
 def kv_scales(k_pages, k_scale, v_scale):
@@ -420,6 +424,17 @@ def kv_scales(k_pages, k_scale, v_scale):
     ones = jnp.ones(k_pages.shape[:-3], jnp.float32)
     return (ones if k_scale is None else jnp.asarray(k_scale, jnp.float32),
             ones if v_scale is None else jnp.asarray(v_scale, jnp.float32))
+
+
+def use_direct(T, N, R, config) -> bool:
+    """Whether the call takes the direct path: as configured, else for at most DIRECT_MAX_TOKENS tokens."""
+    supported = ROWS % N == 0 and N % 8 == 0
+    if config.direct is None:
+        return supported and T <= DIRECT_MAX_TOKENS
+    return config.direct and supported
+
+
+DIRECT_MAX_TOKENS = 16  # engine buckets of 8 and 16 tokens (batch 1 to 16 decode)
 
 
 def kernel_supports(q, k_pages, config=None) -> bool:
@@ -431,7 +446,8 @@ def kernel_supports(q, k_pages, config=None) -> bool:
     blocks_fit_pages = config.block_kv % page_size == 0 or page_size % config.block_kv == 0
     return (H in (64, 128) and page_size % 8 == 0 and blocks_fit_pages and N % K == 0 and ROWS % group == 0
             and q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype in (q.dtype, FP8)
-            and (k_pages.dtype != FP8 or config.block_kv % ROWS == 0))  # fp8: converted in 64-row tiles
+            and (k_pages.dtype != FP8 or config.block_kv % ROWS == 0)  # fp8: converted in 64-row tiles
+            and (not config.direct or (ROWS % N == 0 and N % 8 == 0)))
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq_lens, num_seqs, *, layer=None,
@@ -450,7 +466,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq
     `seq_lens[r]` cached tokens (already written). Rows r >= num_seqs are padding. Returns `[T, N, H]`; tokens
     past `query_start_loc[num_seqs]` come back as zeros. A layer index outside [0, L) is undefined behaviour.
     """
-    _check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
+    check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
                 softcap, k_scale, v_scale)
     config = config or TuningConfig()
     if not kernel_supports(q, k_pages, config):
@@ -479,17 +495,24 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     R, max_pages = page_table.shape
     group = N // K
     scale = H ** -0.5 if sm_scale is None else float(sm_scale)
-    max_tiles = max(1, min(T, T * group // ROWS + R))
-    num_splits = config.num_splits or default_splits(max_tiles, K, max_pages * page_size)
-    meta = work_list(query_start_loc, seq_lens, num_seqs, group=group, max_tiles=max_tiles,
-                                  num_splits=num_splits, page_size=page_size, block_kv=config.block_kv,
-                                  sliding_window=sliding_window)
+    direct = use_direct(T, N, R, config)
+    max_tiles = R if direct else max(1, min(T, T * group // ROWS + R))
+    num_splits = config.num_splits or default_splits(max_tiles, K, max_pages * page_size, direct=direct)
     k_scale, v_scale = (None, None) if scales is None else (scales[0][layer[0]], scales[1][layer[0]])  # [K]
-    q_packed = pack_queries(q, K, q_scale=None if scales is None else scale * k_scale)
-    o_parts, lse_rows = _call_kernel(meta, layer, page_table, q_packed, k_pages, v_pages, group=group,
-                                      config=config, num_work=meta.shape[0], num_splits=num_splits,
+    q_scale = None if scales is None else scale * k_scale
+    if direct:  # the CTAs read qsl / seq_lens themselves and q in its own order: no work-list or packing kernels
+        work, num_work = query_start_loc, R * num_splits
+        q_packed = q.reshape(T * N, H) if q_scale is None else pack_queries(q, K, q_scale, token_major=True)
+    else:
+        work = work_list(query_start_loc, seq_lens, num_seqs, group=group, max_tiles=max_tiles,
+                         num_splits=num_splits, page_size=page_size, block_kv=config.block_kv,
+                         sliding_window=sliding_window)
+        num_work = work.shape[0]
+        q_packed = pack_queries(q, K, q_scale)
+    o_parts, lse_rows = _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages, v_pages,
+                                      group=group, config=config, num_work=num_work, num_splits=num_splits,
                                       scale=scale if scales is None else 1.0, sliding_window=sliding_window,
-                                      softcap=softcap, interpret=interpret)
+                                      softcap=softcap, interpret=interpret, direct=direct)
     out = merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, T=T, group=group,
                 v_scale=v_scale, out_dtype=q.dtype)
     return out.reshape(T, N, H)
@@ -503,7 +526,7 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, query_start_loc, 
                               sm_scale=None, sliding_window=None, softcap=None, k_scale=None, v_scale=None):
     """Gathers each token's pages and runs dense causal attention in f32. Padding tokens return zeros.
     An fp8 cache is first dequantized (`x.astype(f32) * scale`, per kv-head)."""
-    _check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
+    check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
                 softcap, k_scale, v_scale)
     if k_pages.dtype == FP8:
         k_scale, v_scale = kv_scales(k_pages, k_scale, v_scale)  # [K] or [L, K]

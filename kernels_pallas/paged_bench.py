@@ -25,19 +25,20 @@ MMA_TFLOPS = 752.0
 
 
 def bench_case(name, seq_lens, q_lens, *, N=32, K=8, H=128, page_size=16, rotations=2, layers=1, seed=0,
-                fp8=False):
+                fp8=False, padding_tokens=0):
     """Random caches holding `rotations` disjoint page sets (timed round-robin so L2 never holds the KV).
     fp8: the caches in e4m3 with per-kv-head scales (`scales` holds them for the calls).
 
     layers > 1 builds the engine's stacked cache [L, K, P, page_size, H] with one page set per layer and times
-    the calls round-robin over a traced layer index instead (each layer holds different data)."""
+    the calls round-robin over a traced layer index instead (each layer holds different data).
+    padding_tokens: extra query tokens past the last request, as the engine pads a step to its token bucket."""
     rng = jax.random.key(seed)
     R = len(seq_lens)
     max_pages = -(-max(seq_lens) // page_size)
     rotations = 1 if layers > 1 else rotations
     P = rotations * R * max_pages
     kq, kk, kv, kp = jax.random.split(rng, 4)
-    T = sum(q_lens)
+    T = sum(q_lens) + padding_tokens
     q = jax.random.normal(kq, (T, N, H), jnp.bfloat16)
     k_pages = jax.random.normal(kk, (K, P, page_size, H), jnp.bfloat16)
     v_pages = jax.random.normal(kv, (K, P, page_size, H), jnp.bfloat16)
@@ -74,7 +75,10 @@ def time_call(fn, case, q=None, iterations=10):
         q, case["k_pages"], case["v_pages"], jnp.arange(n, dtype=jnp.int32))  # traced layer ids
     totals = sorted(sum(t for _, t in it) / n for it in timings)
     longest = sorted(max(t for _, t in it) for it in timings)
-    return totals[len(totals) // 2] * 1e3, longest[len(longest) // 2] * 1e3
+    per_call = len(timings[0]) // n  # the first call's kernels, each its median over the iterations
+    kernels = [(timings[0][k][0][:48], round(sorted(it[k][1] for it in timings)[len(timings) // 2] * 1e3, 2))
+               for k in range(per_call)]
+    return totals[len(totals) // 2] * 1e3, longest[len(longest) // 2] * 1e3, kernels
 
 
 def rel_err(out, expected):
@@ -93,6 +97,9 @@ def main(argv=()):
     parser.add_argument("--fp8", action="store_true",
                         help="only the three decode cases: baseline, bf16 at its best configs, fp8 swept")
     parser.add_argument("--cases", default="", help="comma-separated substrings: run only cases whose name has one")
+    parser.add_argument("--short", action="store_true",
+                        help="add the engine's small-batch cases (b1 ctx256/1024 in an 8-token step, b256 ctx192)")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new config after this many seconds")
     args = parser.parse_args(list(argv))
     import warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -119,8 +126,19 @@ def main(argv=()):
                  for name, sl, ql, rot in decodes]
     if args.fp8:
         cases = [functools.partial(bench_case, name, sl, ql, rotations=rot) for name, sl, ql, rot in decodes]
+    # The engine's latency-bound calls: batch 1 in its 8-token bucket (KV 0.5 / 4 MB: 16 page sets rotate, so
+    # that L2 holds little of it), and the 128-in / 128-out batch of 256.
+    short = [functools.partial(bench_case, "b1 ctx256 T8 p16", [256], [1], padding_tokens=7, rotations=16),
+             functools.partial(bench_case, "b1 ctx1024 T8 p16", [1024], [1], padding_tokens=7, rotations=16),
+             functools.partial(bench_case, "decode b256 ctx192 p16", [192] * 256, [1] * 256)]
+    short_fp8 = [functools.partial(bench_case, "b1 ctx1024 T8 p16 fp8", [1024], [1], padding_tokens=7,
+                                   rotations=16, fp8=True)]
     if not args.stacked:
         cases += fp8_cases
+    if args.short:  # each fp8 case right after its bf16 one (it reads the bf16 row)
+        by_name = {c.args[0]: c for c in cases}
+        cases = short[:2] + [c for name, *_ in decodes for c in (by_name.get(name), by_name.get(name + " fp8")) if c]
+        cases += short[2:] + short_fp8
     if args.cases:
         wanted = args.cases.split(",")
         cases = [c for c in cases if any(w in c.args[0] for w in wanted)]
@@ -137,6 +155,15 @@ def main(argv=()):
     if args.quick:
         fp8_configs = fp8_configs[:4]
     rows = []
+    t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"paged_{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+    def save():  # after every case, so that a run cut short still leaves its rows
+        with open(path, "w") as f:
+            json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, stacked=args.stacked, rows=rows), f,
+                      indent=1)
+
     for make_case in cases:
         case = None  # free the previous case's caches first
         case = make_case()
@@ -146,7 +173,8 @@ def main(argv=()):
         expected = paged_attention_reference(case["q"], case["k_pages"], case["v_pages"], case["page_tables"][0],
                                              *common, layer=check_layer, **scales)
         base_us, base_cfg = None, None
-        if case["decode"] and case["layers"] == 1 and not args.stacked and not scales:
+        if (case["decode"] and case["layers"] == 1 and not args.stacked and not scales
+                and case["q"].shape[0] == len(case["q_lens"])):  # the baseline has no padding tokens
             # The baseline applies no softmax scale: hand it pre-scaled queries (scaled outside the timed region).
             q_scaled = (case["q"].astype(jnp.float32) * case["q"].shape[-1] ** -0.5).astype(case["q"].dtype)
             for k_splits in (8, 16):
@@ -158,36 +186,45 @@ def main(argv=()):
                 try:
                     err = rel_err(base(q_scaled, case["k_pages"], case["v_pages"], case["page_tables"][0], None),
                                    expected)
-                    us, _ = time_call(base, case, q=q_scaled)
+                    us, _, _ = time_call(base, case, q=q_scaled)
                 except Exception as e:  # e.g. the baseline's shared memory overflows at page 64
                     print(f"  baseline k_splits={k_splits}: FAILED {type(e).__name__}: {str(e)[:120]}", flush=True)
                     continue
                 print(f"  baseline k_splits={k_splits}: {us:.1f} us  err {err:.2e}", flush=True)
                 if err < 2e-2 and (base_us is None or us < base_us):
                     base_us, base_cfg = us, k_splits
-        splits_opts = [None] + ([8, 16] if case["q"].shape[0] == 1 and not scales else [])
+        small = len(case["q_lens"]) == 1
+        splits_opts = [None] + ([8, 16] if small and not scales else [])
+        case_configs = fp8_configs if scales else configs
+        sweep = [dataclasses.replace(cfg, num_splits=n) for cfg in case_configs for n in splits_opts]
+        if small:  # the direct path (the default here) over split counts, then the packed path and prefetch_pages
+            sweep = [TuningConfig(64, 2, num_splits=n) for n in ([None, 4, 16] if case["q"].shape[0] > 1
+                                                                  else [None, 16])]
+            sweep += [TuningConfig(64, 2, direct=False)] + case_configs[1:2]
         best = None
-        for cfg in fp8_configs if scales else configs:
-            for splits in splits_opts:
-                cfg_s = dataclasses.replace(cfg, num_splits=splits)
-                def mine(q, k, v, pt, layer, cfg_s=cfg_s):
-                    return ragged_paged_attention(q, k, v, pt, *common, layer=layer, config=cfg_s, **scales)
-                try:
-                    out = mine(case["q"], case["k_pages"], case["v_pages"], case["page_tables"][0],
-                               None if check_layer is None else jnp.int32(check_layer))
-                    err = rel_err(out, expected)
-                    us, kernel_us = time_call(mine, case)
-                except Exception as e:  # a config that does not compile is reported and skipped
-                    print(f"  {cfg_s}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                tbps = case["kv_bytes"] / us / 1e6
-                print(f"  {cfg_s}: {us:.1f} us (kernel {kernel_us:.1f})  {tbps:.2f} TB/s  err {err:.2e}", flush=True)
-                if err < 2e-2 and (best is None or us < best[0]):
-                    best = (us, cfg_s, err)
+        for cfg_s in sweep:
+            if args.budget_s and time.time() - t_start > args.budget_s:
+                break
+            def mine(q, k, v, pt, layer, cfg_s=cfg_s):
+                return ragged_paged_attention(q, k, v, pt, *common, layer=layer, config=cfg_s, **scales)
+            try:
+                out = mine(case["q"], case["k_pages"], case["v_pages"], case["page_tables"][0],
+                           None if check_layer is None else jnp.int32(check_layer))
+                err = rel_err(out, expected)
+                us, kernel_us, kernels = time_call(mine, case)
+            except Exception as e:  # a config that does not compile is reported and skipped
+                print(f"  {cfg_s}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            tbps = case["kv_bytes"] / us / 1e6
+            print(f"  {cfg_s}: {us:.1f} us (kernel {kernel_us:.1f})  {tbps:.2f} TB/s  err {err:.2e}", flush=True)
+            if small:
+                print("    kernels:", kernels, flush=True)
+            if err < 2e-2 and (best is None or us < best[0]):
+                best = (us, cfg_s, err, kernel_us, kernels)
         if best is None:
             rows.append(dict(case=case["name"], status="failed"))
             continue
-        us, cfg_s, err = best
+        us, cfg_s, err, kernel_us, kernels = best
         if scales:  # fp8: the same shape's bf16 time and baseline, measured above in this process
             bf16 = next((r for r in rows if r["case"] == case["name"].removesuffix(" fp8") and "us" in r), {})
             base_us, base_cfg = bf16.get("baseline_us"), bf16.get("baseline_k_splits")
@@ -197,10 +234,12 @@ def main(argv=()):
                          config=dataclasses.asdict(cfg_s), kv_bytes=case["kv_bytes"], flops=case["flops"],
                          baseline_us=None if base_us is None else round(base_us, 1), baseline_k_splits=base_cfg,
                          baseline_tbps=None if base_us is None else round(case["kv_bytes"] / base_us / 1e6, 3),
-                         speedup=None if base_us is None else round(base_us / us, 2)))
+                         speedup=None if base_us is None else round(base_us / us, 2),
+                         kernel_us=round(kernel_us, 1), kernels=kernels))
         if scales and bf16:
             rows[-1].update(bf16_us=bf16["us"], bf16_over_fp8=round(bf16["us"] / us, 2),
                             baseline_tbps=bf16["baseline_tbps"])
+        save()
     print(f"\n{'case':36s} {'us':>8s} {'TB/s':>6s} {'%roof':>6s} {'base us':>8s} {'base TB/s':>9s} {'x':>5s}")
     for r in rows:
         if r.get("status") == "failed":
@@ -211,11 +250,7 @@ def main(argv=()):
               f"{'n/a' if b is None else f'{b:.1f}':>8s} {'n/a' if b is None else r['baseline_tbps']:>9} "
               f"{'n/a' if b is None else r['speedup']:>5}"
               + (f"  bf16/fp8 {r['bf16_over_fp8']}" if "bf16_over_fp8" in r else ""))
-    os.makedirs(args.out, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out, f"paged_{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(dict(device=str(jax.devices()[0]), jax=jax.__version__, stacked=args.stacked, rows=rows), f, indent=1)
+    save()
     print("wrote", path)
     return 0
 

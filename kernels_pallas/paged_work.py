@@ -3,7 +3,9 @@
 A request's queries are packed as (token, q-head) rows, ROWS to a tile. `work_list` turns `query_start_loc` /
 `seq_lens` into a fixed-size list of (tile, kv split) work items, so that the kernel's grid is static while the
 batch is ragged; items past the batch's real tiles are marked invalid and do nothing. `merge` combines the
-splits' outputs by their log-sum-exp (flash-decoding) and unpacks rows back to tokens.
+splits' outputs by their log-sum-exp (flash-decoding) and unpacks rows back to tokens. On the direct path (small
+batches) the CTAs derive their items themselves with the same `kv_split`, and rows stay in q's order.
+`check_args` holds the public boundary's checks, shared by the kernel wrapper and the reference.
 
 This module knows nothing about the kernel's pipeline; it only fixes the meaning of the work-item fields.
 """
@@ -11,17 +13,23 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kernels_pallas.kv_cache import FP8
+
 ROWS = 64  # rows of a wgmma tile: (token, q-head) pairs of one request
+DIRECT_MIN_SPLIT = 256  # keys per split at the least on the direct path, past its first 8 splits
 META = 8  # int32 fields per work item, see `work_list`
 LSE_COLS = 8  # a row's log-sum-exp is stored 8 times (32 bytes): TMA boxes need 16-byte rows
 
 
-def default_splits(num_tiles, num_kv_heads, max_kv_len, target_ctas=264, min_split_tokens=512):
-    """Enough kv splits that the grid covers ~2 CTAs per SM of an H200 (132 SMs), never splits under 512 keys."""
+def default_splits(num_tiles, num_kv_heads, max_kv_len, target_ctas=264, min_split_tokens=512, direct=False):
+    """Enough kv splits that the grid covers ~2 CTAs per SM of an H200 (132 SMs), never splits under 512 keys.
+
+    direct (small batches, latency bound): splits of DIRECT_MIN_SPLIT keys, and up to 8 splits whatever the
+    length, as long as the grid stays within target_ctas (H200: batch 1 at ctx 256 and 1024 was fastest at 8)."""
     want = -(-target_ctas // max(num_tiles * num_kv_heads, 1))
-    cap = max(1, max_kv_len // min_split_tokens)
+    cap = max(1, max_kv_len // (DIRECT_MIN_SPLIT if direct else min_split_tokens))
     splits = 1
-    while splits * 2 <= min(want, cap):
+    while splits * 2 <= min(want, max(cap, 8 if direct else 1)):
         splits *= 2
     return splits
 
@@ -52,14 +60,8 @@ def work_list(query_start_loc, seq_lens, num_seqs, *, group, max_tiles, num_spli
     last_tok = jnp.minimum(q_len, first_tok + ROWS // group) - 1
     q_pos0 = seq_len - q_len + first_tok
     kv_hi = seq_len - q_len + last_tok + 1
-    kv_lo = jnp.zeros_like(kv_hi)
-    if sliding_window is not None:
-        kv_lo = jnp.maximum(q_pos0 - sliding_window + 1, 0) // page_size * page_size
-    chunk = -(-jnp.maximum(kv_hi - kv_lo, 0) // num_splits)
-    chunk = -(-chunk // block_kv) * block_kv
-    s = jnp.arange(num_splits)
-    begin = kv_lo[:, None] + s[None, :] * chunk[:, None]  # [max_tiles, S]
-    end = jnp.minimum(begin + chunk[:, None], kv_hi[:, None])
+    begin, end = kv_split(q_pos0[:, None], kv_hi[:, None], jnp.arange(num_splits)[None, :], num_splits=num_splits,
+                          page_size=page_size, block_kv=block_kv, sliding_window=sliding_window)  # [max_tiles, S]
     bcast = lambda x: jnp.broadcast_to(x[:, None], begin.shape)
     meta = jnp.stack([
         bcast(valid.astype(jnp.int32)), bcast(req), bcast(query_start_loc[req] * group + local * ROWS),
@@ -69,18 +71,34 @@ def work_list(query_start_loc, seq_lens, num_seqs, *, group, max_tiles, num_spli
     return meta.reshape(max_tiles * num_splits, META).astype(jnp.int32)
 
 
+def kv_split(q_pos0, kv_hi, split, *, num_splits, page_size, block_kv, sliding_window):
+    """Keys [begin, end) of kv split `split` of a tile whose first token sits at q_pos0 and whose keys end at kv_hi
+    (exclusive). Whole blocks per split; begin page-aligned. Takes jnp arrays (broadcast) or kernel scalars."""
+    kv_lo = 0
+    if sliding_window is not None:
+        kv_lo = jnp.maximum(q_pos0 - sliding_window + 1, 0) // page_size * page_size
+    chunk = (jnp.maximum(kv_hi - kv_lo, 0) + num_splits - 1) // num_splits
+    chunk = (chunk + block_kv - 1) // block_kv * block_kv
+    begin = kv_lo + split * chunk
+    return begin, jnp.minimum(begin + chunk, kv_hi)
+
+
 F16_MAX = 65504.0
 
 
-def pack_queries(q, num_kv_heads, q_scale=None):
+def pack_queries(q, num_kv_heads, q_scale=None, token_major=False):
     """q [T, N, H] -> [K, Tq, H]: row i of kv-head k is token i // G, head k * G + i % G. The tail pads the last
-    tile and keeps the row count a multiple of the TMA tiling.
+    tile and keeps the row count a multiple of the TMA tiling. token_major (the direct path, fp8 only): q's own
+    order, [T * N, H], only scaled.
 
     q_scale [K] (fp8 cache): the softmax scale times each kv-head's k_scale, applied here in f32; the rows then go
     to f16 (clamped to its range), the wgmma type of an fp8 cache, whose e4m3 values f16 holds exactly.
     """
     T, N, H = q.shape
     K, group = num_kv_heads, N // num_kv_heads
+    if token_major:
+        q_scaled = q.reshape(T, K, group, H).astype(jnp.float32) * q_scale[:, None, None]
+        return jnp.clip(q_scaled, -F16_MAX, F16_MAX).astype(jnp.float16).reshape(T * N, H)
     q_packed = jnp.swapaxes(q.reshape(T, K, group, H), 0, 1)  # [K, T, G, H]
     if q_scale is not None:
         q_packed = q_packed.astype(jnp.float32) * q_scale[:, None, None, None]
@@ -91,24 +109,71 @@ def pack_queries(q, num_kv_heads, q_scale=None):
 
 def merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, *, T, group, v_scale=None, out_dtype=None):
     """Log-sum-exp merge of the kv splits, back to tokens: o_parts [S, K, Tq, H] and lse_rows [S, K, Tq, LSE_COLS]
-    (both packed rows; lse unused when S == 1) -> [T, K, G, H] of out_dtype (default o_parts'). v_scale [K] (fp8
-    cache) multiplies each kv-head's output. Tokens outside the live requests [qsl[0], qsl[num_seqs]) (qsl is
-    non-decreasing) come back as zeros: the kernel never wrote their rows."""
-    S, K, _, H = o_parts.shape
+    (both packed rows; lse unused when S == 1), or the direct path's [S, T * N, H] and [S, T * N, LSE_COLS] (q's
+    row order) -> [T, K, G, H] of out_dtype (default o_parts'). v_scale [K] (fp8 cache) multiplies each kv-head's
+    output. Tokens outside the live requests [qsl[0], qsl[num_seqs]) (qsl is non-decreasing) come back as zeros:
+    the kernel never wrote their rows."""
+    S, H = o_parts.shape[0], o_parts.shape[-1]
     t = jnp.arange(T)
     real = (t >= query_start_loc[0]) & (t < query_start_loc[jnp.clip(num_seqs, 0, seq_lens.shape[0])])  # [T]
-    o = o_parts[:, :, :T * group].reshape(S, K, T, group, H)
-    if S == 1:
-        merged = o[0]
+    if o_parts.ndim == 3:  # direct: already token-major
+        K = o_parts.shape[1] // (T * group)
+        o = o_parts.reshape(S, T, K, group, H)
+        lse = lse_rows[..., 0].reshape(S, T, K, group) if S > 1 else None
     else:
-        lse = lse_rows[:, :, :T * group, 0].reshape(S, K, T, group)
-        lse = jnp.where(real[:, None], lse, 0.0)  # rows of padding tokens hold garbage
+        K = o_parts.shape[1]
+        o = jnp.swapaxes(o_parts[:, :, :T * group].reshape(S, K, T, group, H), 1, 2)  # [S, T, K, G, H]
+        lse = jnp.swapaxes(lse_rows[:, :, :T * group, 0].reshape(S, K, T, group), 1, 2) if S > 1 else None
+    if S == 1:
+        out = o[0]
+    else:
+        lse = jnp.where(real[:, None, None], lse, 0.0)  # rows of padding tokens hold garbage
         m = jnp.max(lse, axis=0)
-        wts = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # -inf -> 0
+        wts = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [S, T, K, G], -inf -> 0
         den = jnp.sum(wts, axis=0)
-        num = jnp.einsum("sktg,sktgh->ktgh", wts, o.astype(jnp.float32))
-        merged = num / jnp.where(den == 0, 1.0, den)[..., None]
-    out = jnp.swapaxes(merged, 0, 1)  # [T, K, G, H]
+        num = jnp.sum(wts[..., None] * o.astype(jnp.float32), axis=0)  # a reduction, not a batched matmul
+        out = num / jnp.where(den == 0, 1.0, den)[..., None]  # [T, K, G, H]
     if v_scale is not None:
         out = out.astype(jnp.float32) * v_scale[:, None, None]
     return jnp.where(real[:, None, None, None], out, 0).astype(out_dtype or o_parts.dtype)
+
+
+def check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
+               softcap, k_scale=None, v_scale=None):
+    """The public boundary's checks (kernel wrapper and reference): ValueError naming the offending value."""
+    if q.ndim != 3:
+        raise ValueError(f"{q.shape=} must be [T, N, H]")
+    if k_pages.ndim not in (4, 5) or k_pages.shape != v_pages.shape:
+        raise ValueError(f"{k_pages.shape=} and {v_pages.shape=} must be equal [K, P, page_size, H] or "
+                         f"[L, K, P, page_size, H]")
+    if (k_pages.ndim == 5) != (layer is not None):
+        raise ValueError(f"{layer=} must be given exactly when the cache is stacked [L, K, P, page_size, H] "
+                         f"({k_pages.shape=})")
+    if layer is not None and (jnp.shape(layer) not in ((), (1,)) or not jnp.issubdtype(jnp.result_type(layer),
+                                                                                      jnp.integer)):
+        raise ValueError(f"{jnp.shape(layer)=} {jnp.result_type(layer)=} must be an integer scalar")
+    T, N, H = q.shape
+    K, _, _, Hk = k_pages.shape[-4:]
+    if Hk != H:
+        raise ValueError(f"{k_pages.shape=} head dim must equal {q.shape=} head dim")
+    if N % K:
+        raise ValueError(f"{q.shape=} q-heads must be a multiple of {k_pages.shape=} kv-heads")
+    if page_table.ndim != 2 or page_table.dtype != jnp.int32:
+        raise ValueError(f"{page_table.shape=} {page_table.dtype=} must be int32 [R, max_pages]")
+    R = page_table.shape[0]
+    if query_start_loc.shape != (R + 1,) or seq_lens.shape != (R,):
+        raise ValueError(f"{query_start_loc.shape=} must be [{R + 1}] and {seq_lens.shape=} must be [{R}]")
+    if jnp.shape(num_seqs) not in ((), (1,)):
+        raise ValueError(f"{jnp.shape(num_seqs)=} must be a scalar")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"{sliding_window=} must be None or >= 1")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"{softcap=} must be None or > 0")
+    scales_shape = k_pages.shape[:-3]  # [K] or [L, K]
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            continue
+        if k_pages.dtype != FP8:
+            raise ValueError(f"{name} is for an fp8 cache; {k_pages.dtype=}")
+        if jnp.shape(scale) != scales_shape:
+            raise ValueError(f"{name}.shape={jnp.shape(scale)} must be {scales_shape} (per layer and kv-head)")
