@@ -221,14 +221,16 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
 
 
 def quant_matmul(x, qw, *, out_dtype=None):
-    """x [..., K] -> [..., N] in `out_dtype` (default x's dtype), for W held as Int8Weights, Int4Weights,
-    Fp8Weights or NF4Array (one matrix), or in the kernel's packed layout (quant_matmul.PackedInt8 / PackedInt4).
-    Semantics of the format's `*_matmul_reference` (dequantize, then an f32-accumulated dot; FP8 quantizes x too).
+    """x [..., K] -> [..., N] in `out_dtype` (default x's dtype), for W held in the kernel's packed layout
+    (quant_matmul.PackedInt8 / PackedInt4: what the quantized Linear holds), as Int8Weights, Int4Weights,
+    Fp8Weights or NF4Array (one matrix). Semantics of the format's `*_matmul_reference` (dequantize, then an
+    f32-accumulated dot; FP8 quantizes x too).
 
     On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
-    (group 128, no act-order) run the Pallas kernel where `quant_matmul.kernel_config` says it was measured faster
-    than XLA; FP8 (q held [N, K], K-major) runs XLA's fp8 dot (cuBLASLt) where that was measured faster than the
-    bf16 upcast. Everything else, and every call on CPU, runs the reference (XLA dequantize-then-dot).
+    (groups of a multiple of 128 rows; act-order gathers x) run the Pallas kernel where
+    `quant_matmul.kernel_config` says it was measured faster than XLA; FP8 (q held [N, K], K-major) runs XLA's fp8
+    dot (cuBLASLt) where that was measured faster than the bf16 upcast. Everything else, and every call on CPU,
+    runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the format reference otherwise).
     """
     from ie_jax.quant import fp8, int4, int8, nf4
     from kernels_pallas import quant_matmul as qm

@@ -86,13 +86,16 @@ class TuningConfig:
 
 
 def split_count(k: int, n: int, config) -> int:
-    """The K split count for a [K, N] weight under a config with block_k, block_n, num_splits, ctas_per_sm:
-    explicit, or the largest divisor of K / block_k whose grid fits `ctas_per_sm` CTAs on every SM."""
+    """The K split count for a [K, N] weight under a config with block_k, block_n, num_splits, ctas_per_sm (and
+    optionally min_k_steps): explicit, or the largest divisor of K / block_k whose grid fits `ctas_per_sm` CTAs on
+    every SM and whose splits keep at least `min_k_steps` steps (1 when no divisor does)."""
     if config.num_splits is not None:
         return config.num_splits
     k_steps, n_blocks = k // config.block_k, n // config.block_n
     target = max(1, config.ctas_per_sm * _NUM_SMS // n_blocks)
-    return max(s for s in range(1, k_steps + 1) if k_steps % s == 0 and s <= target)
+    min_steps = getattr(config, "min_k_steps", 1)
+    return max(s for s in range(1, k_steps + 1)
+               if k_steps % s == 0 and (s == 1 or (s <= target and k_steps // s >= min_steps)))
 
 
 def interpret_kwargs(interpret) -> dict:

@@ -9,9 +9,11 @@ One projection `<module>` (e.g. model.layers.3.self_attn.q_proj) is stored per m
   fp8   <module>.weight e4m3 [out, in], .weight_scale f32 (scalar, [out] or [out, 1]), .input_scale f32 scalar
         (only with activation_scheme "static")                                                      (HF FP8)
 plus an optional dense `<module>.bias`. The bit layouts are described in int4.py and fp8.py. `repack` turns one
-layer's tensors into the arrays our Linear holds (the internal layout of linear.py); `export` is its inverse, so
-save -> load gives identical arrays. A kernel that wants another packing changes `repack` and nothing else. fp8's
-`weight` [out, in] is already our q [N, K], byte for byte: it is neither transposed nor copied into a new layout.
+layer's tensors into the arrays our Linear holds (linear.py: the decode kernel's packed layout, K-major q
+[out, in]); `export` is its inverse, so save -> load gives identical arrays. This is the one place a checkpoint's
+packing becomes the kernel's: AWQ / GPTQ int32 words are unpacked to 4-bit values and packed again as int4 [out, in]
+(the value minus 8, two per byte) with the scales and zero points kept as they are. int8's and fp8's `weight`
+[out, in] is already our q [N, K], byte for byte: it is neither transposed nor copied into a new layout.
 
 weights.py drives loading and saving with its name table; this module knows the per-module formats, not the
 model's names.
@@ -25,7 +27,8 @@ import numpy as np
 
 from ie_jax.config import QuantConfig
 from ie_jax.quant.fp8 import Fp8Weights, from_hf_fp8, to_hf_fp8
-from ie_jax.quant.int4 import Int4Weights, awq_pack, awq_unpack, gptq_pack, gptq_unpack
+from ie_jax.quant.int4 import awq_pack, awq_unpack, gptq_pack, gptq_unpack
+from kernels_pallas.quant_matmul import PackedInt4, pack_int4, unpack_int4
 
 # The HF tensor suffixes of one quantized module, per method: (required, optional).
 MODULE_TENSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -57,10 +60,11 @@ def _group_size(quant: QuantConfig, K: int) -> int:
 
 
 def matrix_shape(quant: QuantConfig, q_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(K = in, N = out) of one projection from the shape of the `q` our Linear holds: [..., K, N], or [..., N, K]
-    for fp8 (K-major)."""
-    *_, a, b = q_shape
-    return (b, a) if quant.method == "fp8" else (a, b)
+    """(K = in, N = out) of one projection from the shape of the `q` our Linear holds: [..., N, K] (K-major) in
+    every method."""
+    del quant  # every method holds q K-major
+    *_, n, k = q_shape
+    return k, n
 
 
 def hf_shapes(quant: QuantConfig, K: int, N: int) -> dict[str, tuple[int, ...] | None]:
@@ -81,7 +85,7 @@ def repack(quant: QuantConfig, tensors: dict[str, np.ndarray], K: int, N: int) -
         weight = np.asarray(tensors["weight"])
         if weight.dtype != np.int8:
             raise ValueError(f"int8 weight has dtype {weight.dtype}; expected int8")
-        return {"q": np.ascontiguousarray(weight.T), "scale": np.asarray(tensors["weight_scale"], np.float32)}
+        return {"q": weight, "scale": np.asarray(tensors["weight_scale"], np.float32)}  # [out, in] as stored
     if quant.method == "fp8":
         qw = from_hf_fp8(tensors["weight"], tensors["weight_scale"], tensors.get("input_scale"))
         out = {"q": qw.q, "scale": qw.scale}
@@ -94,7 +98,8 @@ def repack(quant: QuantConfig, tensors: dict[str, np.ndarray], K: int, N: int) -
         qw = gptq_unpack(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"))
         if qw.perm is not None and not quant.desc_act:
             raise ValueError("g_idx permutes the rows (act-order) but the config says desc_act=false")
-    out = {"q": np.asarray(qw.q), "scales": np.asarray(qw.scales), "zeros": np.asarray(qw.zeros)}
+    packed = pack_int4(qw)
+    out = {"q": np.asarray(packed.q), "scales": np.asarray(packed.scales), "zeros": np.asarray(packed.zeros)}
     if quant.desc_act:
         out["perm"] = np.arange(K, dtype=np.int32) if qw.perm is None else np.asarray(qw.perm)
     return out
@@ -103,15 +108,15 @@ def repack(quant: QuantConfig, tensors: dict[str, np.ndarray], K: int, N: int) -
 def export(quant: QuantConfig, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inverse of `repack`: one layer's Linear variables -> {HF tensor suffix: array}."""
     if quant.method == "int8":
-        return {"weight": np.ascontiguousarray(np.asarray(arrays["q"]).T),
-                "weight_scale": np.asarray(arrays["scale"], np.float32)}
+        return {"weight": np.asarray(arrays["q"]), "weight_scale": np.asarray(arrays["scale"], np.float32)}
     if quant.method == "fp8":
         return to_hf_fp8(Fp8Weights(arrays["q"], arrays["scale"], arrays.get("input_scale")))
-    K = arrays["q"].shape[-2]
+    K = arrays["q"].shape[-1]  # q [N, K] int4
     perm = arrays.get("perm")
     if perm is not None and np.array_equal(perm, np.arange(K)):
         perm = None
-    qw = Int4Weights(arrays["q"], arrays["scales"], arrays["zeros"], K // arrays["scales"].shape[-2], perm)
+    qw = unpack_int4(PackedInt4(arrays["q"], arrays["scales"], arrays["zeros"], K // arrays["scales"].shape[-2],
+                                perm))
     packed = awq_pack(qw) if quant.method == "awq" else gptq_pack(qw)
     return {k: np.asarray(v) for k, v in packed.items()}
 

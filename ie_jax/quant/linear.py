@@ -1,13 +1,19 @@
 """Quantized Linear layers with the call contract of `ie_jax.models.layers.Linear`: x [..., in] -> [..., out].
 
-    Int8Linear   W8A16  q int8 [in, out], scale f32 [out]
-    Int4Linear   W4A16  q uint8 [in, out] (0..15), scales f16 / zeros uint8 [in/G, out], perm int32 [in] (act-order)
-    Fp8Linear    W8A8   q e4m3 [out, in] (K-major, what the fp8 GEMM reads), scale f32 [out], input_scale f32 []
-                        (static activation scale)
+    Int8Linear   W8A16  q int8 [out, in], scale f32 [out]                      (kernels_pallas PackedInt8)
+    Int4Linear   W4A16  q int4 [out, in] (the 0..15 value minus 8), scales f16 / zeros uint8 [in/G, out],
+                        perm int32 [in] (act-order)                             (kernels_pallas PackedInt4)
+    Fp8Linear    W8A8   q e4m3 [out, in], scale f32 [out], input_scale f32 [] (static activation scale)
+
+Every q is held K-major, [out, in]: the layout the decode kernel streams (kernels_pallas/quant_matmul.py: int4 two
+values per byte) and cuBLASLt's fp8 GEMM reads. It is built once, when the layer is made (random init,
+`quantize_model`) or loaded (ie_jax/quant/checkpoint.py's `repack`); calls never repack. The int4 scales and zero
+points are the format's own, so the layer unpacks to Int4Weights exactly and exports the AWQ / GPTQ tensors it
+was loaded from.
 
 The quantized arrays are `QuantData` variables: frozen (never an `nnx.Param`, so no optimizer or LoRA transform
 trains them) but carrying the same `axes` metadata as the dense kernel, so ie_jax/sharding.py places them the same
-way (scales follow the out axis; `perm` is replicated; fp8's [out, in] q carries the axes reversed). Stacked layers
+way (q carries the axes reversed; scales follow the out axis; `perm` is replicated). Stacked layers
 hold every array with a leading layer axis [L, ...]; under the layer scan each layer sees its own slice. The bias,
 when present, stays a dense `nnx.Param`. The matmul itself is `kernels_pallas.ops.quant_matmul`.
 
@@ -29,9 +35,10 @@ from flax import nnx
 
 from ie_jax.config import QuantConfig
 from ie_jax.quant.fp8 import Fp8Weights, dequantize_fp8, quantize_fp8
-from ie_jax.quant.int4 import Int4Weights, dequantize_int4, quantize_int4
-from ie_jax.quant.int8 import Int8Weights, dequantize_int8, quantize_int8
+from ie_jax.quant.int4 import quantize_int4
+from ie_jax.quant.int8 import quantize_int8
 from kernels_pallas.ops import quant_matmul
+from kernels_pallas.quant_matmul import PackedInt4, PackedInt8, dequantize_packed, pack_int4, pack_int8
 
 # Names `quantize_model` accepts -> the checkpoint method they produce (int4 round-to-nearest is saved as AWQ GEMM).
 METHODS = {"int8": "int8", "awq": "awq", "int4": "awq", "int4-rtn": "awq", "fp8": "fp8"}
@@ -51,9 +58,9 @@ def _per_layer(fn, kernel):
     return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*lead, *xs[0].shape), *parts)
 
 
-# One jitted quantizer per format (shared, so each matrix shape compiles once).
-_quantize_int8 = jax.jit(quantize_int8)
-_quantize_int4 = jax.jit(quantize_int4, static_argnames="group_size")
+# One jitted quantizer per format, quantizing and packing one matrix (shared, so each matrix shape compiles once).
+_quantize_int8 = jax.jit(lambda w: pack_int8(quantize_int8(w)))
+_quantize_int4 = jax.jit(lambda w, group_size: pack_int4(quantize_int4(w, group_size)), static_argnames="group_size")
 _quantize_fp8 = jax.jit(quantize_fp8)
 
 
@@ -72,7 +79,9 @@ class QuantLinear(nnx.Module):
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
-        return tuple(self.q.shape)  # [..., in, out], with the stacked layer axis when there is one
+        """[..., in, out] of the dense kernel (with the stacked layer axis when there is one); q is [..., out, in]."""
+        *lead, out_features, in_features = self.q.shape
+        return (*lead, in_features, out_features)
 
     def weights(self):
         raise NotImplementedError
@@ -117,30 +126,37 @@ class QuantLinear(nnx.Module):
 
 
 class Int8Linear(QuantLinear):
-    def __init__(self, qw: Int8Weights, *, axes, dtype, bias: nnx.Param | None = None, quant: QuantConfig):
+    def __init__(self, qw: PackedInt8, *, axes, dtype, bias: nnx.Param | None = None, quant: QuantConfig):
         self._init_common(axes=axes, dtype=dtype, bias=bias, quant=quant)
-        self.q = QuantData(qw.q, axes=tuple(axes))  # [..., in, out] int8
+        self.q = QuantData(qw.q, axes=tuple(axes)[::-1])  # [..., out, in] int8
         self.scale = QuantData(qw.scale, axes=tuple(axes)[1:])  # [..., out] f32
 
     @classmethod
     def from_kernel(cls, kernel, *, axes, dtype, bias, quant):
         return cls(_per_layer(_quantize_int8, kernel), axes=axes, dtype=dtype, bias=bias, quant=quant)
 
-    def weights(self) -> Int8Weights:
-        return Int8Weights(self.q[...], self.scale[...])
+    def weights(self) -> PackedInt8:
+        return PackedInt8(self.q[...], self.scale[...])
 
     def dequantize(self, dtype=None):
-        return dequantize_int8(self.weights(), dtype or self.dtype)
+        return dequantize_packed(self.weights(), dtype or self.dtype)
+
+    @classmethod
+    def concatenate(cls, parts: list["Int8Linear"]) -> "Int8Linear":
+        """One layer over the parts' output columns side by side (serving's q/k/v and gate/up fusion)."""
+        q = jnp.concatenate([p.q[...] for p in parts], axis=-2)  # [..., out, in]
+        scale = jnp.concatenate([p.scale[...] for p in parts], axis=-1)
+        return cls(PackedInt8(q, scale), **_fused_common(parts))
 
 
 class Int4Linear(QuantLinear):
-    def __init__(self, qw: Int4Weights, *, axes, dtype, bias: nnx.Param | None = None, quant: QuantConfig):
+    def __init__(self, qw: PackedInt4, *, axes, dtype, bias: nnx.Param | None = None, quant: QuantConfig):
         self._init_common(axes=axes, dtype=dtype, bias=bias, quant=quant)
         if quant.desc_act != (qw.perm is not None):
             raise ValueError(f"desc_act={quant.desc_act} needs a row permutation exactly when it is set; got "
                              f"perm={'none' if qw.perm is None else 'one'}")
         self.group_size = qw.group_size
-        self.q = QuantData(qw.q, axes=tuple(axes))  # [..., in, out] uint8, 0..15
+        self.q = QuantData(qw.q, axes=tuple(axes)[::-1])  # [..., out, in] int4, the 0..15 value minus 8
         self.scales = QuantData(qw.scales, axes=tuple(axes))  # [..., in/G, out] f16
         self.zeros = QuantData(qw.zeros, axes=tuple(axes))  # [..., in/G, out] uint8
         self.perm = QuantData(qw.perm, axes=(None,)) if qw.perm is not None else None  # [..., in] int32
@@ -154,12 +170,36 @@ class Int4Linear(QuantLinear):
             qw = qw.replace(perm=jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), kernel.shape[:-1]))
         return cls(qw, axes=axes, dtype=dtype, bias=bias, quant=quant)
 
-    def weights(self) -> Int4Weights:
+    def weights(self) -> PackedInt4:
         perm = None if self.perm is None else self.perm[...]
-        return Int4Weights(self.q[...], self.scales[...], self.zeros[...], self.group_size, perm)
+        return PackedInt4(self.q[...], self.scales[...], self.zeros[...], self.group_size, perm)
 
     def dequantize(self, dtype=None):
-        return dequantize_int4(self.weights(), dtype or self.dtype)
+        return dequantize_packed(self.weights(), dtype or self.dtype)
+
+    @classmethod
+    def concatenate(cls, parts: list["Int4Linear"]) -> "Int4Linear | None":
+        """One layer over the parts' output columns side by side, or None (not fusable) when the parts' act-order
+        permutations differ: each part gathers its input in its own order."""
+        perms = [None if p.perm is None else p.perm[...] for p in parts]
+        if perms[0] is not None and any(not bool(jnp.array_equal(perms[0], p)) for p in perms[1:]):
+            return None
+        if len({p.group_size for p in parts}) > 1:
+            return None
+        q = jnp.concatenate([p.q[...] for p in parts], axis=-2)  # [..., out, in]
+        scales = jnp.concatenate([p.scales[...] for p in parts], axis=-1)
+        zeros = jnp.concatenate([p.zeros[...] for p in parts], axis=-1)
+        return cls(PackedInt4(q, scales, zeros, parts[0].group_size, perms[0]), **_fused_common(parts))
+
+
+def _fused_common(parts) -> dict:
+    """The constructor arguments (but the weights) of the fusion of `parts`. As for the dense Linear, the output
+    axis loses its sharding name: a split of the concatenation is not a split of each part."""
+    axes = parts[0].kernel_axes[:-1] + (None,)
+    bias = None
+    if parts[0].bias is not None:
+        bias = nnx.Param(jnp.concatenate([p.bias[...] for p in parts], axis=-1), axes=(None,))
+    return dict(axes=axes, dtype=parts[0].dtype, bias=bias, quant=parts[0].quant)
 
 
 class Fp8Linear(QuantLinear):
@@ -181,16 +221,22 @@ class Fp8Linear(QuantLinear):
             qw = qw.replace(input_scale=jnp.ones(kernel.shape[:-2], jnp.float32))
         return cls(qw, axes=axes, dtype=dtype, bias=bias, quant=quant)
 
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        *lead, out_features, in_features = self.q.shape
-        return (*lead, in_features, out_features)
-
     def weights(self) -> Fp8Weights:
         return Fp8Weights(self.q[...], self.scale[...], None if self.input_scale is None else self.input_scale[...])
 
     def dequantize(self, dtype=None):
         return dequantize_fp8(self.weights(), dtype or self.dtype)
+
+    @classmethod
+    def concatenate(cls, parts: list["Fp8Linear"]) -> "Fp8Linear | None":
+        """One layer over the parts' output columns side by side, or None (not fusable) when their static input
+        scales differ: one fused GEMM quantizes its input once."""
+        scales = [None if p.input_scale is None else p.input_scale[...] for p in parts]
+        if scales[0] is not None and any(not bool(jnp.array_equal(scales[0], s)) for s in scales[1:]):
+            return None
+        q = jnp.concatenate([p.q[...] for p in parts], axis=-2)  # [..., out, in]
+        scale = jnp.concatenate([p.scale[...] for p in parts], axis=-1)
+        return cls(Fp8Weights(q, scale, scales[0]), **_fused_common(parts))
 
 
 LINEAR_CLASSES = {"int8": Int8Linear, "awq": Int4Linear, "gptq": Int4Linear, "fp8": Fp8Linear}

@@ -33,14 +33,16 @@ def rel_err(out, expected):
     return np.abs(out - expected).max() / np.abs(expected).max()
 
 
-SMALL = qm.TuningConfig(block_n=64, num_stages=2, num_splits=2)  # 2 K steps per split over 2 slots: refills
+def small(fmt):
+    """3 K steps per split over 2 slots (refills); int8 also with 64-column blocks (int4's zero rows need 128)."""
+    return qm.TuningConfig(block_n=64 if fmt == "int8" else 128, num_stages=2, num_splits=2)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_matches_the_format_reference_cpu(fmt, m):
     x, qw, packed, reference = make(m, m, 768, 128, fmt)
-    out = qm.quant_matmul(x, packed, config=SMALL, interpret=True)
+    out = qm.quant_matmul(x, packed, config=small(fmt), interpret=True)
     # Against the packed reference: the same math (bf16-rounded dequantized weights aside).
     assert rel_err(out, qm.quant_matmul_reference(x, packed)) < 1e-2
     # Against the format's own reference on the unpacked weights: the packing loses nothing.
@@ -59,29 +61,62 @@ def test_reads_the_format_layout_in_place_cpu(fmt, m):
 def test_race_free_cpu():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     x, qw, packed, reference = make(9, 8, 512, 128, "int4")
-    out = qm.quant_matmul(x, packed, config=SMALL, interpret=InterpretGPUParams(detect_races=True))
+    out = qm.quant_matmul(x, packed, config=small("int4"), interpret=InterpretGPUParams(detect_races=True))
     assert rel_err(out, reference(x, qw)) < 1.5e-2
 
 
-def test_int4_packing_is_signed_transposed_with_folded_zero():
-    x, qw, packed, _ = make(0, 1, 256, 8, "int4")
+def test_int4_packing_is_signed_transposed_and_lossless():
+    _, qw, packed, _ = make(0, 1, 256, 8, "int4")
     q = np.asarray(qw.q, np.int32)  # [K, N] 0..15
-    assert packed.q.dtype == jnp.int4 and packed.q.shape == (8, 256)
+    assert packed.q.dtype == jnp.int4 and packed.q.shape == (8, 256) and packed.shape == (256, 8)
     np.testing.assert_array_equal(np.asarray(packed.q.astype(jnp.int32)), q.T - 8)
-    zeros, scales = np.asarray(qw.zeros, np.float32), np.asarray(qw.scales, np.float32)
-    np.testing.assert_allclose(np.asarray(packed.bias, np.float32), (8 - zeros) * scales, rtol=1e-2, atol=1e-6)
-    # The packed dequantization is the format's, up to bf16 rounding of scale and bias.
-    w = np.asarray(qm.dequantize_packed(packed))
+    back = qm.unpack_int4(packed)  # the format's own arrays, bit for bit
+    for name in ("q", "scales", "zeros"):
+        a, b = np.asarray(getattr(back, name)), np.asarray(getattr(qw, name))
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
     from ie_jax.quant.int4 import dequantize_int4
-    ref = np.asarray(dequantize_int4(qw))
-    assert np.abs(w - ref).max() <= 2e-2 * np.abs(ref).max()
+    np.testing.assert_array_equal(np.asarray(qm.dequantize_packed(packed)), np.asarray(dequantize_int4(qw)))
+
+
+def test_packing_batches_over_stacked_layers_and_keeps_act_order():
+    w = 0.05 * jax.random.normal(jax.random.key(1), (3, 256, 16), jnp.float32)  # [L, K, N]
+    perm = jax.random.permutation(jax.random.key(2), 256)
+    qw = quantize_int4(w, 64, perm=perm)
+    packed = qm.pack_int4(qw)
+    assert packed.q.shape == (3, 16, 256) and packed.perm.shape == (3, 256) and packed.group_size == 64
+    back = qm.unpack_int4(packed)
+    assert all(np.array_equal(np.asarray(getattr(back, f)), np.asarray(getattr(qw, f))) for f in ("q", "perm"))
+    q8 = quantize_int8(w)
+    assert np.array_equal(np.asarray(qm.unpack_int8(qm.pack_int8(q8)).q), np.asarray(q8.q))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("m", [3, 100])
 def test_xla_path_on_packed_layout_matches_the_format_reference(fmt, m):
+    """The same arithmetic as the format's reference (the weight transposed): equal up to the dot's summation."""
     x, qw, packed, reference = make(m + 7, m, 256, 128, fmt)
-    assert rel_err(qm.packed_matmul_xla(x, packed), reference(x, qw)) < 1.5e-2
+    np.testing.assert_allclose(np.asarray(qm.packed_matmul_xla(x, packed, jnp.float32)),
+                               np.asarray(reference(x, qw, jnp.float32)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size, act_order", [(32, True), (64, False), (256, True)])
+def test_xla_path_takes_any_group_size_and_act_order(group_size, act_order):
+    kx, kw, kp = jax.random.split(jax.random.key(group_size), 3)
+    x = jax.random.normal(kx, (2, 5, 256), jnp.float32)
+    perm = jax.random.permutation(kp, 256) if act_order else None
+    qw = quantize_int4(0.05 * jax.random.normal(kw, (256, 64), jnp.float32), group_size, perm=perm)
+    np.testing.assert_allclose(np.asarray(qm.packed_matmul_xla(x, qm.pack_int4(qw))),
+                               np.asarray(int4_matmul_reference(x, qw)), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_takes_wide_groups_and_act_order_cpu():
+    """Groups of 256 rows (one scale/zero row per two pipeline steps) and an act-order permutation (x gathered)."""
+    kx, kw, kp = jax.random.split(jax.random.key(11), 3)
+    x = jax.random.normal(kx, (3, 1024), jnp.bfloat16)
+    qw = quantize_int4(0.05 * jax.random.normal(kw, (1024, 128), jnp.float32), 256,
+                       perm=jax.random.permutation(kp, 1024))
+    out = qm.quant_matmul(x, qm.pack_int4(qw), config=qm.TuningConfig(num_stages=2, num_splits=2), interpret=True)
+    assert rel_err(out, int4_matmul_reference(x, qw)) < 1.5e-2
 
 
 @pytest.mark.parametrize("n_major", [False, True])
@@ -131,7 +166,7 @@ def test_lowers_for_the_gpu_cpu(fmt, layout):
     elif fmt == "int8":
         packed = qm.PackedInt8(S((n, k), jnp.int8), S((n,), jnp.float32))
     else:
-        packed = qm.PackedInt4(S((n, k), jnp.int4), S(groups, jnp.bfloat16), S(groups, jnp.bfloat16))
+        packed = qm.PackedInt4(S((n, k), jnp.int4), S(groups, jnp.float16), S(groups, jnp.uint8), 128)
     config = qm.TuningConfig(a_in_registers=layout == "packed")
     f = jax.jit(lambda x, p: qm._quant_matmul(x, p, config=config, interpret=False))
     f.trace(S((16, k), jnp.bfloat16), packed).lower(lowering_platforms=("cuda",))
@@ -147,14 +182,17 @@ def test_rejects_bad_arguments():
         qm.quant_matmul(jnp.zeros((4, 384), jnp.bfloat16), packed)
     with pytest.raises(ValueError, match="PackedInt8"):
         qm.quant_matmul(x, {"q": qw.q})
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="group_size=64"):
         qm.quant_matmul(x, quantize_int4(jnp.ones((256, 128)), group_size=64))
-    with pytest.raises(ValueError, match="zero-point rows"):  # a 64-byte TMA box misaligns the ring on the GPU
-        qm.quant_matmul(x, quantize_int4(jnp.ones((256, 128))), config=qm.TuningConfig(block_n=64))
-    with pytest.raises(ValueError, match="group_size"):
-        qm.pack_int4(quantize_int4(jnp.ones((256, 128)), group_size=64))
+    with pytest.raises(ValueError, match="group_size=64"):
+        qm.quant_matmul(x, qm.pack_int4(quantize_int4(jnp.ones((256, 128)), group_size=64)))
+    for w in (quantize_int4(jnp.ones((256, 128))), qm.pack_int4(quantize_int4(jnp.ones((256, 128))))):
+        with pytest.raises(ValueError, match="zero-point rows"):  # a 64-byte TMA box misaligns the ring on the GPU
+            qm.quant_matmul(x, w, config=qm.TuningConfig(block_n=64))
     with pytest.raises(ValueError, match="block_n"):
         qm.TuningConfig(block_n=256)
+    with pytest.raises(ValueError, match="min_k_steps"):
+        qm.TuningConfig(min_k_steps=0)
 
 
 @pytest.mark.gpu

@@ -64,7 +64,7 @@ def test_sharded_load_places_quantized_arrays(tiny, tmp_path):
     save_quantized(quantize_model(nnx.clone(tiny), "awq", group_size=32), tmp_path)
     mesh = make_mesh(model=2)
     loaded, _ = ie_jax.load_model(tmp_path, dtype="float32", mesh=mesh, progress=False)
-    assert tuple(loaded.layers.self_attn.q_proj.q[...].sharding.spec) == (None, None, "model")
+    assert tuple(loaded.layers.self_attn.q_proj.q[...].sharding.spec) == (None, "model", None)  # q [L, out, in]
     assert tuple(loaded.layers.self_attn.o_proj.scales[...].sharding.spec) == (None, "model", None)
     assert np.isfinite(np.asarray(ie_jax.forward(loaded, IDS))).all()
 

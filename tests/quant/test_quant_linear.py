@@ -54,7 +54,7 @@ def test_quantized_storage_is_frozen_and_carries_axes():
     assert not jax.tree.leaves(nnx.state(lin, nnx.Param))  # nothing trainable
     variables = dict(nnx.to_flat_state(nnx.state(lin, QuantData)))
     assert {k[0] for k in variables} == {"q", "scales", "zeros", "perm"}
-    assert variables[("q",)].get_metadata()["axes"] == ("heads", "embed")
+    assert variables[("q",)].get_metadata()["axes"] == ("embed", "heads")  # q [out, in]: the axes reversed
     assert variables[("scales",)].get_metadata()["axes"] == ("heads", "embed")
     assert variables[("perm",)].get_metadata()["axes"] == (None,)
 
@@ -63,11 +63,12 @@ def test_stacked_construction_and_sharding():
     quant = CONFIGS["awq"]
     layers = stacked(lambda r: make_linear(64, 128, bias=False, axes=("embed", "mlp"), dtype=jnp.float32, rngs=r,
                                            quant=quant), 3, nnx.Rngs(0))
-    assert layers.q.shape == (3, 64, 128) and layers.scales.shape == (3, 2, 128) and layers.kernel_shape[0] == 3
+    assert layers.q.shape == (3, 128, 64) and layers.q.dtype == jnp.int4  # [L, out, in]: the kernel's layout
+    assert layers.scales.shape == (3, 2, 128) and layers.kernel_shape == (3, 64, 128)
     assert not np.array_equal(np.asarray(layers.q[0]), np.asarray(layers.q[1]))  # each layer its own weights
     shardings = state_shardings(nnx.state(layers), make_mesh(model=4), "tp")
-    spec = dict(nnx.to_flat_state(shardings))[("q",)].get_value().spec
-    assert tuple(spec) == (None, None, "model")
+    specs = {k[0]: v.get_value().spec for k, v in nnx.to_flat_state(shardings)}
+    assert tuple(specs["q"]) == (None, "model", None) and tuple(specs["scales"]) == (None, None, "model")
 
 
 def test_fp8_holds_q_k_major_with_the_axes_reversed():
@@ -140,26 +141,82 @@ def test_quant_matmul_takes_nf4_too():
     np.testing.assert_allclose(np.asarray(quant_matmul(x, q)), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["int8", "awq"])
-def test_linear_dispatch_reference_on_cpu_kernel_under_interpret(method):
-    """Backend auto on CPU runs the format reference bit for bit; backend interpret sends a decode-sized bf16 call
-    (group 128) through the kernel body, which still matches the layer's dense equivalent; above 64 rows even
-    the forced backend falls back to the reference."""
-    from kernels_pallas import ops
+def _format_reference(lin, x, out_dtype=None):
+    """The format's own reference on the Linear's weights unpacked to the format layout ([in, out])."""
     from ie_jax.quant.int4 import int4_matmul_reference
     from ie_jax.quant.int8 import int8_matmul_reference
-    quant = QuantConfig("int8", 8) if method == "int8" else QuantConfig("awq", 4, 128)
+    from kernels_pallas.quant_matmul import unpack
+    reference = int8_matmul_reference if isinstance(lin, Int8Linear) else int4_matmul_reference
+    return reference(x, unpack(lin.weights()), out_dtype)
+
+
+PACKED_CONFIGS = {"int8": QuantConfig("int8", 8), "awq-128": QuantConfig("awq", 4, 128),
+                  "gptq-act-order-128": QuantConfig("gptq", 4, 128, desc_act=True)}
+
+
+@pytest.mark.parametrize("name", sorted(PACKED_CONFIGS))
+def test_linear_dispatch_reference_on_cpu_kernel_under_interpret(name):
+    """The Linear holds the kernel's packed layout. Backend auto on CPU runs XLA's dequantize-then-dot on it, equal
+    to the format reference on the unpacked weights; backend interpret sends a decode-sized bf16 call through the
+    kernel body, which still matches it; above 64 rows even the forced backend falls back to XLA."""
+    from kernels_pallas import ops
+    from kernels_pallas.quant_matmul import PackedInt4, PackedInt8
+    quant = PACKED_CONFIGS[name]
     lin = make_linear(256, 128, bias=False, axes=("embed", "mlp"), dtype=jnp.bfloat16, rngs=nnx.Rngs(4), quant=quant)
-    reference = int8_matmul_reference if method == "int8" else int4_matmul_reference
+    if quant.desc_act:  # a real act-order permutation, not the identity of round-to-nearest
+        lin.perm.set_value(jax.random.permutation(jax.random.key(7), 256).astype(jnp.int32))
+    assert isinstance(lin.weights(), PackedInt8 if quant.method == "int8" else PackedInt4)
     x = jax.random.normal(jax.random.key(5), (2, 3, 256), jnp.bfloat16)
     assert ops.current_backend() == "auto" and not ops.is_hopper()
-    np.testing.assert_array_equal(np.asarray(lin(x), np.float32), np.asarray(reference(x, lin.weights()), np.float32))
-    dense = lin.dense()(x.astype(jnp.float32))
+    expected = _format_reference(lin, x, jnp.float32)
+    np.testing.assert_allclose(np.asarray(lin(x, out_dtype=jnp.float32)), np.asarray(expected), rtol=1e-5,
+                               atol=1e-5)
     with ops.kernel_backend("interpret"):
         got = lin(x, out_dtype=jnp.float32)
         big = jax.random.normal(jax.random.key(6), (65, 256), jnp.bfloat16)
-        np.testing.assert_array_equal(np.asarray(lin(big), np.float32),
-                                      np.asarray(reference(big, lin.weights()), np.float32))
+        np.testing.assert_allclose(np.asarray(lin(big, out_dtype=jnp.float32)),
+                                   np.asarray(_format_reference(lin, big, jnp.float32)), rtol=1e-5, atol=1e-5)
     assert got.shape == (2, 3, 128) and got.dtype == jnp.float32
-    assert _rel(got, dense) < 1e-2
-    assert not np.array_equal(np.asarray(got), np.asarray(lin(x, out_dtype=jnp.float32)))  # another code path
+    assert _rel(got, expected) < 1e-2
+    assert not np.array_equal(np.asarray(got), np.asarray(expected))  # another code path
+
+
+@pytest.mark.parametrize("quant", [QuantConfig("int8", 8), QuantConfig("awq", 4, 32), QuantConfig("awq", 4, 64),
+                                   QuantConfig("gptq", 4, -1), QuantConfig("gptq", 4, 32, desc_act=True)],
+                         ids=lambda q: f"{q.method}-{q.group_size}{'-act-order' if q.desc_act else ''}")
+def test_packed_linear_matches_the_format_reference_at_any_shape(quant):
+    """Backend reference, any group size, act-order, bias, stacked leading axes of x: the packed layout's XLA path
+    is the format's reference arithmetic on the unpacked weights."""
+    from kernels_pallas import ops
+    lin = make_linear(192, 80, bias=True, axes=("embed", "mlp"), dtype=jnp.float32, rngs=nnx.Rngs(8), quant=quant)
+    lin.bias.set_value(jax.random.normal(jax.random.key(9), (80,)))
+    if quant.desc_act:
+        lin.perm.set_value(jax.random.permutation(jax.random.key(10), 192).astype(jnp.int32))
+    x = jax.random.normal(jax.random.key(11), (3, 7, 192))
+    with ops.kernel_backend("reference"):
+        got = lin(x)
+    expected = _format_reference(lin, x, jnp.float32) + lin.bias[...]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    assert _rel(got, lin.dense()(x)) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["int8", "awq", "fp8"])
+def test_fused_projections_equal_the_parts(method):
+    """Serving fuses q/k/v and gate/up (`concatenate`): one layer over the parts' columns, the same outputs."""
+    from ie_jax.models.layers import fuse_linears
+    quant = CONFIGS[method]
+    parts = [make_linear(64, n, bias=False, axes=("embed", "mlp"), dtype=jnp.float32, rngs=nnx.Rngs(i), quant=quant)
+             for i, n in enumerate((48, 16, 16))]
+    fused = fuse_linears(parts)
+    assert type(fused) is CLASSES[method] and fused.kernel_shape == (64, 80)
+    x = jax.random.normal(jax.random.key(12), (2, 64))
+    np.testing.assert_array_equal(np.asarray(fused(x)), np.concatenate([np.asarray(p(x)) for p in parts], -1))
+
+
+def test_act_order_parts_with_different_permutations_are_not_fused():
+    from ie_jax.models.layers import fuse_linears
+    parts = [make_linear(64, 32, bias=False, axes=("embed", "mlp"), dtype=jnp.float32, rngs=nnx.Rngs(i),
+                         quant=CONFIGS["gptq"]) for i in range(2)]
+    assert fuse_linears(parts) is not None  # identity permutations (round-to-nearest): fusable
+    parts[1].perm.set_value(jax.random.permutation(jax.random.key(13), 64).astype(jnp.int32))
+    assert fuse_linears(parts) is None
