@@ -68,11 +68,14 @@ class StepInputs:
                      for f in dataclasses.fields(self))
 
     def pack(self) -> np.ndarray:
-        """Host fields -> one int32 [n] buffer (f32 / uint32 bit patterns as they are, bools as 0/1)."""
+        """Host fields -> one int32 [n] buffer (f32 / uint32 bit patterns as they are, bools as 0/1), zero-padded
+        to a multiple of 256 bytes (the device's buffer alignment)."""
         parts = []
         for f in dataclasses.fields(self):
             a = np.asarray(getattr(self, f.name))
             parts.append((a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32)).ravel())
+        size = sum(p.size for p in parts)
+        parts.append(np.zeros(-size % 64, np.int32))
         return np.concatenate(parts)
 
     @classmethod
@@ -170,7 +173,7 @@ class ModelRunner:
         shape = (mc.num_layers, mc.num_kv_heads, self.num_pages, cfg.page_size, mc.head_dim)
         # Committed to the device up front, as the step's outputs will be: otherwise the first call after warm-up
         # would see a different argument signature and compile again.
-        device = jax.devices()[0]
+        self.device = device = jax.devices()[0]
         caches = [jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)]
         if self.dtype == fp8:  # static per-(layer, kv-head) scales, 1.0 until calibrated ones are loaded
             caches += [jnp.ones((mc.num_layers, mc.num_kv_heads), jnp.float32) for _ in range(2)]
@@ -384,6 +387,8 @@ class ModelRunner:
         mode = "greedy" if greedy and (T, R, "greedy") in self.executables else "sample"
         step = self.executables[(T, R, mode)]
         self.caches, self.counts, self.last_tokens, res = step(self.state, self.caches, self.counts,
-                                                              self.last_tokens, self.prompt_mask, inp.pack(),
+                                                              self.last_tokens, self.prompt_mask,
+                                                              jax.device_put(inp.pack(), self.device),
                                                               self.layer_states)
+        res.token_ids.copy_to_host_async()  # queued behind the step: the read-back finds it on the host
         return res
