@@ -32,6 +32,7 @@ from ie_jax.models.llama import fuse_projections
 from ie_jax.sampling import SamplingTensors, sample
 
 NUM_BANNED = 8  # eos/stop ids banned per row while min_tokens is not reached
+_ALIGN = 64  # int32 elements: 256 bytes, the alignment of each field in the packed step inputs
 
 
 @struct.dataclass
@@ -68,14 +69,14 @@ class StepInputs:
                      for f in dataclasses.fields(self))
 
     def pack(self) -> np.ndarray:
-        """Host fields -> one int32 [n] buffer (f32 / uint32 bit patterns as they are, bools as 0/1), zero-padded
-        to a multiple of 256 bytes (the device's buffer alignment)."""
+        """Host fields -> one int32 [n] buffer (f32 / uint32 bit patterns as they are, bools as 0/1). Every field
+        starts at a multiple of 256 bytes: XLA hands slices of the buffer to kernels as they are, and the Mosaic GPU
+        kernels (TMA) require 256-byte-aligned operands."""
         parts = []
         for f in dataclasses.fields(self):
             a = np.asarray(getattr(self, f.name))
-            parts.append((a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32)).ravel())
-        size = sum(p.size for p in parts)
-        parts.append(np.zeros(-size % 64, np.int32))
+            a = (a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32)).ravel()
+            parts += [a, np.zeros(-a.size % _ALIGN, np.int32)]
         return np.concatenate(parts)
 
     @classmethod
@@ -85,7 +86,7 @@ class StepInputs:
         for name, shape, dtype in layout:
             size = math.prod(shape)
             a = packed[offset: offset + size].reshape(shape)
-            offset += size
+            offset += size + -size % _ALIGN
             if dtype == "bool":
                 a = a != 0
             elif dtype != "int32":

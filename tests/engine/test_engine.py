@@ -255,6 +255,14 @@ def test_step_inputs_cross_as_one_buffer_and_unpack_exactly(tiny):
         inp = inp.replace(**{f.name: value})
     packed = inp.pack()
     assert packed.dtype == np.int32 and packed.ndim == 1
+    offset = 0  # every field starts 256-byte aligned (kernels take slices of the buffer as their operands)
+    for f in dataclasses.fields(inp):
+        a = np.asarray(getattr(inp, f.name))
+        want = (a.astype(np.int32) if a.dtype == np.bool_ else a.view(np.int32)).ravel()
+        assert offset % 64 == 0
+        np.testing.assert_array_equal(packed[offset: offset + want.size], want, err_msg=f.name)
+        offset += -(-want.size // 64) * 64
+    assert offset == packed.size
     back = jax.jit(StepInputs.unpack, static_argnums=1)(packed, inp.layout())
     for f in dataclasses.fields(inp):
         want, got = np.asarray(getattr(inp, f.name)), np.asarray(getattr(back, f.name))
