@@ -114,7 +114,8 @@ class LLMEngine:
                     self.runner.assign_slot(request)
             inp, samples = self.runner.prepare(out)
             t1 = time.perf_counter()
-            greedy = all(r.sampling_params.greedy for r, _ in out.scheduled)
+            # the argmax-only executable: every row greedy and none asking for logprobs
+            greedy = all(r.sampling_params.greedy and r.sampling_params.logprobs is None for r, _ in out.scheduled)
             res = self.runner.run(inp, greedy)  # asynchronous
             t_dispatch = time.perf_counter() - t1
             self.scheduler.update(out)

@@ -248,7 +248,8 @@ class ModelRunner:
         serving never compiles: `run` calls only these executables and a shape outside them is an error.
 
         Every bucket gets the full sampler; decode-sized buckets (T <= max_num_seqs) also get an argmax-only variant
-        for all-greedy steps, where the sampler's sort would be a visible share of the step. Larger buckets are
+        for all-greedy steps without logprobs, where the sampler's sort, the log-softmax and the top-k logprobs
+        over the vocabulary would be a visible share of the step. Larger buckets are
         prefill-heavy steps, where it is not, so they skip the second variant (start-up time: each executable costs
         a trace under the GIL even when the compilation cache has it).
 
@@ -263,8 +264,8 @@ class ModelRunner:
             t0 = time.perf_counter()
             with _LOWERING_LOCK:
                 inp = self._empty_inputs(T, R)
-                lowered = self._step.lower(*args, inp.pack(), inp.layout(), self.config.max_logprobs, mode,
-                                           self.layer_states)
+                num_logprobs = 0 if mode == "greedy" else self.config.max_logprobs
+                lowered = self._step.lower(*args, inp.pack(), inp.layout(), num_logprobs, mode, self.layer_states)
             t1 = time.perf_counter()
             executable = lowered.compile()
             return key, executable, (t1 - t0, time.perf_counter() - t1)
@@ -381,7 +382,8 @@ class ModelRunner:
 
     def run(self, inp: StepInputs, greedy: bool = False):
         """Dispatch one step (asynchronously); returns the device-side sample output. `greedy`: every row of the
-        step is greedy, so the argmax-only executable serves it."""
+        step is greedy and none asked for logprobs, so the argmax-only executable serves it (no log-softmax, no
+        top-k over the vocabulary: at 256 rows those are a visible share of the step)."""
         T, R = inp.input_ids.shape[0], inp.seq_lens.shape[0]
         if (T, R, "sample") not in self.executables:
             self.warmup(progress=False)  # only when warm-up was skipped: compile everything once, now

@@ -274,7 +274,8 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0, mode: s
 
     `mode` (static) says how the all-greedy and no-top-k/top-p shortcuts are taken:
       auto    chosen on device with lax.cond (one compiled function for every batch);
-      greedy  every row is greedy: argmax only, nothing else is computed;
+      greedy  every row is greedy: argmax only, nothing else is computed (with num_logprobs 0, not even the
+              log-softmax: `logprobs` comes back as zeros);
       sample  no device branches: the sort runs whatever the rows ask.
     On GPUs, XLA runs lax.cond by reading the predicate back to the host, which stalls the launching thread until
     the step reaches that point; the engine picks "greedy" or "sample" per step instead.
@@ -288,7 +289,8 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0, mode: s
         raise ValueError(f"{num_logprobs=} must be in [0, {vocab_size=}]")
 
     logits = logits.astype(jnp.float32)  # [B, V]
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    want_logprobs = mode != "greedy" or num_logprobs > 0
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if want_logprobs else None  # [B, V]
     penalised = apply_penalties(logits, t)
     greedy_ids = jnp.argmax(penalised, axis=-1).astype(jnp.int32)  # [B]
     is_greedy = t.temperature <= 0
@@ -306,7 +308,8 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0, mode: s
         top_logprobs, top_ids = jnp.zeros((num_rows, 0), jnp.float32), jnp.zeros((num_rows, 0), jnp.int32)
     return SampleOutput(
         token_ids=token_ids,
-        logprobs=jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0],
+        logprobs=jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0] if want_logprobs
+        else jnp.zeros((num_rows,), jnp.float32),
         top_ids=top_ids.astype(jnp.int32),
         top_logprobs=top_logprobs,
     )

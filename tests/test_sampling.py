@@ -318,3 +318,20 @@ def test_static_modes_match_device_branches():
     np.testing.assert_array_equal(sample(logits, t, 0, "auto").token_ids, sample(logits, t, 0, "greedy").token_ids)
     with pytest.raises(ValueError, match="mode"):
         sample(logits, t, 0, "fast")
+
+
+def test_greedy_mode_computes_logprobs_only_when_asked():
+    """mode="greedy" with num_logprobs=0 (the engine's argmax-only step) skips the log-softmax; asked for logprobs,
+    it returns the same raw log-softmax values as the full sampler."""
+    rng = np.random.default_rng(11)
+    logits = jnp.asarray(rng.normal(size=(5, 40)).astype(np.float32))
+    t = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * 5, [[1]] * 5, [[2]] * 5, 40)
+    bare = sample(logits, t, 0, "greedy")
+    np.testing.assert_array_equal(bare.token_ids, np.argmax(np.asarray(logits), axis=-1))
+    np.testing.assert_array_equal(bare.logprobs, np.zeros(5, np.float32))
+    asked, full = sample(logits, t, 3, "greedy"), sample(logits, t, 3, "sample")
+    np.testing.assert_array_equal(asked.token_ids, full.token_ids)
+    np.testing.assert_allclose(asked.logprobs, full.logprobs, rtol=1e-6)
+    np.testing.assert_allclose(asked.top_logprobs, full.top_logprobs, rtol=1e-6)
+    want = jax.nn.log_softmax(logits, axis=-1)[jnp.arange(5), bare.token_ids]
+    np.testing.assert_allclose(asked.logprobs, want, rtol=1e-6)
