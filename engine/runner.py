@@ -61,8 +61,8 @@ class StepInputs:
     eos_ids: jax.Array  # [R, NUM_BANNED] int32, -1 padded
 
     # The step's inputs cross to the device as ONE int32 buffer: each separately passed host array is its own
-    # host-to-device copy, and at ~23 copies per step those stalled the device between steps (H200: a batch-1 step
-    # took 5.1 ms in the engine against 4.6 ms back to back on device-resident inputs).
+    # argument and host-to-device copy, and one buffer instead of 23 cut the host's dispatch of a batch-1 8B step
+    # from 2.3 to 1.2 ms on the H200.
     def layout(self) -> tuple:
         """Static (name, shape, dtype) of every field: with the packed buffer, all `unpack` needs."""
         return tuple((f.name, np.shape(getattr(self, f.name)), np.dtype(getattr(self, f.name).dtype).name)
