@@ -13,9 +13,9 @@ packed queries is token `i // G`, head `i % G`. A *tile* is 64 such rows of one 
 decode token is one tile with G real rows). Each CTA owns one (tile, kv split, kv-head): it streams its range of
 pages through a ring of shared-memory slots with TMA, runs QK^T and PV on the tensor cores with an online
 softmax, and stores exactly the tile's own rows of the normalised output (packed like q) and its log-sum-exp.
-A plain-jnp epilogue merges the splits (flash-decoding) and unpacks rows back to `[T, N, H]`. The work list
-(which tile, which kv range) is built in jnp from `query_start_loc`/`seq_lens` (paged_work.py), so the grid is
-static while the batch is ragged.
+A plain-jnp epilogue merges the splits (flash-decoding) and unpacks rows back to `[T, N, H]` (the direct path can
+merge inside the kernel instead, `merge_in_kernel`). The work list (which tile, which kv range) is built in jnp
+from `query_start_loc`/`seq_lens` (paged_work.py), so the grid is static while the batch is ragged.
 
 This module knows nothing about models, schedulers or how pages are allocated: it reads a page table.
 """
@@ -33,8 +33,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
-from kernels_pallas.paged_work import (LSE_COLS, META, ROWS, check_args, default_splits, kv_split, merge,
-                                      pack_queries, request_lengths, work_list)
+from kernels_pallas.paged_work import (LSE_COLS, META, ROWS, check_args, cluster_merge, default_splits,  # noqa: F401
+                                      fuses_merge, kv_scales, kv_split, merge, pack_queries, request_lengths,
+                                      shapes_supported, use_direct, work_list, zero_padding_rows)
 
 _LOG2E = math.log2(math.e)
 
@@ -52,12 +53,15 @@ class TuningConfig:
         the CPU interpreter cannot run a register A operand. None: on the GPU, not in the interpreter.
     convert_ahead: fp8 cache, one warpgroup: convert the next block's K while this block's PV runs (and V while
         QK^T runs), so that no conversion sits between two wgmmas.
-    prefetch_pages: load the page ids of the block a step will refill at the start of that step, not right
-        before the TMAs (not measured yet; see docs/kernels/paged_attention.md).
+    prefetch_pages: load the refill's page ids at the top of a step, not right before its TMAs (measured: no gain).
     direct: each CTA derives its (request, split) work from query_start_loc / seq_lens and reads q and writes
         its output in q's own [T * N, H] order, a tile being ROWS // N whole tokens with all N heads: no work-list
         and no packing kernels. For small batches (latency bound); needs 64 % N == 0 and N % 8 == 0. None: on
         when `use_direct` says so from the static shapes.
+    merge_in_kernel: direct path: the kernel writes the final [T, N, H] itself, one kernel per call. With 2-8 splits
+        the splits of a (request, kv-head) form one cluster; each stores its rows and lse, a cluster barrier
+        publishes them and one CTA merges them (`paged_work.cluster_merge`). Off by default: no faster on the
+        H200 (docs/kernels/paged_attention.md); False merges with jnp after the kernel (`paged_work.merge`).
     """
 
     block_kv: int = 64
@@ -68,6 +72,7 @@ class TuningConfig:
     convert_ahead: bool = True
     prefetch_pages: bool = False
     direct: bool | None = None
+    merge_in_kernel: bool = False
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):
@@ -82,10 +87,9 @@ class TuningConfig:
 # Kernel
 
 
-def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-            q_smem, buffers, lse_smem, q_bar, k_bar, v_bar, *handoff,
+def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
             group, page_size, block_kv, num_stages, num_splits, scale, sliding_window, softcap, convert_wg,
-            p_in_registers, convert_ahead, prefetch_pages, direct, num_heads):
+            p_in_registers, convert_ahead, prefetch_pages, direct, num_heads, fused, interpret):
     # work_ref        packed: [W, 8] int32 work items (GMEM, read as scalars; fields in paged_work.work_list)
     #                 direct: [R + 1] int32 query_start_loc; the CTA derives its item itself (direct_item)
     # seq_lens_ref    [R] int32, num_seqs_ref [1] int32 (read by the direct path only)
@@ -93,30 +97,38 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
     # page_table_ref  [R, max_pages] int32
     # q_ref           [K, Tq, H]         packed queries, Tq >= T * G + ROWS; direct: [T * N, H] (q as given)
     # k_ref, v_ref    [L, K, P, page_size, H]
+    # v_scale_ref     [K] f32            fused only: multiplies each kv-head's output (ones for a 16-bit cache)
     # o_ref           [S, K, Tq, H]      normalised output per split, packed rows like q_ref (q dtype);
-    #                 direct: [S, T * N, H], rows in q's order
+    #                 direct: [S, T * N, H], rows in q's order; fused: f32, S > 1 only
     # lse_ref         [S, K, Tq, LSE_COLS] f32  base-2 log-sum-exp per packed row like o_ref (-inf where a row saw
-    #                 no key), repeated LSE_COLS times so that a one-row TMA box spans 16+ bytes; S > 1 only
+    #                 no key), repeated LSE_COLS times so that a one-row TMA box spans 16+ bytes; S > 1 only;
+    #                 fused: [S, T * N, H], repeated H times (the merge loads it in o's register layout)
+    # out_ref         [T * N, H]         fused only: the final output in q's order and dtype
     # q_smem          [ROWS, H]          the tile's queries
     # k_smem, v_smem  [num_stages, block_kv, H]
     # p_smem          [ROWS, block_kv]   probabilities, the A operand of PV (None with p_in_registers)
     # o_smem          [ROWS, H]          the tile's output, untiled so that any row range can be stored
-    # lse_smem        [ROWS, LSE_COLS] f32
+    # lse_smem        [ROWS, LSE_COLS] f32 (fused: [ROWS, H])
     # k16_smem, v16_smem [block_kv, H]  fp8 cache: k_smem/v_smem hold the fp8 pages and these the converted
     #                 block (q's dtype) that the wgmmas read; None for a 16-bit cache
-    # buffers         a union: ((k_smem, v_smem, p_smem, k16_smem, v16_smem), o_smem), the loop's buffers
-    #                 and the epilogue's, whose lifetimes do not overlap (every issued TMA is consumed)
+    # buffers         a union: ((k_smem, v_smem, p_smem, k16_smem, v16_smem), (o_smem, lse_smem)), the loop's
+    #                 buffers and the epilogue's, whose lifetimes do not overlap (every issued TMA is consumed)
+    # merge_bar       fused with S > 1: the cluster barrier that publishes the splits' rows to the merging CTA
     # handoff         convert_wg only: barriers (k16_ready, v16_ready, k16_free, v16_free), one phase per block,
     #                 between the converting warpgroup (1) and the computing one (0)
+    v_scale_ref, o_ref, lse_ref, out_ref, *refs = refs if fused else (None, *refs[:2], None, *refs[2:])
+    q_smem, buffers, q_bar, k_bar, v_bar, *handoff = refs
+    clustered = fused and num_splits > 1  # the splits of a (request, kv-head) form one cluster
+    merge_bar = handoff.pop(0) if clustered else None
     w = lax.axis_index("w")
     kh = lax.axis_index("kh")
     head_dim = q_smem.shape[-1]
-    (k_smem, v_smem, p_smem, k16_smem, v16_smem), o_smem = buffers
+    (k_smem, v_smem, p_smem, k16_smem, v16_smem), (o_smem, lse_smem) = buffers
     fp8 = k16_smem is not None
     if convert_wg:
         k16_ready, v16_ready, k16_free, v16_free = handoff
 
-    split = lax.rem(w, num_splits)
+    split = lax.axis_index("s") if clustered else lax.rem(w, num_splits)
 
     def run_tile(req, q_row0, q_pos0, kv_begin, kv_end, last_page, num_rows):
         # req: request; q_row0: first packed row in q_ref[kh] (direct: first row of q_ref, token-major);
@@ -300,18 +312,22 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
             acc, m_i, l_i = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_i))
 
             l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-            o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
+            o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            if fused and num_splits == 1:  # the final output: the fp8 cache's v_scale applies here
+                o = o * v_scale_ref[kh]
+            o_smem[...] = o.astype(o_smem.dtype)
             if num_splits > 1:
                 lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))  # [ROWS]
-                lse_smem[...] = lax.broadcast_in_dim(lse, (ROWS, LSE_COLS), [0])
+                lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
             plgpu.commit_smem()
             if direct:  # each token's G rows of this kv-head go to their place in [T * N, H]
+                dst_ref = out_ref if fused and num_splits == 1 else o_ref.at[split]
                 for j in range(ROWS // num_heads):
                     @pl.when(j < num_rows)
                     def _(j=j):
                         src = pl.ds(row_shift + j * num_heads + kh * group, group)
                         dst = pl.ds(q_row0 + j * num_heads + kh * group, group)
-                        plgpu.copy_smem_to_gmem(o_smem.at[src], o_ref.at[split, dst])
+                        plgpu.copy_smem_to_gmem(o_smem.at[src], dst_ref.at[dst])
                         if num_splits > 1:
                             plgpu.copy_smem_to_gmem(lse_smem.at[src], lse_ref.at[split, dst])
             # Store exactly `num_rows` rows (the next request's rows follow in o_ref): TMA boxes have static
@@ -327,7 +343,10 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
                         plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(start, size)], lse_ref.at[split, kh, rows])
                 start = start + (num_rows & size)
                 size //= 2
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0)  # the writes done, not only the SMEM reads: the cluster merge reads them
+            if clustered:
+                cluster_merge(o_ref, lse_ref, out_ref, v_scale_ref[kh], merge_bar, split=split, kh=kh, row0=q_row0,
+                              num_tokens=num_rows, num_heads=num_heads, group=group, interpret=interpret)
 
         if convert_wg:
             pl.when(lax.axis_index("wg") == 1)(converting_warpgroup)
@@ -340,7 +359,10 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
         return
     # direct: CTA (request, split) walks its request's tokens ROWS // N at a time (one pass for a decode token)
     tokens_per_tile = ROWS // num_heads
-    req = w // num_splits
+    req = w if clustered else w // num_splits
+    if fused:  # one CTA per kv-head writes the zeros of padding tokens (the merge kernel did that before)
+        pl.when((req == 0) & (split == 0))(lambda: zero_padding_rows(
+            out_ref, work_ref, num_seqs_ref, kh=kh, group=group, num_heads=num_heads))
     q_start = work_ref[req]
     q_len = jnp.where(req < num_seqs_ref[0], jnp.maximum(work_ref[req + 1] - q_start, 0), 0)
     seq_len = seq_lens_ref[req]
@@ -357,8 +379,9 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
                  num_tokens)
 
 
-def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages, v_pages, *, group, config, num_work,
-                 num_splits, scale, sliding_window, softcap, interpret, direct):
+def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages, v_pages, v_scale, *, group, config,
+                 num_work, num_splits, scale, sliding_window, softcap, interpret, direct, out_dtype):
+    # v_scale [K] f32 or None: given exactly when the merge is fused into the kernel (direct path)
     _, K, P, page_size, H = k_pages.shape
     dtype = q_packed.dtype
     fp8 = k_pages.dtype == FP8
@@ -384,10 +407,20 @@ def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages,
         _kernel, group=group, page_size=page_size, block_kv=config.block_kv, num_stages=config.num_stages,
         num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap, convert_wg=convert_wg,
         p_in_registers=config.p_in_registers, convert_ahead=convert_ahead, prefetch_pages=config.prefetch_pages,
-        direct=direct, num_heads=K * group)
+        direct=direct, num_heads=K * group, fused=v_scale is not None, interpret=bool(interpret))
     rows = q_packed.shape[-2]  # packed: per kv-head; direct: T * N, all heads
     o_shape = (num_splits, rows, H) if direct else (num_splits, K, rows, H)
-    kwargs = {}
+    o_dtype, lse_cols, epilogue_dtype = dtype, LSE_COLS, dtype
+    kwargs, out_type, inputs, merge_bar = {}, [], [], []
+    if v_scale is not None:  # fused: the final [T * N, H] out; with splits f32 partials, lse repeated H times
+        inputs, out_type = [v_scale], [jax.ShapeDtypeStruct((rows, H), out_dtype)]
+        if num_splits > 1:
+            o_dtype, lse_cols, epilogue_dtype = jnp.float32, H, jnp.float32
+            kwargs.update(cluster=(num_splits,), cluster_names=("s",))
+            merge_bar = [plgpu.ClusterBarrier(collective_axes=("s",), num_arrivals=1)]
+            num_work //= num_splits
+        else:
+            o_shape, epilogue_dtype = (1, 8, H), out_dtype  # the partials are not used
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
@@ -395,15 +428,17 @@ def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages,
         kwargs.update(num_threads=2, thread_name="wg")
     kernel = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct(o_shape, dtype),
-                  jax.ShapeDtypeStruct((*o_shape[:-2], rows if num_splits > 1 else 1, LSE_COLS), jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct(o_shape, o_dtype),
+                  jax.ShapeDtypeStruct((*o_shape[:-2], rows if num_splits > 1 else 1, lse_cols), jnp.float32),
+                  *out_type),
         scratch_types=[
             plgpu.SMEM((ROWS, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.RefUnion((*ring, p_type, *kv16), plgpu.SMEM((ROWS, H), dtype)),
-            plgpu.SMEM((ROWS, LSE_COLS), jnp.float32),
+            plgpu.RefUnion((*ring, p_type, *kv16), (plgpu.SMEM((ROWS, H), epilogue_dtype),
+                                                    plgpu.SMEM((ROWS, lse_cols), jnp.float32))),
             plgpu.Barrier(num_arrivals=1),
             plgpu.Barrier(num_arrivals=copies_per_slot, num_barriers=config.num_stages),
             plgpu.Barrier(num_arrivals=copies_per_slot, num_barriers=config.num_stages),
+            *merge_bar,
             *([plgpu.Barrier(num_arrivals=1)] * 4 if convert_wg else []),  # k16/v16 ready, k16/v16 free
         ],
         grid=(num_work, K),
@@ -412,42 +447,16 @@ def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages,
                                              approx_math=True, reduction_scratch_bytes=0),
         **kwargs,
     )
-    return kernel(work, seq_lens, num_seqs.reshape(1), layer, page_table, q_packed, k_pages, v_pages)
+    return kernel(work, seq_lens, num_seqs.reshape(1), layer, page_table, q_packed, k_pages, v_pages, *inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public wrapper
 
 
-def kv_scales(k_pages, k_scale, v_scale):
-    """The dequantization scales as f32 arrays of the cache's [K] or [L, K]: ones where not given."""
-    ones = jnp.ones(k_pages.shape[:-3], jnp.float32)
-    return (ones if k_scale is None else jnp.asarray(k_scale, jnp.float32),
-            ones if v_scale is None else jnp.asarray(v_scale, jnp.float32))
-
-
-def use_direct(T, N, R, config) -> bool:
-    """Whether the call takes the direct path: as configured, else for at most DIRECT_MAX_TOKENS tokens."""
-    supported = ROWS % N == 0 and N % 8 == 0
-    if config.direct is None:
-        return supported and T <= DIRECT_MAX_TOKENS
-    return config.direct and supported
-
-
-DIRECT_MAX_TOKENS = 16  # engine buckets of 8 and 16 tokens (batch 1 to 16 decode)
-
-
 def kernel_supports(q, k_pages, config=None) -> bool:
     """Whether the Mosaic kernel takes these shapes (otherwise use the reference). k_pages: one layer or stacked."""
-    config = config or TuningConfig()
-    _, N, H = q.shape
-    K, _, page_size, _ = k_pages.shape[-4:]
-    group = N // K
-    blocks_fit_pages = config.block_kv % page_size == 0 or page_size % config.block_kv == 0
-    return (H in (64, 128) and page_size % 8 == 0 and blocks_fit_pages and N % K == 0 and ROWS % group == 0
-            and q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype in (q.dtype, FP8)
-            and (k_pages.dtype != FP8 or config.block_kv % ROWS == 0)  # fp8: converted in 64-row tiles
-            and (not config.direct or (ROWS % N == 0 and N % 8 == 0)))
+    return shapes_supported(q, k_pages, config or TuningConfig())
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq_lens, num_seqs, *, layer=None,
@@ -509,10 +518,14 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
                          sliding_window=sliding_window)
         num_work = work.shape[0]
         q_packed = pack_queries(q, K, q_scale)
-    o_parts, lse_rows = _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages, v_pages,
-                                      group=group, config=config, num_work=num_work, num_splits=num_splits,
-                                      scale=scale if scales is None else 1.0, sliding_window=sliding_window,
-                                      softcap=softcap, interpret=interpret, direct=direct)
+    fused = direct and fuses_merge(num_splits, group, H, config)  # then the kernel applies v_scale (ones: bf16)
+    o_parts, lse_rows, *out = _call_kernel(
+        work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages, v_pages,
+        (jnp.ones((K,), jnp.float32) if v_scale is None else v_scale) if fused else None,
+        group=group, config=config, num_work=num_work, num_splits=num_splits, scale=scale if scales is None else 1.0,
+        sliding_window=sliding_window, softcap=softcap, interpret=interpret, direct=direct, out_dtype=q.dtype)
+    if fused:  # the kernel wrote the final output, padding tokens included
+        return out[0].reshape(T, N, H)
     out = merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, T=T, group=group,
                 v_scale=v_scale, out_dtype=q.dtype)
     return out.reshape(T, N, H)
@@ -577,8 +590,7 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, query_start_loc, 
 
 
 def main(argv=()):
-    """Sweeps configs on the named cases, checks each against `paged_attention_reference`, times the same-run
-    baseline and writes JSON (the sweep lives in paged_bench.py to keep this file about the kernel)."""
+    """Sweeps configs, checks them against the reference, times the baseline, writes JSON (paged_bench.py)."""
     from kernels_pallas import paged_bench
     return paged_bench.main(argv)
 

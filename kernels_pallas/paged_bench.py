@@ -197,10 +197,9 @@ def main(argv=()):
         splits_opts = [None] + ([8, 16] if small and not scales else [])
         case_configs = fp8_configs if scales else configs
         sweep = [dataclasses.replace(cfg, num_splits=n) for cfg in case_configs for n in splits_opts]
-        if small:  # the direct path (the default here) over split counts, then the packed path and prefetch_pages
-            sweep = [TuningConfig(64, 2, num_splits=n) for n in ([None, 4, 16] if case["q"].shape[0] > 1
-                                                                  else [None, 16])]
-            sweep += [TuningConfig(64, 2, direct=False)] + case_configs[1:2]
+        if small:  # the direct path (the default here): splits merged in the kernel (cluster) or by jnp after it
+            ns = [None, 4] if case["q"].shape[0] > 1 else [None, 8]  # ctx32768 T1: None = 32 splits (jnp merge)
+            sweep = [TuningConfig(64, 2, num_splits=n, merge_in_kernel=f) for n in ns for f in (True, False)]
         best = None
         for cfg_s in sweep:
             if args.budget_s and time.time() - t_start > args.budget_s:

@@ -1,17 +1,22 @@
-"""The ragged part of paged attention in plain jnp: which CTA does what, and how its results come back.
+"""The ragged part of paged attention (mostly plain jnp): which CTA does what, and how its results come back.
 
 A request's queries are packed as (token, q-head) rows, ROWS to a tile. `work_list` turns `query_start_loc` /
 `seq_lens` into a fixed-size list of (tile, kv split) work items, so that the kernel's grid is static while the
 batch is ragged; items past the batch's real tiles are marked invalid and do nothing. `merge` combines the
 splits' outputs by their log-sum-exp (flash-decoding) and unpacks rows back to tokens. On the direct path (small
-batches) the CTAs derive their items themselves with the same `kv_split`, and rows stay in q's order.
-`check_args` holds the public boundary's checks, shared by the kernel wrapper and the reference.
+batches) the CTAs derive their items themselves with the same `kv_split`, and rows stay in q's order; there the
+kernel can merge the splits itself (`merge_in_kernel`): `cluster_merge` and `zero_padding_rows` are the epilogue
+pieces it then calls (in-kernel code, GMEM refs in and out). `check_args` holds the public boundary's checks,
+shared by the kernel wrapper and the reference.
 
-This module knows nothing about the kernel's pipeline; it only fixes the meaning of the work-item fields.
+This module knows nothing about the kernel's pipeline (rings, wgmmas); it fixes the meaning of the work-item
+fields and how the splits' results are combined.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.kv_cache import FP8
 
@@ -32,6 +37,43 @@ def default_splits(num_tiles, num_kv_heads, max_kv_len, target_ctas=264, min_spl
     while splits * 2 <= min(want, max(cap, 8 if direct else 1)):
         splits *= 2
     return splits
+
+
+def kv_scales(k_pages, k_scale, v_scale):
+    """The dequantization scales as f32 arrays of the cache's [K] or [L, K]: ones where not given."""
+    ones = jnp.ones(k_pages.shape[:-3], jnp.float32)
+    return (ones if k_scale is None else jnp.asarray(k_scale, jnp.float32),
+            ones if v_scale is None else jnp.asarray(v_scale, jnp.float32))
+
+
+def use_direct(T, N, R, config) -> bool:
+    """Whether the call takes the direct path: as configured, else for at most DIRECT_MAX_TOKENS tokens."""
+    supported = ROWS % N == 0 and N % 8 == 0
+    if config.direct is None:
+        return supported and T <= DIRECT_MAX_TOKENS
+    return config.direct and supported
+
+
+DIRECT_MAX_TOKENS = 16  # engine buckets of 8 and 16 tokens (batch 1 to 16 decode)
+MAX_CLUSTER = 8  # CTAs per cluster that every Hopper part runs (the portable limit)
+
+
+def fuses_merge(num_splits, group, H, config) -> bool:
+    """Whether the direct path merges its splits inside the kernel: at most a cluster of splits, and a kv-head's G
+    rows of a token fill whole 128-thread vectors of the merge's registers."""
+    return config.merge_in_kernel and num_splits <= MAX_CLUSTER and (group * H) % 256 == 0
+
+
+def shapes_supported(q, k_pages, config) -> bool:
+    """`paged_attention.kernel_supports` with its config given."""
+    _, N, H = q.shape
+    K, _, page_size, _ = k_pages.shape[-4:]
+    group = N // K
+    blocks_fit_pages = config.block_kv % page_size == 0 or page_size % config.block_kv == 0
+    return (H in (64, 128) and page_size % 8 == 0 and blocks_fit_pages and N % K == 0 and ROWS % group == 0
+            and q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype in (q.dtype, FP8)
+            and (k_pages.dtype != FP8 or config.block_kv % ROWS == 0)  # fp8: converted in 64-row tiles
+            and (not config.direct or (ROWS % N == 0 and N % 8 == 0)))
 
 
 def request_lengths(query_start_loc, seq_lens, num_seqs):
@@ -177,3 +219,76 @@ def check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens
             raise ValueError(f"{name} is for an fp8 cache; {k_pages.dtype=}")
         if jnp.shape(scale) != scales_shape:
             raise ValueError(f"{name}.shape={jnp.shape(scale)} must be {scales_shape} (per layer and kv-head)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-kernel merge (direct path): called from the kernel body, after each pass's rows are stored
+
+
+def _fence_gpu():
+    """`fence.acq_rel.gpu` in every thread: orders this thread's global accesses before (after) the cluster
+    barrier's arrive (wait), whose own release/acquire is only CTA-scoped. Also a proxy fence, since the partial
+    rows were written by TMA (the async proxy) and are read by ordinary loads."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu()
+    def _(ctx):
+        del ctx
+        mgpu_utils.inline_ptx("fence.proxy.async.global;\n\tfence.acq_rel.gpu;", has_side_effects=True)
+
+
+def _strided(shape):
+    return plgpu.Layout.WG_STRIDED(shape, vec_size=2)  # f32 partials: 2 x 4 bytes per thread and access
+
+
+def cluster_merge(o_parts_ref, lse_ref, out_ref, v_scale, barrier, *, split, kh, row0, num_tokens, num_heads, group,
+                  interpret):
+    """The splits of one (request, kv-head) are one cluster. Each has stored its rows of this pass; after the
+    cluster barrier, token j is merged by split j % S: its G rows of every split are loaded from GMEM (L2),
+    weighted by 2^(lse_s - max lse) and written to out_ref in out_ref's dtype (times the fp8 cache's v_scale).
+
+    o_parts_ref [S, T * N, H] f32 (normalised per split), lse_ref [S, T * N, H] f32 (each row's base-2 lse repeated
+    over H, so that it loads in o's register layout), out_ref [T * N, H]; row0: first q row of the pass (token-major,
+    all N heads); num_tokens: real tokens of the pass. Every CTA of the cluster arrives and waits once per pass:
+    a CTA must not exit while peers may still arrive on its barrier.
+
+    Ordering: the rows were written by TMA and waited for (`wait_smem_to_gmem(0)`, writes complete); a GPU-scope
+    fence before the arrive and after the wait makes them visible to the merging CTA's loads. The interpreter runs
+    the cluster's CTAs as threads over one memory, where the barrier alone orders them (no fence needed)."""
+    S, H = o_parts_ref.shape[0], o_parts_ref.shape[-1]
+    if not interpret:
+        _fence_gpu()
+    plgpu.barrier_arrive(barrier)
+    plgpu.barrier_wait(barrier)
+    if not interpret:
+        _fence_gpu()
+    layout = _strided((group, H))
+    for j in range(ROWS // num_heads):
+        @pl.when((j < num_tokens) & (split == j % S))
+        def _(j=j):
+            rows = pl.ds(row0 + j * num_heads + kh * group, group)
+            lse = [plgpu.load(lse_ref.at[s, rows], layout=layout) for s in range(S)]  # S x [G, H]
+            m = lse[0]
+            for x in lse[1:]:
+                m = jnp.maximum(m, x)
+            m = jnp.where(m == -jnp.inf, 0.0, m)  # a row no split saw: all weights 0, output 0
+            num = den = None
+            for s in range(S):
+                w = jnp.exp2(lse[s] - m)
+                o = plgpu.load(o_parts_ref.at[s, rows], layout=layout)
+                num, den = (w * o, w) if s == 0 else (num + w * o, den + w)
+            out = num / jnp.where(den == 0.0, 1.0, den) * v_scale
+            out_ref[rows, :] = out.astype(out_ref.dtype)
+
+
+def zero_padding_rows(out_ref, qsl_ref, num_seqs_ref, *, kh, group, num_heads):
+    """Writes zeros into kv-head kh's rows of every token outside [qsl[0], qsl[num_seqs]) (padding tokens, which
+    no CTA computes). out_ref [T * N, H]; qsl_ref [R + 1] int32 and num_seqs_ref [1] int32 in GMEM."""
+    H = out_ref.shape[-1]
+    R = qsl_ref.shape[0] - 1
+    first, end = qsl_ref[0], qsl_ref[jnp.clip(num_seqs_ref[0], 0, R)]
+    zeros = plgpu.layout_cast(jnp.zeros((group, H), out_ref.dtype), _strided((group, H)))
+    for t in range(out_ref.shape[0] // num_heads):
+        @pl.when((t < first) | (t >= end))
+        def _(t=t):
+            out_ref[pl.ds(t * num_heads + kh * group, group), :] = zeros

@@ -132,23 +132,6 @@ def test_padding_rows_and_tokens_do_not_touch_real_rows(num_splits):
     assert_close(out_clean, pa.paged_attention_reference(*clean))
 
 
-@pytest.mark.parametrize("q_lens,seq_lens,num_rows,extra,splits", [
-    ([1, 9, 1], [90, 20, 128], 5, 3, 3),  # a 9-token chunk: two tiles of 8 tokens; q's box clamped at its end
-    ([1], [77], None, 0, 4), ([1, 1], [200, 3], 3, 6, None)])  # T = 1: an 8-row q box; padding, default splits
-def test_direct_path_small_batches(q_lens, seq_lens, num_rows, extra, splits):
-    """Direct path (work from qsl/seq_lens in the CTA, q and output in [T * N, H]); padding tokens stay zero."""
-    batch = make_batch(5, q_lens=q_lens, seq_lens=seq_lens, num_rows=num_rows, extra_tokens=extra)
-    out, expected = run_both(batch, pa.TuningConfig(num_splits=splits, direct=True))
-    assert_close(out, expected)
-    assert not np.asarray(out[sum(q_lens):], np.float32).any()
-
-
-def test_direct_path_fp8_window_softcap():
-    batch = make_batch(6, q_lens=[3, 1], seq_lens=[150, 70], num_rows=3, extra_tokens=2)
-    fp8, _, scales = to_fp8(batch, 7)
-    assert_close(*run_both(fp8, pa.TuningConfig(num_splits=2, direct=True), sliding_window=50, softcap=20.0, **scales))
-
-
 def test_sliding_window_and_softcap():
     batch = make_batch(4, q_lens=[1, 12, 1], seq_lens=[100, 70, 37])
     config = pa.TuningConfig(block_kv=32, num_stages=3, num_splits=2)
@@ -326,7 +309,8 @@ def test_bad_arguments_raise():
     (True, pa.TuningConfig(64, 4, p_in_registers=True)), (True, pa.TuningConfig(convert_ahead=False)),
     (False, pa.TuningConfig(prefetch_pages=True)), (True, pa.TuningConfig(64, 3, prefetch_pages=True)),
     (False, pa.TuningConfig(direct=True)), (True, pa.TuningConfig(direct=True)),
-    (True, pa.TuningConfig(direct=True, convert_wg=True))])
+    (True, pa.TuningConfig(direct=True, convert_wg=True)), (False, pa.TuningConfig(direct=True, merge_in_kernel=True)),
+    (True, pa.TuningConfig(direct=True, merge_in_kernel=True))])
 def test_lowers_for_the_gpu_cpu(fp8, config):
     """The full Mosaic GPU lowering (layouts, register A operands, warpgroup handoff, SMEM budget) runs on CPU
     at a serving shape; the register-A paths are otherwise only checked by the gpu tests."""
@@ -521,20 +505,6 @@ def test_gpu_fp8_write_kv_is_in_place_when_donated():
         if name == "ops":
             assert not passes, passes
     assert timings["ops"] < timings["copy"] / 4, timings
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("q_lens,seq_lens,num_rows,extra", [([1], [1000], 1, 7), ([1], [200], 1, 0),
-                                                           ([1, 5, 1], [3000, 300, 17], 8, 5)])
-def test_gpu_direct_small_batches(fp8, q_lens, seq_lens, num_rows, extra):
-    batch = make_batch(20, q_lens=q_lens, seq_lens=seq_lens, num_rows=num_rows, extra_tokens=extra, K=8, G=4, H=128)
-    scales = {}
-    if fp8:
-        batch, _, scales = to_fp8(batch, 21)
-    out = pa.ragged_paged_attention(*batch, **scales)
-    assert_close(out, pa.paged_attention_reference(*batch, **scales))
-    assert not np.asarray(out[sum(q_lens):], np.float32).any()
 
 
 @pytest.mark.gpu
