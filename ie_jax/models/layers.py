@@ -71,8 +71,8 @@ def fuse_linears(parts: list[nnx.Module]) -> nnx.Module | None:
     cls = type(parts[0])
     if any(type(p) is not cls for p in parts) or not hasattr(cls, "concatenate"):
         return None
-    if any(len(getattr(x, "sharding", None) and x.sharding.device_set or ()) > 1
-           for p in parts for x in jax.tree.leaves(nnx.state(p))):
+    arrays = jax.tree.leaves(nnx.state(parts))
+    if any(len(x.sharding.device_set) > 1 for x in arrays if isinstance(x, jax.Array)):
         return None
     return cls.concatenate(parts)
 
