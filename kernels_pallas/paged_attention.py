@@ -33,11 +33,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
+from kernels_pallas.paged_reference import paged_attention_reference  # noqa: F401  (re-exported)
 from kernels_pallas.paged_work import (LSE_COLS, META, ROWS, check_args, cluster_merge, default_splits,  # noqa: F401
                                       fuses_merge, kv_scales, kv_split, merge, pack_queries, request_lengths,
                                       shapes_supported, use_direct, work_list, zero_padding_rows)
 
 _LOG2E = math.log2(math.e)
+PT_SMEM_MAX = 2048  # page ids (8 KiB) a tile may copy into shared memory (TuningConfig.pages_in_smem)
+PT_BOX = 256  # TMA box limit per dimension
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,12 @@ class TuningConfig:
     convert_ahead: fp8 cache, one warpgroup: convert the next block's K while this block's PV runs (and V while
         QK^T runs), so that no conversion sits between two wgmmas.
     prefetch_pages: load the refill's page ids at the top of a step, not right before its TMAs (measured: no gain).
+    pages_in_smem: each tile first copies its request's page-table row into shared memory (TMA, next to q's), so
+        the refills read page ids from SMEM instead of GMEM. Needs a row of <= PT_SMEM_MAX ids, a multiple of 32;
+        otherwise (and with convert_wg) the ids come from GMEM.
+    q_in_registers: QK^T takes q as its register A operand, loaded once per tile; q's shared memory is then
+        reused by the ring (filled after q is read), 16 KiB less per CTA, so that a 3-slot bf16 ring still fits
+        two CTAs per SM. GPU only, like p_in_registers; not with convert_wg.
     direct: each CTA derives its (request, split) work from query_start_loc / seq_lens and reads q and writes
         its output in q's own [T * N, H] order, a tile being ROWS // N whole tokens with all N heads: no work-list
         and no packing kernels. For small batches (latency bound); needs 64 % N == 0 and N % 8 == 0. None: on
@@ -62,6 +71,8 @@ class TuningConfig:
         the splits of a (request, kv-head) form one cluster; each stores its rows and lse, a cluster barrier
         publishes them and one CTA merges them (`paged_work.cluster_merge`). Off by default: no faster on the
         H200 (docs/kernels/paged_attention.md); False merges with jnp after the kernel (`paged_work.merge`).
+    profile_dir: GPU diagnostics: record the kernel's phases (jax.named_scope regions) per warpgroup into a
+        trace in this directory (Mosaic GPU's profiler).
     """
 
     block_kv: int = 64
@@ -71,8 +82,11 @@ class TuningConfig:
     p_in_registers: bool | None = None
     convert_ahead: bool = True
     prefetch_pages: bool = False
+    pages_in_smem: bool = True
+    q_in_registers: bool = False
     direct: bool | None = None
     merge_in_kernel: bool = False
+    profile_dir: str = ""
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):
@@ -89,7 +103,8 @@ class TuningConfig:
 
 def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
             group, page_size, block_kv, num_stages, num_splits, scale, sliding_window, softcap, convert_wg,
-            p_in_registers, convert_ahead, prefetch_pages, direct, num_heads, fused, interpret):
+            p_in_registers, convert_ahead, prefetch_pages, direct, num_heads, fused, pages_in_smem, q_in_registers,
+            interpret):
     # work_ref        packed: [W, 8] int32 work items (GMEM, read as scalars; fields in paged_work.work_list)
     #                 direct: [R + 1] int32 query_start_loc; the CTA derives its item itself (direct_item)
     # seq_lens_ref    [R] int32, num_seqs_ref [1] int32 (read by the direct path only)
@@ -117,7 +132,12 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
     # handoff         convert_wg only: barriers (k16_ready, v16_ready, k16_free, v16_free), one phase per block,
     #                 between the converting warpgroup (1) and the computing one (0)
     v_scale_ref, o_ref, lse_ref, out_ref, *refs = refs if fused else (None, *refs[:2], None, *refs[2:])
-    q_smem, buffers, q_bar, k_bar, v_bar, *handoff = refs
+    if q_in_registers:  # q's SMEM is the first member of the union (read before the ring is filled)
+        (q_smem, *buffers), q_bar, k_bar, v_bar, *handoff = refs
+    else:
+        q_smem, buffers, q_bar, k_bar, v_bar, *handoff = refs
+    pt_smem, pt_bar = handoff[:2] if pages_in_smem else (None, None)
+    handoff = handoff[2:] if pages_in_smem else handoff
     clustered = fused and num_splits > 1  # the splits of a (request, kv-head) form one cluster
     merge_bar = handoff.pop(0) if clustered else None
     w = lax.axis_index("w")
@@ -144,11 +164,13 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
         v_layer = v_ref.at[layer_ref[0]]
 
         def page_ids(block):
-            # The page-table entries of `block` (scalar GMEM loads, clamped to a valid column past the end).
+            # The page-table entries of `block` (scalar loads from SMEM or GMEM, clamped to a valid column past the
+            # end).
+            load = (lambda i: pt_smem[i]) if pages_in_smem else (lambda i: page_table_ref[req, i])
             if block_kv >= page_size:  # whole pages
                 first = first_page + block * (block_kv // page_size)
-                return [page_table_ref[req, jnp.minimum(first + p, last_page)] for p in range(block_kv // page_size)]
-            return [page_table_ref[req, jnp.minimum((kv_begin + block * block_kv) // page_size, last_page)]]
+                return [load(jnp.minimum(first + p, last_page)) for p in range(block_kv // page_size)]
+            return [load(jnp.minimum((kv_begin + block * block_kv) // page_size, last_page))]
 
         def issue(block, slot, pages=None):
             pages = page_ids(block) if pages is None else pages
@@ -170,7 +192,8 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
         def prefetch(block):
             # With prefetch_pages, the refill's page ids are loaded at the top of the block's step and used at its
             # end, so their GMEM latency overlaps the wgmmas instead of sitting in front of each TMA.
-            return page_ids(block + num_stages) if prefetch_pages else None
+            with jax.named_scope("page_ids"):
+                return page_ids(block + num_stages) if prefetch_pages else None
 
         def convert(src_smem, dst_smem):
             # fp8 -> 16 bits through registers. The 2x-upcast layout reads 8 fp8 bytes and writes 16 bytes per
@@ -210,10 +233,25 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
                                         q_smem if box == ROWS else q_smem.at[pl.ds(0, box)], q_bar)
             else:
                 plgpu.copy_gmem_to_smem(q_ref.at[kh, pl.ds(q_row0, ROWS)], q_smem, q_bar)
-            if not convert_wg:
-                for s in range(num_stages):
-                    pl.when(s < num_blocks)(functools.partial(issue, s, s))
-            plgpu.barrier_wait(q_bar)
+            if pages_in_smem:  # the request's page-table row, in boxes of PT_BOX ids
+                for c0 in range(0, pt_smem.shape[0], PT_BOX):
+                    ids = pl.ds(c0, min(PT_BOX, pt_smem.shape[0] - c0))
+                    plgpu.copy_gmem_to_smem(page_table_ref.at[req, ids], pt_smem.at[ids], pt_bar)
+                plgpu.barrier_wait(pt_bar)
+            def fill_ring():
+                if not convert_wg:
+                    for s in range(num_stages):
+                        pl.when(s < num_blocks)(functools.partial(issue, s, s))
+
+            q_operand = q_smem
+            if q_in_registers:  # q's SMEM belongs to the ring: read q first, then fill the ring
+                plgpu.barrier_wait(q_bar)
+                q_operand = plgpu.load(q_smem, layout=plgpu.Layout.WGMMA)
+                plgpu.commit_smem()  # every thread holds its q rows before the TMAs overwrite them
+                fill_ring()
+            else:
+                fill_ring()
+                plgpu.barrier_wait(q_bar)
             row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
             # direct: rows are (token, q-head) of all N heads; the other kv-heads' rows are computed and dropped
             row_pos = q_pos0 + ((row - row_shift) // num_heads if direct else row // group)
@@ -236,52 +274,70 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
                 acc, m_i, l_i = carry  # [ROWS, H] f32, [ROWS] f32 (base-2 max), [ROWS] f32
                 slot = lax.rem(block, num_stages)
                 next_pages = None if convert_wg else prefetch(block)
-                if convert_wg:
-                    plgpu.barrier_wait(k16_ready)
-                elif not convert_ahead:
-                    plgpu.barrier_wait(k_bar.at[slot])
+                with jax.named_scope("wait_k"):  # named scopes: the phases that `profile_dir` records
+                    if convert_wg:
+                        plgpu.barrier_wait(k16_ready)
+                    elif not convert_ahead:
+                        plgpu.barrier_wait(k_bar.at[slot])
 
                 if convert_wg:
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, k16_smem.T)
+                        plgpu.wgmma(acc_ref, q_operand, k16_smem.T)
                         return acc_ref[...]
                 elif fp8:  # one warpgroup: convert K, start QK^T, convert V while it runs, then free the slot
                     if not convert_ahead:
                         convert(k_smem.at[slot], k16_smem)
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, k16_smem.T)
-                        plgpu.barrier_wait(v_bar.at[slot])
-                        convert(v_smem.at[slot], v16_smem)
-                        refill(block, slot, next_pages)
-                        return acc_ref[...]
+                        plgpu.wgmma(acc_ref, q_operand, k16_smem.T)
+                        with jax.named_scope("wait_v"):
+                            plgpu.barrier_wait(v_bar.at[slot])
+                        with jax.named_scope("convert_v"):
+                            convert(v_smem.at[slot], v16_smem)
+                        with jax.named_scope("refill"):
+                            refill(block, slot, next_pages)
+                        with jax.named_scope("qk_wait"):
+                            return acc_ref[...]
                 else:
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                        return acc_ref[...]
+                        plgpu.wgmma(acc_ref, q_operand, k_smem.at[slot].T)
+                        with jax.named_scope("qk_wait"):
+                            return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))  # [ROWS, block_kv]
                 if convert_wg:
                     plgpu.barrier_arrive(k16_free)
-                if softcap is not None:
-                    s = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
-                else:
-                    s = s * (scale * _LOG2E)
-                kv_pos = kv_begin + block * block_kv + col
-                mask = (kv_pos <= row_pos) & (kv_pos < kv_end)
-                if sliding_window is not None:
-                    mask &= kv_pos > row_pos - sliding_window
-                s = jnp.where(mask, s, -jnp.inf)
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha = jnp.exp2(m_i - m_safe)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-                l_i = l_i * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                if convert_wg:
-                    plgpu.barrier_wait(v16_ready)
-                elif not fp8:
-                    plgpu.barrier_wait(v_bar.at[slot])
+                with jax.named_scope("softmax"):
+                    # Scores stay unscaled until the exponent: max commutes with a positive scale, so
+                    # p = 2^(s * c - m) is one FMA per score (m is the base-2 max, already times c).
+                    c = scale * _LOG2E
+                    if softcap is not None or c <= 0:
+                        s = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E) if softcap else s * c
+                        c = 1.0
+                    key0 = kv_begin + block * block_kv
+
+                    def masked(s):
+                        kv_pos = key0 + col
+                        mask = (kv_pos <= row_pos) & (kv_pos < kv_end)
+                        if sliding_window is not None:
+                            mask &= kv_pos > row_pos - sliding_window
+                        return jnp.where(mask, s, -jnp.inf)
+
+                    if sliding_window is None:  # a block before every row's position and the split's end: no mask
+                        s = lax.cond(key0 + block_kv <= jnp.minimum(q_pos0 + 1, kv_end), lambda s: s, masked, s)
+                    else:
+                        s = masked(s)
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    alpha = jnp.exp2(m_i - m_safe)
+                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                with jax.named_scope("wait_v"):
+                    if convert_wg:
+                        plgpu.barrier_wait(v16_ready)
+                    elif not fp8:
+                        plgpu.barrier_wait(v_bar.at[slot])
                 v_block = v16_smem if fp8 else v_smem.at[slot]
 
                 if p_in_registers:  # GPU only: register A operand, the accumulator carried into the wgmma
@@ -289,8 +345,10 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
 
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p16, v_block)
-                        convert_next_k(block)
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                        with jax.named_scope("convert_k"):
+                            convert_next_k(block)
+                    with jax.named_scope("pv"):
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 else:
                     p_smem[...] = p.astype(p_smem.dtype)
                     plgpu.commit_smem()
@@ -303,7 +361,8 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
                 if convert_wg:
                     plgpu.barrier_arrive(v16_free)
                 elif not fp8:
-                    refill(block, slot, next_pages)
+                    with jax.named_scope("refill"):
+                        refill(block, slot, next_pages)
                 return acc, m_new, l_i
 
             acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
@@ -379,6 +438,13 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
                  num_tokens)
 
 
+def ids_in_smem(config, max_pages, fp8) -> bool:
+    """Whether the page-table row goes to SMEM (`pages_in_smem`). The GPU lowering of that 1-D copy moves whole
+    128-byte chunks across the warpgroup, so the row must be a multiple of 32 ids."""
+    return (config.pages_in_smem and not (fp8 and config.convert_wg) and max_pages <= PT_SMEM_MAX
+            and max_pages % 32 == 0)
+
+
 def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages, v_pages, v_scale, *, group, config,
                  num_work, num_splits, scale, sliding_window, softcap, interpret, direct, out_dtype):
     # v_scale [K] f32 or None: given exactly when the merge is fused into the kernel (direct path)
@@ -388,6 +454,8 @@ def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages,
     convert_wg = fp8 and config.convert_wg
     convert_ahead = fp8 and not convert_wg and config.convert_ahead
     copies_per_slot = max(1, config.block_kv // page_size)
+    max_pages = page_table.shape[1]
+    pages_in_smem = ids_in_smem(config, max_pages, fp8)
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     # P [ROWS, block_kv] and V [block_kv, H] meet in one wgmma and must share a swizzle; a 32-key block only
@@ -407,7 +475,8 @@ def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages,
         _kernel, group=group, page_size=page_size, block_kv=config.block_kv, num_stages=config.num_stages,
         num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap, convert_wg=convert_wg,
         p_in_registers=config.p_in_registers, convert_ahead=convert_ahead, prefetch_pages=config.prefetch_pages,
-        direct=direct, num_heads=K * group, fused=v_scale is not None, interpret=bool(interpret))
+        direct=direct, num_heads=K * group, fused=v_scale is not None, pages_in_smem=pages_in_smem,
+        q_in_registers=config.q_in_registers, interpret=bool(interpret))
     rows = q_packed.shape[-2]  # packed: per kv-head; direct: T * N, all heads
     o_shape = (num_splits, rows, H) if direct else (num_splits, K, rows, H)
     o_dtype, lse_cols, epilogue_dtype = dtype, LSE_COLS, dtype
@@ -421,6 +490,12 @@ def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages,
             num_work //= num_splits
         else:
             o_shape, epilogue_dtype = (1, 8, H), out_dtype  # the partials are not used
+    q_type = plgpu.SMEM((ROWS, H), dtype, transforms=(tiling, swizzle))
+    epilogue = (plgpu.SMEM((ROWS, H), epilogue_dtype), plgpu.SMEM((ROWS, lse_cols), jnp.float32))
+    loop = (*ring, p_type, *kv16)
+    params = dict(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True, reduction_scratch_bytes=0)
+    if config.profile_dir:  # the trace lives in SMEM (8 KiB here, occupancy unchanged); it keeps the first ~500 regions
+        params.update(profile_space=512, profile_dir=config.profile_dir, profile_bounds_check=True)
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
@@ -432,19 +507,19 @@ def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages,
                   jax.ShapeDtypeStruct((*o_shape[:-2], rows if num_splits > 1 else 1, lse_cols), jnp.float32),
                   *out_type),
         scratch_types=[
-            plgpu.SMEM((ROWS, H), dtype, transforms=(tiling, swizzle)),
-            plgpu.RefUnion((*ring, p_type, *kv16), (plgpu.SMEM((ROWS, H), epilogue_dtype),
-                                                    plgpu.SMEM((ROWS, lse_cols), jnp.float32))),
+            *([plgpu.RefUnion(q_type, loop, epilogue)] if config.q_in_registers
+              else [q_type, plgpu.RefUnion(loop, epilogue)]),
             plgpu.Barrier(num_arrivals=1),
             plgpu.Barrier(num_arrivals=copies_per_slot, num_barriers=config.num_stages),
             plgpu.Barrier(num_arrivals=copies_per_slot, num_barriers=config.num_stages),
+            *([plgpu.SMEM((max_pages,), jnp.int32), plgpu.Barrier(num_arrivals=-(-max_pages // PT_BOX))]
+              if pages_in_smem else []),
             *merge_bar,
             *([plgpu.Barrier(num_arrivals=1)] * 4 if convert_wg else []),  # k16/v16 ready, k16/v16 free
         ],
         grid=(num_work, K),
         grid_names=("w", "kh"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
-                                             approx_math=True, reduction_scratch_bytes=0),
+        compiler_params=plgpu.CompilerParams(**params),
         **kwargs,
     )
     return kernel(work, seq_lens, num_seqs.reshape(1), layer, page_table, q_packed, k_pages, v_pages, *inputs)
@@ -482,8 +557,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq
         raise ValueError(f"{q.shape=} {q.dtype=} {k_pages.shape=} {k_pages.dtype=} {config=}: unsupported by the "
                          f"kernel (need H in (64, 128), page_size and block_kv multiples of each other, 64 % G == 0, "
                          f"a 16-bit q and a cache of q's dtype or float8_e4m3fn, block_kv >= 64 for fp8)")
-    if config.p_in_registers and interpret:
-        raise ValueError(f"{config.p_in_registers=} needs the GPU: the interpreter has no register A operand")
+    for option in ("p_in_registers", "q_in_registers"):
+        if getattr(config, option) and interpret:
+            raise ValueError(f"{option}=True needs the GPU: the interpreter has no register A operand")
+    if config.q_in_registers and config.convert_wg:
+        raise ValueError("q_in_registers does not combine with convert_wg")
     if config.p_in_registers is None:
         config = dataclasses.replace(config, p_in_registers=not interpret)
     scales = kv_scales(k_pages, k_scale, v_scale) if k_pages.dtype == FP8 else None
@@ -529,60 +607,6 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     out = merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, T=T, group=group,
                 v_scale=v_scale, out_dtype=q.dtype)
     return out.reshape(T, N, H)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reference
-
-
-def paged_attention_reference(q, k_pages, v_pages, page_table, query_start_loc, seq_lens, num_seqs, *, layer=None,
-                              sm_scale=None, sliding_window=None, softcap=None, k_scale=None, v_scale=None):
-    """Gathers each token's pages and runs dense causal attention in f32. Padding tokens return zeros.
-    An fp8 cache is first dequantized (`x.astype(f32) * scale`, per kv-head)."""
-    check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
-                softcap, k_scale, v_scale)
-    if k_pages.dtype == FP8:
-        k_scale, v_scale = kv_scales(k_pages, k_scale, v_scale)  # [K] or [L, K]
-    if layer is not None:  # the oracle may slice: it is not on the serving path
-        k_pages, v_pages = k_pages[layer], v_pages[layer]
-        k_scale, v_scale = (None, None) if k_scale is None else (k_scale[layer], v_scale[layer])
-    if k_pages.dtype == FP8:
-        k_pages = k_pages.astype(jnp.float32) * k_scale[:, None, None, None]
-        v_pages = v_pages.astype(jnp.float32) * v_scale[:, None, None, None]
-    T, N, H = q.shape
-    K, _, page_size, _ = k_pages.shape
-    R, max_pages = page_table.shape
-    G = N // K
-    scale = H ** -0.5 if sm_scale is None else sm_scale
-    num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
-    live, q_lens = request_lengths(query_start_loc, seq_lens, num_seqs)
-    end = query_start_loc[:-1] + q_lens
-    t = jnp.arange(T)
-    req = jnp.minimum(jnp.sum((t[:, None] >= end[None, :]) & live[None, :], axis=1), R - 1)  # [T]
-    local = t - query_start_loc[req]
-    real = (local >= 0) & (local < q_lens[req])
-    pos = seq_lens[req] - q_lens[req] + local  # [T]
-    kv_pos = jnp.arange(max_pages * page_size)  # [S]
-
-    def one_token(args):
-        qt, r, p, ok = args  # [N, H], (), (), ()
-        pages = page_table[r]  # [max_pages]
-        k = k_pages[:, pages].transpose(1, 2, 0, 3).reshape(-1, K, H).astype(jnp.float32)  # [S, K, H]
-        v = v_pages[:, pages].transpose(1, 2, 0, 3).reshape(-1, K, H).astype(jnp.float32)
-        logits = jnp.einsum("kgh,skh->kgs", qt.reshape(K, G, H).astype(jnp.float32), k) * scale
-        if softcap is not None:
-            logits = softcap * jnp.tanh(logits / softcap)
-        mask = (kv_pos <= p) & ok
-        if sliding_window is not None:
-            mask &= kv_pos > p - sliding_window
-        logits = jnp.where(mask, logits, -jnp.inf)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        w = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-        w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
-        return jnp.einsum("kgs,skh->kgh", w, v).reshape(N, H)
-
-    out = jax.lax.map(one_token, (q, req, pos, real), batch_size=min(T, 16))
-    return jnp.where(real[:, None, None], out, 0).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -143,17 +143,19 @@ def main(argv=()):
         wanted = args.cases.split(",")
         cases = [c for c in cases if any(w in c.args[0] for w in wanted)]
     smem_p = dict(p_in_registers=False)  # the default puts P in registers on the GPU
-    # Two CTAs per SM: bf16 64x2 and fp8 64x2 / 64x3 (measured); bf16 64x3 and fp8 64x4 ran at one per SM.
-    early = dict(prefetch_pages=True)
-    configs = [TuningConfig(64, 2), TuningConfig(64, 2, **early), TuningConfig(64, 2, **smem_p),
-               TuningConfig(32, 4), TuningConfig(128, 2)]
-    fp8_configs = [TuningConfig(64, 2), TuningConfig(64, 2, **early), TuningConfig(64, 3, **early),
-                   TuningConfig(64, 2, convert_wg=True, **early), TuningConfig(64, 2, convert_ahead=False, **smem_p),
-                   TuningConfig(64, 3), TuningConfig(128, 2, convert_wg=True), TuningConfig(64, 2, convert_wg=True)]
+    gmem_ids = dict(pages_in_smem=False)  # the default copies the page-table row into SMEM
+    # Two CTAs per SM: bf16 64x2 and fp8 64x2 / 64x3 (measured); bf16 64x3 and fp8 64x4 ran at one per SM, bf16
+    # 64x3 with q in registers (q's SMEM in the ring's) fits two.
+    q_regs = dict(q_in_registers=True)
+    configs = [TuningConfig(64, 2), TuningConfig(64, 3, **q_regs), TuningConfig(64, 2, **gmem_ids),
+               TuningConfig(64, 2, **smem_p), TuningConfig(32, 4), TuningConfig(128, 2)]
+    fp8_configs = [TuningConfig(64, 2), TuningConfig(64, 2, **gmem_ids), TuningConfig(64, 3),
+                   TuningConfig(64, 2, convert_wg=True), TuningConfig(64, 2, convert_ahead=False, **smem_p),
+                   TuningConfig(128, 2, convert_wg=True)]
     if args.quick or args.stacked or args.fp8:
-        configs = configs[:2]
+        configs = configs[:3]
     if args.quick:
-        fp8_configs = fp8_configs[:4]
+        fp8_configs = fp8_configs[:3]
     rows = []
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -200,6 +202,8 @@ def main(argv=()):
         if small:  # the direct path (the default here): splits merged in the kernel (cluster) or by jnp after it
             ns = [None, 4] if case["q"].shape[0] > 1 else [None, 8]  # ctx32768 T1: None = 32 splits (jnp merge)
             sweep = [TuningConfig(64, 2, num_splits=n, merge_in_kernel=f) for n in ns for f in (True, False)]
+            sweep += [TuningConfig(64, 3, num_splits=n, **q_regs) for n in ns]
+            sweep += [TuningConfig(64, 2, **gmem_ids)]
         best = None
         for cfg_s in sweep:
             if args.budget_s and time.time() - t_start > args.budget_s:

@@ -95,7 +95,7 @@ def test_reference_matches_dense_attention():
 @pytest.mark.parametrize("page_size,block_kv,prefetch", [(16, 64, False), (32, 32, False), (64, 32, False),
                                                          (16, 64, True), (64, 32, True)])
 def test_decode_batch(page_size, block_kv, prefetch):
-    # lengths 1, a page multiple, non-multiples, and the table's maximum
+    # lengths 1, a page multiple, non-multiples, and the table's maximum (a 4-page row: ids come from GMEM)
     seq_lens = [1, 2 * page_size, 3 * page_size - 5, 4 * page_size]
     batch = make_batch(page_size, q_lens=[1] * 4, seq_lens=seq_lens, page_size=page_size)
     config = pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=1, prefetch_pages=prefetch)
@@ -130,6 +130,17 @@ def test_padding_rows_and_tokens_do_not_touch_real_rows(num_splits):
     np.testing.assert_array_equal(np.asarray(out_padded[:T], np.float32), np.asarray(out_clean, np.float32))
     assert not np.asarray(out_padded[T:], np.float32).any()  # padding tokens come back as zeros
     assert_close(out_clean, pa.paged_attention_reference(*clean))
+
+
+@pytest.mark.parametrize("block_kv,splits", [(64, 1), (32, 3)])
+def test_page_ids_in_smem(block_kv, splits):
+    """A 32-page row copied into SMEM per tile: decodes, a prefill chunk, splits, random page order."""
+    batch = make_batch(11, q_lens=[1, 12, 1, 1], seq_lens=[256, 40, 1, 130], page_size=8)
+    config = pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=splits)
+    assert pa.ids_in_smem(config, batch[3].shape[1], fp8=False)  # the default takes this row
+    assert not pa.ids_in_smem(config, 12, fp8=False)  # a row the GPU copy cannot move: ids from GMEM
+    out, expected = run_both(batch, config)
+    assert_close(out, expected)
 
 
 def test_sliding_window_and_softcap():
@@ -310,7 +321,10 @@ def test_bad_arguments_raise():
     (False, pa.TuningConfig(prefetch_pages=True)), (True, pa.TuningConfig(64, 3, prefetch_pages=True)),
     (False, pa.TuningConfig(direct=True)), (True, pa.TuningConfig(direct=True)),
     (True, pa.TuningConfig(direct=True, convert_wg=True)), (False, pa.TuningConfig(direct=True, merge_in_kernel=True)),
-    (True, pa.TuningConfig(direct=True, merge_in_kernel=True))])
+    (True, pa.TuningConfig(direct=True, merge_in_kernel=True)), (False, pa.TuningConfig(pages_in_smem=True)),
+    (True, pa.TuningConfig(pages_in_smem=True)), (False, pa.TuningConfig(direct=True, pages_in_smem=True)),
+    (False, pa.TuningConfig(64, 3, q_in_registers=True)), (False, pa.TuningConfig(direct=True, q_in_registers=True)),
+    (False, pa.TuningConfig(pages_in_smem=False))])
 def test_lowers_for_the_gpu_cpu(fp8, config):
     """The full Mosaic GPU lowering (layouts, register A operands, warpgroup handoff, SMEM budget) runs on CPU
     at a serving shape; the register-A paths are otherwise only checked by the gpu tests."""
@@ -427,7 +441,8 @@ def test_ops_write_kv_stacked_is_in_place_when_donated(donate):
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size,config", [(16, None), (32, None), (64, None),
                                               (16, pa.TuningConfig(64, 3)), (16, pa.TuningConfig(p_in_registers=False)),
-                                              (16, pa.TuningConfig(prefetch_pages=True))])
+                                              (16, pa.TuningConfig(prefetch_pages=True)),
+                                              (16, pa.TuningConfig(pages_in_smem=True))])
 def test_gpu_serving_sizes(page_size, config):
     q_lens = [1] * 30 + [512, 100]
     seq_lens = [int(x) for x in np.random.default_rng(8).integers(1, 4096, 30)] + [2048, 4096]
@@ -443,7 +458,7 @@ def test_gpu_serving_sizes(page_size, config):
     (16, pa.TuningConfig(64, 2)), (64, pa.TuningConfig(64, 2)), (16, pa.TuningConfig(64, 4)),
     (16, pa.TuningConfig(64, 2, convert_ahead=False, p_in_registers=False)),
     (64, pa.TuningConfig(64, 3, convert_wg=True)), (16, pa.TuningConfig(64, 2, prefetch_pages=True)),
-    (16, pa.TuningConfig(64, 2, convert_wg=True, prefetch_pages=True))])
+    (16, pa.TuningConfig(64, 2, convert_wg=True, prefetch_pages=True)), (16, pa.TuningConfig(pages_in_smem=True))])
 def test_gpu_fp8_serving_sizes(page_size, config):
     q_lens = [1] * 30 + [512, 100]
     seq_lens = [int(x) for x in np.random.default_rng(16).integers(1, 4096, 30)] + [2048, 4096]

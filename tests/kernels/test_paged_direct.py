@@ -26,6 +26,15 @@ def test_direct_path_small_batches(merge_in_kernel, q_lens, seq_lens, num_rows, 
     assert not np.asarray(out[sum(q_lens):], np.float32).any()
 
 
+def test_direct_path_page_ids_in_smem():
+    """The page-table row copied into shared memory: a 9-token chunk in two passes (the row is copied per pass)."""
+    batch = make_batch(9, q_lens=[1, 9, 1], seq_lens=[90, 20, 256], num_rows=5, extra_tokens=3, page_size=8)
+    config = pa.TuningConfig(num_splits=3, direct=True)
+    assert pa.ids_in_smem(config, batch[3].shape[1], fp8=False)  # 32 ids: the default copies them to SMEM
+    out, expected = run_both(batch, config)
+    assert_close(out, expected)
+
+
 def test_direct_path_fp8_window_softcap():
     """fp8: the kernel applies v_scale in the cluster merge; sliding window and softcap on the direct path."""
     batch = make_batch(6, q_lens=[3, 1], seq_lens=[150, 70], num_rows=3, extra_tokens=2)
