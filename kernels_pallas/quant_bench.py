@@ -23,8 +23,17 @@ _KERNEL_CONFIGS = {  # label -> config, for M <= 64 (docs/kernels/quant_matmul.m
     "reg 128x3 c3": TuningConfig(num_stages=3, ctas_per_sm=3),  # gate_up: 224 CTAs (S = 1)
     "reg 128x4 s4": TuningConfig(num_splits=4),  # gate_up: 896 CTAs of 8 steps
     "reg 128x4 c8m8": TuningConfig(ctas_per_sm=8, min_k_steps=8),  # S up to 8 CTAs/SM, >= 8 steps per split
-    "reg 128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4),  # gate_up 1792 CTAs of 4 steps
+    "reg 128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4),  # gate_up 896 CTAs of 8 steps
     "reg 128x3 c8m4 addmul": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, int4_fma=False),
+    # two consumer warpgroups per CTA (num_stages slots each); "after": int4 scaled after the dot (int4 only)
+    "2wg 128x3 c3": TuningConfig(num_stages=3, ctas_per_sm=3, consumers=2),  # gate_up: 224 CTAs, 16 steps per wg
+    "2wg 128x2 c4m4": TuningConfig(num_stages=2, ctas_per_sm=4, min_k_steps=4, consumers=2),
+    "2wg 128x2 c8m8": TuningConfig(num_stages=2, ctas_per_sm=8, min_k_steps=8, consumers=2),
+    "after 128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, int4_scale_after=True),
+    "after 2wg 128x2 c4m4": TuningConfig(num_stages=2, ctas_per_sm=4, min_k_steps=4, consumers=2,
+                                         int4_scale_after=True),
+    "after 2wg 128x2 c8m8": TuningConfig(num_stages=2, ctas_per_sm=8, min_k_steps=8, consumers=2,
+                                         int4_scale_after=True),
 }
 
 
@@ -60,6 +69,8 @@ def _paths(m):
         yield "bf16 skinny 256x64x4", "bf16", functools.partial(sm._skinny_matmul, config=cfg, interpret=False)
         for fmt in ("int8", "int4"):
             for label, cfg in _KERNEL_CONFIGS.items():
+                if fmt == "int8" and (cfg.int4_scale_after or not cfg.int4_fma):  # int4-only options
+                    continue
                 yield f"{fmt} kernel {label}", fmt, functools.partial(_quant_matmul, config=cfg, interpret=False)
             yield f"{fmt} kernel kn 128x4 c2", f"{fmt}_kn", functools.partial(_quant_matmul, config=TuningConfig(),
                                                                             interpret=False)

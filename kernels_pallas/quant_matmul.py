@@ -16,6 +16,10 @@ What changes is the A operand, the weight tile [block_n, block_k], K-major:
   (q + 8 - zero) * scale, with the step's group scale and zero per output row (the sum is an exact integer).
 * With `a_in_registers` the widened tile is wgmma's register A operand; otherwise it is stored to a bf16 SMEM tile
   first (the path the CPU interpreter runs, since it reads wgmma operands only from SMEM).
+* Options (TuningConfig): `consumers=2` runs two warpgroups per CTA on alternate K steps, each with its own ring
+  and f32 accumulator (summed through SMEM at the end), so one's widening overlaps the other's wait and wgmma;
+  `int4_scale_after` feeds wgmma the raw int4 values and applies scale and zero point to each step's [block_n, Mp]
+  f32 product instead of to every weight (the zero term through per-step sums of x).
 * The formats' own arrays (Int8Weights, Int4Weights: [K, N], int4 one byte per value) are also read in place:
   their [block_k, block_n] tile is widened into SMEM and read M-major (slower: kept for comparison).
 
@@ -49,7 +53,14 @@ class TuningConfig:
     num_stages: TMA ring slots. num_splits: K splits (None: the most that fill at most ~ctas_per_sm CTAs per SM
     and leave every split at least min_k_steps steps). a_in_registers: feed the widened tile to wgmma from
     registers (GPU only; the interpreter always goes through SMEM). int4_fma: widen packed int4 as q * scale + bias
-    (one FMA per value, bias rounded to bf16 per row) instead of (q + 8 - zero) * scale (an add and a multiply)."""
+    (one FMA per value, bias rounded to bf16 per row) instead of (q + 8 - zero) * scale (an add and a multiply).
+    consumers: warpgroups per CTA (1 or 2). With 2 they take alternate K steps of the CTA's slab, each through its
+    own ring of `num_stages` slots (num_stages is per warpgroup) into its own f32 accumulator, so one warpgroup's
+    widening overlaps the other's TMA wait and wgmma; the two partials are summed through SMEM at the end. Each
+    split then needs an even step count (`splits_for` only picks such splits).
+    int4_scale_after: packed int4 only: wgmma on the raw q - 8 values (a conversion per value, no FMA) into a
+    per-step product, then scale and zero point per output row on that [block_n, Mp] product (the zero term
+    through each step's sums of x)."""
 
     block_n: int = 128
     block_k: int = 128
@@ -59,6 +70,8 @@ class TuningConfig:
     a_in_registers: bool = True
     min_k_steps: int = 1
     int4_fma: bool = True
+    consumers: int = 1
+    int4_scale_after: bool = False
 
     def __post_init__(self):
         if self.block_n not in (64, 128):
@@ -73,6 +86,8 @@ class TuningConfig:
             raise ValueError(f"{self.ctas_per_sm=} must be in [1, 8]")
         if not 1 <= self.min_k_steps <= 64:
             raise ValueError(f"{self.min_k_steps=} must be in [1, 64]")
+        if self.consumers not in (1, 2):
+            raise ValueError(f"{self.consumers=} must be 1 or 2")
 
     def splits_for(self, k: int, n: int) -> int:
         return split_count(k, n, self)
@@ -142,25 +157,33 @@ def packed_bytes(packed) -> int:
 # Kernel
 
 
-def _kernel(x_ref, w_ref, s_ref, z_ref, out_ref, x_smem, w_smem, s_smem, z_smem, a_smem, o_smem, bars, *, int4, kn,
-            block_n, block_k, num_stages, k_steps, group_steps, a_in_registers, fma):
+def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem, s_smem, z_smem, a_smem, o_smem,
+            bars, *sum_bar, int4, kn, block_n, block_k, num_stages, k_steps, group_steps, a_in_registers, fma,
+            consumers, scale_after):
     # x_ref   [Mp, K] bf16            activations, rows padded to Mp (act-order: already gathered by perm)
+    # xs_ref  [K/block_k, Mp] f32     scale_after: each step's sums of x over its block_k columns (else unused)
     # w_ref   packed: [N, K] int8 | int4 (W^T, K-major, int4 = value - 8); kn: the format's [K, N] int8 | uint8
     # s_ref, z_ref  [K/G, N]          int4: the format's f16 scales and uint8 zero points (both layouts)
     # out_ref [S, N, Mp] f32          per-split partial sums of y^T
-    # x_smem  [stages, Mp, block_k]   x tiles (wgmma B, read transposed)
-    # w_smem  [stages, block_n, block_k] (kn: [stages, block_k, block_n])  quantized weight tiles
-    # s_smem, z_smem [stages, block_n]  the step's int4 scale / zero rows (one group covers group_steps steps)
-    # a_smem  [block_n, block_k] (kn: [block_k, block_n]) bf16  the widened tile when wgmma reads it from SMEM
-    # o_smem  [block_n, Mp] f32       the CTA's partial, staged for one TMA store
-    # bars    [stages]                one barrier per slot for all of its copies
+    # Slots are [C * stages] with C = consumers: warpgroup c owns slots c * stages ... (c + 1) * stages - 1.
+    # x_smem  [slots, Mp, block_k]    x tiles (wgmma B, read transposed)
+    # xs_smem [slots, Mp] f32         scale_after: the step's row of xs_ref
+    # w_smem  [slots, block_n, block_k] (kn: [slots, block_k, block_n])  quantized weight tiles
+    # s_smem, z_smem [slots, block_n]  the step's int4 scale / zero rows (one group covers group_steps steps)
+    # a_smem  [C, block_n, block_k] (kn: [C, block_k, block_n]) bf16  the widened tile when wgmma reads SMEM
+    # o_smem  [block_n, Mp] f32       the CTA's partial, staged for one TMA store (C = 2: warpgroup 1's first)
+    # bars    [slots]                 one barrier per slot for all of its copies
+    # sum_bar                         C = 2: warpgroup 1's partial is in o_smem
     n_idx = lax.axis_index("n")
     s_idx = lax.axis_index("s")
+    wg = lax.axis_index("wg") if consumers > 1 else 0
     first_step = s_idx * k_steps
+    wg_steps = k_steps // consumers  # warpgroup wg runs the slab's steps wg, wg + C, wg + 2C, ...
     n_cols = pl.ds(n_idx * block_n, block_n)
 
-    def issue(step, slot):
-        k_step = first_step + step
+    def issue(step, slot):  # step: this warpgroup's own count; slot: in its own ring
+        k_step = first_step + step * consumers + wg
+        slot = wg * num_stages + slot
         k_cols = pl.ds(k_step * block_k, block_k)
         w_tile = w_ref.at[k_cols, n_cols] if kn else w_ref.at[n_cols, k_cols]
         plgpu.copy_gmem_to_smem(w_tile, w_smem.at[slot], bars.at[slot])
@@ -169,8 +192,10 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, out_ref, x_smem, w_smem, s_smem, z_smem,
             group = k_step if group_steps == 1 else lax.div(k_step, group_steps)
             plgpu.copy_gmem_to_smem(s_ref.at[group, n_cols], s_smem.at[slot], bars.at[slot])
             plgpu.copy_gmem_to_smem(z_ref.at[group, n_cols], z_smem.at[slot], bars.at[slot])
+        if scale_after:
+            plgpu.copy_gmem_to_smem(xs_ref.at[k_step], xs_smem.at[slot], bars.at[slot])
 
-    for step in range(min(num_stages, k_steps)):  # fill the ring
+    for step in range(min(num_stages, wg_steps)):  # fill the ring
         issue(step, step)
 
     def widen(slot):
@@ -179,7 +204,7 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, out_ref, x_smem, w_smem, s_smem, z_smem,
         if kn and int4:
             w = lax.bitcast_convert_type(w, jnp.int8)  # 0..15 (the signed cast is the fast one)
         w = w.astype(jnp.bfloat16)  # exact small integers
-        if not int4:
+        if not int4 or scale_after:
             return w
         # w = (q - zero) * scale, per output column: packed q is the value - 8, so its offset is 8 - zero (an exact
         # small integer in bf16, as is q + offset).
@@ -193,35 +218,79 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, out_ref, x_smem, w_smem, s_smem, z_smem,
             return w * scale[:, None] + bias[:, None]
         return (w + offset[:, None]) * scale[:, None]
 
-    def scope(acc_ref):  # acc_ref [block_n, Mp] f32
-        def body(step, carry):
-            slot = lax.rem(step, num_stages)
+    def product(slot, acc_ref):
+        """acc[N, Mp] += W^T[N, bk] @ x^T[bk, Mp] for the slot's tiles, waited for."""
+        w = widen(slot)
+        if a_in_registers and not kn:
+            plgpu.wgmma(acc_ref, w, x_smem.at[slot].T)
+        else:
+            a_tile = a_smem.at[wg]
+            a_tile[...] = w
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_ref, a_tile.T if kn else a_tile, x_smem.at[slot].T)
+        # Wait for this wgmma before the next step: leaving it in flight (wait 1) gave wrong results with the
+        # register A operand on the H200 (the next step's widening reuses its registers).
+        plgpu.wgmma_wait(0)
+        return acc_ref[...] if scale_after else None
+
+    def scaled(slot, total):
+        """scale_after: total += scale[n] * (Q^T x^T [n, m] + (8 - zero[n]) * xs[m]) for the slot's step, Q^T the
+        raw q - 8 values. The per-value widening is then a conversion only; the scale, zero and x sums are applied
+        to the [block_n, Mp] f32 step product (Mp / 8 values per thread instead of block_k)."""
+        # The slot's rows are read before the wgmma, which every thread of the warpgroup reaches before the
+        # refill's TMA (issued by one thread after it) may overwrite them.
+        rows = plgpu.Layout.WGMMA.reduce(1)  # a value per row n of the product
+        scale = plgpu.load(s_smem.at[slot], layout=rows).astype(jnp.float32)
+        zero = lax.bitcast_convert_type(plgpu.load(z_smem.at[slot], layout=rows), jnp.int8).astype(jnp.float32)
+        xs = plgpu.load(xs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))  # a value per column m
+        step_product = pl.run_scoped(functools.partial(product, slot), plgpu.ACC(o_smem.shape, jnp.float32))
+        shape = step_product.shape
+        offset = lax.broadcast_in_dim(8.0 - zero, shape, [0]) * lax.broadcast_in_dim(xs, shape, [1])
+        return total + lax.broadcast_in_dim(scale, shape, [0]) * (step_product + offset)
+
+    def scope(acc_ref):  # acc_ref [block_n, Mp] f32 (None with scale_after: the sum is the loop's carry)
+        def body(step, total):
+            ring_slot = lax.rem(step, num_stages)
+            slot = wg * num_stages + ring_slot
             plgpu.barrier_wait(bars.at[slot])
-            w = widen(slot)
-            # acc[N, Mp] += W^T[N, bk] @ x^T[bk, Mp]
-            if a_in_registers and not kn:
-                plgpu.wgmma(acc_ref, w, x_smem.at[slot].T)
-            else:
-                a_smem[...] = w
-                plgpu.commit_smem()
-                plgpu.wgmma(acc_ref, a_smem.T if kn else a_smem, x_smem.at[slot].T)
-            # Wait for this wgmma before the next step: leaving it in flight (wait 1) gave wrong results with the
-            # register A operand on the H200 (the next step's widening reuses its registers).
-            plgpu.wgmma_wait(0)
+            total = scaled(slot, total) if scale_after else product(slot, acc_ref)
 
-            @pl.when(step + num_stages < k_steps)
+            @pl.when(step + num_stages < wg_steps)
             def _():
-                issue(step + num_stages, slot)  # the slot (and a_smem) are read: refill it
+                issue(step + num_stages, ring_slot)  # the slot (and a_smem) are read: refill it
 
-            return carry
+            return total
 
-        lax.fori_loop(0, k_steps, body, None)
-        o_smem[...] = acc_ref[...]
+        if not scale_after:
+            lax.fori_loop(0, wg_steps, body, None)
+            return acc_ref[...]
+        zeros = plgpu.layout_cast(jnp.zeros(o_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+        return lax.fori_loop(0, wg_steps, body, zeros)
 
-    pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[s_idx, n_cols])
-    plgpu.wait_smem_to_gmem(0)
+    acc = scope(None) if scale_after else pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
+    if consumers == 1:
+        o_smem[...] = acc
+    else:
+        @pl.when(wg == 1)
+        def _():
+            o_smem[...] = acc
+            plgpu.commit_smem()  # all 128 threads have stored before the one arrival
+            plgpu.barrier_arrive(sum_bar[0])
+
+        @pl.when(wg == 0)
+        def _():
+            plgpu.barrier_wait(sum_bar[0])
+            o_smem[...] = o_smem[...] + acc
+
+    def store():
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[s_idx, n_cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    if consumers > 1:
+        pl.when(wg == 0)(store)  # warpgroup 0 holds the sum
+    else:
+        store()
 
 
 def _operands(packed):
@@ -246,13 +315,14 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
     n = w.shape[1] if kn else w.shape[0]
     k_steps = k // (config.block_k * num_splits)
     bf16_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    consumers, slots = config.consumers, config.consumers * config.num_stages
     if kn:  # [block_k, block_n] tiles, a row is block_n bytes
-        w_shape, a_shape = (config.block_k, config.block_n), (config.block_k, config.block_n)
+        w_shape, a_shape = (config.block_k, config.block_n), (consumers, config.block_k, config.block_n)
         w_tf = (plgpu.TilingTransform((8, config.block_n)), plgpu.SwizzleTransform(config.block_n))
     else:
-        w_shape, a_shape = (config.block_n, config.block_k), (config.block_n, config.block_k)
+        w_shape, a_shape = (config.block_n, config.block_k), (consumers, config.block_n, config.block_k)
         if config.a_in_registers and not interpret:
-            a_shape = (8, 64)  # unused: wgmma reads the widened tile from registers
+            a_shape = (consumers, 8, 64)  # unused: wgmma reads the widened tile from registers
         row_bytes = config.block_k // 2 if int4 else config.block_k
         w_tf = (plgpu.TilingTransform((8, config.block_k)), plgpu.SwizzleTransform(row_bytes))
     group_steps = 1
@@ -261,27 +331,37 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
     else:
         scales = zeros = jnp.zeros((1, n), jnp.bfloat16)  # unused by int8
     registers = config.a_in_registers and not interpret and not kn
+    scale_after = int4 and not kn and config.int4_scale_after
+    if scale_after:  # [K/block_k, Mp]: each step's sums of x, for the zero-point term
+        xs = x_padded.astype(jnp.float32).reshape(mp, k // config.block_k, config.block_k).sum(-1).T
+    else:
+        xs = jnp.zeros((1, mp), jnp.float32)  # unused
     body = functools.partial(_kernel, int4=int4, kn=kn, block_n=config.block_n, block_k=config.block_k,
                              num_stages=config.num_stages, k_steps=k_steps, group_steps=group_steps,
-                             a_in_registers=registers, fma=config.int4_fma)
+                             a_in_registers=registers, fma=config.int4_fma, consumers=consumers,
+                             scale_after=scale_after)
+    threads = dict(num_threads=consumers, thread_name="wg") if consumers > 1 else {}
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_splits, n, mp), jnp.float32),
         scratch_types=[
-            plgpu.SMEM((config.num_stages, mp, config.block_k), jnp.bfloat16, transforms=bf16_tf),
-            plgpu.SMEM((config.num_stages, *w_shape), w.dtype, transforms=w_tf),
-            plgpu.SMEM((config.num_stages, config.block_n), scales.dtype),
-            plgpu.SMEM((config.num_stages, config.block_n), zeros.dtype),
+            plgpu.SMEM((slots, mp, config.block_k), jnp.bfloat16, transforms=bf16_tf),
+            plgpu.SMEM((slots, mp), jnp.float32),
+            plgpu.SMEM((slots, *w_shape), w.dtype, transforms=w_tf),
+            plgpu.SMEM((slots, config.block_n), scales.dtype),
+            plgpu.SMEM((slots, config.block_n), zeros.dtype),
             plgpu.SMEM(a_shape, jnp.bfloat16, transforms=bf16_tf),
             plgpu.SMEM((config.block_n, mp), jnp.float32),
-            plgpu.Barrier(num_arrivals=4 if int4 else 2, num_barriers=config.num_stages),
+            plgpu.Barrier(num_arrivals=(4 + scale_after) if int4 else 2, num_barriers=slots),
+            *([plgpu.Barrier(num_arrivals=1)] if consumers > 1 else []),  # sum_bar
         ],
         grid=(n // config.block_n, num_splits),
         grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **threads,
         **interpret_kwargs(interpret),
     )
-    return kernel(x_padded, w, scales, zeros)
+    return kernel(x_padded, xs, w, scales, zeros)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,7 +373,7 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
 # largest M measured faster, the config). A layout missing here stays on XLA's dequantize-then-dot. Int8Weights
 # ([K, N], SMEM path) is missing: XLA's int8 dot was as fast or faster at M = 16.
 _C3 = TuningConfig(num_stages=3, ctas_per_sm=3)
-_C8M4 = TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4)  # gate_up 1792 CTAs, down 896: ~4x run 2's grid
+_C8M4 = TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4)  # gate_up 896 CTAs of 8 steps, down 896 of 4
 MEASURED_FASTER: dict[tuple[bool, bool], tuple[int, TuningConfig]] = {
     # PackedInt8 (what Int8Linear holds): 1.49-1.73x cuBLAS at M <= 16 (c3 beat s4 / c8m8 / c8m4 by 5-20%);
     # at M = 64 XLA's int8 dot on the same [N, K] weight is as fast (gate_up 57.9 us both).
@@ -363,8 +443,9 @@ def check_args(x, packed, config: TuningConfig | None = None):
     if n % config.block_n or k % config.block_k:
         raise ValueError(f"N={n} and K={k} must be multiples of {config.block_n=} and {config.block_k=}")
     splits = config.splits_for(k, n)
-    if (k // config.block_k) % splits:
-        raise ValueError(f"{k=} must split into {splits=} slabs of whole {config.block_k=} steps")
+    if (k // config.block_k) % (splits * config.consumers):
+        raise ValueError(f"{k=} must split into {splits=} slabs of whole {config.block_k=} steps, a multiple of "
+                         f"{config.consumers=} each")
 
 
 def quant_matmul(x, packed, *, config: TuningConfig | None = None, interpret=False, out_dtype=None):

@@ -87,15 +87,18 @@ class TuningConfig:
 
 def split_count(k: int, n: int, config) -> int:
     """The K split count for a [K, N] weight under a config with block_k, block_n, num_splits, ctas_per_sm (and
-    optionally min_k_steps): explicit, or the largest divisor of K / block_k whose grid fits `ctas_per_sm` CTAs on
-    every SM and whose splits keep at least `min_k_steps` steps (1 when no divisor does)."""
+    optionally min_k_steps and consumers): explicit, or the largest divisor of K / block_k whose grid fits
+    `ctas_per_sm` CTAs on every SM and whose splits keep at least `min_k_steps` steps (the fewest splits when no
+    divisor does). With `consumers` warpgroups per CTA every split's step count is a multiple of it."""
     if config.num_splits is not None:
         return config.num_splits
     k_steps, n_blocks = k // config.block_k, n // config.block_n
     target = max(1, config.ctas_per_sm * _NUM_SMS // n_blocks)
     min_steps = getattr(config, "min_k_steps", 1)
-    return max(s for s in range(1, k_steps + 1)
-               if k_steps % s == 0 and (s == 1 or (s <= target and k_steps // s >= min_steps)))
+    per_cta = getattr(config, "consumers", 1)
+    whole = [s for s in range(1, k_steps + 1) if k_steps % s == 0 and (k_steps // s) % per_cta == 0]
+    fits = [s for s in whole if s <= target and k_steps // s >= min_steps]
+    return max(fits) if fits else min(whole, default=1)
 
 
 def interpret_kwargs(interpret) -> dict:

@@ -6,6 +6,8 @@ SMEM) without a GPU; `gpu` tests compile it at Llama-3-8B layer sizes. Also the 
 (dequantize-then-dot, fp8 dot) and the measured dispatch table. Weights are random normal draws quantized by
 ie_jax.quant.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,11 +60,68 @@ def test_reads_the_format_layout_in_place_cpu(fmt, m):
     assert rel_err(out, reference(x, qw)) < 1.5e-2
 
 
-def test_race_free_cpu():
+@pytest.mark.parametrize("fmt, options", [("int4", {}), ("int4", {"consumers": 2}), ("int8", {"consumers": 2}),
+                                          ("int4", {"int4_scale_after": True}),
+                                          ("int4", {"consumers": 2, "int4_scale_after": True})])
+def test_race_free_cpu(fmt, options):
+    """Every ring slot refilled while in use elsewhere; with two warpgroups, the partial handed over in SMEM."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    x, qw, packed, reference = make(9, 8, 512, 128, "int4")
-    out = qm.quant_matmul(x, packed, config=small("int4"), interpret=InterpretGPUParams(detect_races=True))
+    x, qw, packed, reference = make(9, 8, 1024, 128, fmt)
+    config = dataclasses.replace(small(fmt), **options)
+    out = qm.quant_matmul(x, packed, config=config, interpret=InterpretGPUParams(detect_races=True))
+    assert not interpret_pallas_call.get_races().races_found
     assert rel_err(out, reference(x, qw)) < 1.5e-2
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, 13])
+def test_two_consumer_warpgroups_cpu(fmt, m):
+    """consumers=2: alternate K steps per warpgroup (4 per split over 2 slots each), partials summed in SMEM."""
+    x, qw, packed, reference = make(m + 20, m, 2048, 128, fmt)
+    config = dataclasses.replace(small(fmt), consumers=2)
+    out = qm.quant_matmul(x, packed, config=config, interpret=True)
+    assert rel_err(out, qm.quant_matmul_reference(x, packed)) < 1e-2
+    assert rel_err(out, reference(x, qw)) < 1.5e-2
+
+
+@pytest.mark.parametrize("consumers", [1, 2])
+@pytest.mark.parametrize("m", [1, 16])
+def test_int4_scale_after_the_dot_cpu(consumers, m):
+    """int4_scale_after: the dot on raw q - 8, then scale and zero point per row on the f32 step product; closer
+    to the f32 reference than the bf16-rounded weights (no bf16 rounding of (q + 8 - zero) * scale)."""
+    x, qw, packed, reference = make(m + 30, m, 1024, 128, "int4")
+    config = qm.TuningConfig(num_stages=2, num_splits=2, consumers=consumers, int4_scale_after=True)
+    out = qm.quant_matmul(x, packed, config=config, out_dtype=jnp.float32, interpret=True)
+    expected = jnp.dot(x.astype(jnp.float32), qm.dequantize_packed(packed))
+    assert rel_err(out, expected) < 1e-5
+    assert rel_err(out.astype(jnp.bfloat16), reference(x, qw)) < 1.5e-2
+
+
+def test_int4_scale_after_takes_wide_groups_and_act_order_cpu():
+    kx, kw, kp = jax.random.split(jax.random.key(12), 3)
+    x = jax.random.normal(kx, (3, 1024), jnp.bfloat16)
+    qw = quantize_int4(0.05 * jax.random.normal(kw, (1024, 128), jnp.float32), 256,
+                       perm=jax.random.permutation(kp, 1024))
+    config = qm.TuningConfig(num_stages=2, num_splits=2, consumers=2, int4_scale_after=True)
+    out = qm.quant_matmul(x, qm.pack_int4(qw), config=config, interpret=True)
+    assert rel_err(out, int4_matmul_reference(x, qw)) < 1.5e-2
+
+
+def test_split_count_keeps_whole_steps_per_warpgroup():
+    for k, n in qm.LLAMA3_8B_SHAPES.values():
+        for config in (qm.TuningConfig(consumers=2, ctas_per_sm=8, min_k_steps=4),
+                       qm.TuningConfig(consumers=2, num_stages=3, ctas_per_sm=3)):
+            steps = k // 128 // config.splits_for(k, n)
+            assert steps % 2 == 0 and steps >= 2, (k, n, config)
+    # o (32 steps, 32 column blocks, room for 33 splits): one warpgroup takes 32 splits of one step, two take 16
+    assert qm.TuningConfig(ctas_per_sm=8).splits_for(4096, 4096) == 32
+    assert qm.TuningConfig(ctas_per_sm=8, consumers=2).splits_for(4096, 4096) == 16
+    with pytest.raises(ValueError, match="consumers"):
+        qm.TuningConfig(consumers=3)
+    x, _, packed, _ = make(0, 4, 384, 128, "int8")  # 3 steps: no split gives both warpgroups whole steps
+    with pytest.raises(ValueError, match="consumers"):
+        qm.quant_matmul(x, packed, config=qm.TuningConfig(consumers=2))
 
 
 def test_int4_packing_is_signed_transposed_and_lossless():
@@ -151,7 +210,7 @@ def test_fp8_dispatch_runs_the_k_major_dot_on_the_formats_layout():
         assert rel_err(out, fp8_matmul_reference(x, w, jnp.float32)) < 1e-5
 
 
-@pytest.mark.parametrize("layout", ["packed", "packed-smem", "format"])
+@pytest.mark.parametrize("layout", ["packed", "packed-smem", "format", "packed-2wg", "packed-2wg-after"])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_lowers_for_the_gpu_cpu(fmt, layout):
     """The full Mosaic GPU lowering (layouts, 8-bit arithmetic rules, SMEM budget) runs on CPU."""
@@ -167,7 +226,8 @@ def test_lowers_for_the_gpu_cpu(fmt, layout):
         packed = qm.PackedInt8(S((n, k), jnp.int8), S((n,), jnp.float32))
     else:
         packed = qm.PackedInt4(S((n, k), jnp.int4), S(groups, jnp.float16), S(groups, jnp.uint8), 128)
-    config = qm.TuningConfig(a_in_registers=layout == "packed")
+    config = qm.TuningConfig(a_in_registers=layout != "packed-smem", consumers=2 if "2wg" in layout else 1,
+                             int4_scale_after=layout.endswith("after"))
     f = jax.jit(lambda x, p: qm._quant_matmul(x, p, config=config, interpret=False))
     f.trace(S((16, k), jnp.bfloat16), packed).lower(lowering_platforms=("cuda",))
 
@@ -203,6 +263,22 @@ def test_llama_shapes_gpu(fmt, m, k, n):
     x, qw, packed, reference = make(m + k + n, m, k, n, fmt)
     assert rel_err(qm.quant_matmul(x, packed), reference(x, qw)) < 1.5e-2
     assert rel_err(qm.quant_matmul(x, qw), reference(x, qw)) < 1.5e-2  # the format layout, read in place
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt, options", [
+    ("int8", dict(consumers=2, num_stages=3, ctas_per_sm=3)),
+    ("int4", dict(consumers=2, num_stages=2, ctas_per_sm=4, min_k_steps=4)),
+    ("int4", dict(int4_scale_after=True, num_stages=3, ctas_per_sm=8, min_k_steps=4)),
+    ("int4", dict(consumers=2, int4_scale_after=True, num_stages=2, ctas_per_sm=4, min_k_steps=4))])
+@pytest.mark.parametrize("k, n", list(qm.LLAMA3_8B_SHAPES.values()))
+@pytest.mark.parametrize("m", [1, 16])
+def test_two_warpgroups_and_scale_after_llama_shapes_gpu(fmt, options, m, k, n):
+    """The register A operand, two consumer warpgroups and the scale after the dot compiled, on random data."""
+    x, qw, packed, reference = make(m + k + n + 1, m, k, n, fmt)
+    out = qm.quant_matmul(x, packed, config=qm.TuningConfig(**options))
+    assert rel_err(out, qm.quant_matmul_reference(x, packed)) < 1e-2
+    assert rel_err(out, reference(x, qw)) < 1.5e-2
 
 
 def test_kernel_config_follows_the_measurements():
