@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _quant_matmul,
                                          dequantize_packed, fp8_matmul, pack_int4, pack_int8, packed_bytes,
                                          packed_matmul_xla)
+from kernels_pallas.skinny_matmul import TuningConfig as SkinnyConfig
 
 _L2_BYTES = 50 * 2**20
 _HBM_TBPS = 4.14  # measured copy ceiling on the H200 (shared/GPU.md)
@@ -34,6 +35,14 @@ _KERNEL_CONFIGS = {  # label -> config, for M <= 64 (docs/kernels/quant_matmul.m
                                          int4_scale_after=True),
     "after 2wg 128x2 c8m8": TuningConfig(num_stages=2, ctas_per_sm=8, min_k_steps=8, consumers=2,
                                          int4_scale_after=True),
+}
+
+
+
+_SKINNY_2WG = {  # the bf16 skinny kernel with two consumer warpgroups (docs/kernels/quant_matmul.md)
+    "2wg 256x64x2 d1 c1": SkinnyConfig(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2),
+    "2wg 128x64x3 d1": SkinnyConfig(block_k=64, num_stages=3, mma_depth=1, consumers=2),
+    "2wg 128x128x2 c1": SkinnyConfig(num_stages=2, ctas_per_sm=1, consumers=2),
 }
 
 
@@ -67,6 +76,8 @@ def _paths(m):
     if m <= MAX_M:
         cfg = sm.TuningConfig(block_n=256, block_k=64, mma_depth=1, ctas_per_sm=1)
         yield "bf16 skinny 256x64x4", "bf16", functools.partial(sm._skinny_matmul, config=cfg, interpret=False)
+        for label, cfg in _SKINNY_2WG.items():
+            yield f"bf16 skinny {label}", "bf16", functools.partial(sm._skinny_matmul, config=cfg, interpret=False)
         for fmt in ("int8", "int4"):
             for label, cfg in _KERNEL_CONFIGS.items():
                 if fmt == "int8" and (cfg.int4_scale_after or not cfg.int4_fma):  # int4-only options

@@ -53,6 +53,8 @@ class TuningConfig:
     ctas_per_sm: target residency used only when num_splits is None.
     mma_depth: wgmmas left in flight when a slot is refilled: 0 waits for the current one and refills its slot,
       1 waits for the previous one and refills the previous slot (the current wgmma overlaps the refill).
+    consumers: warpgroups per CTA (1 or 2). With 2 they take alternate K steps of the CTA's slab, each through its
+      own ring of `num_stages` slots into its own accumulator, summed through SMEM at the end.
     """
 
     block_n: int = 128
@@ -61,6 +63,7 @@ class TuningConfig:
     num_splits: int | None = None
     ctas_per_sm: int = 2
     mma_depth: int = 0
+    consumers: int = 1
 
     def __post_init__(self):
         if self.block_n not in (64, 128, 256):
@@ -77,7 +80,9 @@ class TuningConfig:
             raise ValueError(f"{self.mma_depth=} must be 0 or 1")
         if self.mma_depth >= self.num_stages:
             raise ValueError(f"{self.mma_depth=} needs num_stages > mma_depth, got {self.num_stages=}")
-        smem = self.num_stages * self.block_k * (self.block_n + MAX_M) * 2
+        if self.consumers not in (1, 2):
+            raise ValueError(f"{self.consumers=} must be 1 or 2")
+        smem = self.consumers * self.num_stages * self.block_k * (self.block_n + MAX_M) * 2
         if smem > 220 * 1024:
             raise ValueError(f"{self.num_stages=} x {self.block_k=} x {self.block_n=} needs {smem} B of SMEM (> 220 KiB)")
 
@@ -113,33 +118,38 @@ def interpret_kwargs(interpret) -> dict:
 # Kernel
 
 
-def _kernel(x_ref, w_ref, out_ref, x_smem, w_smem, o_smem, bars, *, block_n, block_k, num_stages, k_steps,
-            tiled, mma_depth, copy_only):
+def _kernel(x_ref, w_ref, out_ref, x_smem, w_smem, o_smem, bars, *sum_bar, block_n, block_k, num_stages, k_steps,
+            tiled, mma_depth, copy_only, consumers):
     # x_ref   [Mp, K]             activations, rows padded to Mp
     # w_ref   [K, N] or, tiled, [N / block_n, K / block_k, block_k, block_n] (each tile one contiguous block)
     # out_ref [S, N, Mp] f32      per-split partial sums of y^T
-    # x_smem  [num_stages, Mp, block_k]       ring of x tiles (B operand, read transposed)
-    # w_smem  [num_stages, block_k, block_n]  ring of w tiles (A operand, read transposed: M-major)
-    # o_smem  [block_n, Mp] f32   the CTA's partial, staged for one TMA store
-    # bars    [num_stages]        one barrier per slot, two arrivals' worth of bytes (x and w tiles)
+    # Slots are [C * num_stages], C = consumers: warpgroup c owns c * num_stages ... (c + 1) * num_stages - 1.
+    # x_smem  [slots, Mp, block_k]       ring of x tiles (B operand, read transposed)
+    # w_smem  [slots, block_k, block_n]  ring of w tiles (A operand, read transposed: M-major)
+    # o_smem  [block_n, Mp] f32   the CTA's partial, staged for one TMA store (C = 2: warpgroup 1's first)
+    # bars    [slots]             one barrier per slot, two arrivals' worth of bytes (x and w tiles)
+    # sum_bar                     C = 2: warpgroup 1's partial is in o_smem
     n_idx = lax.axis_index("n")
     s_idx = lax.axis_index("s")
+    wg = lax.axis_index("wg") if consumers > 1 else 0
     first_step = s_idx * k_steps
+    wg_steps = k_steps // consumers  # warpgroup wg runs the slab's steps wg, wg + C, wg + 2C, ...
     n_cols = pl.ds(n_idx * block_n, block_n)
 
-    def issue(step, slot):
-        k_step = first_step + step
+    def issue(step, slot):  # step: this warpgroup's own count; slot: in its own ring
+        k_step = first_step + step * consumers + wg
+        slot = wg * num_stages + slot
         k_rows = pl.ds(k_step * block_k, block_k)
         w_tile = w_ref.at[n_idx, k_step] if tiled else w_ref.at[k_rows, n_cols]
         plgpu.copy_gmem_to_smem(w_tile, w_smem.at[slot], bars.at[slot])
         plgpu.copy_gmem_to_smem(x_ref.at[:, k_rows], x_smem.at[slot], bars.at[slot])
 
-    for step in range(min(num_stages, k_steps)):  # fill the ring
+    for step in range(min(num_stages, wg_steps)):  # fill the ring
         issue(step, step)
 
     def scope(acc_ref):  # acc_ref [block_n, Mp] f32
         def body(step, carry):
-            slot = lax.rem(step, num_stages)
+            slot = wg * num_stages + lax.rem(step, num_stages)
             plgpu.barrier_wait(bars.at[slot])
             if not copy_only:
                 # acc[N, Mp] += w^T[N, bk] @ x^T[bk, Mp]
@@ -148,21 +158,41 @@ def _kernel(x_ref, w_ref, out_ref, x_smem, w_smem, o_smem, bars, *, block_n, blo
             # The wgmma `mma_depth` steps back has read its slot: refill that slot.
             done = step - mma_depth
 
-            @pl.when((done >= 0) & (done + num_stages < k_steps))
+            @pl.when((done >= 0) & (done + num_stages < wg_steps))
             def _():
                 issue(done + num_stages, lax.rem(done + num_stages, num_stages))
 
             return carry
 
-        lax.fori_loop(0, k_steps, body, None)
+        lax.fori_loop(0, wg_steps, body, None)
         if not copy_only:
             plgpu.wgmma_wait(0)
-        o_smem[...] = acc_ref[...]
+        if consumers == 1:
+            o_smem[...] = acc_ref[...]
+            return
+
+        @pl.when(wg == 1)
+        def _():
+            o_smem[...] = acc_ref[...]
+            plgpu.commit_smem()  # all 128 threads have stored before the one arrival
+            plgpu.barrier_arrive(sum_bar[0])
+
+        @pl.when(wg == 0)
+        def _():
+            plgpu.barrier_wait(sum_bar[0])
+            o_smem[...] = plgpu.load(o_smem, layout=plgpu.Layout.WGMMA, optimized=False) + acc_ref[...]
 
     pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[s_idx, n_cols])
-    plgpu.wait_smem_to_gmem(0)
+
+    def store():
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[s_idx, n_cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    if consumers > 1:
+        pl.when(wg == 0)(store)  # warpgroup 0 holds the sum
+    else:
+        store()
 
 
 def _partials(x_padded, w, *, config, num_splits, interpret, copy_only=False):
@@ -171,20 +201,25 @@ def _partials(x_padded, w, *, config, num_splits, interpret, copy_only=False):
     n = w.shape[0] * w.shape[3] if tiled else w.shape[1]
     k_steps = k // (config.block_k * num_splits)
     transforms = (plgpu.TilingTransform((8, _SWIZZLE_ELEMS)), plgpu.SwizzleTransform(_SWIZZLE))
+    consumers, slots = config.consumers, config.consumers * config.num_stages
     body = functools.partial(_kernel, block_n=config.block_n, block_k=config.block_k, num_stages=config.num_stages,
-                             k_steps=k_steps, tiled=tiled, mma_depth=config.mma_depth, copy_only=copy_only)
+                             k_steps=k_steps, tiled=tiled, mma_depth=config.mma_depth, copy_only=copy_only,
+                             consumers=consumers)
+    threads = dict(num_threads=consumers, thread_name="wg") if consumers > 1 else {}
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_splits, n, mp), jnp.float32),
         scratch_types=[
-            plgpu.SMEM((config.num_stages, mp, config.block_k), x_padded.dtype, transforms=transforms),
-            plgpu.SMEM((config.num_stages, config.block_k, config.block_n), w.dtype, transforms=transforms),
+            plgpu.SMEM((slots, mp, config.block_k), x_padded.dtype, transforms=transforms),
+            plgpu.SMEM((slots, config.block_k, config.block_n), w.dtype, transforms=transforms),
             plgpu.SMEM((config.block_n, mp), jnp.float32),
-            plgpu.Barrier(num_arrivals=2, num_barriers=config.num_stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+            *([plgpu.Barrier(num_arrivals=1)] if consumers > 1 else []),  # sum_bar
         ],
         grid=(n // config.block_n, num_splits),
         grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        **threads,
         **interpret_kwargs(interpret),
     )
     return kernel(x_padded, w)
@@ -234,8 +269,9 @@ def _check_args(x, w, config):
     if k % config.block_k:
         raise ValueError(f"{k=} must be a multiple of {config.block_k=}")
     splits = config.splits_for(k, n)
-    if (k // config.block_k) % splits:
-        raise ValueError(f"{k=} must split into {splits=} slabs of whole {config.block_k=} steps")
+    if (k // config.block_k) % (splits * config.consumers):
+        raise ValueError(f"{k=} must split into {splits=} slabs of whole {config.block_k=} steps, a multiple of "
+                         f"{config.consumers=} each")
 
 
 def skinny_matmul(x, w, *, config: TuningConfig | None = None, interpret=False):
@@ -329,6 +365,8 @@ def _variants():
     yield "tiled 64x256x3 d1", T(block_n=64, block_k=256, num_stages=3, mma_depth=1), True, False
     yield "tiled 128x64x4 c3 copy", T(block_k=64, num_stages=4, ctas_per_sm=3), True, True
     yield "kn 128x128x4 d1", T(mma_depth=1), False, False
+    yield "tiled 256x64x2 d1 c1 2wg", T(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2), True, False
+    yield "tiled 128x64x3 d1 2wg", T(block_k=64, num_stages=3, mma_depth=1, consumers=2), True, False
 
 
 def main(argv=()):

@@ -74,6 +74,29 @@ def test_race_free_cpu():
     assert_close(out, sm.skinny_matmul_reference(x, w))
 
 
+@pytest.mark.parametrize("mma_depth", [0, 1])
+@pytest.mark.parametrize("m", [1, 13])
+def test_two_consumer_warpgroups_cpu(m, mma_depth):
+    """consumers=2: alternate K steps per warpgroup (4 per split over 2 slots each), partials summed in SMEM; no
+    races between the rings' refills or on the SMEM hand-over."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    x, w = make_inputs(m + 40, m, 1024, 128)
+    config = sm.TuningConfig(block_n=64, block_k=64, num_stages=2, num_splits=2, mma_depth=mma_depth, consumers=2)
+    out = sm.skinny_matmul(x, w, config=config, interpret=InterpretGPUParams(detect_races=True))
+    assert not interpret_pallas_call.get_races().races_found
+    assert_close(out, sm.skinny_matmul_reference(x, w))
+
+
+@pytest.mark.parametrize("config", [sm.TuningConfig(num_stages=2, consumers=2),
+                                    sm.TuningConfig(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2)])
+def test_two_consumers_lower_for_the_gpu_cpu(config):
+    """The Mosaic GPU lowering (two warpgroups, the SMEM hand-over's layouts) runs on CPU."""
+    S = jax.ShapeDtypeStruct
+    f = jax.jit(lambda x, w: sm._skinny_matmul(x, w, config=config, interpret=False))
+    f.trace(S((16, 4096), jnp.bfloat16), S((4096, 6144), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
+
+
 @pytest.mark.parametrize("shape, message", [
     ((65, 256, 128), "must be in"),
     ((8, 200, 128), "multiple of"),
@@ -107,7 +130,9 @@ def test_llama_shapes_gpu(m, k, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [sm.TuningConfig(mma_depth=1), sm.TuningConfig(block_k=64, num_stages=6)])
+@pytest.mark.parametrize("config", [sm.TuningConfig(mma_depth=1), sm.TuningConfig(block_k=64, num_stages=6),
+                                    sm.TuningConfig(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2),
+                                    sm.TuningConfig(block_k=64, num_stages=3, mma_depth=1, consumers=2)])
 def test_tiled_and_pipelined_gpu(config):
     x, w = make_inputs(11, 16, 4096, 4096)
     assert_close(sm.skinny_matmul(x, sm.tile_weights(w, config), config=config), sm.skinny_matmul_reference(x, w))
