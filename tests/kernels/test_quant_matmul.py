@@ -52,11 +52,12 @@ def test_matches_the_format_reference_cpu(fmt, m):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("m", [1, 13])
-def test_reads_the_format_layout_in_place_cpu(fmt, m):
+@pytest.mark.parametrize("m, consumers", [(1, 1), (13, 1), (13, 2)])
+def test_reads_the_format_layout_in_place_cpu(fmt, m, consumers):
     """Int8Weights / Int4Weights ([K, N], the quantized Linear's arrays) go in unpacked."""
-    x, qw, _, reference = make(m + 3, m, 768, 128, fmt)
-    out = qm.quant_matmul(x, qw, config=qm.TuningConfig(num_stages=2, num_splits=2), interpret=True)
+    x, qw, _, reference = make(m + 3, m, 1024, 128, fmt)
+    config = qm.TuningConfig(num_stages=2, num_splits=2, consumers=consumers)
+    out = qm.quant_matmul(x, qw, config=config, interpret=True)
     assert rel_err(out, reference(x, qw)) < 1.5e-2
 
 
