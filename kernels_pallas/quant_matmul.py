@@ -44,6 +44,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas.skinny_matmul import interpret_kwargs, split_count
 
 MAX_M = 64
+_XS_COLS = MAX_M  # scale_after's per-step x sums, padded to 256-byte rows (TMA destinations are 128-byte aligned)
 GROUP = 128  # the int4 group size of the benchmark's weights (the kernel takes any multiple of block_k)
 
 
@@ -161,13 +162,13 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
             bars, *sum_bar, int4, kn, block_n, block_k, num_stages, k_steps, group_steps, a_in_registers, fma,
             consumers, scale_after):
     # x_ref   [Mp, K] bf16            activations, rows padded to Mp (act-order: already gathered by perm)
-    # xs_ref  [K/block_k, Mp] f32     scale_after: each step's sums of x over its block_k columns (else unused)
+    # xs_ref  [K/block_k, _XS_COLS] f32  scale_after: each step's sums of x over its block_k columns, Mp used
     # w_ref   packed: [N, K] int8 | int4 (W^T, K-major, int4 = value - 8); kn: the format's [K, N] int8 | uint8
     # s_ref, z_ref  [K/G, N]          int4: the format's f16 scales and uint8 zero points (both layouts)
     # out_ref [S, N, Mp] f32          per-split partial sums of y^T
     # Slots are [C * stages] with C = consumers: warpgroup c owns slots c * stages ... (c + 1) * stages - 1.
     # x_smem  [slots, Mp, block_k]    x tiles (wgmma B, read transposed)
-    # xs_smem [slots, Mp] f32         scale_after: the step's row of xs_ref
+    # xs_smem [slots, _XS_COLS] f32   scale_after: the step's row of xs_ref (Mp used)
     # w_smem  [slots, block_n, block_k] (kn: [slots, block_k, block_n])  quantized weight tiles
     # s_smem, z_smem [slots, block_n]  the step's int4 scale / zero rows (one group covers group_steps steps)
     # a_smem  [C, block_n, block_k] (kn: [C, block_k, block_n]) bf16  the widened tile when wgmma reads SMEM
@@ -242,7 +243,7 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
         rows = plgpu.Layout.WGMMA.reduce(1)  # a value per row n of the product
         scale = plgpu.load(s_smem.at[slot], layout=rows).astype(jnp.float32)
         zero = lax.bitcast_convert_type(plgpu.load(z_smem.at[slot], layout=rows), jnp.int8).astype(jnp.float32)
-        xs = plgpu.load(xs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))  # a value per column m
+        xs = plgpu.load(xs_smem.at[slot, pl.ds(0, o_smem.shape[1])], layout=plgpu.Layout.WGMMA.reduce(0))  # per column m
         step_product = pl.run_scoped(functools.partial(product, slot), plgpu.ACC(o_smem.shape, jnp.float32))
         shape = step_product.shape
         offset = lax.broadcast_in_dim(8.0 - zero, shape, [0]) * lax.broadcast_in_dim(xs, shape, [1])
@@ -334,8 +335,9 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
     scale_after = int4 and not kn and config.int4_scale_after
     if scale_after:  # [K/block_k, Mp]: each step's sums of x, for the zero-point term
         xs = x_padded.astype(jnp.float32).reshape(mp, k // config.block_k, config.block_k).sum(-1).T
+        xs = jnp.pad(xs, ((0, 0), (0, _XS_COLS - mp)))  # each step's row lands 128-byte aligned in SMEM
     else:
-        xs = jnp.zeros((1, mp), jnp.float32)  # unused
+        xs = jnp.zeros((1, _XS_COLS), jnp.float32)  # unused
     body = functools.partial(_kernel, int4=int4, kn=kn, block_n=config.block_n, block_k=config.block_k,
                              num_stages=config.num_stages, k_steps=k_steps, group_steps=group_steps,
                              a_in_registers=registers, fma=config.int4_fma, consumers=consumers,
@@ -346,7 +348,7 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
         out_type=jax.ShapeDtypeStruct((num_splits, n, mp), jnp.float32),
         scratch_types=[
             plgpu.SMEM((slots, mp, config.block_k), jnp.bfloat16, transforms=bf16_tf),
-            plgpu.SMEM((slots, mp), jnp.float32),
+            plgpu.SMEM((slots, _XS_COLS), jnp.float32),
             plgpu.SMEM((slots, *w_shape), w.dtype, transforms=w_tf),
             plgpu.SMEM((slots, config.block_n), scales.dtype),
             plgpu.SMEM((slots, config.block_n), zeros.dtype),
