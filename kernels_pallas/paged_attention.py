@@ -65,12 +65,13 @@ class TuningConfig:
         two CTAs per SM. GPU only, like p_in_registers; not with convert_wg.
     direct: each CTA derives its (request, split) work from query_start_loc / seq_lens and reads q and writes
         its output in q's own [T * N, H] order, a tile being ROWS // N whole tokens with all N heads: no work-list
-        and no packing kernels. For small batches (latency bound); needs 64 % N == 0 and N % 8 == 0. None: on
-        when `use_direct` says so from the static shapes.
-    merge_in_kernel: direct path: the kernel writes the final [T, N, H] itself, one kernel per call. With 2-8 splits
-        the splits of a (request, kv-head) form one cluster; each stores its rows and lse, a cluster barrier
-        publishes them and one CTA merges them (`paged_work.cluster_merge`). Off by default: no faster on the
-        H200 (docs/kernels/paged_attention.md); False merges with jnp after the kernel (`paged_work.merge`).
+        and no packing kernels. Needs 64 % N == 0 and N % 8 == 0. None: on when `use_direct` says so from the
+        static shapes (small steps, and steps with one token slot per request slot, i.e. decode).
+    merge_in_kernel: direct path: the kernel writes the final [T, N, H] itself, one kernel per call. With one split
+        that is only where its rows go; with 2-8 splits the splits of a (request, kv-head) form one cluster, each
+        stores its rows and lse, a cluster barrier publishes them and one CTA merges them
+        (`paged_work.cluster_merge`). None (default): with one split only (measured faster on the H200); the
+        cluster merge was not (docs/kernels/paged_attention.md). False: always merge with jnp after the kernel.
     profile_dir: GPU diagnostics: record the kernel's phases (jax.named_scope regions) per warpgroup into a
         trace in this directory (Mosaic GPU's profiler).
     """
@@ -85,7 +86,7 @@ class TuningConfig:
     pages_in_smem: bool = True
     q_in_registers: bool = False
     direct: bool | None = None
-    merge_in_kernel: bool = False
+    merge_in_kernel: bool | None = None
     profile_dir: str = ""
 
     def __post_init__(self):

@@ -147,9 +147,12 @@ def main(argv=()):
     # Two CTAs per SM: bf16 64x2 and fp8 64x2 / 64x3 (measured); bf16 64x3 and fp8 64x4 ran at one per SM, bf16
     # 64x3 with q in registers (q's SMEM in the ring's) fits two.
     q_regs = dict(q_in_registers=True)
-    configs = [TuningConfig(64, 2), TuningConfig(64, 3, **q_regs), TuningConfig(64, 2, **gmem_ids),
-               TuningConfig(64, 2, **smem_p), TuningConfig(32, 4), TuningConfig(128, 2)]
-    fp8_configs = [TuningConfig(64, 2), TuningConfig(64, 2, **gmem_ids), TuningConfig(64, 3),
+    # direct=True: a decode-only step forced onto the direct path (no work list or packing; decode cases only)
+    configs = [TuningConfig(64, 2), TuningConfig(64, 2, direct=True), TuningConfig(64, 3, **q_regs),
+               TuningConfig(64, 2, **gmem_ids), TuningConfig(64, 2, **smem_p), TuningConfig(32, 4),
+               TuningConfig(128, 2)]
+    fp8_configs = [TuningConfig(64, 2), TuningConfig(64, 2, direct=True), TuningConfig(64, 2, **gmem_ids),
+                   TuningConfig(64, 3),
                    TuningConfig(64, 2, convert_wg=True), TuningConfig(64, 2, convert_ahead=False, **smem_p),
                    TuningConfig(128, 2, convert_wg=True)]
     if args.quick or args.stacked or args.fp8:
@@ -198,7 +201,8 @@ def main(argv=()):
         small = len(case["q_lens"]) == 1
         splits_opts = [None] + ([8, 16] if small and not scales else [])
         case_configs = fp8_configs if scales else configs
-        sweep = [dataclasses.replace(cfg, num_splits=n) for cfg in case_configs for n in splits_opts]
+        sweep = [dataclasses.replace(cfg, num_splits=n) for cfg in case_configs for n in splits_opts
+                 if case["decode"] or not cfg.direct]
         if small:  # the direct path (the default here): splits merged in the kernel (cluster) or by jnp after it
             ns = [None, 4] if case["q"].shape[0] > 1 else [None, 8]  # ctx32768 T1: None = 32 splits (jnp merge)
             sweep = [TuningConfig(64, 2, num_splits=n, merge_in_kernel=f) for n in ns for f in (True, False)]

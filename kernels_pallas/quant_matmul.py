@@ -24,7 +24,8 @@ What changes is the A operand, the weight tile [block_n, block_k], K-major:
   their [block_k, block_n] tile is widened into SMEM and read M-major (slower: kept for comparison).
 
 The packed layouts (`PackedInt8`, `PackedInt4`, made by `pack_int8` / `pack_int4` from ie_jax.quant's Int8Weights /
-Int4Weights, and back by `unpack`) are what the quantized Linear holds, built once at load time. `packed_matmul_xla` is XLA's dequantize-then-dot on them (any M); `fp8_matmul` is the W8A8 path:
+Int4Weights, and back by `unpack`) are what the quantized Linear holds, built once at load time.
+`packed_matmul_xla` is XLA's dequantize-then-dot on them (any M); `fp8_matmul` is the W8A8 path:
 XLA's fp8 dot (cuBLASLt on Hopper), not a Pallas kernel. `MEASURED_FASTER` records where the kernel beat XLA on
 the H200, which `ops.quant_matmul` follows. This module knows those formats, nothing about layers or checkpoints.
 """
@@ -243,7 +244,8 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
         rows = plgpu.Layout.WGMMA.reduce(1)  # a value per row n of the product
         scale = plgpu.load(s_smem.at[slot], layout=rows).astype(jnp.float32)
         zero = lax.bitcast_convert_type(plgpu.load(z_smem.at[slot], layout=rows), jnp.int8).astype(jnp.float32)
-        xs = plgpu.load(xs_smem.at[slot, pl.ds(0, o_smem.shape[1])], layout=plgpu.Layout.WGMMA.reduce(0))  # per column m
+        # a value per column m
+        xs = plgpu.load(xs_smem.at[slot, pl.ds(0, o_smem.shape[1])], layout=plgpu.Layout.WGMMA.reduce(0))
         step_product = pl.run_scoped(functools.partial(product, slot), plgpu.ACC(o_smem.shape, jnp.float32))
         shape = step_product.shape
         offset = lax.broadcast_in_dim(8.0 - zero, shape, [0]) * lax.broadcast_in_dim(xs, shape, [1])

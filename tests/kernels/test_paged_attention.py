@@ -98,7 +98,7 @@ def test_decode_batch(page_size, block_kv, prefetch):
     # lengths 1, a page multiple, non-multiples, and the table's maximum (a 4-page row: ids come from GMEM)
     seq_lens = [1, 2 * page_size, 3 * page_size - 5, 4 * page_size]
     batch = make_batch(page_size, q_lens=[1] * 4, seq_lens=seq_lens, page_size=page_size)
-    config = pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=1, prefetch_pages=prefetch)
+    config = pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=1, prefetch_pages=prefetch, direct=False)
     out, expected = run_both(batch, config)
     assert_close(out, expected)
 
@@ -107,7 +107,7 @@ def test_mixed_decode_and_prefill_with_splits():
     # prefill chunks of 20 and 17 tokens (several 64-row tiles with G = 4), a 1-token prompt and decodes
     # (one split is covered by the decode and stacked-cache tests)
     batch = make_batch(1, q_lens=[1, 20, 1, 17, 1], seq_lens=[90, 20, 1, 77, 128])
-    out, expected = run_both(batch, pa.TuningConfig(block_kv=64, num_stages=2, num_splits=3))
+    out, expected = run_both(batch, pa.TuningConfig(block_kv=64, num_stages=2, num_splits=3, direct=False))
     assert_close(out, expected)
 
 
@@ -122,7 +122,7 @@ def test_padding_rows_and_tokens_do_not_touch_real_rows(num_splits):
     qsl = padded[4].at[4:].set(jnp.asarray([12, 14, 15], jnp.int32))
     page_table = jnp.concatenate([clean[3], jnp.full((3, clean[3].shape[1]), 10_000, jnp.int32)])
     padded = (q, clean[1], clean[2], page_table, qsl, seq_lens, jnp.int32(3))
-    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=num_splits)
+    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=num_splits, direct=False)
     out_clean = pa.ragged_paged_attention(*clean, config=config, interpret=True)
     out_padded = pa.ragged_paged_attention(*padded, config=config, interpret=True)
     T = clean[0].shape[0]
@@ -136,7 +136,7 @@ def test_padding_rows_and_tokens_do_not_touch_real_rows(num_splits):
 def test_page_ids_in_smem(block_kv, splits):
     """A 32-page row copied into SMEM per tile: decodes, a prefill chunk, splits, random page order."""
     batch = make_batch(11, q_lens=[1, 12, 1, 1], seq_lens=[256, 40, 1, 130], page_size=8)
-    config = pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=splits)
+    config = pa.TuningConfig(block_kv=block_kv, num_stages=2, num_splits=splits, direct=False)
     assert pa.ids_in_smem(config, batch[3].shape[1], fp8=False)  # the default takes this row
     assert not pa.ids_in_smem(config, 12, fp8=False)  # a row the GPU copy cannot move: ids from GMEM
     out, expected = run_both(batch, config)
@@ -145,14 +145,15 @@ def test_page_ids_in_smem(block_kv, splits):
 
 def test_sliding_window_and_softcap():
     batch = make_batch(4, q_lens=[1, 12, 1], seq_lens=[100, 70, 37])
-    config = pa.TuningConfig(block_kv=32, num_stages=3, num_splits=2)
+    config = pa.TuningConfig(block_kv=32, num_stages=3, num_splits=2, direct=False)
     out, expected = run_both(batch, config, sliding_window=24, softcap=5.0)
     assert_close(out, expected)
 
 
 def test_gqa_group_8_head_dim_128():
     batch = make_batch(5, q_lens=[1, 9, 1], seq_lens=[100, 90, 1], K=1, G=8, H=128, page_size=32)
-    out, expected = run_both(batch, pa.TuningConfig(block_kv=64, num_stages=2, num_splits=2), sm_scale=0.1)
+    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=2, direct=False)
+    out, expected = run_both(batch, config, sm_scale=0.1)
     assert_close(out, expected)
 
 
@@ -161,7 +162,7 @@ def test_fp8_decode_batch(page_size, stages):
     seq_lens = [1, 2 * page_size, 3 * page_size - 5, 4 * page_size]
     batch = make_batch(20 + page_size, q_lens=[1] * 4, seq_lens=seq_lens, page_size=page_size, H=128)
     fp8, orig, scales = to_fp8(batch, 21)
-    out = pa.ragged_paged_attention(*fp8, **scales, config=pa.TuningConfig(64, stages, num_splits=1),
+    out = pa.ragged_paged_attention(*fp8, **scales, config=pa.TuningConfig(64, stages, num_splits=1, direct=False),
                                     interpret=True)
     assert_close(out, pa.paged_attention_reference(*fp8, **scales))
     assert_close(out, pa.paged_attention_reference(*orig), tol=FP8_TOL)
@@ -172,7 +173,7 @@ def test_fp8_mixed_decode_and_prefill_with_splits_window_softcap(convert_wg, con
     batch = make_batch(22, q_lens=[1, 20, 1, 17, 1], seq_lens=[90, 20, 1, 77, 128])
     fp8, orig, scales = to_fp8(batch, 23)
     kw = dict(sliding_window=50, softcap=4.0, sm_scale=0.3)
-    config = pa.TuningConfig(64, 3, num_splits=3, convert_wg=convert_wg, convert_ahead=convert_ahead)
+    config = pa.TuningConfig(64, 3, num_splits=3, convert_wg=convert_wg, convert_ahead=convert_ahead, direct=False)
     out = pa.ragged_paged_attention(*fp8, **scales, **kw, config=config, interpret=True)
     assert_close(out, pa.paged_attention_reference(*fp8, **scales, **kw))
     assert_close(out, pa.paged_attention_reference(*orig, **kw), tol=FP8_TOL)
@@ -189,7 +190,7 @@ def test_fp8_pipeline_has_no_races(convert_wg, convert_ahead, prefetch):
     batch = make_batch(26, q_lens=[1, 9, 1], seq_lens=[300, 200, 1], K=1, H=128)
     fp8, _, scales = to_fp8(batch, 27)
     config = pa.TuningConfig(64, 2, num_splits=1, convert_wg=convert_wg, convert_ahead=convert_ahead,
-                             prefetch_pages=prefetch)
+                             prefetch_pages=prefetch, direct=False)
     out = pa.ragged_paged_attention(*fp8, **scales, config=config, interpret=InterpretGPUParams(detect_races=True))
     assert not interpret_pallas_call.get_races().races_found
     assert_close(out, pa.paged_attention_reference(*fp8, **scales))
@@ -202,7 +203,7 @@ def test_fp8_scales_are_applied_per_kv_head():
     fp8, _, scales = to_fp8(batch, 25, spread=1.0)
     q, k8, v8, *rest = fp8
     half = lambda x: (x.astype(jnp.float32) / 2).astype(pa.FP8)  # exact: a power of two, no underflow at spread 1
-    config = pa.TuningConfig(64, 2, num_splits=1)
+    config = pa.TuningConfig(64, 2, num_splits=1, direct=False)
     out = pa.ragged_paged_attention(*fp8, **scales, config=config, interpret=True)
     out_rescaled = pa.ragged_paged_attention(q, half(k8), half(v8), *rest, k_scale=2 * scales["k_scale"],
                                              v_scale=2 * scales["v_scale"], config=config, interpret=True)
@@ -224,7 +225,7 @@ def test_stacked_cache_reads_the_named_layer():
     """The kernel indexes a traced layer of the stacked cache itself; first and last layer against the oracle."""
     L = 3
     q, k_cache, v_cache, page_table, qsl, sl, n = make_stacked(10, L, q_lens=[1, 9, 1], seq_lens=[70, 40, 33], K=1)
-    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=1)
+    config = pa.TuningConfig(block_kv=64, num_stages=2, num_splits=1, direct=False)
 
     @jax.jit
     def kernel(layer):
@@ -292,7 +293,7 @@ def test_ops_fp8_stacked_write_then_attend_backends_agree():
 def test_bad_arguments_raise():
     batch = make_batch(6, q_lens=[1], seq_lens=[5])
     with pytest.raises(ValueError, match="block_kv"):
-        pa.TuningConfig(block_kv=48)
+        pa.TuningConfig(block_kv=48, direct=False)
     with pytest.raises(ValueError, match="sliding_window"):
         pa.ragged_paged_attention(*batch, sliding_window=0)
     with pytest.raises(ValueError, match="query_start_loc"):
@@ -309,7 +310,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="v_scale.shape"):
         pa.ragged_paged_attention(*fp8, v_scale=scales["v_scale"][None])
     with pytest.raises(ValueError, match="unsupported"):  # fp8 converts 64-row tiles
-        pa.ragged_paged_attention(*fp8, config=pa.TuningConfig(block_kv=32))
+        pa.ragged_paged_attention(*fp8, config=pa.TuningConfig(block_kv=32, direct=False))
     with pytest.raises(ValueError, match="p_in_registers"):
         pa.ragged_paged_attention(*batch, config=pa.TuningConfig(p_in_registers=True), interpret=True)
 

@@ -70,7 +70,20 @@ def test_fuses_merge_rule():
     assert pa.fuses_merge(8, 4, 128, config) and pa.fuses_merge(1, 4, 64, config)
     assert not pa.fuses_merge(16, 4, 128, config)  # more splits than a portable cluster
     assert not pa.fuses_merge(8, 1, 128, config)  # a kv-head's rows of a token too few for the merge's vectors
-    assert not pa.fuses_merge(8, 4, 128, pa.TuningConfig())  # off by default (not faster on the H200)
+    assert not pa.fuses_merge(8, 4, 128, pa.TuningConfig())  # the cluster merge is off by default (not faster)
+    assert pa.fuses_merge(1, 4, 128, pa.TuningConfig())  # one split: the kernel writes the output by default
+    assert not pa.fuses_merge(1, 4, 128, pa.TuningConfig(merge_in_kernel=False))
+
+
+def test_direct_path_forced_on_a_large_decode_step():
+    """direct=True past 16 tokens (a decode step of 24 requests, one split: the kernel writes the output itself,
+    the default at one split), and a request with 3 tokens walked in passes."""
+    assert not pa.use_direct(24, 8, 24, pa.TuningConfig()) and pa.use_direct(24, 8, 24, pa.TuningConfig(direct=True))
+    batch = make_batch(12, q_lens=[1] * 20 + [3], seq_lens=[70, 40, 1, 128] * 5 + [60], num_rows=22, extra_tokens=0)
+    config = pa.TuningConfig(direct=True, num_splits=1)
+    assert pa.fuses_merge(1, 4, batch[0].shape[-1], config)
+    out, expected = run_both(batch, config)
+    assert_close(out, expected)
 
 
 @pytest.mark.gpu
