@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +33,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
 from kernels_pallas.paged_reference import paged_attention_reference  # noqa: F401  (re-exported)
-from kernels_pallas.paged_work import (LSE_COLS, META, ROWS, check_args, cluster_merge, default_splits,  # noqa: F401
-                                      fuses_merge, kv_scales, kv_split, merge, pack_queries, request_lengths,
-                                      shapes_supported, use_direct, work_list, zero_padding_rows)
+from kernels_pallas.paged_work import (LSE_COLS, META, PT_BOX, PT_SMEM_MAX, ROWS, check_args,  # noqa: F401
+                                      cluster_merge, default_splits, fuses_merge, ids_in_smem, kv_scales, kv_split,
+                                      merge, pack_queries, request_lengths, shapes_supported, use_direct, work_list,
+                                      zero_padding_rows)
 
 _LOG2E = math.log2(math.e)
-PT_SMEM_MAX = 2048  # page ids (8 KiB) a tile may copy into shared memory (TuningConfig.pages_in_smem)
-PT_BOX = 256  # TMA box limit per dimension
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +47,7 @@ class TuningConfig:
 
     block_kv: kv tokens per pipeline step (a whole number of pages; 64 or 128 keeps wgmma's N dimension legal).
     num_stages: shared-memory slots in the TMA ring; more slots keep more bytes in flight.
-    num_splits: kv splits per tile (flash-decoding); None picks one from the static shapes (`paged_work.default_splits`).
+    num_splits: kv splits per tile (flash-decoding); None: from the static shapes (`paged_work.default_splits`).
     convert_wg: fp8 cache only: a second warpgroup issues the TMAs and converts each fp8 block to f16 while the
         first runs the wgmmas and the softmax (False: one warpgroup does both, in turn).
     p_in_registers: P is the register A operand of the PV wgmma instead of going through shared memory. GPU only:
@@ -60,20 +58,18 @@ class TuningConfig:
     pages_in_smem: each tile first copies its request's page-table row into shared memory (TMA, next to q's), so
         the refills read page ids from SMEM instead of GMEM. Needs a row of <= PT_SMEM_MAX ids, a multiple of 32;
         otherwise (and with convert_wg) the ids come from GMEM.
-    q_in_registers: QK^T takes q as its register A operand, loaded once per tile; q's shared memory is then
-        reused by the ring (filled after q is read), 16 KiB less per CTA, so that a 3-slot bf16 ring still fits
-        two CTAs per SM. GPU only, like p_in_registers; not with convert_wg.
+    q_in_registers: QK^T takes q as its register A operand; q's SMEM (16 KiB) then serves the ring, filled after
+        q is read. GPU only, like p_in_registers; not with convert_wg (measured: no gain).
     direct: each CTA derives its (request, split) work from query_start_loc / seq_lens and reads q and writes
         its output in q's own [T * N, H] order, a tile being ROWS // N whole tokens with all N heads: no work-list
-        and no packing kernels. Needs 64 % N == 0 and N % 8 == 0. None: on when `use_direct` says so from the
-        static shapes (small steps, and steps with one token slot per request slot, i.e. decode).
+        and no packing kernels. Needs 64 % N == 0 and N % 8 == 0. None: for steps of <= 16 tokens (`use_direct`);
+        True also pays for larger decode-only steps.
     merge_in_kernel: direct path: the kernel writes the final [T, N, H] itself, one kernel per call. With one split
         that is only where its rows go; with 2-8 splits the splits of a (request, kv-head) form one cluster, each
         stores its rows and lse, a cluster barrier publishes them and one CTA merges them
         (`paged_work.cluster_merge`). None (default): with one split only (measured faster on the H200); the
         cluster merge was not (docs/kernels/paged_attention.md). False: always merge with jnp after the kernel.
-    profile_dir: GPU diagnostics: record the kernel's phases (jax.named_scope regions) per warpgroup into a
-        trace in this directory (Mosaic GPU's profiler).
+    profile_dir: GPU diagnostics: a per-warpgroup trace of the kernel's named phases (Mosaic GPU's profiler).
     """
 
     block_kv: int = 64
@@ -439,13 +435,6 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
                  num_tokens)
 
 
-def ids_in_smem(config, max_pages, fp8) -> bool:
-    """Whether the page-table row goes to SMEM (`pages_in_smem`). The GPU lowering of that 1-D copy moves whole
-    128-byte chunks across the warpgroup, so the row must be a multiple of 32 ids."""
-    return (config.pages_in_smem and not (fp8 and config.convert_wg) and max_pages <= PT_SMEM_MAX
-            and max_pages % 32 == 0)
-
-
 def _call_kernel(work, seq_lens, num_seqs, layer, page_table, q_packed, k_pages, v_pages, v_scale, *, group, config,
                  num_work, num_splits, scale, sliding_window, softcap, interpret, direct, out_dtype):
     # v_scale [K] f32 or None: given exactly when the merge is fused into the kernel (direct path)
@@ -609,16 +598,3 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
                 v_scale=v_scale, out_dtype=q.dtype)
     return out.reshape(T, N, H)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark: python scripts/bench_kernels.py paged [--out DIR] [--quick] [--fp8] [--stacked]
-
-
-def main(argv=()):
-    """Sweeps configs, checks them against the reference, times the baseline, writes JSON (paged_bench.py)."""
-    from kernels_pallas import paged_bench
-    return paged_bench.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

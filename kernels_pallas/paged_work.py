@@ -64,6 +64,17 @@ DIRECT_MAX_TOKENS = 16  # engine buckets of 8 and 16 tokens (batch 1 to 16 decod
 MAX_CLUSTER = 8  # CTAs per cluster that every Hopper part runs (the portable limit)
 
 
+PT_SMEM_MAX = 2048  # page ids (8 KiB) a tile may copy into shared memory (TuningConfig.pages_in_smem)
+PT_BOX = 256  # TMA box limit per dimension
+
+
+def ids_in_smem(config, max_pages, fp8) -> bool:
+    """Whether the page-table row goes to SMEM (`pages_in_smem`). The GPU lowering of that 1-D copy moves whole
+    128-byte chunks across the warpgroup, so the row must be a multiple of 32 ids."""
+    return (config.pages_in_smem and not (fp8 and config.convert_wg) and max_pages <= PT_SMEM_MAX
+            and max_pages % 32 == 0)
+
+
 def fuses_merge(num_splits, group, H, config) -> bool:
     """Whether the direct path merges its splits inside the kernel: at most a cluster of splits, and a kv-head's G
     rows of a token fill whole 128-thread vectors of the merge's registers."""

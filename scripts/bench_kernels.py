@@ -8,7 +8,7 @@ import sys
 
 KERNELS = {
     "attention": "kernels_pallas.flash_attention",
-    "paged": "kernels_pallas.paged_attention",
+    "paged": "kernels_pallas.paged_bench",
     "quant": "kernels_pallas.quant_matmul",
     "skinny": "kernels_pallas.skinny_matmul",
 }
