@@ -14,7 +14,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.runner import ModelRunner
+from engine.runner import VARIANTS, ModelRunner, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
 from ie_jax.detokenizer import IncrementalDetokenizer
 from ie_jax.sampling import SamplingParams
@@ -25,7 +25,8 @@ class LLMEngine:
     def __init__(self, model: nnx.Module, tokenizer, config: EngineConfig | None = None, *, warmup: bool = True,
                  progress: bool = True, owns_model: bool = False, background_extras: bool = False):
         """`owns_model`: the engine may release the model's stacked layer weights (see ModelRunner).
-        `background_extras`: compile the argmax-only step variants after start-up (see ModelRunner.warmup)."""
+        `background_extras` (the server): compile every cheaper step variant (runner.VARIANTS) on a background
+        thread after start-up; otherwise only the argmax-only one, before returning (see ModelRunner.warmup)."""
         self.config = config = config or EngineConfig()
         self.model_config = model.config
         if config.max_model_len > model.config.max_position_embeddings:
@@ -45,7 +46,8 @@ class LLMEngine:
         self.last_step_times: dict[str, float] = {}
         self.in_flight = None  # (SchedulerOutput, sample rows, device result) of the step not yet read back
         if warmup:
-            self.runner.warmup(progress, background_extras=background_extras)
+            self.runner.warmup(progress, background_extras=background_extras,
+                               extra_variants=VARIANTS[1:] if background_extras else ("greedy",))
 
     # ------------------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -114,9 +116,9 @@ class LLMEngine:
                     self.runner.assign_slot(request)
             inp, samples = self.runner.prepare(out)
             t1 = time.perf_counter()
-            # the argmax-only executable: every row greedy and none asking for logprobs
-            greedy = all(r.sampling_params.greedy and r.sampling_params.logprobs is None for r, _ in out.scheduled)
-            res = self.runner.run(inp, greedy)  # asynchronous
+            # the cheapest sampler these rows allow (argmax only, no sort, no logprobs, ...)
+            variant = step_variant([r.sampling_params for r, _ in out.scheduled], self.model_config.vocab_size)
+            res = self.runner.run(inp, variant)  # asynchronous
             t_dispatch = time.perf_counter() - t1
             self.scheduler.update(out)
             for (request, n), sampled in zip(out.scheduled, samples):

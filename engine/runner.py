@@ -127,6 +127,30 @@ _LOWERING_LOCK = threading.Lock()
 STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 STEP_STATIC_ARGNUMS = (0, 7, 8, 9)  # graphdef, input layout, num_logprobs, sample mode
 
+# The step's sampler variants, each one executable per bucket: name -> (sampler mode, logprobs). "full" serves any
+# step and every bucket has it. Decode-sized buckets can also have the cheaper ones, each for the steps whose rows
+# allow it (`step_variant`); they give the same tokens as "full" on those steps. On one H100 at 256 rows and a
+# 152k vocabulary, the sort behind top-k / top-p took 3.1 ms of a 4.4 ms sampler; on the H200 the top-20 logprobs
+# that "full" computes took 1.7 ms of a 12.4 ms 8B decode step.
+#   full    the sort and the top-`max_logprobs` logprobs: whatever the rows ask
+#   greedy  every row greedy, none asking for logprobs: argmax only
+#   sort    no row asking for logprobs: top-k / top-p / min-p / temperature draws, no log-softmax or top-k logprobs
+#   draw    as sort, and no sampled row asking for top-k or top-p: no sort of the vocabulary either
+VARIANTS = ("full", "greedy", "sort", "draw")
+FALLBACK = {"greedy": "full", "sort": "full", "draw": "sort"}  # a variant not (yet) compiled -> the next one
+
+
+def step_variant(params, vocab_size: int) -> str:
+    """The cheapest variant that serves a step whose rows have these SamplingParams."""
+    if any(p.logprobs is not None for p in params):
+        return "full"
+    if all(p.greedy for p in params):
+        return "greedy"
+    if any(not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1) for p in params):
+        return "sort"
+    return "draw"
+
+
 _CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}
 _cache_counts = {"cache_hits": 0, "cache_misses": 0}  # persistent compilation cache lookups in this process
 
@@ -188,8 +212,8 @@ class ModelRunner:
         # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
         self._step = jax.jit(_step, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
                              compiler_options=STEP_COMPILER_OPTIONS)
-        self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}
-        self.extras_thread: threading.Thread | None = None  # compiles argmax-only variants (warmup, background)
+        self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}  # (T, R, variant)
+        self.extras_thread: threading.Thread | None = None  # compiles the cheaper variants (warmup, background)
         # Seconds summed over warm-up's worker threads (trace + lower, XLA compile or cache load) and the
         # persistent compilation cache's hits / misses, for the start-up log.
         self.warmup_times = {"lower": 0.0, "compile": 0.0, "cache_hits": 0, "cache_misses": 0}
@@ -243,58 +267,77 @@ class ModelRunner:
                 return T, R
         raise AssertionError(f"{num_tokens=} exceeds every bucket")
 
-    def warmup(self, progress: bool = True, max_workers: int | None = None, background_extras: bool = False) -> None:
+    def warmup(self, progress: bool = True, max_workers: int | None = None, background_extras: bool = False,
+               extra_variants: tuple[str, ...] = ("greedy",)) -> None:
         """Compile every (T, R) bucket ahead of time, several at once (XLA compiles outside the GIL), so that
         serving never compiles: `run` calls only these executables and a shape outside them is an error.
 
-        Every bucket gets the full sampler; decode-sized buckets (T <= max_num_seqs) also get an argmax-only variant
-        for all-greedy steps without logprobs, where the sampler's sort, the log-softmax and the top-k logprobs
-        over the vocabulary would be a visible share of the step. Larger buckets are
-        prefill-heavy steps, where it is not, so they skip the second variant (start-up time: each executable costs
-        a trace under the GIL even when the compilation cache has it).
+        Every bucket gets the "full" sampler; decode-sized buckets (T <= max_num_seqs) also get `extra_variants`
+        (VARIANTS), where the sampler's sort, log-softmax and top-k logprobs over the vocabulary would be a visible
+        share of the step. Larger buckets are prefill-heavy steps, where they are not, so they skip them (start-up
+        time: each executable costs a trace under the GIL even when the compilation cache has it).
 
-        `background_extras` (the server): only the full-sampler executables are built before returning; the
-        argmax-only variants compile on a background thread and `run` picks each up once it exists. Until then
-        greedy steps run the full sampler, which gives the same tokens."""
-        workers = max_workers or min(8, os.cpu_count() or 1)
-        args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
-
-        def compile_bucket(key):
-            T, R, mode = key
-            t0 = time.perf_counter()
-            with _LOWERING_LOCK:
-                inp = self._empty_inputs(T, R)
-                num_logprobs = 0 if mode == "greedy" else self.config.max_logprobs
-                lowered = self._step.lower(*args, inp.pack(), inp.layout(), num_logprobs, mode, self.layer_states)
-            t1 = time.perf_counter()
-            executable = lowered.compile()
-            return key, executable, (t1 - t0, time.perf_counter() - t1)
-
-        counts_before = dict(_cache_counts)
-        keys = [(T, R, "sample") for T, R in self.config.buckets]
-        extras = [(T, R, "greedy") for T, R in self.config.buckets if T <= self.config.max_num_seqs]
+        `background_extras` (the server): only the full-sampler executables are built before returning; the extra
+        variants compile on a background thread and `run` picks each up once it exists. Until then their steps
+        run the next variant that exists (FALLBACK), which gives the same tokens."""
+        keys = [(T, R, "full") for T, R in self.config.buckets]
+        extras = self._variant_keys(extra_variants)
         if not background_extras:
             keys, extras = keys + extras, []
+        self._compile(keys, progress, max_workers)
+        extras = [k for k in extras if k not in self.executables]
+        if extras:
+            def compile_extras():
+                with ThreadPoolExecutor(2) as pool:
+                    for key, executable, _ in pool.map(self._compile_key, extras):
+                        self.executables[key] = executable  # one dict store: atomic for the engine thread
+
+            self.extras_thread = threading.Thread(target=compile_extras, name="compile-variants", daemon=True)
+            self.extras_thread.start()
+        self.check_headroom()
+
+    def ensure_variants(self, variants, progress: bool = True) -> None:
+        """Compile now whichever of these variants the decode-sized buckets lack (offline generate: its requests
+        are known up front, so it builds what they will use before the first step, and nothing compiles later)."""
+        if self.extras_thread is not None:
+            self.extras_thread.join()  # never compile a key twice
+        self._compile([k for k in self._variant_keys(variants) if k not in self.executables], progress)
+
+    def _variant_keys(self, variants) -> list[tuple[int, int, str]]:
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown step variants {sorted(unknown)}; expected some of {VARIANTS}")
+        return [(T, R, v) for v in variants if v != "full" for T, R in self.config.buckets
+                if T <= self.config.max_num_seqs]
+
+    def _compile_key(self, key):
+        T, R, variant = key
+        mode, num_logprobs = {"full": ("sample", self.config.max_logprobs), "greedy": ("greedy", 0),
+                              "sort": ("sample", None), "draw": ("draw", None)}[variant]
+        args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
+        t0 = time.perf_counter()
+        with _LOWERING_LOCK:
+            inp = self._empty_inputs(T, R)
+            lowered = self._step.lower(*args, inp.pack(), inp.layout(), num_logprobs, mode, self.layer_states)
+        t1 = time.perf_counter()
+        executable = lowered.compile()
+        return key, executable, (t1 - t0, time.perf_counter() - t1)
+
+    def _compile(self, keys, progress: bool = True, max_workers: int | None = None) -> None:
         keys = [k for k in keys if k not in self.executables]
+        if not keys:
+            return
+        workers = max_workers or min(8, os.cpu_count() or 1)
+        counts_before = dict(_cache_counts)
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc="compiling step buckets",
                                                        disable=not progress, leave=False) as bar:
-            for key, executable, (lower_s, compile_s) in pool.map(compile_bucket, keys):
+            for key, executable, (lower_s, compile_s) in pool.map(self._compile_key, keys):
                 self.executables[key] = executable
                 self.warmup_times["lower"] += lower_s
                 self.warmup_times["compile"] += compile_s
                 bar.update()
         for k in counts_before:
             self.warmup_times[k] += _cache_counts[k] - counts_before[k]
-        extras = [k for k in extras if k not in self.executables]
-        if extras:
-            def compile_extras():
-                with ThreadPoolExecutor(2) as pool:
-                    for key, executable, _ in pool.map(compile_bucket, extras):
-                        self.executables[key] = executable  # one dict store: atomic for the engine thread
-
-            self.extras_thread = threading.Thread(target=compile_extras, name="compile-greedy", daemon=True)
-            self.extras_thread.start()
-        self.check_headroom()
 
     def num_compiled(self) -> int:
         """Executables built so far (the jitted function's own cache stays empty: every call is ahead-of-time)."""
@@ -380,15 +423,16 @@ class ModelRunner:
         inp.query_start_loc[len(out.scheduled) + 1:] = pos
         return inp.replace(num_seqs=np.int32(len(out.scheduled))), samples
 
-    def run(self, inp: StepInputs, greedy: bool = False):
-        """Dispatch one step (asynchronously); returns the device-side sample output. `greedy`: every row of the
-        step is greedy and none asked for logprobs, so the argmax-only executable serves it (no log-softmax, no
-        top-k over the vocabulary: at 256 rows those are a visible share of the step)."""
+    def run(self, inp: StepInputs, variant: str = "full"):
+        """Dispatch one step (asynchronously); returns the device-side sample output. `variant` (step_variant):
+        the cheapest sampler the step's rows allow; where that executable does not exist (yet), the next one in
+        FALLBACK serves the step, with the same tokens."""
         T, R = inp.input_ids.shape[0], inp.seq_lens.shape[0]
-        if (T, R, "sample") not in self.executables:
+        if (T, R, "full") not in self.executables:
             self.warmup(progress=False)  # only when warm-up was skipped: compile everything once, now
-        mode = "greedy" if greedy and (T, R, "greedy") in self.executables else "sample"
-        step = self.executables[(T, R, mode)]
+        while (T, R, variant) not in self.executables:
+            variant = FALLBACK[variant]
+        step = self.executables[(T, R, variant)]
         self.caches, self.counts, self.last_tokens, res = step(self.state, self.caches, self.counts,
                                                               self.last_tokens, self.prompt_mask,
                                                               jax.device_put(inp.pack(), self.device),

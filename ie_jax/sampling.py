@@ -231,15 +231,17 @@ def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
-def _draw(penalised: jax.Array, t: SamplingTensors, device_branches: bool = True) -> jax.Array:
-    """Samples one token per row with temperature, top-k, top-p and min-p. [B, V] -> [B] i32."""
+def _draw(penalised: jax.Array, t: SamplingTensors, device_branches: bool = True, sort: bool = True) -> jax.Array:
+    """Samples one token per row with temperature, top-k, top-p and min-p. [B, V] -> [B] i32. `sort=False` is
+    for batches where no sampled row asks for top-k or top-p: the filters would keep every token, so the sort
+    is skipped (same tokens)."""
     vocab_size = penalised.shape[-1]
     temperature = jnp.where(t.temperature > 0, t.temperature, 1.0)  # greedy rows are discarded by the caller
     scaled = penalised / temperature[:, None]  # [B, V]
     if device_branches:
         needs_sort = jnp.any((t.top_k > 0) | (t.top_p < 1))
         scaled = lax.cond(needs_sort, _top_k_top_p, lambda s, k, p: s, scaled, t.top_k, t.top_p)
-    else:
+    elif sort:
         scaled = _top_k_top_p(scaled, t.top_k, t.top_p)
 
     # min-p: prob < min_p * max prob  <=>  logit < max logit + log(min_p). The ratio of two kept probabilities
@@ -257,10 +259,10 @@ def _draw(penalised: jax.Array, t: SamplingTensors, device_branches: bool = True
     return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
 
-SAMPLE_MODES = ("auto", "greedy", "sample")
+SAMPLE_MODES = ("auto", "greedy", "sample", "draw")
 
 
-def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0, mode: str = "auto") -> SampleOutput:
+def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0, mode: str = "auto") -> SampleOutput:
     """Draws one token per row of `logits` [B, V] (any float dtype; computed in f32) under the rows' parameters.
 
     Order of operations, per row:
@@ -270,13 +272,16 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0, mode: s
       4. greedy rows (temperature 0) take the argmax of the penalised logits; the others go on:
       5. divide by temperature → top-k → top-p → min-p → sample.
     Logprobs always come from the raw logits (vLLM's default "raw_logprobs"). `num_logprobs` is static: the
-    most any row in the batch asked for; rows that asked for fewer slice their share on the host.
+    most any row in the batch asked for; rows that asked for fewer slice their share on the host. None: no row
+    asked for logprobs at all, so not even the sampled token's is computed (`logprobs` comes back as zeros).
 
     `mode` (static) says how the all-greedy and no-top-k/top-p shortcuts are taken:
       auto    chosen on device with lax.cond (one compiled function for every batch);
       greedy  every row is greedy: argmax only, nothing else is computed (with num_logprobs 0, not even the
               log-softmax: `logprobs` comes back as zeros);
-      sample  no device branches: the sort runs whatever the rows ask.
+      sample  no device branches: the sort runs whatever the rows ask;
+      draw    no device branches and no sort: no sampled row asks for top-k or top-p (their values are then
+              ignored, so a row that does ask gets an unfiltered draw).
     On GPUs, XLA runs lax.cond by reading the predicate back to the host, which stalls the launching thread until
     the step reaches that point; the engine picks "greedy" or "sample" per step instead.
     """
@@ -285,19 +290,20 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0, mode: s
     num_rows, vocab_size = logits.shape
     if t.output_counts.shape != (num_rows, vocab_size):
         raise ValueError(f"{logits.shape=} does not match {t.output_counts.shape=}")
-    if not 0 <= num_logprobs <= vocab_size:
-        raise ValueError(f"{num_logprobs=} must be in [0, {vocab_size=}]")
+    if num_logprobs is not None and not 0 <= num_logprobs <= vocab_size:
+        raise ValueError(f"{num_logprobs=} must be None or in [0, {vocab_size=}]")
 
     logits = logits.astype(jnp.float32)  # [B, V]
-    want_logprobs = mode != "greedy" or num_logprobs > 0
+    want_logprobs = num_logprobs is not None and (mode != "greedy" or num_logprobs > 0)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if want_logprobs else None  # [B, V]
     penalised = apply_penalties(logits, t)
     greedy_ids = jnp.argmax(penalised, axis=-1).astype(jnp.int32)  # [B]
     is_greedy = t.temperature <= 0
     if mode == "greedy":
         token_ids = greedy_ids
-    elif mode == "sample":
-        token_ids = jnp.where(is_greedy, greedy_ids, _draw(penalised, t, device_branches=False))
+    elif mode in ("sample", "draw"):
+        token_ids = jnp.where(is_greedy, greedy_ids, _draw(penalised, t, device_branches=False,
+                                                            sort=mode == "sample"))
     else:  # An all-greedy batch skips the noise and the sort at run time; the branch is chosen on device.
         token_ids = lax.cond(jnp.all(is_greedy), lambda: greedy_ids,
                              lambda: jnp.where(is_greedy, greedy_ids, _draw(penalised, t)))

@@ -59,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=0)
-    ap.add_argument("--mode", default="greedy", choices=["greedy", "sample"])
+    ap.add_argument("--mode", default="greedy", choices=["greedy", "sample", "draw"])
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--layers", default="unrolled", choices=["scan", "unrolled"],

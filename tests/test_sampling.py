@@ -335,3 +335,31 @@ def test_greedy_mode_computes_logprobs_only_when_asked():
     np.testing.assert_allclose(asked.top_logprobs, full.top_logprobs, rtol=1e-6)
     want = jax.nn.log_softmax(logits, axis=-1)[jnp.arange(5), bare.token_ids]
     np.testing.assert_allclose(asked.logprobs, want, rtol=1e-6)
+
+
+def test_draw_mode_and_no_logprobs_match_the_full_sampler():
+    """mode="draw" (no sort) draws what mode="sample" draws when no sampled row asks for top-k or top-p, over many
+    seeds; num_logprobs=None returns the same tokens with no logprobs at all. With a nucleus row, draw differs
+    from sample on some seed (it ignores top-p): the engine never gives it such a step (runner.step_variant)."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(6, 40)).astype(np.float32) * 2)
+    for seed in range(8):
+        rows = [SamplingParams(temperature=0.0, top_p=0.3), SamplingParams(temperature=0.7, seed=seed),
+                SamplingParams(temperature=1.3, min_p=0.05, seed=seed + 100),
+                SamplingParams(temperature=1.0, top_k=-1, seed=seed + 200),
+                SamplingParams(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5, seed=seed + 300),
+                SamplingParams(temperature=0.0)]
+        t = SamplingTensors.from_params(rows, [[1, 2]] * 6, [[3, 4]] * 6, 40)
+        full = sample(logits, t, 2, "sample")
+        for mode in ("sample", "draw"):
+            bare = sample(logits, t, None, mode)
+            np.testing.assert_array_equal(bare.token_ids, full.token_ids)
+            np.testing.assert_array_equal(bare.logprobs, np.zeros(6, np.float32))
+            assert bare.top_ids.shape == (6, 0)
+    differs = False
+    for seed in range(16):
+        t = SamplingTensors.from_params([SamplingParams(temperature=1.5, top_p=0.2, seed=seed)] * 6, [[1]] * 6,
+                                        [[2]] * 6, 40)
+        differs |= not np.array_equal(sample(logits, t, None, "draw").token_ids,
+                                      sample(logits, t, None, "sample").token_ids)
+    assert differs

@@ -145,7 +145,10 @@ def test_step_executables_hold_no_device_conditionals(tiny):
     step and breaks host/device overlap; the engine's compiled steps must contain none."""
     llm = make_llm(tiny, token_buckets=(4, 64))
     executables = llm.engine.runner.executables
-    assert sorted(executables) == [(4, 4, "greedy"), (4, 4, "sample"), (64, 4, "sample")]
+    llm.generate(PROMPTS[:2], [SamplingParams(temperature=0.7, max_tokens=2),
+                               SamplingParams(temperature=0.7, top_k=5, max_tokens=2)], use_tqdm=False)
+    assert sorted(executables) == [(4, 4, "draw"), (4, 4, "full"), (4, 4, "greedy"), (4, 4, "sort"),
+                                   (64, 4, "full")]
     for key, executable in executables.items():
         assert "conditional(" not in executable.as_text(), key
 
@@ -181,21 +184,58 @@ def test_engine_that_loads_its_model_releases_the_stacked_weights():
     assert len(out[0].token_ids) == 10
 
 
-def test_background_compile_of_greedy_variants(tiny):
-    """The server's start-up builds only the full-sampler steps; the argmax-only variants arrive on a background
-    thread, and greedy requests give the same tokens before and after they do."""
+def test_background_compile_of_step_variants(tiny):
+    """The server's start-up builds only the full-sampler steps; the cheaper variants (argmax only, no logprobs,
+    no sort) arrive on a background thread, and requests give the same tokens before and after they do."""
     model, tok = tiny
     config = EngineConfig(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, page_size=8,
                           token_buckets=(4, 64))
     engine = LLMEngine(model, tok, config, progress=False, background_extras=True)
     runner = engine.runner
-    assert {(4, 4, "sample"), (64, 4, "sample")} <= set(runner.executables)
-    runner.extras_thread.join(timeout=300)
-    assert sorted(runner.executables) == [(4, 4, "greedy"), (4, 4, "sample"), (64, 4, "sample")]
+    assert {(4, 4, "full"), (64, 4, "full")} <= set(runner.executables)
     llm = make_llm(tiny, token_buckets=(4, 64))
-    want = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    seeded = SamplingParams(temperature=0.9, max_tokens=10, seed=11, ignore_eos=True)
+    want = [[o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)] for params in (GREEDY, seeded)]
+    runner.extras_thread.join(timeout=300)
+    assert sorted(runner.executables) == [(4, 4, "draw"), (4, 4, "full"), (4, 4, "greedy"), (4, 4, "sort"),
+                                          (64, 4, "full")]
     llm.engine = engine
-    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
+    assert [[o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+            for params in (GREEDY, seeded)] == want
+
+
+def test_step_variant_is_the_cheapest_that_serves_every_row():
+    from engine.runner import step_variant
+    V = 300
+    greedy, draw = SamplingParams(temperature=0.0, top_p=0.5), SamplingParams(temperature=0.7, top_k=-1)
+    nucleus, top_k, full_k = (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, top_k=5),
+                              SamplingParams(temperature=0.7, top_k=V))
+    assert step_variant([greedy], V) == "greedy"  # a greedy row's top_p is never used
+    assert step_variant([greedy, draw], V) == "draw"
+    assert step_variant([greedy, full_k], V) == "draw"  # top-k of the whole vocabulary filters nothing
+    assert step_variant([draw, nucleus], V) == step_variant([top_k, greedy], V) == "sort"
+    assert step_variant([greedy, SamplingParams(temperature=0.0, logprobs=0)], V) == "full"
+    assert step_variant([draw, SamplingParams(temperature=0.7, logprobs=2)], V) == "full"
+
+
+@pytest.mark.parametrize("variant", ["sort", "draw"])
+def test_cheaper_variants_sample_the_same_tokens_as_the_full_one(tiny, variant):
+    """Offline generate compiles the variant its requests use before the first step (nothing compiles during the
+    run), and that variant draws the same seeded tokens as the full sampler does (an engine without it)."""
+    params = [SamplingParams(temperature=0.8, max_tokens=12, seed=5 + i, ignore_eos=True,
+                             top_p=0.85 if variant == "sort" and i % 2 else 1.0,
+                             repetition_penalty=1.2 if i == 2 else 1.0) for i in range(len(PROMPTS))]
+    params[3] = dataclasses.replace(params[3], temperature=0.0)  # a greedy row in the sampled steps
+    full = make_llm(tiny, token_buckets=(4, 64))
+    full.engine.runner.ensure_variants = lambda variants, progress=True: None  # keeps it on "full"
+    want = [o.token_ids for o in full.generate(PROMPTS, params, use_tqdm=False)]
+    assert all((4, 4, v) not in full.engine.runner.executables for v in ("sort", "draw"))
+    llm = make_llm(tiny, token_buckets=(4, 64))
+    ran, run = [], llm.engine.runner.run
+    llm.engine.runner.run = lambda inp, v="full": (ran.append(v), run(inp, v))[1]
+    got = [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert (4, 4, variant) in llm.engine.runner.executables
+    assert variant in ran and got == want
 
 
 def test_warmup_lowers_one_bucket_at_a_time(tiny):

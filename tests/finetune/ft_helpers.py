@@ -1,8 +1,6 @@
 """Shared tiny set-ups for the fine-tuning tests (a 2-layer Llama / GPT-2 over the byte tokenizer)."""
 from __future__ import annotations
 
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +9,6 @@ from flax import nnx
 import ie_jax
 from finetune.formats import tokenize_sft
 
-
-# Trainers compile the same step again and again across tests (each instance jits its own closures); the persistent
-# compilation cache turns the repeats into cache hits. The directory is this process's own: a cache shared across
-# runs was read while a killed or concurrent run had left an entry half-written, and the reader crashed.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ie_jax_ft_test_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 _CACHE = {}
 

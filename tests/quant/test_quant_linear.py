@@ -155,12 +155,21 @@ PACKED_CONFIGS = {"int8": QuantConfig("int8", 8), "awq-128": QuantConfig("awq", 
 
 
 @pytest.mark.parametrize("name", sorted(PACKED_CONFIGS))
-def test_linear_dispatch_reference_on_cpu_kernel_under_interpret(name):
+def test_linear_dispatch_reference_on_cpu_kernel_under_interpret(name, monkeypatch):
     """The Linear holds the kernel's packed layout. Backend auto on CPU runs XLA's dequantize-then-dot on it, equal
     to the format reference on the unpacked weights; backend interpret sends a decode-sized bf16 call through the
     kernel body, which still matches it; above 64 rows even the forced backend falls back to XLA."""
     from kernels_pallas import ops
+    from kernels_pallas import quant_matmul as qm
     from kernels_pallas.quant_matmul import PackedInt4, PackedInt8
+    kernel_rows = []  # the row count of every call that reached the kernel
+    kernel = qm.quant_matmul
+
+    def counted(rows, *args, **kwargs):
+        kernel_rows.append(rows.shape[0])
+        return kernel(rows, *args, **kwargs)
+
+    monkeypatch.setattr(qm, "quant_matmul", counted)
     quant = PACKED_CONFIGS[name]
     lin = make_linear(256, 128, bias=False, axes=("embed", "mlp"), dtype=jnp.bfloat16, rngs=nnx.Rngs(4), quant=quant)
     if quant.desc_act:  # a real act-order permutation, not the identity of round-to-nearest
@@ -171,14 +180,16 @@ def test_linear_dispatch_reference_on_cpu_kernel_under_interpret(name):
     expected = _format_reference(lin, x, jnp.float32)
     np.testing.assert_allclose(np.asarray(lin(x, out_dtype=jnp.float32)), np.asarray(expected), rtol=1e-5,
                                atol=1e-5)
+    assert kernel_rows == []  # auto on CPU: XLA only
     with ops.kernel_backend("interpret"):
         got = lin(x, out_dtype=jnp.float32)
+        assert kernel_rows == [6]  # the 2 x 3 decode rows went through the kernel body
         big = jax.random.normal(jax.random.key(6), (65, 256), jnp.bfloat16)
         np.testing.assert_allclose(np.asarray(lin(big, out_dtype=jnp.float32)),
                                    np.asarray(_format_reference(lin, big, jnp.float32)), rtol=1e-5, atol=1e-5)
+        assert kernel_rows == [6]  # 65 rows: XLA
     assert got.shape == (2, 3, 128) and got.dtype == jnp.float32
     assert _rel(got, expected) < 1e-2
-    assert not np.array_equal(np.asarray(got), np.asarray(expected))  # another code path
 
 
 @pytest.mark.parametrize("quant", [QuantConfig("int8", 8), QuantConfig("awq", 4, 32), QuantConfig("awq", 4, 64),
