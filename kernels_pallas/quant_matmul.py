@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.skinny_matmul import interpret_kwargs, split_count
+from kernels_pallas.skinny_matmul import interpret_kwargs, split_count, store_tile
 
 MAX_M = 64
 _XS_COLS = MAX_M  # scale_after's per-step x sums, padded to 256-byte rows (TMA destinations are 128-byte aligned)
@@ -285,15 +285,7 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
             plgpu.barrier_wait(sum_bar[0])
             o_smem[...] = o_smem[...] + acc
 
-    def store():
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[s_idx, n_cols])
-        plgpu.wait_smem_to_gmem(0)
-
-    if consumers > 1:
-        pl.when(wg == 0)(store)  # warpgroup 0 holds the sum
-    else:
-        store()
+    store_tile(o_smem, out_ref.at[s_idx, n_cols], wg, consumers)
 
 
 def _operands(packed):

@@ -184,9 +184,15 @@ def _kernel(x_ref, w_ref, out_ref, x_smem, w_smem, o_smem, bars, *sum_bar, block
 
     pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
 
+    store_tile(o_smem, out_ref.at[s_idx, n_cols], wg, consumers)
+
+
+def store_tile(o_smem, dst, wg, consumers: int) -> None:
+    """The kernels' epilogue: the output tile from SMEM to its place in GMEM, by warpgroup 0 alone when several
+    consumer warpgroups summed their partials into it."""
     def store():
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[s_idx, n_cols])
+        plgpu.copy_smem_to_gmem(o_smem, dst)
         plgpu.wait_smem_to_gmem(0)
 
     if consumers > 1:
