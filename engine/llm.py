@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import ie_jax
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.runner import step_variant
+from engine.runner import row_variant
 from ie_jax.generate import CompletionOutput, GenerateOutput
 from ie_jax.sampling import SamplingParams
 
@@ -43,10 +43,10 @@ class LLM:
         params = [p or SamplingParams() for p in params]
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        # The step variants these requests can use, compiled now if missing (a step's variant is the costliest of
-        # its rows'): the sampling loop below then never compiles.
+        # The step variants these requests can use (a step's is the costliest of its rows'), compiled now if
+        # missing: the sampling loop below then never compiles.
         vocab = self.engine.model_config.vocab_size
-        self.engine.runner.ensure_variants({step_variant([p], vocab) for p in params}, progress=use_tqdm)
+        self.engine.runner.ensure_variants({row_variant(p, vocab) for p in params}, progress=use_tqdm)
         batch = next(self._ids)
         rows = {}
         for i, (prompt, p) in enumerate(zip(prompts, params)):

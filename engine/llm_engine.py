@@ -14,7 +14,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.runner import VARIANTS, ModelRunner, step_variant
+from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
 from ie_jax.detokenizer import IncrementalDetokenizer
 from ie_jax.sampling import SamplingParams
@@ -66,7 +66,8 @@ class LLMEngine:
         if self.config.max_queue is not None and len(self.scheduler.waiting) >= self.config.max_queue:
             raise OverflowError(f"the waiting queue is full ({self.config.max_queue} requests)")
         seed = params.seed if params.seed is not None else int(self.rng.integers(2**32))
-        request = Request(request_id, ids, params, seed, self.eos_token_ids, priority)
+        request = Request(request_id, ids, params, seed, self.eos_token_ids, priority,
+                          variant=row_variant(params, self.model_config.vocab_size))
         self.scheduler.add(request)
         self.detokenizers[request_id] = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                                          if self.tokenizer is not None else None)
@@ -117,8 +118,7 @@ class LLMEngine:
             inp, samples = self.runner.prepare(out)
             t1 = time.perf_counter()
             # the cheapest sampler these rows allow (argmax only, no sort, no logprobs, ...)
-            variant = step_variant([r.sampling_params for r, _ in out.scheduled], self.model_config.vocab_size)
-            res = self.runner.run(inp, variant)  # asynchronous
+            res = self.runner.run(inp, step_variant(r.variant for r, _ in out.scheduled))  # asynchronous
             t_dispatch = time.perf_counter() - t1
             self.scheduler.update(out)
             for (request, n), sampled in zip(out.scheduled, samples):

@@ -140,15 +140,21 @@ VARIANTS = ("full", "greedy", "sort", "draw")
 FALLBACK = {"greedy": "full", "sort": "full", "draw": "sort"}  # a variant not (yet) compiled -> the next one
 
 
-def step_variant(params, vocab_size: int) -> str:
-    """The cheapest variant that serves a step whose rows have these SamplingParams."""
-    if any(p.logprobs is not None for p in params):
+def row_variant(p, vocab_size: int) -> str:
+    """The cheapest variant that serves a row with these SamplingParams (computed once per request)."""
+    if p.logprobs is not None:
         return "full"
-    if all(p.greedy for p in params):
+    if p.greedy:
         return "greedy"
-    if any(not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1) for p in params):
-        return "sort"
-    return "draw"
+    return "sort" if 0 < p.top_k < vocab_size or p.top_p < 1 else "draw"
+
+
+_COST = {"greedy": 0, "draw": 1, "sort": 2, "full": 3}
+
+
+def step_variant(row_variants) -> str:
+    """The cheapest variant that serves every row of a step: the costliest of its rows' variants."""
+    return max(row_variants, key=_COST.__getitem__)
 
 
 _CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}

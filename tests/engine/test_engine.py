@@ -205,17 +205,21 @@ def test_background_compile_of_step_variants(tiny):
 
 
 def test_step_variant_is_the_cheapest_that_serves_every_row():
-    from engine.runner import step_variant
+    from engine.runner import row_variant, step_variant
     V = 300
+
+    def of(*params):
+        return step_variant(row_variant(p, V) for p in params)
+
     greedy, draw = SamplingParams(temperature=0.0, top_p=0.5), SamplingParams(temperature=0.7, top_k=-1)
     nucleus, top_k, full_k = (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, top_k=5),
                               SamplingParams(temperature=0.7, top_k=V))
-    assert step_variant([greedy], V) == "greedy"  # a greedy row's top_p is never used
-    assert step_variant([greedy, draw], V) == "draw"
-    assert step_variant([greedy, full_k], V) == "draw"  # top-k of the whole vocabulary filters nothing
-    assert step_variant([draw, nucleus], V) == step_variant([top_k, greedy], V) == "sort"
-    assert step_variant([greedy, SamplingParams(temperature=0.0, logprobs=0)], V) == "full"
-    assert step_variant([draw, SamplingParams(temperature=0.7, logprobs=2)], V) == "full"
+    assert of(greedy) == "greedy"  # a greedy row's top_p is never used
+    assert of(greedy, draw) == "draw"
+    assert of(greedy, full_k) == "draw"  # top-k of the whole vocabulary filters nothing
+    assert of(draw, nucleus) == of(top_k, greedy) == "sort"
+    assert of(greedy, SamplingParams(temperature=0.0, logprobs=0)) == "full"
+    assert of(draw, SamplingParams(temperature=0.7, logprobs=2)) == "full"
 
 
 @pytest.mark.parametrize("variant", ["sort", "draw"])
