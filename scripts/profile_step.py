@@ -33,16 +33,17 @@ from ie_jax import SamplingParams, load_model  # noqa: E402
 HBM_TBPS = 4.14
 
 
-def decode_inputs(runner: ModelRunner, batch: int, context: int, prefill: int):
+def decode_inputs(runner: ModelRunner, batch: int, context: int, prefill: int, prefill_count: int = 1):
     """Step inputs, built by the runner's own `prepare`, for `batch` decode rows at `context` cached tokens plus
-    one prefill chunk of `prefill` tokens; pages are a random permutation (not contiguous), tokens random."""
+    `prefill_count` prefill chunks of `prefill` tokens; pages are a random permutation (not contiguous), tokens
+    random."""
     P = runner.config.page_size
     rng = np.random.default_rng(0)
     perm = rng.permutation(runner.num_pages).tolist()
     pages_per_row = -(-(context + max(prefill, 1)) // P)
     params = SamplingParams(temperature=0.0, max_tokens=max(prefill, 1) + 1)
     scheduled = []
-    for r, n in enumerate([1] * batch + ([prefill] if prefill else [])):
+    for r, n in enumerate([1] * batch + ([prefill] * prefill_count if prefill else [])):
         tokens = rng.integers(0, runner.model_config.vocab_size, context + n).tolist()
         request = Request(f"profile-{r}", tokens, params, seed=r)
         request.num_computed_tokens = context
@@ -59,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=0)
+    ap.add_argument("--prefill-count", type=int, default=1, help="how many requests have a --prefill chunk")
     ap.add_argument("--mode", default="greedy", choices=["greedy", "sample", "draw"])
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
@@ -71,12 +73,13 @@ def main(argv=None):
     from jax.experimental.mosaic.gpu import profiler
 
     model, _ = load_model(args.model, load_format="dummy", dtype="bfloat16", progress=False)
-    pages_needed = (args.batch + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
-    cfg = EngineConfig(max_model_len=args.context + max(args.prefill, 1) + 16, max_num_seqs=max(args.batch + 1, 8),
-                       max_num_batched_tokens=max(512, args.batch + args.prefill), page_size=16,
+    rows = args.batch + (args.prefill_count if args.prefill else 0)
+    pages_needed = (rows + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
+    cfg = EngineConfig(max_model_len=args.context + max(args.prefill, 1) + 16, max_num_seqs=max(rows + 1, 8),
+                       max_num_batched_tokens=max(512, args.batch + args.prefill * args.prefill_count), page_size=16,
                        num_pages=pages_needed + 8, unroll_layers=args.layers == "unrolled")
     runner = ModelRunner(model, cfg, owns_model=True)
-    host_inp = decode_inputs(runner, args.batch, args.context, args.prefill)
+    host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count)
     packed, layout = jax.device_put(host_inp.pack()), host_inp.layout()
     state, layer_states = runner.state, runner.layer_states
     # not donated: callable again on the same arguments
@@ -140,7 +143,8 @@ def main(argv=None):
     for name, (count, total) in ranked[:args.top]:
         print(f"{count:6d} {total:9.3f} {total / count * 1e3:9.1f}  {name[:110]}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"profile_step_b{args.batch}_c{args.context}_p{args.prefill}_"
+    path = os.path.join(args.out, f"profile_step_b{args.batch}_c{args.context}_p{args.prefill}"
+                                  f"{f'x{args.prefill_count}' if args.prefill_count > 1 else ''}_"
                                   f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(dict(args=vars(args), compile_s=compile_s, device_ms=device_ms, wall_ms=statistics.median(walls) * 1e3,
