@@ -128,16 +128,28 @@ def attention(q, k, v, *, causal=True, q_segment_ids=None, kv_segment_ids=None, 
 def write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping, *, k_scale=None, v_scale=None):
     """Scatter k_new/v_new [T, K, H] into layer `layer` at slot_mapping [T] (-1: padding, written nowhere).
 
+    v_cache None: k_cache is one interleaved buffer [2L, K, P, page_size, H] (layer l's K at 2l, V at 2l + 1),
+    written by a single scatter; returns (buffer, None).
     An fp8 (float8_e4m3fn) cache stores x / scale, saturated to ±448; k_scale, v_scale [L, K] f32 (None = 1)."""
     from kernels_pallas.kv_cache import as_bytes, from_bytes, quantize
     page_size, num_pages = k_cache.shape[3], k_cache.shape[2]
     page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)  # out of range -> dropped
     offset = slot_mapping % page_size
 
-    def put(cache, new, scale):  # fp8 scatters as bytes: no widened copy of the cache
-        new = as_bytes(quantize(new, cache.dtype, None if scale is None else scale[layer]))
+    def q8(cache, new, scale):  # fp8 scatters as bytes: no widened copy of the cache
+        return as_bytes(quantize(new, cache.dtype, None if scale is None else scale[layer]))
+
+    if v_cache is None:
+        new = jnp.stack([q8(k_cache, k_new, k_scale), q8(k_cache, v_new, v_scale)], axis=1)  # [T, 2, K, H]
+        entry = 2 * layer + jnp.arange(2)[None, :]  # [1, 2]: K's and V's entries of this layer
+        # Advanced indices split by a slice put their dims first: the update is [T, 2, K, H].
+        kv = as_bytes(k_cache).at[entry, :, page[:, None], offset[:, None]].set(new, mode="drop")
+        return from_bytes(kv, k_cache.dtype), None
+
+    def put(cache, new, scale):
         # Advanced indices split by a slice put their dims first: the update is [T, K, H].
-        return from_bytes(as_bytes(cache).at[layer, :, page, offset].set(new, mode="drop"), cache.dtype)
+        return from_bytes(as_bytes(cache).at[layer, :, page, offset].set(q8(cache, new, scale), mode="drop"),
+                          cache.dtype)
 
     return put(k_cache, k_new, k_scale), put(v_cache, v_new, v_scale)
 
@@ -149,10 +161,13 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_star
     Token t of request r (qsl[r] <= t < qsl[r+1]) sits at position seq_lens[r] - q_len_r + (t - qsl[r]) and sees
     the cached positions <= its own (within the window). Each token gathers its request's pages: memory
     O(T * max_pages * page_size), fine for tests and decode, not for long prefill chunks (the kernel's job).
-    An fp8 cache's values are multiplied by k_scale / v_scale [L, K] (None = 1).
+    An fp8 cache's values are multiplied by k_scale / v_scale [L, K] (None = 1). v_cache None: k_cache is the
+    interleaved [2L, K, P, page_size, H] buffer of `write_kv_reference`.
     """
     T, N, H = q.shape
     K = k_cache.shape[1]
+    k_src, v_src = (k_cache[2 * layer], k_cache[2 * layer + 1]) if v_cache is None else (k_cache[layer],
+                                                                                          v_cache[layer])
     scale = H ** -0.5 if scale is None else scale
     tok = jnp.arange(T)
     req = jnp.clip(jnp.searchsorted(query_start_loc[1:], tok, side="right"), 0, page_table.shape[0] - 1)  # [T]
@@ -160,8 +175,8 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_star
     pos = seq_lens[req] - q_len + tok - query_start_loc[req]  # [T]
     real = tok < query_start_loc[num_seqs]
     pages = page_table[req]  # [T, max_pages]
-    k = k_cache[layer][:, pages].reshape(K, T, -1, H).astype(jnp.float32)  # [K, T, C, H]
-    v = v_cache[layer][:, pages].reshape(K, T, -1, H).astype(jnp.float32)
+    k = k_src[:, pages].reshape(K, T, -1, H).astype(jnp.float32)  # [K, T, C, H]
+    v = v_src[:, pages].reshape(K, T, -1, H).astype(jnp.float32)
     if k_scale is not None:
         k = k * k_scale[layer][:, None, None, None]
     if v_scale is not None:
@@ -183,7 +198,8 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_star
 
 
 def write_kv(k_cache, v_cache, layer, k_new, v_new, slot_mapping, *, k_scale=None, v_scale=None):
-    """Write this step's K/V of layer `layer` into the stacked caches. Semantics of `write_kv_reference`.
+    """Write this step's K/V of layer `layer` into the stacked caches (or, v_cache None, into the one interleaved
+    buffer with a single scatter). Semantics of `write_kv_reference`.
 
     Every backend runs the same XLA scatter: it moves only T * K * H elements per cache and, with the caches
     donated (the engine's step), updates them in place (tests/kernels/test_paged_attention.py reads the HLO).
@@ -197,7 +213,8 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
                     sliding_window=None, softcap=None, k_scale=None, v_scale=None):
     """Ragged paged attention (decode and prefill chunks mixed). Semantics of `paged_attention_reference`.
 
-    The kernel reads layer `layer` of the stacked cache in place. It takes head dim 64/128, pages that tile its
+    The kernel reads layer `layer` of the stacked caches (v_cache None: of the interleaved buffer) in place.
+    It takes head dim 64/128, pages that tile its
     kv blocks, 64 % (N // K) == 0 and a cache of q's 16-bit dtype or fp8 e4m3 with k_scale / v_scale [L, K]
     (`kernel_supports`); anything else, on any backend, runs the reference, as `attention` does.
     """

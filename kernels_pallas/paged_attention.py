@@ -105,10 +105,10 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
     # work_ref        packed: [W, 8] int32 work items (GMEM, read as scalars; fields in paged_work.work_list)
     #                 direct: [R + 1] int32 query_start_loc; the CTA derives its item itself (direct_item)
     # seq_lens_ref    [R] int32, num_seqs_ref [1] int32 (read by the direct path only)
-    # layer_ref       [1] int32          which layer of the stacked cache to read
+    # layer_ref       [2] int32          which entries of the stacked caches hold this layer's K and V
     # page_table_ref  [R, max_pages] int32
     # q_ref           [K, Tq, H]         packed queries, Tq >= T * G + ROWS; direct: [T * N, H] (q as given)
-    # k_ref, v_ref    [L, K, P, page_size, H]
+    # k_ref, v_ref    [L, K, P, page_size, H] (or one interleaved [2L, ...] buffer passed as both)
     # v_scale_ref     [K] f32            fused only: multiplies each kv-head's output (ones for a 16-bit cache)
     # o_ref           [S, K, Tq, H]      normalised output per split, packed rows like q_ref (q dtype);
     #                 direct: [S, T * N, H], rows in q's order; fused: f32, S > 1 only
@@ -158,7 +158,7 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
         # moved back and the tile's rows start `row_shift` rows into it
         row_shift = q_row0 - jnp.minimum(q_row0, q_ref.shape[0] - min(ROWS, q_ref.shape[0])) if direct else 0
         k_layer = k_ref.at[layer_ref[0]]  # [K, P, page_size, H]: a view, the TMA source moves by one layer
-        v_layer = v_ref.at[layer_ref[0]]
+        v_layer = v_ref.at[layer_ref[1]]
 
         def page_ids(block):
             # The page-table entries of `block` (scalar loads from SMEM or GMEM, clamped to a valid column past the
@@ -536,6 +536,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq
 
     The cache is one layer `[K, P, page_size, H]` (layer=None), or all layers `[L, K, P, page_size, H]` with an
     int32 `layer` (may be traced, e.g. a layer-scan index) naming the one to read; the kernel indexes it in place.
+    With v_pages=None, k_pages is one interleaved buffer `[2L, K, P, page_size, H]` holding layer l's K at 2l and
+    its V at 2l + 1 (the engine's cache: one scatter writes a step's K and V); scales stay `[L, K]`.
     Request r owns queries `q[query_start_loc[r]:query_start_loc[r + 1]]`, the last tokens of its sequence of
     `seq_lens[r]` cached tokens (already written). Rows r >= num_seqs are padding. Returns `[T, N, H]`; tokens
     past `query_start_loc[num_seqs]` come back as zeros. A layer index outside [0, L) is undefined behaviour.
@@ -554,11 +556,17 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq
         raise ValueError("q_in_registers does not combine with convert_wg")
     if config.p_in_registers is None:
         config = dataclasses.replace(config, p_in_registers=not interpret)
-    scales = kv_scales(k_pages, k_scale, v_scale) if k_pages.dtype == FP8 else None
+    scales = kv_scales(k_pages, k_scale, v_scale, v_pages) if k_pages.dtype == FP8 else None
     if layer is None:  # one layer is the stacked case with L = 1 (a bitcast, no copy)
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
         scales = None if scales is None else (scales[0][None], scales[1][None])
-    return _ragged_paged_attention(q, k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1), page_table,
+    layer = jnp.asarray(layer, jnp.int32).reshape(())
+    if v_pages is None:  # the same buffer serves as both operands; K and V sit at different entries
+        v_pages, kv_index = k_pages, jnp.stack([2 * layer, 2 * layer + 1])
+    else:
+        kv_index = jnp.stack([layer, layer])
+    scales = None if scales is None else (scales[0][layer], scales[1][layer])  # [K] each
+    return _ragged_paged_attention(q, k_pages, v_pages, kv_index, page_table,
                                    query_start_loc, seq_lens, jnp.asarray(num_seqs, jnp.int32).reshape(()),
                                    scales, sm_scale=sm_scale, sliding_window=sliding_window, softcap=softcap,
                                    config=config, interpret=interpret)
@@ -575,7 +583,7 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     direct = use_direct(T, N, R, config)
     max_tiles = R if direct else max(1, min(T, T * group // ROWS + R))
     num_splits = config.num_splits or default_splits(max_tiles, K, max_pages * page_size, direct=direct)
-    k_scale, v_scale = (None, None) if scales is None else (scales[0][layer[0]], scales[1][layer[0]])  # [K]
+    k_scale, v_scale = (None, None) if scales is None else scales  # [K]
     q_scale = None if scales is None else scale * k_scale
     if direct:  # the CTAs read qsl / seq_lens themselves and q in its own order: no work-list or packing kernels
         work, num_work = query_start_loc, R * num_splits

@@ -19,8 +19,11 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, query_start_loc, 
     check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, sliding_window,
                 softcap, k_scale, v_scale)
     if k_pages.dtype == FP8:
-        k_scale, v_scale = kv_scales(k_pages, k_scale, v_scale)  # [K] or [L, K]
-    if layer is not None:  # the oracle may slice: it is not on the serving path
+        k_scale, v_scale = kv_scales(k_pages, k_scale, v_scale, v_pages)  # [K] or [L, K]
+    if v_pages is None:  # interleaved [2L, ...]: K of layer l at 2l, V at 2l + 1
+        k_pages, v_pages = k_pages[2 * layer], k_pages[2 * layer + 1]
+        k_scale, v_scale = (None, None) if k_scale is None else (k_scale[layer], v_scale[layer])
+    elif layer is not None:  # the oracle may slice: it is not on the serving path
         k_pages, v_pages = k_pages[layer], v_pages[layer]
         k_scale, v_scale = (None, None) if k_scale is None else (k_scale[layer], v_scale[layer])
     if k_pages.dtype == FP8:

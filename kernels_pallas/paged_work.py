@@ -39,9 +39,17 @@ def default_splits(num_tiles, num_kv_heads, max_kv_len, target_ctas=264, min_spl
     return splits
 
 
-def kv_scales(k_pages, k_scale, v_scale):
-    """The dequantization scales as f32 arrays of the cache's [K] or [L, K]: ones where not given."""
-    ones = jnp.ones(k_pages.shape[:-3], jnp.float32)
+def scales_shape(k_pages, v_pages):
+    """The shape of one dequantization scale array: [K] (one layer), [L, K] (stacked) or, for an interleaved cache
+    (v_pages None: K of layer l at 2l, V at 2l + 1), [L, K] with L half the leading dim."""
+    shape = k_pages.shape[:-3]
+    return (shape[0] // 2, *shape[1:]) if v_pages is None else shape
+
+
+def kv_scales(k_pages, k_scale, v_scale, v_pages=0):
+    """The dequantization scales as f32 arrays of the cache's [K] or [L, K]: ones where not given. v_pages None:
+    the cache is interleaved (`scales_shape`)."""
+    ones = jnp.ones(scales_shape(k_pages, v_pages), jnp.float32)
     return (ones if k_scale is None else jnp.asarray(k_scale, jnp.float32),
             ones if v_scale is None else jnp.asarray(v_scale, jnp.float32))
 
@@ -204,7 +212,11 @@ def check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens
     """The public boundary's checks (kernel wrapper and reference): ValueError naming the offending value."""
     if q.ndim != 3:
         raise ValueError(f"{q.shape=} must be [T, N, H]")
-    if k_pages.ndim not in (4, 5) or k_pages.shape != v_pages.shape:
+    if v_pages is None:  # interleaved: [2L, K, P, page_size, H], K of layer l at 2l and V at 2l + 1
+        if k_pages.ndim != 5 or k_pages.shape[0] % 2 or layer is None:
+            raise ValueError(f"an interleaved cache (v_pages=None) is [2L, K, P, page_size, H] with a layer index; "
+                             f"got {k_pages.shape=}, {layer=}")
+    elif k_pages.ndim not in (4, 5) or k_pages.shape != v_pages.shape:
         raise ValueError(f"{k_pages.shape=} and {v_pages.shape=} must be equal [K, P, page_size, H] or "
                          f"[L, K, P, page_size, H]")
     if (k_pages.ndim == 5) != (layer is not None):
@@ -230,14 +242,14 @@ def check_args(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens
         raise ValueError(f"{sliding_window=} must be None or >= 1")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"{softcap=} must be None or > 0")
-    scales_shape = k_pages.shape[:-3]  # [K] or [L, K]
+    want = scales_shape(k_pages, v_pages)  # [K] or [L, K]
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if scale is None:
             continue
         if k_pages.dtype != FP8:
             raise ValueError(f"{name} is for an fp8 cache; {k_pages.dtype=}")
-        if jnp.shape(scale) != scales_shape:
-            raise ValueError(f"{name}.shape={jnp.shape(scale)} must be {scales_shape} (per layer and kv-head)")
+        if jnp.shape(scale) != want:
+            raise ValueError(f"{name}.shape={jnp.shape(scale)} must be {want} (per layer and kv-head)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

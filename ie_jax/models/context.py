@@ -77,8 +77,10 @@ class ContiguousCache:
 
 @struct.dataclass
 class Paged:
-    k: jax.Array  # [L, K, P, page_size, H]
-    v: jax.Array  # [L, K, P, page_size, H]
+    # [L, K, P, page_size, H] each, or (the engine) k the interleaved [2L, K, P, page_size, H] buffer holding layer
+    # l's K at 2l and V at 2l + 1, and v None: one scatter then writes a step's K and V (one kernel, not two)
+    k: jax.Array
+    v: jax.Array | None
     slot_mapping: jax.Array  # [T] int32: page * page_size + offset for each new token's K/V; -1 = padding
     page_table: jax.Array  # [R, max_pages] int32
     query_start_loc: jax.Array  # [R + 1] int32: request r's tokens are [qsl[r], qsl[r+1])

@@ -399,6 +399,67 @@ def test_write_kv_is_in_place_when_donated():
     assert "input_output_alias" in hlo or "may-alias" in hlo or "must-alias" in hlo
 
 
+def interleave(k_cache, v_cache):
+    """[L, ...] K and V caches as the engine's one [2L, ...] buffer: layer l's K at 2l, its V at 2l + 1."""
+    return jnp.stack([k_cache, v_cache], axis=1).reshape(-1, *k_cache.shape[1:])
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_interleaved_cache_write_then_attend_matches_separate_caches(fp8):
+    """The engine's interleaved K/V buffer (v_cache=None): one scatter writes what the two separate writes do, into
+    entries 2l and 2l + 1 only, and the attention that follows (reference and interpreted kernel, direct and
+    packed paths) equals the one over separate caches."""
+    L, page_size = 3, 16
+    batch = make_stacked(40, L, q_lens=[1, 6, 1], seq_lens=[50, 30, 17], num_rows=4, K=2, H=128)
+    scales = {}
+    if fp8:
+        batch, _, scales = to_fp8(batch, 41)
+    q, k_cache, v_cache, page_table, qsl, sl, n = batch
+    T = q.shape[0]
+    rng = np.random.default_rng(42)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((T, 2, 128)) * 3, jnp.bfloat16) for _ in range(2))
+    slots = np.full(T, -1, np.int32)
+    qsl_, sl_, pt = np.asarray(qsl), np.asarray(sl), np.asarray(page_table)
+    for r in range(3):
+        pos = np.arange(sl_[r] - (qsl_[r + 1] - qsl_[r]), sl_[r])
+        slots[qsl_[r]:qsl_[r + 1]] = pt[r, pos // page_size] * page_size + pos % page_size
+    layer, slots = jnp.int32(1), jnp.asarray(slots)
+
+    kc, vc = ops.write_kv(k_cache, v_cache, layer, k_new, v_new, slots, **scales)
+    kv, none = ops.write_kv(interleave(k_cache, v_cache), None, layer, k_new, v_new, slots, **scales)
+    assert none is None
+    as_f32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
+    np.testing.assert_array_equal(as_f32(kv), as_f32(interleave(kc, vc)))
+    assert not np.array_equal(as_f32(kc[1]), as_f32(k_cache[1]))  # the write did change layer 1
+
+    for backend, config in (("reference", None), ("interpret", None),
+                            ("interpret", pa.TuningConfig(direct=False, num_splits=2))):
+        with ops.kernel_backend(backend):
+            if config is None:
+                sep = ops.paged_attention(q, kc, vc, layer, page_table, qsl, sl, n, scale=0.1, **scales)
+                inter = ops.paged_attention(q, kv, None, layer, page_table, qsl, sl, n, scale=0.1, **scales)
+            else:
+                run = lambda k, v: pa.ragged_paged_attention(  # noqa: E731
+                    q, k, v, page_table, qsl, sl, n, layer=layer, sm_scale=0.1, config=config, interpret=True,
+                    **scales)
+                sep, inter = run(kc, vc), run(kv, None)
+        np.testing.assert_array_equal(as_f32(inter), as_f32(sep))
+        assert np.abs(as_f32(sep)[:int(qsl_[3])]).max() > 0
+
+
+def test_ops_write_kv_interleaved_is_one_scatter_in_place_when_donated():
+    """The engine's write into the interleaved buffer is a single scatter, in place under donation."""
+    L, K, P, page_size, H, T = 4, 4, 256, 16, 64, 8
+    cache = jax.ShapeDtypeStruct((2 * L, K, P, page_size, H), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((T, K, H), jnp.bfloat16)
+    step = jax.jit(lambda kv, layer, k, v, s: ops.write_kv(kv, None, layer, k, v, s)[0], donate_argnums=0)
+    hlo = step.lower(cache, jax.ShapeDtypeStruct((), jnp.int32), new, new,
+                     jax.ShapeDtypeStruct((T,), jnp.int32)).compile().as_text()
+    full = f"bf16[{2 * L},{K},{P},{page_size},{H}]"
+    assert sum(" scatter(" in line for line in hlo.splitlines()) == 1
+    assert not [line for line in hlo.splitlines() if " copy(" in line and full in line.split("=")[1][:40]]
+
+
 def test_ops_write_kv_stacked_matches_loop():
     rng = np.random.default_rng(12)
     L, K, P, page_size, H, T = 3, 2, 5, 8, 16, 7
