@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels_pallas import paged_decode
 from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
 from kernels_pallas.paged_reference import paged_attention_reference  # noqa: F401  (re-exported)
 from kernels_pallas.paged_work import (LSE_COLS, META, PT_BOX, PT_SMEM_MAX, ROWS, check_args,  # noqa: F401
@@ -70,6 +71,10 @@ class TuningConfig:
         (`paged_work.cluster_merge`). None (default): with one split only (measured faster on the H200); the
         cluster merge was not (docs/kernels/paged_attention.md). False: always merge with jnp after the kernel.
     profile_dir: GPU diagnostics: a per-warpgroup trace of the kernel's named phases (Mosaic GPU's profiler).
+    decode_tiles: the transposed decode kernel (paged_decode.py): keys on the wgmma's M, one token's q-heads on its
+        N = 8, a request's tokens one per pass; for an fp8 cache QK^T runs in fp8 with q quantized per token and
+        kv-head. Uses block_kv, num_stages, num_splits and pages_in_smem. For decode-only calls (a multi-token
+        request re-reads its keys once per token). Shapes it does not take (`paged_decode.supported`) fall back.
     """
 
     block_kv: int = 64
@@ -84,6 +89,7 @@ class TuningConfig:
     direct: bool | None = None
     merge_in_kernel: bool | None = None
     profile_dir: str = ""
+    decode_tiles: bool = False
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):
@@ -584,6 +590,11 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     max_tiles = R if direct else max(1, min(T, T * group // ROWS + R))
     num_splits = config.num_splits or default_splits(max_tiles, K, max_pages * page_size, direct=direct)
     k_scale, v_scale = (None, None) if scales is None else scales  # [K]
+    if config.decode_tiles and paged_decode.supported(q, k_pages, config):
+        splits = config.num_splits or default_splits(R, K, max_pages * page_size, direct=True)
+        return paged_decode.decode_attention(
+            q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, scale=scale,
+            sliding_window=sliding_window, softcap=softcap, config=config, num_splits=splits, interpret=interpret)
     q_scale = None if scales is None else scale * k_scale
     if direct:  # the CTAs read qsl / seq_lens themselves and q in its own order: no work-list or packing kernels
         work, num_work = query_start_loc, R * num_splits

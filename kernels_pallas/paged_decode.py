@@ -1,0 +1,313 @@
+"""Decode tiles: paged attention for one query token at a time, computed transposed (Hopper, Pallas Mosaic GPU).
+
+The packed kernel (paged_attention.py) puts a kv-head's q-heads on the rows of a 64-row wgmma tile. A decode
+token fills G of those rows (4 for Llama-3), so every block of keys pays for a 64 x block_kv softmax of which
+G / 64 is real. Here the tile is transposed: keys are the wgmma's M dimension and query heads its N = COLS = 8,
+
+    S^T [block_kv, 8] = K [block_kv, H] . q^T [H, 8]        O^T [H, 8] += V^T [H, block_kv] . P^T [block_kv, 8]
+
+so a thread holds 4 scores per 64-key block instead of 32, and the accumulator is 8 registers instead of 64.
+For an fp8 (e4m3) cache both QK^T operands are fp8 (q quantized per token and kv-head, its scale applied to the
+scores), so K is never converted; V is converted to f16 in shared memory while QK^T runs, because an 8-bit
+wgmma operand must be K-major and V's rows are keys. P goes to shared memory through a transposed store.
+
+Work: CTA (request, split) x kv-head, as on the packed kernel's direct path. q is read in its own [T * N, H]
+order, one 8-row box per token holding the kv-head's G rows at column `(kh * G) % 8` (the other columns are
+another kv-head's heads: computed, never stored). A request of several tokens is walked one token per pass, each
+pass re-reading its keys: meant for decode. With one split the kernel writes the final [T * N, H] itself
+(including the zeros of padding tokens); with several, f32 partials [S, T, K, H, 8] and their log-sum-exp go to
+`merge_transposed`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas.kv_cache import FP8
+from kernels_pallas.paged_work import PT_BOX, ids_in_smem, kv_split, merge
+
+COLS = 8  # wgmma N of QK^T: one token's 8 consecutive q-heads (G of them this kv-head's)
+E4M3_MAX = 448.0
+_LOG2E = math.log2(math.e)
+
+
+def supported(q, k_pages, config) -> bool:
+    """Shapes the decode-tile kernel takes: G divides 8 (a kv-head's heads sit inside one 8-row box), N a multiple
+    of 8, H 64 or 128, blocks of 64 or 128 keys made of whole pages or page slices."""
+    _, N, H = q.shape
+    K, _, page_size, _ = k_pages.shape[-4:]
+    group = N // K
+    return (N % K == 0 and COLS % group == 0 and N % COLS == 0 and H in (64, 128) and page_size % 8 == 0
+            and config.block_kv in (64, 128) and (config.block_kv % page_size == 0 or page_size % config.block_kv == 0)
+            and (group * H) % 256 == 0  # the padding tokens' zeros: whole 128-thread vectors of 2
+            and q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype in (q.dtype, FP8))
+
+
+def quantize_queries(q, num_kv_heads, q_scale):
+    """fp8 cache: q [T, N, H] times q_scale [K] (softmax scale x k_scale) in f32, quantized to e4m3 with one scale
+    per (token, kv-head): amax / 448. Returns (q8 [T * N, H], scales [T, K] f32)."""
+    T, N, H = q.shape
+    K = num_kv_heads
+    x = q.reshape(T, K, N // K, H).astype(jnp.float32) * q_scale[None, :, None, None]
+    amax = jnp.max(jnp.abs(x), axis=(2, 3))  # [T, K]
+    s = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    q8 = (x / s[:, :, None, None]).astype(FP8)
+    return q8.reshape(T * N, H), s
+
+
+def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, qs_ref, k_ref, v_ref,
+            v_scale_ref, *refs, group, num_heads, page_size, block_kv, num_stages, num_splits, scale, sliding_window,
+            softcap, pages_in_smem):
+    # qsl_ref [R + 1], seq_lens_ref [R], num_seqs_ref [1], layer_ref [2] (cache entries of this layer's K and V),
+    # page_table_ref [R, max_pages] int32; q_ref [T * N, H] (q's dtype, or e4m3 for an fp8 cache); qs_ref [T, K]
+    # f32 (fp8: q's per-token, per-kv-head scale; else unused); k_ref, v_ref [L, K, P, page_size, H];
+    # v_scale_ref [K] f32 (ones for a 16-bit cache).
+    # outputs, one split: out_ref [T * N, H]; several: o_ref [S, T, K, H, COLS] f32, lse_ref [S, T, K, 1, COLS]
+    # scratch: q_smem [COLS, H]; k_smem, v_smem [stages, block_kv, H]; v16_smem [block_kv, H] (fp8 only);
+    # p_smem [COLS, block_kv] (P^T, K-major for the PV wgmma); o_smem [COLS, H] (out dtype) or [H, COLS] f32;
+    # lse_smem [block_kv, COLS] f32 (splits only); pt_smem [max_pages] + its barrier (pages_in_smem);
+    # barriers q_bar, k_bar[stages], v_bar[stages]
+    if num_splits == 1:
+        out_ref, *refs = refs
+        o_ref = lse_ref = None
+    else:
+        o_ref, lse_ref, *refs = refs
+        out_ref = None
+    fp8 = k_ref.dtype == FP8
+    q_smem, k_smem, v_smem, *refs = refs
+    v16_smem = refs.pop(0) if fp8 else None
+    p_smem, o_smem, *refs = refs
+    lse_smem = refs.pop(0) if num_splits > 1 else None
+    pt_smem, pt_bar = refs[:2] if pages_in_smem else (None, None)
+    q_bar, k_bar, v_bar = refs[-3:]
+    w = lax.axis_index("w")
+    kh = lax.axis_index("kh")
+    H = q_smem.shape[-1]
+    T = q_ref.shape[0] // num_heads
+    R = seq_lens_ref.shape[0]
+    req, split = w // num_splits, lax.rem(w, num_splits)
+    col0 = lax.rem(kh * group, COLS)  # this kv-head's first column in its token's 8-row box
+    box0 = kh * group - col0
+    k_layer = k_ref.at[layer_ref[0]]
+    v_layer = v_ref.at[layer_ref[1]]
+
+    if num_splits == 1:  # tokens outside [qsl[0], qsl[num_seqs]) belong to no request: zeros, CTA by CTA
+        first, end = qsl_ref[0], qsl_ref[jnp.clip(num_seqs_ref[0], 0, R)]
+        zeros = plgpu.layout_cast(jnp.zeros((group, H), out_ref.dtype), plgpu.Layout.WG_STRIDED((group, H), vec_size=2))
+
+        @pl.loop(w, T, step=R * num_splits)
+        def _(t):
+            @pl.when((t < first) | (t >= end))
+            def _():
+                out_ref[pl.ds(t * num_heads + kh * group, group), :] = zeros
+
+    if pages_in_smem:
+        for c0 in range(0, pt_smem.shape[0], PT_BOX):
+            ids = pl.ds(c0, min(PT_BOX, pt_smem.shape[0] - c0))
+            plgpu.copy_gmem_to_smem(page_table_ref.at[req, ids], pt_smem.at[ids], pt_bar)
+        plgpu.barrier_wait(pt_bar)
+
+    q_start = qsl_ref[req]
+    q_len = jnp.where(req < num_seqs_ref[0], jnp.maximum(qsl_ref[req + 1] - q_start, 0), 0)
+    seq_len = seq_lens_ref[req]
+
+    def run_token(tok):
+        t = q_start + tok
+        q_pos = seq_len - q_len + tok
+        kv_begin, kv_end = kv_split(q_pos, q_pos + 1, split, num_splits=num_splits, page_size=page_size,
+                                    block_kv=block_kv, sliding_window=sliding_window)
+        num_blocks = pl.cdiv(jnp.maximum(kv_end - kv_begin, 0), block_kv)
+        first_page = kv_begin // page_size
+        last_page = q_pos // page_size
+
+        def page_ids(block):
+            load = (lambda i: pt_smem[i]) if pages_in_smem else (lambda i: page_table_ref[req, i])
+            if block_kv >= page_size:
+                first = first_page + block * (block_kv // page_size)
+                return [load(jnp.minimum(first + p, last_page)) for p in range(block_kv // page_size)]
+            return [load(jnp.minimum((kv_begin + block * block_kv) // page_size, last_page))]
+
+        def issue(block, slot):
+            pages = page_ids(block)
+            if block_kv >= page_size:
+                for p, page in enumerate(pages):
+                    rows = pl.ds(p * page_size, page_size)
+                    plgpu.copy_gmem_to_smem(k_layer.at[kh, page], k_smem.at[slot, rows], k_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(v_layer.at[kh, page], v_smem.at[slot, rows], v_bar.at[slot])
+            else:
+                rows = pl.ds(lax.rem(kv_begin + block * block_kv, page_size), block_kv)
+                plgpu.copy_gmem_to_smem(k_layer.at[kh, pages[0], rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_layer.at[kh, pages[0], rows], v_smem.at[slot], v_bar.at[slot])
+
+        def refill(block, slot):
+            pl.when(block + num_stages < num_blocks)(lambda: issue(block + num_stages, slot))
+
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t * num_heads + box0, COLS)], q_smem, q_bar)
+        for s in range(num_stages):
+            pl.when(s < num_blocks)(functools.partial(issue, s, s))
+        plgpu.barrier_wait(q_bar)
+
+        # scores -> base-2 exponents: s * c (fp8: the token's q scale folds in)
+        c_raw = qs_ref[t, kh] if fp8 else jnp.float32(scale)
+        c = c_raw * _LOG2E
+        key = plgpu.broadcasted_iota(jnp.int32, (block_kv, COLS), 0, layout=plgpu.Layout.WGMMA)
+
+        def body(block, carry):
+            acc, m_i, l_acc = carry  # [H, COLS] f32, [COLS] (base-2 max), [block_kv, COLS] per-thread sums
+            slot = lax.rem(block, num_stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.T)
+                if fp8:  # convert V while QK^T runs; the fp8 slot is then free to refill
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    v16_smem[...] = plgpu.load(v_smem.at[slot], (), layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
+                        v16_smem.dtype)
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((block_kv, COLS), jnp.float32))  # [block_kv, COLS]
+            if fp8:
+                refill(block, slot)
+            cb = c
+            if softcap is not None:
+                s = jnp.tanh(s * (c_raw / softcap)) * (softcap * _LOG2E)
+                cb = 1.0
+            key0 = kv_begin + block * block_kv
+
+            def masked(s):
+                kv_pos = key0 + key
+                mask = (kv_pos <= q_pos) & (kv_pos < kv_end)
+                if sliding_window is not None:
+                    mask &= kv_pos > q_pos - sliding_window
+                return jnp.where(mask, s, -jnp.inf)
+
+            if sliding_window is None:
+                s = lax.cond(key0 + block_kv <= jnp.minimum(q_pos + 1, kv_end), lambda s: s, masked, s)
+            else:
+                s = masked(s)
+            m_new = jnp.maximum(m_i, s.max(axis=0) * cb)
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m_i - m_safe)
+            p = jnp.exp2(s * cb - lax.broadcast_in_dim(m_safe, s.shape, [1]))
+            l_acc = l_acc * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+            p_smem.T[...] = p.astype(p_smem.dtype)
+            if not fp8:
+                plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.commit_smem()  # P (and fp8's V copy) visible to the wgmma
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, (v16_smem if fp8 else v_smem.at[slot]).T, p_smem.T)
+                return acc_ref[...]
+
+            acc = acc + pl.run_scoped(pv, plgpu.ACC((H, COLS), jnp.float32))
+            if not fp8:
+                refill(block, slot)
+            return acc, m_new, l_acc
+
+        acc = plgpu.layout_cast(jnp.zeros((H, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        m_i = plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0))
+        l_acc = plgpu.layout_cast(jnp.zeros((block_kv, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        acc, m_i, l_acc = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_acc))
+
+        l_i = l_acc.sum(axis=0)
+        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+        o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])  # [H, COLS]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous pass's stores have read o_smem
+        if num_splits == 1:
+            o_smem.T[...] = (o * v_scale_ref[kh]).astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(col0, group)],
+                                    out_ref.at[pl.ds(t * num_heads + kh * group, group)])
+        else:
+            o_smem[...] = o
+            lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))
+            lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [1])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, t, kh])
+            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 1)], lse_ref.at[split, t, kh])
+
+    pl.loop(0, q_len)(run_token)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, *, group, v_scale, out_dtype):
+    """The splits' partials o_t [S, T, K, H, COLS] and lse_t [S, T, K, 1, COLS] -> [T, N, H]: each kv-head's G
+    columns start at (kh * G) % COLS; then the common log-sum-exp merge."""
+    S, T, K, H, _ = o_t.shape
+    cols = (jnp.arange(K)[:, None] * group) % COLS + jnp.arange(group)[None, :]  # [K, G]
+    o = jnp.take_along_axis(o_t, cols[None, None, :, None, :], axis=-1)  # [S, T, K, H, G]
+    lse = jnp.take_along_axis(lse_t[:, :, :, 0], cols[None, None], axis=-1)  # [S, T, K, G]
+    o = jnp.swapaxes(o, -1, -2).reshape(S, T * K * group, H)
+    lse = lse.reshape(S, T * K * group, 1)
+    return merge(o, lse, query_start_loc, seq_lens, num_seqs, T=T, group=group, v_scale=v_scale,
+                 out_dtype=out_dtype).reshape(T, K * group, H)
+
+
+def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc, seq_lens, num_seqs, scales, *,
+                     scale, sliding_window, softcap, config, num_splits, interpret):
+    """Traced inside `paged_attention._ragged_paged_attention` (same arguments, caches stacked [L', K, P, page, H]
+    with kv_index [2] naming this layer's K and V entries; scales: ([K], [K]) f32 for an fp8 cache, else None)."""
+    T, N, H = q.shape
+    _, K, _, page_size, _ = k_pages.shape
+    R, max_pages = page_table.shape
+    group = N // K
+    fp8 = k_pages.dtype == FP8
+    if fp8:
+        k_scale, v_scale = scales
+        q_in, q_scales = quantize_queries(q, K, scale * k_scale)
+    else:
+        v_scale = jnp.ones((K,), jnp.float32)
+        q_in, q_scales = q.reshape(T * N, H), jnp.ones((T, K), jnp.float32)
+    pages_in_smem = ids_in_smem(config, max_pages, fp8)
+    bk, stages = config.block_kv, config.num_stages
+    tiled = lambda cols, dt: (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * jnp.dtype(dt).itemsize))
+    cdt = jnp.float16 if fp8 else q.dtype  # the PV wgmma's type (fp8: V converted to f16, exact for e4m3)
+    ring_t = tiled(H, FP8) if fp8 else tiled(64, q.dtype)
+    scratch = [
+        plgpu.SMEM((COLS, H), q_in.dtype, transforms=ring_t),
+        plgpu.SMEM((stages, bk, H), k_pages.dtype, transforms=ring_t),
+        plgpu.SMEM((stages, bk, H), k_pages.dtype, transforms=ring_t),
+        *([plgpu.SMEM((bk, H), cdt, transforms=tiled(64, cdt))] if fp8 else []),
+        plgpu.SMEM((COLS, bk), cdt, transforms=tiled(64, cdt)),
+        plgpu.SMEM((COLS, H), q.dtype) if num_splits == 1 else plgpu.SMEM((H, COLS), jnp.float32),
+        *([] if num_splits == 1 else [plgpu.SMEM((bk, COLS), jnp.float32)]),
+        *([plgpu.SMEM((max_pages,), jnp.int32), plgpu.Barrier(num_arrivals=-(-max_pages // PT_BOX))]
+          if pages_in_smem else []),
+        plgpu.Barrier(num_arrivals=1),
+        plgpu.Barrier(num_arrivals=max(1, bk // page_size), num_barriers=stages),
+        plgpu.Barrier(num_arrivals=max(1, bk // page_size), num_barriers=stages),
+    ]
+    if num_splits == 1:
+        out_type = jax.ShapeDtypeStruct((T * N, H), q.dtype)
+    else:
+        out_type = (jax.ShapeDtypeStruct((num_splits, T, K, H, COLS), jnp.float32),
+                    jax.ShapeDtypeStruct((num_splits, T, K, 1, COLS), jnp.float32))
+    kwargs = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, group=group, num_heads=N, page_size=page_size, block_kv=bk, num_stages=stages,
+                          num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                          pages_in_smem=pages_in_smem),
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(R * num_splits, K),
+        grid_names=("w", "kh"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True),
+        **kwargs,
+    )
+    out = kernel(query_start_loc, seq_lens, num_seqs.reshape(1), kv_index, page_table, q_in, q_scales, k_pages,
+                 v_pages, v_scale)
+    if num_splits == 1:
+        return out.reshape(T, N, H)
+    o_t, lse_t = out
+    return merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, group=group,
+                            v_scale=v_scale if fp8 else None, out_dtype=q.dtype)

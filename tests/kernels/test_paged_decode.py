@@ -1,0 +1,125 @@
+"""The transposed decode kernel (`TuningConfig(decode_tiles=True)`, kernels_pallas/paged_decode.py) against the
+plain-jnp reference: the Mosaic GPU interpreter on CPU at small shapes, the CUDA lowering on CPU at serving
+shapes, and `gpu` tests at full size. Random inputs and random page permutations throughout."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import paged_attention as pa
+from kernels_pallas import paged_decode as pd
+from tests.kernels.test_paged_attention import FP8_TOL, assert_close, make_batch, to_fp8
+
+
+def tiles(block_kv=64, stages=2, splits=None):
+    return pa.TuningConfig(block_kv, stages, num_splits=splits, decode_tiles=True)
+
+
+def reference_with_quantized_q(batch, scales, sm_scale=None, **kw):
+    """The fp8 path's exact semantics: q times sm_scale * k_scale, quantized per (token, kv-head) to e4m3 as the
+    kernel's wrapper does, then the reference on the dequantized values (scale already applied)."""
+    q, k_pages = batch[0], batch[1]
+    T, N, H = q.shape
+    K = k_pages.shape[-4]
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    q8, qs = pd.quantize_queries(q, K, scale * scales["k_scale"])
+    qd = (q8.astype(jnp.float32).reshape(T, K, N // K, H) * qs[:, :, None, None]).reshape(T, N, H)
+    return pa.paged_attention_reference(qd, *batch[1:], sm_scale=1.0, v_scale=scales["v_scale"], **kw)
+
+
+@pytest.mark.parametrize("page_size,splits", [(16, 1), (32, 2)])
+def test_decode_batch_with_padding(page_size, splits):
+    # lengths 1, a page multiple, a non-multiple, and the table's maximum; 2 padding rows and 3 padding tokens
+    seq_lens = [1, 2 * page_size, 3 * page_size - 5, 4 * page_size]
+    batch = make_batch(40 + page_size, q_lens=[1] * 4, seq_lens=seq_lens, num_rows=6, extra_tokens=3, K=2, G=4,
+                       H=128, page_size=page_size)
+    out = pa.ragged_paged_attention(*batch, config=tiles(splits=splits), interpret=True)
+    assert_close(out, pa.paged_attention_reference(*batch), rows=4)
+    assert not np.asarray(out[4:], np.float32).any()  # padding tokens come back as zeros
+
+
+def test_multi_token_request_sliding_window_softcap_group_8():
+    # a 3-token request is walked one token per pass; G = 8 fills the whole 8-column box
+    batch = make_batch(42, q_lens=[1, 3, 1], seq_lens=[100, 70, 37], K=1, G=8, H=64, page_size=16)
+    kw = dict(sliding_window=40, softcap=5.0, sm_scale=0.2)
+    out = pa.ragged_paged_attention(*batch, config=tiles(splits=2), interpret=True, **kw)
+    assert_close(out, pa.paged_attention_reference(*batch, **kw))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fp8_decode_quantizes_q_per_token_and_kv_head(splits):
+    batch = make_batch(43, q_lens=[1, 1, 1, 1], seq_lens=[1, 64, 70, 200], num_rows=5, extra_tokens=2, K=2, G=4,
+                       H=128, page_size=16)
+    fp8, orig, scales = to_fp8(batch, 44)
+    out = pa.ragged_paged_attention(*fp8, **scales, config=tiles(splits=splits), interpret=True)
+    assert_close(out, reference_with_quantized_q(fp8, scales), rows=4)  # the kernel's own arithmetic
+    assert_close(out, pa.paged_attention_reference(*orig), rows=4, tol=FP8_TOL)  # e4m3 K, V and q together
+    assert not np.asarray(out[4:], np.float32).any()
+
+
+def test_interleaved_stacked_cache_reads_the_named_layer():
+    batch = make_batch(45, q_lens=[1, 1, 1], seq_lens=[30, 64, 90], K=2, G=4, H=128, page_size=16)
+    q, k, v, *rest = batch
+    other = jax.random.normal(jax.random.key(46), k.shape, k.dtype)
+    kv = jnp.stack([other, -other, k, v])  # [2L, K, P, page, H]: layer 1 is (k, v)
+    out = pa.ragged_paged_attention(q, kv, None, *rest, layer=jnp.int32(1), config=tiles(), interpret=True)
+    assert_close(out, pa.paged_attention_reference(*batch))
+
+
+def test_unsupported_shapes_fall_back_to_the_packed_kernel():
+    batch = make_batch(47, q_lens=[1, 1], seq_lens=[20, 33], K=1, G=16, H=64)  # G = 16 does not fit the 8 columns
+    assert not pd.supported(batch[0], batch[1], tiles())
+    out = pa.ragged_paged_attention(*batch, config=tiles(), interpret=True)
+    assert_close(out, pa.paged_attention_reference(*batch))
+
+
+@pytest.mark.parametrize("fp8,splits,block_kv,stages", [(False, 1, 64, 2), (False, 4, 128, 2), (True, 1, 64, 3),
+                                                        (True, 4, 64, 2)])
+def test_lowers_for_the_gpu_cpu(fp8, splits, block_kv, stages):
+    """The Mosaic GPU lowering (transposed P and output stores, 8-column wgmmas, fp8 QK^T) at a serving shape."""
+    T, N, K, H, P, page_size, R = 64, 32, 8, 128, 4096, 16, 64
+    cache = jax.ShapeDtypeStruct((K, P, page_size, H), pa.FP8 if fp8 else jnp.bfloat16)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    f = jax.jit(lambda *a: pa.ragged_paged_attention(*a, config=tiles(block_kv, stages, splits)))
+    f.trace(jax.ShapeDtypeStruct((T, N, H), jnp.bfloat16), cache, cache, i32(R, 256), i32(R + 1), i32(R),
+            i32()).lower(lowering_platforms=("cuda",))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device (full size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size,config", [(16, tiles()), (32, tiles(64, 3)), (64, tiles(128, 2)),
+                                              (16, tiles(splits=4))])
+def test_gpu_decode_serving_sizes(page_size, config):
+    seq_lens = [int(x) for x in np.random.default_rng(48).integers(1, 4096, 60)] + [4096]
+    batch = make_batch(48, q_lens=[1] * 61, seq_lens=seq_lens, num_rows=64, extra_tokens=3, K=8, G=4, H=128,
+                       page_size=page_size)
+    out = pa.ragged_paged_attention(*batch, config=config)
+    assert_close(out, pa.paged_attention_reference(*batch), rows=61)
+    assert not np.asarray(out[61:], np.float32).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size,config", [(16, tiles()), (64, tiles(64, 3)), (16, tiles(splits=4))])
+def test_gpu_fp8_decode_serving_sizes(page_size, config):
+    seq_lens = [int(x) for x in np.random.default_rng(49).integers(1, 4096, 60)] + [4096]
+    batch = make_batch(49, q_lens=[1] * 61, seq_lens=seq_lens, num_rows=64, extra_tokens=3, K=8, G=4, H=128,
+                       page_size=page_size)
+    fp8, orig, scales = to_fp8(batch, 50)
+    out = pa.ragged_paged_attention(*fp8, **scales, config=config)
+    assert_close(out, reference_with_quantized_q(fp8, scales), rows=61)
+    assert_close(out, pa.paged_attention_reference(*orig), rows=61, tol=FP8_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_long_context_splits(fp8):
+    batch = make_batch(51, q_lens=[1], seq_lens=[32768], K=8, G=4, H=128)
+    if fp8:
+        fp8_batch, _, scales = to_fp8(batch, 52)
+        out = pa.ragged_paged_attention(*fp8_batch, **scales, config=tiles())
+        assert_close(out, reference_with_quantized_q(fp8_batch, scales))
+    else:
+        assert_close(pa.ragged_paged_attention(*batch, config=tiles()), pa.paged_attention_reference(*batch))
