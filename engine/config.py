@@ -37,6 +37,9 @@ class EngineConfig:
     # every layer's kernels are identical, so compilation stays close to the loop's (9 s vs 45 s per bucket when
     # the layers are slices of the stacked weights). False keeps the loop (fastest start-up).
     unroll_layers: bool = True
+    # Decode-only steps (every request one token) get their own executables whose attention runs the decode
+    # kernel (engine/runner.py, DECODE). None: where the paged-attention kernel runs (a Hopper GPU).
+    decode_steps: bool | None = None
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size"):

@@ -118,7 +118,8 @@ class LLMEngine:
             inp, samples = self.runner.prepare(out)
             t1 = time.perf_counter()
             # the cheapest sampler these rows allow (argmax only, no sort, no logprobs, ...)
-            res = self.runner.run(inp, step_variant(r.variant for r, _ in out.scheduled))  # asynchronous
+            res = self.runner.run(inp, step_variant(r.variant for r, _ in out.scheduled),  # asynchronous
+                                  decode_only=all(n == 1 for _, n in out.scheduled))
             t_dispatch = time.perf_counter() - t1
             self.scheduler.update(out)
             for (request, n), sampled in zip(out.scheduled, samples):

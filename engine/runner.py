@@ -30,6 +30,7 @@ from engine.scheduler import SchedulerOutput
 from ie_jax.models.context import Paged
 from ie_jax.models.llama import fuse_projections
 from ie_jax.sampling import SamplingTensors, sample
+from kernels_pallas import ops
 
 NUM_BANNED = 8  # eos/stop ids banned per row while min_tokens is not reached
 _ALIGN = 64  # int32 elements: 256 bytes, the alignment of each field in the packed step inputs
@@ -96,14 +97,15 @@ class StepInputs:
 
 
 def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, packed, layout: tuple, num_logprobs: int,
-          sample_mode: str, layer_states=None):
+          sample_mode: str, decode_only: bool = False, layer_states=None):
     inp = StepInputs.unpack(packed, layout)
     # Decode inputs sampled by the previous step never visit the host: they are read from last_tokens on device.
     input_ids = jnp.where(inp.from_slot >= 0, last_tokens[jnp.maximum(inp.from_slot, 0)], inp.input_ids)
     # caches: (kv,) with kv the interleaved [2L, K, P, page_size, H] buffer (layer l's K at 2l, V at 2l + 1), or
     # (kv, k_scale, v_scale) for an fp8 cache (the scales pass through unchanged)
+    # decode_only (static): every request of the step has one token, so attention may take the decode kernel
     ctx = Paged(caches[0], None, inp.slot_mapping, inp.page_table, inp.query_start_loc, inp.seq_lens,
-                inp.num_seqs, *caches[1:])
+                inp.num_seqs, *caches[1:], decode_only=decode_only)
     model = nnx.merge(graphdef, state)
     logits, ctx = model(input_ids[None], inp.positions[None], ctx, logits_indices=inp.logits_indices[None],
                         layer_states=layer_states)
@@ -126,7 +128,7 @@ _LOWERING_LOCK = threading.Lock()
 # weights are step arguments, not constants, so the concatenation runs every step: at 256 decode rows on the H200 a
 # 25 µs weight copy per layer, and the merged GEMM was no faster than the separate ones (0.6 ms of a 13 ms step).
 STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
-STEP_STATIC_ARGNUMS = (0, 7, 8, 9)  # graphdef, input layout, num_logprobs, sample mode
+STEP_STATIC_ARGNUMS = (0, 7, 8, 9, 10)  # graphdef, input layout, num_logprobs, sample mode, decode_only
 
 # The step's sampler variants, each one executable per bucket: name -> (sampler mode, logprobs). "full" serves any
 # step and every bucket has it. Decode-sized buckets can also have the cheaper ones, each for the steps whose rows
@@ -139,6 +141,12 @@ STEP_STATIC_ARGNUMS = (0, 7, 8, 9)  # graphdef, input layout, num_logprobs, samp
 #   draw    as sort, and no sampled row asking for top-k or top-p: no sort of the vocabulary either
 VARIANTS = ("full", "greedy", "sort", "draw")
 FALLBACK = {"greedy": "full", "sort": "full", "draw": "sort"}  # a variant not (yet) compiled -> the next one
+# Steps whose requests all have one token (decode-only) may also have a twin of their variant, "<variant>/decode",
+# compiled with `decode_only`: attention then runs the paged kernel's decode tiles (kernels_pallas/paged_decode.py;
+# H200, 256 rows at 192 keys: 56 instead of 72 us per layer), which walk a multi-token request one token per pass
+# and so cannot serve a step that holds a prompt chunk. Twins exist for the decode-sized buckets only where the
+# kernel runs (a Hopper GPU); they compile with the extra variants (in the background for the server).
+DECODE = "/decode"
 
 
 def row_variant(p, vocab_size: int) -> str:
@@ -222,6 +230,9 @@ class ModelRunner:
         self._step = jax.jit(_step, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
                              compiler_options=STEP_COMPILER_OPTIONS)
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}  # (T, R, variant)
+        # decode twins (DECODE) of the decode-sized buckets' variants: where the paged kernel runs, or as configured
+        self.decode_steps = ops.paged_kernel_active() if cfg.decode_steps is None else cfg.decode_steps
+        self.last_variant = ""  # the executable variant `run` dispatched last
         self.extras_thread: threading.Thread | None = None  # compiles the cheaper variants (warmup, background)
         # Seconds summed over warm-up's worker threads (trace + lower, XLA compile or cache load) and the
         # persistent compilation cache's hits / misses, for the start-up log.
@@ -290,7 +301,7 @@ class ModelRunner:
         variants compile on a background thread and `run` picks each up once it exists. Until then their steps
         run the next variant that exists (FALLBACK), which gives the same tokens."""
         keys = [(T, R, "full") for T, R in self.config.buckets]
-        extras = self._variant_keys(extra_variants)
+        extras = self._variant_keys(("full", *extra_variants))  # "full" itself is in keys; this adds its twins
         if not background_extras:
             keys, extras = keys + extras, []
         self._compile(keys, progress, max_workers)
@@ -316,18 +327,21 @@ class ModelRunner:
         unknown = set(variants) - set(VARIANTS)
         if unknown:
             raise ValueError(f"unknown step variants {sorted(unknown)}; expected some of {VARIANTS}")
-        return [(T, R, v) for v in variants if v != "full" for T, R in self.config.buckets
+        twins = (v + DECODE for v in variants) if self.decode_steps else ()
+        return [(T, R, v) for v in (*variants, *twins) if v != "full" for T, R in self.config.buckets
                 if T <= self.config.max_num_seqs]
 
     def _compile_key(self, key):
         T, R, variant = key
+        base, _, decode = variant.partition("/")
         mode, num_logprobs = {"full": ("sample", self.config.max_logprobs), "greedy": ("greedy", 0),
-                              "sort": ("sample", None), "draw": ("draw", None)}[variant]
+                              "sort": ("sample", None), "draw": ("draw", None)}[base]
         args = (self.graphdef, self.state, self.caches, self.counts, self.last_tokens, self.prompt_mask)
         t0 = time.perf_counter()
         with _LOWERING_LOCK:
             inp = self._empty_inputs(T, R)
-            lowered = self._step.lower(*args, inp.pack(), inp.layout(), num_logprobs, mode, self.layer_states)
+            lowered = self._step.lower(*args, inp.pack(), inp.layout(), num_logprobs, mode, bool(decode),
+                                       self.layer_states)
         t1 = time.perf_counter()
         executable = lowered.compile()
         return key, executable, (t1 - t0, time.perf_counter() - t1)
@@ -432,15 +446,19 @@ class ModelRunner:
         inp.query_start_loc[len(out.scheduled) + 1:] = pos
         return inp.replace(num_seqs=np.int32(len(out.scheduled))), samples
 
-    def run(self, inp: StepInputs, variant: str = "full"):
+    def run(self, inp: StepInputs, variant: str = "full", decode_only: bool = False):
         """Dispatch one step (asynchronously); returns the device-side sample output. `variant` (step_variant):
         the cheapest sampler the step's rows allow; where that executable does not exist (yet), the next one in
-        FALLBACK serves the step, with the same tokens."""
+        FALLBACK serves the step, with the same tokens. decode_only (every request has one token): the first
+        variant of that chain with a decode twin runs, else the chain as it is."""
         T, R = inp.input_ids.shape[0], inp.seq_lens.shape[0]
         if (T, R, "full") not in self.executables:
             self.warmup(progress=False)  # only when warm-up was skipped: compile everything once, now
-        while (T, R, variant) not in self.executables:
-            variant = FALLBACK[variant]
+        chain = [variant]
+        while chain[-1] in FALLBACK:
+            chain.append(FALLBACK[chain[-1]])
+        twins = [v + DECODE for v in chain if decode_only and (T, R, v + DECODE) in self.executables]
+        variant = self.last_variant = (twins or [v for v in chain if (T, R, v) in self.executables])[0]
         step = self.executables[(T, R, variant)]
         self.caches, self.counts, self.last_tokens, res = step(self.state, self.caches, self.counts,
                                                               self.last_tokens, self.prompt_mask,

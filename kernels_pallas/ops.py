@@ -209,23 +209,30 @@ def write_kv(k_cache, v_cache, layer, k_new, v_new, slot_mapping, *, k_scale=Non
                               v_scale=v_scale)
 
 
+def paged_kernel_active() -> bool:
+    """Whether `paged_attention` runs the Pallas kernel (backend pallas / interpret, or auto on Hopper)."""
+    backend = current_backend()
+    return backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
+
+
 def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs, *, scale=None,
-                    sliding_window=None, softcap=None, k_scale=None, v_scale=None):
+                    sliding_window=None, softcap=None, k_scale=None, v_scale=None, decode_only=False):
     """Ragged paged attention (decode and prefill chunks mixed). Semantics of `paged_attention_reference`.
 
     The kernel reads layer `layer` of the stacked caches (v_cache None: of the interleaved buffer) in place.
     It takes head dim 64/128, pages that tile its
     kv blocks, 64 % (N // K) == 0 and a cache of q's 16-bit dtype or fp8 e4m3 with k_scale / v_scale [L, K]
     (`kernel_supports`); anything else, on any backend, runs the reference, as `attention` does.
+    decode_only (static): every request has one query token: the kernel's decode tiles take the call.
     """
     backend = current_backend()
-    use_kernel = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
-    if use_kernel:
+    if paged_kernel_active():
         from kernels_pallas import paged_attention as pa
         if pa.kernel_supports(q, k_cache):
+            config = pa.TuningConfig(decode_tiles=True) if decode_only else None
             return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
                                              layer=layer, sm_scale=scale, sliding_window=sliding_window,
-                                             softcap=softcap, k_scale=k_scale, v_scale=v_scale,
+                                             softcap=softcap, k_scale=k_scale, v_scale=v_scale, config=config,
                                              interpret=backend == "interpret")
     return paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs,
                                      scale=scale, sliding_window=sliding_window, softcap=softcap, k_scale=k_scale,

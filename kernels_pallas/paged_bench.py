@@ -211,7 +211,9 @@ def main(argv=()):
             sweep += [TuningConfig(64, 3, num_splits=n, **q_regs) for n in ns]
             sweep += [TuningConfig(64, 2, **gmem_ids)]
         if args.decode_tiles and case["decode"]:
-            tile_splits = [None, 16, 32, 64] if small and case["seq_lens"][0] > 4096 else [None]
+            tile_splits = [None]
+            if small:
+                tile_splits += [16, 32, 64] if int(case["seq_lens"][0]) > 4096 else [2, 4, 8]
             sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True)
                       for bk, st in ((64, 2), (64, 3), (64, 4), (128, 2)) for n in tile_splits]
         best = None

@@ -68,6 +68,8 @@ def main(argv=None):
                     help="a device loop over the stacked weights, or straight-line code over per-layer arrays")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--pipelined", type=int, default=50, help="back-to-back donated calls timed for the period")
+    ap.add_argument("--packed-decode", action="store_true",
+                    help="decode-only steps without the decode kernel (the engine's non-decode executables)")
     ap.add_argument("--dump-hlo", action="store_true", help="also write the compiled step's optimized HLO text")
     args = ap.parse_args(argv)
     from jax.experimental.mosaic.gpu import profiler
@@ -76,16 +78,18 @@ def main(argv=None):
     rows = args.batch + (args.prefill_count if args.prefill else 0)
     pages_needed = (rows + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
     cfg = EngineConfig(max_model_len=args.context + max(args.prefill, 1) + 16, max_num_seqs=max(rows + 1, 8),
-                       max_num_batched_tokens=max(512, args.batch + args.prefill * args.prefill_count), page_size=16,
+                       max_num_batched_tokens=max(512, rows + 1, args.batch + args.prefill * args.prefill_count),
+                       page_size=16,
                        num_pages=pages_needed + 8, unroll_layers=args.layers == "unrolled")
     runner = ModelRunner(model, cfg, owns_model=True)
     host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count)
     packed, layout = jax.device_put(host_inp.pack()), host_inp.layout()
     state, layer_states = runner.state, runner.layer_states
+    decode_only = args.prefill == 0 and not args.packed_decode  # as the engine's decode-only executables
     # not donated: callable again on the same arguments
     step = jax.jit(_step, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=STEP_COMPILER_OPTIONS)
     args_ = (runner.graphdef, state, runner.caches, runner.counts, runner.last_tokens, runner.prompt_mask, packed,
-             layout, 0, args.mode, layer_states)
+             layout, 0, args.mode, decode_only, layer_states)
     call = lambda: step(*args_)  # noqa: E731
     t0 = time.perf_counter()
     jax.block_until_ready(call())
@@ -112,7 +116,7 @@ def main(argv=None):
             for _ in range(args.pipelined):
                 x = jax.device_put(host_inp.pack()) if engine_like else packed
                 out = donated(runner.graphdef, state, *carry, runner.prompt_mask, x, layout, 0, args.mode,
-                              layer_states)
+                              decode_only, layer_states)
                 carry = out[:3]
                 if engine_like:
                     out[3].token_ids.copy_to_host_async()

@@ -89,6 +89,8 @@ class Paged:
     # fp8 (float8_e4m3fn) caches only: [L, K] f32 dequantization scales (stored = x / scale); None = 16-bit cache
     k_scale: jax.Array | None = None
     v_scale: jax.Array | None = None
+    # static: every request of the step has exactly one token (the engine's decode-only executables)
+    decode_only: bool = struct.field(pytree_node=False, default=False)
 
     def caches(self):
         return (self.k, self.v)
@@ -102,5 +104,6 @@ class Paged:
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         k_all, v_all = ops.write_kv(caches[0], caches[1], layer, k[0], v[0], self.slot_mapping, **scales)
         out = ops.paged_attention(q[0], k_all, v_all, layer, self.page_table, self.query_start_loc, self.seq_lens,
-                                  self.num_seqs, scale=scale, sliding_window=sliding_window, **scales)
+                                  self.num_seqs, scale=scale, sliding_window=sliding_window,
+                                  decode_only=self.decode_only, **scales)
         return out[None], (k_all, v_all)

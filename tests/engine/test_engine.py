@@ -236,10 +236,46 @@ def test_cheaper_variants_sample_the_same_tokens_as_the_full_one(tiny, variant):
     assert all((4, 4, v) not in full.engine.runner.executables for v in ("sort", "draw"))
     llm = make_llm(tiny, token_buckets=(4, 64))
     ran, run = [], llm.engine.runner.run
-    llm.engine.runner.run = lambda inp, v="full": (ran.append(v), run(inp, v))[1]
+    llm.engine.runner.run = lambda inp, v="full", decode_only=False: (ran.append(v), run(inp, v, decode_only))[1]
     got = [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     assert (4, 4, variant) in llm.engine.runner.executables
     assert variant in ran and got == want
+
+
+def test_decode_only_steps_run_their_decode_twins(tiny):
+    """With decode twins on (the default on a Hopper GPU), warm-up also builds "<variant>/decode" for the
+    decode-sized buckets; a step whose requests all have one token runs the twin, any other step the plain
+    variant, and the tokens are those of an engine without twins (greedy, prompts of mixed lengths)."""
+    want = [o.token_ids for o in make_llm(tiny, token_buckets=(4, 64)).generate(PROMPTS, GREEDY, use_tqdm=False)]
+    llm = make_llm(tiny, token_buckets=(4, 64), decode_steps=True)
+    runner = llm.engine.runner
+    assert {(4, 4, "full/decode"), (4, 4, "greedy/decode")} <= set(runner.executables)
+    assert not any(T == 64 and v.endswith("/decode") for T, _, v in runner.executables)  # prefill-sized: none
+    ran, run = [], runner.run
+
+    def watched(inp, v="full", decode_only=False):
+        res = run(inp, v, decode_only)
+        ran.append((decode_only, runner.last_variant))
+        return res
+    runner.run = watched
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == want
+    assert (True, "greedy/decode") in ran and any(not decode for decode, _ in ran)
+    assert all(v.endswith("/decode") == decode for decode, v in ran)
+
+
+def test_ops_decode_only_takes_the_decode_kernel(monkeypatch):
+    """ops.paged_attention(decode_only=True) on the kernel backend runs paged_decode; without it, the packed kernel."""
+    from kernels_pallas import ops, paged_decode
+    from tests.kernels.test_paged_attention import make_batch
+    q, k, v, pt, qsl, sl, n = make_batch(60, q_lens=[1, 1], seq_lens=[20, 47], K=2, G=4, H=128)
+    calls, real = [], paged_decode.decode_attention
+    monkeypatch.setattr(paged_decode, "decode_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    with ops.kernel_backend("interpret"):
+        tiles = ops.paged_attention(q, k[None], v[None], 0, pt, qsl, sl, n, decode_only=True)
+        assert len(calls) == 1
+        packed = ops.paged_attention(q, k[None], v[None], 0, pt, qsl, sl, n)
+        assert len(calls) == 1
+    np.testing.assert_allclose(np.asarray(tiles, np.float32), np.asarray(packed, np.float32), atol=2e-2)
 
 
 def test_warmup_lowers_one_bucket_at_a_time(tiny):
