@@ -101,8 +101,10 @@ def main(argv=None):
         dispatch_ms_median=1e3 * float(np.median(dispatch_s)), wait_ms_median=1e3 * float(np.median(wait_s)),
         decode_step_ms_median=1e3 * float(np.median(decode_step_s)) if decode_step_s else None,
         preemptions=engine.scheduler.num_preemptions, device=jax.devices()[0].device_kind,
-        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))
+        # IE_JAX_COMMIT: the commit a copied working tree was taken from (its own .git may be older)
+        commit=os.environ.get("IE_JAX_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))
     if decode_step_s:
         res["decode_tok_s_per_seq"] = 1e3 / res["decode_step_ms_median"]
     print(f"Throughput: {res['requests_per_s']:.2f} requests/s, {res['total_tok_s']:.1f} total tokens/s, "
