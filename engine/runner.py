@@ -301,7 +301,9 @@ class ModelRunner:
         variants compile on a background thread and `run` picks each up once it exists. Until then their steps
         run the next variant that exists (FALLBACK), which gives the same tokens."""
         keys = [(T, R, "full") for T, R in self.config.buckets]
-        extras = self._variant_keys(("full", *extra_variants))  # "full" itself is in keys; this adds its twins
+        # "full" itself is in keys; naming it adds its decode twins. Offline generate skips them here: it compiles
+        # the variants (and twins) its requests use before its first step (`ensure_variants`).
+        extras = self._variant_keys((*(("full",) if background_extras else ()), *extra_variants))
         if not background_extras:
             keys, extras = keys + extras, []
         self._compile(keys, progress, max_workers)

@@ -249,7 +249,7 @@ def test_decode_only_steps_run_their_decode_twins(tiny):
     want = [o.token_ids for o in make_llm(tiny, token_buckets=(4, 64)).generate(PROMPTS, GREEDY, use_tqdm=False)]
     llm = make_llm(tiny, token_buckets=(4, 64), decode_steps=True)
     runner = llm.engine.runner
-    assert {(4, 4, "full/decode"), (4, 4, "greedy/decode")} <= set(runner.executables)
+    assert (4, 4, "greedy/decode") in runner.executables
     assert not any(T == 64 and v.endswith("/decode") for T, _, v in runner.executables)  # prefill-sized: none
     ran, run = [], runner.run
 
