@@ -167,7 +167,7 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
                 plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.T)
                 if fp8:  # convert V while QK^T runs; the fp8 slot is then free to refill
                     plgpu.barrier_wait(v_bar.at[slot])
-                    v16_smem[...] = plgpu.load(v_smem.at[slot], (), layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
+                    v16_smem[...] = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
                         v16_smem.dtype)
                 return acc_ref[...]
 
