@@ -101,6 +101,9 @@ def main(argv=()):
                         help="add the engine's small-batch cases (b1 ctx256/1024 in an 8-token step, b256 ctx192)")
     parser.add_argument("--decode-tiles", action="store_true",
                         help="add the transposed decode kernel's configs (TuningConfig.decode_tiles) to decode cases")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each case's sweep, run its best config once with the in-kernel profiler and "
+                             "record cycles per region (kernel_profile.summarize) in the row")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new config after this many seconds")
     args = parser.parse_args(list(argv))
     import warnings
@@ -258,6 +261,19 @@ def main(argv=()):
         if scales and bf16:
             rows[-1].update(bf16_us=bf16["us"], bf16_over_fp8=round(bf16["us"] / us, 2),
                             baseline_tbps=bf16["baseline_tbps"])
+        if args.profile:
+            import tempfile
+            from kernels_pallas.kernel_profile import summarize
+            with tempfile.TemporaryDirectory() as trace_dir:
+                cfg_p = dataclasses.replace(cfg_s, profile_dir=trace_dir)
+                try:
+                    jax.block_until_ready(ragged_paged_attention(
+                        case["q"], case["k_pages"], case["v_pages"], case["page_tables"][0], *common,
+                        layer=None if check_layer is None else jnp.int32(check_layer), config=cfg_p, **scales))
+                    rows[-1]["profile"] = summarize(trace_dir)
+                    print("  profile (cycles per region):", rows[-1]["profile"], flush=True)
+                except Exception as e:  # diagnostics only: a failure is reported, the row stays
+                    print(f"  profile FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
         save()
     print(f"\n{'case':36s} {'us':>8s} {'TB/s':>6s} {'%roof':>6s} {'base us':>8s} {'base TB/s':>9s} {'x':>5s}")
     for r in rows:

@@ -161,54 +161,63 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
         def body(block, carry):
             acc, m_i, l_acc = carry  # [H, COLS] f32, [COLS] (base-2 max), [block_kv, COLS] per-thread sums
             slot = lax.rem(block, num_stages)
-            plgpu.barrier_wait(k_bar.at[slot])
+            with jax.named_scope("wait_k"):  # named scopes: the regions a `profile_dir` trace records
+                plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.T)
                 if fp8:  # convert V while QK^T runs; the fp8 slot is then free to refill
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    v16_smem[...] = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
-                        v16_smem.dtype)
-                return acc_ref[...]
+                    with jax.named_scope("wait_v"):
+                        plgpu.barrier_wait(v_bar.at[slot])
+                    with jax.named_scope("convert_v"):
+                        v16_smem[...] = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
+                            v16_smem.dtype)
+                with jax.named_scope("qk_wait"):
+                    return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((block_kv, COLS), jnp.float32))  # [block_kv, COLS]
             if fp8:
-                refill(block, slot)
-            cb = c
-            if softcap is not None:
-                s = jnp.tanh(s * (c_raw / softcap)) * (softcap * _LOG2E)
-                cb = 1.0
-            key0 = kv_begin + block * block_kv
+                with jax.named_scope("refill"):
+                    refill(block, slot)
+            with jax.named_scope("softmax"):
+                cb = c
+                if softcap is not None:
+                    s = jnp.tanh(s * (c_raw / softcap)) * (softcap * _LOG2E)
+                    cb = 1.0
+                key0 = kv_begin + block * block_kv
 
-            def masked(s):
-                kv_pos = key0 + key
-                mask = (kv_pos <= q_pos) & (kv_pos < kv_end)
-                if sliding_window is not None:
-                    mask &= kv_pos > q_pos - sliding_window
-                return jnp.where(mask, s, -jnp.inf)
+                def masked(s):
+                    kv_pos = key0 + key
+                    mask = (kv_pos <= q_pos) & (kv_pos < kv_end)
+                    if sliding_window is not None:
+                        mask &= kv_pos > q_pos - sliding_window
+                    return jnp.where(mask, s, -jnp.inf)
 
-            if sliding_window is None:
-                s = lax.cond(key0 + block_kv <= jnp.minimum(q_pos + 1, kv_end), lambda s: s, masked, s)
-            else:
-                s = masked(s)
-            m_new = jnp.maximum(m_i, s.max(axis=0) * cb)
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_safe)
-            p = jnp.exp2(s * cb - lax.broadcast_in_dim(m_safe, s.shape, [1]))
-            l_acc = l_acc * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-            p_smem.T[...] = p.astype(p_smem.dtype)
-            if not fp8:
-                plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.commit_smem()  # P (and fp8's V copy) visible to the wgmma
+                if sliding_window is None:
+                    s = lax.cond(key0 + block_kv <= jnp.minimum(q_pos + 1, kv_end), lambda s: s, masked, s)
+                else:
+                    s = masked(s)
+                m_new = jnp.maximum(m_i, s.max(axis=0) * cb)
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m_i - m_safe)
+                p = jnp.exp2(s * cb - lax.broadcast_in_dim(m_safe, s.shape, [1]))
+                l_acc = l_acc * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+            with jax.named_scope("p_store"):
+                p_smem.T[...] = p.astype(p_smem.dtype)
+                if not fp8:
+                    plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.commit_smem()  # P (and fp8's V copy) visible to the wgmma
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, (v16_smem if fp8 else v_smem.at[slot]).T, p_smem.T)
                 return acc_ref[...]
 
-            acc = acc + pl.run_scoped(pv, plgpu.ACC((H, COLS), jnp.float32))
+            with jax.named_scope("pv"):
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((H, COLS), jnp.float32))
             if not fp8:
-                refill(block, slot)
+                with jax.named_scope("refill"):
+                    refill(block, slot)
             return acc, m_new, l_acc
 
         acc = plgpu.layout_cast(jnp.zeros((H, COLS), jnp.float32), plgpu.Layout.WGMMA)
@@ -290,6 +299,9 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
         out_type = (jax.ShapeDtypeStruct((num_splits, T, K, H, COLS), jnp.float32),
                     jax.ShapeDtypeStruct((num_splits, T, K, 1, COLS), jnp.float32))
     kwargs = {}
+    params = dict(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True)
+    if config.profile_dir:  # a per-CTA trace of the named regions in SMEM (kernel_profile.summarize reads it)
+        params.update(profile_space=512, profile_dir=config.profile_dir, profile_bounds_check=True)
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
@@ -301,7 +313,7 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
         scratch_types=scratch,
         grid=(R * num_splits, K),
         grid_names=("w", "kh"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True),
+        compiler_params=plgpu.CompilerParams(**params),
         **kwargs,
     )
     out = kernel(query_start_loc, seq_lens, num_seqs.reshape(1), kv_index, page_table, q_in, q_scales, k_pages,
