@@ -76,6 +76,9 @@ class TuningConfig:
         N = 8, a request's tokens one per pass; for an fp8 cache QK^T runs in fp8 with q quantized per token and
         kv-head. Uses block_kv, num_stages, num_splits and pages_in_smem. For decode-only calls (a multi-token
         request re-reads its keys once per token). Shapes it does not take (`paged_decode.supported`) fall back.
+    compact_splits: decode tiles with kv splits: each pass copies only its split's window of page ids into SMEM
+        (not the whole row) and stores 16-bit partials instead of f32, so that more CTAs fit per SM (fp8 64x2:
+        ~64 -> ~55 KiB; not yet measured on the GPU).
     """
 
     block_kv: int = 64
@@ -91,6 +94,7 @@ class TuningConfig:
     merge_in_kernel: bool | None = None
     profile_dir: str = ""
     decode_tiles: bool = False
+    compact_splits: bool = False
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):

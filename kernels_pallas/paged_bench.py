@@ -219,6 +219,9 @@ def main(argv=()):
                 tile_splits += [16, 32, 64] if int(case["seq_lens"][0]) > 4096 else [2, 4, 8]
             sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True)
                       for bk, st in ((64, 2), (64, 3), (64, 4), (128, 2)) for n in tile_splits]
+            if small and int(case["seq_lens"][0]) > 4096:  # the page-id window and 16-bit partials
+                sweep += [TuningConfig(64, st, num_splits=n, decode_tiles=True, compact_splits=True)
+                          for st in (2, 3) for n in (32, 48, 64, 96)]
         best = None
         tried = []
         for cfg_s in sweep:

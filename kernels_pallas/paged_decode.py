@@ -49,6 +49,15 @@ def supported(q, k_pages, config) -> bool:
             and q.dtype in (jnp.bfloat16, jnp.float16) and k_pages.dtype in (q.dtype, FP8))
 
 
+def window_size(max_pages, page_size, block_kv, num_splits):
+    """Page ids a split may read (`kv_split`: at most one chunk of whole blocks, plus a page when blocks slice
+    pages), plus up to 31 for aligning the window's start down to 32 ids, rounded up to 32 (the SMEM copy moves
+    128-byte chunks)."""
+    chunk = -(-(-(-max_pages * page_size // num_splits)) // block_kv) * block_kv
+    pages = -(-chunk // page_size) + (1 if block_kv < page_size else 0)
+    return -(-(pages + 31) // 32) * 32
+
+
 def quantize_queries(q, num_kv_heads, q_scale):
     """fp8 cache: q [T, N, H] times q_scale [K] (softmax scale x k_scale) in f32, quantized to e4m3 with one scale
     per (token, kv-head): amax / 448. Returns (q8 [T * N, H], scales [T, K] f32)."""
@@ -63,7 +72,7 @@ def quantize_queries(q, num_kv_heads, q_scale):
 
 def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, qs_ref, k_ref, v_ref,
             v_scale_ref, *refs, group, num_heads, page_size, block_kv, num_stages, num_splits, scale, sliding_window,
-            softcap, pages_in_smem):
+            softcap, pages_in_smem, pt_window):
     # qsl_ref [R + 1], seq_lens_ref [R], num_seqs_ref [1], layer_ref [2] (cache entries of this layer's K and V),
     # page_table_ref [R, max_pages] int32; q_ref [T * N, H] (q's dtype, or e4m3 for an fp8 cache); qs_ref [T, K]
     # f32 (fp8: q's per-token, per-kv-head scale; else unused); k_ref, v_ref [L, K, P, page_size, H];
@@ -71,7 +80,8 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
     # outputs, one split: out_ref [T * N, H]; several: o_ref [S, T, K, H, COLS] f32, lse_ref [S, T, K, 1, COLS]
     # scratch: q_smem [COLS, H]; k_smem, v_smem [stages, block_kv, H]; v16_smem [block_kv, H] (fp8 only);
     # p_smem [COLS, block_kv] (P^T, K-major for the PV wgmma); o_smem [COLS, H] (out dtype) or [H, COLS] f32;
-    # lse_smem [block_kv, COLS] f32 (splits only); pt_smem [max_pages] + its barrier (pages_in_smem);
+    # lse_smem [block_kv, COLS] f32 (splits only); pt_smem [max_pages] + its barrier (pages_in_smem), or with
+    # pt_window (> 0) only [pt_window] ids, each pass's window from its split's first page (32-aligned);
     # barriers q_bar, k_bar[stages], v_bar[stages]
     if num_splits == 1:
         out_ref, *refs = refs
@@ -107,11 +117,14 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
             def _():
                 out_ref[pl.ds(t * num_heads + kh * group, group), :] = zeros
 
-    if pages_in_smem:
+    def copy_ids(start):  # ids [start, start + pt_smem size) of the request's row -> SMEM
         for c0 in range(0, pt_smem.shape[0], PT_BOX):
-            ids = pl.ds(c0, min(PT_BOX, pt_smem.shape[0] - c0))
-            plgpu.copy_gmem_to_smem(page_table_ref.at[req, ids], pt_smem.at[ids], pt_bar)
+            n = min(PT_BOX, pt_smem.shape[0] - c0)
+            plgpu.copy_gmem_to_smem(page_table_ref.at[req, pl.ds(start + c0, n)], pt_smem.at[pl.ds(c0, n)], pt_bar)
         plgpu.barrier_wait(pt_bar)
+
+    if pages_in_smem and not pt_window:  # the whole row, once
+        copy_ids(0)
 
     q_start = qsl_ref[req]
     q_len = jnp.where(req < num_seqs_ref[0], jnp.maximum(qsl_ref[req + 1] - q_start, 0), 0)
@@ -125,9 +138,13 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
         num_blocks = pl.cdiv(jnp.maximum(kv_end - kv_begin, 0), block_kv)
         first_page = kv_begin // page_size
         last_page = q_pos // page_size
+        pt_start = 0
+        if pt_window:  # this pass's split only: ids [pt_start, pt_start + pt_window) hold all it reads
+            pt_start = jnp.minimum(first_page // 32 * 32, page_table_ref.shape[1] - pt_window)
+            copy_ids(pt_start)
 
         def page_ids(block):
-            load = (lambda i: pt_smem[i]) if pages_in_smem else (lambda i: page_table_ref[req, i])
+            load = (lambda i: pt_smem[i - pt_start]) if pages_in_smem else (lambda i: page_table_ref[req, i])
             if block_kv >= page_size:
                 first = first_page + block * (block_kv // page_size)
                 return [load(jnp.minimum(first + p, last_page)) for p in range(block_kv // page_size)]
@@ -235,7 +252,7 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
             plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(col0, group)],
                                     out_ref.at[pl.ds(t * num_heads + kh * group, group)])
         else:
-            o_smem[...] = o
+            o_smem[...] = o.astype(o_smem.dtype)
             lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))
             lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [1])
             plgpu.commit_smem()
@@ -275,6 +292,9 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
         v_scale = jnp.ones((K,), jnp.float32)
         q_in, q_scales = q.reshape(T * N, H), jnp.ones((T, K), jnp.float32)
     pages_in_smem = ids_in_smem(config, max_pages, fp8)
+    pt_window = window_size(max_pages, page_size, config.block_kv, num_splits) if config.compact_splits else 0
+    pt_window = pt_window if pages_in_smem and num_splits > 1 and pt_window < max_pages else 0
+    partial_dtype = q.dtype if config.compact_splits else jnp.float32
     bk, stages = config.block_kv, config.num_stages
     tiled = lambda cols, dt: (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * jnp.dtype(dt).itemsize))
     cdt = jnp.float16 if fp8 else q.dtype  # the PV wgmma's type (fp8: V converted to f16, exact for e4m3)
@@ -285,10 +305,10 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
         plgpu.SMEM((stages, bk, H), k_pages.dtype, transforms=ring_t),
         *([plgpu.SMEM((bk, H), cdt, transforms=tiled(64, cdt))] if fp8 else []),
         plgpu.SMEM((COLS, bk), cdt, transforms=tiled(64, cdt)),
-        plgpu.SMEM((COLS, H), q.dtype) if num_splits == 1 else plgpu.SMEM((H, COLS), jnp.float32),
+        plgpu.SMEM((COLS, H), q.dtype) if num_splits == 1 else plgpu.SMEM((H, COLS), partial_dtype),
         *([] if num_splits == 1 else [plgpu.SMEM((bk, COLS), jnp.float32)]),
-        *([plgpu.SMEM((max_pages,), jnp.int32), plgpu.Barrier(num_arrivals=-(-max_pages // PT_BOX))]
-          if pages_in_smem else []),
+        *([plgpu.SMEM((pt_window or max_pages,), jnp.int32),
+           plgpu.Barrier(num_arrivals=-(-(pt_window or max_pages) // PT_BOX))] if pages_in_smem else []),
         plgpu.Barrier(num_arrivals=1),
         plgpu.Barrier(num_arrivals=max(1, bk // page_size), num_barriers=stages),
         plgpu.Barrier(num_arrivals=max(1, bk // page_size), num_barriers=stages),
@@ -296,7 +316,7 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     if num_splits == 1:
         out_type = jax.ShapeDtypeStruct((T * N, H), q.dtype)
     else:
-        out_type = (jax.ShapeDtypeStruct((num_splits, T, K, H, COLS), jnp.float32),
+        out_type = (jax.ShapeDtypeStruct((num_splits, T, K, H, COLS), partial_dtype),
                     jax.ShapeDtypeStruct((num_splits, T, K, 1, COLS), jnp.float32))
     kwargs = {}
     params = dict(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True)
@@ -308,7 +328,7 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     kernel = plgpu.kernel(
         functools.partial(_kernel, group=group, num_heads=N, page_size=page_size, block_kv=bk, num_stages=stages,
                           num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                          pages_in_smem=pages_in_smem),
+                          pages_in_smem=pages_in_smem, pt_window=pt_window),
         out_type=out_type,
         scratch_types=scratch,
         grid=(R * num_splits, K),

@@ -66,6 +66,47 @@ def test_interleaved_stacked_cache_reads_the_named_layer():
     assert_close(out, pa.paged_attention_reference(*batch))
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compact_splits_window_of_page_ids_and_16_bit_partials(fp8):
+    # 128-id rows (page 8) in 4 splits: each pass copies a 64-id window; requests of 1, 300 and 1024 keys
+    batch = make_batch(53, q_lens=[1, 1, 1], seq_lens=[1, 300, 1024], num_rows=4, extra_tokens=1, K=2, G=4, H=128,
+                       page_size=8)
+    config = pa.TuningConfig(64, 2, num_splits=4, decode_tiles=True, compact_splits=True)
+    assert pd.window_size(128, 8, 64, 4) == 64
+    if fp8:
+        fp8_batch, _, scales = to_fp8(batch, 54)
+        out = pa.ragged_paged_attention(*fp8_batch, **scales, config=config, interpret=True)
+        assert_close(out, reference_with_quantized_q(fp8_batch, scales), rows=3)
+    else:
+        out = pa.ragged_paged_attention(*batch, config=config, interpret=True)
+        assert_close(out, pa.paged_attention_reference(*batch), rows=3)
+    assert not np.asarray(out[3:], np.float32).any()
+
+
+def test_window_holds_every_page_a_split_reads():
+    """For any length and split, the pages `kv_split` hands a split lie in the 32-aligned window the kernel copies."""
+    from kernels_pallas.paged_work import kv_split
+    rng = np.random.default_rng(55)
+    for _ in range(300):
+        page_size = int(rng.choice([8, 16, 32, 64, 128]))
+        block_kv = int(rng.choice([64, 128]))
+        max_pages = 32 * int(rng.integers(1, 64))
+        splits = int(rng.integers(2, 65))
+        window = pd.window_size(max_pages, page_size, block_kv, splits)
+        if window >= max_pages:
+            continue
+        kv_hi = int(rng.integers(1, max_pages * page_size + 1))
+        for split in range(splits):
+            begin, end = kv_split(kv_hi - 1, kv_hi, split, num_splits=splits, page_size=page_size,
+                                  block_kv=block_kv, sliding_window=None)
+            if end <= begin:
+                continue
+            blocks = -(-(end - begin) // block_kv)
+            first, last = begin // page_size, min((begin + blocks * block_kv - 1) // page_size, (kv_hi - 1) // page_size)
+            start = min(first // 32 * 32, max_pages - window)
+            assert start <= first and last < start + window, (page_size, block_kv, max_pages, splits, kv_hi, split)
+
+
 def test_unsupported_shapes_fall_back_to_the_packed_kernel():
     batch = make_batch(47, q_lens=[1, 1], seq_lens=[20, 33], K=1, G=16, H=64)  # G = 16 does not fit the 8 columns
     assert not pd.supported(batch[0], batch[1], tiles())
@@ -73,14 +114,17 @@ def test_unsupported_shapes_fall_back_to_the_packed_kernel():
     assert_close(out, pa.paged_attention_reference(*batch))
 
 
-@pytest.mark.parametrize("fp8,splits,block_kv,stages", [(False, 1, 64, 2), (False, 4, 128, 2), (True, 1, 64, 3),
-                                                        (True, 4, 64, 2)])
-def test_lowers_for_the_gpu_cpu(fp8, splits, block_kv, stages):
-    """The Mosaic GPU lowering (transposed P and output stores, 8-column wgmmas, fp8 QK^T) at a serving shape."""
+@pytest.mark.parametrize("fp8,splits,block_kv,stages,compact", [(False, 1, 64, 2, False), (False, 4, 128, 2, False),
+                                                                (True, 1, 64, 3, False), (True, 4, 64, 2, False),
+                                                                (False, 4, 64, 2, True), (True, 4, 64, 2, True)])
+def test_lowers_for_the_gpu_cpu(fp8, splits, block_kv, stages, compact):
+    """The Mosaic GPU lowering (transposed P and output stores, 8-column wgmmas, fp8 QK^T, the page-id window)
+    at a serving shape."""
     T, N, K, H, P, page_size, R = 64, 32, 8, 128, 4096, 16, 64
     cache = jax.ShapeDtypeStruct((K, P, page_size, H), pa.FP8 if fp8 else jnp.bfloat16)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    f = jax.jit(lambda *a: pa.ragged_paged_attention(*a, config=tiles(block_kv, stages, splits)))
+    config = pa.TuningConfig(block_kv, stages, num_splits=splits, decode_tiles=True, compact_splits=compact)
+    f = jax.jit(lambda *a: pa.ragged_paged_attention(*a, config=config))
     f.trace(jax.ShapeDtypeStruct((T, N, H), jnp.bfloat16), cache, cache, i32(R, 256), i32(R + 1), i32(R),
             i32()).lower(lowering_platforms=("cuda",))
 
@@ -114,12 +158,13 @@ def test_gpu_fp8_decode_serving_sizes(page_size, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8", [False, True])
-def test_gpu_long_context_splits(fp8):
+@pytest.mark.parametrize("fp8,compact", [(False, False), (True, False), (False, True), (True, True)])
+def test_gpu_long_context_splits(fp8, compact):
     batch = make_batch(51, q_lens=[1], seq_lens=[32768], K=8, G=4, H=128)
+    config = pa.TuningConfig(decode_tiles=True, compact_splits=compact)
     if fp8:
         fp8_batch, _, scales = to_fp8(batch, 52)
-        out = pa.ragged_paged_attention(*fp8_batch, **scales, config=tiles())
+        out = pa.ragged_paged_attention(*fp8_batch, **scales, config=config)
         assert_close(out, reference_with_quantized_q(fp8_batch, scales))
     else:
-        assert_close(pa.ragged_paged_attention(*batch, config=tiles()), pa.paged_attention_reference(*batch))
+        assert_close(pa.ragged_paged_attention(*batch, config=config), pa.paged_attention_reference(*batch))
