@@ -46,7 +46,7 @@ def test_multi_token_request_sliding_window_softcap_group_8():
     assert_close(out, pa.paged_attention_reference(*batch, **kw))
 
 
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [1])  # fp8 with splits: test_compact_splits_window_of_page_ids_and_16_bit_partials
 def test_fp8_decode_quantizes_q_per_token_and_kv_head(splits):
     batch = make_batch(43, q_lens=[1, 1, 1, 1], seq_lens=[1, 64, 70, 200], num_rows=5, extra_tokens=2, K=2, G=4,
                        H=128, page_size=16)
@@ -66,7 +66,7 @@ def test_interleaved_stacked_cache_reads_the_named_layer():
     assert_close(out, pa.paged_attention_reference(*batch))
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [True])  # bf16 partials with splits: test_multi_token_request_... (f32 path)
 def test_compact_splits_window_of_page_ids_and_16_bit_partials(fp8):
     # 128-id rows (page 8) in 4 splits: each pass copies a 64-id window; requests of 1, 300 and 1024 keys
     batch = make_batch(53, q_lens=[1, 1, 1], seq_lens=[1, 300, 1024], num_rows=4, extra_tokens=1, K=2, G=4, H=128,
@@ -87,7 +87,7 @@ def test_window_holds_every_page_a_split_reads():
     """For any length and split, the pages `kv_split` hands a split lie in the 32-aligned window the kernel copies."""
     from kernels_pallas.paged_work import kv_split
     rng = np.random.default_rng(55)
-    for _ in range(300):
+    for _ in range(60):
         page_size = int(rng.choice([8, 16, 32, 64, 128]))
         block_kv = int(rng.choice([64, 128]))
         max_pages = 32 * int(rng.integers(1, 64))
@@ -110,7 +110,15 @@ def test_window_holds_every_page_a_split_reads():
 def test_unsupported_shapes_fall_back_to_the_packed_kernel():
     batch = make_batch(47, q_lens=[1, 1], seq_lens=[20, 33], K=1, G=16, H=64)  # G = 16 does not fit the 8 columns
     assert not pd.supported(batch[0], batch[1], tiles())
-    out = pa.ragged_paged_attention(*batch, config=tiles(), interpret=True)
+    assert pd.supported(*make_batch(47, q_lens=[1], seq_lens=[20], K=2, G=8, H=64)[:2], tiles())
+    calls = []
+    real = pd.decode_attention
+    pd.decode_attention = lambda *a, **kw: calls.append(1)  # must not be reached
+    try:
+        out = pa.ragged_paged_attention(*batch, config=tiles(), interpret=True)
+    finally:
+        pd.decode_attention = real
+    assert not calls
     assert_close(out, pa.paged_attention_reference(*batch))
 
 
