@@ -119,7 +119,7 @@ class LLMEngine:
             t1 = time.perf_counter()
             # the cheapest sampler these rows allow (argmax only, no sort, no logprobs, ...)
             res = self.runner.run(inp, step_variant(r.variant for r, _ in out.scheduled),  # asynchronous
-                                  decode_only=all(n == 1 for _, n in out.scheduled))
+                                  decode_only=out.num_tokens == len(out.scheduled))  # one token each
             t_dispatch = time.perf_counter() - t1
             self.scheduler.update(out)
             for (request, n), sampled in zip(out.scheduled, samples):

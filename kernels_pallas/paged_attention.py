@@ -33,76 +33,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import paged_decode
 from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
+from kernels_pallas.paged_config import TuningConfig
 from kernels_pallas.paged_reference import paged_attention_reference  # noqa: F401  (re-exported)
-from kernels_pallas.paged_work import (DIRECT_MIN_SPLIT, LSE_COLS, META, PT_BOX, PT_SMEM_MAX, ROWS,  # noqa: F401
-                                      check_args,
+from kernels_pallas.paged_work import (LSE_COLS, META, PT_BOX, PT_SMEM_MAX, ROWS, check_args,  # noqa: F401
                                       cluster_merge, default_splits, fuses_merge, ids_in_smem, kv_scales, kv_split,
-                                      merge, pack_queries, request_lengths, shapes_supported, use_direct, work_list,
+                                      mask_block, merge, pack_queries, request_lengths, shapes_supported, use_direct,
+                                      work_list,
                                       zero_padding_rows)
 
 _LOG2E = math.log2(math.e)
-
-
-@dataclasses.dataclass(frozen=True)
-class TuningConfig:
-    """How one CTA walks its kv range.
-
-    block_kv: kv tokens per pipeline step (a whole number of pages; 64 or 128 keeps wgmma's N dimension legal).
-    num_stages: shared-memory slots in the TMA ring; more slots keep more bytes in flight.
-    num_splits: kv splits per tile (flash-decoding); None: from the static shapes (`paged_work.default_splits`).
-    convert_wg: fp8 cache only: a second warpgroup issues the TMAs and converts each fp8 block to f16 while the
-        first runs the wgmmas and the softmax (False: one warpgroup does both, in turn).
-    p_in_registers: P is the register A operand of the PV wgmma instead of going through shared memory. GPU only:
-        the CPU interpreter cannot run a register A operand. None: on the GPU, not in the interpreter.
-    convert_ahead: fp8 cache, one warpgroup: convert the next block's K while this block's PV runs (and V while
-        QK^T runs), so that no conversion sits between two wgmmas.
-    prefetch_pages: load the refill's page ids at the top of a step, not right before its TMAs (measured: no gain).
-    pages_in_smem: each tile first copies its request's page-table row into shared memory (TMA, next to q's), so
-        the refills read page ids from SMEM instead of GMEM. Needs a row of <= PT_SMEM_MAX ids, a multiple of 32;
-        otherwise (and with convert_wg) the ids come from GMEM.
-    q_in_registers: QK^T takes q as its register A operand; q's SMEM (16 KiB) then serves the ring, filled after
-        q is read. GPU only, like p_in_registers; not with convert_wg (measured: no gain).
-    direct: each CTA derives its (request, split) work from query_start_loc / seq_lens and reads q and writes
-        its output in q's own [T * N, H] order, a tile being ROWS // N whole tokens with all N heads: no work-list
-        and no packing kernels. Needs 64 % N == 0 and N % 8 == 0. None: for steps of <= 16 tokens (`use_direct`);
-        True also pays for larger decode-only steps.
-    merge_in_kernel: direct path: the kernel writes the final [T, N, H] itself, one kernel per call. With one split
-        that is only where its rows go; with 2-8 splits the splits of a (request, kv-head) form one cluster, each
-        stores its rows and lse, a cluster barrier publishes them and one CTA merges them
-        (`paged_work.cluster_merge`). None (default): with one split only (measured faster on the H200); the
-        cluster merge was not (docs/kernels/paged_attention.md). False: always merge with jnp after the kernel.
-    profile_dir: GPU diagnostics: a per-warpgroup trace of the kernel's named phases (Mosaic GPU's profiler).
-    decode_tiles: the transposed decode kernel (paged_decode.py): keys on the wgmma's M, one token's q-heads on its
-        N = 8, a request's tokens one per pass; for an fp8 cache QK^T runs in fp8 with q quantized per token and
-        kv-head. Uses block_kv, num_stages, num_splits and pages_in_smem. For decode-only calls (a multi-token
-        request re-reads its keys once per token). Shapes it does not take (`paged_decode.supported`) fall back.
-    compact_splits: decode tiles with kv splits: each pass copies only its split's window of page ids into SMEM
-        (not the whole row) and stores 16-bit partials instead of f32, so that more CTAs fit per SM (fp8 64x2:
-        ~64 -> ~55 KiB; not yet measured on the GPU).
-    """
-
-    block_kv: int = 64
-    num_stages: int = 2
-    num_splits: int | None = None
-    convert_wg: bool = False
-    p_in_registers: bool | None = None
-    convert_ahead: bool = True
-    prefetch_pages: bool = False
-    pages_in_smem: bool = True
-    q_in_registers: bool = False
-    direct: bool | None = None
-    merge_in_kernel: bool | None = None
-    profile_dir: str = ""
-    decode_tiles: bool = False
-    compact_splits: bool = False
-
-    def __post_init__(self):
-        if self.block_kv not in (32, 64, 128, 256):
-            raise ValueError(f"{self.block_kv=} must be 32, 64, 128 or 256")
-        if not 1 <= self.num_stages <= 8:
-            raise ValueError(f"{self.num_stages=} must be in [1, 8]")
-        if self.num_splits is not None and not 1 <= self.num_splits <= 256:
-            raise ValueError(f"{self.num_splits=} must be None or in [1, 256]")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,19 +261,8 @@ def _kernel(work_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_r
                     if softcap is not None or c <= 0:
                         s = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E) if softcap else s * c
                         c = 1.0
-                    key0 = kv_begin + block * block_kv
-
-                    def masked(s):
-                        kv_pos = key0 + col
-                        mask = (kv_pos <= row_pos) & (kv_pos < kv_end)
-                        if sliding_window is not None:
-                            mask &= kv_pos > row_pos - sliding_window
-                        return jnp.where(mask, s, -jnp.inf)
-
-                    if sliding_window is None:  # a block before every row's position and the split's end: no mask
-                        s = lax.cond(key0 + block_kv <= jnp.minimum(q_pos0 + 1, kv_end), lambda s: s, masked, s)
-                    else:
-                        s = masked(s)
+                    s = mask_block(s, kv_begin + block * block_kv, col, row_pos, q_pos0, kv_end, block_kv=block_kv,
+                                   sliding_window=sliding_window)
                     m_new = jnp.maximum(m_i, s.max(axis=1) * c)
                     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     alpha = jnp.exp2(m_i - m_safe)
@@ -596,14 +524,9 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     num_splits = config.num_splits or default_splits(max_tiles, K, max_pages * page_size, direct=direct)
     k_scale, v_scale = (None, None) if scales is None else scales  # [K]
     if config.decode_tiles and paged_decode.supported(q, k_pages, config):
-        # splits of >= 256 keys at the table's full width, no floor of 8 (H200, one request in an 8-token step:
-        # 256 keys 4.1 us at 2-4 splits vs 5.6 at 8; 1024 keys 7.2 at 4 vs 6.9 at 8; 32768 keys best at 32)
-        splits = config.num_splits or default_splits(R, K, max_pages * page_size, min_split_tokens=DIRECT_MIN_SPLIT)
-        if config.num_splits is None and R * K < 132:  # fewer CTAs than SMs: at least 2 splits (256 keys: 2 splits)
-            splits = max(splits, 2)
         return paged_decode.decode_attention(
             q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, scale=scale,
-            sliding_window=sliding_window, softcap=softcap, config=config, num_splits=splits, interpret=interpret)
+            sliding_window=sliding_window, softcap=softcap, config=config, interpret=interpret)
     q_scale = None if scales is None else scale * k_scale
     if direct:  # the CTAs read qsl / seq_lens themselves and q in its own order: no work-list or packing kernels
         work, num_work = query_start_loc, R * num_splits

@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.kv_cache import FP8
-from kernels_pallas.paged_work import PT_BOX, ids_in_smem, kv_split, merge
+from kernels_pallas.paged_work import (DIRECT_MIN_SPLIT, PT_BOX, default_splits, ids_in_smem, kv_split, mask_block,
+                                      merge)
 
 COLS = 8  # wgmma N of QK^T: one token's 8 consecutive q-heads (G of them this kv-head's)
 E4M3_MAX = 448.0
@@ -201,19 +202,8 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
                 if softcap is not None:
                     s = jnp.tanh(s * (c_raw / softcap)) * (softcap * _LOG2E)
                     cb = 1.0
-                key0 = kv_begin + block * block_kv
-
-                def masked(s):
-                    kv_pos = key0 + key
-                    mask = (kv_pos <= q_pos) & (kv_pos < kv_end)
-                    if sliding_window is not None:
-                        mask &= kv_pos > q_pos - sliding_window
-                    return jnp.where(mask, s, -jnp.inf)
-
-                if sliding_window is None:
-                    s = lax.cond(key0 + block_kv <= jnp.minimum(q_pos + 1, kv_end), lambda s: s, masked, s)
-                else:
-                    s = masked(s)
+                s = mask_block(s, kv_begin + block * block_kv, key, q_pos, q_pos, kv_end, block_kv=block_kv,
+                               sliding_window=sliding_window)
                 m_new = jnp.maximum(m_i, s.max(axis=0) * cb)
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 alpha = jnp.exp2(m_i - m_safe)
@@ -276,13 +266,22 @@ def merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, *, group, 
                  out_dtype=out_dtype).reshape(T, K * group, H)
 
 
+def num_splits_for(R, K, max_kv_len):
+    """Default kv splits: >= 256 keys each at the page table's full width, and at least 2 while the grid has fewer
+    CTAs than an H200 has SMs; no floor of 8 as on the packed direct path (H200, one request in an 8-token step:
+    256 keys 4.1 us at 2-4 splits vs 5.6 at 8; 1024 keys 7.2 at 4 vs 6.9 at 8; 32768 keys best at 32)."""
+    splits = default_splits(R, K, max_kv_len, min_split_tokens=DIRECT_MIN_SPLIT)
+    return max(splits, 2) if R * K < 132 else splits
+
+
 def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc, seq_lens, num_seqs, scales, *,
-                     scale, sliding_window, softcap, config, num_splits, interpret):
+                     scale, sliding_window, softcap, config, interpret):
     """Traced inside `paged_attention._ragged_paged_attention` (same arguments, caches stacked [L', K, P, page, H]
     with kv_index [2] naming this layer's K and V entries; scales: ([K], [K]) f32 for an fp8 cache, else None)."""
     T, N, H = q.shape
     _, K, _, page_size, _ = k_pages.shape
     R, max_pages = page_table.shape
+    num_splits = config.num_splits or num_splits_for(R, K, max_pages * page_size)
     group = N // K
     fp8 = k_pages.dtype == FP8
     if fp8:

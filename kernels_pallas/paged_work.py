@@ -15,6 +15,7 @@ fields and how the splits' results are combined.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -150,6 +151,23 @@ def kv_split(q_pos0, kv_hi, split, *, num_splits, page_size, block_kv, sliding_w
     chunk = (chunk + block_kv - 1) // block_kv * block_kv
     begin = kv_lo + split * chunk
     return begin, jnp.minimum(begin + chunk, kv_hi)
+
+
+def mask_block(s, key0, key_iota, q_pos, first_q_pos, kv_end, *, block_kv, sliding_window):
+    """In-kernel: one key block's scores with keys past a query's position, the split's end or the sliding window
+    set to -inf. key_iota: each score's key offset in the block; q_pos: each score's query position (or one scalar);
+    first_q_pos: the tile's first query. Without a window, only blocks that reach past first_q_pos or kv_end are
+    masked (a lax.cond on a scalar; in decode, the last block of each split)."""
+    def masked(s):
+        kv_pos = key0 + key_iota
+        mask = (kv_pos <= q_pos) & (kv_pos < kv_end)
+        if sliding_window is not None:
+            mask &= kv_pos > q_pos - sliding_window
+        return jnp.where(mask, s, -jnp.inf)
+
+    if sliding_window is not None:
+        return masked(s)
+    return lax.cond(key0 + block_kv <= jnp.minimum(first_q_pos + 1, kv_end), lambda s: s, masked, s)
 
 
 F16_MAX = 65504.0
