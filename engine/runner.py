@@ -141,6 +141,13 @@ STEP_STATIC_ARGNUMS = (0, 7, 8, 9, 10)  # graphdef, input layout, num_logprobs, 
 #   draw    as sort, and no sampled row asking for top-k or top-p: no sort of the vocabulary either
 VARIANTS = ("full", "greedy", "sort", "draw")
 FALLBACK = {"greedy": "full", "sort": "full", "draw": "sort"}  # a variant not (yet) compiled -> the next one
+
+
+def _chain(v):
+    return (v, *_chain(FALLBACK[v])) if v in FALLBACK else (v,)
+
+
+CHAIN = {v: _chain(v) for v in VARIANTS}  # each variant and its fallbacks, in order
 # Steps whose requests all have one token (decode-only) may also have a twin of their variant, "<variant>/decode",
 # compiled with `decode_only`: attention then runs the paged kernel's decode tiles (kernels_pallas/paged_decode.py;
 # H200, 256 rows at 192 keys: 56 instead of 72 us per layer), which walk a multi-token request one token per pass
@@ -456,9 +463,7 @@ class ModelRunner:
         T, R = inp.input_ids.shape[0], inp.seq_lens.shape[0]
         if (T, R, "full") not in self.executables:
             self.warmup(progress=False)  # only when warm-up was skipped: compile everything once, now
-        chain = [variant]
-        while chain[-1] in FALLBACK:
-            chain.append(FALLBACK[chain[-1]])
+        chain = CHAIN[variant]
         twins = [v + DECODE for v in chain if decode_only and (T, R, v + DECODE) in self.executables]
         variant = self.last_variant = (twins or [v for v in chain if (T, R, v) in self.executables])[0]
         step = self.executables[(T, R, variant)]
