@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -76,8 +77,8 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
             softcap, pages_in_smem, pt_window):
     # qsl_ref [R + 1], seq_lens_ref [R], num_seqs_ref [1], layer_ref [2] (cache entries of this layer's K and V),
     # page_table_ref [R, max_pages] int32; q_ref [T * N, H] (q's dtype, or e4m3 for an fp8 cache); qs_ref [T, K]
-    # f32 (fp8: q's per-token, per-kv-head scale; else unused); k_ref, v_ref [L, K, P, page_size, H];
-    # v_scale_ref [K] f32 (ones for a 16-bit cache).
+    # f32 (fp8: q's per-token, per-kv-head scale; else [1, K], unused); k_ref, v_ref [L, K, P, page_size, H];
+    # v_scale_ref [K] f32 (ones for a 16-bit cache, unused).
     # outputs, one split: out_ref [T * N, H]; several: o_ref [S, T, K, H, COLS] f32, lse_ref [S, T, K, 1, COLS]
     # scratch: q_smem [COLS, H]; k_smem, v_smem [stages, block_kv, H]; v16_smem [block_kv, H] (fp8 only);
     # p_smem [COLS, block_kv] (P^T, K-major for the PV wgmma); o_smem [COLS, H] (out dtype) or [H, COLS] f32;
@@ -237,7 +238,7 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
         o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])  # [H, COLS]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous pass's stores have read o_smem
         if num_splits == 1:
-            o_smem.T[...] = (o * v_scale_ref[kh]).astype(o_smem.dtype)
+            o_smem.T[...] = (o * v_scale_ref[kh] if fp8 else o).astype(o_smem.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(col0, group)],
                                     out_ref.at[pl.ds(t * num_heads + kh * group, group)])
@@ -257,9 +258,12 @@ def merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, *, group, 
     """The splits' partials o_t [S, T, K, H, COLS] and lse_t [S, T, K, 1, COLS] -> [T, N, H]: each kv-head's G
     columns start at (kh * G) % COLS; then the common log-sum-exp merge."""
     S, T, K, H, _ = o_t.shape
-    cols = (jnp.arange(K)[:, None] * group) % COLS + jnp.arange(group)[None, :]  # [K, G]
-    o = jnp.take_along_axis(o_t, cols[None, None, :, None, :], axis=-1)  # [S, T, K, H, G]
-    lse = jnp.take_along_axis(lse_t[:, :, :, 0], cols[None, None], axis=-1)  # [S, T, K, G]
+    r = COLS // group  # kv-heads sharing a box: kh = a * r + b has columns [b * G, (b + 1) * G)
+    # static slices (no gather, no index arrays): XLA fuses them into the merge's reductions
+    o6 = o_t.reshape(S, T, K // r, r, H, r, group)
+    o = jnp.stack([o6[:, :, :, b, :, b, :] for b in range(r)], axis=3).reshape(S, T, K, H, group)
+    l5 = lse_t[:, :, :, 0].reshape(S, T, K // r, r, r, group)
+    lse = jnp.stack([l5[:, :, :, b, b, :] for b in range(r)], axis=3).reshape(S, T, K, group)
     o = jnp.swapaxes(o, -1, -2).reshape(S, T * K * group, H)
     lse = lse.reshape(S, T * K * group, 1)
     return merge(o, lse, query_start_loc, seq_lens, num_seqs, T=T, group=group, v_scale=v_scale,
@@ -287,9 +291,9 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     if fp8:
         k_scale, v_scale = scales
         q_in, q_scales = quantize_queries(q, K, scale * k_scale)
-    else:
-        v_scale = jnp.ones((K,), jnp.float32)
-        q_in, q_scales = q.reshape(T * N, H), jnp.ones((T, K), jnp.float32)
+    else:  # host constants, not broadcasts: no kernel runs to make them (the kernel reads neither for 16 bits)
+        v_scale = np.ones((K,), np.float32)
+        q_in, q_scales = q.reshape(T * N, H), np.ones((1, K), np.float32)
     pages_in_smem = ids_in_smem(config, max_pages, fp8)
     pt_window = window_size(max_pages, page_size, config.block_kv, num_splits) if config.compact_splits else 0
     pt_window = pt_window if pages_in_smem and num_splits > 1 and pt_window < max_pages else 0

@@ -71,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--packed-decode", action="store_true",
                     help="decode-only steps without the decode kernel (the engine's non-decode executables)")
     ap.add_argument("--dump-hlo", action="store_true", help="also write the compiled step's optimized HLO text")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="as serve.py's flag: auto (the weights' dtype) or fp8")
     args = ap.parse_args(argv)
     from jax.experimental.mosaic.gpu import profiler
 
@@ -80,7 +81,8 @@ def main(argv=None):
     cfg = EngineConfig(max_model_len=args.context + max(args.prefill, 1) + 16, max_num_seqs=max(rows + 1, 8),
                        max_num_batched_tokens=max(512, rows + 1, args.batch + args.prefill * args.prefill_count),
                        page_size=16,
-                       num_pages=pages_needed + 8, unroll_layers=args.layers == "unrolled")
+                       num_pages=pages_needed + 8, unroll_layers=args.layers == "unrolled",
+                       kv_cache_dtype=args.kv_cache_dtype)
     runner = ModelRunner(model, cfg, owns_model=True)
     host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count)
     packed, layout = jax.device_put(host_inp.pack()), host_inp.layout()
@@ -149,6 +151,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"profile_step_b{args.batch}_c{args.context}_p{args.prefill}"
                                   f"{f'x{args.prefill_count}' if args.prefill_count > 1 else ''}_"
+                                  f"{'fp8kv_' if args.kv_cache_dtype.startswith('fp8') else ''}"
                                   f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(dict(args=vars(args), compile_s=compile_s, device_ms=device_ms, wall_ms=statistics.median(walls) * 1e3,
