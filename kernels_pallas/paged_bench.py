@@ -104,6 +104,8 @@ def main(argv=()):
     parser.add_argument("--profile", action="store_true",
                         help="after each case's sweep, run its best config once with the in-kernel profiler and "
                              "record cycles per region (kernel_profile.summarize) in the row")
+    parser.add_argument("--tile-splits", default="",
+                        help="comma-separated kv splits the decode tiles also try on batched cases (default: none)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new config after this many seconds")
     args = parser.parse_args(list(argv))
     import warnings
@@ -217,6 +219,8 @@ def main(argv=()):
             tile_splits = [None]
             if small:
                 tile_splits += [16, 32, 64] if int(case["seq_lens"][0]) > 4096 else [2, 4, 8]
+            elif args.tile_splits:
+                tile_splits += [int(n) for n in args.tile_splits.split(",")]
             sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True)
                       for bk, st in ((64, 2), (64, 3), (64, 4), (128, 2)) for n in tile_splits]
             if small and int(case["seq_lens"][0]) > 4096:  # the page-id window and 16-bit partials
