@@ -252,8 +252,8 @@ def quant_matmul(x, qw, *, out_dtype=None):
 
     On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
     (groups of a multiple of 128 rows; act-order gathers x) run the Pallas kernel where
-    `quant_matmul.kernel_config` says it was measured faster than XLA; FP8 (q held [N, K], K-major) runs XLA's fp8
-    dot (cuBLASLt) where that was measured faster than the bf16 upcast. Everything else, and every call on CPU,
+    `quant_matmul.kernel_config` says it was measured faster than XLA; FP8 (q held [N, K], K-major) runs the fp8
+    decode kernel (`fp8_skinny_matmul`) up to `FP8_KERNEL_MAX_M` rows and XLA's fp8 dot (cuBLASLt) above. Everything else, and every call on CPU,
     runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the format reference otherwise).
     """
     from ie_jax.quant import fp8, int4, int8, nf4
@@ -274,6 +274,13 @@ def quant_matmul(x, qw, *, out_dtype=None):
     if isinstance(qw, int4.Int4Weights):
         return int4.int4_matmul_reference(x, qw, out_dtype)
     if isinstance(qw, fp8.Fp8Weights):
+        rows = x.reshape(-1, x.shape[-1])
+        fp8_kernel = backend != "auto" or rows.shape[0] <= qm.FP8_KERNEL_MAX_M
+        if on_hopper and fp8_kernel and qw.q.ndim == 2 and rows.dtype == jnp.bfloat16 and \
+                qm.kernel_supports_fp8(rows, qw.q, qw.scale):
+            y = qm.fp8_skinny_matmul(rows, qw.q, qw.scale, qw.input_scale, interpret=backend == "interpret",
+                                     out_dtype=out_dtype or x.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if on_hopper and backend != "interpret" and qm.FP8_XLA_DOT and qw.q.ndim == 2:
             return qm.fp8_matmul(x, qw.q, qw.scale, qw.input_scale, out_dtype=out_dtype, n_major=True)
         return fp8.fp8_matmul_reference(x, qw, out_dtype)

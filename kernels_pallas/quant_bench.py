@@ -13,9 +13,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _quant_matmul,
-                                         dequantize_packed, fp8_matmul, pack_int4, pack_int8, packed_bytes,
-                                         packed_matmul_xla)
+from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _fp8_skinny_matmul,
+                                         _quant_matmul, dequantize_packed, fp8_matmul, pack_int4, pack_int8,
+                                         packed_bytes, packed_matmul_xla)
 from kernels_pallas.skinny_matmul import TuningConfig as SkinnyConfig
 
 _L2_BYTES = 50 * 2**20
@@ -38,6 +38,14 @@ _KERNEL_CONFIGS = {  # label -> config, for M <= 64 (docs/kernels/quant_matmul.m
 }
 
 
+
+_FP8_CONFIGS = {  # the fp8 decode kernel (W8A8, both operands e4m3 from SMEM)
+    "128x4 c4m4": TuningConfig(num_stages=4, ctas_per_sm=4, min_k_steps=4),
+    "128x4 c2": TuningConfig(num_stages=4),
+    "128x6 c2m4": TuningConfig(num_stages=6, min_k_steps=4),
+    "128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4),
+    "64x4 c8m4": TuningConfig(block_n=64, num_stages=4, ctas_per_sm=8, min_k_steps=4),
+}
 
 _SKINNY_2WG = {  # the bf16 skinny kernel with two consumer warpgroups (docs/kernels/quant_matmul.md)
     "2wg 256x64x2 d1 c1": SkinnyConfig(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2),
@@ -85,8 +93,11 @@ def _paths(m):
                 yield f"{fmt} kernel {label}", fmt, functools.partial(_quant_matmul, config=cfg, interpret=False)
             yield f"{fmt} kernel kn 128x4 c2", f"{fmt}_kn", functools.partial(_quant_matmul, config=TuningConfig(),
                                                                             interpret=False)
+        for label, cfg in _FP8_CONFIGS.items():
+            yield f"fp8 kernel {label}", "fp8_nk", functools.partial(_fp8_path, config=cfg)
     for fmt in ("int8", "int4"):  # what ops.quant_matmul runs on the Linear's packed weights (kernel or XLA)
         yield f"{fmt} linear", fmt, _linear_path
+    yield "fp8 linear", "fp8_nk", lambda x, w: _linear_path(x, Fp8Weights(*w))
     yield "int8 ref", "int8_kn", int8_matmul_reference  # the format layout's reference ([K, N], int4 a byte each)
     yield "int4 ref", "int4_kn", int4_matmul_reference
     yield "fp8 xla nk", "fp8_nk", lambda x, w: fp8_matmul(x, *w, n_major=True)
@@ -94,6 +105,10 @@ def _paths(m):
     yield "int8 xla", "int8", packed_matmul_xla
     yield "int4 xla", "int4", packed_matmul_xla
     yield "fp8 xla kn", "fp8_kn", lambda x, w: fp8_matmul(x, *w)
+
+
+def _fp8_path(x, w, config):
+    return _fp8_skinny_matmul(x, *w, config=config, interpret=False)
 
 
 def _linear_path(x, w):

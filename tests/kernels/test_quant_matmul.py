@@ -211,6 +211,80 @@ def test_fp8_dispatch_runs_the_k_major_dot_on_the_formats_layout():
         assert rel_err(out, fp8_matmul_reference(x, w, jnp.float32)) < 1e-5
 
 
+def make_fp8(seed, m, k, n):
+    from ie_jax.quant.fp8 import quantize_fp8
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    return x, quantize_fp8(0.05 * jax.random.normal(kw, (k, n), jnp.float32))  # q [N, K]
+
+
+@pytest.mark.parametrize("m, static", [(1, False), (11, False), (11, True)])
+def test_fp8_kernel_matches_the_format_reference_cpu(m, static):
+    """The fp8 decode kernel (e4m3 x e4m3 wgmma on the TMA tiles) in the interpreter: 3 K steps per split over
+    2 slots, so slots are refilled while the previous wgmma may still be in flight; M not a multiple of 8."""
+    from ie_jax.quant.fp8 import fp8_matmul_reference
+    x, qw = make_fp8(m + 20, m, 768, 256)
+    if static:
+        qw = qw.replace(input_scale=jnp.float32(float(jnp.abs(x).max()) / 400))
+    config = qm.TuningConfig(num_stages=2, num_splits=2)
+    out = qm.fp8_skinny_matmul(x, qw.q, qw.scale, qw.input_scale, config=config, interpret=True,
+                               out_dtype=jnp.float32)
+    # The same quantized operands and f32 accumulation as the reference: only the summation order differs.
+    assert rel_err(out, fp8_matmul_reference(x, qw, jnp.float32)) < 1e-5
+    dense = jnp.dot(x.astype(jnp.float32), jnp.swapaxes(qw.q.astype(jnp.float32) * qw.scale[:, None], 0, 1))
+    assert rel_err(out, dense) < 6e-2  # the activations' quantization, against bf16 x on the same weights
+
+
+def test_fp8_dispatch_runs_the_kernel_for_decode_rows_cpu(monkeypatch):
+    """ops.quant_matmul under the interpret backend sends decode-sized Fp8Weights calls to the kernel (leading
+    axes flattened) and larger ones to the reference."""
+    from ie_jax.quant.fp8 import fp8_matmul_reference
+    from kernels_pallas.ops import kernel_backend, quant_matmul
+    calls = []
+    kernel = qm.fp8_skinny_matmul
+    monkeypatch.setattr(qm, "fp8_skinny_matmul", lambda x, *a, **kw: calls.append(x.shape) or kernel(x, *a, **kw))
+    x, qw = make_fp8(5, 6, 256, 128)
+    with kernel_backend("interpret"):
+        out = quant_matmul(x.reshape(2, 3, 256), qw, out_dtype=jnp.float32)
+        big = quant_matmul(jnp.tile(x, (11, 1)), qw, out_dtype=jnp.float32)  # 66 rows: above the kernel's 64
+    assert calls == [(6, 256)]
+    assert out.shape == (2, 3, 128)
+    assert rel_err(out.reshape(6, 128), fp8_matmul_reference(x, qw, jnp.float32)) < 1e-5
+    assert rel_err(big[:6], fp8_matmul_reference(x, qw, jnp.float32)) < 1e-5
+
+
+def test_fp8_kernel_rejects_bad_arguments():
+    x, qw = make_fp8(1, 4, 256, 128)
+    with pytest.raises(ValueError, match="rows of x"):
+        qm.fp8_skinny_matmul(jnp.zeros((65, 256), jnp.bfloat16), qw.q, qw.scale)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        qm.fp8_skinny_matmul(x, qw.q.astype(jnp.bfloat16), qw.scale)
+    with pytest.raises(ValueError, match="disagree"):
+        qm.fp8_skinny_matmul(jnp.zeros((4, 384), jnp.bfloat16), qw.q, qw.scale)
+    with pytest.raises(ValueError, match="multiples"):
+        qm.fp8_skinny_matmul(x, qw.q[:96], qw.scale[:96])
+    with pytest.raises(ValueError, match="num_stages"):
+        qm.fp8_skinny_matmul(x, qw.q, qw.scale, config=qm.TuningConfig(num_stages=1))
+
+
+@pytest.mark.parametrize("k, n", [(4096, 6144), (14336, 4096)])
+def test_fp8_kernel_lowers_for_the_gpu_cpu(k, n):
+    S = jax.ShapeDtypeStruct
+    f = jax.jit(lambda x, q, s: qm._fp8_skinny_matmul(x, q, s, config=qm.FP8_CONFIG, interpret=False))
+    f.trace(S((16, k), jnp.bfloat16), S((n, k), jnp.float8_e4m3fn), S((n,), jnp.float32)).lower(
+        lowering_platforms=("cuda",))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n", list(qm.LLAMA3_8B_SHAPES.values()))
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_fp8_kernel_llama_shapes_gpu(m, k, n):
+    from ie_jax.quant.fp8 import fp8_matmul_reference
+    x, qw = make_fp8(m + k + n, m, k, n)
+    out = qm.fp8_skinny_matmul(x, qw.q, qw.scale, out_dtype=jnp.float32)
+    assert rel_err(out, fp8_matmul_reference(x, qw, jnp.float32)) < 1e-4
+
+
 @pytest.mark.parametrize("layout", ["packed", "packed-smem", "format", "packed-2wg", "packed-2wg-after"])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_lowers_for_the_gpu_cpu(fmt, layout):
