@@ -253,7 +253,8 @@ def quant_matmul(x, qw, *, out_dtype=None):
     On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
     (groups of a multiple of 128 rows; act-order gathers x) run the Pallas kernel where
     `quant_matmul.kernel_config` says it was measured faster than XLA; FP8 (q held [N, K], K-major) runs the fp8
-    decode kernel (`fp8_skinny_matmul`) up to `FP8_KERNEL_MAX_M` rows and XLA's fp8 dot (cuBLASLt) above. Everything else, and every call on CPU,
+    decode kernel (`fp8_skinny_matmul`) where `quant_matmul.fp8_kernel_config` says it was measured faster, XLA's
+    fp8 dot (cuBLASLt) elsewhere. Everything else, and every call on CPU,
     runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the format reference otherwise).
     """
     from ie_jax.quant import fp8, int4, int8, nf4
@@ -275,11 +276,12 @@ def quant_matmul(x, qw, *, out_dtype=None):
         return int4.int4_matmul_reference(x, qw, out_dtype)
     if isinstance(qw, fp8.Fp8Weights):
         rows = x.reshape(-1, x.shape[-1])
-        fp8_kernel = backend != "auto" or rows.shape[0] <= qm.FP8_KERNEL_MAX_M
-        if on_hopper and fp8_kernel and qw.q.ndim == 2 and rows.dtype == jnp.bfloat16 and \
-                qm.kernel_supports_fp8(rows, qw.q, qw.scale):
-            y = qm.fp8_skinny_matmul(rows, qw.q, qw.scale, qw.input_scale, interpret=backend == "interpret",
-                                     out_dtype=out_dtype or x.dtype)
+        n, k = qw.q.shape[-2:]
+        config = qm.fp8_kernel_config(rows.shape[0], k, n) if backend == "auto" else qm.FP8_CONFIG
+        if on_hopper and config is not None and qw.q.ndim == 2 and qm.kernel_supports_fp8(rows, qw.q, qw.scale,
+                                                                                          config):
+            y = qm.fp8_skinny_matmul(rows, qw.q, qw.scale, qw.input_scale, config=config,
+                                     interpret=backend == "interpret", out_dtype=out_dtype or x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if on_hopper and backend != "interpret" and qm.FP8_XLA_DOT and qw.q.ndim == 2:
             return qm.fp8_matmul(x, qw.q, qw.scale, qw.input_scale, out_dtype=out_dtype, n_major=True)

@@ -258,12 +258,11 @@ def merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, *, group, 
     """The splits' partials o_t [S, T, K, H, COLS] and lse_t [S, T, K, 1, COLS] -> [T, N, H]: each kv-head's G
     columns start at (kh * G) % COLS; then the common log-sum-exp merge."""
     S, T, K, H, _ = o_t.shape
-    r = COLS // group  # kv-heads sharing a box: kh = a * r + b has columns [b * G, (b + 1) * G)
-    # static slices (no gather, no index arrays): XLA fuses them into the merge's reductions
-    o6 = o_t.reshape(S, T, K // r, r, H, r, group)
-    o = jnp.stack([o6[:, :, :, b, :, b, :] for b in range(r)], axis=3).reshape(S, T, K, H, group)
-    l5 = lse_t[:, :, :, 0].reshape(S, T, K // r, r, r, group)
-    lse = jnp.stack([l5[:, :, :, b, b, :] for b in range(r)], axis=3).reshape(S, T, K, group)
+    # A host constant (no iota kernel). The gather fuses into the merge's reductions; static slices stacked
+    # instead cost a concatenation kernel (H200: +1.3 us at b1 ctx32768).
+    cols = (np.arange(K)[:, None] * group) % COLS + np.arange(group)[None, :]  # [K, G]
+    o = jnp.take_along_axis(o_t, cols[None, None, :, None, :], axis=-1)  # [S, T, K, H, G]
+    lse = jnp.take_along_axis(lse_t[:, :, :, 0], cols[None, None], axis=-1)  # [S, T, K, G]
     o = jnp.swapaxes(o, -1, -2).reshape(S, T * K * group, H)
     lse = lse.reshape(S, T * K * group, 1)
     return merge(o, lse, query_start_loc, seq_lens, num_seqs, T=T, group=group, v_scale=v_scale,

@@ -590,8 +590,22 @@ def check_fp8_args(x, q, scale, config: TuningConfig):
         raise ValueError(f"{k=} must split into {config.splits_for(k, n)} slabs of whole {config.block_k=} steps")
 
 
-FP8_CONFIG = TuningConfig(num_stages=4, ctas_per_sm=4, min_k_steps=4)  # before any GPU measurement
-FP8_KERNEL_MAX_M = 0  # rows up to which ops.quant_matmul (backend auto) runs the fp8 kernel instead of XLA's dot
+FP8_CONFIG = TuningConfig(num_stages=4)  # H200: the best or within 3% of it at M <= 16 on all four 8B shapes
+
+
+def fp8_kernel_config(m: int, k: int, n: int) -> TuningConfig | None:
+    """The config `ops.quant_matmul` (backend auto) runs the fp8 kernel with at M = m rows for a [K, N] weight, or
+    None for XLA's fp8 dot. Measured on the H200 (benchmarks/results/quant_20261203-092239_gate_up-down-qkv-o.json,
+    docs/kernels/quant_matmul.md, v5): at M <= 16 the kernel beat XLA on every Llama-3-8B shape (down M = 16: 23.5
+    against 54.8 us) but gate_up (level); at M = 64 XLA's dot wins on gate_up (38.9 against 44.9 us), the kernel
+    elsewhere with more stages (o with more CTAs)."""
+    if m <= 16:
+        return FP8_CONFIG
+    if m > MAX_M or n >= 16384:
+        return None
+    if k * n <= 4096 * 4096:
+        return TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4)
+    return TuningConfig(num_stages=6, min_k_steps=4)
 
 
 def kernel_supports_fp8(x, q, scale, config: TuningConfig | None = None) -> bool:

@@ -282,7 +282,11 @@ def test_fp8_kernel_llama_shapes_gpu(m, k, n):
     from ie_jax.quant.fp8 import fp8_matmul_reference
     x, qw = make_fp8(m + k + n, m, k, n)
     out = qm.fp8_skinny_matmul(x, qw.q, qw.scale, out_dtype=jnp.float32)
-    assert rel_err(out, fp8_matmul_reference(x, qw, jnp.float32)) < 1e-4
+    # Hopper's fp8 wgmma accumulates with fewer mantissa bits than f32 (cuBLASLt's fp8 GEMM too): the error is
+    # the accumulation's, against the exact f32 sum of the same e4m3 products.
+    err = rel_err(out, fp8_matmul_reference(x, qw, jnp.float32))
+    print(f"fp8 kernel M={m} K={k} N={n}: max rel err {err:.2e}")
+    assert err < 2e-3
 
 
 @pytest.mark.parametrize("layout", ["packed", "packed-smem", "format", "packed-2wg", "packed-2wg-after"])
@@ -354,6 +358,12 @@ def test_two_warpgroups_and_scale_after_llama_shapes_gpu(fmt, options, m, k, n):
     out = qm.quant_matmul(x, packed, config=qm.TuningConfig(**options))
     assert rel_err(out, qm.quant_matmul_reference(x, packed)) < 1e-2
     assert rel_err(out, reference(x, qw)) < 1.5e-2
+
+
+def test_fp8_kernel_config_follows_the_measurements():
+    assert qm.fp8_kernel_config(1, 4096, 28672) == qm.FP8_CONFIG and qm.fp8_kernel_config(16, 14336, 4096)
+    assert qm.fp8_kernel_config(64, 4096, 28672) is None  # XLA's fp8 dot measured faster there
+    assert qm.fp8_kernel_config(64, 14336, 4096) is not None and qm.fp8_kernel_config(65, 4096, 4096) is None
 
 
 def test_kernel_config_follows_the_measurements():
