@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.request import Request  # noqa: E402
-from engine.runner import STEP_COMPILER_OPTIONS, STEP_STATIC_ARGNUMS, ModelRunner, _step  # noqa: E402
+from engine.runner import RUN_STATIC_ARGNUMS, STEP_COMPILER_OPTIONS, ModelRunner, _step_flat  # noqa: E402
 from engine.scheduler import SchedulerOutput  # noqa: E402
 from ie_jax import SamplingParams, load_model  # noqa: E402
 
@@ -86,12 +86,11 @@ def main(argv=None):
     runner = ModelRunner(model, cfg, owns_model=True)
     host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count)
     packed, layout = jax.device_put(host_inp.pack()), host_inp.layout()
-    state, layer_states = runner.state, runner.layer_states
     decode_only = args.prefill == 0 and not args.packed_decode  # as the engine's decode-only executables
     # not donated: callable again on the same arguments
-    step = jax.jit(_step, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=STEP_COMPILER_OPTIONS)
-    args_ = (runner.graphdef, state, runner.caches, runner.counts, runner.last_tokens, runner.prompt_mask, packed,
-             layout, 0, args.mode, decode_only, layer_states)
+    step = jax.jit(_step_flat, static_argnums=RUN_STATIC_ARGNUMS, compiler_options=STEP_COMPILER_OPTIONS)
+    args_ = (runner.graphdef, runner.weights_tree, runner.caches, runner.counts, runner.last_tokens,
+             runner.prompt_mask, packed, layout, 0, args.mode, decode_only, *runner.weights)
     call = lambda: step(*args_)  # noqa: E731
     t0 = time.perf_counter()
     jax.block_until_ready(call())
@@ -104,7 +103,7 @@ def main(argv=None):
     # The engine's own pattern: the caches, counts and last tokens donated and fed back, calls queued back to back.
     # The period per call is the device's time per step including the gaps between kernels, which the kernel sum
     # below (CUPTI, op by op) does not see.
-    donated = jax.jit(_step, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
+    donated = jax.jit(_step_flat, static_argnums=RUN_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
                       compiler_options=STEP_COMPILER_OPTIONS)
     carry = jax.tree.map(lambda a: a.copy(), (runner.caches, runner.counts, runner.last_tokens))
 
@@ -117,8 +116,8 @@ def main(argv=None):
             t0, previous = time.perf_counter(), None
             for _ in range(args.pipelined):
                 x = jax.device_put(host_inp.pack()) if engine_like else packed
-                out = donated(runner.graphdef, state, *carry, runner.prompt_mask, x, layout, 0, args.mode,
-                              decode_only, layer_states)
+                out = donated(runner.graphdef, runner.weights_tree, *carry, runner.prompt_mask, x, layout, 0,
+                              args.mode, decode_only, *runner.weights)
                 carry = out[:3]
                 if engine_like:
                     out[3].token_ids.copy_to_host_async()
@@ -136,7 +135,7 @@ def main(argv=None):
     for name, t in timings[len(timings) // 2]:
         groups[name][0] += 1
         groups[name][1] += t
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves((state, layer_states)))
+    weight_bytes = sum(x.nbytes for x in runner.weights)
     device_ms = statistics.median(per_iter)
     floor_ms = weight_bytes / HBM_TBPS / 1e9
     print(f"{args.model} batch {args.batch} context {args.context} prefill {args.prefill} ({args.mode}, {args.layers}): "
