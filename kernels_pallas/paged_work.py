@@ -14,6 +14,8 @@ fields and how the splits' results are combined.
 """
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -194,6 +196,9 @@ def pack_queries(q, num_kv_heads, q_scale=None, token_major=False):
     return jnp.pad(q_packed, ((0, 0), (0, ROWS + (-T * group) % ROWS), (0, 0)))
 
 
+UNROLLED_MERGE = 8  # splits merged by elementwise ops over static slices rather than reductions
+
+
 def merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, *, T, group, v_scale=None, out_dtype=None):
     """Log-sum-exp merge of the kv splits, back to tokens: o_parts [S, K, Tq, H] and lse_rows [S, K, Tq, LSE_COLS]
     (both packed rows; lse unused when S == 1), or the direct path's [S, T * N, H] and [S, T * N, LSE_COLS] (q's
@@ -215,10 +220,18 @@ def merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, *, T, group, v
         out = o[0]
     else:
         lse = jnp.where(real[:, None, None], lse, 0.0)  # rows of padding tokens hold garbage
-        m = jnp.max(lse, axis=0)
+        if S <= UNROLLED_MERGE:  # elementwise over the S slices: XLA fuses the whole merge into one loop kernel
+            m = functools.reduce(jnp.maximum, [lse[s] for s in range(S)])
+        else:  # a reduction (XLA: its own kernel before the weighted sum)
+            m = jnp.max(lse, axis=0)
         wts = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [S, T, K, G], -inf -> 0
-        den = jnp.sum(wts, axis=0)
-        num = jnp.sum(wts[..., None] * o.astype(jnp.float32), axis=0)  # a reduction, not a batched matmul
+        parts = wts[..., None] * o.astype(jnp.float32)
+        if S <= UNROLLED_MERGE:
+            den = functools.reduce(jnp.add, [wts[s] for s in range(S)])
+            num = functools.reduce(jnp.add, [parts[s] for s in range(S)])
+        else:
+            den = jnp.sum(wts, axis=0)
+            num = jnp.sum(parts, axis=0)  # a reduction, not a batched matmul
         out = num / jnp.where(den == 0, 1.0, den)[..., None]  # [T, K, G, H]
     if v_scale is not None:
         out = out.astype(jnp.float32) * v_scale[:, None, None]
