@@ -128,9 +128,6 @@ _LOWERING_LOCK = threading.Lock()
 # weights are step arguments, not constants, so the concatenation runs every step: at 256 decode rows on the H200 a
 # 25 µs weight copy per layer, and the merged GEMM was no faster than the separate ones (0.6 ms of a 13 ms step).
 STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
-STEP_STATIC_ARGNUMS = (0, 7, 8, 9, 10)  # graphdef, input layout, num_logprobs, sample mode, decode_only
-
-
 def _step_flat(graphdef, weights_tree, caches, counts, last_tokens, prompt_mask, packed, layout: tuple,
                num_logprobs: int, sample_mode: str, decode_only: bool, *weights):
     """`_step` with the weights as a flat list of arrays (`weights_tree` rebuilds (state, layer_states)): a
@@ -142,7 +139,8 @@ def _step_flat(graphdef, weights_tree, caches, counts, last_tokens, prompt_mask,
                  sample_mode, decode_only, layer_states)
 
 
-RUN_STATIC_ARGNUMS = (0, 1, 7, 8, 9, 10)  # _step_flat's: graphdef, weights_tree, and _step's others
+# _step_flat's static arguments: graphdef, weights_tree, input layout, num_logprobs, sample mode, decode_only
+STEP_STATIC_ARGNUMS = (0, 1, 7, 8, 9, 10)
 
 # The step's sampler variants, each one executable per bucket: name -> (sampler mode, logprobs). "full" serves any
 # step and every bucket has it. Decode-sized buckets can also have the cheaper ones, each for the steps whose rows
@@ -225,10 +223,11 @@ class ModelRunner:
             model = nnx.clone(model)
         fuse_projections(model)
         self.layer_states = unstack_layers(model, release=True) if cfg.unroll_layers else None
-        self.graphdef, self.state = nnx.split(model)
-        self.weights, self.weights_tree = jax.tree.flatten((self.state, self.layer_states))  # the step's arguments
+        self.graphdef, state = nnx.split(model)
+        # the step's weight arguments, one flat list (`_step_flat`); the first is the embedding
+        self.weights, self.weights_tree = jax.tree.flatten((state, self.layer_states))
         fp8 = jnp.float8_e4m3fn
-        self.dtype = cache_dtype or (fp8 if cfg.fp8_kv_cache else jax.tree.leaves(self.state)[0].dtype)
+        self.dtype = cache_dtype or (fp8 if cfg.fp8_kv_cache else self.weights[0].dtype)
         self.page_bytes = 2 * mc.num_layers * mc.num_kv_heads * cfg.page_size * mc.head_dim * \
             jnp.dtype(self.dtype).itemsize
         self.num_pages = cfg.num_pages or self._pages_from_memory()
@@ -249,7 +248,7 @@ class ModelRunner:
         self.free_slots = list(range(cfg.max_num_seqs))
         self.slot_of: dict[str, int] = {}
         # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
-        self._step = jax.jit(_step_flat, static_argnums=RUN_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
+        self._step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
                              compiler_options=STEP_COMPILER_OPTIONS)
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}  # (T, R, variant)
         # decode twins (DECODE) of the decode-sized buckets' variants: where the paged kernel runs, or as configured
@@ -266,7 +265,7 @@ class ModelRunner:
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:  # CPU: enough pages for every seat at full length
             return cfg.max_num_seqs * cfg.max_pages_per_seq
-        weights = sum(x.nbytes for x in jax.tree.leaves((self.state, self.layer_states)))
+        weights = sum(x.nbytes for x in self.weights)
         free = stats["bytes_limit"] * cfg.gpu_memory_utilization - weights - self.step_headroom()
         pages = int(free // self.page_bytes)
         if pages < cfg.max_pages_per_seq:

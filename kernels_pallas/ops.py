@@ -253,11 +253,12 @@ def quant_matmul(x, qw, *, out_dtype=None):
     On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
     (groups of a multiple of 128 rows; act-order gathers x) run the Pallas kernel where
     `quant_matmul.kernel_config` says it was measured faster than XLA; FP8 (q held [N, K], K-major) runs the fp8
-    decode kernel (`fp8_skinny_matmul`) where `quant_matmul.fp8_kernel_config` says it was measured faster, XLA's
+    decode kernel (`fp8_skinny_matmul`) where `fp8_matmul.fp8_kernel_config` says it was measured faster, XLA's
     fp8 dot (cuBLASLt) elsewhere. Everything else, and every call on CPU,
     runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the format reference otherwise).
     """
     from ie_jax.quant import fp8, int4, int8, nf4
+    from kernels_pallas import fp8_matmul as f8
     from kernels_pallas import quant_matmul as qm
     backend = current_backend()
     on_hopper = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
@@ -277,14 +278,14 @@ def quant_matmul(x, qw, *, out_dtype=None):
     if isinstance(qw, fp8.Fp8Weights):
         rows = x.reshape(-1, x.shape[-1])
         n, k = qw.q.shape[-2:]
-        config = qm.fp8_kernel_config(rows.shape[0], k, n) if backend == "auto" else qm.FP8_CONFIG
-        if on_hopper and config is not None and qw.q.ndim == 2 and qm.kernel_supports_fp8(rows, qw.q, qw.scale,
+        config = f8.fp8_kernel_config(rows.shape[0], k, n) if backend == "auto" else f8.FP8_CONFIG
+        if on_hopper and config is not None and qw.q.ndim == 2 and f8.kernel_supports_fp8(rows, qw.q, qw.scale,
                                                                                           config):
-            y = qm.fp8_skinny_matmul(rows, qw.q, qw.scale, qw.input_scale, config=config,
+            y = f8.fp8_skinny_matmul(rows, qw.q, qw.scale, qw.input_scale, config=config,
                                      interpret=backend == "interpret", out_dtype=out_dtype or x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if on_hopper and backend != "interpret" and qm.FP8_XLA_DOT and qw.q.ndim == 2:
-            return qm.fp8_matmul(x, qw.q, qw.scale, qw.input_scale, out_dtype=out_dtype, n_major=True)
+        if on_hopper and backend != "interpret" and f8.FP8_XLA_DOT and qw.q.ndim == 2:
+            return f8.fp8_matmul(x, qw.q, qw.scale, qw.input_scale, out_dtype=out_dtype, n_major=True)
         return fp8.fp8_matmul_reference(x, qw, out_dtype)
     if isinstance(qw, nf4.NF4Array):
         y = jnp.dot(x, nf4.dequantize_nf4(qw, x.dtype), preferred_element_type=jnp.float32)

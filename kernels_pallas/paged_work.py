@@ -220,18 +220,16 @@ def merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, *, T, group, v
         out = o[0]
     else:
         lse = jnp.where(real[:, None, None], lse, 0.0)  # rows of padding tokens hold garbage
-        if S <= UNROLLED_MERGE:  # elementwise over the S slices: XLA fuses the whole merge into one loop kernel
-            m = functools.reduce(jnp.maximum, [lse[s] for s in range(S)])
-        else:  # a reduction (XLA: its own kernel before the weighted sum)
-            m = jnp.max(lse, axis=0)
-        wts = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [S, T, K, G], -inf -> 0
-        parts = wts[..., None] * o.astype(jnp.float32)
+        # Over the splits: for a few, elementwise over static slices (XLA fuses the whole merge into one loop
+        # kernel); for many, reductions (each its own kernel). Never a batched matmul.
         if S <= UNROLLED_MERGE:
-            den = functools.reduce(jnp.add, [wts[s] for s in range(S)])
-            num = functools.reduce(jnp.add, [parts[s] for s in range(S)])
+            over_splits = lambda op, _, x: functools.reduce(op, [x[s] for s in range(S)])  # noqa: E731
         else:
-            den = jnp.sum(wts, axis=0)
-            num = jnp.sum(parts, axis=0)  # a reduction, not a batched matmul
+            over_splits = lambda _, reduce, x: reduce(x, axis=0)  # noqa: E731
+        m = over_splits(jnp.maximum, jnp.max, lse)
+        wts = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [S, T, K, G], -inf -> 0
+        den = over_splits(jnp.add, jnp.sum, wts)
+        num = over_splits(jnp.add, jnp.sum, wts[..., None] * o.astype(jnp.float32))
         out = num / jnp.where(den == 0, 1.0, den)[..., None]  # [T, K, G, H]
     if v_scale is not None:
         out = out.astype(jnp.float32) * v_scale[:, None, None]

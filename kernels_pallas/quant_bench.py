@@ -13,9 +13,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _fp8_skinny_matmul,
-                                         _quant_matmul, dequantize_packed, fp8_matmul, pack_int4, pack_int8,
-                                         packed_bytes, packed_matmul_xla)
+from kernels_pallas.fp8_matmul import _fp8_skinny_matmul, fp8_matmul
+from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _quant_matmul,
+                                         dequantize_packed, pack_int4, pack_int8, packed_bytes, packed_matmul_xla)
 from kernels_pallas.skinny_matmul import TuningConfig as SkinnyConfig
 
 _L2_BYTES = 50 * 2**20

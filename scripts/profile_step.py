@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.request import Request  # noqa: E402
-from engine.runner import RUN_STATIC_ARGNUMS, STEP_COMPILER_OPTIONS, ModelRunner, _step_flat  # noqa: E402
+from engine.runner import STEP_COMPILER_OPTIONS, STEP_STATIC_ARGNUMS, ModelRunner, _step_flat  # noqa: E402
 from engine.scheduler import SchedulerOutput  # noqa: E402
 from ie_jax import SamplingParams, load_model  # noqa: E402
 
@@ -88,7 +88,7 @@ def main(argv=None):
     packed, layout = jax.device_put(host_inp.pack()), host_inp.layout()
     decode_only = args.prefill == 0 and not args.packed_decode  # as the engine's decode-only executables
     # not donated: callable again on the same arguments
-    step = jax.jit(_step_flat, static_argnums=RUN_STATIC_ARGNUMS, compiler_options=STEP_COMPILER_OPTIONS)
+    step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=STEP_COMPILER_OPTIONS)
     args_ = (runner.graphdef, runner.weights_tree, runner.caches, runner.counts, runner.last_tokens,
              runner.prompt_mask, packed, layout, 0, args.mode, decode_only, *runner.weights)
     call = lambda: step(*args_)  # noqa: E731
@@ -103,7 +103,7 @@ def main(argv=None):
     # The engine's own pattern: the caches, counts and last tokens donated and fed back, calls queued back to back.
     # The period per call is the device's time per step including the gaps between kernels, which the kernel sum
     # below (CUPTI, op by op) does not see.
-    donated = jax.jit(_step_flat, static_argnums=RUN_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
+    donated = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
                       compiler_options=STEP_COMPILER_OPTIONS)
     carry = jax.tree.map(lambda a: a.copy(), (runner.caches, runner.counts, runner.last_tokens))
 
