@@ -19,7 +19,7 @@ do, then multiplies by the two scales.
 
 HF FP8 checkpoints store `weight` float8_e4m3fn [out, in], `weight_scale` (a scalar, [out] or [out, 1]) and
 optionally `input_scale` (a scalar); `from_hf_fp8` broadcasts the scale to [out] and keeps `weight` as it is.
-This module is pure jnp; the fast fp8 dot lives in kernels_pallas/quant_matmul.py (`fp8_matmul`).
+This module is pure jnp; the fast paths live in kernels_pallas/fp8_matmul.py (XLA's fp8 dot and a decode kernel).
 """
 from __future__ import annotations
 
