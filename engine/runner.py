@@ -128,6 +128,36 @@ _LOWERING_LOCK = threading.Lock()
 # weights are step arguments, not constants, so the concatenation runs every step: at 256 decode rows on the H200 a
 # 25 µs weight copy per layer, and the merged GEMM was no faster than the separate ones (0.6 ms of a 13 ms step).
 STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+def parse_xla_options(text: str) -> dict[str, bool | int | float | str]:
+    """"name=value,name=value" (XLA DebugOptions fields, as XLA_FLAGS spells them without the dashes) -> a dict
+    for `compiler_options`; true/false become bools and numbers numbers."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("xla_"):
+            raise ValueError(f"XLA option {item!r} must read xla_<name>=<value>")
+        low = value.lower()
+        if low in ("true", "false"):
+            options[name] = low == "true"
+        else:
+            try:
+                options[name] = int(value)
+            except ValueError:
+                try:
+                    options[name] = float(value)
+                except ValueError:
+                    options[name] = value
+    return options
+
+
+def step_compiler_options(extra: str | None = None) -> dict:
+    """The step's XLA options: STEP_COMPILER_OPTIONS, then IE_JAX_XLA_OPTIONS from the environment, then `extra`
+    (both "name=value,..."; later ones win). Unlike XLA_FLAGS they apply to the step alone, not to every
+    computation of the process."""
+    return {**STEP_COMPILER_OPTIONS, **parse_xla_options(os.environ.get("IE_JAX_XLA_OPTIONS", "")),
+            **parse_xla_options(extra or "")}
 def _step_flat(graphdef, weights_tree, caches, counts, last_tokens, prompt_mask, packed, layout: tuple,
                num_logprobs: int, sample_mode: str, decode_only: bool, *weights):
     """`_step` with the weights as a flat list of arrays (`weights_tree` rebuilds (state, layer_states)): a
@@ -249,7 +279,7 @@ class ModelRunner:
         self.slot_of: dict[str, int] = {}
         # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
         self._step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
-                             compiler_options=STEP_COMPILER_OPTIONS)
+                             compiler_options=step_compiler_options())
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}  # (T, R, variant)
         # decode twins (DECODE) of the decode-sized buckets' variants: where the paged kernel runs, or as configured
         self.decode_steps = ops.paged_kernel_active() if cfg.decode_steps is None else cfg.decode_steps

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from engine.config import EngineConfig  # noqa: E402
 from engine.request import Request  # noqa: E402
-from engine.runner import STEP_COMPILER_OPTIONS, STEP_STATIC_ARGNUMS, ModelRunner, _step_flat  # noqa: E402
+from engine.runner import STEP_STATIC_ARGNUMS, ModelRunner, _step_flat, step_compiler_options  # noqa: E402
 from engine.scheduler import SchedulerOutput  # noqa: E402
 from ie_jax import SamplingParams, load_model  # noqa: E402
 
@@ -54,41 +54,11 @@ def decode_inputs(runner: ModelRunner, batch: int, context: int, prefill: int, p
     return inp
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3-8b")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--prefill", type=int, default=0)
-    ap.add_argument("--prefill-count", type=int, default=1, help="how many requests have a --prefill chunk")
-    ap.add_argument("--mode", default="greedy", choices=["greedy", "sample", "draw"])
-    ap.add_argument("--iterations", type=int, default=5)
-    ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--layers", default="unrolled", choices=["scan", "unrolled"],
-                    help="a device loop over the stacked weights, or straight-line code over per-layer arrays")
-    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--pipelined", type=int, default=50, help="back-to-back donated calls timed for the period")
-    ap.add_argument("--packed-decode", action="store_true",
-                    help="decode-only steps without the decode kernel (the engine's non-decode executables)")
-    ap.add_argument("--dump-hlo", action="store_true", help="also write the compiled step's optimized HLO text")
-    ap.add_argument("--kv-cache-dtype", default="auto", help="as serve.py's flag: auto (the weights' dtype) or fp8")
-    args = ap.parse_args(argv)
-    from jax.experimental.mosaic.gpu import profiler
-
-    model, _ = load_model(args.model, load_format="dummy", dtype="bfloat16", progress=False)
-    rows = args.batch + (args.prefill_count if args.prefill else 0)
-    pages_needed = (rows + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
-    cfg = EngineConfig(max_model_len=args.context + max(args.prefill, 1) + 16, max_num_seqs=max(rows + 1, 8),
-                       max_num_batched_tokens=max(512, rows + 1, args.batch + args.prefill * args.prefill_count),
-                       page_size=16,
-                       num_pages=pages_needed + 8, unroll_layers=args.layers == "unrolled",
-                       kv_cache_dtype=args.kv_cache_dtype)
-    runner = ModelRunner(model, cfg, owns_model=True)
-    host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count)
-    packed, layout = jax.device_put(host_inp.pack()), host_inp.layout()
-    decode_only = args.prefill == 0 and not args.packed_decode  # as the engine's decode-only executables
+def measure_variant(args, runner, host_inp, packed, layout, decode_only, options, profiler) -> dict:
+    """One compiled step with these XLA options: first call (compile) time, wall time per call, the back-to-back
+    period (plain and engine-like) and the CUPTI kernels of one call, grouped by name."""
     # not donated: callable again on the same arguments
-    step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=STEP_COMPILER_OPTIONS)
+    step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=options)
     args_ = (runner.graphdef, runner.weights_tree, runner.caches, runner.counts, runner.last_tokens,
              runner.prompt_mask, packed, layout, 0, args.mode, decode_only, *runner.weights)
     call = lambda: step(*args_)  # noqa: E731
@@ -104,7 +74,7 @@ def main(argv=None):
     # The period per call is the device's time per step including the gaps between kernels, which the kernel sum
     # below (CUPTI, op by op) does not see.
     donated = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
-                      compiler_options=STEP_COMPILER_OPTIONS)
+                      compiler_options=options)
     carry = jax.tree.map(lambda a: a.copy(), (runner.caches, runner.counts, runner.last_tokens))
 
     def period(engine_like: bool) -> float:
@@ -129,6 +99,7 @@ def main(argv=None):
         return 1e3 * min(periods)
 
     pipelined_ms, pipelined_host_ms = period(False), period(True)
+    del carry
     _, timings = profiler.measure(step, iterations=args.iterations, aggregate=False)(*args_)
     per_iter = [sum(t for _, t in it) for it in timings]
     groups = collections.defaultdict(lambda: [0, 0.0])
@@ -136,31 +107,98 @@ def main(argv=None):
         groups[name][0] += 1
         groups[name][1] += t
     weight_bytes = sum(x.nbytes for x in runner.weights)
-    device_ms = statistics.median(per_iter)
-    floor_ms = weight_bytes / HBM_TBPS / 1e9
-    print(f"{args.model} batch {args.batch} context {args.context} prefill {args.prefill} ({args.mode}, {args.layers}): "
-          f"{len(timings[0])} kernels, device {device_ms:.3f} ms, wall {statistics.median(walls) * 1e3:.3f} ms, "
-          f"weights {weight_bytes / 1e9:.2f} GB -> floor {floor_ms:.3f} ms ({floor_ms / device_ms:.0%} of device), "
-          f"first call (compile) {compile_s:.1f} s; back to back {pipelined_ms:.3f} ms per step "
-          f"({pipelined_host_ms:.3f} engine-like: inputs from the host, tokens read back)")
-    print(f"{'count':>6} {'total ms':>9} {'mean us':>9}  kernel")
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])
-    for name, (count, total) in ranked[:args.top]:
-        print(f"{count:6d} {total:9.3f} {total / count * 1e3:9.1f}  {name[:110]}")
+    return dict(compile_s=compile_s, device_ms=statistics.median(per_iter),
+                wall_ms=statistics.median(walls) * 1e3, pipelined_ms=pipelined_ms,
+                pipelined_host_ms=pipelined_host_ms, weight_bytes=weight_bytes,
+                floor_ms=weight_bytes / HBM_TBPS / 1e9, num_kernels=len(timings[0]),
+                kernels=[dict(name=n, count=c, total_ms=t) for n, (c, t) in ranked],
+                hlo=step.lower(*args_).compile().as_text() if args.dump_hlo else "")
+
+
+def print_result(args, name, options, r):
+    print(f"[{name}] {options}")
+    print(f"{args.model} batch {args.batch} context {args.context} prefill {args.prefill} ({args.mode}, {args.layers}): "
+          f"{r['num_kernels']} kernels, device {r['device_ms']:.3f} ms, wall {r['wall_ms']:.3f} ms, "
+          f"weights {r['weight_bytes'] / 1e9:.2f} GB -> floor {r['floor_ms']:.3f} ms "
+          f"({r['floor_ms'] / r['device_ms']:.0%} of device), first call (compile) {r['compile_s']:.1f} s; "
+          f"back to back {r['pipelined_ms']:.3f} ms per step ({r['pipelined_host_ms']:.3f} engine-like: inputs from "
+          f"the host, tokens read back)")
+    print(f"{'count':>6} {'total ms':>9} {'mean us':>9}  kernel")
+    for k in r["kernels"][:args.top]:
+        print(f"{k['count']:6d} {k['total_ms']:9.3f} {k['total_ms'] / k['count'] * 1e3:9.1f}  {k['name'][:110]}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prefill", type=int, default=0)
+    ap.add_argument("--prefill-count", type=int, default=1, help="how many requests have a --prefill chunk")
+    ap.add_argument("--mode", default="greedy", choices=["greedy", "sample", "draw"])
+    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--layers", default="unrolled", choices=["scan", "unrolled"],
+                    help="a device loop over the stacked weights, or straight-line code over per-layer arrays")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--pipelined", type=int, default=50, help="back-to-back donated calls timed for the period")
+    ap.add_argument("--packed-decode", action="store_true",
+                    help="decode-only steps without the decode kernel (the engine's non-decode executables)")
+    ap.add_argument("--dump-hlo", action="store_true", help="also write the compiled step's optimized HLO text")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="as serve.py's flag: auto (the weights' dtype) or fp8")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="the page table's width, as the engine's flag (default: the context plus the step's tokens)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=xla_opt=v,xla_opt=v",
+                    help="also measure the step compiled with these XLA options (repeatable; the first measurement "
+                         "is always the engine's own options, named 'default'); one JSON holds them all")
+    args = ap.parse_args(argv)
+    variants = [("default", "")] + [tuple(v.split("=", 1)) if "=" in v else (v, "") for v in args.variant]
+    from jax.experimental.mosaic.gpu import profiler
+
+    model, _ = load_model(args.model, load_format="dummy", dtype="bfloat16", progress=False)
+    rows = args.batch + (args.prefill_count if args.prefill else 0)
+    pages_needed = (rows + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
+    cfg = EngineConfig(max_model_len=args.max_model_len or args.context + max(args.prefill, 1) + 16, max_num_seqs=max(rows + 1, 8),
+                       max_num_batched_tokens=max(512, rows + 1, args.batch + args.prefill * args.prefill_count),
+                       page_size=16,
+                       num_pages=pages_needed + 8, unroll_layers=args.layers == "unrolled",
+                       kv_cache_dtype=args.kv_cache_dtype)
+    runner = ModelRunner(model, cfg, owns_model=True)
+    host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count)
+    packed, layout = jax.device_put(host_inp.pack()), host_inp.layout()
+    decode_only = args.prefill == 0 and not args.packed_decode  # as the engine's decode-only executables
+    results = []
+    for name, extra in variants:
+        options = step_compiler_options(extra)
+        try:
+            result = measure_variant(args, runner, host_inp, packed, layout, decode_only, options, profiler)
+        except Exception as e:  # an option XLA rejects, or a variant that fails to compile: the others still run
+            if name == "default":
+                raise
+            print(f"[{name}] {options} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        results.append(dict(variant=name, options=options, **result))
+        print_result(args, name, options, result)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"profile_step_b{args.batch}_c{args.context}_p{args.prefill}"
                                   f"{f'x{args.prefill_count}' if args.prefill_count > 1 else ''}_"
                                   f"{'fp8kv_' if args.kv_cache_dtype.startswith('fp8') else ''}"
+                                  f"{'variants_' if len(variants) > 1 else ''}"
                                   f"{time.strftime('%Y%m%d-%H%M%S')}.json")
+    first = results[0]
     with open(path, "w") as f:
-        json.dump(dict(args=vars(args), compile_s=compile_s, device_ms=device_ms, wall_ms=statistics.median(walls) * 1e3,
-                       pipelined_ms=pipelined_ms, pipelined_host_ms=pipelined_host_ms, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                       weight_bytes=weight_bytes, floor_ms=floor_ms, num_kernels=len(timings[0]),
-                       kernels=[dict(name=n, count=c, total_ms=t) for n, (c, t) in ranked]), f, indent=1)
+        json.dump(dict(args=vars(args), commit=os.environ.get("IE_JAX_COMMIT", ""),
+                       device=jax.devices()[0].device_kind, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                       **{k: v for k, v in first.items() if k != "hlo"},
+                       variants=[{k: v for k, v in r.items() if k != "hlo"} for r in results[1:]]), f, indent=1)
+        # the top level is the default variant, as the single-variant files before
     print(f"wrote {path}")
     if args.dump_hlo:
-        with open(path.replace(".json", ".hlo.txt"), "w") as f:
-            f.write(step.lower(*args_).compile().as_text())
+        for r in results:
+            suffix = "" if r["variant"] == "default" else "_" + r["variant"]
+            with open(path.replace(".json", f"{suffix}.hlo.txt"), "w") as f:
+                f.write(r["hlo"])
 
 
 if __name__ == "__main__":
