@@ -149,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--kv-cache-dtype", default="auto", help="as serve.py's flag: auto (the weights' dtype) or fp8")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="the page table's width, as the engine's flag (default: the context plus the step's tokens)")
+    ap.add_argument("--num-pages", type=int, default=None,
+                    help="KV cache pages (default: what the rows need); the step's undonated calls copy the cache")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=xla_opt=v,xla_opt=v",
                     help="also measure the step compiled with these XLA options (repeatable; the first measurement "
                          "is always the engine's own options, named 'default'); one JSON holds them all")
@@ -162,7 +164,7 @@ def main(argv=None):
     cfg = EngineConfig(max_model_len=args.max_model_len or args.context + max(args.prefill, 1) + 16, max_num_seqs=max(rows + 1, 8),
                        max_num_batched_tokens=max(512, rows + 1, args.batch + args.prefill * args.prefill_count),
                        page_size=16,
-                       num_pages=pages_needed + 8, unroll_layers=args.layers == "unrolled",
+                       num_pages=max(args.num_pages or 0, pages_needed + 8), unroll_layers=args.layers == "unrolled",
                        kv_cache_dtype=args.kv_cache_dtype)
     runner = ModelRunner(model, cfg, owns_model=True)
     host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count)
