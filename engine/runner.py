@@ -381,8 +381,11 @@ class ModelRunner:
         if unknown:
             raise ValueError(f"unknown step variants {sorted(unknown)}; expected some of {VARIANTS}")
         twins = (v + DECODE for v in variants) if self.decode_steps else ()
+        # decode-sized: up to the bucket a step of max_num_seqs one-token requests runs in (with max_num_seqs
+        # under the smallest bucket, that bucket: batch 1 decodes in T = 8)
+        decode_T = self.bucket(self.config.max_num_seqs)[0]
         return [(T, R, v) for v in (*variants, *twins) if v != "full" for T, R in self.config.buckets
-                if T <= self.config.max_num_seqs]
+                if T <= decode_T]
 
     def _compile_key(self, key):
         T, R, variant = key

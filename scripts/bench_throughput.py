@@ -9,6 +9,7 @@ Prints requests/s, total and output tokens/s, start-up time (load + compile; run
 --compilation-cache-dir for cold vs warm), the per-step wall and host times, and writes JSON.
 """
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -72,6 +73,7 @@ def main(argv=None):
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{i}", p, params)
     step_s, host_s, decode_step_s, dispatch_s, wait_s = [], [], [], [], []
+    ran = collections.Counter()  # steps per executable variant (sampler, decode twin)
     t0 = time.perf_counter()
     num_out = 0
     while engine.has_unfinished_requests():
@@ -79,6 +81,7 @@ def main(argv=None):
         waiting = len(engine.scheduler.waiting)
         outs = engine.step()
         dt = time.perf_counter() - ts
+        ran[engine.runner.last_variant] += 1
         step_s.append(dt)
         host_s.append(engine.last_step_host_s)
         dispatch_s.append(engine.last_step_times.get("dispatch", 0.0))
@@ -100,7 +103,7 @@ def main(argv=None):
         host_ms_median=1e3 * float(np.median(host_s)), host_ms_mean=1e3 * float(np.mean(host_s)),
         dispatch_ms_median=1e3 * float(np.median(dispatch_s)), wait_ms_median=1e3 * float(np.median(wait_s)),
         decode_step_ms_median=1e3 * float(np.median(decode_step_s)) if decode_step_s else None,
-        preemptions=engine.scheduler.num_preemptions, device=jax.devices()[0].device_kind,
+        preemptions=engine.scheduler.num_preemptions, variants=dict(ran), device=jax.devices()[0].device_kind,
         # IE_JAX_COMMIT: the commit a copied working tree was taken from (its own .git may be older)
         commit=os.environ.get("IE_JAX_COMMIT") or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

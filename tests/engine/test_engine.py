@@ -263,6 +263,25 @@ def test_decode_only_steps_run_their_decode_twins(tiny):
     assert all(v.endswith("/decode") == decode for decode, v in ran)
 
 
+def test_batch_one_decodes_in_the_argmax_twin_of_the_smallest_bucket(tiny):
+    """max_num_seqs under the smallest bucket (batch 1 decodes in T = 4 here, 8 by default): that bucket is still
+    decode-sized, so warm-up builds its argmax-only decode twin and batch-1 decode runs it, not the full sampler."""
+    llm = make_llm(tiny, max_num_seqs=1, max_num_batched_tokens=16, token_buckets=(4, 16), decode_steps=True)
+    runner = llm.engine.runner
+    assert (4, 1, "greedy/decode") in runner.executables and (4, 1, "greedy") in runner.executables
+    assert not any(T == 16 and v != "full" for T, _, v in runner.executables)
+    ran, run = [], runner.run
+
+    def watched(inp, v="full", decode_only=False):
+        res = run(inp, v, decode_only)
+        ran.append(runner.last_variant)
+        return res
+    runner.run = watched
+    got = llm.generate(PROMPTS[2:3], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in got] == reference(tiny, PROMPTS[2:3], GREEDY)
+    assert ran.count("greedy/decode") == GREEDY.max_tokens - 1  # every step after the prompt's
+
+
 def test_ops_decode_only_takes_the_decode_kernel(monkeypatch):
     """ops.paged_attention(decode_only=True) on the kernel backend runs paged_decode; without it, the packed kernel."""
     from kernels_pallas import ops, paged_decode
