@@ -135,17 +135,17 @@ def main(argv=()):
         cases = [functools.partial(bench_case, name, sl, ql, rotations=rot) for name, sl, ql, rot in decodes]
     # The engine's latency-bound calls: batch 1 in its 8-token bucket (KV 0.5 / 4 MB: 16 page sets rotate, so
     # that L2 holds little of it), and the 128-in / 128-out batch of 256.
-    short = [functools.partial(bench_case, "b1 ctx256 T8 p16", [256], [1], padding_tokens=7, rotations=16),
-             functools.partial(bench_case, "b1 ctx1024 T8 p16", [1024], [1], padding_tokens=7, rotations=16),
-             functools.partial(bench_case, "decode b256 ctx192 p16", [192] * 256, [1] * 256)]
+    short = [functools.partial(bench_case, f"b1 ctx{n} T8 p16", [n], [1], padding_tokens=7, rotations=16)
+             for n in (128, 256, 384, 640, 1024)]
+    short += [functools.partial(bench_case, "decode b256 ctx192 p16", [192] * 256, [1] * 256)]
     short_fp8 = [functools.partial(bench_case, "b1 ctx1024 T8 p16 fp8", [1024], [1], padding_tokens=7,
                                    rotations=16, fp8=True)]
     if not args.stacked:
         cases += fp8_cases
     if args.short:  # each fp8 case right after its bf16 one (it reads the bf16 row)
         by_name = {c.args[0]: c for c in cases}
-        cases = short[:2] + [c for name, *_ in decodes for c in (by_name.get(name), by_name.get(name + " fp8")) if c]
-        cases += short[2:] + short_fp8
+        cases = short[:-1] + [c for name, *_ in decodes for c in (by_name.get(name), by_name.get(name + " fp8")) if c]
+        cases += short[-1:] + short_fp8
     if args.cases:
         wanted = args.cases.split(",")
         cases = [c for c in cases if any(w in c.args[0] for w in wanted)]
@@ -218,7 +218,7 @@ def main(argv=()):
         if args.decode_tiles and case["decode"]:
             tile_splits = [None]
             if small:
-                tile_splits += [16, 32, 64] if int(case["seq_lens"][0]) > 4096 else [2, 4, 8]
+                tile_splits += [16, 32, 64] if int(case["seq_lens"][0]) > 4096 else [1, 2, 4, 8]
             elif args.tile_splits:
                 tile_splits += [int(n) for n in args.tile_splits.split(",")]
             sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True)

@@ -151,12 +151,17 @@ def main(argv=None):
                     help="the page table's width, as the engine's flag (default: the context plus the step's tokens)")
     ap.add_argument("--num-pages", type=int, default=None,
                     help="KV cache pages (default: what the rows need); the step's undonated calls copy the cache")
+    ap.add_argument("--decode-splits", type=int, default=None,
+                    help="kv splits of the decode kernel (default: paged_decode.num_splits_for's rule)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=xla_opt=v,xla_opt=v",
                     help="also measure the step compiled with these XLA options (repeatable; the first measurement "
                          "is always the engine's own options, named 'default'); one JSON holds them all")
     args = ap.parse_args(argv)
     variants = [("default", "")] + [tuple(v.split("=", 1)) if "=" in v else (v, "") for v in args.variant]
     from jax.experimental.mosaic.gpu import profiler
+    if args.decode_splits:
+        from kernels_pallas import paged_decode
+        paged_decode.num_splits_for = lambda *_: args.decode_splits
 
     model, _ = load_model(args.model, load_format="dummy", dtype="bfloat16", progress=False)
     rows = args.batch + (args.prefill_count if args.prefill else 0)
