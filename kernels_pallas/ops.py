@@ -241,6 +241,29 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Residual add + RMSNorm over split-K partials (decode steps)
+
+ADD_NORM_MAX_TOKENS = 16  # tokens of a step up to which a layer's o projection feeds the fused add + norm
+
+
+def add_norm_active() -> bool:
+    """Whether decode-sized steps take the fused residual add + RMSNorm (kernels_pallas/add_norm.py): where the
+    Pallas kernels run (backend pallas / interpret, or auto on Hopper), unless IE_JAX_FUSED_ADD_NORM=0."""
+    return os.environ.get("IE_JAX_FUSED_ADD_NORM", "1") != "0" and paged_kernel_active()
+
+
+def add_rmsnorm(x, partials, weight, *, eps):
+    """x [M, D], partials [S, M, D] f32, weight [D] -> (x + sum_s partials, its RMSNorm), both in x's dtype.
+    The kernel where it runs and takes the shapes, else the same arithmetic in jnp."""
+    from kernels_pallas import add_norm
+    add_norm.check_args(x, partials, weight)
+    backend = current_backend()
+    if add_norm_active() and add_norm.supported(x, partials):
+        return add_norm.add_rmsnorm(x, partials, weight, eps=eps, interpret=backend == "interpret")
+    return add_norm.add_rmsnorm_reference(x, partials, weight, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Quantized matmul: x [..., K] @ W [K, N] with W in one of ie_jax.quant's formats (one matrix, no batch axes on W)
 
 

@@ -15,8 +15,10 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ie_jax.config import ModelConfig
-from ie_jax.models.context import DenseCausal
-from ie_jax.models.layers import Embed, RMSNorm, apply_rope, fuse_linears, make_linear, rope_inv_freq
+from ie_jax.models.context import DenseCausal, Paged
+from ie_jax.models.layers import Embed, Linear, RMSNorm, apply_rope, fuse_linears, make_linear, rope_inv_freq
+from kernels_pallas import ops
+from kernels_pallas.add_norm import split_k_partials
 
 
 class Attention(nnx.Module):
@@ -52,6 +54,11 @@ class Attention(nnx.Module):
         return jnp.split(self.qkv_proj(x), [q_cols, q_cols + kv_cols], axis=-1)
 
     def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D], positions [B, T]
+        out, caches = self.attend(x, positions, ctx, caches, layer)
+        return self.o_proj(out), caches
+
+    def attend(self, x, positions, ctx, caches, layer):
+        """Attention up to (not including) the o projection: ([B, T, N * H], caches)."""
         B, T, _ = x.shape
         q, k, v = self._qkv(x)
         q = q.reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
@@ -64,7 +71,7 @@ class Attention(nnx.Module):
         q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
         out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5,
                                  sliding_window=self.sliding_window)
-        return self.o_proj(checkpoint_name(out, "attn_out").reshape(B, T, -1)), caches
+        return checkpoint_name(out, "attn_out").reshape(B, T, -1), caches
 
 
 class MLP(nnx.Module):
@@ -102,9 +109,32 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, ctx, caches, layer):
+        if isinstance(ctx, Paged) and self._fused_add_norm_splits(x):  # serving only: the kernel has no VJP
+            return self._decode_call(x, positions, ctx, caches, layer)
         h, caches = self.self_attn(self.input_layernorm(x), positions, ctx, caches, layer)
         x = checkpoint_name(x + h, "resid_mid")
         return x + self.mlp(self.post_attention_layernorm(x)), caches
+
+    def _fused_add_norm_splits(self, x) -> int:
+        """Decode-sized steps where the fused kernels run: the o projection's K splits (0: the plain path). Only a
+        dense o projection without bias (no adapter, no quantized format) and a power-of-two hidden size."""
+        o_proj = self.self_attn.o_proj
+        K, D = (o_proj.kernel.shape if type(o_proj) is Linear and o_proj.bias is None else (0, 0))
+        tokens = x.shape[0] * x.shape[1]
+        if not K or tokens > ops.ADD_NORM_MAX_TOKENS or D & (D - 1) or not ops.add_norm_active():
+            return 0
+        return next((s for s in (8, 4) if K % (s * 128) == 0), 0)
+
+    def _decode_call(self, x, positions, ctx, caches, layer):
+        """As __call__, with the o projection as S split-K partials that one kernel adds into the residual and
+        normalises (kernels_pallas/add_norm.py): the residual add and the post-attention norm are one kernel."""
+        B, T, D = x.shape
+        out, caches = self.self_attn.attend(self.input_layernorm(x), positions, ctx, caches, layer)
+        partials = split_k_partials(out.reshape(B * T, -1), self.self_attn.o_proj.kernel[...],
+                                    self._fused_add_norm_splits(x))
+        norm = self.post_attention_layernorm
+        x, y = ops.add_rmsnorm(x.reshape(B * T, D), partials, norm.weight[...], eps=norm.eps)
+        return x.reshape(B, T, D) + self.mlp(y.reshape(B, T, D)), caches
 
 
 @functools.partial(jax.jit, static_argnums=0)

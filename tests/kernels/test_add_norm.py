@@ -1,0 +1,95 @@
+"""Residual add + RMSNorm over split-K partials (kernels_pallas/add_norm.py): the kernel in the Pallas interpreter
+against the jnp reference, the explicit split-K product, the model's decode path that uses both against its plain
+path, and `gpu` checks at Llama-3-8B sizes. Random normal inputs throughout."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ie_jax.config import ModelConfig
+from ie_jax.models.context import Paged
+from ie_jax.models.llama import LlamaForCausalLM, fuse_projections
+from kernels_pallas import add_norm, ops
+
+
+def inputs(M, D, S, dtype, seed=0):
+    kx, kp, kw = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(kx, (M, D), dtype), 0.5 * jax.random.normal(kp, (S, M, D), jnp.float32),
+            (1 + 0.1 * jax.random.normal(kw, (D,), jnp.float32)).astype(dtype))
+
+
+@pytest.mark.parametrize("M,S,dtype", [(1, 8, jnp.bfloat16), (8, 4, jnp.bfloat16), (3, 8, jnp.float32)])
+def test_kernel_matches_the_reference(M, S, dtype):
+    x, partials, w = inputs(M, 256, S, dtype)
+    got = add_norm.add_rmsnorm(x, partials, w, eps=1e-5, interpret=True)
+    want = add_norm.add_rmsnorm_reference(x, partials, w, 1e-5)
+    for g, r in zip(got, want):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=1e-6, atol=1e-6)
+    # the reference is the model's arithmetic: x + sum of partials, rounded, then RMSNorm
+    x_new = (x.astype(jnp.float32) + partials.sum(0)).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(want[0], np.float32), np.asarray(x_new, np.float32))
+
+
+def test_split_k_partials_sum_to_the_product():
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (5, 1024), jnp.float32)
+    w = jax.random.normal(kw, (1024, 96), jnp.float32)
+    p = add_norm.split_k_partials(x, w, 8)
+    assert p.shape == (8, 5, 96) and p.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(p.sum(0)), np.asarray(x @ w), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="multiple"):
+        add_norm.split_k_partials(x, w, 3)
+
+
+def test_bad_arguments_are_named():
+    x, partials, w = inputs(4, 256, 4, jnp.bfloat16)
+    with pytest.raises(ValueError, match="do not match"):
+        add_norm.add_rmsnorm(x, partials[:, :3], w, eps=1e-5, interpret=True)
+    with pytest.raises(ValueError, match="float32"):
+        add_norm.add_rmsnorm(x, partials.astype(jnp.bfloat16), w, eps=1e-5, interpret=True)
+
+
+class DenseServing(Paged):
+    """A serving context whose attention is dense causal over the step's own tokens (no cache to build)."""
+
+    def attend(self, q, k, v, positions, caches, layer, *, scale, sliding_window=None):
+        return ops.attention_reference(q, k, v, scale=scale, sliding_window=sliding_window), caches
+
+
+def test_decode_layers_take_the_fused_add_norm_and_match_the_plain_path(monkeypatch):
+    """Serving steps of <= ADD_NORM_MAX_TOKENS tokens, with the kernels on: each layer's o projection becomes split-K
+    partials and one add + norm kernel; the logits equal the plain path's. Larger steps keep the plain path."""
+    cfg = ModelConfig(model_type="llama", vocab_size=263, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                      head_dim=64, intermediate_size=512, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    fuse_projections(model)
+    calls = []
+    real = ops.add_rmsnorm
+    monkeypatch.setattr(ops, "add_rmsnorm", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+
+    def logits(T, fused):
+        monkeypatch.setenv("IE_JAX_FUSED_ADD_NORM", "1" if fused else "0")
+        ids = jax.random.randint(jax.random.key(T), (1, T), 0, cfg.vocab_size)
+        i32 = jnp.zeros((1,), jnp.int32)
+        ctx = DenseServing(jnp.zeros((1,)), None, i32, i32[None], i32, i32, i32[0])
+        with ops.kernel_backend("interpret"):
+            return model(ids, jnp.arange(T)[None], ctx)[0]
+
+    plain, fused = logits(8, False), logits(8, True)
+    assert calls and set(calls) == {(4, 8, 256)}  # K = 512 -> 4 splits (the scanned layer body is traced once)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), rtol=2e-5, atol=2e-5)
+    calls.clear()
+    logits(32, True)
+    assert calls == []  # past ADD_NORM_MAX_TOKENS: the plain path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8, 16])
+def test_gpu_kernel_at_llama_3_8b_sizes(M):
+    x, partials, w = inputs(M, 4096, 8, jnp.bfloat16, seed=M)
+    got = add_norm.add_rmsnorm(x, partials, w, eps=1e-5)
+    want = add_norm.add_rmsnorm_reference(x, partials, w, 1e-5)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=1e-2, atol=1e-2)
