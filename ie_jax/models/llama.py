@@ -92,13 +92,17 @@ class MLP(nnx.Module):
             self.gate_up_proj, self.gate_proj, self.up_proj = fused, None, None
         return fused is not None
 
-    def __call__(self, x):
+    def activation(self, x):
+        """silu(gate) * up: the down projection's input."""
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
         gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
-        return self.down_proj(jax.nn.silu(gate) * up)
+        return jax.nn.silu(gate) * up
+
+    def __call__(self, x):
+        return self.down_proj(self.activation(x))
 
 
 class DecoderLayer(nnx.Module):
@@ -109,32 +113,37 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, ctx, caches, layer):
-        if isinstance(ctx, Paged) and self._fused_add_norm_splits(x):  # serving only: the kernel has no VJP
+        if isinstance(x, tuple):  # serving's fused decode path (LlamaForCausalLM.fused_add_norm)
             return self._decode_call(x, positions, ctx, caches, layer)
         h, caches = self.self_attn(self.input_layernorm(x), positions, ctx, caches, layer)
         x = checkpoint_name(x + h, "resid_mid")
         return x + self.mlp(self.post_attention_layernorm(x)), caches
 
-    def _fused_add_norm_splits(self, x) -> int:
-        """Decode-sized steps where the fused kernels run: the o projection's K splits (0: the plain path). Only a
-        dense o projection without bias (no adapter, no quantized format) and a power-of-two hidden size."""
-        o_proj = self.self_attn.o_proj
-        K, D = (o_proj.kernel.shape if type(o_proj) is Linear and o_proj.bias is None else (0, 0))
-        tokens = x.shape[0] * x.shape[1]
-        if not K or tokens > ops.ADD_NORM_MAX_TOKENS or D & (D - 1) or not ops.add_norm_active():
-            return 0
-        return next((s for s in (8, 4) if K % (s * 128) == 0), 0)
-
-    def _decode_call(self, x, positions, ctx, caches, layer):
-        """As __call__, with the o projection as S split-K partials that one kernel adds into the residual and
-        normalises (kernels_pallas/add_norm.py): the residual add and the post-attention norm are one kernel."""
+    def _decode_call(self, carry, positions, ctx, caches, layer):
+        """carry: (the residual x [B, T, D], the previous layer's down projection as split-K partials [S, B*T, D]
+        f32, not yet added). Each residual add is folded into the RMSNorm after it, one kernel each
+        (kernels_pallas/add_norm.py); the o and down projections leave their split-K partials to those kernels.
+        Returns the same kind of carry."""
+        x, pending = carry
         B, T, D = x.shape
-        out, caches = self.self_attn.attend(self.input_layernorm(x), positions, ctx, caches, layer)
-        partials = split_k_partials(out.reshape(B * T, -1), self.self_attn.o_proj.kernel[...],
-                                    self._fused_add_norm_splits(x))
+        x = x.reshape(B * T, D)
+        attn, mlp = self.self_attn, self.mlp
+        x, h = ops.add_rmsnorm(x, pending, self.input_layernorm.weight[...], eps=self.input_layernorm.eps)
+        out, caches = attn.attend(h.reshape(B, T, D), positions, ctx, caches, layer)
+        o_kernel = attn.o_proj.kernel[...]
+        partials = split_k_partials(out.reshape(B * T, -1), o_kernel, add_norm_splits(o_kernel.shape[0]))
         norm = self.post_attention_layernorm
-        x, y = ops.add_rmsnorm(x.reshape(B * T, D), partials, norm.weight[...], eps=norm.eps)
-        return x.reshape(B, T, D) + self.mlp(y.reshape(B, T, D)), caches
+        x, y = ops.add_rmsnorm(x, partials, norm.weight[...], eps=norm.eps)
+        d_kernel = mlp.down_proj.kernel[...]
+        act = mlp.activation(y)
+        pending = split_k_partials(act, d_kernel, add_norm_splits(d_kernel.shape[0]))
+        return (x.reshape(B, T, D), pending), caches
+
+
+def add_norm_splits(k: int) -> int:
+    """K splits of a decode projection whose partials feed the fused add + norm (XLA's own choice at 4096 and
+    14336: 8); 0 where K is not a multiple of 4 x 128."""
+    return next((s for s in (8, 4) if k % (s * 128) == 0), 0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -205,6 +214,20 @@ class LlamaForCausalLM(nnx.Module):
 
     STACK = "layers"  # the attribute holding the stacked decoder layers
 
+    def fused_add_norm(self, x, ctx) -> int:
+        """Serving steps of <= ops.ADD_NORM_MAX_TOKENS tokens where the Pallas kernels run: every residual add is
+        folded into the RMSNorm after it (DecoderLayer._decode_call). Returns the down projection's K splits (the
+        carry's partials), 0 for the plain path: training and reference contexts (the kernel has no VJP),
+        adapters, quantized or biased o/down projections, hidden sizes that are not a power of two."""
+        if not isinstance(ctx, Paged) or x.shape[0] * x.shape[1] > ops.ADD_NORM_MAX_TOKENS:
+            return 0
+        o_proj, down_proj = self.layers.self_attn.o_proj, self.layers.mlp.down_proj
+        D = x.shape[-1]
+        if any(type(p) is not Linear or p.bias is not None for p in (o_proj, down_proj)) or D & (D - 1):
+            return 0
+        splits = add_norm_splits(o_proj.kernel.shape[-2]), add_norm_splits(down_proj.kernel.shape[-2])
+        return splits[1] if all(splits) and ops.add_norm_active() else 0
+
     def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None, layer_states=None):
         """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().
 
@@ -215,10 +238,19 @@ class LlamaForCausalLM(nnx.Module):
             else positions
         ctx = DenseCausal() if ctx is None else ctx
         x = self.embed_tokens(token_ids)  # [B, T, D]
+        fused = self.fused_add_norm(x, ctx)
+        if fused:  # (residual, pending partials): the first layer adds zeros
+            B, T, D = x.shape
+            x = (x, jnp.zeros((fused, B * T, D), jnp.float32))
         x, ctx = scan_layers(self.layers, x, positions, ctx, remat=self.remat, layer_states=layer_states)
+        if fused:
+            (x, pending), norm = x, self.norm
+            B, T, D = x.shape
+            x = ops.add_rmsnorm(x.reshape(B * T, D), pending, norm.weight[...], eps=norm.eps)[1].reshape(B, T, D)
         if logits_indices is not None:
             x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
-        x = self.norm(x)
+        if not fused:
+            x = self.norm(x)
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(x), ctx
         return self.lm_head(x, out_dtype=jnp.float32), ctx

@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, struct
 
 from ie_jax.config import ModelConfig
 from ie_jax.models.context import Paged
+from engine.runner import unstack_layers
 from ie_jax.models.llama import LlamaForCausalLM, fuse_projections
 from kernels_pallas import add_norm, ops
 
@@ -51,6 +52,7 @@ def test_bad_arguments_are_named():
         add_norm.add_rmsnorm(x, partials.astype(jnp.bfloat16), w, eps=1e-5, interpret=True)
 
 
+@struct.dataclass
 class DenseServing(Paged):
     """A serving context whose attention is dense causal over the step's own tokens (no cache to build)."""
 
@@ -59,8 +61,9 @@ class DenseServing(Paged):
 
 
 def test_decode_layers_take_the_fused_add_norm_and_match_the_plain_path(monkeypatch):
-    """Serving steps of <= ADD_NORM_MAX_TOKENS tokens, with the kernels on: each layer's o projection becomes split-K
-    partials and one add + norm kernel; the logits equal the plain path's. Larger steps keep the plain path."""
+    """Serving steps of <= ADD_NORM_MAX_TOKENS tokens, with the kernels on: the o and down projections become split-K
+    partials and every residual add is folded into the norm after it; the logits equal the plain path's, through
+    the layer loop and the unrolled layers. Larger steps keep the plain path."""
     cfg = ModelConfig(model_type="llama", vocab_size=263, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
                       head_dim=64, intermediate_size=512, max_position_embeddings=512)
     model = LlamaForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -69,16 +72,20 @@ def test_decode_layers_take_the_fused_add_norm_and_match_the_plain_path(monkeypa
     real = ops.add_rmsnorm
     monkeypatch.setattr(ops, "add_rmsnorm", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
 
-    def logits(T, fused):
+    layer_states = unstack_layers(model, release=False)
+
+    def logits(T, fused, unrolled=False):
         monkeypatch.setenv("IE_JAX_FUSED_ADD_NORM", "1" if fused else "0")
         ids = jax.random.randint(jax.random.key(T), (1, T), 0, cfg.vocab_size)
         i32 = jnp.zeros((1,), jnp.int32)
         ctx = DenseServing(jnp.zeros((1,)), None, i32, i32[None], i32, i32, i32[0])
         with ops.kernel_backend("interpret"):
-            return model(ids, jnp.arange(T)[None], ctx)[0]
+            return model(ids, jnp.arange(T)[None], ctx, layer_states=layer_states if unrolled else None)[0]
 
     plain, fused = logits(8, False), logits(8, True)
-    assert calls and set(calls) == {(4, 8, 256)}  # K = 512 -> 4 splits (the scanned layer body is traced once)
+    np.testing.assert_allclose(np.asarray(logits(8, True, unrolled=True)), np.asarray(plain), rtol=2e-5, atol=2e-5)
+    # K = 512 -> 4 splits; the scanned layer body (two add + norms) is traced once, then the final norm
+    assert len(calls) >= 3 and set(calls) == {(4, 8, 256)}
     np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), rtol=2e-5, atol=2e-5)
     calls.clear()
     logits(32, True)
