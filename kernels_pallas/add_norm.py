@@ -21,6 +21,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 
+NUM_WARPS = 8  # per row (program); IE_JAX_ADD_NORM_WARPS overrides (ops.add_rmsnorm)
+
+
 def split_k_partials(x, w, num_splits: int):
     """x [M, K] @ w [K, N] as num_splits partial products [S, M, N] f32 (K split into S contiguous slabs;
     the reshape of w is a bitcast). Their sum over S is the product."""
@@ -66,7 +69,7 @@ def check_args(x, partials, weight):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps"))
-def add_rmsnorm(x, partials, weight, *, eps: float, interpret: bool = False, num_warps: int = 8):
+def add_rmsnorm(x, partials, weight, *, eps: float, interpret: bool = False, num_warps: int = NUM_WARPS):
     """x [M, D] (the residual stream), partials [S, M, D] f32, weight [D] -> (x_new, y), both [M, D] in x's dtype:
     x_new = x + sum_s partials[s], y = RMSNorm(x_new) * weight. One program per row."""
     check_args(x, partials, weight)

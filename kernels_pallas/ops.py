@@ -259,7 +259,8 @@ def add_rmsnorm(x, partials, weight, *, eps):
     add_norm.check_args(x, partials, weight)
     backend = current_backend()
     if add_norm_active() and add_norm.supported(x, partials):
-        return add_norm.add_rmsnorm(x, partials, weight, eps=eps, interpret=backend == "interpret")
+        return add_norm.add_rmsnorm(x, partials, weight, eps=eps, interpret=backend == "interpret",
+                                    num_warps=int(os.environ.get("IE_JAX_ADD_NORM_WARPS", add_norm.NUM_WARPS)))
     return add_norm.add_rmsnorm_reference(x, partials, weight, eps)
 
 

@@ -8,6 +8,7 @@ is traced and compiled once, whatever the depth.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -142,8 +143,9 @@ class DecoderLayer(nnx.Module):
 
 def add_norm_splits(k: int) -> int:
     """K splits of a decode projection whose partials feed the fused add + norm (XLA's own choice at 4096 and
-    14336: 8); 0 where K is not a multiple of 4 x 128."""
-    return next((s for s in (8, 4) if k % (s * 128) == 0), 0)
+    14336: 8; IE_JAX_ADD_NORM_SPLITS caps it); 0 where K is not a multiple of 2 x 128."""
+    cap = int(os.environ.get("IE_JAX_ADD_NORM_SPLITS", 8))
+    return next((s for s in (8, 4, 2) if s <= cap and k % (s * 128) == 0), 0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
