@@ -142,10 +142,9 @@ class DecoderLayer(nnx.Module):
 
 
 def add_norm_splits(k: int) -> int:
-    """K splits of a decode projection whose partials feed the fused add + norm: 4 up to K = 4096 (the o
-    projection), else 8 (down), the fastest of 2/4/8 for each in scripts/bench_add_norm.py on the H200;
-    IE_JAX_ADD_NORM_SPLITS caps it. 0 where K is not a multiple of 2 x 128."""
-    cap = min(int(os.environ.get("IE_JAX_ADD_NORM_SPLITS", 8)), 4 if k <= 4096 else 8)
+    """K splits of a decode projection whose partials feed the fused add + norm (XLA's own choice at 4096 and
+    14336: 8; IE_JAX_ADD_NORM_SPLITS caps it); 0 where K is not a multiple of 2 x 128."""
+    cap = int(os.environ.get("IE_JAX_ADD_NORM_SPLITS", 8))
     return next((s for s in (8, 4, 2) if s <= cap and k % (s * 128) == 0), 0)
 
 
