@@ -138,18 +138,19 @@ def parse_xla_options(text: str) -> dict[str, bool | int | float | str]:
         name, sep, value = item.partition("=")
         if not sep or not name.startswith("xla_"):
             raise ValueError(f"XLA option {item!r} must read xla_<name>=<value>")
-        low = value.lower()
-        if low in ("true", "false"):
-            options[name] = low == "true"
-        else:
-            try:
-                options[name] = int(value)
-            except ValueError:
-                try:
-                    options[name] = float(value)
-                except ValueError:
-                    options[name] = value
+        options[name] = _option_value(value)
     return options
+
+
+def _option_value(value: str) -> bool | int | float | str:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def step_compiler_options(extra: str | None = None) -> dict:
@@ -158,6 +159,8 @@ def step_compiler_options(extra: str | None = None) -> dict:
     computation of the process."""
     return {**STEP_COMPILER_OPTIONS, **parse_xla_options(os.environ.get("IE_JAX_XLA_OPTIONS", "")),
             **parse_xla_options(extra or "")}
+
+
 def _step_flat(graphdef, weights_tree, caches, counts, last_tokens, prompt_mask, packed, layout: tuple,
                num_logprobs: int, sample_mode: str, decode_only: bool, *weights):
     """`_step` with the weights as a flat list of arrays (`weights_tree` rebuilds (state, layer_states)): a

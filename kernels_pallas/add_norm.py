@@ -55,10 +55,9 @@ def _kernel(p_ref, x_ref, w_ref, x_out_ref, y_out_ref, *, num_splits, eps):
     y_out_ref[...] = w_ref[...].astype(y_out_ref.dtype) * (x32 * r).astype(y_out_ref.dtype)
 
 
-def supported(x, partials) -> bool:
-    """Shapes the kernel takes: a power-of-two row (Triton blocks) of at most 16384, up to 16 partials."""
-    D = x.shape[-1]
-    return D & (D - 1) == 0 and 128 <= D <= 16384 and partials.shape[0] <= 16
+def supported(hidden: int, num_splits: int) -> bool:
+    """Shapes the kernel takes: a power-of-two row (Triton blocks) of 128 to 16384, up to 16 partials."""
+    return hidden & (hidden - 1) == 0 and 128 <= hidden <= 16384 and 1 <= num_splits <= 16
 
 
 def check_args(x, partials, weight):

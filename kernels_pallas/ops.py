@@ -243,7 +243,7 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
 # ----------------------------------------------------------------------------------------------------------------
 # Residual add + RMSNorm over split-K partials (decode steps)
 
-ADD_NORM_MAX_TOKENS = 16  # tokens of a step up to which a layer's o projection feeds the fused add + norm
+ADD_NORM_MAX_TOKENS = 16  # tokens of a serving step up to which its residual adds fold into the norms
 
 
 def add_norm_active() -> bool:
@@ -258,7 +258,7 @@ def add_rmsnorm(x, partials, weight, *, eps):
     from kernels_pallas import add_norm
     add_norm.check_args(x, partials, weight)
     backend = current_backend()
-    if add_norm_active() and add_norm.supported(x, partials):
+    if add_norm_active() and add_norm.supported(x.shape[-1], partials.shape[0]):
         return add_norm.add_rmsnorm(x, partials, weight, eps=eps, interpret=backend == "interpret",
                                     num_warps=int(os.environ.get("IE_JAX_ADD_NORM_WARPS", add_norm.NUM_WARPS)))
     return add_norm.add_rmsnorm_reference(x, partials, weight, eps)

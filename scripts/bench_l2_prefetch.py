@@ -76,7 +76,9 @@ def l2_prefetch(w, *, num_ctas: int, fraction: float = 1.0, box_rows: int = 256,
 def measure(fn, args, iterations, calls):
     """Median over iterations of (prefetch kernels, other kernels) device µs per call, CUPTI."""
     from jax.experimental.mosaic.gpu import profiler
-    _, timings = profiler.measure(jax.jit(fn), iterations=iterations, aggregate=False)(*args)
+    # no dot merger: the "hot" case's dots share one weight, which XLA would otherwise run as one GEMM
+    step = jax.jit(fn, compiler_options={"xla_gpu_dot_merger_threshold_mb": 0})
+    _, timings = profiler.measure(step, iterations=iterations, aggregate=False)(*args)
     pre = [sum(t for name, t in it if "mosaic" in name) / calls for it in timings]
     rest = [sum(t for name, t in it if "mosaic" not in name) / calls for it in timings]
     return statistics.median(pre) * 1e3, statistics.median(rest) * 1e3

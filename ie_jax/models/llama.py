@@ -19,7 +19,7 @@ from ie_jax.config import ModelConfig
 from ie_jax.models.context import DenseCausal, Paged
 from ie_jax.models.layers import Embed, Linear, RMSNorm, apply_rope, fuse_linears, make_linear, rope_inv_freq
 from kernels_pallas import ops
-from kernels_pallas.add_norm import split_k_partials
+from kernels_pallas import add_norm
 
 
 class Attention(nnx.Module):
@@ -132,12 +132,12 @@ class DecoderLayer(nnx.Module):
         x, h = ops.add_rmsnorm(x, pending, self.input_layernorm.weight[...], eps=self.input_layernorm.eps)
         out, caches = attn.attend(h.reshape(B, T, D), positions, ctx, caches, layer)
         o_kernel = attn.o_proj.kernel[...]
-        partials = split_k_partials(out.reshape(B * T, -1), o_kernel, add_norm_splits(o_kernel.shape[0]))
+        partials = add_norm.split_k_partials(out.reshape(B * T, -1), o_kernel, add_norm_splits(o_kernel.shape[0]))
         norm = self.post_attention_layernorm
         x, y = ops.add_rmsnorm(x, partials, norm.weight[...], eps=norm.eps)
         d_kernel = mlp.down_proj.kernel[...]
         act = mlp.activation(y)
-        pending = split_k_partials(act, d_kernel, add_norm_splits(d_kernel.shape[0]))
+        pending = add_norm.split_k_partials(act, d_kernel, add_norm_splits(d_kernel.shape[0]))
         return (x.reshape(B, T, D), pending), caches
 
 
@@ -220,15 +220,15 @@ class LlamaForCausalLM(nnx.Module):
         """Serving steps of <= ops.ADD_NORM_MAX_TOKENS tokens where the Pallas kernels run: every residual add is
         folded into the RMSNorm after it (DecoderLayer._decode_call). Returns the down projection's K splits (the
         carry's partials), 0 for the plain path: training and reference contexts (the kernel has no VJP),
-        adapters, quantized or biased o/down projections, hidden sizes that are not a power of two."""
+        adapters, quantized or biased o/down projections, shapes the kernel does not take (add_norm.supported)."""
         if not isinstance(ctx, Paged) or x.shape[0] * x.shape[1] > ops.ADD_NORM_MAX_TOKENS:
             return 0
         o_proj, down_proj = self.layers.self_attn.o_proj, self.layers.mlp.down_proj
-        D = x.shape[-1]
-        if any(type(p) is not Linear or p.bias is not None for p in (o_proj, down_proj)) or D & (D - 1):
+        if any(type(p) is not Linear or p.bias is not None for p in (o_proj, down_proj)):
             return 0
         splits = add_norm_splits(o_proj.kernel.shape[-2]), add_norm_splits(down_proj.kernel.shape[-2])
-        return splits[1] if all(splits) and ops.add_norm_active() else 0
+        fits = all(add_norm.supported(x.shape[-1], s) for s in splits)
+        return splits[1] if fits and ops.add_norm_active() else 0
 
     def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None, layer_states=None):
         """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().

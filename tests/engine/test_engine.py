@@ -367,3 +367,15 @@ def test_step_inputs_cross_as_one_buffer_and_unpack_exactly(tiny):
         want, got = np.asarray(getattr(inp, f.name)), np.asarray(getattr(back, f.name))
         assert got.dtype == want.dtype and got.shape == want.shape, f.name
         np.testing.assert_array_equal(got, want, err_msg=f.name)
+
+
+def test_step_xla_options_parse_and_reject_bad_input(monkeypatch):
+    from engine.runner import STEP_COMPILER_OPTIONS, parse_xla_options, step_compiler_options
+    assert parse_xla_options(" xla_a=true, xla_b=3,xla_c=1.5,xla_d=LHS,") == dict(xla_a=True, xla_b=3, xla_c=1.5,
+                                                                                  xla_d="LHS")
+    for bad in ("xla_a", "gpu_enable_pdl=true", "=1"):
+        with pytest.raises(ValueError, match="must read xla_<name>=<value>"):
+            parse_xla_options(bad)
+    monkeypatch.setenv("IE_JAX_XLA_OPTIONS", "xla_gpu_enable_pdl=false,xla_gpu_dot_merger_threshold_mb=5")
+    got = step_compiler_options("xla_gpu_enable_pdl=true")  # later ones win
+    assert got == {**STEP_COMPILER_OPTIONS, "xla_gpu_dot_merger_threshold_mb": 5, "xla_gpu_enable_pdl": True}

@@ -44,6 +44,12 @@ def test_split_k_partials_sum_to_the_product():
         add_norm.split_k_partials(x, w, 3)
 
 
+def test_supported_shapes():
+    assert add_norm.supported(4096, 8) and add_norm.supported(128, 1)
+    assert not add_norm.supported(3584, 8)  # not a power of two: the model keeps its plain path
+    assert not add_norm.supported(4096, 0) and not add_norm.supported(4096, 17) and not add_norm.supported(64, 4)
+
+
 def test_bad_arguments_are_named():
     x, partials, w = inputs(4, 256, 4, jnp.bfloat16)
     with pytest.raises(ValueError, match="do not match"):
