@@ -68,6 +68,10 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.config)
+        if isinstance(ctx, Paged) and ctx.rope_in_write(q, k, caches):  # serving decode: rope inside the KV write
+            out, caches = ctx.attend_rope(q, k, v, positions, inv_freq, caches, layer, scale=self.head_dim ** -0.5,
+                                          sliding_window=self.sliding_window)
+            return out.reshape(B, T, -1), caches
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
         out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5,
