@@ -5,6 +5,8 @@ In a batch-1 decode layer XLA runs two small kernels between the q/k/v GEMM and 
 latency. Here one kernel does both: program (token, kv-head) rotates that kv-head's G query heads and its key, and
 stores the rotated key and the value into the interleaved cache in place (the cache is aliased input to output,
 so under the engine's donation nothing is copied). Padding tokens (slot -1) write nothing to the cache.
+The kernel reads q, k and v straight from the fused q/k/v projection's output [T, N + 2K, H] (a bitcast of the
+GEMM's [T, (N + 2K) H]); taking them as three arrays would make XLA materialize each slice, three more kernels.
 
 The rotation is HF's "rotate_half" layout (pairs (i, i + H/2)), computed in f32 from f32 angles and rounded once.
 An fp8 (e4m3) cache stores x / scale saturated to ±448, as `kv_cache.quantize` does.
@@ -30,37 +32,43 @@ def rope_reference(x, positions, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def rope_write_kv_reference(q, k, v, positions, inv_freq, cache, layer, slot_mapping, k_scale=None, v_scale=None):
+def rope_write_kv_reference(qkv, num_kv_heads, positions, inv_freq, cache, layer, slot_mapping, k_scale=None,
+                            v_scale=None):
     """The same as jnp: (rotated q [T, N, H], the interleaved cache [2L, K, P, page_size, H] with layer `layer`'s
     rotated k and v written at slot_mapping)."""
     from kernels_pallas import ops
+    N = qkv.shape[1] - 2 * num_kv_heads
+    q, k, v = jnp.split(qkv, [N, N + num_kv_heads], axis=1)
     k = rope_reference(k, positions, inv_freq)
     cache, _ = ops.write_kv_reference(cache, None, layer, k, v, slot_mapping, k_scale=k_scale, v_scale=v_scale)
     return rope_reference(q, positions, inv_freq), cache
 
 
-def supported(q, k, cache) -> bool:
-    """Shapes the kernel takes: the interleaved cache of q's 16-bit dtype or fp8, H a power of two of 32 to 256,
-    and a kv-head's G query heads a power of two (Triton blocks)."""
-    T, N, H = q.shape
-    K = k.shape[1]
-    G = N // K if K and N % K == 0 else 0
+def supported(qkv, num_kv_heads, cache) -> bool:
+    """Shapes the kernel takes: qkv [T, N + 2K, H] of a 16-bit dtype, the interleaved cache of that dtype or fp8,
+    H a power of two of 32 to 256, and a kv-head's G = N / K query heads a power of two (Triton blocks)."""
+    T, C, H = qkv.shape
+    K = num_kv_heads
+    N = C - 2 * K
+    G = N // K if K and N > 0 and N % K == 0 else 0
     return (cache.ndim == 5 and cache.shape[1] == K and cache.shape[4] == H and H & (H - 1) == 0
             and 32 <= H <= 256 and G > 0 and G & (G - 1) == 0
-            and q.dtype in (jnp.bfloat16, jnp.float16) and cache.dtype in (q.dtype, FP8))
+            and qkv.dtype in (jnp.bfloat16, jnp.float16) and cache.dtype in (qkv.dtype, FP8))
 
 
-def check_args(q, k, v, positions, slot_mapping, cache):
-    T, N, H = q.shape
-    if k.ndim != 3 or k.shape != v.shape or k.shape[0] != T or k.shape[2] != H or N % k.shape[1]:
-        raise ValueError(f"{q.shape=} [T, N, H], {k.shape=} and {v.shape=} [T, K, H] do not match")
+def check_args(qkv, num_kv_heads, positions, slot_mapping, cache):
+    T, C, H = qkv.shape
+    K = num_kv_heads
+    if C <= 2 * K or (C - 2 * K) % K:
+        raise ValueError(f"{qkv.shape=} must be [T, N + 2K, H] with N a multiple of K = {K}")
     if positions.shape != (T,) or slot_mapping.shape != (T,) or slot_mapping.dtype != jnp.int32:
         raise ValueError(f"{positions.shape=} and {slot_mapping.shape=} {slot_mapping.dtype=} must be int32 [{T}]")
-    if cache.ndim != 5 or cache.shape[1] != k.shape[1] or cache.shape[4] != H or cache.shape[0] % 2:
-        raise ValueError(f"{cache.shape=} must be the interleaved [2L, {k.shape[1]}, P, page_size, {H}]")
+    if cache.ndim != 5 or cache.shape[1] != K or cache.shape[4] != H or cache.shape[0] % 2:
+        raise ValueError(f"{cache.shape=} must be the interleaved [2L, {K}, P, page_size, {H}]")
 
 
 def _kernel(pos_ref, slot_ref, layer_ref, inv_ref, *refs, half, page_size, fp8):
+    # q_ref [G, H], k_ref, v_ref [H]: blocks of the same qkv array
     if fp8:
         ks_ref, vs_ref, q_ref, k_ref, v_ref, _, q_out_ref, cache_ref = refs
     else:
@@ -97,15 +105,17 @@ def _kernel(pos_ref, slot_ref, layer_ref, inv_ref, *refs, half, page_size, fp8):
         store(2 * layer + 1, v1, v2, vs_ref if fp8 else None)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
-def rope_write_kv(q, k, v, positions, inv_freq, cache, layer, slot_mapping, k_scale=None, v_scale=None, *,
-                  interpret: bool = False, num_warps: int = NUM_WARPS):
-    """q [T, N, H], k/v [T, K, H] (un-rotated), positions [T], inv_freq [H/2] f32, cache the interleaved
-    [2L, K, P, page_size, H] buffer (aliased to the output: in place where the caller donates it), layer [] int32, slot_mapping [T] int32 (-1: padding)
-    -> (rotated q [T, N, H], cache). fp8 caches take k_scale, v_scale [L, K] f32 (None = 1)."""
-    check_args(q, k, v, positions, slot_mapping, cache)
-    T, N, H = q.shape
-    K, page_size = k.shape[1], cache.shape[3]
+@functools.partial(jax.jit, static_argnames=("num_kv_heads", "interpret", "num_warps"))
+def rope_write_kv(qkv, positions, inv_freq, cache, layer, slot_mapping, k_scale=None, v_scale=None, *,
+                  num_kv_heads: int, interpret: bool = False, num_warps: int = NUM_WARPS):
+    """qkv [T, N + 2K, H] (q's N heads, then k's K, then v's K; before rope), positions [T], inv_freq [H/2] f32,
+    cache the interleaved [2L, K, P, page_size, H] buffer (aliased to the output: in place where the caller donates
+    it), layer [] int32, slot_mapping [T] int32 (-1: padding) -> (rotated q [T, N, H], cache). fp8 caches take
+    k_scale, v_scale [L, K] f32 (None = 1)."""
+    check_args(qkv, num_kv_heads, positions, slot_mapping, cache)
+    T, C, H = qkv.shape
+    K, page_size = num_kv_heads, cache.shape[3]
+    N = C - 2 * K
     G = N // K
     fp8 = cache.dtype == FP8
     scales = []
@@ -118,11 +128,11 @@ def rope_write_kv(q, k, v, positions, inv_freq, cache, layer, slot_mapping, k_sc
     whole = lambda x: pl.BlockSpec(x.shape, lambda t, h: (0,) * x.ndim)
     one = pl.BlockSpec((1,), lambda t, h: (t,))
     args = [positions.astype(jnp.int32), slot_mapping, jnp.reshape(layer, (1,)).astype(jnp.int32),
-            jnp.asarray(inv_freq, jnp.float32), *scales, q, k, v, cache]
+            jnp.asarray(inv_freq, jnp.float32), *scales, qkv, qkv, qkv, cache]
     in_specs = [one, one, pl.BlockSpec((1,), lambda t, h: (0,)), whole(args[3]), *map(whole, scales),
-                pl.BlockSpec((None, G, H), lambda t, h: (t, h, 0)),
-                pl.BlockSpec((None, None, H), lambda t, h: (t, h, 0)),
-                pl.BlockSpec((None, None, H), lambda t, h: (t, h, 0)),
+                pl.BlockSpec((None, G, H), lambda t, h: (t, h, 0)),  # q heads [hG, (h+1)G): block h of G heads
+                pl.BlockSpec((None, None, H), lambda t, h: (t, N + h, 0)),  # k head h
+                pl.BlockSpec((None, None, H), lambda t, h: (t, N + K + h, 0)),  # v head h
                 whole(cache)]
     params = {}
     if not interpret:
@@ -130,7 +140,7 @@ def rope_write_kv(q, k, v, positions, inv_freq, cache, layer, slot_mapping, k_sc
         params = dict(compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1))
     return pl.pallas_call(
         functools.partial(_kernel, half=H // 2, page_size=page_size, fp8=fp8),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(cache.shape, cache.dtype)),
+        out_shape=(jax.ShapeDtypeStruct((T, N, H), qkv.dtype), jax.ShapeDtypeStruct(cache.shape, cache.dtype)),
         grid=(T, K),
         in_specs=in_specs,
         out_specs=(pl.BlockSpec((None, G, H), lambda t, h: (t, h, 0)), whole(cache)),

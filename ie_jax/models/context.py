@@ -108,16 +108,16 @@ class Paged:
                                   decode_only=self.decode_only, **scales)
         return out[None], (k_all, v_all)
 
-    def rope_in_write(self, q, k, caches) -> bool:
-        """Whether this step rotates q and k inside the KV write (`attend_rope`): decode-sized steps on the
-        interleaved cache where the kernel runs (ops.rope_kv_active)."""
-        return caches[1] is None and ops.rope_kv_active(q[0], k[0], caches[0])
+    def rope_in_write(self, qkv, num_kv_heads, caches) -> bool:
+        """Whether this step rotates q and k inside the KV write (`attend_rope`): qkv [1, T, N + 2K, H], decode-sized
+        steps on the interleaved cache where the kernel runs (ops.rope_kv_active)."""
+        return caches[1] is None and ops.rope_kv_active(qkv[0], num_kv_heads, caches[0])
 
-    def attend_rope(self, q, k, v, positions, inv_freq, caches, layer, *, scale, sliding_window=None):
-        """`attend` for q, k before their rope: one kernel rotates both by positions [1, T] (inv_freq [H/2]) and
-        writes k, v (ops.rope_write_kv); the rotated q then attends."""
+    def attend_rope(self, qkv, num_kv_heads, positions, inv_freq, caches, layer, *, scale, sliding_window=None):
+        """`attend` from the q/k/v projection's output [1, T, N + 2K, H] before rope: one kernel rotates q and k by
+        positions [1, T] (inv_freq [H/2]) and writes k, v (ops.rope_write_kv); the rotated q then attends."""
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
-        q, kv = ops.rope_write_kv(q[0], k[0], v[0], positions[0], inv_freq, caches[0], layer, self.slot_mapping,
+        q, kv = ops.rope_write_kv(qkv[0], num_kv_heads, positions[0], inv_freq, caches[0], layer, self.slot_mapping,
                                   **scales)
         out = ops.paged_attention(q, kv, None, layer, self.page_table, self.query_start_loc, self.seq_lens,
                                   self.num_seqs, scale=scale, sliding_window=sliding_window,

@@ -48,11 +48,11 @@ class Attention(nnx.Module):
             self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
         return fused is not None
 
-    def _qkv(self, x):
+    def _qkv(self, x, fused=None):  # fused: qkv_proj(x) if already computed
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return jnp.split(self.qkv_proj(x), [q_cols, q_cols + kv_cols], axis=-1)
+        return jnp.split(self.qkv_proj(x) if fused is None else fused, [q_cols, q_cols + kv_cols], axis=-1)
 
     def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D], positions [B, T]
         out, caches = self.attend(x, positions, ctx, caches, layer)
@@ -61,17 +61,21 @@ class Attention(nnx.Module):
     def attend(self, x, positions, ctx, caches, layer):
         """Attention up to (not including) the o projection: ([B, T, N * H], caches)."""
         B, T, _ = x.shape
-        q, k, v = self._qkv(x)
+        inv_freq = rope_inv_freq(self.config)
+        fused = None
+        if isinstance(ctx, Paged) and self.qkv_proj is not None and not self.qk_norm:
+            fused = self.qkv_proj(x)
+            heads = fused.reshape(B, T, -1, self.head_dim)  # [B, T, N + 2K, H]
+            if ctx.rope_in_write(heads, self.num_kv_heads, caches):  # serving decode: rope inside the KV write
+                out, caches = ctx.attend_rope(heads, self.num_kv_heads, positions, inv_freq, caches, layer,
+                                              scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
+                return out.reshape(B, T, -1), caches
+        q, k, v = self._qkv(x, fused)
         q = q.reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(self.config)
-        if isinstance(ctx, Paged) and ctx.rope_in_write(q, k, caches):  # serving decode: rope inside the KV write
-            out, caches = ctx.attend_rope(q, k, v, positions, inv_freq, caches, layer, scale=self.head_dim ** -0.5,
-                                          sliding_window=self.sliding_window)
-            return out.reshape(B, T, -1), caches
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
         out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5,

@@ -21,15 +21,14 @@ def inv_freq(H, theta=10000.0):
 
 
 def step(T, N, K, H, L, P, page_size, cache_dtype, seed=0):
+    """(qkv [T, N + 2K, H], positions, slots with one padding token, a random interleaved cache)"""
     ks = jax.random.split(jax.random.key(seed), 6)
-    q = jax.random.normal(ks[0], (T, N, H), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (T, K, H), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (T, K, H), jnp.bfloat16)
+    qkv = jax.random.normal(ks[0], (T, N + 2 * K, H), jnp.bfloat16)
     positions = jax.random.randint(ks[3], (T,), 0, 8000)
     slots = jax.random.permutation(ks[4], P * page_size)[:T].astype(jnp.int32)
     slots = slots.at[T // 2].set(-1)  # one padding token: writes nothing
     cache = jax.random.normal(ks[5], (2 * L, K, P, page_size, H), jnp.float32).astype(cache_dtype)
-    return q, k, v, positions, slots, cache
+    return qkv, positions, slots, cache
 
 
 def f32(x):
@@ -39,16 +38,16 @@ def f32(x):
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, FP8])
 def test_kernel_matches_the_reference(cache_dtype):
     T, N, K, H, L, P, page_size = 5, 8, 2, 64, 3, 7, 16
-    q, k, v, positions, slots, cache = step(T, N, K, H, L, P, page_size, cache_dtype)
+    qkv, positions, slots, cache = step(T, N, K, H, L, P, page_size, cache_dtype)
     scales = {}
     if cache_dtype == FP8:
         scales = dict(k_scale=jax.random.uniform(jax.random.key(7), (L, K), minval=0.25, maxval=2.0),
                       v_scale=jax.random.uniform(jax.random.key(8), (L, K), minval=0.25, maxval=2.0))
-    got_q, got_cache = rope_kv.rope_write_kv(q, k, v, positions, inv_freq(H), cache, jnp.int32(1), slots,
-                                             interpret=True, **scales)
-    want_q, want_cache = rope_kv.rope_write_kv_reference(q, k, v, positions, inv_freq(H), cache, jnp.int32(1), slots,
+    got_q, got_cache = rope_kv.rope_write_kv(qkv, positions, inv_freq(H), cache, jnp.int32(1), slots,
+                                             num_kv_heads=K, interpret=True, **scales)
+    want_q, want_cache = rope_kv.rope_write_kv_reference(qkv, K, positions, inv_freq(H), cache, jnp.int32(1), slots,
                                                          **scales)
-    assert got_q.dtype == q.dtype and got_cache.dtype == cache.dtype and got_cache.shape == cache.shape
+    assert got_q.shape == (T, N, H) and got_q.dtype == qkv.dtype and got_cache.dtype == cache.dtype and got_cache.shape == cache.shape
     np.testing.assert_allclose(f32(got_q), f32(want_q), rtol=1e-2, atol=1e-5)
     np.testing.assert_array_equal(f32(got_cache), f32(want_cache))
     # what was written: layer 1 only, at the non-padding slots; everything else is untouched
@@ -68,18 +67,21 @@ def test_reference_rope_is_the_models_rope():
 
 
 def test_supported_shapes_and_bad_arguments():
-    q, k, v, positions, slots, cache = step(4, 8, 2, 64, 2, 5, 16, jnp.bfloat16)
-    assert rope_kv.supported(q, k, cache)
-    assert not rope_kv.supported(q[:, :6], k, cache)  # G = 3: not a power of two
-    assert not rope_kv.supported(q.astype(jnp.float32), k, cache)
-    assert not rope_kv.supported(q, k, cache[0])  # the stacked (not interleaved) layout
-    with pytest.raises(ValueError, match="do not match"):
-        rope_kv.rope_write_kv(q, k, v[:, :1], positions, inv_freq(64), cache, jnp.int32(0), slots, interpret=True)
+    qkv, positions, slots, cache = step(4, 8, 2, 64, 2, 5, 16, jnp.bfloat16)
+    assert rope_kv.supported(qkv, 2, cache)
+    assert not rope_kv.supported(qkv[:, 2:], 2, cache)  # G = 3: not a power of two
+    assert not rope_kv.supported(qkv.astype(jnp.float32), 2, cache)
+    assert not rope_kv.supported(qkv, 2, cache[0])  # the stacked (not interleaved) layout
+    run = lambda qkv, slots, K=2, **kw: rope_kv.rope_write_kv(qkv, positions, inv_freq(64), cache, jnp.int32(0),
+                                                              slots, num_kv_heads=K, interpret=True, **kw)
+    with pytest.raises(ValueError, match="multiple of K"):
+        run(qkv[:, 1:], slots)
+    with pytest.raises(ValueError, match="interleaved"):
+        run(qkv, slots, K=3)
     with pytest.raises(ValueError, match="int32"):
-        rope_kv.rope_write_kv(q, k, v, positions, inv_freq(64), cache, jnp.int32(0), slots[:3], interpret=True)
+        run(qkv, slots[:3])
     with pytest.raises(ValueError, match="fp8"):
-        rope_kv.rope_write_kv(q, k, v, positions, inv_freq(64), cache, jnp.int32(0), slots,
-                              k_scale=jnp.ones((2, 2)), interpret=True)
+        run(qkv, slots, k_scale=jnp.ones((2, 2)))
 
 
 def test_serving_step_rotates_inside_the_kv_write_and_matches_the_plain_path(monkeypatch):
@@ -115,7 +117,7 @@ def test_serving_step_rotates_inside_the_kv_write_and_matches_the_plain_path(mon
         return f32(logits), f32(ctx.k)
 
     plain, fused = run(8, False), run(8, True)
-    assert calls and set(calls) == {(8, 8, 64)}  # the scanned layer body is traced once
+    assert calls and set(calls) == {(8, 12, 64)}  # the scanned layer body is traced once
     np.testing.assert_allclose(fused[0][:, :7], plain[0][:, :7], rtol=2e-2, atol=2e-2)
     np.testing.assert_array_equal(np.abs(fused[1] - plain[1]) <= 2e-2 * (1 + np.abs(plain[1])), True)
     calls.clear()
@@ -129,17 +131,17 @@ def test_gpu_kernel_at_llama_3_8b_sizes(cache_dtype):
     """T = 8 tokens, 32 q-heads over 8 kv-heads, layer 31 of 32, a cache of 8.6 GB (bf16) whose last pages are
     written: the offsets need 64 bits."""
     T, N, K, H, L, P, page_size = 8, 32, 8, 128, 32, 4100, 16
-    q, k, v, positions, slots, _ = step(T, N, K, H, L, 4, page_size, cache_dtype, seed=1)
+    qkv, positions, slots, _ = step(T, N, K, H, L, 4, page_size, cache_dtype, seed=1)
     slots = jnp.where(slots >= 0, (P - 4) * page_size + slots, -1)
     cache = jnp.zeros((2 * L, K, P, page_size, H), cache_dtype)
     scales = {}
     if cache_dtype == FP8:
         scales = dict(k_scale=jnp.full((L, K), 0.5, jnp.float32), v_scale=jnp.full((L, K), 2.0, jnp.float32))
-    got_q, got = rope_kv.rope_write_kv(q, k, v, positions, inv_freq(H, 500000.0), cache, jnp.int32(L - 1), slots,
-                                       **scales)
+    got_q, got = rope_kv.rope_write_kv(qkv, positions, inv_freq(H, 500000.0), cache, jnp.int32(L - 1), slots,
+                                       num_kv_heads=K, **scales)
     small = jnp.zeros((2, K, 4, page_size, H), cache_dtype)  # the last layer's last 4 pages, written alone
     local = jnp.where(slots >= 0, slots - (P - 4) * page_size, -1)
-    want_q, want = rope_kv.rope_write_kv_reference(q, k, v, positions, inv_freq(H, 500000.0), small, jnp.int32(0),
+    want_q, want = rope_kv.rope_write_kv_reference(qkv, K, positions, inv_freq(H, 500000.0), small, jnp.int32(0),
                                                    local, **{n: s[-1:] for n, s in scales.items()})
     np.testing.assert_allclose(f32(got_q), f32(want_q), rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(f32(got[-2:, :, P - 4:]), f32(want), rtol=2e-2, atol=2e-2)
