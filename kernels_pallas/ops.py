@@ -268,29 +268,32 @@ def add_rmsnorm(x, partials, weight, *, eps):
 # Rotary embedding + paged KV write in one kernel (decode steps)
 
 ROPE_KV_MAX_TOKENS = 16  # tokens of a serving step up to which q/k's rope runs inside the KV write
+ROPE_KV_SPLITS = 4  # K splits of the q/k/v projection whose partials the kernel sums (XLA's own choice at 4096)
 
 
-def rope_kv_active(qkv, num_kv_heads, cache) -> bool:
-    """Whether a step's rope and KV write take one kernel (kernels_pallas/rope_kv.py): qkv [T, N + 2K, H] of at
-    most ROPE_KV_MAX_TOKENS (IE_JAX_ROPE_KV_MAX_TOKENS) tokens, the interleaved cache, shapes the kernel takes,
-    where the Pallas kernels run, unless IE_JAX_FUSED_ROPE_KV=0."""
+def rope_kv_active(parts, num_kv_heads, cache, dtype) -> bool:
+    """Whether a step's rope and KV write take one kernel (kernels_pallas/rope_kv.py): parts [S, T, N + 2K, H]
+    (an array or its ShapeDtypeStruct) of at most ROPE_KV_MAX_TOKENS (IE_JAX_ROPE_KV_MAX_TOKENS) tokens, the
+    interleaved cache, shapes the kernel takes, where the Pallas kernels run, unless IE_JAX_FUSED_ROPE_KV=0."""
     from kernels_pallas import rope_kv
     limit = int(os.environ.get("IE_JAX_ROPE_KV_MAX_TOKENS", ROPE_KV_MAX_TOKENS))
-    return (os.environ.get("IE_JAX_FUSED_ROPE_KV", "1") != "0" and qkv.shape[0] <= limit and paged_kernel_active()
-            and rope_kv.supported(qkv, num_kv_heads, cache))
+    return (os.environ.get("IE_JAX_FUSED_ROPE_KV", "1") != "0" and parts.shape[1] <= limit
+            and paged_kernel_active() and rope_kv.supported(parts, num_kv_heads, cache, dtype))
 
 
-def rope_write_kv(qkv, num_kv_heads, positions, inv_freq, cache, layer, slot_mapping, *, k_scale=None,
+def rope_write_kv(parts, num_kv_heads, positions, inv_freq, cache, layer, slot_mapping, *, dtype, k_scale=None,
                   v_scale=None):
-    """qkv [T, N + 2K, H] (q, k, v heads before rope), positions [T] -> (rotated q [T, N, H], the interleaved cache
-    with layer `layer`'s rotated k and v written at slot_mapping). The kernel where `rope_kv_active`, else jnp."""
+    """parts [S, T, N + 2K, H]: q, k, v heads before rope as S partial sums (rounded to `dtype` once summed);
+    positions [T] -> (rotated q [T, N, H], the interleaved cache with layer `layer`'s rotated k and v written at
+    slot_mapping). The kernel where `rope_kv_active`, else jnp."""
     from kernels_pallas import rope_kv
-    rope_kv.check_args(qkv, num_kv_heads, positions, slot_mapping, cache)
-    if rope_kv_active(qkv, num_kv_heads, cache):
-        return rope_kv.rope_write_kv(qkv, positions, inv_freq, cache, layer, slot_mapping, k_scale, v_scale,
-                                     num_kv_heads=num_kv_heads, interpret=current_backend() == "interpret")
-    return rope_kv.rope_write_kv_reference(qkv, num_kv_heads, positions, inv_freq, cache, layer, slot_mapping,
-                                           k_scale, v_scale)
+    rope_kv.check_args(parts, num_kv_heads, positions, slot_mapping, cache)
+    if rope_kv_active(parts, num_kv_heads, cache, dtype):
+        return rope_kv.rope_write_kv(parts, positions, inv_freq, cache, layer, slot_mapping, k_scale, v_scale,
+                                     num_kv_heads=num_kv_heads, dtype=dtype,
+                                     interpret=current_backend() == "interpret")
+    return rope_kv.rope_write_kv_reference(parts, num_kv_heads, positions, inv_freq, cache, layer, slot_mapping,
+                                           k_scale, v_scale, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -108,17 +108,19 @@ class Paged:
                                   decode_only=self.decode_only, **scales)
         return out[None], (k_all, v_all)
 
-    def rope_in_write(self, qkv, num_kv_heads, caches) -> bool:
-        """Whether this step rotates q and k inside the KV write (`attend_rope`): qkv [1, T, N + 2K, H], decode-sized
-        steps on the interleaved cache where the kernel runs (ops.rope_kv_active)."""
-        return caches[1] is None and ops.rope_kv_active(qkv[0], num_kv_heads, caches[0])
+    def rope_in_write(self, parts, num_kv_heads, caches, dtype) -> bool:
+        """Whether this step rotates q and k inside the KV write (`attend_rope`): parts [S, 1 * T, N + 2K, H] (or
+        its shape), decode-sized steps on the interleaved cache where the kernel runs (ops.rope_kv_active)."""
+        return caches[1] is None and ops.rope_kv_active(parts, num_kv_heads, caches[0], dtype)
 
-    def attend_rope(self, qkv, num_kv_heads, positions, inv_freq, caches, layer, *, scale, sliding_window=None):
-        """`attend` from the q/k/v projection's output [1, T, N + 2K, H] before rope: one kernel rotates q and k by
-        positions [1, T] (inv_freq [H/2]) and writes k, v (ops.rope_write_kv); the rotated q then attends."""
+    def attend_rope(self, parts, num_kv_heads, positions, inv_freq, caches, layer, *, dtype, scale,
+                    sliding_window=None):
+        """`attend` from the q/k/v projection before rope, as split-K partials [S, T, N + 2K, H]: one kernel sums
+        them (rounded to `dtype`), rotates q and k by positions [1, T] (inv_freq [H/2]) and writes k, v
+        (ops.rope_write_kv); the rotated q then attends."""
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
-        q, kv = ops.rope_write_kv(qkv[0], num_kv_heads, positions[0], inv_freq, caches[0], layer, self.slot_mapping,
-                                  **scales)
+        q, kv = ops.rope_write_kv(parts, num_kv_heads, positions[0], inv_freq, caches[0], layer, self.slot_mapping,
+                                  dtype=dtype, **scales)
         out = ops.paged_attention(q, kv, None, layer, self.page_table, self.query_start_loc, self.seq_lens,
                                   self.num_seqs, scale=scale, sliding_window=sliding_window,
                                   decode_only=self.decode_only, **scales)

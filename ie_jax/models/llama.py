@@ -48,11 +48,32 @@ class Attention(nnx.Module):
             self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
         return fused is not None
 
-    def _qkv(self, x, fused=None):  # fused: qkv_proj(x) if already computed
+    def _qkv(self, x):
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return jnp.split(self.qkv_proj(x) if fused is None else fused, [q_cols, q_cols + kv_cols], axis=-1)
+        return jnp.split(self.qkv_proj(x), [q_cols, q_cols + kv_cols], axis=-1)
+
+    def _attend_rope(self, x, positions, ctx, caches, layer):
+        """Serving steps the rope + KV write kernel takes (Paged.rope_in_write): the fused q/k/v projection as
+        split-K partials (a plain Linear; else its output as one partial) go straight to it. None elsewhere."""
+        B, T, D = x.shape
+        proj, H = self.qkv_proj, self.head_dim
+        C = self.num_heads + 2 * self.num_kv_heads
+        plain = type(proj) is Linear and proj.bias is None
+        cap = int(os.environ.get("IE_JAX_ROPE_KV_SPLITS", ops.ROPE_KV_SPLITS)) if plain else 1
+        S = next((s for s in (16, 8, 4, 2) if s <= cap and D % (s * 128) == 0), 1)  # slabs of >= 128 columns
+        if not ctx.rope_in_write(jax.ShapeDtypeStruct((S, B * T, C, H), jnp.float32), self.num_kv_heads, caches,
+                                 x.dtype):
+            return None
+        if S > 1:
+            parts = add_norm.split_k_partials(x.reshape(B * T, D), proj.kernel[...], S)
+        else:
+            parts = proj(x)
+        out, caches = ctx.attend_rope(parts.reshape(S, B * T, C, H), self.num_kv_heads, positions,
+                                      rope_inv_freq(self.config), caches, layer, dtype=x.dtype,
+                                      scale=H ** -0.5, sliding_window=self.sliding_window)
+        return out.reshape(B, T, -1), caches
 
     def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D], positions [B, T]
         out, caches = self.attend(x, positions, ctx, caches, layer)
@@ -62,15 +83,11 @@ class Attention(nnx.Module):
         """Attention up to (not including) the o projection: ([B, T, N * H], caches)."""
         B, T, _ = x.shape
         inv_freq = rope_inv_freq(self.config)
-        fused = None
         if isinstance(ctx, Paged) and self.qkv_proj is not None and not self.qk_norm:
-            fused = self.qkv_proj(x)
-            heads = fused.reshape(B, T, -1, self.head_dim)  # [B, T, N + 2K, H]
-            if ctx.rope_in_write(heads, self.num_kv_heads, caches):  # serving decode: rope inside the KV write
-                out, caches = ctx.attend_rope(heads, self.num_kv_heads, positions, inv_freq, caches, layer,
-                                              scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
-                return out.reshape(B, T, -1), caches
-        q, k, v = self._qkv(x, fused)
+            out = self._attend_rope(x, positions, ctx, caches, layer)  # serving decode: rope inside the KV write
+            if out is not None:
+                return out
+        q, k, v = self._qkv(x)
         q = q.reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]

@@ -20,10 +20,12 @@ def inv_freq(H, theta=10000.0):
     return (1.0 / theta ** (np.arange(0, H, 2) / H)).astype(np.float32)
 
 
-def step(T, N, K, H, L, P, page_size, cache_dtype, seed=0):
-    """(qkv [T, N + 2K, H], positions, slots with one padding token, a random interleaved cache)"""
+def step(T, N, K, H, L, P, page_size, cache_dtype, seed=0, splits=4):
+    """(parts [S, T, N + 2K, H] f32 (S = 1: bf16), positions, slots with one padding token, a random interleaved
+    cache)"""
     ks = jax.random.split(jax.random.key(seed), 6)
-    qkv = jax.random.normal(ks[0], (T, N + 2 * K, H), jnp.bfloat16)
+    dtype = jnp.bfloat16 if splits == 1 else jnp.float32
+    qkv = jax.random.normal(ks[0], (splits, T, N + 2 * K, H), dtype) / splits
     positions = jax.random.randint(ks[3], (T,), 0, 8000)
     slots = jax.random.permutation(ks[4], P * page_size)[:T].astype(jnp.int32)
     slots = slots.at[T // 2].set(-1)  # one padding token: writes nothing
@@ -35,19 +37,19 @@ def f32(x):
     return np.asarray(x, np.float32)
 
 
-@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, FP8])
-def test_kernel_matches_the_reference(cache_dtype):
+@pytest.mark.parametrize("cache_dtype,splits", [(jnp.bfloat16, 4), (FP8, 4), (jnp.bfloat16, 1)])
+def test_kernel_matches_the_reference(cache_dtype, splits):
     T, N, K, H, L, P, page_size = 5, 8, 2, 64, 3, 7, 16
-    qkv, positions, slots, cache = step(T, N, K, H, L, P, page_size, cache_dtype)
+    qkv, positions, slots, cache = step(T, N, K, H, L, P, page_size, cache_dtype, splits=splits)
     scales = {}
     if cache_dtype == FP8:
         scales = dict(k_scale=jax.random.uniform(jax.random.key(7), (L, K), minval=0.25, maxval=2.0),
                       v_scale=jax.random.uniform(jax.random.key(8), (L, K), minval=0.25, maxval=2.0))
     got_q, got_cache = rope_kv.rope_write_kv(qkv, positions, inv_freq(H), cache, jnp.int32(1), slots,
-                                             num_kv_heads=K, interpret=True, **scales)
+                                             num_kv_heads=K, dtype=jnp.bfloat16, interpret=True, **scales)
     want_q, want_cache = rope_kv.rope_write_kv_reference(qkv, K, positions, inv_freq(H), cache, jnp.int32(1), slots,
-                                                         **scales)
-    assert got_q.shape == (T, N, H) and got_q.dtype == qkv.dtype and got_cache.dtype == cache.dtype and got_cache.shape == cache.shape
+                                                         dtype=jnp.bfloat16, **scales)
+    assert got_q.shape == (T, N, H) and got_q.dtype == jnp.bfloat16 and got_cache.dtype == cache.dtype and got_cache.shape == cache.shape
     np.testing.assert_allclose(f32(got_q), f32(want_q), rtol=1e-2, atol=1e-5)
     np.testing.assert_array_equal(f32(got_cache), f32(want_cache))
     # what was written: layer 1 only, at the non-padding slots; everything else is untouched
@@ -68,14 +70,18 @@ def test_reference_rope_is_the_models_rope():
 
 def test_supported_shapes_and_bad_arguments():
     qkv, positions, slots, cache = step(4, 8, 2, 64, 2, 5, 16, jnp.bfloat16)
-    assert rope_kv.supported(qkv, 2, cache)
-    assert not rope_kv.supported(qkv[:, 2:], 2, cache)  # G = 3: not a power of two
-    assert not rope_kv.supported(qkv.astype(jnp.float32), 2, cache)
-    assert not rope_kv.supported(qkv, 2, cache[0])  # the stacked (not interleaved) layout
+    bf16 = jnp.bfloat16
+    assert rope_kv.supported(qkv, 2, cache, bf16) and rope_kv.supported(qkv[:1], 2, cache, bf16)
+    assert not rope_kv.supported(qkv[:3], 2, cache, bf16)  # S = 3: not a power of two
+    assert not rope_kv.supported(qkv[:, :, 2:], 2, cache, bf16)  # G = 3
+    assert not rope_kv.supported(qkv, 2, cache, jnp.float32)  # a 32-bit model
+    assert not rope_kv.supported(qkv, 2, cache[0], bf16)  # the stacked (not interleaved) layout
     run = lambda qkv, slots, K=2, **kw: rope_kv.rope_write_kv(qkv, positions, inv_freq(64), cache, jnp.int32(0),
                                                               slots, num_kv_heads=K, interpret=True, **kw)
     with pytest.raises(ValueError, match="multiple of K"):
-        run(qkv[:, 1:], slots)
+        run(qkv[:, :, 1:], slots)
+    with pytest.raises(ValueError, match=r"\[S, T, N \+ 2K, H\]"):
+        run(qkv[0], slots)
     with pytest.raises(ValueError, match="interleaved"):
         run(qkv, slots, K=3)
     with pytest.raises(ValueError, match="int32"):
@@ -92,6 +98,7 @@ def test_serving_step_rotates_inside_the_kv_write_and_matches_the_plain_path(mon
     model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     fuse_projections(model)
     monkeypatch.setenv("IE_JAX_FUSED_ADD_NORM", "0")  # this test is about the rope and the write
+    monkeypatch.setenv("IE_JAX_ROPE_KV_SPLITS", "8")  # capped to what K = 256 divides into slabs of >= 128
     # attention itself through the jnp reference (the Mosaic GPU interpreter is slow and tested elsewhere)
     monkeypatch.setattr(ops, "paged_attention", lambda *a, decode_only=False, **kw:
                         ops.paged_attention_reference(*a, **kw))
@@ -117,7 +124,8 @@ def test_serving_step_rotates_inside_the_kv_write_and_matches_the_plain_path(mon
         return f32(logits), f32(ctx.k)
 
     plain, fused = run(8, False), run(8, True)
-    assert calls and set(calls) == {(8, 12, 64)}  # the scanned layer body is traced once
+    # the scanned layer body is traced once; K = 256 takes 2 splits of the q/k/v projection, not the default 4
+    assert calls and set(calls) == {(2, 8, 12, 64)}
     np.testing.assert_allclose(fused[0][:, :7], plain[0][:, :7], rtol=2e-2, atol=2e-2)
     np.testing.assert_array_equal(np.abs(fused[1] - plain[1]) <= 2e-2 * (1 + np.abs(plain[1])), True)
     calls.clear()
@@ -131,18 +139,19 @@ def test_gpu_kernel_at_llama_3_8b_sizes(cache_dtype):
     """T = 8 tokens, 32 q-heads over 8 kv-heads, layer 31 of 32, a cache of 8.6 GB (bf16) whose last pages are
     written: the offsets need 64 bits."""
     T, N, K, H, L, P, page_size = 8, 32, 8, 128, 32, 4100, 16
-    qkv, positions, slots, _ = step(T, N, K, H, L, 4, page_size, cache_dtype, seed=1)
+    qkv, positions, slots, _ = step(T, N, K, H, L, 4, page_size, cache_dtype, seed=1)  # 4 partials
     slots = jnp.where(slots >= 0, (P - 4) * page_size + slots, -1)
     cache = jnp.zeros((2 * L, K, P, page_size, H), cache_dtype)
     scales = {}
     if cache_dtype == FP8:
         scales = dict(k_scale=jnp.full((L, K), 0.5, jnp.float32), v_scale=jnp.full((L, K), 2.0, jnp.float32))
     got_q, got = rope_kv.rope_write_kv(qkv, positions, inv_freq(H, 500000.0), cache, jnp.int32(L - 1), slots,
-                                       num_kv_heads=K, **scales)
+                                       num_kv_heads=K, dtype=jnp.bfloat16, **scales)
     small = jnp.zeros((2, K, 4, page_size, H), cache_dtype)  # the last layer's last 4 pages, written alone
     local = jnp.where(slots >= 0, slots - (P - 4) * page_size, -1)
     want_q, want = rope_kv.rope_write_kv_reference(qkv, K, positions, inv_freq(H, 500000.0), small, jnp.int32(0),
-                                                   local, **{n: s[-1:] for n, s in scales.items()})
+                                                   local, dtype=jnp.bfloat16,
+                                                   **{n: s[-1:] for n, s in scales.items()})
     np.testing.assert_allclose(f32(got_q), f32(want_q), rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(f32(got[-2:, :, P - 4:]), f32(want), rtol=2e-2, atol=2e-2)
     assert f32(want).any()
