@@ -291,7 +291,8 @@ def rope_write_kv(parts, num_kv_heads, positions, inv_freq, cache, layer, slot_m
     if rope_kv_active(parts, num_kv_heads, cache, dtype):
         return rope_kv.rope_write_kv(parts, positions, inv_freq, cache, layer, slot_mapping, k_scale, v_scale,
                                      num_kv_heads=num_kv_heads, dtype=dtype,
-                                     interpret=current_backend() == "interpret")
+                                     interpret=current_backend() == "interpret",
+                                     num_warps=int(os.environ.get("IE_JAX_ROPE_KV_WARPS", rope_kv.NUM_WARPS)))
     return rope_kv.rope_write_kv_reference(parts, num_kv_heads, positions, inv_freq, cache, layer, slot_mapping,
                                            k_scale, v_scale, dtype=dtype)
 
