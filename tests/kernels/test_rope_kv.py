@@ -108,7 +108,10 @@ def test_serving_step_rotates_inside_the_kv_write_and_matches_the_plain_path(mon
     page_size, P = 16, 12
 
     def run(T, fused):
-        monkeypatch.setenv("IE_JAX_FUSED_ROPE_KV", "1" if fused else "0")
+        if fused is None:
+            monkeypatch.delenv("IE_JAX_FUSED_ROPE_KV", raising=False)
+        else:
+            monkeypatch.setenv("IE_JAX_FUSED_ROPE_KV", "1" if fused else "0")
         ids = jax.random.randint(jax.random.key(T), (1, T), 0, cfg.vocab_size)
         # T one-token requests, each with a few earlier tokens of its own already in the cache
         seq_lens = jnp.arange(T, dtype=jnp.int32) % 5 + 2
@@ -131,6 +134,8 @@ def test_serving_step_rotates_inside_the_kv_write_and_matches_the_plain_path(mon
     calls.clear()
     run(32, True)
     assert calls == []  # past ROPE_KV_MAX_TOKENS: the plain path
+    run(8, None)
+    assert calls == []  # off unless IE_JAX_FUSED_ROPE_KV=1 (it does not pay on the H200)
 
 
 @pytest.mark.gpu
