@@ -35,6 +35,11 @@ def split_k_partials(x, w, num_splits: int):
                       w.astype(x.dtype).reshape(num_splits, K // num_splits, N), preferred_element_type=jnp.float32)
 
 
+def num_splits(k: int, cap: int) -> int:
+    """The most K splits (16, 8, 4 or 2, at most `cap`) that cut k into slabs of a multiple of 128; 0 if none."""
+    return next((s for s in (16, 8, 4, 2) if s <= cap and k % (s * 128) == 0), 0)
+
+
 def add_rmsnorm_reference(x, partials, weight, eps):
     """(x + sum_s partials[s] in f32, rounded to x's dtype; RMSNorm of it with `weight`), as the model computes."""
     x_new = (x.astype(jnp.float32) + partials.sum(axis=0)).astype(x.dtype)

@@ -54,7 +54,7 @@ class Attention(nnx.Module):
         q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return jnp.split(self.qkv_proj(x), [q_cols, q_cols + kv_cols], axis=-1)
 
-    def _attend_rope(self, x, positions, ctx, caches, layer):
+    def _attend_rope(self, x, positions, inv_freq, ctx, caches, layer):
         """Serving steps the rope + KV write kernel takes (Paged.rope_in_write): the fused q/k/v projection as
         split-K partials (a plain Linear; else its output as one partial) go straight to it. None elsewhere."""
         B, T, D = x.shape
@@ -62,7 +62,7 @@ class Attention(nnx.Module):
         C = self.num_heads + 2 * self.num_kv_heads
         plain = type(proj) is Linear and proj.bias is None
         cap = int(os.environ.get("IE_JAX_ROPE_KV_SPLITS", ops.ROPE_KV_SPLITS)) if plain else 1
-        S = next((s for s in (16, 8, 4, 2) if s <= cap and D % (s * 128) == 0), 1)  # slabs of >= 128 columns
+        S = add_norm.num_splits(D, cap) or 1
         if not ctx.rope_in_write(jax.ShapeDtypeStruct((S, B * T, C, H), jnp.float32), self.num_kv_heads, caches,
                                  x.dtype):
             return None
@@ -71,7 +71,7 @@ class Attention(nnx.Module):
         else:
             parts = proj(x)
         out, caches = ctx.attend_rope(parts.reshape(S, B * T, C, H), self.num_kv_heads, positions,
-                                      rope_inv_freq(self.config), caches, layer, dtype=x.dtype,
+                                      inv_freq, caches, layer, dtype=x.dtype,
                                       scale=H ** -0.5, sliding_window=self.sliding_window)
         return out.reshape(B, T, -1), caches
 
@@ -84,7 +84,7 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         inv_freq = rope_inv_freq(self.config)
         if isinstance(ctx, Paged) and self.qkv_proj is not None and not self.qk_norm:
-            out = self._attend_rope(x, positions, ctx, caches, layer)  # serving decode: rope inside the KV write
+            out = self._attend_rope(x, positions, inv_freq, ctx, caches, layer)  # rope inside the KV write
             if out is not None:
                 return out
         q, k, v = self._qkv(x)
@@ -169,8 +169,7 @@ class DecoderLayer(nnx.Module):
 def add_norm_splits(k: int) -> int:
     """K splits of a decode projection whose partials feed the fused add + norm (XLA's own choice at 4096 and
     14336: 8; IE_JAX_ADD_NORM_SPLITS caps it); 0 where K is not a multiple of 2 x 128."""
-    cap = int(os.environ.get("IE_JAX_ADD_NORM_SPLITS", 8))
-    return next((s for s in (8, 4, 2) if s <= cap and k % (s * 128) == 0), 0)
+    return add_norm.num_splits(k, int(os.environ.get("IE_JAX_ADD_NORM_SPLITS", 8)))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -44,6 +44,12 @@ def test_split_k_partials_sum_to_the_product():
         add_norm.split_k_partials(x, w, 3)
 
 
+def test_num_splits_cuts_k_into_slabs_of_128():
+    assert add_norm.num_splits(4096, 8) == 8 and add_norm.num_splits(14336, 8) == 8
+    assert add_norm.num_splits(4096, 16) == 16 and add_norm.num_splits(4096, 4) == 4
+    assert add_norm.num_splits(256, 8) == 2 and add_norm.num_splits(384, 8) == 0 and add_norm.num_splits(4096, 1) == 0
+
+
 def test_supported_shapes():
     assert add_norm.supported(4096, 8) and add_norm.supported(128, 1)
     assert not add_norm.supported(3584, 8)  # not a power of two: the model keeps its plain path
