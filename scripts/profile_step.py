@@ -151,6 +151,8 @@ def main(argv=None):
                     help="the page table's width, as the engine's flag (default: the context plus the step's tokens)")
     ap.add_argument("--num-pages", type=int, default=None,
                     help="KV cache pages (default: what the rows need); the step's undonated calls copy the cache")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="as the engine's flag; it sets the smallest token bucket below 8 (default: max(rows + 1, 8))")
     ap.add_argument("--decode-splits", type=int, default=None,
                     help="kv splits of the decode kernel (default: paged_decode.num_splits_for's rule)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=xla_opt=v,xla_opt=v",
@@ -166,7 +168,8 @@ def main(argv=None):
     model, _ = load_model(args.model, load_format="dummy", dtype="bfloat16", progress=False)
     rows = args.batch + (args.prefill_count if args.prefill else 0)
     pages_needed = (rows + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
-    cfg = EngineConfig(max_model_len=args.max_model_len or args.context + max(args.prefill, 1) + 16, max_num_seqs=max(rows + 1, 8),
+    cfg = EngineConfig(max_model_len=args.max_model_len or args.context + max(args.prefill, 1) + 16,
+                       max_num_seqs=args.max_num_seqs or max(rows + 1, 8),
                        max_num_batched_tokens=max(512, rows + 1, args.batch + args.prefill * args.prefill_count),
                        page_size=16,
                        num_pages=max(args.num_pages or 0, pages_needed + 8), unroll_layers=args.layers == "unrolled",
