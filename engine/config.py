@@ -73,7 +73,7 @@ class EngineConfig:
     def buckets(self) -> tuple[tuple[int, int], ...]:
         """(tokens T, requests R) shapes compiled at start-up. A step of t tokens and r requests runs in the
         smallest bucket with T >= t; R = min(T, max_num_seqs) always holds r, since r <= t."""
+        # The smallest default bucket stays 8 even for max_num_seqs < 8: at T = 1 XLA lowers the split-K
+        # projections as transposes and reductions instead of GEMMs (H200, 8B batch 1: 9.4 ms a step vs 4.3).
         tokens = self.token_buckets or default_buckets(self.max_num_batched_tokens, 8)
-        if self.token_buckets is None and self.max_num_seqs < 8:  # its decode steps: exactly max_num_seqs tokens
-            tokens = (self.max_num_seqs, *tokens)
         return tuple((t, min(t, self.max_num_seqs)) for t in sorted(set(tokens)))

@@ -282,36 +282,6 @@ def test_batch_one_decodes_in_the_argmax_twin_of_the_smallest_bucket(tiny):
     assert ran.count("greedy/decode") == GREEDY.max_tokens - 1  # every step after the prompt's
 
 
-def test_default_buckets_decode_batch_one_in_one_token():
-    """Under 8 sequences the smallest default bucket is max_num_seqs itself: a batch-1 decode step is T = 1, not
-    T = 8 with seven padding tokens through every layer. Explicit token_buckets are taken as given."""
-    assert EngineConfig(max_num_seqs=1, max_num_batched_tokens=64).buckets == ((1, 1), (8, 1), (16, 1), (32, 1),
-                                                                              (64, 1))
-    assert EngineConfig(max_num_seqs=4, max_num_batched_tokens=16).buckets == ((4, 4), (8, 4), (16, 4))
-    assert EngineConfig(max_num_seqs=8, max_num_batched_tokens=16).buckets == ((8, 8), (16, 8))
-    assert EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, token_buckets=(4, 16)).buckets == ((4, 2),
-                                                                                                      (16, 2))
-
-
-def test_batch_one_decodes_one_token_steps_equal_to_reference(tiny):
-    """The default buckets at max_num_seqs = 1: every decode step runs the T = 1 bucket's argmax twin, and the
-    tokens are the reference's."""
-    llm = make_llm(tiny, max_num_seqs=1, max_num_batched_tokens=16, decode_steps=True)
-    runner = llm.engine.runner
-    assert (1, 1, "greedy/decode") in runner.executables
-    shapes, run = [], runner.run
-
-    def watched(inp, v="full", decode_only=False):
-        res = run(inp, v, decode_only)
-        shapes.append((inp.input_ids.shape[0], runner.last_variant))
-        return res
-    runner.run = watched
-    got = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in got] == reference(tiny, PROMPTS[:2], GREEDY)
-    assert shapes.count((1, "greedy/decode")) == 2 * (GREEDY.max_tokens - 1)
-    assert all(T > 1 for T, v in shapes if not v.endswith("/decode"))
-
-
 def test_ops_decode_only_takes_the_decode_kernel(monkeypatch):
     """ops.paged_attention(decode_only=True) on the kernel backend runs paged_decode; without it, the packed kernel."""
     from kernels_pallas import ops, paged_decode
