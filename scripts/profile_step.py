@@ -58,7 +58,9 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
     """One compiled step with these XLA options: first call (compile) time, wall time per call, the back-to-back
     period (plain and engine-like) and the CUPTI kernels of one call, grouped by name."""
     # not donated: callable again on the same arguments
-    step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=options)
+    def traced(*a):  # a new function per variant: env knobs read at trace time (IE_JAX_*) take effect
+        return _step_flat(*a)
+    step = jax.jit(traced, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=options)
     args_ = (runner.graphdef, runner.weights_tree, runner.caches, runner.counts, runner.last_tokens,
              runner.prompt_mask, packed, layout, 0, args.mode, decode_only, *runner.weights)
     call = lambda: step(*args_)  # noqa: E731
@@ -73,7 +75,7 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
     # The engine's own pattern: the caches, counts and last tokens donated and fed back, calls queued back to back.
     # The period per call is the device's time per step including the gaps between kernels, which the kernel sum
     # below (CUPTI, op by op) does not see.
-    donated = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
+    donated = jax.jit(traced, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
                       compiler_options=options)
     carry = jax.tree.map(lambda a: a.copy(), (runner.caches, runner.counts, runner.last_tokens))
 
@@ -155,9 +157,11 @@ def main(argv=None):
                     help="as the engine's flag; it sets the smallest token bucket below 8 (default: max(rows + 1, 8))")
     ap.add_argument("--decode-splits", type=int, default=None,
                     help="kv splits of the decode kernel (default: paged_decode.num_splits_for's rule)")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=xla_opt=v,xla_opt=v",
-                    help="also measure the step compiled with these XLA options (repeatable; the first measurement "
-                         "is always the engine's own options, named 'default'); one JSON holds them all")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=xla_opt=v,IE_JAX_KNOB=v",
+                    help="also measure the step compiled with these XLA options and IE_JAX_* knobs, set while it "
+                         "traces (repeatable; the first measurement is always the engine's own options, named "
+                         "'default'; in one process the variants share XLA's GEMM autotuning); one JSON holds them "
+                         "all")
     args = ap.parse_args(argv)
     variants = [("default", "")] + [tuple(v.split("=", 1)) if "=" in v else (v, "") for v in args.variant]
     from jax.experimental.mosaic.gpu import profiler
@@ -180,15 +184,22 @@ def main(argv=None):
     decode_only = args.prefill == 0 and not args.packed_decode  # as the engine's decode-only executables
     results = []
     for name, extra in variants:
-        options = step_compiler_options(extra)
+        items = [i for i in extra.split(",") if i]
+        env = dict(i.split("=", 1) for i in items if i.startswith("IE_JAX_"))  # knobs, set while it traces
+        options = step_compiler_options(",".join(i for i in items if not i.startswith("IE_JAX_")))
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             result = measure_variant(args, runner, host_inp, packed, layout, decode_only, options, profiler)
         except Exception as e:  # an option XLA rejects, or a variant that fails to compile: the others still run
             if name == "default":
                 raise
-            print(f"[{name}] {options} failed: {type(e).__name__}: {str(e)[:300]}")
+            print(f"[{name}] {options} {env} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
-        results.append(dict(variant=name, options=options, **result))
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        results.append(dict(variant=name, options=options, env=env, **result))
         print_result(args, name, options, result)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"profile_step_b{args.batch}_c{args.context}_p{args.prefill}"
