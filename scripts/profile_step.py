@@ -58,7 +58,7 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
     """One compiled step with these XLA options: first call (compile) time, wall time per call, the back-to-back
     period (plain and engine-like) and the CUPTI kernels of one call, grouped by name."""
     # not donated: callable again on the same arguments
-    def traced(*a):  # a new function per variant: env knobs read at trace time (IE_JAX_*) take effect
+    def traced(*a):  # a new function per variant (with jax.clear_caches in main): IE_JAX_* knobs are re-read
         return _step_flat(*a)
     step = jax.jit(traced, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=options)
     args_ = (runner.graphdef, runner.weights_tree, runner.caches, runner.counts, runner.last_tokens,
@@ -160,8 +160,8 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=xla_opt=v,IE_JAX_KNOB=v",
                     help="also measure the step compiled with these XLA options and IE_JAX_* knobs, set while it "
                          "traces (repeatable; the first measurement is always the engine's own options, named "
-                         "'default'; in one process the variants share XLA's GEMM autotuning); one JSON holds them "
-                         "all")
+                         "'default'); one process, one JSON for them all. A knob variant clears JAX's caches first "
+                         "so the model re-traces (not yet run on the GPU)")
     args = ap.parse_args(argv)
     variants = [("default", "")] + [tuple(v.split("=", 1)) if "=" in v else (v, "") for v in args.variant]
     from jax.experimental.mosaic.gpu import profiler
@@ -189,6 +189,8 @@ def main(argv=None):
         options = step_compiler_options(",".join(i for i in items if not i.startswith("IE_JAX_")))
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        if env or any(r.get("env") for r in results):
+            jax.clear_caches()  # the model's jitted layer keeps its trace, knobs and all, across jit objects
         try:
             result = measure_variant(args, runner, host_inp, packed, layout, decode_only, options, profiler)
         except Exception as e:  # an option XLA rejects, or a variant that fails to compile: the others still run
