@@ -265,22 +265,40 @@ def add_rmsnorm(x, partials, weight, *, eps):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rotary embedding + paged KV write in one kernel (decode steps)
+# Rotary embedding + paged KV write in one kernel (prefill-sized steps; decode-sized ones opt-in)
 
-ROPE_KV_MAX_TOKENS = 16  # tokens of a serving step up to which q/k's rope runs inside the KV write
+ROPE_KV_MAX_TOKENS = 16  # tokens of a serving step up to which q/k's rope runs inside the KV write (opt-in)
 ROPE_KV_SPLITS = 4  # K splits of the q/k/v projection whose partials the kernel sums (XLA's own choice at 4096)
+# Steps of at least this many tokens (prefill chunks) take the kernel by default, on the projection's output as one
+# partial: XLA's scatter of k and v (with k's rope) took 280 us a layer at 16,384 tokens on the H200, the kernel
+# 124 us, and q's packing without the rope 85 us instead of 153 (docs/kernels/rope_kv.md). Smaller prefill steps
+# were not measured; IE_JAX_ROPE_KV_PREFILL_TOKENS moves the threshold (0: never).
+ROPE_KV_PREFILL_TOKENS = 8192
+
+
+def rope_kv_splits(tokens: int) -> int:
+    """The most split-K partials of a plain q/k/v projection the rope + KV write kernel may take for a step of
+    `tokens`: ROPE_KV_SPLITS (IE_JAX_ROPE_KV_SPLITS) for decode-sized steps, 1 above them (partials in f32 cost
+    more than they save once the GEMM is large)."""
+    return int(os.environ.get("IE_JAX_ROPE_KV_SPLITS", ROPE_KV_SPLITS)) if _rope_kv_decode_sized(tokens) else 1
+
+
+def _rope_kv_decode_sized(tokens: int) -> bool:
+    return tokens <= int(os.environ.get("IE_JAX_ROPE_KV_MAX_TOKENS", ROPE_KV_MAX_TOKENS))
 
 
 def rope_kv_active(parts, num_kv_heads, cache, dtype) -> bool:
     """Whether a step's rope and KV write take one kernel (kernels_pallas/rope_kv.py): parts [S, T, N + 2K, H]
-    (an array or its ShapeDtypeStruct) of at most ROPE_KV_MAX_TOKENS (IE_JAX_ROPE_KV_MAX_TOKENS) tokens, the
-    interleaved cache, shapes the kernel takes, where the Pallas kernels run, when IE_JAX_FUSED_ROPE_KV=1. Off by
-    default: on the H200 the kernel (3.5 µs) saves no time over XLA's two kernels at batch 1
-    (docs/kernels/rope_kv.md)."""
+    (an array or its ShapeDtypeStruct) on the interleaved cache, shapes the kernel takes, where the Pallas kernels
+    run; for prefill-sized steps (T >= ROPE_KV_PREFILL_TOKENS, one partial) by default, for decode-sized ones
+    (T <= ROPE_KV_MAX_TOKENS) when IE_JAX_FUSED_ROPE_KV=1: there the kernel (3.5 us) saved no time over XLA's two
+    kernels on the H200 at batch 1."""
     from kernels_pallas import rope_kv
-    limit = int(os.environ.get("IE_JAX_ROPE_KV_MAX_TOKENS", ROPE_KV_MAX_TOKENS))
-    return (os.environ.get("IE_JAX_FUSED_ROPE_KV", "0") == "1" and parts.shape[1] <= limit
-            and paged_kernel_active() and rope_kv.supported(parts, num_kv_heads, cache, dtype))
+    S, T = parts.shape[:2]
+    decode = os.environ.get("IE_JAX_FUSED_ROPE_KV", "0") == "1" and _rope_kv_decode_sized(T)
+    threshold = int(os.environ.get("IE_JAX_ROPE_KV_PREFILL_TOKENS", ROPE_KV_PREFILL_TOKENS))
+    prefill = S == 1 and 0 < threshold <= T
+    return (decode or prefill) and paged_kernel_active() and rope_kv.supported(parts, num_kv_heads, cache, dtype)
 
 
 def rope_write_kv(parts, num_kv_heads, positions, inv_freq, cache, layer, slot_mapping, *, dtype, k_scale=None,

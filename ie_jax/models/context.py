@@ -110,7 +110,7 @@ class Paged:
 
     def rope_in_write(self, parts, num_kv_heads, caches, dtype) -> bool:
         """Whether this step rotates q and k inside the KV write (`attend_rope`): parts [S, 1 * T, N + 2K, H] (or
-        its shape), decode-sized steps on the interleaved cache where the kernel runs (ops.rope_kv_active)."""
+        its shape), on the interleaved cache where the kernel runs and the step's size takes it (ops.rope_kv_active)."""
         return caches[1] is None and ops.rope_kv_active(parts, num_kv_heads, caches[0], dtype)
 
     def attend_rope(self, parts, num_kv_heads, positions, inv_freq, caches, layer, *, dtype, scale,

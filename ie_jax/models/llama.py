@@ -61,7 +61,7 @@ class Attention(nnx.Module):
         proj, H = self.qkv_proj, self.head_dim
         C = self.num_heads + 2 * self.num_kv_heads
         plain = type(proj) is Linear and proj.bias is None
-        cap = int(os.environ.get("IE_JAX_ROPE_KV_SPLITS", ops.ROPE_KV_SPLITS)) if plain else 1
+        cap = ops.rope_kv_splits(B * T) if plain else 1
         S = add_norm.num_splits(D, cap) or 1
         if not ctx.rope_in_write(jax.ShapeDtypeStruct((S, B * T, C, H), jnp.float32), self.num_kv_heads, caches,
                                  x.dtype):

@@ -92,7 +92,8 @@ def test_supported_shapes_and_bad_arguments():
 
 def test_serving_step_rotates_inside_the_kv_write_and_matches_the_plain_path(monkeypatch):
     """A decode-sized serving step with the kernels on: every layer's rope and KV write are one call, and the
-    logits and the written cache equal the plain path's. Past ROPE_KV_MAX_TOKENS the plain path runs."""
+    logits and the written cache equal the plain path's. Past ROPE_KV_MAX_TOKENS the plain path runs, until
+    ROPE_KV_PREFILL_TOKENS, from which the kernel runs by default on one partial."""
     cfg = ModelConfig(model_type="llama", vocab_size=263, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
                       head_dim=64, intermediate_size=512, max_position_embeddings=512)
     model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
@@ -136,6 +137,18 @@ def test_serving_step_rotates_inside_the_kv_write_and_matches_the_plain_path(mon
     assert calls == []  # past ROPE_KV_MAX_TOKENS: the plain path
     run(8, None)
     assert calls == []  # off unless IE_JAX_FUSED_ROPE_KV=1 (it does not pay on the H200)
+    # Prefill-sized steps take it by default, on the projection's output as one partial (threshold 32 here)
+    monkeypatch.setenv("IE_JAX_ROPE_KV_PREFILL_TOKENS", "0")  # never: the plain path
+    plain = run(32, None)
+    assert calls == []
+    monkeypatch.setenv("IE_JAX_ROPE_KV_PREFILL_TOKENS", "32")
+    fused = run(32, None)
+    assert set(calls) == {(1, 32, 12, 64)}
+    np.testing.assert_allclose(fused[0][:, :31], plain[0][:, :31], rtol=2e-2, atol=2e-2)
+    np.testing.assert_array_equal(np.abs(fused[1] - plain[1]) <= 2e-2 * (1 + np.abs(plain[1])), True)
+    calls.clear()
+    run(16, None)
+    assert calls == []  # under the threshold
 
 
 @pytest.mark.gpu
