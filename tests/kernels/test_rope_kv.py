@@ -37,7 +37,7 @@ def f32(x):
     return np.asarray(x, np.float32)
 
 
-@pytest.mark.parametrize("cache_dtype,splits", [(jnp.bfloat16, 4), (FP8, 4), (jnp.bfloat16, 1)])
+@pytest.mark.parametrize("cache_dtype,splits", [(jnp.bfloat16, 4), (FP8, 4), (jnp.bfloat16, 1), (FP8, 1)])
 def test_kernel_matches_the_reference(cache_dtype, splits):
     T, N, K, H, L, P, page_size = 5, 8, 2, 64, 3, 7, 16
     qkv, positions, slots, cache = step(T, N, K, H, L, P, page_size, cache_dtype, splits=splits)
