@@ -41,6 +41,9 @@ class TuningConfig:
     compact_splits: decode tiles with kv splits: each pass copies only its split's window of page ids into SMEM
         (not the whole row) and stores 16-bit partials instead of f32, so that more CTAs fit per SM (fp8 64x2:
         ~64 -> ~55 KiB; not yet measured on the GPU).
+    small_decode: decode-only calls take `paged_decode_small` (Triton lowering: one program per (token,
+        kv-head) over the whole context, no splits and no merge) where it takes the shapes; for a few requests at
+        short context (engine batch 1). Not yet measured on the GPU.
     """
 
     block_kv: int = 64
@@ -57,6 +60,7 @@ class TuningConfig:
     profile_dir: str = ""
     decode_tiles: bool = False
     compact_splits: bool = False
+    small_decode: bool = False
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):
