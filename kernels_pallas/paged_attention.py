@@ -523,10 +523,11 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     max_tiles = R if direct else max(1, min(T, T * group // ROWS + R))
     num_splits = config.num_splits or default_splits(max_tiles, K, max_pages * page_size, direct=direct)
     k_scale, v_scale = (None, None) if scales is None else scales  # [K]
-    if config.small_decode and paged_decode_small.supported(q, k_pages, page_table, softcap):
+    if config.small_decode and paged_decode_small.supported(q, k_pages, page_table, softcap, config.block_kv):
         return paged_decode_small.decode_attention(
             q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, scale=scale,
-            sliding_window=sliding_window, interpret=interpret)
+            sliding_window=sliding_window, interpret=interpret, block_keys=config.block_kv,
+            num_stages=config.num_stages)
     if config.decode_tiles and paged_decode.supported(q, k_pages, config):
         return paged_decode.decode_attention(
             q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, scale=scale,

@@ -43,7 +43,8 @@ class TuningConfig:
         ~64 -> ~55 KiB; not yet measured on the GPU).
     small_decode: decode-only calls take `paged_decode_small` (Triton lowering: one program per (token,
         kv-head) over the whole context, no splits and no merge) where it takes the shapes; for a few requests at
-        short context (engine batch 1). Not yet measured on the GPU.
+        short context (engine batch 1). Uses block_kv (keys per loop step) and num_stages (Triton's software
+        pipelining of the loop's loads). Not yet measured on the GPU.
     """
 
     block_kv: int = 64

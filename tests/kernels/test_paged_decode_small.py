@@ -16,21 +16,22 @@ from kernels_pallas.paged_reference import paged_attention_reference
 from tests.kernels.test_paged_attention import assert_close, make_batch
 
 
-def run(q, k, v, pt, qsl, sl, n, *, layer=0, scales=None, window=None, interpret=True):
+def run(q, k, v, pt, qsl, sl, n, *, layer=0, scales=None, window=None, interpret=True, block_keys=64):
     """The kernel on a stacked cache [L, K, P, page_size, H] (or the interleaved one with v None)."""
     kv_index = jnp.array([2 * layer, 2 * layer + 1] if v is None else [layer, layer], jnp.int32)
     return pds.decode_attention(q, k, k if v is None else v, kv_index, pt, qsl, sl, n, scales,
-                                scale=q.shape[-1] ** -0.5, sliding_window=window, interpret=interpret)
+                                scale=q.shape[-1] ** -0.5, sliding_window=window, interpret=interpret,
+                                block_keys=block_keys)
 
 
-@pytest.mark.parametrize("G,H,window", [(4, 64, None), (8, 128, None), (4, 64, 40)])
-def test_kernel_matches_the_reference(G, H, window):
+@pytest.mark.parametrize("G,H,window,block_keys", [(4, 64, None, 64), (8, 128, None, 32), (4, 64, 40, 128)])
+def test_kernel_matches_the_reference(G, H, window, block_keys):
     # three live requests (contexts of 1, 77 and 200 keys: one to four 64-key blocks), a padding request, and
     # padding tokens after the live ones
     q, k, v, pt, qsl, sl, n = make_batch(G, q_lens=[1, 1, 1], seq_lens=[1, 77, 200], num_rows=4, extra_tokens=3,
                                          K=16 // G, G=G, H=H)
     want = paged_attention_reference(q, k, v, pt, qsl, sl, n, sliding_window=window)
-    got = run(q, k[None], v[None], pt, qsl, sl, n, window=window)
+    got = run(q, k[None], v[None], pt, qsl, sl, n, window=window, block_keys=block_keys)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert_close(got, want, rows=3)
     assert not np.asarray(got[3:], np.float32).any()  # padding tokens: zeros
