@@ -223,7 +223,7 @@ def main(argv=()):
                 tile_splits += [int(n) for n in args.tile_splits.split(",")]
             sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True)
                       for bk, st in ((64, 2), (64, 3), (64, 4), (128, 2)) for n in tile_splits]
-            if int(max(case["seq_lens"])) <= 1024:  # one Triton program per (token, kv-head), no splits, no merge
+            if int(case["seq_lens"].max()) <= 1024:  # one Triton program per (token, kv-head), no splits, no merge
                 sweep += [TuningConfig(bk, st, decode_tiles=True, small_decode=True)
                           for bk, st in ((32, 3), (64, 2), (64, 3), (128, 2))]
             if small and int(case["seq_lens"][0]) > 4096:  # the page-id window and 16-bit partials
