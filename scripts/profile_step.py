@@ -58,9 +58,7 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
     """One compiled step with these XLA options: first call (compile) time, wall time per call, the back-to-back
     period (plain and engine-like) and the CUPTI kernels of one call, grouped by name."""
     # not donated: callable again on the same arguments
-    def traced(*a):  # a new function per variant (with jax.clear_caches in main): IE_JAX_* knobs are re-read
-        return _step_flat(*a)
-    step = jax.jit(traced, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=options)
+    step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=options)
     args_ = (runner.graphdef, runner.weights_tree, runner.caches, runner.counts, runner.last_tokens,
              runner.prompt_mask, packed, layout, 0, args.mode, decode_only, *runner.weights)
     call = lambda: step(*args_)  # noqa: E731
@@ -75,7 +73,7 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
     # The engine's own pattern: the caches, counts and last tokens donated and fed back, calls queued back to back.
     # The period per call is the device's time per step including the gaps between kernels, which the kernel sum
     # below (CUPTI, op by op) does not see.
-    donated = jax.jit(traced, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
+    donated = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
                       compiler_options=options)
     carry = jax.tree.map(lambda a: a.copy(), (runner.caches, runner.counts, runner.last_tokens))
 
@@ -154,7 +152,7 @@ def main(argv=None):
     ap.add_argument("--num-pages", type=int, default=None,
                     help="KV cache pages (default: what the rows need); the step's undonated calls copy the cache")
     ap.add_argument("--max-num-seqs", type=int, default=None,
-                    help="as the engine's flag; it sets the smallest token bucket below 8 (default: max(rows + 1, 8))")
+                    help="as the engine's flag (default: max(rows + 1, 8))")
     ap.add_argument("--decode-splits", type=int, default=None,
                     help="kv splits of the decode kernel (default: paged_decode.num_splits_for's rule)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=xla_opt=v,IE_JAX_KNOB=v",
@@ -190,7 +188,7 @@ def main(argv=None):
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         if env or any(r.get("env") for r in results):
-            jax.clear_caches()  # the model's jitted layer keeps its trace, knobs and all, across jit objects
+            jax.clear_caches()  # the knobs are read at trace time, and the model's jitted layer keeps its trace
         try:
             result = measure_variant(args, runner, host_inp, packed, layout, decode_only, options, profiler)
         except Exception as e:  # an option XLA rejects, or a variant that fails to compile: the others still run
@@ -200,7 +198,10 @@ def main(argv=None):
             continue
         finally:
             for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
         results.append(dict(variant=name, options=options, env=env, **result))
         print_result(args, name, options, result)
     os.makedirs(args.out, exist_ok=True)
