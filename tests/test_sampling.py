@@ -226,6 +226,13 @@ def test_penalties_match_reference():
     t = SamplingTensors.from_params(params, prompts, outputs, vocab_size, [[0, 1]] * num_rows)
     assert t.suppress_eos.any() and not t.suppress_eos.all()
     np.testing.assert_allclose(apply_penalties(logits, t), _penalties_reference(logits, t), rtol=1e-6, atol=1e-6)
+    # ids outside the vocabulary ban nothing (the -1 padding among them)
+    wild = t.replace(eos_ids=np.where(t.eos_ids == 1, vocab_size + 3, t.eos_ids))
+    got = np.asarray(apply_penalties(logits, wild))
+    np.testing.assert_allclose(got, _penalties_reference(logits, t.replace(eos_ids=np.where(t.eos_ids == 1, -1,
+                                                                                              t.eos_ids))),
+                               rtol=1e-6, atol=1e-6)
+    assert np.isneginf(got[t.suppress_eos][:, 0]).all() and np.isfinite(got[:, 1]).all()
 
 
 def test_min_tokens_never_samples_eos():
