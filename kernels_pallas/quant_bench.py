@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from kernels_pallas.fp8_matmul import _fp8_skinny_matmul, fp8_matmul
 from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _quant_matmul,
-                                         dequantize_packed, int4_s4_kn, int4_xla_grouped, int4_xla_kn, pack_int4,
-                                         pack_int8, packed_bytes, packed_matmul_xla)
+                                         dequantize_packed, int4_s4_kn, int4_weights_from_s4, int4_xla_grouped,
+                                         int4_xla_kn, pack_int4, pack_int8, packed_bytes, packed_matmul_xla)
 from kernels_pallas.skinny_matmul import TuningConfig as SkinnyConfig
 
 _L2_BYTES = 50 * 2**20
@@ -130,16 +130,9 @@ def _reference(fmt, x, w):
         return fp8_matmul_reference(x, Fp8Weights(q, w[1]), jnp.float32)
     if fmt == "int8_kn":
         return jnp.dot(x.astype(jnp.float32), w.q.astype(jnp.float32) * w.scale)
-    if fmt == "int4_s4kn":
-        q, scales, zeros = w
-        K, N = q.shape
-        C = scales.shape[0]
-        wf = (q.astype(jnp.float32).reshape(C, K // C, N) + (8.0 - zeros.astype(jnp.float32))[:, None]) * \
-            scales.astype(jnp.float32)[:, None]
-        return jnp.dot(x.astype(jnp.float32), wf.reshape(K, N))
-    if fmt == "int4_kn":
+    if fmt in ("int4_kn", "int4_s4kn"):
         from ie_jax.quant.int4 import dequantize_int4
-        return jnp.dot(x.astype(jnp.float32), dequantize_int4(w))
+        return jnp.dot(x.astype(jnp.float32), dequantize_int4(int4_weights_from_s4(w) if fmt == "int4_s4kn" else w))
     return jnp.dot(x.astype(jnp.float32), dequantize_packed(w))
 
 

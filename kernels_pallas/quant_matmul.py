@@ -510,16 +510,20 @@ def int4_s4_kn(qw):
     return (jnp.asarray(qw.q, jnp.int8) - 8).astype(jnp.int4), qw.scales, qw.zeros
 
 
-def int4_xla_kn(x, w):
-    """W4A16 through XLA: x [M, K] @ W with w = int4_s4_kn's (q, scales, zeros). The dequantization (in f32,
-    rounded once to x's dtype: the format's reference) is written as a producer of the dot, for XLA to fuse into its
-    Triton GEMM over the packed [K, N] weight. A benchmark candidate (quant_bench.py), not on the serving path."""
+def int4_weights_from_s4(w):
+    """int4_s4_kn's (q, scales, zeros) back to the format's Int4Weights (q + 8, as int8): its reference arithmetic."""
+    from ie_jax.quant.int4 import Int4Weights
     q, scales, zeros = w
-    K, N = q.shape
-    G = K // scales.shape[0]
-    w = (q.astype(jnp.float32).reshape(K // G, G, N) + (8.0 - zeros.astype(jnp.float32))[:, None]) * \
-        scales.astype(jnp.float32)[:, None]
-    return jnp.dot(x, w.reshape(K, N).astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return Int4Weights(q.astype(jnp.int8) + 8, scales, zeros, q.shape[0] // scales.shape[0])
+
+
+def int4_xla_kn(x, w):
+    """W4A16 through XLA: x [M, K] @ W with w = int4_s4_kn's (q, scales, zeros). The format's dequantization (in f32,
+    rounded once to x's dtype) is the dot's producer, for XLA to fuse into its Triton GEMM over the packed [K, N]
+    weight. A benchmark candidate (quant_bench.py), not on the serving path."""
+    from ie_jax.quant.int4 import dequantize_sorted
+    return jnp.dot(x, dequantize_sorted(int4_weights_from_s4(w), x.dtype),
+                   preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def int4_xla_grouped(x, w):

@@ -180,6 +180,9 @@ def test_xla_int4_candidates_match_the_format_reference(group_size, m):
     want = np.asarray(int4_matmul_reference(x, qw, jnp.float32))
     s4 = qm.int4_s4_kn(qw)
     assert s4[0].dtype == jnp.int4 and s4[0].shape == (512, 96)
+    back = qm.int4_weights_from_s4(s4)  # lossless: the same stored values, scales and zeros
+    assert np.array_equal(np.asarray(back.q, np.int32), np.asarray(qw.q, np.int32))
+    assert back.group_size == group_size and back.scales is qw.scales and back.zeros is qw.zeros
     np.testing.assert_allclose(np.asarray(qm.int4_xla_kn(x, s4), np.float32), want, rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(np.asarray(qm.int4_xla_grouped(x, s4), np.float32), want, rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="act-order"):
