@@ -99,6 +99,18 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
         return 1e3 * min(periods)
 
     pipelined_ms, pipelined_host_ms = period(False), period(True)
+    gaps = {}
+    if args.timeline:  # the device timeline of back-to-back donated calls: where the device sits idle
+        import tempfile
+        with tempfile.TemporaryDirectory() as trace_dir:
+            jax.block_until_ready(carry)
+            jax.profiler.start_trace(trace_dir)
+            for _ in range(args.timeline):
+                carry = donated(runner.graphdef, runner.weights_tree, *carry, runner.prompt_mask, packed, layout, 0,
+                                args.mode, decode_only, *runner.weights)[:3]
+            jax.block_until_ready(carry)
+            jax.profiler.stop_trace()
+            gaps = device_gaps(trace_dir, args.timeline)
     del carry
     _, timings = profiler.measure(step, iterations=args.iterations, aggregate=False)(*args_)
     per_iter = [sum(t for _, t in it) for it in timings]
@@ -112,8 +124,48 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
                 wall_ms=statistics.median(walls) * 1e3, pipelined_ms=pipelined_ms,
                 pipelined_host_ms=pipelined_host_ms, weight_bytes=weight_bytes,
                 floor_ms=weight_bytes / HBM_TBPS / 1e9, num_kernels=len(timings[0]),
-                kernels=[dict(name=n, count=c, total_ms=t) for n, (c, t) in ranked],
+                kernels=[dict(name=n, count=c, total_ms=t) for n, (c, t) in ranked], timeline=gaps,
                 hlo=step.lower(*args_).compile().as_text() if args.dump_hlo else "")
+
+
+def device_gaps(trace_dir: str, steps: int, top: int = 15) -> dict:
+    """From a profiler trace of `steps` back-to-back calls: per step, the span of the device's activity, the time
+    something ran on it (the union of all streams' events) and the idle rest, and the largest idle gaps grouped by
+    the (before, after) activity pair. The first and last steps are left out where there are three or more."""
+    import glob
+    from jax.profiler import ProfileData
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    events, lines = [], []
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            evs = list(line.events)
+            lines.append((plane.name, line.name, len(evs)))
+            if line.name.startswith("Stream"):
+                events += [(e.start_ns, e.start_ns + e.duration_ns, e.name) for e in evs]
+    if not events:
+        return dict(lines=lines)
+    events.sort()
+    t0, t1 = events[0][0], max(e[1] for e in events)
+    if steps >= 3:  # trim to the middle steps by time (steps are back to back, of equal length)
+        cut = (t1 - t0) / steps
+        events = [e for e in events if t0 + cut <= e[0] < t1 - cut]
+        steps -= 2
+        t0, t1 = events[0][0], max(e[1] for e in events)
+    busy, end, prev = 0.0, events[0][0], events[0][2]
+    pairs = collections.defaultdict(lambda: [0, 0.0])
+    for s, e, name in events:
+        if s > end:
+            pairs[(prev[:60], name[:60])][0] += 1
+            pairs[(prev[:60], name[:60])][1] += (s - end) / 1e3
+        if e > end:
+            busy += e - max(s, end)
+            end, prev = e, name
+    ranked = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
+    return dict(steps=steps, span_ms=(t1 - t0) / 1e6 / steps, busy_ms=busy / 1e6 / steps,
+                idle_ms=((t1 - t0) - busy) / 1e6 / steps, lines=lines,
+                gaps=[dict(before=b, after=a, count=c / steps, us_per_step=t / steps) for (b, a), (c, t) in ranked])
 
 
 def print_result(args, name, options, r):
@@ -127,6 +179,14 @@ def print_result(args, name, options, r):
     print(f"{'count':>6} {'total ms':>9} {'mean us':>9}  kernel")
     for k in r["kernels"][:args.top]:
         print(f"{k['count']:6d} {k['total_ms']:9.3f} {k['total_ms'] / k['count'] * 1e3:9.1f}  {k['name'][:110]}")
+    tl = r.get("timeline") or {}
+    if "span_ms" in tl:
+        print(f"timeline over {tl['steps']} steps: span {tl['span_ms']:.3f} ms per step, busy {tl['busy_ms']:.3f}, "
+              f"idle {tl['idle_ms']:.3f}; largest idle gaps (per step):")
+        for g in tl["gaps"]:
+            print(f"  {g['us_per_step']:9.1f} us  x{g['count']:6.1f}  {g['before'][:50]} -> {g['after'][:50]}")
+    elif tl:
+        print("timeline: no stream events; lines:", tl.get("lines"))
 
 
 def main(argv=None):
@@ -145,6 +205,9 @@ def main(argv=None):
     ap.add_argument("--pipelined", type=int, default=50, help="back-to-back donated calls timed for the period")
     ap.add_argument("--packed-decode", action="store_true",
                     help="decode-only steps without the decode kernel (the engine's non-decode executables)")
+    ap.add_argument("--timeline", type=int, default=0, metavar="STEPS",
+                    help="also trace STEPS back-to-back donated calls (jax.profiler) and report the device's idle "
+                         "gaps between activities")
     ap.add_argument("--dump-hlo", action="store_true", help="also write the compiled step's optimized HLO text")
     ap.add_argument("--kv-cache-dtype", default="auto", help="as serve.py's flag: auto (the weights' dtype) or fp8")
     ap.add_argument("--max-model-len", type=int, default=None,
