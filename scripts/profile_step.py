@@ -112,7 +112,10 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
             jax.profiler.stop_trace()
             gaps = device_gaps(trace_dir, args.timeline)
     del carry
-    _, timings = profiler.measure(step, iterations=args.iterations, aggregate=False)(*args_)
+    if gaps.get("kernels"):  # CUPTI is taken by the trace: the kernels of its middle steps instead
+        timings = gaps.pop("kernels")
+    else:
+        _, timings = profiler.measure(step, iterations=args.iterations, aggregate=False)(*args_)
     per_iter = [sum(t for _, t in it) for it in timings]
     groups = collections.defaultdict(lambda: [0, 0.0])
     for name, t in timings[len(timings) // 2]:
@@ -153,6 +156,9 @@ def device_gaps(trace_dir: str, steps: int, top: int = 15) -> dict:
         events = [e for e in events if t0 + cut <= e[0] < t1 - cut]
         steps -= 2
         t0, t1 = events[0][0], max(e[1] for e in events)
+    per_step = [[] for _ in range(steps)]  # each step's activities (name, ms), as the CUPTI timings
+    for s, e, name in events:
+        per_step[min(int((s - t0) / ((t1 - t0) / steps)), steps - 1)].append((name, (e - s) / 1e6))
     busy, end, prev = 0.0, events[0][0], events[0][2]
     pairs = collections.defaultdict(lambda: [0, 0.0])
     for s, e, name in events:
@@ -165,7 +171,8 @@ def device_gaps(trace_dir: str, steps: int, top: int = 15) -> dict:
     ranked = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
     return dict(steps=steps, span_ms=(t1 - t0) / 1e6 / steps, busy_ms=busy / 1e6 / steps,
                 idle_ms=((t1 - t0) - busy) / 1e6 / steps, lines=lines,
-                gaps=[dict(before=b, after=a, count=c / steps, us_per_step=t / steps) for (b, a), (c, t) in ranked])
+                gaps=[dict(before=b, after=a, count=c / steps, us_per_step=t / steps) for (b, a), (c, t) in ranked],
+                kernels=per_step)
 
 
 def print_result(args, name, options, r):
@@ -207,7 +214,8 @@ def main(argv=None):
                     help="decode-only steps without the decode kernel (the engine's non-decode executables)")
     ap.add_argument("--timeline", type=int, default=0, metavar="STEPS",
                     help="also trace STEPS back-to-back donated calls (jax.profiler) and report the device's idle "
-                         "gaps between activities")
+                         "gaps between activities; the kernel table then comes from that trace (CUPTI serves one "
+                         "client at a time)")
     ap.add_argument("--dump-hlo", action="store_true", help="also write the compiled step's optimized HLO text")
     ap.add_argument("--kv-cache-dtype", default="auto", help="as serve.py's flag: auto (the weights' dtype) or fp8")
     ap.add_argument("--max-model-len", type=int, default=None,
