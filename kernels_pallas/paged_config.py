@@ -45,6 +45,12 @@ class TuningConfig:
         kv-head) over the whole context, no splits and no merge) where it takes the shapes; for a few requests at
         short context (engine batch 1). Uses block_kv (keys per loop step) and num_stages (Triton's software
         pipelining of the loop's loads). Not yet measured on the GPU.
+    decode_warpgroups: decode tiles only: warpgroups per CTA, 1 or 2. With 2, each CTA's kv split is cut in two
+        halves (`kv_split` over num_splits * 2 sub-splits), each walked by one warpgroup with its own ring, so two
+        latency-bound block chains run side by side. The second warpgroup hands its normalized output and
+        log-sum-exp to the first through shared memory, which merges them and stores what one warpgroup stores
+        (the final rows with one split, else the split's partial): no extra kernel and no extra partials.
+        Other kernels ignore it.
     """
 
     block_kv: int = 64
@@ -62,6 +68,7 @@ class TuningConfig:
     decode_tiles: bool = False
     compact_splits: bool = False
     small_decode: bool = False
+    decode_warpgroups: int = 1
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):
@@ -70,3 +77,5 @@ class TuningConfig:
             raise ValueError(f"{self.num_stages=} must be in [1, 8]")
         if self.num_splits is not None and not 1 <= self.num_splits <= 256:
             raise ValueError(f"{self.num_splits=} must be None or in [1, 256]")
+        if self.decode_warpgroups not in (1, 2):
+            raise ValueError(f"{self.decode_warpgroups=} must be 1 or 2")

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.fp8_matmul import _fp8_skinny_matmul, fp8_matmul
 from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _quant_matmul,
-                                         dequantize_packed, int4_s4_kn, int4_weights_from_s4, int4_xla_grouped,
-                                         int4_xla_kn, pack_int4, pack_int8, packed_bytes, packed_matmul_xla)
+                                         dequantize_packed, pack_int4, pack_int8, packed_bytes, packed_matmul_xla)
 from kernels_pallas.skinny_matmul import TuningConfig as SkinnyConfig
 
 _L2_BYTES = 50 * 2**20
@@ -60,8 +59,7 @@ def _weights(key, k, n, copies):
     from ie_jax.quant.fp8 import quantize_fp8
     from ie_jax.quant.int4 import quantize_int4
     from ie_jax.quant.int8 import quantize_int8
-    out = {"bf16": [], "int8": [], "int4": [], "int8_kn": [], "int4_kn": [], "int4_s4kn": [], "fp8_kn": [],
-           "fp8_nk": []}
+    out = {"bf16": [], "int8": [], "int4": [], "int8_kn": [], "int4_kn": [], "fp8_kn": [], "fp8_nk": []}
     for kk in jax.random.split(key, copies):
         w = 0.02 * jax.random.normal(kk, (k, n), jnp.float32)
         out["bf16"].append(w.astype(jnp.bfloat16))
@@ -70,7 +68,6 @@ def _weights(key, k, n, copies):
         out["int4"].append(pack_int4(q4))
         out["int8_kn"].append(q8)
         out["int4_kn"].append(q4)
-        out["int4_s4kn"].append(int4_s4_kn(q4))
         f8 = quantize_fp8(w)  # q [N, K]
         out["fp8_kn"].append((f8.q.T, f8.scale))
         out["fp8_nk"].append((f8.q, f8.scale))
@@ -107,8 +104,6 @@ def _paths(m):
     yield "fp8 ref", "fp8_nk", lambda x, w: fp8_matmul_reference(x, Fp8Weights(*w))
     yield "int8 xla", "int8", packed_matmul_xla
     yield "int4 xla", "int4", packed_matmul_xla
-    yield "int4 xla kn s4", "int4_s4kn", int4_xla_kn  # candidates: XLA's own int4 GEMM on a [K, N] int4 weight
-    yield "int4 xla grouped s4", "int4_s4kn", int4_xla_grouped
     yield "fp8 xla kn", "fp8_kn", lambda x, w: fp8_matmul(x, *w)
 
 
@@ -130,9 +125,9 @@ def _reference(fmt, x, w):
         return fp8_matmul_reference(x, Fp8Weights(q, w[1]), jnp.float32)
     if fmt == "int8_kn":
         return jnp.dot(x.astype(jnp.float32), w.q.astype(jnp.float32) * w.scale)
-    if fmt in ("int4_kn", "int4_s4kn"):
+    if fmt == "int4_kn":
         from ie_jax.quant.int4 import dequantize_int4
-        return jnp.dot(x.astype(jnp.float32), dequantize_int4(int4_weights_from_s4(w) if fmt == "int4_s4kn" else w))
+        return jnp.dot(x.astype(jnp.float32), dequantize_int4(w))
     return jnp.dot(x.astype(jnp.float32), dequantize_packed(w))
 
 

@@ -502,46 +502,6 @@ def packed_matmul_xla(x, packed, out_dtype=None):
     return y.astype(out_dtype or x.dtype)
 
 
-def int4_s4_kn(qw):
-    """ie_jax.quant.int4.Int4Weights (no act-order) -> (q [K, N] int4: the stored value - 8, scales [K/G, N] f16,
-    zeros [K/G, N] uint8): the layout of the XLA candidates below."""
-    if qw.perm is not None:
-        raise ValueError("the XLA int4 candidates take weights without act-order")
-    return (jnp.asarray(qw.q, jnp.int8) - 8).astype(jnp.int4), qw.scales, qw.zeros
-
-
-def int4_weights_from_s4(w):
-    """int4_s4_kn's (q, scales, zeros) back to the format's Int4Weights (q + 8, as int8): its reference arithmetic."""
-    from ie_jax.quant.int4 import Int4Weights
-    q, scales, zeros = w
-    return Int4Weights(q.astype(jnp.int8) + 8, scales, zeros, q.shape[0] // scales.shape[0])
-
-
-def int4_xla_kn(x, w):
-    """W4A16 through XLA: x [M, K] @ W with w = int4_s4_kn's (q, scales, zeros). The format's dequantization (in f32,
-    rounded once to x's dtype) is the dot's producer, for XLA to fuse into its Triton GEMM over the packed [K, N]
-    weight. A benchmark candidate (quant_bench.py), not on the serving path."""
-    from ie_jax.quant.int4 import dequantize_sorted
-    return jnp.dot(x, dequantize_sorted(int4_weights_from_s4(w), x.dtype),
-                   preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def int4_xla_grouped(x, w):
-    """The same product as int4_xla_kn with the scales after the dots: per group g, x_g @ q_g on the raw int4
-    values (exact in x's dtype), times s_g, plus the zero-point term (sum of x_g) (8 - z_g) s_g, summed over the
-    groups in f32. A benchmark candidate: the [K/G, M, N] f32 partials cost bytes as M grows."""
-    q, scales, zeros = w
-    K, N = q.shape
-    C = scales.shape[0]
-    xg = x.reshape(-1, C, K // C)  # [M, C, G]
-    s = scales.astype(jnp.float32)
-    parts = jnp.einsum("mcg,cgn->cmn", xg, q.reshape(C, K // C, N).astype(x.dtype),
-                       preferred_element_type=jnp.float32)  # [C, M, N]
-    y = jnp.einsum("cmn,cn->mn", parts, s)
-    y = y + jnp.einsum("mc,cn->mn", xg.astype(jnp.float32).sum(-1), (8.0 - zeros.astype(jnp.float32)) * s)
-    return y.astype(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmark (kernels_pallas/quant_bench.py: the sweep, its baselines and the table)
 
