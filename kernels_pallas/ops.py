@@ -229,8 +229,7 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
     if paged_kernel_active():
         from kernels_pallas import paged_attention as pa
         if pa.kernel_supports(q, k_cache):
-            config = (pa.TuningConfig(decode_tiles=True, small_decode=decode_small_active(q, page_table, k_cache))
-                      if decode_only else None)
+            config = decode_config(q, k_cache, page_table) if decode_only else None
             return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
                                              layer=layer, sm_scale=scale, sliding_window=sliding_window,
                                              softcap=softcap, k_scale=k_scale, v_scale=v_scale, config=config,
@@ -240,16 +239,21 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
                                      v_scale=v_scale)
 
 
-DECODE_SMALL_MAX_TOKENS = 16  # decode steps up to which IE_JAX_DECODE_SMALL=1 takes paged_decode_small
+DECODE_WG_MAX_TOKENS = 16  # decode steps up to which IE_JAX_DECODE_WARPGROUPS applies
 
 
-def decode_small_active(q, page_table, cache) -> bool:
-    """Whether a decode-only call takes `paged_decode_small` (one program per (token, kv-head), no splits, no
-    merge): IE_JAX_DECODE_SMALL=1, at most DECODE_SMALL_MAX_TOKENS tokens, a page table of at most
-    paged_decode_small.MAX_KEYS keys. Off by default: not yet measured on the GPU."""
-    from kernels_pallas import paged_decode_small
-    return (os.environ.get("IE_JAX_DECODE_SMALL", "0") == "1" and q.shape[0] <= DECODE_SMALL_MAX_TOKENS
-            and page_table.shape[1] * cache.shape[3] <= paged_decode_small.MAX_KEYS)
+def decode_config(q, cache, page_table):
+    """The decode tiles' config for a decode-only call. With IE_JAX_DECODE_WARPGROUPS=2, steps of at most
+    DECODE_WG_MAX_TOKENS tokens run two warpgroups per CTA on half the default kv splits each: as many chains as
+    the default, half the CTAs, and at batch 1 (two splits by default) one split, merged inside the CTA with no merge
+    kernel after it."""
+    from kernels_pallas import paged_attention as pa, paged_decode
+    wgs = int(os.environ.get("IE_JAX_DECODE_WARPGROUPS", "1"))
+    if wgs == 1 or q.shape[0] > DECODE_WG_MAX_TOKENS:
+        return pa.TuningConfig(decode_tiles=True)
+    R, max_pages = page_table.shape
+    splits = paged_decode.num_splits_for(R, cache.shape[-4], max_pages * cache.shape[-2])
+    return pa.TuningConfig(decode_tiles=True, decode_warpgroups=wgs, num_splits=max(1, splits // wgs))
 
 
 # ----------------------------------------------------------------------------------------------------------------

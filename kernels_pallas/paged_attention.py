@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas import paged_decode, paged_decode_small
+from kernels_pallas import paged_decode
 from kernels_pallas.kv_cache import FP8, write_kv, write_kv_reference  # noqa: F401  (re-exported)
 from kernels_pallas.paged_config import TuningConfig
 from kernels_pallas.paged_reference import paged_attention_reference  # noqa: F401  (re-exported)
@@ -523,11 +523,6 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     max_tiles = R if direct else max(1, min(T, T * group // ROWS + R))
     num_splits = config.num_splits or default_splits(max_tiles, K, max_pages * page_size, direct=direct)
     k_scale, v_scale = (None, None) if scales is None else scales  # [K]
-    if config.small_decode and paged_decode_small.supported(q, k_pages, page_table, softcap, config.block_kv):
-        return paged_decode_small.decode_attention(
-            q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, scale=scale,
-            sliding_window=sliding_window, interpret=interpret, block_keys=config.block_kv,
-            num_stages=config.num_stages)
     if config.decode_tiles and paged_decode.supported(q, k_pages, config):
         return paged_decode.decode_attention(
             q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, scale=scale,

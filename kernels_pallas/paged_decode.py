@@ -17,6 +17,11 @@ another kv-head's heads: computed, never stored). A request of several tokens is
 pass re-reading its keys: meant for decode. With one split the kernel writes the final [T * N, H] itself
 (including the zeros of padding tokens); with several, f32 partials [S, T, K, H, 8] and their log-sum-exp go to
 `merge_transposed`.
+
+Two warpgroups per CTA (`TuningConfig.decode_warpgroups=2`): warpgroup g walks sub-split s * 2 + g of the
+CTA's split s, with its own q tile, ring, P tile and barriers, as one warpgroup would. At the end of each pass
+warpgroup 1 puts its normalized output and log-sum-exp in shared memory; warpgroup 0 merges them into its own and
+stores the result as above. Two barriers order the exchange: written (1 -> 0) and read (0 -> 1).
 """
 from __future__ import annotations
 
