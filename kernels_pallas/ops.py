@@ -229,7 +229,7 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
     if paged_kernel_active():
         from kernels_pallas import paged_attention as pa
         if pa.kernel_supports(q, k_cache):
-            config = decode_config(q, k_cache, page_table) if decode_only else None
+            config = pa.TuningConfig(decode_tiles=True) if decode_only else None
             return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
                                              layer=layer, sm_scale=scale, sliding_window=sliding_window,
                                              softcap=softcap, k_scale=k_scale, v_scale=v_scale, config=config,
@@ -237,23 +237,6 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
     return paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs,
                                      scale=scale, sliding_window=sliding_window, softcap=softcap, k_scale=k_scale,
                                      v_scale=v_scale)
-
-
-DECODE_WG_MAX_TOKENS = 16  # decode steps up to which IE_JAX_DECODE_WARPGROUPS applies
-
-
-def decode_config(q, cache, page_table):
-    """The decode tiles' config for a decode-only call. With IE_JAX_DECODE_WARPGROUPS=2, steps of at most
-    DECODE_WG_MAX_TOKENS tokens run two warpgroups per CTA on half the default kv splits each: as many chains as
-    the default, half the CTAs, and at batch 1 (two splits by default) one split, merged inside the CTA with no merge
-    kernel after it."""
-    from kernels_pallas import paged_attention as pa, paged_decode
-    wgs = int(os.environ.get("IE_JAX_DECODE_WARPGROUPS", "1"))
-    if wgs == 1 or q.shape[0] > DECODE_WG_MAX_TOKENS:
-        return pa.TuningConfig(decode_tiles=True)
-    R, max_pages = page_table.shape
-    splits = paged_decode.num_splits_for(R, cache.shape[-4], max_pages * cache.shape[-2])
-    return pa.TuningConfig(decode_tiles=True, decode_warpgroups=wgs, num_splits=max(1, splits // wgs))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -101,9 +101,6 @@ def main(argv=()):
                         help="add the engine's small-batch cases (b1 ctx256/1024 in an 8-token step, b256 ctx192)")
     parser.add_argument("--decode-tiles", action="store_true",
                         help="add the transposed decode kernel's configs (TuningConfig.decode_tiles) to decode cases")
-    parser.add_argument("--decode-wg", action="store_true",
-                        help="decode cases sweep only the decode tiles with one and two warpgroups per CTA "
-                             "(TuningConfig.decode_warpgroups) at 1, 2 and 4 kv splits")
     parser.add_argument("--profile", action="store_true",
                         help="after each case's sweep, run its best config once with the in-kernel profiler and "
                              "record cycles per region (kernel_profile.summarize) in the row")
@@ -229,9 +226,6 @@ def main(argv=()):
             if small and int(case["seq_lens"][0]) > 4096:  # the page-id window and 16-bit partials
                 sweep += [TuningConfig(64, st, num_splits=n, decode_tiles=True, compact_splits=True)
                           for st in (2, 3) for n in (32, 48, 64, 96)]
-        if args.decode_wg and case["decode"]:  # only the decode tiles: one or two warpgroups per CTA
-            sweep = [TuningConfig(bk, st, num_splits=n, decode_tiles=True, decode_warpgroups=w)
-                     for w, bk, st in ((1, 64, 2), (1, 128, 2), (2, 64, 2)) for n in (1, 2, 4)]  # 2 x 128 x 2: > SMEM
         best = None
         tried = []
         for cfg_s in sweep:

@@ -36,19 +36,11 @@ class TuningConfig:
     profile_dir: GPU diagnostics: a per-warpgroup trace of the kernel's named phases (Mosaic GPU's profiler).
     decode_tiles: the transposed decode kernel (paged_decode.py): keys on the wgmma's M, one token's q-heads on its
         N = 8, a request's tokens one per pass (for decode-only calls); fp8 QK^T with q quantized per token and
-        kv-head. Uses block_kv, num_stages, num_splits, pages_in_smem, profile_dir and decode_warpgroups; shapes it
         does not take
         (`paged_decode.supported`) fall back to the packed kernel.
     compact_splits: decode tiles with kv splits: each pass copies only its split's window of page ids into SMEM
         (not the whole row) and stores 16-bit partials instead of f32, so that more CTAs fit per SM (fp8 64x2:
         ~64 -> ~55 KiB; not yet measured on the GPU).
-    decode_warpgroups: decode tiles only: warpgroups per CTA, 1 or 2. With 2, each CTA's kv split is cut in two
-        halves (`kv_split` over num_splits * 2 sub-splits), each walked by one warpgroup with its own ring, so two
-        latency-bound block chains run side by side. The second warpgroup hands its normalized output and
-        log-sum-exp to the first through shared memory, which merges them and stores what one warpgroup stores
-        (the final rows with one split, else the split's partial): no extra kernel and no extra partials. The
-        rings are per warpgroup, so shared memory about doubles (bf16, 64 keys x 2 stages: 72 -> 147 KiB), and
-        128-key bf16 blocks fit one stage only. Meant for num_splits=1 at batch 1. Other kernels ignore it.
     """
 
     block_kv: int = 64
@@ -65,7 +57,6 @@ class TuningConfig:
     profile_dir: str = ""
     decode_tiles: bool = False
     compact_splits: bool = False
-    decode_warpgroups: int = 1
 
     def __post_init__(self):
         if self.block_kv not in (32, 64, 128, 256):
@@ -74,5 +65,3 @@ class TuningConfig:
             raise ValueError(f"{self.num_stages=} must be in [1, 8]")
         if self.num_splits is not None and not 1 <= self.num_splits <= 256:
             raise ValueError(f"{self.num_splits=} must be None or in [1, 256]")
-        if self.decode_warpgroups not in (1, 2):
-            raise ValueError(f"{self.decode_warpgroups=} must be 1 or 2")

@@ -17,11 +17,6 @@ another kv-head's heads: computed, never stored). A request of several tokens is
 pass re-reading its keys: meant for decode. With one split the kernel writes the final [T * N, H] itself
 (including the zeros of padding tokens); with several, f32 partials [S, T, K, H, 8] and their log-sum-exp go to
 `merge_transposed`.
-
-Two warpgroups per CTA (`TuningConfig.decode_warpgroups=2`): warpgroup g walks sub-split s * 2 + g of the
-CTA's split s, with its own q tile, ring, P tile and barriers, as one warpgroup would. At the end of each pass
-warpgroup 1 puts its normalized output and log-sum-exp in shared memory; warpgroup 0 merges them into its own and
-stores the result as above. Two barriers order the exchange: written (1 -> 0) and read (0 -> 1).
 """
 from __future__ import annotations
 
@@ -41,7 +36,6 @@ from kernels_pallas.paged_work import (DIRECT_MIN_SPLIT, PT_BOX, default_splits,
 
 COLS = 8  # wgmma N of QK^T: one token's 8 consecutive q-heads (G of them this kv-head's)
 E4M3_MAX = 448.0
-REDUCTION_SCRATCH = 2048  # bytes of SMEM for cross-warp reductions (Mosaic GPU's default), per warpgroup
 _LOG2E = math.log2(math.e)
 
 
@@ -80,7 +74,7 @@ def quantize_queries(q, num_kv_heads, q_scale):
 
 def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, qs_ref, k_ref, v_ref,
             v_scale_ref, *refs, group, num_heads, page_size, block_kv, num_stages, num_splits, scale, sliding_window,
-            softcap, pages_in_smem, pt_window, warpgroups):
+            softcap, pages_in_smem, pt_window):
     # qsl_ref [R + 1], seq_lens_ref [R], num_seqs_ref [1], layer_ref [2] (cache entries of this layer's K and V),
     # page_table_ref [R, max_pages] int32; q_ref [T * N, H] (q's dtype, or e4m3 for an fp8 cache); qs_ref [T, K]
     # f32 (fp8: q's per-token, per-kv-head scale; else [1, K], unused); k_ref, v_ref [L, K, P, page_size, H];
@@ -91,12 +85,6 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
     # lse_smem [block_kv, COLS] f32 (splits only); pt_smem [max_pages] + its barrier (pages_in_smem), or with
     # pt_window (> 0) only [pt_window] ids, each pass's window from its split's first page (32-aligned);
     # barriers q_bar, k_bar[stages], v_bar[stages]
-    # Two warpgroups (W = 2): q_smem, k_smem, v_smem, v16_smem, p_smem and pt_smem get a leading [W] (one each),
-    # q_bar and pt_bar W barriers, k_bar and v_bar W * stages (warpgroup g's slot i at g * stages + i); o_smem and
-    # lse_smem are warpgroup 0's only. The exchange, after pt_smem: xo_smem [H, COLS] f32 and xlse_smem [COLS] f32
-    # (warpgroup 1's normalized output and lse of a pass), barriers x_full (1 -> 0: written) and x_free (0 -> 1:
-    # read).
-    W = warpgroups
     if num_splits == 1:
         out_ref, *refs = refs
         o_ref = lse_ref = None
@@ -109,7 +97,6 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
     p_smem, o_smem, *refs = refs
     lse_smem = refs.pop(0) if num_splits > 1 else None
     pt_smem, pt_bar = refs[:2] if pages_in_smem else (None, None)
-    xo_smem, xlse_smem, x_full, x_free = refs[-7:-3] if W > 1 else (None,) * 4
     q_bar, k_bar, v_bar = refs[-3:]
     w = lax.axis_index("w")
     kh = lax.axis_index("kh")
@@ -122,7 +109,7 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
     k_layer = k_ref.at[layer_ref[0]]
     v_layer = v_ref.at[layer_ref[1]]
 
-    def zero_padding_tokens():  # tokens outside [qsl[0], qsl[num_seqs]) belong to no request: zeros, CTA by CTA
+    if num_splits == 1:  # tokens outside [qsl[0], qsl[num_seqs]) belong to no request: zeros, CTA by CTA
         first, end = qsl_ref[0], qsl_ref[jnp.clip(num_seqs_ref[0], 0, R)]
         zeros = plgpu.layout_cast(jnp.zeros((group, H), out_ref.dtype), plgpu.Layout.WG_STRIDED((group, H), vec_size=2))
 
@@ -132,204 +119,139 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
             def _():
                 out_ref[pl.ds(t * num_heads + kh * group, group), :] = zeros
 
-    def run_warpgroup(g):
-        # Warpgroup g (static) walks sub-split split * W + g of num_splits * W with its own buffers and barriers.
-        if W == 1:
-            own = lambda ref: ref
-            k_slot_bar = lambda slot: k_bar.at[slot]
-            v_slot_bar = lambda slot: v_bar.at[slot]
-            sub, num_subsplits = split, num_splits
-        else:
-            own = lambda ref: ref.at[g]
-            k_slot_bar = lambda slot: k_bar.at[slot + g * num_stages]
-            v_slot_bar = lambda slot: v_bar.at[slot + g * num_stages]
-            sub, num_subsplits = split * W + g, num_splits * W
-        q_tile, k_ring, v_ring, p_tile, q_tile_bar = own(q_smem), own(k_smem), own(v_smem), own(p_smem), own(q_bar)
-        v16_tile = own(v16_smem) if fp8 else None
-        pt_ids, pt_ids_bar = (own(pt_smem), own(pt_bar)) if pages_in_smem else (None, None)
+    def copy_ids(start):  # ids [start, start + pt_smem size) of the request's row -> SMEM
+        for c0 in range(0, pt_smem.shape[0], PT_BOX):
+            n = min(PT_BOX, pt_smem.shape[0] - c0)
+            plgpu.copy_gmem_to_smem(page_table_ref.at[req, pl.ds(start + c0, n)], pt_smem.at[pl.ds(c0, n)], pt_bar)
+        plgpu.barrier_wait(pt_bar)
 
-        if num_splits == 1 and g == 0:
-            zero_padding_tokens()
+    if pages_in_smem and not pt_window:  # the whole row, once
+        copy_ids(0)
 
-        def copy_ids(start):  # ids [start, start + pt_ids size) of the request's row -> SMEM
-            for c0 in range(0, pt_ids.shape[0], PT_BOX):
-                n = min(PT_BOX, pt_ids.shape[0] - c0)
-                plgpu.copy_gmem_to_smem(page_table_ref.at[req, pl.ds(start + c0, n)], pt_ids.at[pl.ds(c0, n)],
-                                        pt_ids_bar)
-            plgpu.barrier_wait(pt_ids_bar)
+    q_start = qsl_ref[req]
+    q_len = jnp.where(req < num_seqs_ref[0], jnp.maximum(qsl_ref[req + 1] - q_start, 0), 0)
+    seq_len = seq_lens_ref[req]
 
-        if pages_in_smem and not pt_window:  # the whole row, once
-            copy_ids(0)
+    def run_token(tok):
+        t = q_start + tok
+        q_pos = seq_len - q_len + tok
+        kv_begin, kv_end = kv_split(q_pos, q_pos + 1, split, num_splits=num_splits, page_size=page_size,
+                                    block_kv=block_kv, sliding_window=sliding_window)
+        num_blocks = pl.cdiv(jnp.maximum(kv_end - kv_begin, 0), block_kv)
+        first_page = kv_begin // page_size
+        last_page = q_pos // page_size
+        pt_start = 0
+        if pt_window:  # this pass's split only: ids [pt_start, pt_start + pt_window) hold all it reads
+            pt_start = jnp.minimum(first_page // 32 * 32, page_table_ref.shape[1] - pt_window)
+            copy_ids(pt_start)
 
-        q_start = qsl_ref[req]
-        q_len = jnp.where(req < num_seqs_ref[0], jnp.maximum(qsl_ref[req + 1] - q_start, 0), 0)
-        seq_len = seq_lens_ref[req]
+        def page_ids(block):
+            load = (lambda i: pt_smem[i - pt_start]) if pages_in_smem else (lambda i: page_table_ref[req, i])
+            if block_kv >= page_size:
+                first = first_page + block * (block_kv // page_size)
+                return [load(jnp.minimum(first + p, last_page)) for p in range(block_kv // page_size)]
+            return [load(jnp.minimum((kv_begin + block * block_kv) // page_size, last_page))]
 
-        def run_token(tok):
-            t = q_start + tok
-            q_pos = seq_len - q_len + tok
-            kv_begin, kv_end = kv_split(q_pos, q_pos + 1, sub, num_splits=num_subsplits, page_size=page_size,
-                                        block_kv=block_kv, sliding_window=sliding_window)
-            num_blocks = pl.cdiv(jnp.maximum(kv_end - kv_begin, 0), block_kv)
-            first_page = kv_begin // page_size
-            last_page = q_pos // page_size
-            pt_start = 0
-            if pt_window:  # this pass's split only: ids [pt_start, pt_start + pt_window) hold all it reads
-                pt_start = jnp.minimum(first_page // 32 * 32, page_table_ref.shape[1] - pt_window)
-                copy_ids(pt_start)
+        def issue(block, slot):
+            pages = page_ids(block)
+            if block_kv >= page_size:
+                for p, page in enumerate(pages):
+                    rows = pl.ds(p * page_size, page_size)
+                    plgpu.copy_gmem_to_smem(k_layer.at[kh, page], k_smem.at[slot, rows], k_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(v_layer.at[kh, page], v_smem.at[slot, rows], v_bar.at[slot])
+            else:
+                rows = pl.ds(lax.rem(kv_begin + block * block_kv, page_size), block_kv)
+                plgpu.copy_gmem_to_smem(k_layer.at[kh, pages[0], rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_layer.at[kh, pages[0], rows], v_smem.at[slot], v_bar.at[slot])
 
-            def page_ids(block):
-                load = (lambda i: pt_ids[i - pt_start]) if pages_in_smem else (lambda i: page_table_ref[req, i])
-                if block_kv >= page_size:
-                    first = first_page + block * (block_kv // page_size)
-                    return [load(jnp.minimum(first + p, last_page)) for p in range(block_kv // page_size)]
-                return [load(jnp.minimum((kv_begin + block * block_kv) // page_size, last_page))]
+        def refill(block, slot):
+            pl.when(block + num_stages < num_blocks)(lambda: issue(block + num_stages, slot))
 
-            def issue(block, slot):
-                pages = page_ids(block)
-                if block_kv >= page_size:
-                    for p, page in enumerate(pages):
-                        rows = pl.ds(p * page_size, page_size)
-                        plgpu.copy_gmem_to_smem(k_layer.at[kh, page], k_ring.at[slot, rows], k_slot_bar(slot))
-                        plgpu.copy_gmem_to_smem(v_layer.at[kh, page], v_ring.at[slot, rows], v_slot_bar(slot))
-                else:
-                    rows = pl.ds(lax.rem(kv_begin + block * block_kv, page_size), block_kv)
-                    plgpu.copy_gmem_to_smem(k_layer.at[kh, pages[0], rows], k_ring.at[slot], k_slot_bar(slot))
-                    plgpu.copy_gmem_to_smem(v_layer.at[kh, pages[0], rows], v_ring.at[slot], v_slot_bar(slot))
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t * num_heads + box0, COLS)], q_smem, q_bar)
+        for s in range(num_stages):
+            pl.when(s < num_blocks)(functools.partial(issue, s, s))
+        plgpu.barrier_wait(q_bar)
 
-            def refill(block, slot):
-                pl.when(block + num_stages < num_blocks)(lambda: issue(block + num_stages, slot))
+        # scores -> base-2 exponents: s * c (fp8: the token's q scale folds in)
+        c_raw = qs_ref[t, kh] if fp8 else jnp.float32(scale)
+        c = c_raw * _LOG2E
+        key = plgpu.broadcasted_iota(jnp.int32, (block_kv, COLS), 0, layout=plgpu.Layout.WGMMA)
 
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t * num_heads + box0, COLS)], q_tile, q_tile_bar)
-            for s in range(num_stages):
-                pl.when(s < num_blocks)(functools.partial(issue, s, s))
-            plgpu.barrier_wait(q_tile_bar)
+        def body(block, carry):
+            acc, m_i, l_acc = carry  # [H, COLS] f32, [COLS] (base-2 max), [block_kv, COLS] per-thread sums
+            slot = lax.rem(block, num_stages)
+            with jax.named_scope("wait_k"):  # named scopes: the regions a `profile_dir` trace records
+                plgpu.barrier_wait(k_bar.at[slot])
 
-            # scores -> base-2 exponents: s * c (fp8: the token's q scale folds in)
-            c_raw = qs_ref[t, kh] if fp8 else jnp.float32(scale)
-            c = c_raw * _LOG2E
-            key = plgpu.broadcasted_iota(jnp.int32, (block_kv, COLS), 0, layout=plgpu.Layout.WGMMA)
-
-            def body(block, carry):
-                acc, m_i, l_acc = carry  # [H, COLS] f32, [COLS] (base-2 max), [block_kv, COLS] per-thread sums
-                slot = lax.rem(block, num_stages)
-                with jax.named_scope("wait_k"):  # named scopes: the regions a `profile_dir` trace records
-                    plgpu.barrier_wait(k_slot_bar(slot))
-
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, k_ring.at[slot], q_tile.T)
-                    if fp8:  # convert V while QK^T runs; the fp8 slot is then free to refill
-                        with jax.named_scope("wait_v"):
-                            plgpu.barrier_wait(v_slot_bar(slot))
-                        with jax.named_scope("convert_v"):
-                            v16_tile[...] = plgpu.load(v_ring.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
-                                v16_tile.dtype)
-                    with jax.named_scope("qk_wait"):
-                        return acc_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((block_kv, COLS), jnp.float32))  # [block_kv, COLS]
-                if fp8:
-                    with jax.named_scope("refill"):
-                        refill(block, slot)
-                with jax.named_scope("softmax"):
-                    cb = c
-                    if softcap is not None:
-                        s = jnp.tanh(s * (c_raw / softcap)) * (softcap * _LOG2E)
-                        cb = 1.0
-                    s = mask_block(s, kv_begin + block * block_kv, key, q_pos, q_pos, kv_end, block_kv=block_kv,
-                                   sliding_window=sliding_window)
-                    m_new = jnp.maximum(m_i, s.max(axis=0) * cb)
-                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                    alpha = jnp.exp2(m_i - m_safe)
-                    p = jnp.exp2(s * cb - lax.broadcast_in_dim(m_safe, s.shape, [1]))
-                    l_acc = l_acc * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-                with jax.named_scope("p_store"):
-                    p_tile.T[...] = p.astype(p_tile.dtype)
-                    if not fp8:
-                        plgpu.barrier_wait(v_slot_bar(slot))
-                    plgpu.commit_smem()  # P (and fp8's V copy) visible to the wgmma
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, (v16_tile if fp8 else v_ring.at[slot]).T, p_tile.T)
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.T)
+                if fp8:  # convert V while QK^T runs; the fp8 slot is then free to refill
+                    with jax.named_scope("wait_v"):
+                        plgpu.barrier_wait(v_bar.at[slot])
+                    with jax.named_scope("convert_v"):
+                        v16_smem[...] = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
+                            v16_smem.dtype)
+                with jax.named_scope("qk_wait"):
                     return acc_ref[...]
 
-                with jax.named_scope("pv"):
-                    acc = acc + pl.run_scoped(pv, plgpu.ACC((H, COLS), jnp.float32))
+            s = pl.run_scoped(qk, plgpu.ACC((block_kv, COLS), jnp.float32))  # [block_kv, COLS]
+            if fp8:
+                with jax.named_scope("refill"):
+                    refill(block, slot)
+            with jax.named_scope("softmax"):
+                cb = c
+                if softcap is not None:
+                    s = jnp.tanh(s * (c_raw / softcap)) * (softcap * _LOG2E)
+                    cb = 1.0
+                s = mask_block(s, kv_begin + block * block_kv, key, q_pos, q_pos, kv_end, block_kv=block_kv,
+                               sliding_window=sliding_window)
+                m_new = jnp.maximum(m_i, s.max(axis=0) * cb)
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m_i - m_safe)
+                p = jnp.exp2(s * cb - lax.broadcast_in_dim(m_safe, s.shape, [1]))
+                l_acc = l_acc * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+            with jax.named_scope("p_store"):
+                p_smem.T[...] = p.astype(p_smem.dtype)
                 if not fp8:
-                    with jax.named_scope("refill"):
-                        refill(block, slot)
-                return acc, m_new, l_acc
+                    plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.commit_smem()  # P (and fp8's V copy) visible to the wgmma
 
-            acc = plgpu.layout_cast(jnp.zeros((H, COLS), jnp.float32), plgpu.Layout.WGMMA)
-            m_i = plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0))
-            l_acc = plgpu.layout_cast(jnp.zeros((block_kv, COLS), jnp.float32), plgpu.Layout.WGMMA)
-            acc, m_i, l_acc = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_acc))
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, (v16_smem if fp8 else v_smem.at[slot]).T, p_smem.T)
+                return acc_ref[...]
 
-            l_i = l_acc.sum(axis=0)
-            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-            o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])  # [H, COLS]
-            lse = None
-            if W > 1:
-                lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))
-                if g == 1:
-                    send(tok, o, lse)
-                    return
-                o, lse = receive(o, lse)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous pass's stores have read o_smem
-            if num_splits == 1:
-                o_smem.T[...] = (o * v_scale_ref[kh] if fp8 else o).astype(o_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(col0, group)],
-                                        out_ref.at[pl.ds(t * num_heads + kh * group, group)])
-            else:
-                o_smem[...] = o.astype(o_smem.dtype)
-                if lse is None:
-                    lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))
-                lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [1])
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, t, kh])
-                plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 1)], lse_ref.at[split, t, kh])
+            with jax.named_scope("pv"):
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((H, COLS), jnp.float32))
+            if not fp8:
+                with jax.named_scope("refill"):
+                    refill(block, slot)
+            return acc, m_new, l_acc
 
-        pl.loop(0, q_len)(run_token)
-        if g == 0:
-            plgpu.wait_smem_to_gmem(0)
-        else:  # observe warpgroup 0's last read too: every phase of x_free has a waiter
-            pl.when(q_len > 0)(lambda: plgpu.barrier_wait(x_free))
+        acc = plgpu.layout_cast(jnp.zeros((H, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        m_i = plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0))
+        l_acc = plgpu.layout_cast(jnp.zeros((block_kv, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        acc, m_i, l_acc = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_acc))
 
-    def send(tok, o, lse):
-        """Warpgroup 1: its pass's normalized output and lse into the exchange, once warpgroup 0 has read the
-        previous pass's."""
-        pl.when(tok > 0)(lambda: plgpu.barrier_wait(x_free))
-        xo_smem[...] = o
-        xlse_smem[...] = lse
-        plgpu.barrier_arrive(x_full)  # every thread arrives after its own stores (release)
+        l_i = l_acc.sum(axis=0)
+        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+        o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])  # [H, COLS]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous pass's stores have read o_smem
+        if num_splits == 1:
+            o_smem.T[...] = (o * v_scale_ref[kh] if fp8 else o).astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(col0, group)],
+                                    out_ref.at[pl.ds(t * num_heads + kh * group, group)])
+        else:
+            o_smem[...] = o.astype(o_smem.dtype)
+            lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))
+            lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [1])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, t, kh])
+            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 1)], lse_ref.at[split, t, kh])
 
-    def receive(o, lse):
-        """Warpgroup 0: merges warpgroup 1's half of the split into its own by their base-2 log-sum-exps (-inf
-        where a half saw no key; 0 output where neither did)."""
-        plgpu.barrier_wait(x_full)
-        o1 = plgpu.load(xo_smem, layout=plgpu.Layout.WGMMA)
-        lse1 = plgpu.load(xlse_smem, layout=plgpu.Layout.WGMMA.reduce(0))
-        plgpu.barrier_arrive(x_free)  # the exchange is read (into registers): warpgroup 1 may refill it
-        m = jnp.maximum(lse, lse1)
-        m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-        w0, w1 = jnp.exp2(lse - m_safe), jnp.exp2(lse1 - m_safe)
-        den = w0 + w1
-        inv = 1.0 / jnp.where(den == 0.0, 1.0, den)
-        o = o * lax.broadcast_in_dim(w0 * inv, o.shape, [1]) + o1 * lax.broadcast_in_dim(w1 * inv, o.shape, [1])
-        return o, jnp.where(den == 0.0, -jnp.inf, m_safe + jnp.log2(jnp.where(den == 0.0, 1.0, den)))
-
-    if W == 1:
-        run_warpgroup(0)
-        return
-    wg = lax.axis_index("wg")
-    # Cross-warp reductions (the per-block max over keys) use a scratch area at the SMEM offset in use where they
-    # are traced, the same for every warpgroup. Warpgroup 1 is traced inside a scope of REDUCTION_SCRATCH more
-    # bytes, so that its reductions use their own area, past warpgroup 0's.
-    pl.run_scoped(lambda pad: pl.when(wg == 1)(lambda: run_warpgroup(1)),
-                  plgpu.SMEM((REDUCTION_SCRATCH,), jnp.int8), collective_axes="wg")
-    pl.when(wg == 0)(lambda: run_warpgroup(0))
+    pl.loop(0, q_len)(run_token)
+    plgpu.wait_smem_to_gmem(0)
 
 
 def merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, *, group, v_scale, out_dtype):
@@ -371,32 +293,27 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     else:  # host constants, not broadcasts: no kernel runs to make them (the kernel reads neither for 16 bits)
         v_scale = np.ones((K,), np.float32)
         q_in, q_scales = q.reshape(T * N, H), np.ones((1, K), np.float32)
-    W = config.decode_warpgroups
     pages_in_smem = ids_in_smem(config, max_pages, fp8)
-    pt_window = window_size(max_pages, page_size, config.block_kv, num_splits * W) if config.compact_splits else 0
-    pt_window = pt_window if pages_in_smem and num_splits * W > 1 and pt_window < max_pages else 0
+    pt_window = window_size(max_pages, page_size, config.block_kv, num_splits) if config.compact_splits else 0
+    pt_window = pt_window if pages_in_smem and num_splits > 1 and pt_window < max_pages else 0
     partial_dtype = q.dtype if config.compact_splits else jnp.float32
     bk, stages = config.block_kv, config.num_stages
     tiled = lambda cols, dt: (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * jnp.dtype(dt).itemsize))
     cdt = jnp.float16 if fp8 else q.dtype  # the PV wgmma's type (fp8: V converted to f16, exact for e4m3)
     ring_t = tiled(H, FP8) if fp8 else tiled(64, q.dtype)
-    own = (lambda *shape: (W, *shape)) if W > 1 else (lambda *shape: shape)  # one per warpgroup
-    per_wg = dict(num_barriers=W) if W > 1 else {}  # a barrier per warpgroup
     scratch = [
-        plgpu.SMEM(own(COLS, H), q_in.dtype, transforms=ring_t),
-        plgpu.SMEM(own(stages, bk, H), k_pages.dtype, transforms=ring_t),
-        plgpu.SMEM(own(stages, bk, H), k_pages.dtype, transforms=ring_t),
-        *([plgpu.SMEM(own(bk, H), cdt, transforms=tiled(64, cdt))] if fp8 else []),
-        plgpu.SMEM(own(COLS, bk), cdt, transforms=tiled(64, cdt)),
+        plgpu.SMEM((COLS, H), q_in.dtype, transforms=ring_t),
+        plgpu.SMEM((stages, bk, H), k_pages.dtype, transforms=ring_t),
+        plgpu.SMEM((stages, bk, H), k_pages.dtype, transforms=ring_t),
+        *([plgpu.SMEM((bk, H), cdt, transforms=tiled(64, cdt))] if fp8 else []),
+        plgpu.SMEM((COLS, bk), cdt, transforms=tiled(64, cdt)),
         plgpu.SMEM((COLS, H), q.dtype) if num_splits == 1 else plgpu.SMEM((H, COLS), partial_dtype),
         *([] if num_splits == 1 else [plgpu.SMEM((bk, COLS), jnp.float32)]),
-        *([plgpu.SMEM(own(pt_window or max_pages), jnp.int32),
-           plgpu.Barrier(num_arrivals=-(-(pt_window or max_pages) // PT_BOX), **per_wg)] if pages_in_smem else []),
-        *([plgpu.SMEM((H, COLS), jnp.float32), plgpu.SMEM((COLS,), jnp.float32),  # the warpgroups' exchange
-           plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1)] if W > 1 else []),
-        plgpu.Barrier(num_arrivals=1, **per_wg),
-        plgpu.Barrier(num_arrivals=max(1, bk // page_size), num_barriers=W * stages),
-        plgpu.Barrier(num_arrivals=max(1, bk // page_size), num_barriers=W * stages),
+        *([plgpu.SMEM((pt_window or max_pages,), jnp.int32),
+           plgpu.Barrier(num_arrivals=-(-(pt_window or max_pages) // PT_BOX))] if pages_in_smem else []),
+        plgpu.Barrier(num_arrivals=1),
+        plgpu.Barrier(num_arrivals=max(1, bk // page_size), num_barriers=stages),
+        plgpu.Barrier(num_arrivals=max(1, bk // page_size), num_barriers=stages),
     ]
     if num_splits == 1:
         out_type = jax.ShapeDtypeStruct((T * N, H), q.dtype)
@@ -407,16 +324,13 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     params = dict(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=True)
     if config.profile_dir:  # a per-CTA trace of the named regions in SMEM (kernel_profile.summarize reads it)
         params.update(profile_space=512, profile_dir=config.profile_dir, profile_bounds_check=True)
-    if W > 1:  # the reductions' scratch, as _kernel sets it apart per warpgroup
-        params.update(reduction_scratch_bytes=REDUCTION_SCRATCH)
-        kwargs.update(num_threads=W, thread_name="wg")
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
     kernel = plgpu.kernel(
         functools.partial(_kernel, group=group, num_heads=N, page_size=page_size, block_kv=bk, num_stages=stages,
                           num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                          pages_in_smem=pages_in_smem, pt_window=pt_window, warpgroups=W),
+                          pages_in_smem=pages_in_smem, pt_window=pt_window),
         out_type=out_type,
         scratch_types=scratch,
         grid=(R * num_splits, K),
