@@ -110,6 +110,9 @@ def main(argv=None):
             cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))
     if decode_step_s:
         res["decode_tok_s_per_seq"] = 1e3 / res["decode_step_ms_median"]
+    if len(step_s) <= 4096:  # every step's wall, host and device-wait time (ms): where a run's time went
+        res["steps_ms"] = {k: [round(1e3 * x, 3) for x in v]
+                           for k, v in dict(wall=step_s, host=host_s, dispatch=dispatch_s, wait=wait_s).items()}
     print(f"Throughput: {res['requests_per_s']:.2f} requests/s, {res['total_tok_s']:.1f} total tokens/s, "
           f"{res['output_tok_s']:.1f} output tokens/s")
     print(f"start-up {startup_s:.1f} s | steps {len(step_s)} | step median {res['step_ms_median']:.2f} ms | "
