@@ -19,7 +19,7 @@ import jax
 
 import ie_jax
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, frozen_heap
 from engine.outputs import RequestOutput
 from ie_jax.sampling import SamplingParams
 
@@ -69,7 +69,8 @@ class AsyncLLM:
         engine = LLMEngine(model, tokenizer, config, owns_model=True, background_extras=True)
         w = engine.runner.warmup_times
         print(f"engine warm-up: {len(engine.runner.executables)} step executables in {time.perf_counter() - t1:.1f} s "
-              f"(summed over threads: trace+lower {w['lower']:.1f} s, compile {w['compile']:.1f} s; compilation cache "
+              f"(summed over threads: trace+lower {w['lower']:.1f} s, compile {w['compile']:.1f} s; first runs "
+              f"{w['prime']:.1f} s; compilation cache "
               f"{w['cache_hits']} hits, {w['cache_misses']} misses); {engine.runner.num_pages} KV pages of "
               f"{config.page_size} tokens", file=sys.stderr, flush=True)
         return cls(engine)
@@ -78,18 +79,19 @@ class AsyncLLM:
     def _loop(self) -> None:
         engine = self.engine
         try:
-            while not self._stopped.is_set():
-                block = not engine.has_unfinished_requests()
-                try:
-                    while True:
-                        command = self._commands.get(block=block, timeout=0.5 if block else None)
-                        block = False
-                        self._run_command(command)
-                except queue.Empty:
-                    pass
-                if engine.has_unfinished_requests():
-                    for out in engine.step():
-                        self._deliver(out.request_id, out)
+            with frozen_heap():  # the start-up heap out of the collector's walks while serving
+                while not self._stopped.is_set():
+                    block = not engine.has_unfinished_requests()
+                    try:
+                        while True:
+                            command = self._commands.get(block=block, timeout=0.5 if block else None)
+                            block = False
+                            self._run_command(command)
+                    except queue.Empty:
+                        pass
+                    if engine.has_unfinished_requests():
+                        for out in engine.step():
+                            self._deliver(out.request_id, out)
         except BaseException as e:  # the engine broke: fail every open stream rather than hang them
             self.errored = e
             for rid in list(self._streams):

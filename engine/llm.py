@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 import ie_jax
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, frozen_heap
 from engine.runner import row_variant
 from ie_jax.generate import CompletionOutput, GenerateOutput
 from ie_jax.sampling import SamplingParams
@@ -57,16 +57,17 @@ class LLM:
                 self.engine.add_request(rid, prompt, child)
                 rows[rid] = (i, j, CompletionOutput(j, "", [], "length", [] if p.logprobs is not None else None))
         bar = tqdm(total=len(rows), desc="generating", unit="req", disable=not use_tqdm, leave=False)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                _, _, c = rows[out.request_id]
-                c.token_ids += out.new_token_ids
-                c.text += out.new_text
-                if c.logprobs is not None:
-                    c.logprobs += out.new_logprobs or []
-                if out.finished:
-                    c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
-                    bar.update()
+        with frozen_heap():
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    _, _, c = rows[out.request_id]
+                    c.token_ids += out.new_token_ids
+                    c.text += out.new_text
+                    if c.logprobs is not None:
+                        c.logprobs += out.new_logprobs or []
+                    if out.finished:
+                        c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+                        bar.update()
         bar.close()
         results = []
         for i, prompt in enumerate(prompts):

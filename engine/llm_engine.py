@@ -5,6 +5,9 @@ page bookkeeping to the scheduler/block manager and the device to the runner.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import threading
 import time
 
 import numpy as np
@@ -19,6 +22,30 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from ie_jax.detokenizer import IncrementalDetokenizer
 from ie_jax.sampling import SamplingParams
 from ie_jax.stopping import check_stop
+
+
+_frozen = [0]  # depth of nested `frozen_heap` scopes, process-wide
+_frozen_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """While serving, keep what existed before it (model, executables, tokenizer) out of Python's cyclic collector:
+    a full collection then walks only what serving allocates. Unfrozen, one took 0.32 s in the middle of a 7.3 s
+    offline run on the H200's host (1,000 requests of 128/128, `bench_throughput.py`). Leaving the outermost scope
+    unfreezes everything (also what the interpreter froze itself: a cost of collection time only), so an engine
+    dropped later is collected as usual."""
+    with _frozen_lock:
+        _frozen[0] += 1
+        if _frozen[0] == 1:
+            gc.freeze()
+    try:
+        yield
+    finally:
+        with _frozen_lock:
+            _frozen[0] -= 1
+            if _frozen[0] == 0:
+                gc.unfreeze()
 
 
 class LLMEngine:

@@ -290,7 +290,7 @@ class ModelRunner:
         self.extras_thread: threading.Thread | None = None  # compiles the cheaper variants (warmup, background)
         # Seconds summed over warm-up's worker threads (trace + lower, XLA compile or cache load) and the
         # persistent compilation cache's hits / misses, for the start-up log.
-        self.warmup_times = {"lower": 0.0, "compile": 0.0, "cache_hits": 0, "cache_misses": 0}
+        self.warmup_times = {"lower": 0.0, "compile": 0.0, "prime": 0.0, "cache_hits": 0, "cache_misses": 0}
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
     def _pages_from_memory(self) -> int:
@@ -420,6 +420,22 @@ class ModelRunner:
                 bar.update()
         for k in counts_before:
             self.warmup_times[k] += _cache_counts[k] - counts_before[k]
+        if self.device.platform != "cpu":
+            t0 = time.perf_counter()
+            self.prime(keys)
+            self.warmup_times["prime"] += time.perf_counter() - t0
+
+    def prime(self, keys) -> None:
+        """Run each of these executables once on all-padding inputs: no request, no KV write (every slot -1), no
+        sample kept (every row's penalty slot out of range), so the state is unchanged. A first launch pays one-time
+        costs (loading the kernels' modules): on the H200, the first 1,024-row decode step of Llama-3-8B took 0.41 s
+        to dispatch, 3% of a 128/128 offline run. Warm-up pays them instead (GPU only; the CPU's are small)."""
+        for T, R, variant in keys:
+            inp = self._empty_inputs(T, R)
+            self.caches, self.counts, self.last_tokens, _ = self.executables[(T, R, variant)](
+                self.caches, self.counts, self.last_tokens, self.prompt_mask, jax.device_put(inp.pack(), self.device),
+                *self.weights)
+        jax.block_until_ready((self.caches, self.counts, self.last_tokens))
 
     def num_compiled(self) -> int:
         """Executables built so far (the jitted function's own cache stays empty: every call is ahead-of-time)."""

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from engine.async_llm import enable_compilation_cache  # noqa: E402
 from engine.llm import LLM  # noqa: E402
+from engine.llm_engine import frozen_heap  # noqa: E402
 from ie_jax import SamplingParams  # noqa: E402
 
 
@@ -76,19 +77,20 @@ def main(argv=None):
     ran = collections.Counter()  # steps per executable variant (sampler, decode twin)
     t0 = time.perf_counter()
     num_out = 0
-    while engine.has_unfinished_requests():
-        ts = time.perf_counter()
-        waiting = len(engine.scheduler.waiting)
-        outs = engine.step()
-        dt = time.perf_counter() - ts
-        ran[engine.runner.last_variant] += 1
-        step_s.append(dt)
-        host_s.append(engine.last_step_host_s)
-        dispatch_s.append(engine.last_step_times.get("dispatch", 0.0))
-        wait_s.append(engine.last_step_times.get("wait", 0.0))
-        if not waiting and all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running):
-            decode_step_s.append(dt)  # a pure decode step: every running request past its prompt
-        num_out += sum(len(o.new_token_ids) for o in outs)
+    with frozen_heap():  # as LLM.generate
+        while engine.has_unfinished_requests():
+            ts = time.perf_counter()
+            waiting = len(engine.scheduler.waiting)
+            outs = engine.step()
+            dt = time.perf_counter() - ts
+            ran[engine.runner.last_variant] += 1
+            step_s.append(dt)
+            host_s.append(engine.last_step_host_s)
+            dispatch_s.append(engine.last_step_times.get("dispatch", 0.0))
+            wait_s.append(engine.last_step_times.get("wait", 0.0))
+            if not waiting and all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running):
+                decode_step_s.append(dt)  # a pure decode step: every running request past its prompt
+            num_out += sum(len(o.new_token_ids) for o in outs)
     elapsed = time.perf_counter() - t0
     assert num_out == args.num_prompts * args.output_len, (num_out, args.num_prompts * args.output_len)
     total_tokens = args.num_prompts * (args.input_len + args.output_len)

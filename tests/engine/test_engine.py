@@ -379,3 +379,65 @@ def test_step_xla_options_parse_and_reject_bad_input(monkeypatch):
     monkeypatch.setenv("IE_JAX_XLA_OPTIONS", "xla_gpu_enable_pdl=false,xla_gpu_dot_merger_threshold_mb=5")
     got = step_compiler_options("xla_gpu_enable_pdl=true")  # later ones win
     assert got == {**STEP_COMPILER_OPTIONS, "xla_gpu_dot_merger_threshold_mb": 5, "xla_gpu_enable_pdl": True}
+
+
+def test_priming_every_executable_leaves_the_engine_state_unchanged(tiny):
+    """Warm-up's first runs (GPU: `ModelRunner.prime`) execute each step on all-padding inputs: the KV cache, the
+    penalty counts and the last tokens must come back bit for bit, mid-generation too, and the tokens must not
+    change. Run here on CPU, where warm-up itself skips it."""
+    params = SamplingParams(temperature=0.8, top_k=20, max_tokens=12, ignore_eos=True, seed=3,
+                            repetition_penalty=1.3)
+    want = [o.token_ids for o in make_llm(tiny).generate(PROMPTS, params, use_tqdm=False)]
+    llm = make_llm(tiny)
+    engine, runner = llm.engine, llm.engine.runner
+    assert runner.warmup_times["prime"] == 0.0  # CPU: warm-up does not prime
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, params)
+    outs = {}
+
+    def step():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    for _ in range(3):  # some KV, penalty counts and last tokens in place, a step in flight
+        step()
+    jax.block_until_ready((runner.caches, runner.counts, runner.last_tokens))
+    before = [np.asarray(x).copy() for x in jax.tree.leaves((runner.caches, runner.counts, runner.last_tokens))]
+    runner.prime(list(runner.executables))
+    after = [np.asarray(x) for x in jax.tree.leaves((runner.caches, runner.counts, runner.last_tokens))]
+    assert len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
+    while engine.has_unfinished_requests():
+        step()
+    assert [outs[str(i)] for i in range(len(PROMPTS))] == want
+
+
+def test_frozen_heap_scopes_nest_and_unfreeze_at_the_outermost(tiny):
+    """The serving loops hide the start-up heap from the cyclic collector and give it back when they end: a cycle
+    made before the scope and dropped during it is collected once the scope is left, not before."""
+    import gc
+    import weakref
+
+    from engine.llm_engine import frozen_heap
+
+    class Node:
+        pass
+
+    before = gc.get_freeze_count()  # the interpreter may start with some frozen
+    a = Node()
+    a.self = a  # a reference cycle: only the cyclic collector frees it
+    ref = weakref.ref(a)
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen > before
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() > before  # the inner scope left the outer one's freeze in place
+        del a
+        gc.collect()
+        assert ref() is not None  # frozen: out of the collector's sight
+        llm = make_llm(tiny)  # generate's own scope nests inside this one
+        assert len(llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)) == 2
+        assert gc.get_freeze_count() > before
+    assert gc.get_freeze_count() == 0  # the outermost scope unfreezes everything (a cost of speed only, never leaks)
+    gc.collect()
+    assert ref() is None
