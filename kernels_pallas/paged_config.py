@@ -36,7 +36,7 @@ class TuningConfig:
     profile_dir: GPU diagnostics: a per-warpgroup trace of the kernel's named phases (Mosaic GPU's profiler).
     decode_tiles: the transposed decode kernel (paged_decode.py): keys on the wgmma's M, one token's q-heads on its
         N = 8, a request's tokens one per pass (for decode-only calls); fp8 QK^T with q quantized per token and
-        does not take
+        kv-head. Uses block_kv, num_stages, num_splits, pages_in_smem and profile_dir; shapes it does not take
         (`paged_decode.supported`) fall back to the packed kernel.
     compact_splits: decode tiles with kv splits: each pass copies only its split's window of page ids into SMEM
         (not the whole row) and stores 16-bit partials instead of f32, so that more CTAs fit per SM (fp8 64x2:
