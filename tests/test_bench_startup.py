@@ -1,0 +1,56 @@
+"""scripts/bench_startup.py: time to the first 200 on /health, cold then warm, against stand-in servers (the real
+serve.py start is measured on the GPU machine); a server that dies or never answers is reported, not waited on."""
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_startup", ROOT / "scripts" / "bench_startup.py")
+bs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bs)
+
+
+def _only_json(out):
+    (path,) = list(Path(out).glob("startup_*.json"))
+    return json.loads(path.read_text())
+
+
+def test_cold_then_warm_starts_of_a_server_that_answers(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "health").write_text("ok")
+    cmd = f"{sys.executable} -m http.server {{port}} --bind 127.0.0.1 --directory {site}"
+    rc = bs.main(["--server-cmd", cmd, "--warm-runs", "2", "--timeout", "60", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    runs = _only_json(tmp_path / "out")["runs"]
+    assert [r["kind"] for r in runs] == ["cold", "warm", "warm"]
+    assert all(r["ready"] and 0 < r["seconds"] < 60 for r in runs)
+
+
+def test_a_server_that_exits_is_reported_with_its_log_and_stops_the_run(tmp_path, capsys):
+    cmd = f"{sys.executable} -c print('no-module-named-fastapi');__import__('sys').exit(3)"
+    rc = bs.main(["--server-cmd", cmd, "--warm-runs", "1", "--timeout", "60", "--out", str(tmp_path)])
+    assert rc == 1
+    (run,) = _only_json(tmp_path)["runs"]  # no warm start after a failed cold one
+    assert not run["ready"] and run["why"] == "exited with code 3"
+    assert "no-module-named-fastapi" in "\n".join(run["log_tail"])
+    assert "no-module-named-fastapi" in capsys.readouterr().err
+
+
+def test_a_silent_server_times_out_and_is_stopped(tmp_path):
+    cmd = f"{sys.executable} -c __import__('time').sleep(60)"
+    t0 = time.perf_counter()
+    rc = bs.main(["--server-cmd", cmd, "--warm-runs", "0", "--timeout", "1", "--out", str(tmp_path)])
+    assert rc == 1 and time.perf_counter() - t0 < 30  # terminated, not waited out
+    (run,) = _only_json(tmp_path)["runs"]
+    assert run == {**run, "kind": "cold", "ready": False, "why": "not ready after 1 s"}
+
+
+def test_port_and_cache_dir_are_the_script_s_to_choose(tmp_path):
+    for bad in (["--port", "9000"], ["--compilation-cache-dir=/tmp/x"]):
+        with pytest.raises(SystemExit):
+            bs.main(["--out", str(tmp_path), "--", "--model", "m", *bad])
