@@ -431,11 +431,17 @@ class ModelRunner:
         costs (loading the kernels' modules): on the H200, the first 1,024-row decode step of Llama-3-8B took 0.41 s
         to dispatch, 3% of a 128/128 offline run. Warm-up pays them instead (GPU only; the CPU's are small)."""
         for T, R, variant in keys:
-            inp = self._empty_inputs(T, R)
-            self.caches, self.counts, self.last_tokens, _ = self.executables[(T, R, variant)](
-                self.caches, self.counts, self.last_tokens, self.prompt_mask, jax.device_put(inp.pack(), self.device),
-                *self.weights)
+            self._call(self.executables[(T, R, variant)], self._empty_inputs(T, R))
         jax.block_until_ready((self.caches, self.counts, self.last_tokens))
+
+    def _call(self, step, inp: StepInputs):
+        """One step executable on these inputs; the caches, penalty counts and last tokens are donated and replaced
+        by the step's own. Returns the device-side sample output."""
+        self.caches, self.counts, self.last_tokens, res = step(self.caches, self.counts, self.last_tokens,
+                                                              self.prompt_mask,
+                                                              jax.device_put(inp.pack(), self.device),
+                                                              *self.weights)
+        return res
 
     def num_compiled(self) -> int:
         """Executables built so far (the jitted function's own cache stays empty: every call is ahead-of-time)."""
@@ -532,10 +538,6 @@ class ModelRunner:
         chain = CHAIN[variant]
         twins = [v + DECODE for v in chain if decode_only and (T, R, v + DECODE) in self.executables]
         variant = self.last_variant = (twins or [v for v in chain if (T, R, v) in self.executables])[0]
-        step = self.executables[(T, R, variant)]
-        self.caches, self.counts, self.last_tokens, res = step(self.caches, self.counts, self.last_tokens,
-                                                              self.prompt_mask,
-                                                              jax.device_put(inp.pack(), self.device),
-                                                              *self.weights)
+        res = self._call(self.executables[(T, R, variant)], inp)
         res.token_ids.copy_to_host_async()  # queued behind the step: the read-back finds it on the host
         return res

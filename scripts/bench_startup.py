@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,6 +65,26 @@ def time_to_ready(cmd: list[str], url: str, timeout: float, log_path: str) -> di
     return result
 
 
+def start_all(args, serve_args: list[str], cache_dir: str) -> list[dict]:
+    """The cold start, then --warm-runs warm ones on the same cache; stops at the first that fails."""
+    runs = []
+    for i in range(1 + args.warm_runs):
+        port = free_port()
+        if args.server_cmd:
+            cmd = args.server_cmd.format(port=port, cache_dir=cache_dir).split()
+        else:
+            cmd = [sys.executable, str(SERVE), *serve_args, "--port", str(port), "--compilation-cache-dir", cache_dir]
+        kind = "cold" if i == 0 else "warm"
+        log_path = os.path.join(tempfile.gettempdir(), f"ie-jax-startup-{os.getpid()}-{i}.log")
+        r = time_to_ready(cmd, f"http://127.0.0.1:{port}/health", args.timeout, log_path)
+        runs.append(dict(kind=kind, **r))
+        print(f"{kind}: " + (f"ready in {r['seconds']:.1f} s" if r["ready"] else f"FAILED ({r['why']})"), flush=True)
+        if not r["ready"]:
+            print("\n".join(r["log_tail"]), file=sys.stderr)
+            break
+    return runs
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -82,21 +103,11 @@ def main(argv=None) -> int:
            for a in serve_args):
         ap.error("--port and --compilation-cache-dir are chosen by this script; leave them out after --")
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="ie-jax-startup-cache-")
-    runs = []
-    for i in range(1 + args.warm_runs):
-        port = free_port()
-        if args.server_cmd:
-            cmd = args.server_cmd.format(port=port, cache_dir=cache_dir).split()
-        else:
-            cmd = [sys.executable, str(SERVE), *serve_args, "--port", str(port), "--compilation-cache-dir", cache_dir]
-        kind = "cold" if i == 0 else "warm"
-        log_path = os.path.join(tempfile.gettempdir(), f"ie-jax-startup-{os.getpid()}-{i}.log")
-        r = time_to_ready(cmd, f"http://127.0.0.1:{port}/health", args.timeout, log_path)
-        runs.append(dict(kind=kind, **r))
-        print(f"{kind}: " + (f"ready in {r['seconds']:.1f} s" if r["ready"] else f"FAILED ({r['why']})"), flush=True)
-        if not r["ready"]:
-            print("\n".join(r["log_tail"]), file=sys.stderr)
-            break
+    try:
+        runs = start_all(args, serve_args, cache_dir)
+    finally:
+        if not args.cache_dir:  # ours: removed with what the starts compiled into it
+            shutil.rmtree(cache_dir, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"startup_{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:

@@ -163,8 +163,9 @@ def device_gaps(trace_dir: str, steps: int, top: int = 15) -> dict:
     pairs = collections.defaultdict(lambda: [0, 0.0])
     for s, e, name in events:
         if s > end:
-            pairs[(prev[:60], name[:60])][0] += 1
-            pairs[(prev[:60], name[:60])][1] += (s - end) / 1e3
+            pair = pairs[(prev[:60], name[:60])]
+            pair[0] += 1
+            pair[1] += (s - end) / 1e3
         if e > end:
             busy += e - max(s, end)
             end, prev = e, name

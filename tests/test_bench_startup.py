@@ -24,8 +24,11 @@ def test_cold_then_warm_starts_of_a_server_that_answers(tmp_path):
     site.mkdir()
     (site / "health").write_text("ok")
     cmd = f"{sys.executable} -m http.server {{port}} --bind 127.0.0.1 --directory {site}"
+    caches = lambda: set(Path(bs.tempfile.gettempdir()).glob("ie-jax-startup-cache-*"))  # noqa: E731
+    before = caches()
     rc = bs.main(["--server-cmd", cmd, "--warm-runs", "2", "--timeout", "60", "--out", str(tmp_path / "out")])
     assert rc == 0
+    assert caches() == before  # the temporary compilation cache is removed
     runs = _only_json(tmp_path / "out")["runs"]
     assert [r["kind"] for r in runs] == ["cold", "warm", "warm"]
     assert all(r["ready"] and 0 < r["seconds"] < 60 for r in runs)
