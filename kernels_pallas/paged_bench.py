@@ -137,15 +137,18 @@ def main(argv=()):
     # that L2 holds little of it), and the 128-in / 128-out batch of 256.
     short = [functools.partial(bench_case, f"b1 ctx{n} T8 p16", [n], [1], padding_tokens=7, rotations=16)
              for n in (128, 256, 384, 640, 1024)]
-    short += [functools.partial(bench_case, "decode b256 ctx192 p16", [192] * 256, [1] * 256)]
+    # ... and the 128/128 decode at 1,000 rows (the fp8-cache throughput run's step): 3 blocks of 64 keys a CTA
+    short += [functools.partial(bench_case, "decode b256 ctx192 p16", [192] * 256, [1] * 256),
+              functools.partial(bench_case, "decode b1000 ctx192 p16", [192] * 1000, [1] * 1000)]
     short_fp8 = [functools.partial(bench_case, "b1 ctx1024 T8 p16 fp8", [1024], [1], padding_tokens=7,
-                                   rotations=16, fp8=True)]
+                                   rotations=16, fp8=True),
+                 functools.partial(bench_case, "decode b1000 ctx192 p16 fp8", [192] * 1000, [1] * 1000, fp8=True)]
     if not args.stacked:
         cases += fp8_cases
     if args.short:  # each fp8 case right after its bf16 one (it reads the bf16 row)
         by_name = {c.args[0]: c for c in cases}
-        cases = short[:-1] + [c for name, *_ in decodes for c in (by_name.get(name), by_name.get(name + " fp8")) if c]
-        cases += short[-1:] + short_fp8
+        cases = short[:-2] + [c for name, *_ in decodes for c in (by_name.get(name), by_name.get(name + " fp8")) if c]
+        cases += short[-2:] + short_fp8
     if args.cases:
         wanted = args.cases.split(",")
         cases = [c for c in cases if any(w in c.args[0] for w in wanted)]
