@@ -69,8 +69,7 @@ class AsyncLLM:
         engine = LLMEngine(model, tokenizer, config, owns_model=True, background_extras=True)
         w = engine.runner.warmup_times
         print(f"engine warm-up: {len(engine.runner.executables)} step executables in {time.perf_counter() - t1:.1f} s "
-              f"(summed over threads: trace+lower {w['lower']:.1f} s, compile {w['compile']:.1f} s; first runs "
-              f"{w['prime']:.1f} s; compilation cache "
+              f"(summed over threads: trace+lower {w['lower']:.1f} s, compile {w['compile']:.1f} s; compilation cache "
               f"{w['cache_hits']} hits, {w['cache_misses']} misses); {engine.runner.num_pages} KV pages of "
               f"{config.page_size} tokens", file=sys.stderr, flush=True)
         return cls(engine)
@@ -81,7 +80,8 @@ class AsyncLLM:
         try:
             with frozen_heap():  # the start-up heap out of the collector's walks while serving
                 while not self._stopped.is_set():
-                    block = not engine.has_unfinished_requests()
+                    # idle: one executable's first run (`prime_next`), then a look at the commands without waiting
+                    block = not engine.has_unfinished_requests() and not engine.runner.prime_next()
                     try:
                         while True:
                             command = self._commands.get(block=block, timeout=0.5 if block else None)

@@ -291,6 +291,11 @@ class ModelRunner:
         # Seconds summed over warm-up's worker threads (trace + lower, XLA compile or cache load) and the
         # persistent compilation cache's hits / misses, for the start-up log.
         self.warmup_times = {"lower": 0.0, "compile": 0.0, "prime": 0.0, "cache_hits": 0, "cache_misses": 0}
+        # Executables that have run once (`prime`). The server leaves them to its idle time (`prime_next`);
+        # offline warm-up runs each one before returning.
+        self.primed: set[tuple[int, int, str]] = set()
+        self.priming = self.device.platform != "cpu"  # the CPU's first runs cost little
+        self.defer_priming = False
         self._set_row = jax.jit(lambda a, i, row: a.at[i].set(row), donate_argnums=0)
 
     def _pages_from_memory(self) -> int:
@@ -353,7 +358,9 @@ class ModelRunner:
 
         `background_extras` (the server): only the full-sampler executables are built before returning; the extra
         variants compile on a background thread and `run` picks each up once it exists. Until then their steps
-        run the next variant that exists (FALLBACK), which gives the same tokens."""
+        run the next variant that exists (FALLBACK), which gives the same tokens. The first runs (`prime`) are
+        left to the engine loop's idle time too (`prime_next`), so that the server answers sooner."""
+        self.defer_priming = background_extras
         keys = [(T, R, "full") for T, R in self.config.buckets]
         # "full" itself is in keys; naming it adds its decode twins. Offline generate skips them here: it compiles
         # the variants (and twins) its requests use before its first step (`ensure_variants`).
@@ -420,7 +427,7 @@ class ModelRunner:
                 bar.update()
         for k in counts_before:
             self.warmup_times[k] += _cache_counts[k] - counts_before[k]
-        if self.device.platform != "cpu":
+        if self.priming and not self.defer_priming:
             t0 = time.perf_counter()
             self.prime(keys)
             self.warmup_times["prime"] += time.perf_counter() - t0
@@ -432,7 +439,22 @@ class ModelRunner:
         to dispatch, 3% of a 128/128 offline run. Warm-up pays them instead (GPU only; the CPU's are small)."""
         for T, R, variant in keys:
             self._call(self.executables[(T, R, variant)], self._empty_inputs(T, R))
+            self.primed.add((T, R, variant))
         jax.block_until_ready((self.caches, self.counts, self.last_tokens))
+
+    def prime_next(self) -> bool:
+        """The server's idle time: run the first compiled executable (smallest bucket first) that has not run yet,
+        including the variants the background thread has finished since. Returns False when there was none, or
+        on CPU, or where warm-up primed everything itself. Call it only from the thread that runs the steps."""
+        if not (self.priming and self.defer_priming):
+            return False
+        pending = sorted(k for k in list(self.executables) if k not in self.primed)  # a snapshot: the extras
+        if not pending:  # thread adds keys meanwhile
+            return False
+        t0 = time.perf_counter()
+        self.prime(pending[:1])
+        self.warmup_times["prime"] += time.perf_counter() - t0
+        return True
 
     def _call(self, step, inp: StepInputs):
         """One step executable on these inputs; the caches, penalty counts and last tokens are donated and replaced

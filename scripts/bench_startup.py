@@ -60,8 +60,11 @@ def time_to_ready(cmd: list[str], url: str, timeout: float, log_path: str) -> di
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+    lines = Path(log_path).read_text(errors="replace").splitlines()
     if not result["ready"]:
-        result["log_tail"] = Path(log_path).read_text(errors="replace").splitlines()[-15:]
+        result["log_tail"] = lines[-15:]
+    else:  # serve.py's own account of where the time went (model load, warm-up)
+        result["log"] = [line for line in lines if line.startswith(("model ", "engine warm-up"))]
     return result
 
 
@@ -79,6 +82,8 @@ def start_all(args, serve_args: list[str], cache_dir: str) -> list[dict]:
         r = time_to_ready(cmd, f"http://127.0.0.1:{port}/health", args.timeout, log_path)
         runs.append(dict(kind=kind, **r))
         print(f"{kind}: " + (f"ready in {r['seconds']:.1f} s" if r["ready"] else f"FAILED ({r['why']})"), flush=True)
+        for line in r.get("log", []):
+            print("   ", line, flush=True)
         if not r["ready"]:
             print("\n".join(r["log_tail"]), file=sys.stderr)
             break

@@ -57,3 +57,23 @@ def test_port_and_cache_dir_are_the_script_s_to_choose(tmp_path):
     for bad in (["--port", "9000"], ["--compilation-cache-dir=/tmp/x"]):
         with pytest.raises(SystemExit):
             bs.main(["--out", str(tmp_path), "--", "--model", "m", *bad])
+
+
+def test_the_servers_own_start_up_lines_are_kept(tmp_path):
+    """serve.py prints where its start-up went (model load, warm-up); the JSON keeps those lines, and only those."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "health").write_text("ok")
+    server = tmp_path / "server.py"
+    server.write_text(
+        "import sys, http.server, functools\n"
+        "print('some banner', flush=True)\n"
+        "print(\"model 'x' ready on cpu in 0.3 s\", file=sys.stderr, flush=True)\n"
+        "print('engine warm-up: 3 step executables in 1.5 s', file=sys.stderr, flush=True)\n"
+        f"handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory={str(site)!r})\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), handler).serve_forever()\n")
+    rc = bs.main(["--server-cmd", f"{sys.executable} {server} {{port}}", "--warm-runs", "0", "--timeout", "60",
+                  "--out", str(tmp_path / "out")])
+    assert rc == 0
+    (run,) = _only_json(tmp_path / "out")["runs"]
+    assert run["log"] == ["model 'x' ready on cpu in 0.3 s", "engine warm-up: 3 step executables in 1.5 s"]

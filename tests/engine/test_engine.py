@@ -411,6 +411,46 @@ def test_priming_every_executable_leaves_the_engine_state_unchanged(tiny):
     assert [outs[str(i)] for i in range(len(PROMPTS))] == want
 
 
+def test_the_server_primes_its_executables_in_idle_time_without_changing_outputs(tiny):
+    """The server's warm-up leaves the first runs to the engine loop's idle time (`prime_next`, GPU only; forced on
+    here): before the first request each compiled executable, the background variants included, runs once, and the
+    tokens are those of an engine that never primed."""
+    import asyncio
+    import time
+
+    from engine.async_llm import AsyncLLM
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    model, tok = tiny
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = [o.token_ids for o in make_llm(tiny).generate(PROMPTS[:2], params, use_tqdm=False)]
+    config = EngineConfig(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, page_size=8)
+    engine = LLMEngine(model, tok, config, progress=False, background_extras=True)
+    runner = engine.runner
+    assert runner.defer_priming and runner.warmup_times["prime"] == 0.0 and not runner.primed
+    runner.priming = True  # as on a GPU
+    llm = AsyncLLM(engine)
+    try:
+        runner.extras_thread.join()
+        deadline = time.monotonic() + 120
+        while runner.primed != set(runner.executables) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.primed == set(runner.executables) and len(runner.primed) > len(config.buckets)
+        assert runner.prime_next() is False  # nothing left
+
+        async def one(i, prompt):
+            ids = tok.encode(prompt)
+            return [t async for out in llm.generate(ids, params, str(i)) for t in out.new_token_ids]
+
+        async def both():
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS[:2])))
+
+        assert asyncio.run(both()) == want
+    finally:
+        llm.shutdown()
+
+
 def test_frozen_heap_scopes_nest_and_unfreeze_at_the_outermost(tiny):
     """The serving loops hide the start-up heap from the cyclic collector and give it back when they end: a cycle
     made before the scope and dropped during it is collected once the scope is left, not before."""
