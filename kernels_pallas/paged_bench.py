@@ -106,6 +106,11 @@ def main(argv=()):
                              "record cycles per region (kernel_profile.summarize) in the row")
     parser.add_argument("--tile-splits", default="",
                         help="comma-separated kv splits the decode tiles also try on batched cases (default: none)")
+    parser.add_argument("--heads", default="",
+                        help="comma-separated kv-heads per CTA (TuningConfig.heads_per_cta) the decode tiles also try "
+                             "at 64x2 on batched decode cases")
+    parser.add_argument("--tiles-only", action="store_true",
+                        help="decode cases: sweep only the decode tiles' configs (the baseline still runs)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new config after this many seconds")
     args = parser.parse_args(list(argv))
     import warnings
@@ -224,11 +229,20 @@ def main(argv=()):
                 tile_splits += [16, 32, 64] if int(case["seq_lens"][0]) > 4096 else [1, 2, 4, 8]
             elif args.tile_splits:
                 tile_splits += [int(n) for n in args.tile_splits.split(",")]
-            sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True)
-                      for bk, st in ((64, 2), (64, 3), (64, 4), (128, 2)) for n in tile_splits]
+            if args.tiles_only:
+                sweep = []
+            tile_configs = ((64, 2), (64, 3)) if args.tiles_only else ((64, 2), (64, 3), (64, 4), (128, 2))
+            sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True, heads_per_cta=1)
+                      for bk, st in tile_configs for n in tile_splits]
+            if args.heads and not small:
+                sweep += [TuningConfig(64, 2, decode_tiles=True, heads_per_cta=int(h)) for h in args.heads.split(",")
+                          if int(h) > 1]
             if small and int(case["seq_lens"][0]) > 4096:  # the page-id window and 16-bit partials
-                sweep += [TuningConfig(64, st, num_splits=n, decode_tiles=True, compact_splits=True)
+                sweep += [TuningConfig(64, st, num_splits=n, decode_tiles=True, compact_splits=True, heads_per_cta=1)
                           for st in (2, 3) for n in (32, 48, 64, 96)]
+                if scales:  # q quantized by XLA's three kernels instead of the one-launch kernel
+                    sweep += [TuningConfig(64, 2, num_splits=n, decode_tiles=True, compact_splits=c,
+                                           heads_per_cta=1, quantize_q_kernel=False) for n, c in ((32, False), (48, True))]
         best = None
         tried = []
         for cfg_s in sweep:
