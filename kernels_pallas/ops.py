@@ -229,7 +229,10 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
     if paged_kernel_active():
         from kernels_pallas import paged_attention as pa
         if pa.kernel_supports(q, k_cache):
-            config = pa.TuningConfig(decode_tiles=True) if decode_only else None
+            config = None
+            if decode_only:  # IE_JAX_DECODE_PAGES_IN_SMEM=0: the decode tiles read page ids from GMEM
+                config = pa.TuningConfig(decode_tiles=True,
+                                         pages_in_smem=os.environ.get("IE_JAX_DECODE_PAGES_IN_SMEM", "1") != "0")
             return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
                                              layer=layer, sm_scale=scale, sliding_window=sliding_window,
                                              softcap=softcap, k_scale=k_scale, v_scale=v_scale, config=config,

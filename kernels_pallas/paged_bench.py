@@ -25,13 +25,15 @@ MMA_TFLOPS = 752.0
 
 
 def bench_case(name, seq_lens, q_lens, *, N=32, K=8, H=128, page_size=16, rotations=2, layers=1, seed=0,
-                fp8=False, padding_tokens=0):
+                fp8=False, padding_tokens=0, table_width=None):
     """Random caches holding `rotations` disjoint page sets (timed round-robin so L2 never holds the KV).
     fp8: the caches in e4m3 with per-kv-head scales (`scales` holds them for the calls).
 
     layers > 1 builds the engine's stacked cache [L, K, P, page_size, H] with one page set per layer and times
     the calls round-robin over a traced layer index instead (each layer holds different data).
-    padding_tokens: extra query tokens past the last request, as the engine pads a step to its token bucket."""
+    padding_tokens: extra query tokens past the last request, as the engine pads a step to its token bucket.
+    table_width: page-table columns (default: the longest request's pages), as the engine's max_model_len sets
+    them; the columns past a request's pages hold page 0."""
     rng = jax.random.key(seed)
     R = len(seq_lens)
     max_pages = -(-max(seq_lens) // page_size)
@@ -51,6 +53,8 @@ def bench_case(name, seq_lens, q_lens, *, N=32, K=8, H=128, page_size=16, rotati
                       v_scale=jnp.full(k_pages.shape[:-3], 0.25, jnp.float32))
         k_pages, v_pages = (k_pages * 4).astype(FP8), (v_pages * 4).astype(FP8)
     perm = jax.random.permutation(kp, P).astype(jnp.int32).reshape(rotations, R, max_pages)
+    if table_width is not None:
+        perm = jnp.pad(perm, ((0, 0), (0, 0), (0, table_width - max_pages)))
     qsl = jnp.asarray([0] + list(itertools.accumulate(q_lens)), jnp.int32)
     return dict(name=name, q=q, k_pages=k_pages, v_pages=v_pages, page_tables=perm, qsl=qsl, layers=layers,
                 seq_lens=jnp.asarray(seq_lens, jnp.int32), num_seqs=jnp.int32(R), q_lens=q_lens, scales=scales,
@@ -144,16 +148,19 @@ def main(argv=()):
              for n in (128, 256, 384, 640, 1024)]
     # ... and the 128/128 decode at 1,000 rows (the fp8-cache throughput run's step): 3 blocks of 64 keys a CTA
     short += [functools.partial(bench_case, "decode b256 ctx192 p16", [192] * 256, [1] * 256),
-              functools.partial(bench_case, "decode b1000 ctx192 p16", [192] * 1000, [1] * 1000)]
+              functools.partial(bench_case, "decode b1000 ctx192 p16", [192] * 1000, [1] * 1000),
+              functools.partial(bench_case, "decode b1000 ctx192 p16 w128", [192] * 1000, [1] * 1000, table_width=128)]
     short_fp8 = [functools.partial(bench_case, "b1 ctx1024 T8 p16 fp8", [1024], [1], padding_tokens=7,
                                    rotations=16, fp8=True),
-                 functools.partial(bench_case, "decode b1000 ctx192 p16 fp8", [192] * 1000, [1] * 1000, fp8=True)]
+                 functools.partial(bench_case, "decode b1000 ctx192 p16 fp8", [192] * 1000, [1] * 1000, fp8=True),
+                 functools.partial(bench_case, "decode b1000 ctx192 p16 w128 fp8", [192] * 1000, [1] * 1000, fp8=True,
+                                   table_width=128)]
     if not args.stacked:
         cases += fp8_cases
     if args.short:  # each fp8 case right after its bf16 one (it reads the bf16 row)
         by_name = {c.args[0]: c for c in cases}
-        cases = short[:-2] + [c for name, *_ in decodes for c in (by_name.get(name), by_name.get(name + " fp8")) if c]
-        cases += short[-2:] + short_fp8
+        cases = short[:-3] + [c for name, *_ in decodes for c in (by_name.get(name), by_name.get(name + " fp8")) if c]
+        cases += short[-3:] + short_fp8
     if args.cases:
         wanted = args.cases.split(",")
         cases = [c for c in cases if any(w in c.args[0] for w in wanted)]
@@ -234,6 +241,8 @@ def main(argv=()):
             tile_configs = ((64, 2), (64, 3)) if args.tiles_only else ((64, 2), (64, 3), (64, 4), (128, 2))
             sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True, heads_per_cta=1)
                       for bk, st in tile_configs for n in tile_splits]
+            if not small:  # page ids read from GMEM instead of a copy of the row in SMEM
+                sweep += [TuningConfig(64, 2, decode_tiles=True, heads_per_cta=1, pages_in_smem=False)]
             if args.heads and not small:
                 sweep += [TuningConfig(64, 2, decode_tiles=True, heads_per_cta=int(h)) for h in args.heads.split(",")
                           if int(h) > 1]
