@@ -230,9 +230,9 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
         from kernels_pallas import paged_attention as pa
         if pa.kernel_supports(q, k_cache):
             config = None
-            if decode_only:  # IE_JAX_DECODE_PAGES_IN_SMEM=0: the decode tiles read page ids from GMEM
+            if decode_only:  # IE_JAX_QUANT_Q_KERNEL=0: an fp8 cache's q quantized by XLA, not the Triton kernel
                 config = pa.TuningConfig(decode_tiles=True,
-                                         pages_in_smem=os.environ.get("IE_JAX_DECODE_PAGES_IN_SMEM", "1") != "0")
+                                         quantize_q_kernel=os.environ.get("IE_JAX_QUANT_Q_KERNEL", "1") != "0")
             return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
                                              layer=layer, sm_scale=scale, sliding_window=sliding_window,
                                              softcap=softcap, k_scale=k_scale, v_scale=v_scale, config=config,

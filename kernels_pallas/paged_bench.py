@@ -110,9 +110,6 @@ def main(argv=()):
                              "record cycles per region (kernel_profile.summarize) in the row")
     parser.add_argument("--tile-splits", default="",
                         help="comma-separated kv splits the decode tiles also try on batched cases (default: none)")
-    parser.add_argument("--heads", default="",
-                        help="comma-separated kv-heads per CTA (TuningConfig.heads_per_cta) the decode tiles also try "
-                             "at 64x2 on batched decode cases")
     parser.add_argument("--tiles-only", action="store_true",
                         help="decode cases: sweep only the decode tiles' configs (the baseline still runs)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new config after this many seconds")
@@ -239,19 +236,16 @@ def main(argv=()):
             if args.tiles_only:
                 sweep = []
             tile_configs = ((64, 2), (64, 3)) if args.tiles_only else ((64, 2), (64, 3), (64, 4), (128, 2))
-            sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True, heads_per_cta=1)
+            sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True)
                       for bk, st in tile_configs for n in tile_splits]
             if not small:  # page ids read from GMEM instead of a copy of the row in SMEM
-                sweep += [TuningConfig(64, 2, decode_tiles=True, heads_per_cta=1, pages_in_smem=False)]
-            if args.heads and not small:
-                sweep += [TuningConfig(64, 2, decode_tiles=True, heads_per_cta=int(h)) for h in args.heads.split(",")
-                          if int(h) > 1]
+                sweep += [TuningConfig(64, 2, decode_tiles=True, pages_in_smem=False)]
             if small and int(case["seq_lens"][0]) > 4096:  # the page-id window and 16-bit partials
-                sweep += [TuningConfig(64, st, num_splits=n, decode_tiles=True, compact_splits=True, heads_per_cta=1)
+                sweep += [TuningConfig(64, st, num_splits=n, decode_tiles=True, compact_splits=True)
                           for st in (2, 3) for n in (32, 48, 64, 96)]
                 if scales:  # q quantized by XLA's three kernels instead of the one-launch kernel
                     sweep += [TuningConfig(64, 2, num_splits=n, decode_tiles=True, compact_splits=c,
-                                           heads_per_cta=1, quantize_q_kernel=False) for n, c in ((32, False), (48, True))]
+                                           quantize_q_kernel=False) for n, c in ((32, False), (48, True))]
         best = None
         tried = []
         for cfg_s in sweep:

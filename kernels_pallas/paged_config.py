@@ -41,9 +41,6 @@ class TuningConfig:
     compact_splits: decode tiles with kv splits: each pass copies only its split's window of page ids into SMEM
         (not the whole row) and stores 16-bit partials instead of f32, so that more CTAs fit per SM (fp8 64x2:
         ~64 -> ~55 KiB; not yet measured on the GPU).
-    heads_per_cta: decode tiles: each CTA walks this many kv-heads of its (request, split) one after the other
-        through one TMA ring (a divisor of the kv-head count), so that a short context's few blocks per head do
-        not each pay a CTA's start and drain. None: `paged_decode.heads_per_cta_for`.
     quantize_q_kernel: decode tiles with an fp8 cache: quantize q in one kernel (kernels_pallas/quantize_q.py)
         instead of XLA's three.
     """
@@ -62,7 +59,6 @@ class TuningConfig:
     profile_dir: str = ""
     decode_tiles: bool = False
     compact_splits: bool = False
-    heads_per_cta: int | None = None
     quantize_q_kernel: bool = True
 
     def __post_init__(self):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -63,26 +62,23 @@ def window_size(max_pages, page_size, block_kv, num_splits):
 
 # fp8 cache: q [T, N, H] times q_scale [K] (softmax scale x k_scale) in f32, quantized to e4m3 with one scale per
 # (token, kv-head), amax / 448 -> (q8 [T * N, H], scales [T, K] f32). The jnp form (XLA: three small kernels) and
-# the one-launch kernel (kernels_pallas/quantize_q.py, bit-identical) that `decode_attention` runs.
+# the one-launch kernel (kernels_pallas/quantize_q.py, bit-identical) that `decode_attention` runs by default.
 quantize_queries = quantize_q.quantize_queries_reference
 
 
 def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, qs_ref, k_ref, v_ref,
             v_scale_ref, *refs, group, num_heads, page_size, block_kv, num_stages, num_splits, scale, sliding_window,
-            softcap, pages_in_smem, pt_window, heads_per_cta):
+            softcap, pages_in_smem, pt_window):
     # qsl_ref [R + 1], seq_lens_ref [R], num_seqs_ref [1], layer_ref [2] (cache entries of this layer's K and V),
     # page_table_ref [R, max_pages] int32; q_ref [T * N, H] (q's dtype, or e4m3 for an fp8 cache); qs_ref [T, K]
     # f32 (fp8: q's per-token, per-kv-head scale; else [1, K], unused); k_ref, v_ref [L, K, P, page_size, H];
     # v_scale_ref [K] f32 (ones for a 16-bit cache, unused).
     # outputs, one split: out_ref [T * N, H]; several: o_ref [S, T, K, H, COLS] f32, lse_ref [S, T, K, 1, COLS]
-    # scratch: q_smem [q_rows, H] (the CTA's kv-heads' q rows, whole 8-row boxes); k_smem, v_smem [stages,
-    # block_kv, H]; v16_smem [block_kv, H] (fp8 only); p_smem [COLS, block_kv] (P^T, K-major for the PV wgmma);
-    # o_smem [bufs, COLS, H] (out dtype) or [bufs, H, COLS] f32; lse_smem [bufs, block_kv, COLS] f32 (splits
-    # only); pt_smem [max_pages] + its barrier (pages_in_smem), or with pt_window (> 0) only [pt_window] ids, each
-    # pass's window from its split's first page (32-aligned); barriers q_bar, k_bar[stages], v_bar[stages]
-    # CTA (w, g) walks kv-heads g * heads_per_cta + j, j < heads_per_cta, one after the other through one TMA ring:
-    # the next head's first blocks load while this head's last ones compute, and the request's page ids are
-    # copied once for all of them.
+    # scratch: q_smem [COLS, H]; k_smem, v_smem [stages, block_kv, H]; v16_smem [block_kv, H] (fp8 only);
+    # p_smem [COLS, block_kv] (P^T, K-major for the PV wgmma); o_smem [COLS, H] (out dtype) or [H, COLS] f32;
+    # lse_smem [block_kv, COLS] f32 (splits only); pt_smem [max_pages] + its barrier (pages_in_smem), or with
+    # pt_window (> 0) only [pt_window] ids, each pass's window from its split's first page (32-aligned);
+    # barriers q_bar, k_bar[stages], v_bar[stages]
     if num_splits == 1:
         out_ref, *refs = refs
         o_ref = lse_ref = None
@@ -96,31 +92,26 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
     lse_smem = refs.pop(0) if num_splits > 1 else None
     pt_smem, pt_bar = refs[:2] if pages_in_smem else (None, None)
     q_bar, k_bar, v_bar = refs[-3:]
-    hc = heads_per_cta
-    bufs = o_smem.shape[0]  # output staging buffers: a head's store may still read one while the next fills another
     w = lax.axis_index("w")
-    kh0 = lax.axis_index("kh") * hc  # this CTA's first kv-head
+    kh = lax.axis_index("kh")
     H = q_smem.shape[-1]
     T = q_ref.shape[0] // num_heads
     R = seq_lens_ref.shape[0]
     req, split = w // num_splits, lax.rem(w, num_splits)
-    # q rows [q_row0, q_row0 + q_rows) hold the CTA's heads: hc * group rows when that is whole boxes (then each
-    # head's box and column are static), else the one 8-row box around them (column (kh * group) % 8)
-    boxes = hc * group >= COLS
-    q_row0 = kh0 * group if boxes else kh0 * group - lax.rem(kh0 * group, COLS)
+    col0 = lax.rem(kh * group, COLS)  # this kv-head's first column in its token's 8-row box
+    box0 = kh * group - col0
     k_layer = k_ref.at[layer_ref[0]]
     v_layer = v_ref.at[layer_ref[1]]
 
     if num_splits == 1:  # tokens outside [qsl[0], qsl[num_seqs]) belong to no request: zeros, CTA by CTA
         first, end = qsl_ref[0], qsl_ref[jnp.clip(num_seqs_ref[0], 0, R)]
-        rows = hc * group
-        zeros = plgpu.layout_cast(jnp.zeros((rows, H), out_ref.dtype), plgpu.Layout.WG_STRIDED((rows, H), vec_size=2))
+        zeros = plgpu.layout_cast(jnp.zeros((group, H), out_ref.dtype), plgpu.Layout.WG_STRIDED((group, H), vec_size=2))
 
         @pl.loop(w, T, step=R * num_splits)
         def _(t):
             @pl.when((t < first) | (t >= end))
             def _():
-                out_ref[pl.ds(t * num_heads + kh0 * group, rows), :] = zeros
+                out_ref[pl.ds(t * num_heads + kh * group, group), :] = zeros
 
     def copy_ids(start):  # ids [start, start + pt_smem size) of the request's row -> SMEM
         for c0 in range(0, pt_smem.shape[0], PT_BOX):
@@ -141,7 +132,6 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
         kv_begin, kv_end = kv_split(q_pos, q_pos + 1, split, num_splits=num_splits, page_size=page_size,
                                     block_kv=block_kv, sliding_window=sliding_window)
         num_blocks = pl.cdiv(jnp.maximum(kv_end - kv_begin, 0), block_kv)
-        num_steps = num_blocks * hc  # step s: head s // num_blocks, block s % num_blocks
         first_page = kv_begin // page_size
         last_page = q_pos // page_size
         pt_start = 0
@@ -156,12 +146,7 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
                 return [load(jnp.minimum(first + p, last_page)) for p in range(block_kv // page_size)]
             return [load(jnp.minimum((kv_begin + block * block_kv) // page_size, last_page))]
 
-        def issue(step, slot):
-            if hc == 1:
-                kh, block = kh0, step
-            else:
-                j = step // jnp.maximum(num_blocks, 1)
-                kh, block = kh0 + j, step - j * num_blocks
+        def issue(block, slot):
             pages = page_ids(block)
             if block_kv >= page_size:
                 for p, page in enumerate(pages):
@@ -173,101 +158,91 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
                 plgpu.copy_gmem_to_smem(k_layer.at[kh, pages[0], rows], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_layer.at[kh, pages[0], rows], v_smem.at[slot], v_bar.at[slot])
 
-        def refill(step, slot):
-            pl.when(step + num_stages < num_steps)(lambda: issue(step + num_stages, slot))
+        def refill(block, slot):
+            pl.when(block + num_stages < num_blocks)(lambda: issue(block + num_stages, slot))
 
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t * num_heads + q_row0, q_smem.shape[0])], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t * num_heads + box0, COLS)], q_smem, q_bar)
         for s in range(num_stages):
-            pl.when(s < num_steps)(functools.partial(issue, s, s))
+            pl.when(s < num_blocks)(functools.partial(issue, s, s))
         plgpu.barrier_wait(q_bar)
+
+        # scores -> base-2 exponents: s * c (fp8: the token's q scale folds in)
+        c_raw = qs_ref[t, kh] if fp8 else jnp.float32(scale)
+        c = c_raw * _LOG2E
         key = plgpu.broadcasted_iota(jnp.int32, (block_kv, COLS), 0, layout=plgpu.Layout.WGMMA)
 
-        for j in range(hc):
-            kh = kh0 + j
-            if boxes:
-                q_box, col0 = q_smem.at[pl.ds(j * group // COLS * COLS, COLS)], j * group % COLS
-            else:
-                q_box, col0 = q_smem, lax.rem(kh * group, COLS)
-            step0 = j * num_blocks
-            # scores -> base-2 exponents: s * c (fp8: the token's q scale folds in)
-            c_raw = qs_ref[t, kh] if fp8 else jnp.float32(scale)
-            c = c_raw * _LOG2E
+        def body(block, carry):
+            acc, m_i, l_acc = carry  # [H, COLS] f32, [COLS] (base-2 max), [block_kv, COLS] per-thread sums
+            slot = lax.rem(block, num_stages)
+            with jax.named_scope("wait_k"):  # named scopes: the regions a `profile_dir` trace records
+                plgpu.barrier_wait(k_bar.at[slot])
 
-            def body(block, carry, q_box=q_box, step0=step0, c_raw=c_raw, c=c):
-                acc, m_i, l_acc = carry  # [H, COLS] f32, [COLS] (base-2 max), [block_kv, COLS] per-thread sums
-                step = step0 + block
-                slot = lax.rem(step, num_stages)
-                with jax.named_scope("wait_k"):  # named scopes: the regions a `profile_dir` trace records
-                    plgpu.barrier_wait(k_bar.at[slot])
-
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, k_smem.at[slot], q_box.T)
-                    if fp8:  # convert V while QK^T runs; the fp8 slot is then free to refill
-                        with jax.named_scope("wait_v"):
-                            plgpu.barrier_wait(v_bar.at[slot])
-                        with jax.named_scope("convert_v"):
-                            v16_smem[...] = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
-                                v16_smem.dtype)
-                    with jax.named_scope("qk_wait"):
-                        return acc_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((block_kv, COLS), jnp.float32))  # [block_kv, COLS]
-                if fp8:
-                    with jax.named_scope("refill"):
-                        refill(step, slot)
-                with jax.named_scope("softmax"):
-                    cb = c
-                    if softcap is not None:
-                        s = jnp.tanh(s * (c_raw / softcap)) * (softcap * _LOG2E)
-                        cb = 1.0
-                    s = mask_block(s, kv_begin + block * block_kv, key, q_pos, q_pos, kv_end, block_kv=block_kv,
-                                   sliding_window=sliding_window)
-                    m_new = jnp.maximum(m_i, s.max(axis=0) * cb)
-                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                    alpha = jnp.exp2(m_i - m_safe)
-                    p = jnp.exp2(s * cb - lax.broadcast_in_dim(m_safe, s.shape, [1]))
-                    l_acc = l_acc * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-                with jax.named_scope("p_store"):
-                    p_smem.T[...] = p.astype(p_smem.dtype)
-                    if not fp8:
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.T)
+                if fp8:  # convert V while QK^T runs; the fp8 slot is then free to refill
+                    with jax.named_scope("wait_v"):
                         plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.commit_smem()  # P (and fp8's V copy) visible to the wgmma
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, (v16_smem if fp8 else v_smem.at[slot]).T, p_smem.T)
+                    with jax.named_scope("convert_v"):
+                        v16_smem[...] = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(
+                            v16_smem.dtype)
+                with jax.named_scope("qk_wait"):
                     return acc_ref[...]
 
-                with jax.named_scope("pv"):
-                    acc = acc + pl.run_scoped(pv, plgpu.ACC((H, COLS), jnp.float32))
+            s = pl.run_scoped(qk, plgpu.ACC((block_kv, COLS), jnp.float32))  # [block_kv, COLS]
+            if fp8:
+                with jax.named_scope("refill"):
+                    refill(block, slot)
+            with jax.named_scope("softmax"):
+                cb = c
+                if softcap is not None:
+                    s = jnp.tanh(s * (c_raw / softcap)) * (softcap * _LOG2E)
+                    cb = 1.0
+                s = mask_block(s, kv_begin + block * block_kv, key, q_pos, q_pos, kv_end, block_kv=block_kv,
+                               sliding_window=sliding_window)
+                m_new = jnp.maximum(m_i, s.max(axis=0) * cb)
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m_i - m_safe)
+                p = jnp.exp2(s * cb - lax.broadcast_in_dim(m_safe, s.shape, [1]))
+                l_acc = l_acc * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+            with jax.named_scope("p_store"):
+                p_smem.T[...] = p.astype(p_smem.dtype)
                 if not fp8:
-                    with jax.named_scope("refill"):
-                        refill(step, slot)
-                return acc, m_new, l_acc
+                    plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.commit_smem()  # P (and fp8's V copy) visible to the wgmma
 
-            acc = plgpu.layout_cast(jnp.zeros((H, COLS), jnp.float32), plgpu.Layout.WGMMA)
-            m_i = plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0))
-            l_acc = plgpu.layout_cast(jnp.zeros((block_kv, COLS), jnp.float32), plgpu.Layout.WGMMA)
-            acc, m_i, l_acc = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_acc))
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, (v16_smem if fp8 else v_smem.at[slot]).T, p_smem.T)
+                return acc_ref[...]
 
-            l_i = l_acc.sum(axis=0)
-            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-            o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])  # [H, COLS]
-            b = j % bufs
-            stores = 1 if num_splits == 1 else 2  # TMA store groups per head
-            plgpu.wait_smem_to_gmem(stores * (bufs - 1), wait_read_only=True)  # buffer b's last stores have read it
-            if num_splits == 1:
-                o_smem.at[b].T[...] = (o * v_scale_ref[kh] if fp8 else o).astype(o_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[b, pl.ds(col0, group)],
-                                        out_ref.at[pl.ds(t * num_heads + kh * group, group)])
-            else:
-                o_smem.at[b][...] = o.astype(o_smem.dtype)
-                lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))
-                lse_smem.at[b][...] = lax.broadcast_in_dim(lse, lse_smem.shape[1:], [1])
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[b], o_ref.at[split, t, kh])
-                plgpu.copy_smem_to_gmem(lse_smem.at[b, pl.ds(0, 1)], lse_ref.at[split, t, kh])
+            with jax.named_scope("pv"):
+                acc = acc + pl.run_scoped(pv, plgpu.ACC((H, COLS), jnp.float32))
+            if not fp8:
+                with jax.named_scope("refill"):
+                    refill(block, slot)
+            return acc, m_new, l_acc
+
+        acc = plgpu.layout_cast(jnp.zeros((H, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        m_i = plgpu.layout_cast(jnp.full((COLS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0))
+        l_acc = plgpu.layout_cast(jnp.zeros((block_kv, COLS), jnp.float32), plgpu.Layout.WGMMA)
+        acc, m_i, l_acc = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_acc))
+
+        l_i = l_acc.sum(axis=0)
+        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+        o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [1])  # [H, COLS]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous pass's stores have read o_smem
+        if num_splits == 1:
+            o_smem.T[...] = (o * v_scale_ref[kh] if fp8 else o).astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(col0, group)],
+                                    out_ref.at[pl.ds(t * num_heads + kh * group, group)])
+        else:
+            o_smem[...] = o.astype(o_smem.dtype)
+            lse = jnp.where(l_i == 0.0, -jnp.inf, m_i + jnp.log2(l_safe))
+            lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [1])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, t, kh])
+            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, 1)], lse_ref.at[split, t, kh])
 
     pl.loop(0, q_len)(run_token)
     plgpu.wait_smem_to_gmem(0)
@@ -296,15 +271,6 @@ def num_splits_for(R, K, max_kv_len):
     return max(splits, 2) if R * K < 132 else splits
 
 
-def heads_per_cta_for(num_ctas, num_kv_heads):
-    """Default kv-heads per CTA for a grid of num_ctas (request, split) pairs: IE_JAX_DECODE_HEADS_PER_CTA if set,
-    else 1."""
-    env = os.environ.get("IE_JAX_DECODE_HEADS_PER_CTA")
-    if env:
-        return math.gcd(int(env), num_kv_heads)
-    return 1
-
-
 def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc, seq_lens, num_seqs, scales, *,
                      scale, sliding_window, softcap, config, interpret):
     """Traced inside `paged_attention._ragged_paged_attention` (same arguments, caches stacked [L', K, P, page, H]
@@ -315,9 +281,6 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     num_splits = config.num_splits or num_splits_for(R, K, max_pages * page_size)
     group = N // K
     fp8 = k_pages.dtype == FP8
-    hc = config.heads_per_cta or heads_per_cta_for(R * num_splits, K)
-    if K % hc:
-        raise ValueError(f"heads_per_cta={hc} must divide the {K} kv-heads")
     if fp8:
         k_scale, v_scale = scales
         if config.quantize_q_kernel:
@@ -335,15 +298,14 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     tiled = lambda cols, dt: (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * jnp.dtype(dt).itemsize))
     cdt = jnp.float16 if fp8 else q.dtype  # the PV wgmma's type (fp8: V converted to f16, exact for e4m3)
     ring_t = tiled(H, FP8) if fp8 else tiled(64, q.dtype)
-    bufs = 2 if hc > 1 else 1
     scratch = [
-        plgpu.SMEM((max(COLS, hc * group), H), q_in.dtype, transforms=ring_t),
+        plgpu.SMEM((COLS, H), q_in.dtype, transforms=ring_t),
         plgpu.SMEM((stages, bk, H), k_pages.dtype, transforms=ring_t),
         plgpu.SMEM((stages, bk, H), k_pages.dtype, transforms=ring_t),
         *([plgpu.SMEM((bk, H), cdt, transforms=tiled(64, cdt))] if fp8 else []),
         plgpu.SMEM((COLS, bk), cdt, transforms=tiled(64, cdt)),
-        plgpu.SMEM((bufs, COLS, H), q.dtype) if num_splits == 1 else plgpu.SMEM((bufs, H, COLS), partial_dtype),
-        *([] if num_splits == 1 else [plgpu.SMEM((bufs, bk, COLS), jnp.float32)]),
+        plgpu.SMEM((COLS, H), q.dtype) if num_splits == 1 else plgpu.SMEM((H, COLS), partial_dtype),
+        *([] if num_splits == 1 else [plgpu.SMEM((bk, COLS), jnp.float32)]),
         *([plgpu.SMEM((pt_window or max_pages,), jnp.int32),
            plgpu.Barrier(num_arrivals=-(-(pt_window or max_pages) // PT_BOX))] if pages_in_smem else []),
         plgpu.Barrier(num_arrivals=1),
@@ -365,10 +327,10 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     kernel = plgpu.kernel(
         functools.partial(_kernel, group=group, num_heads=N, page_size=page_size, block_kv=bk, num_stages=stages,
                           num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                          pages_in_smem=pages_in_smem, pt_window=pt_window, heads_per_cta=hc),
+                          pages_in_smem=pages_in_smem, pt_window=pt_window),
         out_type=out_type,
         scratch_types=scratch,
-        grid=(R * num_splits, K // hc),
+        grid=(R * num_splits, K),
         grid_names=("w", "kh"),
         compiler_params=plgpu.CompilerParams(**params),
         **kwargs,

@@ -12,8 +12,8 @@ from kernels_pallas import paged_decode as pd
 from tests.kernels.test_paged_attention import FP8_TOL, assert_close, make_batch, to_fp8
 
 
-def tiles(block_kv=64, stages=2, splits=None, heads=1):
-    return pa.TuningConfig(block_kv, stages, num_splits=splits, decode_tiles=True, heads_per_cta=heads)
+def tiles(block_kv=64, stages=2, splits=None):
+    return pa.TuningConfig(block_kv, stages, num_splits=splits, decode_tiles=True)
 
 
 def reference_with_quantized_q(batch, scales, sm_scale=None, **kw):
@@ -58,29 +58,14 @@ def test_fp8_decode_quantizes_q_per_token_and_kv_head(splits):
     assert not np.asarray(out[4:], np.float32).any()
 
 
-@pytest.mark.parametrize("K,G,heads,splits,fp8", [(4, 4, 4, 1, False), (4, 2, 2, 2, False), (2, 4, 2, 1, True),
-                                                   (4, 2, 4, 2, True)])
-def test_several_kv_heads_per_cta(K, G, heads, splits, fp8):
-    # one CTA walks `heads` kv-heads through one ring: the next head's first blocks load during this head's last
-    # ones (lengths of 1, 2 and 4 blocks, and a 1-key request), padding rows and tokens in the batch; G * heads of
-    # 4 rows share one 8-row q box, of 8 and 16 rows make whole boxes
-    batch = make_batch(56 + K + heads, q_lens=[1, 1, 1, 1], seq_lens=[64, 1, 130, 256], num_rows=6, extra_tokens=2,
-                       K=K, G=G, H=128, page_size=16)
-    config = tiles(splits=splits, heads=heads)
-    if fp8:
-        fp8_batch, _, scales = to_fp8(batch, 57)
-        out = pa.ragged_paged_attention(*fp8_batch, **scales, config=config, interpret=True)
-        assert_close(out, reference_with_quantized_q(fp8_batch, scales), rows=4)
-    else:
-        out = pa.ragged_paged_attention(*batch, config=config, interpret=True)
-        assert_close(out, pa.paged_attention_reference(*batch), rows=4)
-    assert not np.asarray(out[4:], np.float32).any()
-
-
-def test_heads_per_cta_must_divide_the_kv_heads():
-    batch = make_batch(58, q_lens=[1], seq_lens=[20], K=2, G=4, H=128)
-    with pytest.raises(ValueError, match="heads_per_cta=4 must divide the 2 kv-heads"):
-        pa.ragged_paged_attention(*batch, config=tiles(heads=4), interpret=True)
+def test_fp8_q_quantization_kernel_and_xla_give_the_same_output():
+    batch = make_batch(59, q_lens=[1, 1, 1], seq_lens=[5, 64, 150], num_rows=4, extra_tokens=1, K=2, G=4, H=128,
+                       page_size=16)
+    fp8, _, scales = to_fp8(batch, 60)
+    outs = [pa.ragged_paged_attention(*fp8, **scales, interpret=True, config=pa.TuningConfig(
+        decode_tiles=True, quantize_q_kernel=k)) for k in (True, False)]
+    np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
+    assert_close(outs[0], reference_with_quantized_q(fp8, scales), rows=3)
 
 
 def test_interleaved_stacked_cache_reads_the_named_layer():
@@ -148,18 +133,16 @@ def test_unsupported_shapes_fall_back_to_the_packed_kernel():
     assert_close(out, pa.paged_attention_reference(*batch))
 
 
-@pytest.mark.parametrize("fp8,splits,block_kv,stages,compact,heads", [
-    (False, 1, 64, 2, False, 1), (False, 4, 128, 2, False, 1), (True, 1, 64, 3, False, 1), (True, 4, 64, 2, False, 1),
-    (False, 4, 64, 2, True, 1), (True, 4, 64, 2, True, 1), (False, 1, 64, 2, False, 8), (True, 1, 64, 2, False, 4),
-    (True, 4, 64, 2, False, 2)])
-def test_lowers_for_the_gpu_cpu(fp8, splits, block_kv, stages, compact, heads):
+@pytest.mark.parametrize("fp8,splits,block_kv,stages,compact", [(False, 1, 64, 2, False), (False, 4, 128, 2, False),
+                                                                (True, 1, 64, 3, False), (True, 4, 64, 2, False),
+                                                                (False, 4, 64, 2, True), (True, 4, 64, 2, True)])
+def test_lowers_for_the_gpu_cpu(fp8, splits, block_kv, stages, compact):
     """The Mosaic GPU lowering (transposed P and output stores, 8-column wgmmas, fp8 QK^T, the page-id window)
     at a serving shape."""
     T, N, K, H, P, page_size, R = 64, 32, 8, 128, 4096, 16, 64
     cache = jax.ShapeDtypeStruct((K, P, page_size, H), pa.FP8 if fp8 else jnp.bfloat16)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    config = pa.TuningConfig(block_kv, stages, num_splits=splits, decode_tiles=True, compact_splits=compact,
-                             heads_per_cta=heads)
+    config = pa.TuningConfig(block_kv, stages, num_splits=splits, decode_tiles=True, compact_splits=compact)
     f = jax.jit(lambda *a: pa.ragged_paged_attention(*a, config=config))
     # an abstract H200: the fp8 path's q quantization is a Triton kernel, whose lowering asks for a GPU
     gpu = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
@@ -174,7 +157,7 @@ def test_lowers_for_the_gpu_cpu(fp8, splits, block_kv, stages, compact, heads):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size,config", [(16, tiles()), (32, tiles(64, 3)), (64, tiles(128, 2)),
-                                              (16, tiles(splits=4)), (16, tiles(heads=8))])
+                                              (16, tiles(splits=4))])
 def test_gpu_decode_serving_sizes(page_size, config):
     seq_lens = [int(x) for x in np.random.default_rng(48).integers(1, 4096, 60)] + [4096]
     batch = make_batch(48, q_lens=[1] * 61, seq_lens=seq_lens, num_rows=64, extra_tokens=3, K=8, G=4, H=128,
@@ -185,8 +168,7 @@ def test_gpu_decode_serving_sizes(page_size, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size,config", [(16, tiles()), (64, tiles(64, 3)), (16, tiles(splits=4)),
-                                               (16, tiles(heads=8)), (16, tiles(splits=2, heads=4))])
+@pytest.mark.parametrize("page_size,config", [(16, tiles()), (64, tiles(64, 3)), (16, tiles(splits=4))])
 def test_gpu_fp8_decode_serving_sizes(page_size, config):
     seq_lens = [int(x) for x in np.random.default_rng(49).integers(1, 4096, 60)] + [4096]
     batch = make_batch(49, q_lens=[1] * 61, seq_lens=seq_lens, num_rows=64, extra_tokens=3, K=8, G=4, H=128,
