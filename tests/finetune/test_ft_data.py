@@ -1,7 +1,6 @@
 """SFT/DPO data: formats and loss masks, clear errors, truncation, packing that never mixes documents."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
