@@ -215,19 +215,8 @@ def paged_kernel_active() -> bool:
     return backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
 
 
-def l2_prefetch_mode() -> str:
-    """How batch-1 decode layers prefetch the o projection's weight into L2 during attention
-    (kernels_pallas/l2_prefetch.py): IE_JAX_L2_PREFETCH=attn (the decode tiles' CTAs issue it), kernel (a kernel of
-    its own after the q/k/v projection) or 0 (none, the default). Only on a Hopper GPU with the auto backend."""
-    mode = os.environ.get("IE_JAX_L2_PREFETCH", "0")
-    if mode not in ("0", "attn", "kernel"):
-        raise ValueError(f"IE_JAX_L2_PREFETCH={mode!r}: expected 0, attn or kernel")
-    return mode if current_backend() == "auto" and is_hopper() else "0"
-
-
 def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs, *, scale=None,
-                    sliding_window=None, softcap=None, k_scale=None, v_scale=None, decode_only=False,
-                    prefetch=None):
+                    sliding_window=None, softcap=None, k_scale=None, v_scale=None, decode_only=False):
     """Ragged paged attention (decode and prefill chunks mixed). Semantics of `paged_attention_reference`.
 
     The kernel reads layer `layer` of the stacked caches (v_cache None: of the interleaved buffer) in place.
@@ -235,7 +224,6 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
     kv blocks, 64 % (N // K) == 0 and a cache of q's 16-bit dtype or fp8 e4m3 with k_scale / v_scale [L, K]
     (`kernel_supports`); anything else, on any backend, runs the reference, as `attention` does.
     decode_only (static): every request has one query token: the kernel's decode tiles take the call.
-    prefetch: a weight the decode tiles prefetch into L2 while they run (`l2_prefetch_mode`); ignored elsewhere.
     """
     backend = current_backend()
     if paged_kernel_active():
@@ -248,8 +236,7 @@ def paged_attention(q, k_cache, v_cache, layer, page_table, query_start_loc, seq
             return pa.ragged_paged_attention(q, k_cache, v_cache, page_table, query_start_loc, seq_lens, num_seqs,
                                              layer=layer, sm_scale=scale, sliding_window=sliding_window,
                                              softcap=softcap, k_scale=k_scale, v_scale=v_scale, config=config,
-                                             interpret=backend == "interpret",
-                                             prefetch=prefetch if decode_only else None)
+                                             interpret=backend == "interpret")
     return paged_attention_reference(q, k_cache, v_cache, layer, page_table, query_start_loc, seq_lens, num_seqs,
                                      scale=scale, sliding_window=sliding_window, softcap=softcap, k_scale=k_scale,
                                      v_scale=v_scale)

@@ -465,11 +465,8 @@ def kernel_supports(q, k_pages, config=None) -> bool:
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq_lens, num_seqs, *, layer=None,
                            sm_scale=None, sliding_window=None, softcap=None, k_scale=None, v_scale=None,
-                           config=None, interpret=False, prefetch=None):
+                           config=None, interpret=False):
     """Causal attention of flat ragged queries `q [T, N, H]` over a paged cache.
-
-    prefetch: optional 2-D array (the next GEMM's weight) that the decode tiles' CTAs prefetch into L2 while they
-    run (kernels_pallas/l2_prefetch.py); the result does not depend on it, and other paths ignore it.
 
     An fp8 (e4m3) cache holds K / k_scale and V / v_scale, with f32 scales per kv-head (`[K]`, or `[L, K]` for a
     stacked cache; None = 1). The kernel fetches fp8 pages and turns them into f16 in shared memory (exact for
@@ -511,12 +508,12 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_start_loc, seq
     return _ragged_paged_attention(q, k_pages, v_pages, kv_index, page_table,
                                    query_start_loc, seq_lens, jnp.asarray(num_seqs, jnp.int32).reshape(()),
                                    scales, sm_scale=sm_scale, sliding_window=sliding_window, softcap=softcap,
-                                   config=config, interpret=interpret, prefetch=prefetch)
+                                   config=config, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "softcap", "config", "interpret"))
 def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, *,
-                            sm_scale, sliding_window, softcap, config, interpret, prefetch=None):
+                            sm_scale, sliding_window, softcap, config, interpret):
     T, N, H = q.shape
     _, K, _, page_size, _ = k_pages.shape
     R, max_pages = page_table.shape
@@ -529,7 +526,7 @@ def _ragged_paged_attention(q, k_pages, v_pages, layer, page_table, query_start_
     if config.decode_tiles and paged_decode.supported(q, k_pages, config):
         return paged_decode.decode_attention(
             q, k_pages, v_pages, layer, page_table, query_start_loc, seq_lens, num_seqs, scales, scale=scale,
-            sliding_window=sliding_window, softcap=softcap, config=config, interpret=interpret, prefetch=prefetch)
+            sliding_window=sliding_window, softcap=softcap, config=config, interpret=interpret)
     q_scale = None if scales is None else scale * k_scale
     if direct:  # the CTAs read qsl / seq_lens themselves and q in its own order: no work-list or packing kernels
         work, num_work = query_start_loc, R * num_splits

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas import l2_prefetch, quantize_q
+from kernels_pallas import quantize_q
 from kernels_pallas.kv_cache import FP8
 from kernels_pallas.paged_work import (DIRECT_MIN_SPLIT, PT_BOX, default_splits, ids_in_smem, kv_split, mask_block,
                                       merge)
@@ -68,7 +68,7 @@ quantize_queries = quantize_q.quantize_queries_reference
 
 def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_ref, qs_ref, k_ref, v_ref,
             v_scale_ref, *refs, group, num_heads, page_size, block_kv, num_stages, num_splits, scale, sliding_window,
-            softcap, pages_in_smem, pt_window, prefetch):
+            softcap, pages_in_smem, pt_window):
     # qsl_ref [R + 1], seq_lens_ref [R], num_seqs_ref [1], layer_ref [2] (cache entries of this layer's K and V),
     # page_table_ref [R, max_pages] int32; q_ref [T * N, H] (q's dtype, or e4m3 for an fp8 cache); qs_ref [T, K]
     # f32 (fp8: q's per-token, per-kv-head scale; else [1, K], unused); k_ref, v_ref [L, K, P, page_size, H];
@@ -79,10 +79,6 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
     # lse_smem [block_kv, COLS] f32 (splits only); pt_smem [max_pages] + its barrier (pages_in_smem), or with
     # pt_window (> 0) only [pt_window] ids, each pass's window from its split's first page (32-aligned);
     # barriers q_bar, k_bar[stages], v_bar[stages]
-    if prefetch:  # an L2 prefetch operand (the next GEMM's weight): this CTA's share of its tiles, issued first
-        w_ref, *refs = refs
-        grid_w, grid_k = seq_lens_ref.shape[0] * num_splits, k_ref.shape[1]
-        l2_prefetch.issue(w_ref, lax.axis_index("w") * grid_k + lax.axis_index("kh"), grid_w * grid_k)
     if num_splits == 1:
         out_ref, *refs = refs
         o_ref = lse_ref = None
@@ -276,19 +272,15 @@ def num_splits_for(R, K, max_kv_len):
 
 
 def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc, seq_lens, num_seqs, scales, *,
-                     scale, sliding_window, softcap, config, interpret, prefetch=None):
+                     scale, sliding_window, softcap, config, interpret):
     """Traced inside `paged_attention._ragged_paged_attention` (same arguments, caches stacked [L', K, P, page, H]
-    with kv_index [2] naming this layer's K and V entries; scales: ([K], [K]) f32 for an fp8 cache, else None).
-    prefetch: a 2-D array whose tiles the CTAs prefetch into L2 (`l2_prefetch.issue`); not on the interpreter,
-    nor where it does not tile."""
+    with kv_index [2] naming this layer's K and V entries; scales: ([K], [K]) f32 for an fp8 cache, else None)."""
     T, N, H = q.shape
     _, K, _, page_size, _ = k_pages.shape
     R, max_pages = page_table.shape
     num_splits = config.num_splits or num_splits_for(R, K, max_pages * page_size)
     group = N // K
     fp8 = k_pages.dtype == FP8
-    if prefetch is not None and (interpret or l2_prefetch.tile_shape(prefetch) is None):
-        prefetch = None
     if fp8:
         k_scale, v_scale = scales
         if config.quantize_q_kernel:
@@ -335,7 +327,7 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
     kernel = plgpu.kernel(
         functools.partial(_kernel, group=group, num_heads=N, page_size=page_size, block_kv=bk, num_stages=stages,
                           num_splits=num_splits, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                          pages_in_smem=pages_in_smem, pt_window=pt_window, prefetch=prefetch is not None),
+                          pages_in_smem=pages_in_smem, pt_window=pt_window),
         out_type=out_type,
         scratch_types=scratch,
         grid=(R * num_splits, K),
@@ -344,7 +336,7 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
         **kwargs,
     )
     out = kernel(query_start_loc, seq_lens, num_seqs.reshape(1), kv_index, page_table, q_in, q_scales, k_pages,
-                 v_pages, v_scale, *([] if prefetch is None else [prefetch]))
+                 v_pages, v_scale)
     if num_splits == 1:
         return out.reshape(T, N, H)
     o_t, lse_t = out

@@ -98,15 +98,14 @@ class Paged:
     def with_caches(self, caches):
         return self.replace(k=caches[0], v=caches[1])
 
-    def attend(self, q, k, v, positions, caches, layer, *, scale, sliding_window=None, prefetch=None):
-        """q [1, T, N, H], k/v [1, T, K, H] (flat tokens) -> ([1, T, N, H], updated caches). prefetch: a weight
-        the attention kernel may prefetch into L2 (ops.paged_attention)."""
+    def attend(self, q, k, v, positions, caches, layer, *, scale, sliding_window=None):
+        """q [1, T, N, H], k/v [1, T, K, H] (flat tokens) -> ([1, T, N, H], updated caches)."""
         del positions  # implied by seq_lens and query_start_loc
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         k_all, v_all = ops.write_kv(caches[0], caches[1], layer, k[0], v[0], self.slot_mapping, **scales)
         out = ops.paged_attention(q[0], k_all, v_all, layer, self.page_table, self.query_start_loc, self.seq_lens,
                                   self.num_seqs, scale=scale, sliding_window=sliding_window,
-                                  decode_only=self.decode_only, prefetch=prefetch, **scales)
+                                  decode_only=self.decode_only, **scales)
         return out[None], (k_all, v_all)
 
     def rope_in_write(self, parts, num_kv_heads, caches, dtype) -> bool:

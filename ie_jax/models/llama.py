@@ -19,7 +19,7 @@ from ie_jax.config import ModelConfig
 from ie_jax.models.context import DenseCausal, Paged
 from ie_jax.models.layers import Embed, Linear, RMSNorm, apply_rope, fuse_linears, make_linear, rope_inv_freq
 from kernels_pallas import ops
-from kernels_pallas import add_norm, l2_prefetch
+from kernels_pallas import add_norm
 
 
 class Attention(nnx.Module):
@@ -79,27 +79,15 @@ class Attention(nnx.Module):
         out, caches = self.attend(x, positions, ctx, caches, layer)
         return self.o_proj(out), caches
 
-    def attend(self, x, positions, ctx, caches, layer, prefetch=None, prefetch_mode="0"):
-        """Attention up to (not including) the o projection: ([B, T, N * H], caches).
-
-        prefetch (serving, Paged): a weight to bring into L2 while attention runs (kernels_pallas/l2_prefetch.py),
-        by the attention kernel's CTAs (prefetch_mode "attn") or by a kernel of its own right after the q/k/v
-        projection ("kernel"), which the rope then waits for."""
+    def attend(self, x, positions, ctx, caches, layer):
+        """Attention up to (not including) the o projection: ([B, T, N * H], caches)."""
         B, T, _ = x.shape
         inv_freq = rope_inv_freq(self.config)
-        if isinstance(ctx, Paged) and self.qkv_proj is not None and not self.qk_norm and prefetch is None:
+        if isinstance(ctx, Paged) and self.qkv_proj is not None and not self.qk_norm:
             out = self._attend_rope(x, positions, inv_freq, ctx, caches, layer)  # rope inside the KV write
             if out is not None:
                 return out
-        if prefetch is not None and prefetch_mode == "kernel" and self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
-            token = l2_prefetch.l2_prefetch(prefetch, qkv)
-            positions = positions + token[0]  # zero; orders the rope (and all after it) behind the prefetch
-            q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = jnp.split(qkv, [q_cols, q_cols + kv_cols], axis=-1)
-            prefetch = None
-        else:
-            q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x)
         q = q.reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
@@ -107,9 +95,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
-        kw = {} if prefetch is None else dict(prefetch=prefetch)
         out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5,
-                                 sliding_window=self.sliding_window, **kw)
+                                 sliding_window=self.sliding_window)
         return checkpoint_name(out, "attn_out").reshape(B, T, -1), caches
 
 
@@ -168,11 +155,8 @@ class DecoderLayer(nnx.Module):
         x = x.reshape(B * T, D)
         attn, mlp = self.self_attn, self.mlp
         x, h = ops.add_rmsnorm(x, pending, self.input_layernorm.weight[...], eps=self.input_layernorm.eps)
+        out, caches = attn.attend(h.reshape(B, T, D), positions, ctx, caches, layer)
         o_kernel = attn.o_proj.kernel[...]
-        mode = ops.l2_prefetch_mode() if isinstance(ctx, Paged) else "0"
-        prefetch = o_kernel if mode != "0" and l2_prefetch.fits(o_kernel) else None
-        out, caches = attn.attend(h.reshape(B, T, D), positions, ctx, caches, layer, prefetch=prefetch,
-                                  prefetch_mode=mode)
         partials = add_norm.split_k_partials(out.reshape(B * T, -1), o_kernel, add_norm_splits(o_kernel.shape[0]))
         norm = self.post_attention_layernorm
         x, y = ops.add_rmsnorm(x, partials, norm.weight[...], eps=norm.eps)
