@@ -436,7 +436,8 @@ class ModelRunner:
         """Run each of these executables once on all-padding inputs: no request, no KV write (every slot -1), no
         sample kept (every row's penalty slot out of range), so the state is unchanged. A first launch pays one-time
         costs (loading the kernels' modules): on the H200, the first 1,024-row decode step of Llama-3-8B took 0.41 s
-        to dispatch, 3% of a 128/128 offline run. Warm-up pays them instead (GPU only; the CPU's are small)."""
+        to dispatch, 3% of a 128/128 offline run. Offline warm-up pays them instead, the server its idle time
+        (`prime_next`); GPU only, the CPU's are small."""
         for T, R, variant in keys:
             self._call(self.executables[(T, R, variant)], self._empty_inputs(T, R))
             self.primed.add((T, R, variant))
