@@ -32,9 +32,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def time_to_ready(cmd: list[str], url: str, timeout: float, log_path: str) -> dict:
-    """Launch cmd, poll url every 0.2 s until it answers 200; then stop the process. Returns seconds to ready, or
-    the reason it never got there (exit code or timeout) with the log's last lines."""
+def first_requests(base: str, count: int = 2, timeout: float = 120.0) -> list[float]:
+    """Seconds each of `count` one-after-another completions (8 tokens, the first served model) took, right after
+    ready: the first one also waits for any first run the server still owes (it primes in its idle time)."""
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=timeout) as r:
+        model = json.load(r)["data"][0]["id"]
+    body = json.dumps(dict(model=model, prompt="The capital of France is", max_tokens=8)).encode()
+    took = []
+    for _ in range(count):
+        req = urllib.request.Request(f"{base}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            json.load(r)
+        took.append(time.perf_counter() - t0)
+    return took
+
+
+def time_to_ready(cmd: list[str], url: str, timeout: float, log_path: str, probe=None) -> dict:
+    """Launch cmd, poll url every 0.2 s until it answers 200; then run probe(), if given (its result is stored as
+    `requests_s`), and stop the process. Returns seconds to ready, or the reason it never got there (exit code or
+    timeout) with the log's last lines."""
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -52,6 +69,11 @@ def time_to_ready(cmd: list[str], url: str, timeout: float, log_path: str) -> di
                                 result = dict(ready=True, seconds=time.perf_counter() - t0)
                     except (urllib.error.URLError, ConnectionError, TimeoutError):
                         time.sleep(0.2)
+            if result["ready"] and probe is not None:
+                try:
+                    result["requests_s"] = probe()
+                except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, ValueError) as e:
+                    result["requests_error"] = f"{type(e).__name__}: {e}"
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -79,9 +101,13 @@ def start_all(args, serve_args: list[str], cache_dir: str) -> list[dict]:
             cmd = [sys.executable, str(SERVE), *serve_args, "--port", str(port), "--compilation-cache-dir", cache_dir]
         kind = "cold" if i == 0 else "warm"
         log_path = os.path.join(tempfile.gettempdir(), f"ie-jax-startup-{os.getpid()}-{i}.log")
-        r = time_to_ready(cmd, f"http://127.0.0.1:{port}/health", args.timeout, log_path)
+        base = f"http://127.0.0.1:{port}"
+        probe = (lambda: first_requests(base)) if args.first_requests else None
+        r = time_to_ready(cmd, f"{base}/health", args.timeout, log_path, probe)
         runs.append(dict(kind=kind, **r))
-        print(f"{kind}: " + (f"ready in {r['seconds']:.1f} s" if r["ready"] else f"FAILED ({r['why']})"), flush=True)
+        print(f"{kind}: " + (f"ready in {r['seconds']:.1f} s" if r["ready"] else f"FAILED ({r['why']})")
+              + (f"; first requests {', '.join(f'{x:.2f}' for x in r['requests_s'])} s" if "requests_s" in r else "")
+              + (f"; requests failed ({r['requests_error']})" if "requests_error" in r else ""), flush=True)
         for line in r.get("log", []):
             print("   ", line, flush=True)
         if not r["ready"]:
@@ -102,6 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--server-cmd", default=None,
                     help="the server command, with {port} and {cache_dir} placeholders (default: serve.py with the "
                          "arguments after --, --port and --compilation-cache-dir)")
+    ap.add_argument("--first-requests", action="store_true",
+                    help="once ready, time two completions of 8 tokens one after the other (the server runs its "
+                         "executables' first runs in idle time, so the first request may wait for one)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(own)
     if any(a in ("--port", "--compilation-cache-dir") or a.startswith(("--port=", "--compilation-cache-dir="))

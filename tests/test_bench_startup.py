@@ -77,3 +77,48 @@ def test_the_servers_own_start_up_lines_are_kept(tmp_path):
     assert rc == 0
     (run,) = _only_json(tmp_path / "out")["runs"]
     assert run["log"] == ["model 'x' ready on cpu in 0.3 s", "engine warm-up: 3 step executables in 1.5 s"]
+
+
+def _openai_stand_in(tmp_path):
+    """A server with /health, /v1/models and a /v1/completions whose first answer is slow (a first run owed)."""
+    server = tmp_path / "openai_server.py"
+    server.write_text(
+        "import json, sys, time, http.server\n"
+        "calls = []\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def log_message(self, *a): pass\n"
+        "    def reply(self, obj):\n"
+        "        body = json.dumps(obj).encode()\n"
+        "        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        "    def do_GET(self):\n"
+        "        self.reply({'status': 'ok'} if self.path == '/health' else {'data': [{'id': 'm'}]})\n"
+        "    def do_POST(self):\n"
+        "        req = json.loads(self.rfile.read(int(self.headers['Content-Length'])))\n"
+        "        assert req['model'] == 'm' and req['max_tokens'] == 8\n"
+        "        calls.append(1)\n"
+        "        time.sleep(0.3 if len(calls) == 1 else 0.0)\n"
+        "        self.reply({'choices': [{'text': ' Paris'}]})\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+    return f"{sys.executable} {server} {{port}}"
+
+
+def test_first_requests_after_ready_are_timed(tmp_path):
+    rc = bs.main(["--server-cmd", _openai_stand_in(tmp_path), "--warm-runs", "0", "--first-requests", "--timeout",
+                  "60", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    (run,) = _only_json(tmp_path / "out")["runs"]
+    first, second = run["requests_s"]
+    assert first >= 0.3 > second > 0
+
+
+def test_a_server_without_the_api_is_still_timed_to_ready(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "health").write_text("ok")
+    cmd = f"{sys.executable} -m http.server {{port}} --bind 127.0.0.1 --directory {site}"
+    rc = bs.main(["--server-cmd", cmd, "--warm-runs", "0", "--first-requests", "--timeout", "60",
+                  "--out", str(tmp_path / "out")])
+    assert rc == 0
+    (run,) = _only_json(tmp_path / "out")["runs"]
+    assert run["ready"] and "requests_s" not in run and "404" in run["requests_error"]
