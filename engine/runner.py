@@ -181,7 +181,7 @@ STEP_STATIC_ARGNUMS = (0, 1, 7, 8, 9, 10)
 # 152k vocabulary, the sort behind top-k / top-p took 3.1 ms of a 4.4 ms sampler; on the H200 the top-20 logprobs
 # that "full" computes took 1.7 ms of a 12.4 ms 8B decode step.
 #   full    the sort and the top-`max_logprobs` logprobs: whatever the rows ask
-#   greedy  every row greedy, none asking for logprobs: argmax only
+#   greedy  every row greedy, none asking for logprobs, a penalty or min_tokens: the raw logits' argmax only
 #   sort    no row asking for logprobs: top-k / top-p / min-p / temperature draws, no log-softmax or top-k logprobs
 #   draw    as sort, and no sampled row asking for top-k or top-p: no sort of the vocabulary either
 VARIANTS = ("full", "greedy", "sort", "draw")
@@ -202,10 +202,13 @@ DECODE = "/decode"
 
 
 def row_variant(p, vocab_size: int) -> str:
-    """The cheapest variant that serves a row with these SamplingParams (computed once per request)."""
+    """The cheapest variant that serves a row with these SamplingParams (computed once per request). "greedy" is
+    the raw logits' argmax (sampler mode "argmax"), so a greedy row with a penalty or min_tokens takes "draw",
+    whose greedy rows take the argmax of the penalised logits."""
     if p.logprobs is not None:
         return "full"
-    if p.greedy:
+    penalised = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
+    if p.greedy and not penalised:
         return "greedy"
     return "sort" if 0 < p.top_k < vocab_size or p.top_p < 1 else "draw"
 
@@ -400,7 +403,7 @@ class ModelRunner:
     def _compile_key(self, key):
         T, R, variant = key
         base, _, decode = variant.partition("/")
-        mode, num_logprobs = {"full": ("sample", self.config.max_logprobs), "greedy": ("greedy", 0),
+        mode, num_logprobs = {"full": ("sample", self.config.max_logprobs), "greedy": ("argmax", 0),
                               "sort": ("sample", None), "draw": ("draw", None)}[base]
         args = (self.graphdef, self.weights_tree, self.caches, self.counts, self.last_tokens, self.prompt_mask)
         t0 = time.perf_counter()

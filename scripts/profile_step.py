@@ -204,7 +204,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=0)
     ap.add_argument("--prefill-count", type=int, default=1, help="how many requests have a --prefill chunk")
-    ap.add_argument("--mode", default="greedy", choices=["greedy", "sample", "draw"])
+    ap.add_argument("--mode", default="argmax", choices=["argmax", "greedy", "sample", "draw"],
+                    help="the sampler's mode; argmax is what the engine's greedy steps run (greedy applies penalties)")
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--layers", default="unrolled", choices=["scan", "unrolled"],

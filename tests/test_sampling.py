@@ -327,6 +327,24 @@ def test_static_modes_match_device_branches():
         sample(logits, t, 0, "fast")
 
 
+def test_argmax_mode_is_greedy_without_penalties():
+    """mode="argmax" (the engine's "greedy" step: no row with a penalty or a banned EOS) is the raw logits' argmax:
+    the same as mode="greedy" for unpenalised rows, and it ignores penalties, which mode="greedy" applies."""
+    rng = np.random.default_rng(13)
+    logits = jnp.asarray(rng.normal(size=(4, 40)).astype(np.float32))
+    plain = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * 4, [[1, 2]] * 4, [[3]] * 4, 40)
+    for n in (0, 2):
+        a, g = sample(logits, plain, n, "argmax"), sample(logits, plain, n, "greedy")
+        np.testing.assert_array_equal(a.token_ids, g.token_ids)
+        np.testing.assert_array_equal(a.logprobs, g.logprobs)
+    top = np.argmax(np.asarray(logits), axis=-1)
+    outputs = [[int(x)] for x in top]  # each row's own argmax already generated: a penalty pushes it down
+    pen = SamplingTensors.from_params([SamplingParams(temperature=0.0, repetition_penalty=50.0)] * 4, outputs,
+                                      [[3]] * 4, 40)
+    np.testing.assert_array_equal(sample(logits, pen, 0, "argmax").token_ids, top)
+    assert not np.any(np.asarray(sample(logits, pen, 0, "greedy").token_ids) == top)
+
+
 def test_greedy_mode_computes_logprobs_only_when_asked():
     """mode="greedy" with num_logprobs=0 (the engine's argmax-only step) skips the log-softmax; asked for logprobs,
     it returns the same raw log-softmax values as the full sampler."""

@@ -220,6 +220,29 @@ def test_step_variant_is_the_cheapest_that_serves_every_row():
     assert of(draw, nucleus) == of(top_k, greedy) == "sort"
     assert of(greedy, SamplingParams(temperature=0.0, logprobs=0)) == "full"
     assert of(draw, SamplingParams(temperature=0.7, logprobs=2)) == "full"
+    # "greedy" is the raw argmax: greedy rows with a penalty or min_tokens take "draw" (penalised argmax)
+    for kw in (dict(repetition_penalty=1.1), dict(presence_penalty=0.5), dict(frequency_penalty=-0.3),
+               dict(min_tokens=2)):
+        assert of(SamplingParams(temperature=0.0, **kw)) == "draw"
+        assert of(greedy, SamplingParams(temperature=0.0, **kw)) == "draw"
+
+
+def test_penalised_greedy_rows_keep_their_penalties(tiny):
+    """A greedy batch where one row has a repetition penalty and one has min_tokens runs "draw", not the argmax-only
+    "greedy" step, and gives the reference generate's tokens; the same batch without them runs "greedy"."""
+    params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, repetition_penalty=1.5 if i == 1
+                             else 1.0) for i in range(len(PROMPTS))]
+    params[2] = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=4)
+    llm = make_llm(tiny, token_buckets=(4, 64))
+    ran, run = [], llm.engine.runner.run
+    llm.engine.runner.run = lambda inp, v="full", decode_only=False: (ran.append(v), run(inp, v, decode_only))[1]
+    got = [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert got == [reference(tiny, [p], q)[0] for p, q in zip(PROMPTS, params)]
+    assert "draw" in ran  # the steps holding a penalised row (the others may run "greedy")
+    ran.clear()
+    plain = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert plain == reference(tiny, PROMPTS, GREEDY) and "greedy" in ran and "draw" not in ran
+    assert got[1] != plain[1]  # the penalty changed that row: an argmax-only step would have lost it
 
 
 @pytest.mark.parametrize("variant", ["sort", "draw"])
