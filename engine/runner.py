@@ -207,8 +207,7 @@ def row_variant(p, vocab_size: int) -> str:
     whose greedy rows take the argmax of the penalised logits."""
     if p.logprobs is not None:
         return "full"
-    penalised = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
-    if p.greedy and not penalised:
+    if p.greedy and not (p.penalised or p.min_tokens):
         return "greedy"
     return "sort" if 0 < p.top_k < vocab_size or p.top_p < 1 else "draw"
 
@@ -492,7 +491,7 @@ class ModelRunner:
         slot = self.free_slots.pop()
         self.slot_of[request.request_id] = slot
         p = request.sampling_params
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        if p.penalised:
             V = self.model_config.vocab_size
             known = [t for t in request.output_token_ids if t >= 0]
             counts = np.bincount(np.asarray(known, np.int64), minlength=V).astype(np.int32)

@@ -102,6 +102,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def penalised(self) -> bool:
+        """Whether a repetition, presence or frequency penalty changes this row's logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
 
 @flax.struct.dataclass
 class SamplingTensors:
