@@ -74,6 +74,7 @@ class TuningConfig:
     int4_fma: bool = True
     consumers: int = 1
     int4_scale_after: bool = False
+    profile_dir: str | None = None  # Mosaic GPU's in-kernel profiler: a per-CTA trace of the named regions
 
     def __post_init__(self):
         if self.block_n not in (64, 128):
@@ -222,17 +223,19 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
 
     def product(slot, acc_ref):
         """acc[N, Mp] += W^T[N, bk] @ x^T[bk, Mp] for the slot's tiles, waited for."""
-        w = widen(slot)
-        if a_in_registers and not kn:
-            plgpu.wgmma(acc_ref, w, x_smem.at[slot].T)
-        else:
-            a_tile = a_smem.at[wg]
-            a_tile[...] = w
-            plgpu.commit_smem()
-            plgpu.wgmma(acc_ref, a_tile.T if kn else a_tile, x_smem.at[slot].T)
-        # Wait for this wgmma before the next step: leaving it in flight (wait 1) gave wrong results with the
-        # register A operand on the H200 (the next step's widening reuses its registers).
-        plgpu.wgmma_wait(0)
+        with jax.named_scope("widen"):  # named scopes: the regions a `profile_dir` trace records
+            w = widen(slot)
+        with jax.named_scope("mma"):
+            if a_in_registers and not kn:
+                plgpu.wgmma(acc_ref, w, x_smem.at[slot].T)
+            else:
+                a_tile = a_smem.at[wg]
+                a_tile[...] = w
+                plgpu.commit_smem()
+                plgpu.wgmma(acc_ref, a_tile.T if kn else a_tile, x_smem.at[slot].T)
+            # Wait for this wgmma before the next step: leaving it in flight (wait 1) gave wrong results with the
+            # register A operand on the H200 (the next step's widening reuses its registers).
+            plgpu.wgmma_wait(0)
         return acc_ref[...] if scale_after else None
 
     def scaled(slot, total):
@@ -255,12 +258,14 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
         def body(step, total):
             ring_slot = lax.rem(step, num_stages)
             slot = wg * num_stages + ring_slot
-            plgpu.barrier_wait(bars.at[slot])
+            with jax.named_scope("wait"):
+                plgpu.barrier_wait(bars.at[slot])
             total = scaled(slot, total) if scale_after else product(slot, acc_ref)
 
             @pl.when(step + num_stages < wg_steps)
             def _():
-                issue(step + num_stages, ring_slot)  # the slot (and a_smem) are read: refill it
+                with jax.named_scope("refill"):
+                    issue(step + num_stages, ring_slot)  # the slot (and a_smem) are read: refill it
 
             return total
 
@@ -337,6 +342,9 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
                              a_in_registers=registers, fma=config.int4_fma, consumers=consumers,
                              scale_after=scale_after)
     threads = dict(num_threads=consumers, thread_name="wg") if consumers > 1 else {}
+    params = dict(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    if config.profile_dir:
+        params.update(profile_space=1024, profile_dir=config.profile_dir, profile_bounds_check=True)
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_splits, n, mp), jnp.float32),
@@ -353,7 +361,7 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
         ],
         grid=(n // config.block_n, num_splits),
         grid_names=("n", "s"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(**params),
         **threads,
         **interpret_kwargs(interpret),
     )
