@@ -35,15 +35,6 @@ _KERNEL_CONFIGS = {  # label -> config, for M <= 64 (docs/kernels/quant_matmul.m
                                          int4_scale_after=True),
     "after 2wg 128x2 c8m8": TuningConfig(num_stages=2, ctas_per_sm=8, min_k_steps=8, consumers=2,
                                          int4_scale_after=True),
-    # the tile loaded in Mosaic's conversion layouts (32-bit loads / ldmatrix), then moved to wgmma's layout
-    "up 128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, upcast="relayout"),
-    "up 128x3 c3": TuningConfig(num_stages=3, ctas_per_sm=3, upcast="relayout"),
-    "up 128x4 c4m4": TuningConfig(num_stages=4, ctas_per_sm=4, min_k_steps=4, upcast="relayout"),
-    "upw 128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, upcast="widen_first"),
-    "upw 128x3 c3": TuningConfig(num_stages=3, ctas_per_sm=3, upcast="widen_first"),
-    "up after 128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, upcast="relayout",
-                                        int4_scale_after=True),
-    "up 2wg 128x2 c4m4": TuningConfig(num_stages=2, ctas_per_sm=4, min_k_steps=4, consumers=2, upcast="relayout"),
 }
 
 

@@ -75,7 +75,6 @@ class TuningConfig:
     consumers: int = 1
     int4_scale_after: bool = False
     profile_dir: str | None = None  # Mosaic GPU's in-kernel profiler: a per-CTA trace of the named regions
-    upcast: str = ""  # register path: "" | "relayout" | "widen_first" (see `widen` in the kernel)
 
     def __post_init__(self):
         if self.block_n not in (64, 128):
@@ -92,8 +91,6 @@ class TuningConfig:
             raise ValueError(f"{self.min_k_steps=} must be in [1, 64]")
         if self.consumers not in (1, 2):
             raise ValueError(f"{self.consumers=} must be 1 or 2")
-        if self.upcast not in ("", "relayout", "widen_first"):
-            raise ValueError(f"{self.upcast=} must be '', 'relayout' or 'widen_first'")
 
     def splits_for(self, k: int, n: int) -> int:
         return split_count(k, n, self)
@@ -165,7 +162,7 @@ def packed_bytes(packed) -> int:
 
 def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem, s_smem, z_smem, a_smem, o_smem,
             bars, *sum_bar, int4, kn, block_n, block_k, num_stages, k_steps, group_steps, a_in_registers, fma,
-            consumers, scale_after, upcast):
+            consumers, scale_after):
     # x_ref   [Mp, K] bf16            activations, rows padded to Mp (act-order: already gathered by perm)
     # xs_ref  [K/block_k, _XS_COLS] f32  scale_after: each step's sums of x over its block_k columns, Mp used
     # w_ref   packed: [N, K] int8 | int4 (W^T, K-major, int4 = value - 8); kn: the format's [K, N] int8 | uint8
@@ -206,21 +203,7 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
 
     def widen(slot):
         """The slot's weight tile in bf16: [block_n, block_k], or [block_k, block_n] for kn."""
-        if upcast:
-            # wgmma's own register layout gives a thread two neighbouring values per load: one byte of int4, two
-            # of int8. Mosaic's conversion layouts give it 8 int4 (ldmatrix) / 4 int8 per 32-bit register; a warp
-            # shuffle and a byte permute per register then move them into wgmma's layout ("relayout": before
-            # the widening, on the narrow values; "widen_first": int8 widened first, int4 after its first step).
-            w = plgpu.load(w_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_4X if int4 else
-                           plgpu.Layout.WGMMA_UPCAST_2X)
-            if upcast == "widen_first":
-                if int4:
-                    w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_2X)
-                w = plgpu.layout_cast(w.astype(jnp.bfloat16), plgpu.Layout.WGMMA)
-            else:
-                w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
-        else:
-            w = w_smem[slot]
+        w = w_smem[slot]
         if kn and int4:
             w = lax.bitcast_convert_type(w, jnp.int8)  # 0..15 (the signed cast is the fast one)
         w = w.astype(jnp.bfloat16)  # exact small integers
@@ -357,7 +340,7 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
     body = functools.partial(_kernel, int4=int4, kn=kn, block_n=config.block_n, block_k=config.block_k,
                              num_stages=config.num_stages, k_steps=k_steps, group_steps=group_steps,
                              a_in_registers=registers, fma=config.int4_fma, consumers=consumers,
-                             scale_after=scale_after, upcast=config.upcast if registers else "")
+                             scale_after=scale_after)
     threads = dict(num_threads=consumers, thread_name="wg") if consumers > 1 else {}
     params = dict(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
     if config.profile_dir:

@@ -30,9 +30,6 @@ CONFIGS = {  # label -> the int8 / int4 kernel's config (quant_bench's labels)
     "c3": qm.TuningConfig(num_stages=3, ctas_per_sm=3),
     "c8m4": qm.TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4),
     "s4": qm.TuningConfig(num_splits=4),
-    "up-c8m4": qm.TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, upcast="relayout"),
-    "up-c3": qm.TuningConfig(num_stages=3, ctas_per_sm=3, upcast="relayout"),
-    "upw-c8m4": qm.TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, upcast="widen_first"),
 }
 
 
