@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.fp8_matmul import _fp8_skinny_matmul, fp8_matmul
 from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _quant_matmul,
+                                         chunked_quant_matmul,
                                          dequantize_packed, pack_int4, pack_int8, packed_bytes, packed_matmul_xla)
 from kernels_pallas.skinny_matmul import TuningConfig as SkinnyConfig
 
@@ -104,6 +105,12 @@ def _paths(m):
     yield "fp8 ref", "fp8_nk", lambda x, w: fp8_matmul_reference(x, Fp8Weights(*w))
     yield "int8 xla", "int8", packed_matmul_xla
     yield "int4 xla", "int4", packed_matmul_xla
+    yield "int8 xla mat", "int8", functools.partial(packed_matmul_xla, materialize=True)
+    yield "int4 xla mat", "int4", functools.partial(packed_matmul_xla, materialize=True)
+    if MAX_M < m <= 4 * MAX_M:  # the decode kernel over 64-row chunks
+        for fmt, cfg in (("int8", TuningConfig(num_stages=3, ctas_per_sm=3)),
+                         ("int4", TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4))):
+            yield f"{fmt} chunked c64", fmt, functools.partial(chunked_quant_matmul, config=cfg)
     yield "fp8 xla kn", "fp8_kn", lambda x, w: fp8_matmul(x, *w)
 
 

@@ -491,13 +491,17 @@ def quant_matmul_reference(x, packed):
     return jnp.dot(x.astype(jnp.float32), dequantize_packed(packed)).astype(x.dtype)
 
 
-def packed_matmul_xla(x, packed, out_dtype=None):
+def packed_matmul_xla(x, packed, out_dtype=None, *, materialize=False):
     """The dequantize-then-dot path on the packed layout, x [..., K] -> [..., N], any M, one matrix: the weight
     dequantized in f32 and rounded to x's dtype (the format references' arithmetic, transposed), one dot with f32
-    accumulation (int8's scale after the dot). What runs where the kernel does not."""
+    accumulation (int8's scale after the dot). What runs where the kernel does not. `materialize` writes the
+    dequantized weight out in full first (an optimization barrier keeps XLA from fusing the dequantization into
+    its GEMM), so the dot is the plain bf16 GEMM of the bf16 path; same numbers either way."""
     contract = (((x.ndim - 1,), (1,)), ((), ()))  # x's K against W^T's K
+    keep = jax.lax.optimization_barrier if materialize else (lambda w: w)
     if isinstance(packed, PackedInt8):
-        y = lax.dot_general(x, packed.q.astype(x.dtype), contract, preferred_element_type=jnp.float32)
+        w = keep(packed.q.astype(x.dtype))
+        y = lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
         return (y * packed.scale).astype(out_dtype or x.dtype)
     if packed.perm is not None:
         x = jnp.take(x, packed.perm, axis=-1)
@@ -505,9 +509,18 @@ def packed_matmul_xla(x, packed, out_dtype=None):
     g = packed.group_size
     offset = 8.0 - packed.zeros.T.astype(jnp.float32)  # [N, K/G]: q is the value - 8
     w = packed.q.astype(jnp.float32).reshape(n, k // g, g) + offset[..., None]
-    w = (w * packed.scales.T.astype(jnp.float32)[..., None]).reshape(n, k).astype(x.dtype)  # [N, K]
+    w = keep((w * packed.scales.T.astype(jnp.float32)[..., None]).reshape(n, k).astype(x.dtype))  # [N, K]
     y = lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
+
+
+def chunked_quant_matmul(x, packed, *, config, rows=MAX_M, interpret=False, out_dtype=None):
+    """The kernel over x [M, K] in chunks of `rows` rows (M above the kernel's MAX_M): each chunk re-reads the
+    weights, so this only pays where the kernel's rate beats XLA's dequantize-then-dot."""
+    m = x.shape[0]
+    parts = [_quant_matmul(x[i:i + rows], packed, config=config, interpret=interpret, out_dtype=out_dtype)
+             for i in range(0, m, rows)]
+    return jnp.concatenate(parts, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
