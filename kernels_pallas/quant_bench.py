@@ -105,8 +105,7 @@ def _paths(m):
     yield "fp8 ref", "fp8_nk", lambda x, w: fp8_matmul_reference(x, Fp8Weights(*w))
     yield "int8 xla", "int8", packed_matmul_xla
     yield "int4 xla", "int4", packed_matmul_xla
-    yield "int8 xla mat", "int8", functools.partial(packed_matmul_xla, materialize=True)
-    yield "int4 xla mat", "int4", functools.partial(packed_matmul_xla, materialize=True)
+    yield "int4 xla bytes", "int4", functools.partial(packed_matmul_xla, unpack_bytes=True)
     if MAX_M < m <= 4 * MAX_M:  # the decode kernel over 64-row chunks
         for fmt, cfg in (("int8", TuningConfig(num_stages=3, ctas_per_sm=3)),
                          ("int4", TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4))):

@@ -491,25 +491,28 @@ def quant_matmul_reference(x, packed):
     return jnp.dot(x.astype(jnp.float32), dequantize_packed(packed)).astype(x.dtype)
 
 
-def packed_matmul_xla(x, packed, out_dtype=None, *, materialize=False):
+def packed_matmul_xla(x, packed, out_dtype=None, *, unpack_bytes=False):
     """The dequantize-then-dot path on the packed layout, x [..., K] -> [..., N], any M, one matrix: the weight
     dequantized in f32 and rounded to x's dtype (the format references' arithmetic, transposed), one dot with f32
-    accumulation (int8's scale after the dot). What runs where the kernel does not. `materialize` writes the
-    dequantized weight out in full first (an optimization barrier keeps XLA from fusing the dequantization into
-    its GEMM), so the dot is the plain bf16 GEMM of the bf16 path; same numbers either way."""
+    accumulation (int8's scale after the dot). What runs where the kernel does not. `unpack_bytes` (int4) reads
+    the weight as bytes and splits the two values of each with integer ops instead of XLA's int4 conversion;
+    same numbers."""
     contract = (((x.ndim - 1,), (1,)), ((), ()))  # x's K against W^T's K
-    keep = jax.lax.optimization_barrier if materialize else (lambda w: w)
     if isinstance(packed, PackedInt8):
-        w = keep(packed.q.astype(x.dtype))
-        y = lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
+        y = lax.dot_general(x, packed.q.astype(x.dtype), contract, preferred_element_type=jnp.float32)
         return (y * packed.scale).astype(out_dtype or x.dtype)
     if packed.perm is not None:
         x = jnp.take(x, packed.perm, axis=-1)
     n, k = packed.q.shape
     g = packed.group_size
-    offset = 8.0 - packed.zeros.T.astype(jnp.float32)  # [N, K/G]: q is the value - 8
-    w = packed.q.astype(jnp.float32).reshape(n, k // g, g) + offset[..., None]
-    w = keep((w * packed.scales.T.astype(jnp.float32)[..., None]).reshape(n, k).astype(x.dtype))  # [N, K]
+    if unpack_bytes:  # a byte holds values 2j (low nibble) and 2j + 1, each stored as value - 8 (two's complement)
+        b = lax.bitcast_convert_type(packed.q.reshape(n, k // 2, 2), jnp.uint8)  # [N, K/2]
+        q = jnp.stack([(b & 15) ^ 8, (b >> 4) ^ 8], axis=-1).reshape(n, k)  # the format's 0..15
+        w = q.astype(jnp.float32).reshape(n, k // g, g) - packed.zeros.T.astype(jnp.float32)[..., None]
+    else:
+        offset = 8.0 - packed.zeros.T.astype(jnp.float32)  # [N, K/G]: q is the value - 8
+        w = packed.q.astype(jnp.float32).reshape(n, k // g, g) + offset[..., None]
+    w = (w * packed.scales.T.astype(jnp.float32)[..., None]).reshape(n, k).astype(x.dtype)  # [N, K]
     y = lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
 

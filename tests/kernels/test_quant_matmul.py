@@ -159,13 +159,16 @@ def test_xla_path_on_packed_layout_matches_the_format_reference(fmt, m):
                                np.asarray(reference(x, qw, jnp.float32)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_materialized_xla_path_gives_the_same_numbers(fmt):
-    """Writing the dequantized weight out first (materialize) changes where XLA computes it, not the result."""
-    x, _, packed, _ = make(41, 70, 256, 128, fmt)
-    fused = qm.packed_matmul_xla(x, packed)
-    out = jax.jit(lambda x, w: qm.packed_matmul_xla(x, w, materialize=True))(x, packed)
-    assert np.array_equal(np.asarray(out), np.asarray(fused))
+@pytest.mark.parametrize("group_size, act_order", [(32, True), (128, False)])
+def test_int4_unpacked_from_bytes_gives_the_same_numbers(group_size, act_order):
+    """The byte-wise unpacking of the int4 weight (unpack_bytes) against XLA's int4 conversion: bit for bit."""
+    kx, kw, kp = jax.random.split(jax.random.key(group_size + 1), 3)
+    x = jax.random.normal(kx, (70, 256), jnp.float32)  # (XLA's CPU dot takes no bf16 x bf16 -> f32 here)
+    perm = jax.random.permutation(kp, 256) if act_order else None
+    packed = qm.pack_int4(quantize_int4(0.05 * jax.random.normal(kw, (256, 96), jnp.float32), group_size, perm=perm))
+    out = jax.jit(lambda x, w: qm.packed_matmul_xla(x, w, unpack_bytes=True))(x, packed)
+    assert np.array_equal(np.asarray(out), np.asarray(jax.jit(qm.packed_matmul_xla)(x, packed)))
+    assert rel_err(out, qm.quant_matmul_reference(x, packed)) < 1e-2
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
