@@ -36,6 +36,10 @@ _KERNEL_CONFIGS = {  # label -> config, for M <= 64 (docs/kernels/quant_matmul.m
                                          int4_scale_after=True),
     "after 2wg 128x2 c8m8": TuningConfig(num_stages=2, ctas_per_sm=8, min_k_steps=8, consumers=2,
                                          int4_scale_after=True),
+    # warp-level mma.sync instead of wgmma
+    "mma 128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, warp_mma=True),
+    "mma 128x3 c3": TuningConfig(num_stages=3, ctas_per_sm=3, warp_mma=True),
+    "mma 128x4 c4m4": TuningConfig(num_stages=4, ctas_per_sm=4, min_k_steps=4, warp_mma=True),
 }
 
 

@@ -75,6 +75,7 @@ class TuningConfig:
     consumers: int = 1
     int4_scale_after: bool = False
     profile_dir: str | None = None  # Mosaic GPU's in-kernel profiler: a per-CTA trace of the named regions
+    warp_mma: bool = False  # register path: warp-level mma.sync (Ampere MMA) instead of wgmma (see _kernel)
 
     def __post_init__(self):
         if self.block_n not in (64, 128):
@@ -91,6 +92,9 @@ class TuningConfig:
             raise ValueError(f"{self.min_k_steps=} must be in [1, 64]")
         if self.consumers not in (1, 2):
             raise ValueError(f"{self.consumers=} must be 1 or 2")
+        if self.warp_mma and (self.consumers != 1 or self.int4_scale_after or not self.a_in_registers):
+            raise ValueError("warp_mma runs one warpgroup per CTA with the widened tile in registers: it takes "
+                             f"neither {self.consumers=} > 1, {self.int4_scale_after=} nor {self.a_in_registers=}")
 
     def splits_for(self, k: int, n: int) -> int:
         return split_count(k, n, self)
@@ -162,7 +166,7 @@ def packed_bytes(packed) -> int:
 
 def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem, s_smem, z_smem, a_smem, o_smem,
             bars, *sum_bar, int4, kn, block_n, block_k, num_stages, k_steps, group_steps, a_in_registers, fma,
-            consumers, scale_after):
+            consumers, scale_after, warp_mma):
     # x_ref   [Mp, K] bf16            activations, rows padded to Mp (act-order: already gathered by perm)
     # xs_ref  [K/block_k, _XS_COLS] f32  scale_after: each step's sums of x over its block_k columns, Mp used
     # w_ref   packed: [N, K] int8 | int4 (W^T, K-major, int4 = value - 8); kn: the format's [K, N] int8 | uint8
@@ -201,9 +205,9 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
     for step in range(min(num_stages, wg_steps)):  # fill the ring
         issue(step, step)
 
-    def widen(slot):
+    def widen(slot, layout=None):
         """The slot's weight tile in bf16: [block_n, block_k], or [block_k, block_n] for kn."""
-        w = w_smem[slot]
+        w = w_smem[slot] if layout is None else plgpu.load(w_smem.at[slot], layout=layout)
         if kn and int4:
             w = lax.bitcast_convert_type(w, jnp.int8)  # 0..15 (the signed cast is the fast one)
         w = w.astype(jnp.bfloat16)  # exact small integers
@@ -269,13 +273,40 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
 
             return total
 
+        if warp_mma:
+            # Synchronous warp-level MMAs (m16n8k16, the widened tile as A from registers): unlike wgmma there is
+            # nothing asynchronous reading the registers, so the compiler may overlap one K slice's widening with
+            # another's MMA; no warpgroup-wide wait per step.
+            lhs, rhs = plgpu.Layout.MMA_LHS(jnp.bfloat16), plgpu.Layout.MMA_RHS(jnp.bfloat16)
+
+            def mma_body(step, acc):
+                slot = lax.rem(step, num_stages)
+                with jax.named_scope("wait"):
+                    plgpu.barrier_wait(bars.at[slot])
+                with jax.named_scope("widen"):
+                    w = widen(slot, lhs)
+                    xt = plgpu.load(x_smem.at[slot].T, layout=rhs)
+                # Every thread's reads of the slot are done (fence + warpgroup barrier) before one thread's refill
+                # TMA overwrites it; the refill then runs while the MMAs do.
+                plgpu.commit_smem()
+
+                @pl.when(step + num_stages < wg_steps)
+                def _():
+                    with jax.named_scope("refill"):
+                        issue(step + num_stages, slot)
+
+                with jax.named_scope("mma"):
+                    return plgpu.mma(acc, w, xt)
+
+            zeros = plgpu.layout_cast(jnp.zeros(o_smem.shape, jnp.float32), plgpu.Layout.MMA_ACC(jnp.bfloat16))
+            return lax.fori_loop(0, wg_steps, mma_body, zeros)
         if not scale_after:
             lax.fori_loop(0, wg_steps, body, None)
             return acc_ref[...]
         zeros = plgpu.layout_cast(jnp.zeros(o_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
         return lax.fori_loop(0, wg_steps, body, zeros)
 
-    acc = scope(None) if scale_after else pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
+    acc = scope(None) if scale_after or warp_mma else pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
     if consumers == 1:
         o_smem[...] = acc
     else:
@@ -340,7 +371,7 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
     body = functools.partial(_kernel, int4=int4, kn=kn, block_n=config.block_n, block_k=config.block_k,
                              num_stages=config.num_stages, k_steps=k_steps, group_steps=group_steps,
                              a_in_registers=registers, fma=config.int4_fma, consumers=consumers,
-                             scale_after=scale_after)
+                             scale_after=scale_after, warp_mma=registers and config.warp_mma)
     threads = dict(num_threads=consumers, thread_name="wg") if consumers > 1 else {}
     params = dict(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
     if config.profile_dir:

@@ -201,7 +201,8 @@ def test_kernel_takes_wide_groups_and_act_order_cpu():
     assert rel_err(out, int4_matmul_reference(x, qw)) < 1.5e-2
 
 
-@pytest.mark.parametrize("layout", ["packed", "packed-smem", "format", "packed-2wg", "packed-2wg-after"])
+@pytest.mark.parametrize("layout", ["packed", "packed-smem", "format", "packed-2wg", "packed-2wg-after",
+                                    "packed-mma"])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_lowers_for_the_gpu_cpu(fmt, layout):
     """The full Mosaic GPU lowering (layouts, 8-bit arithmetic rules, SMEM budget) runs on CPU."""
@@ -218,9 +219,16 @@ def test_lowers_for_the_gpu_cpu(fmt, layout):
     else:
         packed = qm.PackedInt4(S((n, k), jnp.int4), S(groups, jnp.float16), S(groups, jnp.uint8), 128)
     config = qm.TuningConfig(a_in_registers=layout != "packed-smem", consumers=2 if "2wg" in layout else 1,
-                             int4_scale_after=layout.endswith("after"))
+                             int4_scale_after=layout.endswith("after"), warp_mma=layout.endswith("mma"))
     f = jax.jit(lambda x, p: qm._quant_matmul(x, p, config=config, interpret=False))
-    f.trace(S((16, k), jnp.bfloat16), packed).lower(lowering_platforms=("cuda",))
+    text = f.trace(S((16, k), jnp.bfloat16), packed).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_warp_mma_takes_only_the_plain_register_path():
+    for bad in (dict(consumers=2), dict(int4_scale_after=True), dict(a_in_registers=False)):
+        with pytest.raises(ValueError, match="warp_mma"):
+            qm.TuningConfig(warp_mma=True, **bad)
 
 
 def test_rejects_bad_arguments():
