@@ -331,7 +331,8 @@ def quant_matmul(x, qw, *, out_dtype=None):
 
     On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
     (groups of a multiple of 128 rows; act-order gathers x) run the Pallas kernel where
-    `quant_matmul.kernel_config` says it was measured faster than XLA; FP8 (q held [N, K], K-major) runs the fp8
+    `quant_matmul.kernel_config` says it was measured faster than XLA (packed int4 also up to 128 rows, in 64-row
+    chunks); FP8 (q held [N, K], K-major) runs the fp8
     decode kernel (`fp8_skinny_matmul`) where `fp8_matmul.fp8_kernel_config` says it was measured faster, XLA's
     fp8 dot (cuBLASLt) elsewhere. Everything else, and every call on CPU,
     runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the format reference otherwise).
@@ -344,9 +345,9 @@ def quant_matmul(x, qw, *, out_dtype=None):
     if on_hopper and isinstance(qw, (int8.Int8Weights, int4.Int4Weights, qm.PackedInt8, qm.PackedInt4)):
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         config = qm.kernel_config(qw, rows.shape[0], forced=backend != "auto")
-        if config is not None and qm.kernel_supports(rows, qw, config):
-            y = qm.quant_matmul(rows, qw, config=config, interpret=backend == "interpret",
-                                out_dtype=out_dtype or x.dtype)
+        if config is not None and qm.kernel_supports(rows[:qm.MAX_M], qw, config):
+            run = qm.quant_matmul if rows.shape[0] <= qm.MAX_M else qm.chunked_quant_matmul
+            y = run(rows, qw, config=config, interpret=backend == "interpret", out_dtype=out_dtype or x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
     if isinstance(qw, (qm.PackedInt8, qm.PackedInt4)):
         return qm.packed_matmul_xla(x, qw, out_dtype)

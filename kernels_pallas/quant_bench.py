@@ -36,10 +36,6 @@ _KERNEL_CONFIGS = {  # label -> config, for M <= 64 (docs/kernels/quant_matmul.m
                                          int4_scale_after=True),
     "after 2wg 128x2 c8m8": TuningConfig(num_stages=2, ctas_per_sm=8, min_k_steps=8, consumers=2,
                                          int4_scale_after=True),
-    # warp-level mma.sync instead of wgmma
-    "mma 128x3 c8m4": TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4, warp_mma=True),
-    "mma 128x3 c3": TuningConfig(num_stages=3, ctas_per_sm=3, warp_mma=True),
-    "mma 128x4 c4m4": TuningConfig(num_stages=4, ctas_per_sm=4, min_k_steps=4, warp_mma=True),
 }
 
 
@@ -109,7 +105,6 @@ def _paths(m):
     yield "fp8 ref", "fp8_nk", lambda x, w: fp8_matmul_reference(x, Fp8Weights(*w))
     yield "int8 xla", "int8", packed_matmul_xla
     yield "int4 xla", "int4", packed_matmul_xla
-    yield "int4 xla bytes", "int4", functools.partial(packed_matmul_xla, unpack_bytes=True)
     if MAX_M < m <= 4 * MAX_M:  # the decode kernel over 64-row chunks
         for fmt, cfg in (("int8", TuningConfig(num_stages=3, ctas_per_sm=3)),
                          ("int4", TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4))):
@@ -200,7 +195,8 @@ def main(argv=()):
                     continue
                 rows.append(_row(dict(base, path=label, us=us, bytes=packed_bytes(ws[0]), rel_err=err)))
                 with open(path, "w") as f:  # after every row: a crash loses nothing measured
-                    json.dump({"device": str(jax.devices()[0]), "rows": rows}, f, indent=1)
+                    json.dump({"device": str(jax.devices()[0]), "commit": os.environ.get("IE_JAX_COMMIT"),
+                               "rows": rows}, f, indent=1)
         del weights
     print(f"wrote {path}")
     _summary(rows)

@@ -75,7 +75,6 @@ class TuningConfig:
     consumers: int = 1
     int4_scale_after: bool = False
     profile_dir: str | None = None  # Mosaic GPU's in-kernel profiler: a per-CTA trace of the named regions
-    warp_mma: bool = False  # register path: warp-level mma.sync (Ampere MMA) instead of wgmma (see _kernel)
 
     def __post_init__(self):
         if self.block_n not in (64, 128):
@@ -92,9 +91,6 @@ class TuningConfig:
             raise ValueError(f"{self.min_k_steps=} must be in [1, 64]")
         if self.consumers not in (1, 2):
             raise ValueError(f"{self.consumers=} must be 1 or 2")
-        if self.warp_mma and (self.consumers != 1 or self.int4_scale_after or not self.a_in_registers):
-            raise ValueError("warp_mma runs one warpgroup per CTA with the widened tile in registers: it takes "
-                             f"neither {self.consumers=} > 1, {self.int4_scale_after=} nor {self.a_in_registers=}")
 
     def splits_for(self, k: int, n: int) -> int:
         return split_count(k, n, self)
@@ -166,7 +162,7 @@ def packed_bytes(packed) -> int:
 
 def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem, s_smem, z_smem, a_smem, o_smem,
             bars, *sum_bar, int4, kn, block_n, block_k, num_stages, k_steps, group_steps, a_in_registers, fma,
-            consumers, scale_after, warp_mma):
+            consumers, scale_after):
     # x_ref   [Mp, K] bf16            activations, rows padded to Mp (act-order: already gathered by perm)
     # xs_ref  [K/block_k, _XS_COLS] f32  scale_after: each step's sums of x over its block_k columns, Mp used
     # w_ref   packed: [N, K] int8 | int4 (W^T, K-major, int4 = value - 8); kn: the format's [K, N] int8 | uint8
@@ -205,9 +201,9 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
     for step in range(min(num_stages, wg_steps)):  # fill the ring
         issue(step, step)
 
-    def widen(slot, layout=None):
+    def widen(slot):
         """The slot's weight tile in bf16: [block_n, block_k], or [block_k, block_n] for kn."""
-        w = w_smem[slot] if layout is None else plgpu.load(w_smem.at[slot], layout=layout)
+        w = w_smem[slot]
         if kn and int4:
             w = lax.bitcast_convert_type(w, jnp.int8)  # 0..15 (the signed cast is the fast one)
         w = w.astype(jnp.bfloat16)  # exact small integers
@@ -273,40 +269,13 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, out_ref, x_smem, xs_smem, w_smem
 
             return total
 
-        if warp_mma:
-            # Synchronous warp-level MMAs (m16n8k16, the widened tile as A from registers): unlike wgmma there is
-            # nothing asynchronous reading the registers, so the compiler may overlap one K slice's widening with
-            # another's MMA; no warpgroup-wide wait per step.
-            lhs, rhs = plgpu.Layout.MMA_LHS(jnp.bfloat16), plgpu.Layout.MMA_RHS(jnp.bfloat16)
-
-            def mma_body(step, acc):
-                slot = lax.rem(step, num_stages)
-                with jax.named_scope("wait"):
-                    plgpu.barrier_wait(bars.at[slot])
-                with jax.named_scope("widen"):
-                    w = widen(slot, lhs)
-                    xt = plgpu.load(x_smem.at[slot].T, layout=rhs)
-                # Every thread's reads of the slot are done (fence + warpgroup barrier) before one thread's refill
-                # TMA overwrites it; the refill then runs while the MMAs do.
-                plgpu.commit_smem()
-
-                @pl.when(step + num_stages < wg_steps)
-                def _():
-                    with jax.named_scope("refill"):
-                        issue(step + num_stages, slot)
-
-                with jax.named_scope("mma"):
-                    return plgpu.mma(acc, w, xt)
-
-            zeros = plgpu.layout_cast(jnp.zeros(o_smem.shape, jnp.float32), plgpu.Layout.MMA_ACC(jnp.bfloat16))
-            return lax.fori_loop(0, wg_steps, mma_body, zeros)
         if not scale_after:
             lax.fori_loop(0, wg_steps, body, None)
             return acc_ref[...]
         zeros = plgpu.layout_cast(jnp.zeros(o_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
         return lax.fori_loop(0, wg_steps, body, zeros)
 
-    acc = scope(None) if scale_after or warp_mma else pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
+    acc = scope(None) if scale_after else pl.run_scoped(scope, plgpu.ACC(o_smem.shape, jnp.float32))
     if consumers == 1:
         o_smem[...] = acc
     else:
@@ -371,7 +340,7 @@ def _partials(x_padded, packed, *, config, num_splits, interpret):
     body = functools.partial(_kernel, int4=int4, kn=kn, block_n=config.block_n, block_k=config.block_k,
                              num_stages=config.num_stages, k_steps=k_steps, group_steps=group_steps,
                              a_in_registers=registers, fma=config.int4_fma, consumers=consumers,
-                             scale_after=scale_after, warp_mma=registers and config.warp_mma)
+                             scale_after=scale_after)
     threads = dict(num_threads=consumers, thread_name="wg") if consumers > 1 else {}
     params = dict(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
     if config.profile_dir:
@@ -420,16 +389,24 @@ MEASURED_FASTER: dict[tuple[bool, bool], tuple[int, TuningConfig]] = {
 }
 
 
+# Above MAX_M rows the kernel runs over 64-row chunks where that measured faster than XLA's path for the same
+# weights (quant_20261204-211536_large_m_candidates.json, ..._213602_warp_mma_bytes_chunked.json): PackedInt4 up to
+# 128 rows, 1.5-1.8x XLA's int4 path on gate_up / down (at 256 rows it lost on down). int8 stays on XLA's int8 dot,
+# which fuses the widening into its GEMM (1.07x cuBLAS bf16 on gate_up at 128 rows).
+CHUNKED_UP_TO: dict[tuple[bool, bool], int] = {(True, False): 2 * MAX_M}
+
+
 def kernel_config(packed, m: int, *, forced: bool = False) -> TuningConfig | None:
     """The config `ops.quant_matmul` runs for these weights at M = m rows, or None for the XLA path. `forced`
-    (backend pallas / interpret) takes the kernel wherever it applies, measured faster or not."""
-    if m > MAX_M:
-        return None
+    (backend pallas / interpret) takes the kernel wherever it applies up to MAX_M rows, measured faster or not.
+    Above MAX_M the config is for `chunked_quant_matmul`, where CHUNKED_UP_TO says."""
     try:
         int4, kn, _, _, _ = _operands(packed)
     except ValueError:
         return None
     max_m, config = MEASURED_FASTER.get((int4, kn), (0, None))
+    if m > MAX_M:  # 64-row chunks (`chunked_quant_matmul`), forced or not, only where measured
+        return config if m <= CHUNKED_UP_TO.get((int4, kn), 0) else None
     if forced:
         return config or TuningConfig()
     return config if m <= max_m else None
@@ -522,12 +499,10 @@ def quant_matmul_reference(x, packed):
     return jnp.dot(x.astype(jnp.float32), dequantize_packed(packed)).astype(x.dtype)
 
 
-def packed_matmul_xla(x, packed, out_dtype=None, *, unpack_bytes=False):
+def packed_matmul_xla(x, packed, out_dtype=None):
     """The dequantize-then-dot path on the packed layout, x [..., K] -> [..., N], any M, one matrix: the weight
     dequantized in f32 and rounded to x's dtype (the format references' arithmetic, transposed), one dot with f32
-    accumulation (int8's scale after the dot). What runs where the kernel does not. `unpack_bytes` (int4) reads
-    the weight as bytes and splits the two values of each with integer ops instead of XLA's int4 conversion;
-    same numbers."""
+    accumulation (int8's scale after the dot). What runs where the kernel does not."""
     contract = (((x.ndim - 1,), (1,)), ((), ()))  # x's K against W^T's K
     if isinstance(packed, PackedInt8):
         y = lax.dot_general(x, packed.q.astype(x.dtype), contract, preferred_element_type=jnp.float32)
@@ -536,13 +511,8 @@ def packed_matmul_xla(x, packed, out_dtype=None, *, unpack_bytes=False):
         x = jnp.take(x, packed.perm, axis=-1)
     n, k = packed.q.shape
     g = packed.group_size
-    if unpack_bytes:  # a byte holds values 2j (low nibble) and 2j + 1, each stored as value - 8 (two's complement)
-        b = lax.bitcast_convert_type(packed.q.reshape(n, k // 2, 2), jnp.uint8)  # [N, K/2]
-        q = jnp.stack([(b & 15) ^ 8, (b >> 4) ^ 8], axis=-1).reshape(n, k)  # the format's 0..15
-        w = q.astype(jnp.float32).reshape(n, k // g, g) - packed.zeros.T.astype(jnp.float32)[..., None]
-    else:
-        offset = 8.0 - packed.zeros.T.astype(jnp.float32)  # [N, K/G]: q is the value - 8
-        w = packed.q.astype(jnp.float32).reshape(n, k // g, g) + offset[..., None]
+    offset = 8.0 - packed.zeros.T.astype(jnp.float32)  # [N, K/G]: q is the value - 8
+    w = packed.q.astype(jnp.float32).reshape(n, k // g, g) + offset[..., None]
     w = (w * packed.scales.T.astype(jnp.float32)[..., None]).reshape(n, k).astype(x.dtype)  # [N, K]
     y = lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or x.dtype)
