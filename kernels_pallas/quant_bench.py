@@ -48,11 +48,17 @@ _FP8_CONFIGS = {  # the fp8 decode kernel (W8A8, both operands e4m3 from SMEM)
     "64x4 c8m4": TuningConfig(block_n=64, num_stages=4, ctas_per_sm=8, min_k_steps=4),
 }
 
+_GEMM_CONFIGS = ("128x256x2", "256x128x2", "128x128x4", "128x64x4")  # the many-row GEMM: tile_n x tile_m x stages
 _SKINNY_2WG = {  # the bf16 skinny kernel with two consumer warpgroups (docs/kernels/quant_matmul.md)
     "2wg 256x64x2 d1 c1": SkinnyConfig(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2),
     "2wg 128x64x3 d1": SkinnyConfig(block_k=64, num_stages=3, mma_depth=1, consumers=2),
     "2wg 128x128x2 c1": SkinnyConfig(num_stages=2, ctas_per_sm=1, consumers=2),
 }
+
+
+def _gemm_configs():
+    from kernels_pallas.quant_gemm import GemmConfig
+    return {label: GemmConfig(*map(int, label.split("x"))) for label in _GEMM_CONFIGS}  # all fit 227 KiB
 
 
 def _weights(key, k, n, copies):
@@ -105,6 +111,11 @@ def _paths(m):
     yield "fp8 ref", "fp8_nk", lambda x, w: fp8_matmul_reference(x, Fp8Weights(*w))
     yield "int8 xla", "int8", packed_matmul_xla
     yield "int4 xla", "int4", packed_matmul_xla
+    if m > MAX_M:  # the many-row GEMM (kernels_pallas/quant_gemm.py)
+        from kernels_pallas import quant_gemm as qg
+        for label, cfg in _gemm_configs().items():
+            for fmt in ("int8", "int4"):
+                yield f"{fmt} gemm {label}", fmt, functools.partial(qg._quant_gemm, config=cfg, interpret=False)
     if MAX_M < m <= 4 * MAX_M:  # the decode kernel over 64-row chunks
         for fmt, cfg in (("int8", TuningConfig(num_stages=3, ctas_per_sm=3)),
                          ("int4", TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4))):

@@ -1,0 +1,211 @@
+"""Weight-only quantized GEMM for many rows (prefill, large decode batches) in Pallas Mosaic GPU (Hopper).
+
+y[M, N] = x[M, K] @ dequant(W)[K, N] with W held as quant_matmul's packed layouts (PackedInt8: W^T [N, K] int8 and
+a per-channel scale; PackedInt4: W^T [N, K] int4 with f16 scales and uint8 zeros per group of G >= 128 rows).
+The decode kernel (quant_matmul.py) streams the weights for M <= 64; above that a step's widened tile has to feed
+enough MMA work to amortize it, which is what this kernel is for.
+
+Letters: tile_n rows of W^T per CTA (two compute warpgroups, tile_n / 2 each), tile_m rows of x per CTA, tile_k
+= 128 (one int4 group, one 128-byte swizzle row of int8) per pipeline step.
+
+How it is cut:
+* The product is computed transposed, y^T[N, M] = W^T[N, K] x^T[K, M], so the widened weight tile is wgmma's A
+  operand in registers (K-major, as the packed layouts hold it) and the x tile [tile_m, tile_k] is its B operand
+  from shared memory (read transposed).
+* CTA (n block, m block) runs a warp-specialized pipeline over K: one memory warpgroup issues the TMAs of each
+  step's weight tile, x tile and (int4) scale/zero rows into a ring of `num_stages` slots; each of two compute
+  warpgroups widens its tile_n / 2 rows of the weight tile (int8 -> bf16; int4 -> bf16 with one FMA per value,
+  q * scale + (8 - zero) * scale) and runs wgmma into its own f32 accumulator [tile_n / 2, tile_m]. While one
+  warpgroup widens, the other's wgmma runs.
+* The epilogue applies int8's per-channel scale, stores the accumulator transposed into shared memory as y's
+  [tile_m, tile_n / 2] tile and copies it out with TMA.
+
+Status: built and checked in the Mosaic GPU interpreter (through shared memory, which is what the interpreter
+takes for wgmma operands); not yet run on the GPU (docs/kernels/quant_matmul.md, v6).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas.quant_matmul import PackedInt4, PackedInt8
+from kernels_pallas.skinny_matmul import interpret_kwargs
+
+BLOCK_K = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """tile_n: rows of W^T per CTA (two compute warpgroups of tile_n / 2 = 64 or 128 rows). tile_m: rows of x per
+    CTA (wgmma N: 64..256). num_stages: ring slots. a_in_registers: widen into registers and feed wgmma from
+    there (GPU only; otherwise the widened tile goes through shared memory, as in the interpreter)."""
+
+    tile_n: int = 128
+    tile_m: int = 256
+    num_stages: int = 2
+    a_in_registers: bool = True
+
+    def __post_init__(self):
+        if self.tile_n not in (128, 256):
+            raise ValueError(f"{self.tile_n=} must be 128 or 256 (two warpgroups of 64 or 128 rows)")
+        if self.tile_m not in (64, 128, 256):
+            raise ValueError(f"{self.tile_m=} must be 64, 128 or 256")
+        if not 2 <= self.num_stages <= 6:
+            raise ValueError(f"{self.num_stages=} must be in [2, 6]")
+        acc_regs = self.tile_n // 2 * self.tile_m // 128  # f32 accumulator registers per thread
+        if acc_regs > 128:
+            raise ValueError(f"{self.tile_n=} x {self.tile_m=} needs {acc_regs} accumulator registers a thread")
+        if self.smem_bytes() > 227 * 1024:
+            raise ValueError(f"{self} needs {self.smem_bytes()} B of shared memory (> 227 KiB)")
+
+    def smem_bytes(self, int4: bool = False) -> int:
+        """Shared memory of the ring (int8 weight tiles: the larger), the output tiles and the SMEM operand."""
+        w = self.tile_n * BLOCK_K // (2 if int4 else 1)
+        ring = self.num_stages * (w + self.tile_m * BLOCK_K * 2 + self.tile_n * 3)
+        out = self.tile_m * self.tile_n * 2
+        return ring + out + (0 if self.a_in_registers else self.tile_n * BLOCK_K * 2)
+
+
+def check_args(x, packed, config: GemmConfig):
+    if not isinstance(packed, (PackedInt8, PackedInt4)):
+        raise ValueError(f"weights of type {type(packed).__name__}; expected PackedInt8 or PackedInt4")
+    if x.ndim != 2 or packed.q.ndim != 2:
+        raise ValueError(f"{x.shape=} and the weights' {packed.q.shape=} must both be 2-D")
+    n, k = packed.q.shape
+    if x.shape[1] != k:
+        raise ValueError(f"{x.shape=} and the weights' K={k} disagree")
+    if x.dtype != jnp.bfloat16:
+        raise ValueError(f"{x.dtype=} must be bfloat16")
+    if n % config.tile_n or k % BLOCK_K:
+        raise ValueError(f"N={n} and K={k} must be multiples of {config.tile_n=} and {BLOCK_K}")
+    if isinstance(packed, PackedInt4) and packed.group_size % BLOCK_K:
+        raise ValueError(f"the int4 GEMM needs group_size to be a multiple of {BLOCK_K}, got {packed.group_size}")
+
+
+def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_smem, int4, group_steps, config,
+            registers):
+    # x_ref [Mp, K] bf16; w_ref [N, K] int8 | int4; s_ref, z_ref [K/G, N] (int4: f16 scales, uint8 zeros; int8:
+    # unused [1, N]); c_ref [1, N] f32 (int8's per-channel scale; int4: unused); y_ref [Mp, N] bf16
+    # o_smem [2, tile_m, tile_n / 2] bf16: each compute warpgroup's output tile
+    # c_smem [2, 1, tile_n / 2] f32, c_bar [2]: int8's channel scales of each warpgroup's rows (int4: unused)
+    # a_smem [2, tile_n / 2, BLOCK_K] bf16: the widened tiles when wgmma reads them from SMEM
+    half = config.tile_n // 2
+    n_idx, m_idx = lax.axis_index("n"), lax.axis_index("m")
+    n_cols = pl.ds(n_idx * config.tile_n, config.tile_n)
+    m_rows = pl.ds(m_idx * config.tile_m, config.tile_m)
+    k_steps = w_ref.shape[1] // BLOCK_K
+    bf16_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    row_bytes = BLOCK_K // 2 if int4 else BLOCK_K
+    w_tf = (plgpu.TilingTransform((8, BLOCK_K)), plgpu.SwizzleTransform(row_bytes))
+    group = (lambda k: k) if group_steps == 1 else (lambda k: lax.div(k, group_steps))
+    in_specs = [
+        plgpu.BlockSpec((config.tile_n, BLOCK_K), lambda k: (0, k), transforms=w_tf),
+        plgpu.BlockSpec((config.tile_m, BLOCK_K), lambda k: (0, k), transforms=bf16_tf),
+    ]
+    if int4:
+        in_specs += [plgpu.BlockSpec((1, config.tile_n), lambda k: (group(k), 0)),
+                     plgpu.BlockSpec((1, config.tile_n), lambda k: (group(k), 0))]
+
+    def widen(w_smem, s_smem, z_smem, wg):
+        """This warpgroup's rows of the step's weight tile, in bf16 [half, BLOCK_K]."""
+        rows = pl.ds(wg * half, half)
+        w = w_smem[rows, :].astype(jnp.bfloat16)  # exact small integers
+        if not int4:
+            return w
+        scale = s_smem[0, rows].astype(jnp.float32).astype(jnp.bfloat16)  # [half]
+        zero = lax.bitcast_convert_type(z_smem[0, rows], jnp.int8).astype(jnp.bfloat16)
+        bias = (jnp.full_like(zero, 8) - zero) * scale  # packed q is the value - 8
+        return w * scale[:, None] + bias[:, None]
+
+    def body(_, w_smem, x_smem, *rest):
+        *sz, acc_ref = rest
+        s_smem, z_smem = sz if int4 else (None, None)
+        wg = lax.axis_index("wg")
+        w = widen(w_smem, s_smem, z_smem, wg)
+        if registers:
+            plgpu.wgmma(acc_ref, w, x_smem.T)
+        else:
+            a_tile = a_smem[0].at[wg]
+            a_tile[...] = w
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_ref, a_tile, x_smem.T)
+        plgpu.wgmma_wait(0)  # the next step's widening reuses the registers this wgmma reads
+        return acc_ref
+
+    def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((half, config.tile_m), jnp.float32))
+        def _(acc_ref):
+            wg = lax.axis_index("wg")
+            n_half = pl.ds(n_idx * config.tile_n + wg * half, half)
+            if not int4:  # int8's per-channel scales, fetched while the pipeline runs
+                plgpu.copy_gmem_to_smem(c_ref.at[:, n_half], c_smem.at[wg], c_bar.at[wg])
+            eval_pipeline(acc_ref)
+            acc = acc_ref[...]
+            if not int4:  # int8's per-channel scale, per row of y^T
+                plgpu.barrier_wait(c_bar.at[wg])
+                scale = c_smem[wg, 0]
+                acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
+            o_smem.at[wg].T[...] = acc.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], y_ref.at[m_rows, n_half])
+            plgpu.wait_smem_to_gmem(0)
+
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k_steps,), memory_registers=40, in_specs=in_specs, max_concurrent_steps=config.num_stages,
+        wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
+    operands = [w_ref.at[n_cols, :], x_ref.at[m_rows, :]]
+    if int4:
+        operands += [s_ref.at[:, n_cols], z_ref.at[:, n_cols]]
+    pipeline(*operands)
+
+
+def quant_gemm(x, packed, *, config: GemmConfig | None = None, interpret=False, out_dtype=None):
+    """y = x @ dequant(W) for x [M, K] bf16 (any M; rows padded to tile_m) and W packed by quant_matmul's
+    `pack_int8` / `pack_int4` (int4 groups of a multiple of 128 rows, act-order gathers x)."""
+    config = config or GemmConfig()
+    check_args(x, packed, config)
+    return _quant_gemm(x, packed, config=config, interpret=interpret, out_dtype=out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype"))
+def _quant_gemm(x, packed, *, config, interpret, out_dtype=None):
+    m, k = x.shape
+    n = packed.q.shape[0]
+    int4 = isinstance(packed, PackedInt4)
+    if int4 and packed.perm is not None:  # act-order: q's K is in perm's order
+        x = jnp.take(x, packed.perm, axis=-1)
+    mp = -(-m // config.tile_m) * config.tile_m
+    x_padded = jnp.pad(x, ((0, mp - m), (0, 0)))
+    if int4:
+        scales, zeros, channel = packed.scales, packed.zeros, jnp.zeros((1, n), jnp.float32)
+        group_steps = packed.group_size // BLOCK_K
+    else:
+        scales = zeros = jnp.zeros((1, n), jnp.float16)
+        channel, group_steps = packed.scale.reshape(1, n).astype(jnp.float32), 1
+    registers = config.a_in_registers and not interpret
+    half = config.tile_n // 2
+    bf16_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    out_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)) if half >= 64 else ()
+    scratch = [plgpu.SMEM((2, config.tile_m, half), jnp.bfloat16, transforms=out_tf),
+               plgpu.SMEM((2, 1, half), jnp.float32), plgpu.Barrier(num_arrivals=1, num_barriers=2)]
+    if not registers:
+        scratch.append(plgpu.SMEM((2, half, BLOCK_K), jnp.bfloat16, transforms=bf16_tf))
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, int4=int4, group_steps=group_steps, config=config, registers=registers),
+        out_type=jax.ShapeDtypeStruct((mp, n), jnp.bfloat16),
+        scratch_types=scratch,
+        grid=(n // config.tile_n, mp // config.tile_m),
+        grid_names=("n", "m"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **interpret_kwargs(interpret),
+    )
+    y = kernel(x_padded, packed.q, scales, zeros, channel)
+    return y[:m].astype(out_dtype or x.dtype)
