@@ -332,10 +332,10 @@ def quant_matmul(x, qw, *, out_dtype=None):
     On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
     (groups of a multiple of 128 rows; act-order gathers x) run the Pallas kernel where
     `quant_matmul.kernel_config` says it was measured faster than XLA (packed int4 also up to 128 rows, in 64-row
-    chunks); FP8 (q held [N, K], K-major) runs the fp8
-    decode kernel (`fp8_skinny_matmul`) where `fp8_matmul.fp8_kernel_config` says it was measured faster, XLA's
-    fp8 dot (cuBLASLt) elsewhere. Everything else, and every call on CPU,
-    runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the format reference otherwise).
+    chunks); FP8 (q held [N, K], K-major) runs the fp8 decode kernel (`fp8_skinny_matmul`) where
+    `fp8_matmul.fp8_kernel_config` says it was measured faster, XLA's fp8 dot (cuBLASLt) elsewhere. Everything
+    else, and every call on CPU, runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the
+    format reference otherwise).
     """
     from ie_jax.quant import fp8, int4, int8, nf4
     from kernels_pallas import fp8_matmul as f8
