@@ -158,7 +158,8 @@ PACKED_CONFIGS = {"int8": QuantConfig("int8", 8), "awq-128": QuantConfig("awq", 
 def test_linear_dispatch_reference_on_cpu_kernel_under_interpret(name, monkeypatch):
     """The Linear holds the kernel's packed layout. Backend auto on CPU runs XLA's dequantize-then-dot on it, equal
     to the format reference on the unpacked weights; backend interpret sends a decode-sized bf16 call through the
-    kernel body, which still matches it; above 64 rows even the forced backend falls back to XLA."""
+    kernel body, which still matches it; above the kernel's rows (64; packed int4 128, in 64-row chunks up to there)
+    even the forced backend falls back to XLA."""
     from kernels_pallas import ops
     from kernels_pallas import quant_matmul as qm
     from kernels_pallas.quant_matmul import PackedInt4, PackedInt8
@@ -184,10 +185,10 @@ def test_linear_dispatch_reference_on_cpu_kernel_under_interpret(name, monkeypat
     with ops.kernel_backend("interpret"):
         got = lin(x, out_dtype=jnp.float32)
         assert kernel_rows == [6]  # the 2 x 3 decode rows went through the kernel body
-        big = jax.random.normal(jax.random.key(6), (65, 256), jnp.bfloat16)
+        big = jax.random.normal(jax.random.key(6), (129, 256), jnp.bfloat16)
         np.testing.assert_allclose(np.asarray(lin(big, out_dtype=jnp.float32)),
                                    np.asarray(_format_reference(lin, big, jnp.float32)), rtol=1e-5, atol=1e-5)
-        assert kernel_rows == [6]  # 65 rows: XLA
+        assert kernel_rows == [6]  # 129 rows: XLA
     assert got.shape == (2, 3, 128) and got.dtype == jnp.float32
     assert _rel(got, expected) < 1e-2
 
