@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pstats
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,18 +55,24 @@ def main(argv=None):
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--max-num-seqs", type=int, default=1024)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--synthetic-vocab", type=int, default=0,
+                    help="detokenize with the SyntheticTokenizer of this vocabulary (what `--model llama-3-8b "
+                         "--load-format dummy` serves with) instead of the model's own")
     ap.add_argument("--profile", type=int, default=0, help="cProfile this many decode steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path or folder (default: $OUT or benchmarks/results/)")
     args = ap.parse_args(argv)
 
     model, tokenizer = ie_jax.load_model(args.model, load_format=args.load_format, seed=args.seed, progress=False)
+    if args.synthetic_vocab:
+        from ie_jax.tokenizer import SyntheticTokenizer
+        tokenizer = SyntheticTokenizer(args.synthetic_vocab)
     pages = args.num_prompts * (-(-(args.input_len + args.output_len) // 16) + 1) + 16
     config = EngineConfig(max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, num_pages=pages, seed=args.seed)
     engine = LLMEngine(model, tokenizer, config, progress=False, warmup=False)  # nothing compiles: no device step
     runner = engine.runner
-    V = model.config.vocab_size
+    V = args.synthetic_vocab or model.config.vocab_size
     rng = np.random.default_rng(args.seed)
     parts: dict[str, float] = {}
 
@@ -80,7 +87,7 @@ def main(argv=None):
 
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     for i in range(args.num_prompts):
-        engine.add_request(f"host-{i}", rng.integers(0, V, args.input_len).tolist(), params)
+        engine.add_request(f"host-{i}", rng.integers(0, model.config.vocab_size, args.input_len).tolist(), params)
     steps, profiler = [], cProfile.Profile() if args.profile else None
     with frozen_heap():
         while engine.has_unfinished_requests():
@@ -103,7 +110,10 @@ def main(argv=None):
     med["other"] = med["total"] - sum(v for k, v in med.items() if k != "total")
     res = dict(bench="host", model=args.model, num_prompts=args.num_prompts, input_len=args.input_len,
                output_len=args.output_len, decode_steps=len(steps), median_ms=med,
-               per_row_us=1e3 * med["total"] / args.num_prompts, date=time.strftime("%Y-%m-%d %H:%M"))
+               per_row_us=1e3 * med["total"] / args.num_prompts, synthetic_vocab=args.synthetic_vocab,
+               commit=os.environ.get("IE_JAX_COMMIT") or subprocess.run(
+                   ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                   cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))
     print(f"{len(steps)} decode steps of ~{args.num_prompts} rows: host {med['total']:.2f} ms a step "
           f"({res['per_row_us']:.1f} us a row): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items() if k != "total"))
     if profiler is not None:
