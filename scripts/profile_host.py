@@ -94,7 +94,7 @@ def main(argv=None):
             decode = not engine.scheduler.waiting and all(
                 r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running)
             parts.clear()
-            profiling = profiler is not None and decode and 5 <= len(steps) < 5 + args.profile
+            profiling = profiler is not None and decode and len(steps) < args.profile
             if profiling:
                 profiler.enable()
             t = time.perf_counter()
@@ -116,7 +116,7 @@ def main(argv=None):
                    cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))
     print(f"{len(steps)} decode steps of ~{args.num_prompts} rows: host {med['total']:.2f} ms a step "
           f"({res['per_row_us']:.1f} us a row): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items() if k != "total"))
-    if profiler is not None:
+    if profiler is not None and profiler.getstats():
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
         res["profile"] = buf.getvalue()
