@@ -6,6 +6,9 @@ Two modes, one process each:
                 kernel's CUPTI time; JSON to --out.
   --loop N      call every case N times and nothing else: the program to run under `ncu`, e.g.
                 ncu --clock-control none --section SpeedOfLight --section WarpStateStats python scripts/profile_quant.py --loop 3
+                Restrict ncu to the kernel under study (-k regex:..., --launch-skip / --launch-count): unfiltered,
+                it replays every small XLA kernel of the process as well (18 passes each), which took longer than
+                a 200 s device call before reaching the first Mosaic kernel (2026-12-04).
 Formats: int8 / int4 (the packed layouts the Linear holds, kernels_pallas/quant_matmul.py), bf16 (the skinny
 kernel, kernels_pallas/skinny_matmul.py) and fp8 (kernels_pallas/fp8_matmul.py) for comparison in --loop.
 """
