@@ -48,7 +48,8 @@ _FP8_CONFIGS = {  # the fp8 decode kernel (W8A8, both operands e4m3 from SMEM)
     "64x4 c8m4": TuningConfig(block_n=64, num_stages=4, ctas_per_sm=8, min_k_steps=4),
 }
 
-_GEMM_CONFIGS = ("128x256x2", "256x128x2", "128x128x4", "128x64x4")  # the many-row GEMM: tile_n x tile_m x stages
+# The many-row GEMM (quant_gemm.GemmConfig): tile_n x tile_m x stages [x tile_k]; 128x128x3x64 fits two CTAs per SM
+_GEMM_CONFIGS = ("128x256x2", "256x128x2", "128x128x4", "128x64x4", "128x256x4x64", "128x128x3x64")
 _SKINNY_2WG = {  # the bf16 skinny kernel with two consumer warpgroups (docs/kernels/quant_matmul.md)
     "2wg 256x64x2 d1 c1": SkinnyConfig(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2),
     "2wg 128x64x3 d1": SkinnyConfig(block_k=64, num_stages=3, mma_depth=1, consumers=2),

@@ -6,7 +6,7 @@ The decode kernel (quant_matmul.py) streams the weights for M <= 64; above that 
 enough MMA work to amortize it, which is what this kernel is for.
 
 Letters: tile_n rows of W^T per CTA (two compute warpgroups, tile_n / 2 each), tile_m rows of x per CTA, tile_k
-= 128 (one int4 group, one 128-byte swizzle row of int8) per pipeline step.
+(128: one int4 group; 64: half the shared memory per slot, two steps per group) per pipeline step.
 
 How it is cut:
 * The product is computed transposed, y^T[N, M] = W^T[N, K] x^T[K, M], so the widened weight tile is wgmma's A
@@ -37,18 +37,20 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas.quant_matmul import PackedInt4, PackedInt8
 from kernels_pallas.skinny_matmul import interpret_kwargs
 
-BLOCK_K = 128
+GROUP_K = 128  # int4 group sizes must be a multiple of this (AWQ / GPTQ g128, g-1)
 
 
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
     """tile_n: rows of W^T per CTA (two compute warpgroups of tile_n / 2 = 64 or 128 rows). tile_m: rows of x per
-    CTA (wgmma N: 64..256). num_stages: ring slots. a_in_registers: widen into registers and feed wgmma from
-    there (GPU only; otherwise the widened tile goes through shared memory, as in the interpreter)."""
+    CTA (wgmma N: 64..256). num_stages: ring slots. tile_k: K per step (64 or 128). a_in_registers: widen into
+    registers and feed wgmma from there (GPU only; otherwise the widened tile goes through shared memory, as in
+    the interpreter)."""
 
     tile_n: int = 128
     tile_m: int = 256
     num_stages: int = 2
+    tile_k: int = 128
     a_in_registers: bool = True
 
     def __post_init__(self):
@@ -56,8 +58,10 @@ class GemmConfig:
             raise ValueError(f"{self.tile_n=} must be 128 or 256 (two warpgroups of 64 or 128 rows)")
         if self.tile_m not in (64, 128, 256):
             raise ValueError(f"{self.tile_m=} must be 64, 128 or 256")
-        if not 2 <= self.num_stages <= 6:
-            raise ValueError(f"{self.num_stages=} must be in [2, 6]")
+        if not 2 <= self.num_stages <= 8:
+            raise ValueError(f"{self.num_stages=} must be in [2, 8]")
+        if self.tile_k not in (64, 128):
+            raise ValueError(f"{self.tile_k=} must be 64 or 128")
         acc_regs = self.tile_n // 2 * self.tile_m // 128  # f32 accumulator registers per thread
         if acc_regs > 128:
             raise ValueError(f"{self.tile_n=} x {self.tile_m=} needs {acc_regs} accumulator registers a thread")
@@ -66,10 +70,10 @@ class GemmConfig:
 
     def smem_bytes(self, int4: bool = False) -> int:
         """Shared memory of the ring (int8 weight tiles: the larger), the output tiles and the SMEM operand."""
-        w = self.tile_n * BLOCK_K // (2 if int4 else 1)
-        ring = self.num_stages * (w + self.tile_m * BLOCK_K * 2 + self.tile_n * 3)
+        w = self.tile_n * self.tile_k // (2 if int4 else 1)
+        ring = self.num_stages * (w + self.tile_m * self.tile_k * 2 + self.tile_n * 3)
         out = self.tile_m * self.tile_n * 2
-        return ring + out + (0 if self.a_in_registers else self.tile_n * BLOCK_K * 2)
+        return ring + out + (0 if self.a_in_registers else self.tile_n * self.tile_k * 2)
 
 
 def check_args(x, packed, config: GemmConfig):
@@ -82,10 +86,10 @@ def check_args(x, packed, config: GemmConfig):
         raise ValueError(f"{x.shape=} and the weights' K={k} disagree")
     if x.dtype != jnp.bfloat16:
         raise ValueError(f"{x.dtype=} must be bfloat16")
-    if n % config.tile_n or k % BLOCK_K:
-        raise ValueError(f"N={n} and K={k} must be multiples of {config.tile_n=} and {BLOCK_K}")
-    if isinstance(packed, PackedInt4) and packed.group_size % BLOCK_K:
-        raise ValueError(f"the int4 GEMM needs group_size to be a multiple of {BLOCK_K}, got {packed.group_size}")
+    if n % config.tile_n or k % config.tile_k:
+        raise ValueError(f"N={n} and K={k} must be multiples of {config.tile_n=} and {config.tile_k=}")
+    if isinstance(packed, PackedInt4) and packed.group_size % GROUP_K:
+        raise ValueError(f"the int4 GEMM needs group_size to be a multiple of {GROUP_K}, got {packed.group_size}")
 
 
 def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_smem, int4, group_steps, config,
@@ -94,26 +98,27 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_
     # unused [1, N]); c_ref [1, N] f32 (int8's per-channel scale; int4: unused); y_ref [Mp, N] bf16
     # o_smem [2, tile_m, tile_n / 2] bf16: each compute warpgroup's output tile
     # c_smem [2, 1, tile_n / 2] f32, c_bar [2]: int8's channel scales of each warpgroup's rows (int4: unused)
-    # a_smem [2, tile_n / 2, BLOCK_K] bf16: the widened tiles when wgmma reads them from SMEM
+    # a_smem [2, tile_n / 2, tile_k] bf16: the widened tiles when wgmma reads them from SMEM
     half = config.tile_n // 2
     n_idx, m_idx = lax.axis_index("n"), lax.axis_index("m")
     n_cols = pl.ds(n_idx * config.tile_n, config.tile_n)
     m_rows = pl.ds(m_idx * config.tile_m, config.tile_m)
-    k_steps = w_ref.shape[1] // BLOCK_K
+    tile_k = config.tile_k
+    k_steps = w_ref.shape[1] // tile_k
     bf16_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    row_bytes = BLOCK_K // 2 if int4 else BLOCK_K
-    w_tf = (plgpu.TilingTransform((8, BLOCK_K)), plgpu.SwizzleTransform(row_bytes))
+    row_bytes = tile_k // 2 if int4 else tile_k
+    w_tf = (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(row_bytes))
     group = (lambda k: k) if group_steps == 1 else (lambda k: lax.div(k, group_steps))
     in_specs = [
-        plgpu.BlockSpec((config.tile_n, BLOCK_K), lambda k: (0, k), transforms=w_tf),
-        plgpu.BlockSpec((config.tile_m, BLOCK_K), lambda k: (0, k), transforms=bf16_tf),
+        plgpu.BlockSpec((config.tile_n, tile_k), lambda k: (0, k), transforms=w_tf),
+        plgpu.BlockSpec((config.tile_m, tile_k), lambda k: (0, k), transforms=bf16_tf),
     ]
     if int4:
         in_specs += [plgpu.BlockSpec((1, config.tile_n), lambda k: (group(k), 0)),
                      plgpu.BlockSpec((1, config.tile_n), lambda k: (group(k), 0))]
 
     def widen(w_smem, s_smem, z_smem, wg):
-        """This warpgroup's rows of the step's weight tile, in bf16 [half, BLOCK_K]."""
+        """This warpgroup's rows of the step's weight tile, in bf16 [half, tile_k]."""
         rows = pl.ds(wg * half, half)
         w = w_smem[rows, :].astype(jnp.bfloat16)  # exact small integers
         if not int4:
@@ -184,7 +189,7 @@ def _quant_gemm(x, packed, *, config, interpret, out_dtype=None):
     x_padded = jnp.pad(x, ((0, mp - m), (0, 0)))
     if int4:
         scales, zeros, channel = packed.scales, packed.zeros, jnp.zeros((1, n), jnp.float32)
-        group_steps = packed.group_size // BLOCK_K
+        group_steps = packed.group_size // config.tile_k
     else:
         scales = zeros = jnp.zeros((1, n), jnp.float16)
         channel, group_steps = packed.scale.reshape(1, n).astype(jnp.float32), 1
@@ -195,7 +200,7 @@ def _quant_gemm(x, packed, *, config, interpret, out_dtype=None):
     scratch = [plgpu.SMEM((2, config.tile_m, half), jnp.bfloat16, transforms=out_tf),
                plgpu.SMEM((2, 1, half), jnp.float32), plgpu.Barrier(num_arrivals=1, num_barriers=2)]
     if not registers:
-        scratch.append(plgpu.SMEM((2, half, BLOCK_K), jnp.bfloat16, transforms=bf16_tf))
+        scratch.append(plgpu.SMEM((2, half, config.tile_k), jnp.bfloat16, transforms=bf16_tf))
     kernel = plgpu.kernel(
         functools.partial(_kernel, int4=int4, group_steps=group_steps, config=config, registers=registers),
         out_type=jax.ShapeDtypeStruct((mp, n), jnp.bfloat16),

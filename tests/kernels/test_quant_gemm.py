@@ -30,11 +30,13 @@ def rel_err(out, packed, x):
     return np.abs(out - expected).max() / np.abs(expected).max()
 
 
+@pytest.mark.parametrize("tile_k", [128, 64])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_matches_the_reference_with_padded_rows_cpu(fmt):
-    """70 rows in 64-row tiles (the second tile mostly padding), 2 column blocks, 2 K steps over a 2-slot ring."""
+def test_matches_the_reference_with_padded_rows_cpu(fmt, tile_k):
+    """70 rows in 64-row tiles (the second tile mostly padding), 2 column blocks, 2 or 4 K steps over a 2-slot ring
+    (tile_k 64: two steps per int4 group)."""
     x, packed = make(3, 70, 256, 256, fmt)
-    out = qg.quant_gemm(x, packed, config=SMALL, interpret=True)
+    out = qg.quant_gemm(x, packed, config=qg.GemmConfig(tile_n=128, tile_m=64, tile_k=tile_k), interpret=True)
     assert out.dtype == jnp.bfloat16
     assert rel_err(out, packed, x) < 1e-2
 
@@ -48,7 +50,8 @@ def test_int4_wide_groups_and_act_order_cpu():
 
 
 @pytest.mark.parametrize("config", [qg.GemmConfig(), qg.GemmConfig(tile_n=256, tile_m=128),
-                                    qg.GemmConfig(tile_m=128, num_stages=4)])
+                                    qg.GemmConfig(tile_m=128, num_stages=4),
+                                    qg.GemmConfig(tile_m=128, num_stages=3, tile_k=64)])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_lowers_for_the_gpu_cpu(fmt, config):
     """The full Mosaic GPU lowering (warp-specialized pipeline, register A operand, transposed output store)."""
@@ -75,6 +78,8 @@ def test_rejects_bad_arguments():
         qg.GemmConfig(tile_m=256, num_stages=3)
     with pytest.raises(ValueError, match="accumulator"):
         qg.GemmConfig(tile_n=256, tile_m=256)
+    with pytest.raises(ValueError, match="tile_k"):
+        qg.GemmConfig(tile_k=32)
 
 
 @pytest.mark.gpu
