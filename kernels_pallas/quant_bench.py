@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.fp8_matmul import _fp8_skinny_matmul, fp8_matmul
-from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, TuningConfig, _quant_matmul,
-                                         chunked_quant_matmul,
-                                         dequantize_packed, pack_int4, pack_int8, packed_bytes, packed_matmul_xla)
+from kernels_pallas.quant_matmul import (GROUP, LLAMA3_8B_SHAPES, MAX_M, MEASURED_FASTER, TuningConfig,
+                                         _quant_matmul, chunked_quant_matmul, dequantize_packed, pack_int4, pack_int8,
+                                         packed_bytes, packed_matmul_xla)
 from kernels_pallas.skinny_matmul import TuningConfig as SkinnyConfig
 
 _L2_BYTES = 50 * 2**20
@@ -117,9 +117,9 @@ def _paths(m):
         for label, cfg in _gemm_configs().items():
             for fmt in ("int8", "int4"):
                 yield f"{fmt} gemm {label}", fmt, functools.partial(qg._quant_gemm, config=cfg, interpret=False)
-    if MAX_M < m <= 4 * MAX_M:  # the decode kernel over 64-row chunks
-        for fmt, cfg in (("int8", TuningConfig(num_stages=3, ctas_per_sm=3)),
-                         ("int4", TuningConfig(num_stages=3, ctas_per_sm=8, min_k_steps=4))):
+    if MAX_M < m <= 4 * MAX_M:  # the decode kernel over 64-row chunks, each format under its shipped config
+        for fmt, int4 in (("int8", False), ("int4", True)):
+            cfg = MEASURED_FASTER[(int4, False)][1]
             yield f"{fmt} chunked c64", fmt, functools.partial(chunked_quant_matmul, config=cfg)
     yield "fp8 xla kn", "fp8_kn", lambda x, w: fp8_matmul(x, *w)
 

@@ -38,6 +38,7 @@ from kernels_pallas.quant_matmul import PackedInt4, PackedInt8
 from kernels_pallas.skinny_matmul import interpret_kwargs
 
 GROUP_K = 128  # int4 group sizes must be a multiple of this (AWQ / GPTQ g128, g-1)
+_BF16_TF = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 16-bit tiles: 128-byte swizzled rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +106,12 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_
     m_rows = pl.ds(m_idx * config.tile_m, config.tile_m)
     tile_k = config.tile_k
     k_steps = w_ref.shape[1] // tile_k
-    bf16_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     row_bytes = tile_k // 2 if int4 else tile_k
     w_tf = (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(row_bytes))
     group = (lambda k: k) if group_steps == 1 else (lambda k: lax.div(k, group_steps))
     in_specs = [
         plgpu.BlockSpec((config.tile_n, tile_k), lambda k: (0, k), transforms=w_tf),
-        plgpu.BlockSpec((config.tile_m, tile_k), lambda k: (0, k), transforms=bf16_tf),
+        plgpu.BlockSpec((config.tile_m, tile_k), lambda k: (0, k), transforms=_BF16_TF),
     ]
     if int4:
         in_specs += [plgpu.BlockSpec((1, config.tile_n), lambda k: (group(k), 0)),
@@ -195,12 +195,10 @@ def _quant_gemm(x, packed, *, config, interpret, out_dtype=None):
         channel, group_steps = packed.scale.reshape(1, n).astype(jnp.float32), 1
     registers = config.a_in_registers and not interpret
     half = config.tile_n // 2
-    bf16_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    out_tf = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)) if half >= 64 else ()
-    scratch = [plgpu.SMEM((2, config.tile_m, half), jnp.bfloat16, transforms=out_tf),
+    scratch = [plgpu.SMEM((2, config.tile_m, half), jnp.bfloat16, transforms=_BF16_TF),
                plgpu.SMEM((2, 1, half), jnp.float32), plgpu.Barrier(num_arrivals=1, num_barriers=2)]
     if not registers:
-        scratch.append(plgpu.SMEM((2, half, config.tile_k), jnp.bfloat16, transforms=bf16_tf))
+        scratch.append(plgpu.SMEM((2, half, config.tile_k), jnp.bfloat16, transforms=_BF16_TF))
     kernel = plgpu.kernel(
         functools.partial(_kernel, int4=int4, group_steps=group_steps, config=config, registers=registers),
         out_type=jax.ShapeDtypeStruct((mp, n), jnp.bfloat16),
