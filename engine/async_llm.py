@@ -90,8 +90,7 @@ class AsyncLLM:
                     except queue.Empty:
                         pass
                     if engine.has_unfinished_requests():
-                        for out in engine.step():
-                            self._deliver(out.request_id, out)
+                        self._deliver_step(engine.step())
         except BaseException as e:  # the engine broke: fail every open stream rather than hang them
             self.errored = e
             for rid in list(self._streams):
@@ -120,6 +119,21 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
         loop, q = stream
         loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one call: a wake-up per output (1,000 a step at full
+        batch) would cost the engine thread more than the step's own host work."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            loop, q = stream
+            batches.setdefault(loop, []).append((q, out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     async def _send(self, kind: str, *args) -> None:
         loop = asyncio.get_running_loop()
@@ -164,6 +178,11 @@ class AsyncLLM:
         self._stopped.set()
         self._commands.put(("noop", (), None))
         self._thread.join(timeout)
+
+
+def _put_all(items) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

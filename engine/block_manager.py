@@ -71,6 +71,8 @@ class BlockManager:
         """Give `request` the pages for `num_new_tokens` more tokens (after taking `cached_pages` as its first
         pages). Returns False, changing nothing, when the free pages do not suffice."""
         total = request.num_computed_tokens + len(cached_pages) * self.page_size + num_new_tokens
+        if total <= len(request.page_ids) * self.page_size and not cached_pages:
+            return True  # its last page has room (most decode steps)
         num_new_pages = self.pages_needed(total) - len(request.page_ids) - len(cached_pages)
         idle_hits = sum(1 for p in cached_pages if self.ref_counts[p] == 0)
         if num_new_pages + idle_hits > len(self.free):
@@ -91,8 +93,9 @@ class BlockManager:
 
     def cache_full_pages(self, request: Request) -> None:
         """Publish the request's full, computed pages in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or request.num_computed_tokens // self.page_size <= \
+                request.num_published_pages:
+            return  # no page has filled since the last call (most decode steps)
         self._update_hashes(request)
         full = min(request.num_computed_tokens // self.page_size, len(request.page_hashes))
         for i in range(request.num_published_pages, full):  # pages before it were published (or taken) already

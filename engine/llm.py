@@ -48,30 +48,32 @@ class LLM:
         vocab = self.engine.model_config.vocab_size
         self.engine.runner.ensure_variants({row_variant(p, vocab) for p in params}, progress=use_tqdm)
         batch = next(self._ids)
-        rows = {}
+        rows, pieces = {}, {}  # request id -> (prompt index, its completion); the completion's text pieces
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             for j in range(p.n):
                 seed = None if p.seed is None else (p.seed + 7919 * j) % 2**32  # as ie_jax.generate derives them
                 child = dataclasses.replace(p, n=1, seed=seed)
                 rid = f"{batch}-{i}-{j}"
                 self.engine.add_request(rid, prompt, child)
-                rows[rid] = (i, j, CompletionOutput(j, "", [], "length", [] if p.logprobs is not None else None))
+                rows[rid] = (i, CompletionOutput(j, "", [], "length", [] if p.logprobs is not None else None))
+                pieces[rid] = []
         bar = tqdm(total=len(rows), desc="generating", unit="req", disable=not use_tqdm, leave=False)
         with frozen_heap():
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
-                    _, _, c = rows[out.request_id]
+                    c = rows[out.request_id][1]
                     c.token_ids += out.new_token_ids
-                    c.text += out.new_text
+                    pieces[out.request_id].append(out.new_text)
                     if c.logprobs is not None:
                         c.logprobs += out.new_logprobs or []
                     if out.finished:
                         c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
                         bar.update()
         bar.close()
-        results = []
-        for i, prompt in enumerate(prompts):
-            ids = self.engine.encode(prompt)
-            outs = [c for (pi, _, c) in rows.values() if pi == i]
-            results.append(GenerateOutput(prompt if isinstance(prompt, str) else None, ids, outs))
+        completions = [[] for _ in prompts]
+        for rid, (i, c) in rows.items():
+            c.text = "".join(pieces[rid])
+            completions[i].append(c)
+        results = [GenerateOutput(prompt if isinstance(prompt, str) else None, self.engine.encode(prompt), outs)
+                   for prompt, outs in zip(prompts, completions)]
         return results

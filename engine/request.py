@@ -18,10 +18,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in _FINISHED
+        return self is not WAITING and self is not RUNNING
 
 
-_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
+WAITING, RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
+FINISHED_STOPPED, FINISHED_LENGTH = RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,7 +68,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status is not WAITING and self.status is not RUNNING  # by identity: no enum hashing
 
     @property
     def sort_key(self) -> tuple[int, float]:

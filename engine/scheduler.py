@@ -6,6 +6,7 @@ a decode by one token, a prompt by a chunk, all from one token budget per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -17,7 +18,7 @@ class SchedulerOutput:
     scheduled: list[tuple[Request, int]]  # (request, tokens to compute this step), in row order
     preempted: list[Request]
 
-    @property
+    @functools.cached_property
     def num_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ie_jax.detokenizer import IncrementalDetokenizer
+from ie_jax.detokenizer import make_detokenizer
 from ie_jax.models import ContiguousCache, DenseCausal
 from ie_jax.sampling import SamplingParams, SamplingTensors, sample
 from ie_jax.stopping import check_stop
@@ -105,7 +105,7 @@ def generate(model: nnx.Module, tokenizer, prompts: str | Sequence[str] | Sequen
     finished = [None] * B
     gen = [[] for _ in range(B)]
     logprobs = [[] if p.logprobs is not None else None for p in row_params]
-    detoks = [IncrementalDetokenizer(tokenizer, ids, skip_special_tokens=p.skip_special_tokens)
+    detoks = [make_detokenizer(tokenizer, ids, skip_special_tokens=p.skip_special_tokens)
               if tokenizer is not None else None for ids, p in zip(row_prompts, row_params)]
     texts = [""] * B
     for step in range(max_new):

@@ -58,6 +58,11 @@ def _read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def vocabulary_error(token_id: int, vocab_size: int) -> ValueError:
+    """The error for an id outside [0, vocab_size): one message wherever ids are checked."""
+    return ValueError(f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+
+
 # Tokenizer classes whose transformers implementation adds BOS (and not EOS) unless tokenizer_config says otherwise.
 _BOS_BY_DEFAULT_CLASSES = frozenset(
     f"{name}Tokenizer{fast}" for name in ("Llama", "CodeLlama", "Gemma") for fast in ("", "Fast"))
@@ -98,6 +103,12 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         raise NotImplementedError
 
+    def incremental_detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+        """A detokenizer for one request's generated ids (see `ie_jax.detokenizer`); subclasses return faster ones
+        with the same output."""
+        from ie_jax.detokenizer import IncrementalDetokenizer  # the detokenizer module imports this one
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False, **kwargs: Any) -> str | list[int]:
         """Render `messages` with the checkpoint's template (or `chat_template=` a name or a template string).
@@ -119,8 +130,7 @@ class Tokenizer:
     def _checked_ids(self, ids: Sequence[int]) -> list[int]:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+            raise vocabulary_error(next(i for i in ids if not 0 <= i < self.vocab_size), self.vocab_size)
         return ids
 
 
@@ -164,6 +174,7 @@ class HFTokenizer(Tokenizer):
             chat_templates = parse_chat_templates(config.get("chat_template"))
         self.chat_templates = dict(chat_templates)
         self._init_special_token_rule(config)
+        self._decode_stream_exact: bool | None = None  # whether StreamDetokenizer supports the decoder; set when needed
 
     def _token_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
@@ -227,6 +238,16 @@ class HFTokenizer(Tokenizer):
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
+
+    def incremental_detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+        """A `tokenizers` DecodeStream per request (one Rust call per token instead of two decodes), where the
+        decoder keeps it exact; see `StreamDetokenizer`."""
+        from ie_jax.detokenizer import IncrementalDetokenizer, StreamDetokenizer
+        if self._decode_stream_exact is None:
+            self._decode_stream_exact = StreamDetokenizer.supports(self._backend)
+        if not self._decode_stream_exact:
+            return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+        return StreamDetokenizer(self, self._backend, prompt_ids, skip_special_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,6 +401,12 @@ class SyntheticTokenizer(Tokenizer):
 
     def is_special(self, token_id: int) -> bool:
         return token_id == self.bos_token_id or token_id in self.eos_token_ids
+
+    def incremental_detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+        """Every id is a whole word, so no window of ids is needed and the prompt changes nothing."""
+        from ie_jax.detokenizer import WordDetokenizer
+        special = frozenset(i for i in (self.bos_token_id, *self.eos_token_ids) if i is not None)
+        return WordDetokenizer(self.vocab_size, special if skip_special_tokens else frozenset())
 
 
 SYNTHETIC_CHAT_TEMPLATE = (

@@ -5,6 +5,8 @@ step (docs/benchmarks.md, v16), so it bounds the offline throughput once the dev
 
     python scripts/profile_host.py                          # 1,000 requests, 128 in / 128 out, embedded model
     python scripts/profile_host.py --profile 20             # also cProfile 20 decode steps: the top functions
+    python scripts/profile_host.py --synthetic-vocab 128256 # the dummy llama-3-8b preset's tokenizer
+    python scripts/profile_host.py --bpe-vocab 32000        # a byte-level BPE (HF tokenizers), trained here
 
 Prints the median host time of the decode steps split into its parts, and writes JSON (--out).
 """
@@ -46,6 +48,23 @@ def _timed(fn, bucket, times):
     return wrapper
 
 
+def train_bpe(vocab_size: int):
+    """A byte-level BPE (GPT-2 / Llama-3 style) trained on the standard library's sources, as an HFTokenizer."""
+    import glob
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ie_jax.tokenizer import HFTokenizer
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train(files, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return HFTokenizer(backend)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -58,6 +77,10 @@ def main(argv=None):
     ap.add_argument("--synthetic-vocab", type=int, default=0,
                     help="detokenize with the SyntheticTokenizer of this vocabulary (what `--model llama-3-8b "
                          "--load-format dummy` serves with) instead of the model's own")
+    ap.add_argument("--bpe-vocab", type=int, default=0,
+                    help="detokenize with a byte-level BPE of this vocabulary, trained in seconds on this Python's "
+                         "standard-library sources: an HF tokenizer of a real model's kind, where no checkpoint's "
+                         "tokenizer can be downloaded")
     ap.add_argument("--profile", type=int, default=0, help="cProfile this many decode steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path or folder (default: $OUT or benchmarks/results/)")
@@ -67,12 +90,14 @@ def main(argv=None):
     if args.synthetic_vocab:
         from ie_jax.tokenizer import SyntheticTokenizer
         tokenizer = SyntheticTokenizer(args.synthetic_vocab)
+    elif args.bpe_vocab:
+        tokenizer = train_bpe(args.bpe_vocab)
     pages = args.num_prompts * (-(-(args.input_len + args.output_len) // 16) + 1) + 16
     config = EngineConfig(max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, num_pages=pages, seed=args.seed)
     engine = LLMEngine(model, tokenizer, config, progress=False, warmup=False)  # nothing compiles: no device step
     runner = engine.runner
-    V = args.synthetic_vocab or model.config.vocab_size
+    V = tokenizer.vocab_size if args.synthetic_vocab or args.bpe_vocab else model.config.vocab_size
     rng = np.random.default_rng(args.seed)
     parts: dict[str, float] = {}
 
@@ -111,6 +136,7 @@ def main(argv=None):
     res = dict(bench="host", model=args.model, num_prompts=args.num_prompts, input_len=args.input_len,
                output_len=args.output_len, decode_steps=len(steps), median_ms=med,
                per_row_us=1e3 * med["total"] / args.num_prompts, synthetic_vocab=args.synthetic_vocab,
+               bpe_vocab=args.bpe_vocab, tokenizer=type(tokenizer).__name__,
                commit=os.environ.get("IE_JAX_COMMIT") or subprocess.run(
                    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                    cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))

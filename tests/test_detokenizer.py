@@ -3,9 +3,10 @@ import random
 
 import pytest
 
+import tokenizers
 from fixtures.tokenizers.make_tokenizers import build_byte_level, build_sentencepiece, random_text
-from ie_jax.detokenizer import IncrementalDetokenizer
-from ie_jax.tokenizer import ByteTokenizer, load_tokenizer
+from ie_jax.detokenizer import IncrementalDetokenizer, StreamDetokenizer, WordDetokenizer, make_detokenizer
+from ie_jax.tokenizer import ByteTokenizer, HFTokenizer, SyntheticTokenizer, load_tokenizer
 
 FFFD = "\ufffd"
 
@@ -15,7 +16,8 @@ def toks(tmp_path_factory):
     root = tmp_path_factory.mktemp("detok")
     return {"byte": ByteTokenizer(), "llama3": load_tokenizer(build_byte_level(root / "llama3")),
             "chatml": load_tokenizer(build_byte_level(root / "chatml", style="chatml")),
-            "llama2": load_tokenizer(build_sentencepiece(root / "llama2"))}
+            "llama2": load_tokenizer(build_sentencepiece(root / "llama2")),
+            "synthetic": SyntheticTokenizer(300, bos_token_id=1, eos_token_ids=(2, 7))}
 
 
 def _stream(tok, ids, prompt_ids=(), skip_special_tokens=True):
@@ -147,3 +149,114 @@ def test_decode_window_stays_short(toks):
         assert detok.text == tok.decode(ids)[len(tok.decode(ids[:300])):]
         assert counting.longest <= 16  # a few tokens of context plus the longest character (emoji + joiners)
         assert counting.calls <= 2 * len(ids)
+
+
+# make_detokenizer's fast detokenizers must give IncrementalDetokenizer's output at every add() and at flush().
+
+FAST = {"llama3": StreamDetokenizer, "chatml": StreamDetokenizer, "llama2": StreamDetokenizer,
+        "synthetic": WordDetokenizer}
+
+
+def _assert_same_stream(tok, ids, prompt_ids=(), skip_special_tokens=True):
+    ref = IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens)
+    fast = make_detokenizer(tok, prompt_ids, skip_special_tokens)
+    chunks = []
+    for k, i in enumerate(ids):
+        chunks.append(fast.add(i))
+        assert chunks[-1] == ref.add(i), f"add #{k} of {ids[:k + 1]} after prompt {list(prompt_ids)}"
+    chunks.append(fast.flush())
+    assert chunks[-1] == ref.flush()
+    assert "".join(chunks) == fast.text == ref.text
+
+
+def _awkward_ids(tok):
+    """Ids that exercise the detokenizers' corner cases: specials, single bytes, and pieces that are only spaces."""
+    ids = [i for i in range(min(tok.vocab_size, 300)) if tok.is_special(i) or i < 260]
+    if isinstance(tok, HFTokenizer):
+        ids += [i for i, t in enumerate(tok.convert_ids_to_tokens(range(tok.vocab_size))) if t in ("▁", "Ġ", "<0x20>")]
+    return ids
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_fast_detokenizer_type(toks, name):
+    assert type(make_detokenizer(toks[name], [1, 2])) is FAST[name]
+
+
+@pytest.mark.parametrize("name", list(FAST))
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_matches_reference_on_random_ids(toks, name, skip):
+    tok = toks[name]
+    awkward = _awkward_ids(tok)
+    for seed in range(100):
+        rng = random.Random(seed)
+        draw = (lambda: rng.randrange(tok.vocab_size)) if seed % 2 else (lambda: rng.choice(awkward))
+        for prompt_len in (0, 1, 12):
+            prompt = [draw() for _ in range(prompt_len)]
+            _assert_same_stream(tok, [draw() for _ in range(60)], prompt, skip)
+
+
+@pytest.mark.parametrize("name", list(FAST))
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_matches_reference_on_text(toks, name, skip):
+    tok = toks[name]
+    rng = random.Random(3)
+    specials = [i for i in (tok.bos_token_id, *tok.eos_token_ids) if i is not None]
+    texts = ["中文 😀 b", "a 👍🏽 👨‍👩‍👧 ❤️ 龍鳳 é", "😀😀中", "\n\n  中"] + [random_text(rng, 25) for _ in range(10)]
+    for text in texts:
+        ids = tok.encode(text)
+        if rng.random() < 0.5:
+            ids.insert(rng.randint(0, len(ids)), rng.choice(specials))
+        # Every split point, including ones inside a character: the prompt may end mid-character.
+        for split in range(len(ids) + 1):
+            _assert_same_stream(tok, ids[split:], ids[:split], skip)
+
+
+def test_fast_matches_reference_where_the_stream_alone_would_differ(toks):
+    # Byte-fallback sequences where a lone DecodeStream parts from the reference; StreamDetokenizer must not.
+    tok = toks["llama2"]
+    vocab = {t: i for i, t in enumerate(tok.convert_ids_to_tokens(range(tok.vocab_size)))}
+    space, a = vocab["▁"], vocab["a"]
+
+    def byte(b):
+        return 3 + b  # <0x00>..<0xFF> are ids 3..258
+
+    emoji = [byte(b) for b in "😀".encode()]
+    cases = [
+        ([], [space, byte(0x20), byte(0xE4), a]),          # empty prefix text, then ids whose text is empty
+        (emoji[:2], emoji[2:] + [a]),                      # prompt ending mid-character
+        ([a], emoji + [byte(0xE4), a, a]),                 # a later byte makes a finished byte run invalid
+    ]
+    for prompt, ids in cases:
+        for skip in (True, False):
+            _assert_same_stream(tok, ids, prompt, skip)
+
+
+@pytest.mark.parametrize("name", list(FAST) + ["byte"])
+def test_out_of_vocabulary_id_raises(toks, name):
+    tok = toks[name]
+    for bad in (tok.vocab_size, -1):
+        with pytest.raises(ValueError) as decode_error:
+            tok.decode([bad])
+        detok = make_detokenizer(tok, [1])
+        detok.add(3)
+        with pytest.raises(ValueError) as add_error:
+            detok.add(bad)
+        message = f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})"
+        assert str(add_error.value) == str(decode_error.value) == message
+
+
+class _DecodeOnly:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_reference_for_tokenizers_without_a_fast_detokenizer(toks, tmp_path):
+    assert type(make_detokenizer(_DecodeOnly(toks["llama3"]), [1])) is IncrementalDetokenizer
+    assert type(make_detokenizer(toks["byte"], [1])) is IncrementalDetokenizer
+    # A decoder that is not known to keep DecodeStream exact (CTC drops repeats across tokens) gets the reference.
+    backend = tokenizers.Tokenizer.from_file(str(build_byte_level(tmp_path / "ctc") / "tokenizer.json"))
+    backend.decoder = tokenizers.decoders.CTC()
+    assert type(make_detokenizer(HFTokenizer(backend), [1])) is IncrementalDetokenizer
