@@ -21,3 +21,14 @@ def test_profile_host_times_the_parts_of_decode_steps(tmp_path, capsys):
     assert abs(sum(v for k, v in parts.items() if k != "total") - parts["total"]) < 1e-6
     assert "tottime" in res["profile"]
     assert "decode steps of ~12 rows" in capsys.readouterr().out
+
+
+def test_profile_host_with_a_trained_bpe(tmp_path):
+    """--bpe-vocab detokenizes with an HF byte-level BPE trained on the standard library's sources (the fast
+    DecodeStream path), sampling ids over its whole vocabulary."""
+    out = tmp_path / "host.json"
+    ph.main(["--num-prompts", "8", "--input-len", "5", "--output-len", "6", "--max-num-seqs", "8",
+             "--max-num-batched-tokens", "64", "--bpe-vocab", "600", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["tokenizer"] == "HFTokenizer" and res["bpe_vocab"] == 600
+    assert res["decode_steps"] >= 3 and res["median_ms"]["update"] > 0
