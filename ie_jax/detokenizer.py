@@ -43,7 +43,19 @@ MAX_CHARACTER_TOKENS = 8
 _REPLACEMENT = "\ufffd"
 
 
-class IncrementalDetokenizer:
+class _Emitted:
+    """The text a detokenizer has emitted, kept as pieces and joined when read."""
+    _chunks: list[str]
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        if len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""
+
+
+class IncrementalDetokenizer(_Emitted):
     """Text of one request's generated tokens, released only in whole characters."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
@@ -66,13 +78,6 @@ class IncrementalDetokenizer:
         while start > limit and self._decode([int(i) for i in prompt_ids[start:]]).startswith(_REPLACEMENT):
             start -= 1
         return [int(i) for i in prompt_ids[start:]]
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        if len(self._chunks) > 1:
-            self._chunks = ["".join(self._chunks)]
-        return self._chunks[0] if self._chunks else ""
 
     def add(self, token_id: int) -> str:
         """Append one generated id and return the text it completes ("" while a character is still partial)."""
@@ -219,7 +224,7 @@ class StreamDetokenizer(IncrementalDetokenizer):
         return not self._decode(self._ids).endswith(_REPLACEMENT)
 
 
-class WordDetokenizer:
+class WordDetokenizer(_Emitted):
     """IncrementalDetokenizer's output for `SyntheticTokenizer` without decoding: each id is the whole word " w{i}",
     whatever its neighbours, so add() returns that word ("" for a skipped special id) and nothing is held back.
 
@@ -230,13 +235,6 @@ class WordDetokenizer:
         self._vocab_size = vocab_size
         self._hidden_ids = hidden_ids  # the special ids when they are skipped
         self._chunks: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        if len(self._chunks) > 1:
-            self._chunks = ["".join(self._chunks)]
-        return self._chunks[0] if self._chunks else ""
 
     def add(self, token_id: int) -> str:
         token_id = int(token_id)
