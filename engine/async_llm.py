@@ -20,7 +20,7 @@ import jax
 import ie_jax
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, merge_outputs
 from ie_jax.sampling import SamplingParams
 
 
@@ -159,6 +159,11 @@ class AsyncLLM:
         try:
             while not finished:
                 item = await q.get()
+                # A consumer that fell behind gets the deltas waiting for it as one (as vLLM's output collector
+                # does): under load the server's work per step then grows with the streams, not their tokens.
+                while not q.empty() and isinstance(item, RequestOutput) and not item.finished:
+                    later = q.get_nowait()
+                    item = later if isinstance(later, BaseException) else merge_outputs(item, later)
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"the engine failed: {item!r}") from item
                 finished = item.finished

@@ -20,3 +20,12 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one: what a consumer that fell behind reads instead of both."""
+    logprobs = None
+    if first.new_logprobs is not None or later.new_logprobs is not None:
+        logprobs = (first.new_logprobs or []) + (later.new_logprobs or [])
+    return dataclasses.replace(later, new_token_ids=first.new_token_ids + later.new_token_ids,
+                               new_text=first.new_text + later.new_text, new_logprobs=logprobs)

@@ -52,6 +52,7 @@ class _Job:
 class _Choice:
     """What has arrived for one choice so far."""
     text: list[str] = dataclasses.field(default_factory=list)
+    text_len: int = 0  # characters in `text`
     num_tokens: int = 0
     num_prompt: int = 0
     num_cached: int = 0
@@ -220,6 +221,7 @@ class OpenAIServer:
     def absorb(choice: _Choice, out: RequestOutput) -> list[tuple[int, dict[int, float]]]:
         """Adds a delta to the choice; returns the delta's (token id, logprobs) entries."""
         choice.text.append(out.new_text)
+        choice.text_len += len(out.new_text)
         choice.num_tokens = out.num_output_tokens or choice.num_tokens + len(out.new_token_ids)
         choice.num_prompt, choice.num_cached = out.num_prompt_tokens, out.num_cached_tokens
         entries = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
@@ -281,7 +283,7 @@ class OpenAIServer:
                     if chunk_kind == "text_completion":
                         prefix = (job.prompt_text or "") if echo and not c.started else ""
                         c.echo_len += len(prefix)
-                        offset = c.echo_len + sum(map(len, c.text)) - len(out.new_text)
+                        offset = c.echo_len + c.text_len - len(out.new_text)
                         lp = self.completion_logprobs(entries, offset) if num_top is not None else None
                         body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
                     else:
