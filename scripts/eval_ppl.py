@@ -160,13 +160,14 @@ def evaluate(args, log=print) -> dict:
                                          seed=args.seed, progress=not args.quiet)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; perplexity needs the model's tokenizer")
+    dtype = str(jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype)  # what "auto" resolved to, before quantizing
     text = Path(args.data).read_text(encoding="utf-8")
     token_ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
     model, token_ids, calib = quantize_for_eval(model, tokenizer, token_ids, args, log)
     if args.max_tokens is not None:
         token_ids = token_ids[:args.max_tokens]
     result = perplexity(model, token_ids, args.seq_len, args.stride, args.batch_size, progress=not args.quiet)
-    result.update(model=args.model, quantization=args.quantization, data=args.data, seq_len=args.seq_len,
+    result.update(model=args.model, quantization=args.quantization, dtype=dtype, data=args.data, seq_len=args.seq_len,
                   stride=args.stride or args.seq_len, calibration=calib,
                   seconds=round(time.perf_counter() - start, 2))
     log(f"{args.model} [{args.quantization}] on {args.data}: {result['tokens']} tokens, ppl {result['ppl']:.4f} "

@@ -149,6 +149,7 @@ def test_eval_ppl_bf16_and_int8_agree(text_file, tmp_path):
     assert math.isfinite(bf16["ppl"]) and bf16["ppl"] > 1
     assert abs(int8["ppl"] / bf16["ppl"] - 1) < 0.01, (bf16["ppl"], int8["ppl"])
     assert json.loads(out.read_text())["ppl"] == pytest.approx(bf16["ppl"])
+    assert bf16["dtype"] == int8["dtype"] == "bfloat16"
 
 
 def test_eval_ppl_awq_calibrates_on_a_held_out_slice(text_file):
