@@ -98,18 +98,20 @@ class AsyncLLM:
 
     def _run_command(self, command) -> None:
         kind, args, done = command
-        result = None
+        value = error = None
         try:
             if kind == "add":
                 self.engine.add_request(*args)
             elif kind == "abort":
                 self.engine.abort_request(*args)
                 self._streams.pop(args[0], None)
+            elif kind == "score":
+                value = self.engine.score_prompt(*args)
         except Exception as e:  # noqa: BLE001  (handed to the caller)
-            result = e
+            error = e
         if done is not None:
             loop, future = done
-            loop.call_soon_threadsafe(_settle, future, result)
+            loop.call_soon_threadsafe(_settle, future, value, error)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
@@ -135,11 +137,17 @@ class AsyncLLM:
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    async def _send(self, kind: str, *args) -> None:
+    async def _send(self, kind: str, *args):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._commands.put((kind, args, (loop, future)))
-        await future
+        return await future
+
+    async def score(self, prompt_token_ids: list[int], num_top: int) -> list[dict[int, float] | None]:
+        """The prompt's logprobs (LLMEngine.score_prompt), computed on the engine thread between steps."""
+        if self.errored is not None:
+            raise RuntimeError(f"the engine has stopped: {self.errored!r}")
+        return await self._send("score", list(prompt_token_ids), num_top)
 
     # ------------------------------------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
@@ -190,11 +198,11 @@ def _put_all(items) -> None:
         q.put_nowait(item)
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, value, error: BaseException | None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(value)
     else:
         future.set_exception(error)
 

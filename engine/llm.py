@@ -49,10 +49,12 @@ class LLM:
         self.engine.runner.ensure_variants({row_variant(p, vocab) for p in params}, progress=use_tqdm)
         batch = next(self._ids)
         rows, pieces = {}, {}  # request id -> (prompt index, its completion); the completion's text pieces
+        prompt_lps = [None] * len(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             for j in range(p.n):
                 seed = None if p.seed is None else (p.seed + 7919 * j) % 2**32  # as ie_jax.generate derives them
-                child = dataclasses.replace(p, n=1, seed=seed)
+                # the prompt's logprobs are the same for every choice: only the first asks for them
+                child = dataclasses.replace(p, n=1, seed=seed, prompt_logprobs=p.prompt_logprobs if j == 0 else None)
                 rid = f"{batch}-{i}-{j}"
                 self.engine.add_request(rid, prompt, child)
                 rows[rid] = (i, CompletionOutput(j, "", [], "length", [] if p.logprobs is not None else None))
@@ -64,6 +66,8 @@ class LLM:
                     c = rows[out.request_id][1]
                     c.token_ids += out.new_token_ids
                     pieces[out.request_id].append(out.new_text)
+                    if out.prompt_logprobs is not None:
+                        prompt_lps[rows[out.request_id][0]] = out.prompt_logprobs
                     if c.logprobs is not None:
                         c.logprobs += out.new_logprobs or []
                     if out.finished:
@@ -74,6 +78,6 @@ class LLM:
         for rid, (i, c) in rows.items():
             c.text = "".join(pieces[rid])
             completions[i].append(c)
-        results = [GenerateOutput(prompt if isinstance(prompt, str) else None, self.engine.encode(prompt), outs)
-                   for prompt, outs in zip(prompts, completions)]
+        results = [GenerateOutput(prompt if isinstance(prompt, str) else None, self.engine.encode(prompt), outs, lps)
+                   for prompt, outs, lps in zip(prompts, completions, prompt_lps)]
         return results

@@ -53,12 +53,17 @@ class _TextStream:
     holding what is not yet sent (held back as a possible stop-string start) plus enough sent text before it for a
     stop string to be found across the boundary. The window stays a few characters long, so a token costs the same
     at token 10 and 10,000 (keeping the whole text cost O(length) a token)."""
-    __slots__ = ("detok", "window", "sent", "holdback", "context", "plain", "stop_ids")
+    __slots__ = ("detok", "window", "sent", "holdback", "context", "plain", "plain_rule", "stop_ids",
+                 "prompt_logprobs")
 
-    def __init__(self, detok, params: SamplingParams, eos_token_ids: tuple[int, ...]):
+    def __init__(self, detok, params: SamplingParams, eos_token_ids: tuple[int, ...], prompt_logprobs=None):
         self.detok = detok
-        # plain: only EOS (these ids), max_tokens or the model length can end it, and its text is never held back
-        self.plain = not params.stop and not params.stop_token_ids and params.logprobs is None
+        # plain: only EOS (these ids), max_tokens or the model length can end it, its text is never held back and
+        # its output carries nothing else (no logprobs; prompt logprobs go with the first output)
+        self.plain = self.plain_rule = not params.stop and not params.stop_token_ids and params.logprobs is None
+        self.prompt_logprobs = prompt_logprobs
+        if prompt_logprobs is not None:
+            self.plain = False  # until the first output has taken them
         self.stop_ids = () if params.ignore_eos else eos_token_ids
         self.window, self.sent = "", 0  # sent: characters of the window already handed out
         longest = max(map(len, params.stop)) - 1 if params.stop else 0
@@ -110,18 +115,28 @@ class LLMEngine:
             raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
                              f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} "
                              f"for the completion). Please reduce the prompt or max_tokens.")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} exceeds max_logprobs={self.config.max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"{name}={k} exceeds max_logprobs={self.config.max_logprobs}")
         if self.config.max_queue is not None and len(self.scheduler.waiting) >= self.config.max_queue:
             raise OverflowError(f"the waiting queue is full ({self.config.max_queue} requests)")
+        prompt_lps = None if params.prompt_logprobs is None else self.runner.score(ids, params.prompt_logprobs)
         seed = params.seed if params.seed is not None else int(self.rng.integers(2**32))
         request = Request(request_id, ids, params, seed, self.eos_token_ids, priority,
                           variant=row_variant(params, self.model_config.vocab_size))
         self.scheduler.add(request)
         self.streams[request_id] = _TextStream(
             make_detokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer is not None else None,
-            params, self.eos_token_ids)
+            params, self.eos_token_ids, prompt_lps)
         return request
+
+    def score_prompt(self, prompt: str | list[int], num_top: int) -> list[dict[int, float] | None]:
+        """The prompt's logprobs alone (what a request with prompt_logprobs=num_top and no output would get): the
+        server's echo with max_tokens=0."""
+        if not 0 <= num_top <= self.config.max_logprobs:
+            raise ValueError(f"logprobs={num_top} must be in [0, max_logprobs={self.config.max_logprobs}]")
+        return self.runner.score(self.encode(prompt), num_top)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -252,6 +267,9 @@ class LLMEngine:
         new_text = text[stream.sent: emit_to]
         stream.advance(text, emit_to)
         output = self._output(request, [tok], new_text, new_lp, index + 1)
+        if stream.prompt_logprobs is not None:
+            output.prompt_logprobs, stream.prompt_logprobs = stream.prompt_logprobs, None
+            stream.plain = stream.plain_rule
         if request.is_finished:
             self._retire(request)
         return output

@@ -20,6 +20,9 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs, in the request's first output only: per prompt token None (the first) or
+    # {token_id: logprob}
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -28,4 +31,5 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
     if first.new_logprobs is not None or later.new_logprobs is not None:
         logprobs = (first.new_logprobs or []) + (later.new_logprobs or [])
     return dataclasses.replace(later, new_token_ids=first.new_token_ids + later.new_token_ids,
-                               new_text=first.new_text + later.new_text, new_logprobs=logprobs)
+                               new_text=first.new_text + later.new_text, new_logprobs=logprobs,
+                               prompt_logprobs=first.prompt_logprobs or later.prompt_logprobs)

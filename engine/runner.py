@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from engine.config import EngineConfig
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
+from ie_jax.generate import prompt_logprob_entry
 from ie_jax.models.context import Paged
 from ie_jax.models.llama import fuse_projections
 from ie_jax.sampling import SamplingTensors, sample
@@ -199,6 +200,19 @@ def _step_flat(graphdef, weights_tree, caches, counts, last_tokens, prompt_mask,
                  sample_mode, decode_only, layer_states)
 
 
+def _score_flat(graphdef, weights_tree, num_top: int, token_ids, *weights):
+    """Prompt logprobs: one dense causal forward over token_ids [1, L] (padding after the prompt changes nothing
+    before it). Returns each next token's logprob [L - 1] and the top `num_top` ids and logprobs [L - 1, num_top],
+    all from the raw logits in f32; the log-softmax itself is never materialised ([L, V] logits are the peak)."""
+    state, layer_states = jax.tree.unflatten(weights_tree, weights)
+    logits, _ = nnx.merge(graphdef, state)(token_ids, layer_states=layer_states)
+    logits = logits[0, :-1].astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    token_lp = jnp.take_along_axis(logits, token_ids[0, 1:, None], axis=-1)[:, 0] - lse
+    top_lp, top_ids = jax.lax.top_k(logits, num_top)
+    return token_lp, top_ids, top_lp - lse[:, None]
+
+
 # _step_flat's static arguments: graphdef, weights_tree, input layout, num_logprobs, sample mode, decode_only
 STEP_STATIC_ARGNUMS = (0, 1, 7, 8, 9, 10)
 
@@ -314,6 +328,7 @@ class ModelRunner:
         self._step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
                              compiler_options=step_compiler_options())
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}  # (T, R, variant)
+        self._score = jax.jit(_score_flat, static_argnums=(0, 1, 2))  # compiled per prompt-length bucket
         # decode twins (DECODE) of the decode-sized buckets' variants: where the paged kernel runs, or as configured
         self.decode_steps = ops.paged_kernel_active() if cfg.decode_steps is None else cfg.decode_steps
         self.last_variant = ""  # the executable variant `run` dispatched last
@@ -512,6 +527,30 @@ class ModelRunner:
             temperature=f32(), top_k=i32(), top_p=f32(1.0), min_p=f32(), repetition_penalty=f32(1.0),
             presence_penalty=f32(), frequency_penalty=f32(), seeds=np.zeros(R, np.uint32), step=i32(),
             suppress_eos=np.zeros(R, bool), eos_ids=np.full((R, NUM_BANNED), -1, np.int32))
+
+    def score(self, token_ids: list[int], num_top: int) -> list[dict[int, float] | None]:
+        """Prompt logprobs (SamplingParams.prompt_logprobs): per prompt token, None for the first, else
+        {token: logprob} of the token and the top `num_top` at its position, as `ie_jax.generate.prompt_logprobs`
+        gives. A dense forward outside the paged step, compiled once per power-of-two length bucket on first use
+        (an opt-in request type, so start-up does not pay for it). Its peak is the [L, vocab] f32 logits, so L is
+        capped (`max_score_tokens`) to keep them within a quarter of the memory kept free for the steps."""
+        L = len(token_ids)
+        if L > self.max_score_tokens:
+            raise ValueError(f"prompt logprobs are computed for prompts of up to {self.max_score_tokens} tokens "
+                             f"(max_num_batched_tokens and the memory kept free for the steps); this one has {L}")
+        padded = np.zeros((1, max(16, 1 << (L - 1).bit_length())), np.int32)
+        padded[0, :L] = token_ids
+        k = max(1, self.config.max_logprobs)  # one executable per bucket, whatever each request asks for
+        lp, top_ids, top_lp = self._score(self.graphdef, self.weights_tree, k, jax.device_put(padded, self.device),
+                                          *self.weights)
+        lp, top_ids, top_lp = np.asarray(lp), np.asarray(top_ids)[:, :num_top], np.asarray(top_lp)[:, :num_top]
+        return [None] + [prompt_logprob_entry(t, lp[i], top_ids[i], top_lp[i]) for i, t in enumerate(token_ids[1:])]
+
+    @property
+    def max_score_tokens(self) -> int:
+        """The longest prompt `score` takes: max_num_batched_tokens, or fewer where [L, vocab] f32 logits would
+        take more than a quarter of `step_headroom` (a step may be in flight meanwhile)."""
+        return min(self.config.max_num_batched_tokens, self.step_headroom() // (16 * self.model_config.vocab_size))
 
     # ------------------------------------------------------------------------------------------------------------
     def assign_slot(self, request: Request) -> None:

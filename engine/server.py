@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one `AsyncLLM`.
 
-    POST /v1/completions, /v1/chat/completions   (stream or not; n, logprobs, stop, usage, ...)
+    POST /v1/completions, /v1/chat/completions   (stream or not; n, logprobs, stop, usage, ...; completions'
+                                                  echo + logprobs adds the prompt's logprobs, max_tokens=0 only those)
     GET  /v1/models, /health, /version, /metrics
     POST /tokenize, /detokenize
 
@@ -46,6 +47,7 @@ class _Job:
     prompt_ids: list[int]
     params: SamplingParams
     prompt_text: str | None = None  # for echo
+    score_only: bool = False  # echo with max_tokens=0: the prompt (and its logprobs) is the whole answer
 
 
 @dataclasses.dataclass
@@ -59,6 +61,7 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[tuple[int, dict[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[tuple[int, dict[int, float] | None]] | None = None  # echo with logprobs
     started: bool = False  # streaming: a chunk of this choice went out
     echo_len: int = 0  # streaming: characters of echoed prompt before the generated text
 
@@ -129,8 +132,8 @@ class OpenAIServer:
                 f"Please reduce the length of the input or completion.", param="max_tokens")
         return requested
 
-    def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams]
-             ) -> list[_Job]:
+    def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
+             score_only: bool = False) -> list[_Job]:
         """Fan out n choices per prompt. A seeded request gives choice j the seed ie_jax.generate and LLM derive
         for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends."""
         out = []
@@ -138,7 +141,8 @@ class OpenAIServer:
             for j in range(sp.n):
                 seed = None if sp.seed is None else (sp.seed + 7919 * j) % 2**32
                 index = p * sp.n + j
-                out.append(_Job(index, f"{request_id}-{index}", ids, dataclasses.replace(sp, n=1, seed=seed), text))
+                out.append(_Job(index, f"{request_id}-{index}", ids, dataclasses.replace(sp, n=1, seed=seed), text,
+                                score_only))
         return out
 
     def admit(self, jobs: list[_Job]) -> None:
@@ -152,6 +156,13 @@ class OpenAIServer:
     async def _run_one(self, job: _Job, priority: int) -> AsyncIterator[RequestOutput]:
         timer = self.metrics.tracker()
         try:
+            if job.score_only:
+                k = job.params.prompt_logprobs
+                lps = None if k is None else await self.engine.score(job.prompt_ids, k)
+                timer.on_output(0, True, "length")
+                yield RequestOutput(job.request_id, [], "", None, True, "length", None, len(job.prompt_ids), 0, 0,
+                                    lps)
+                return
             async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id, priority=priority):
                 self._pending.discard(job.request_id)
                 timer.on_output(len(out.new_token_ids), out.finished, out.finish_reason)
@@ -191,19 +202,27 @@ class OpenAIServer:
             s = self._token_strs[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return s
 
-    def completion_logprobs(self, entries: list[tuple[int, dict[int, float]]], offset: int) -> dict:
+    def completion_logprobs(self, entries: list[tuple[int, dict[int, float] | None]], offset: int) -> dict:
+        """The legacy completions `logprobs` object. An entry without logprobs (an echoed prompt's first token)
+        gets null for its logprob and top logprobs, as OpenAI and vLLM return it."""
         tokens, token_logprobs, top, offsets = [], [], [], []
         for token_id, lps in entries:
             s = self.token_str(token_id)
             tokens.append(s)
-            token_logprobs.append(lps.get(token_id))
-            ranked: dict[str, float] = {}
-            for t, lp in sorted(lps.items(), key=lambda kv: -kv[1]):
+            token_logprobs.append(None if lps is None else lps.get(token_id))
+            ranked: dict[str, float] | None = None if lps is None else {}
+            for t, lp in sorted((lps or {}).items(), key=lambda kv: -kv[1]):
                 ranked.setdefault(self.token_str(t), lp)  # tokens that print alike keep the likeliest
             top.append(ranked)
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def echoed_logprobs(self, choice: _Choice, entries, prefix: str) -> dict:
+        """Logprobs of the echoed prompt (offsets from 0), then of `entries` (from the end of the prefix)."""
+        head = self.completion_logprobs(choice.prompt_logprobs, 0)
+        tail = self.completion_logprobs(entries, len(prefix))
+        return {key: head[key] + tail[key] for key in head}
 
     def chat_logprobs(self, entries: list[tuple[int, dict[int, float]]], num_top: int) -> dict:
         def item(t: int, lp: float) -> dict:
@@ -218,7 +237,7 @@ class OpenAIServer:
         return {"content": content, "refusal": None}
 
     @staticmethod
-    def absorb(choice: _Choice, out: RequestOutput) -> list[tuple[int, dict[int, float]]]:
+    def absorb(choice: _Choice, out: RequestOutput, prompt_ids: list[int]) -> list[tuple[int, dict[int, float]]]:
         """Adds a delta to the choice; returns the delta's (token id, logprobs) entries."""
         choice.text.append(out.new_text)
         choice.text_len += len(out.new_text)
@@ -226,6 +245,8 @@ class OpenAIServer:
         choice.num_prompt, choice.num_cached = out.num_prompt_tokens, out.num_cached_tokens
         entries = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
         choice.logprobs.extend(entries)
+        if out.prompt_logprobs is not None:
+            choice.prompt_logprobs = list(zip(prompt_ids, out.prompt_logprobs))
         if out.finished:
             choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
         return entries
@@ -243,7 +264,7 @@ class OpenAIServer:
         try:
             async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
                 async for job, out in outs:
-                    self.absorb(choices[job.index], out)
+                    self.absorb(choices[job.index], out, job.prompt_ids)
         except ValueError as e:
             raise P.ServerError(str(e)) from e
         body = []
@@ -252,7 +273,10 @@ class OpenAIServer:
             text = "".join(c.text)
             if kind == "text_completion":
                 prefix = (j.prompt_text or "") if echo else ""
-                lp = self.completion_logprobs(c.logprobs, len(prefix)) if num_top is not None else None
+                lp = None
+                if num_top is not None:
+                    lp = self.echoed_logprobs(c, c.logprobs, prefix) if c.prompt_logprobs is not None else \
+                        self.completion_logprobs(c.logprobs, len(prefix))
                 body.append(P.completion_choice(j.index, prefix + text, lp, c.finish_reason, c.stop_reason))
             else:
                 lp = self.chat_logprobs(c.logprobs, num_top) if num_top is not None else None
@@ -276,7 +300,7 @@ class OpenAIServer:
             async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
                 async for job, out in outs:
                     c = choices[job.index]
-                    entries = self.absorb(c, out)
+                    entries = self.absorb(c, out, job.prompt_ids)
                     if not (out.new_text or out.finished or entries):
                         continue
                     finish, stop = (out.finish_reason, out.stop_reason) if out.finished else (None, None)
@@ -284,7 +308,10 @@ class OpenAIServer:
                         prefix = (job.prompt_text or "") if echo and not c.started else ""
                         c.echo_len += len(prefix)
                         offset = c.echo_len + c.text_len - len(out.new_text)
-                        lp = self.completion_logprobs(entries, offset) if num_top is not None else None
+                        lp = None
+                        if num_top is not None:
+                            lp = self.echoed_logprobs(c, entries, prefix) if prefix and c.prompt_logprobs else \
+                                self.completion_logprobs(entries, offset)
                         body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
                     else:
                         lp = self.chat_logprobs(entries, num_top) if num_top is not None else None
@@ -397,22 +424,26 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
         server.check_model(body.model)
         if body.suffix:
             raise P.ServerError("suffix is not supported", param="suffix")
-        if body.echo and body.logprobs is not None:
-            raise P.ServerError("echo with logprobs (prompt logprobs) is not supported", param="echo")
         if body.best_of is not None and body.best_of != body.n:
             raise P.ServerError(f"best_of={body.best_of} is not supported (only best_of == n)", param="best_of")
+        if body.max_tokens == 0 and not body.echo:
+            raise P.ServerError("max_tokens=0 returns nothing without echo=true", param="max_tokens")
+        # echo with logprobs: the prompt tokens' logprobs too (how lm-evaluation-harness scores text); with
+        # max_tokens=0, only those
+        prompt_logprobs = body.logprobs if body.echo else None
         prompts, params = [], []
         for prompt in body.prompts():
             ids = server.encode(prompt, body.add_special_tokens)
             max_tokens = server.max_tokens(len(ids), body.max_tokens, "prompt")
             try:
-                params.append(body.sampling_params(max_tokens, body.logprobs))
+                params.append(dataclasses.replace(body.sampling_params(max(max_tokens, 1), body.logprobs),
+                                                  prompt_logprobs=prompt_logprobs))
                 text = prompt if isinstance(prompt, str) else server.tokenizer.decode(ids, skip_special_tokens=False)
             except ValueError as e:
                 raise P.ServerError(str(e)) from e
             prompts.append((ids, text))
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        jobs = server.jobs(request_id, prompts, params)
+        jobs = server.jobs(request_id, prompts, params, score_only=body.max_tokens == 0)
         return await server.respond(raw, "text_completion", request_id, jobs, body.priority, body, body.echo,
                                     body.logprobs)
 

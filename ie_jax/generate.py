@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ie_jax.api import forward
 from ie_jax.detokenizer import make_detokenizer
 from ie_jax.models import ContiguousCache, DenseCausal
 from ie_jax.sampling import SamplingParams, SamplingTensors, sample
@@ -40,6 +41,9 @@ class GenerateOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    # with SamplingParams.prompt_logprobs: per prompt token, None for the first, else {token_id: logprob} (the
+    # prompt token's own and the top k)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def text(self) -> str:
@@ -148,8 +152,27 @@ def generate(model: nnx.Module, tokenizer, prompts: str | Sequence[str] | Sequen
                 continue
             reason, stop = finished[b] if finished[b] is not None else ("length", None)
             completions.append(CompletionOutput(j, texts[b], gen[b], reason, logprobs[b], stop))
-        results.append(GenerateOutput(prompt if isinstance(prompt, str) else None, prompt_ids[i], completions))
+        k = params[i].prompt_logprobs
+        results.append(GenerateOutput(prompt if isinstance(prompt, str) else None, prompt_ids[i], completions,
+                                      None if k is None else prompt_logprobs(model, prompt_ids[i], k)))
     return results
+
+
+def prompt_logprobs(model: nnx.Module, token_ids: Sequence[int], k: int) -> list[dict[int, float] | None]:
+    """Each prompt token's logprob given the tokens before it, with the top k there (the reference: one dense
+    forward over the prompt, log-softmax in f32). The first token has no context: None."""
+    logp = np.asarray(jax.nn.log_softmax(forward(model, list(token_ids))[0, :-1], axis=-1))
+    return [None] + [prompt_logprob_entry(tok, row[tok], *_top(row, k)) for tok, row in zip(token_ids[1:], logp)]
+
+
+def prompt_logprob_entry(token: int, logprob: float, top_ids, top_logprobs) -> dict[int, float]:
+    """One position's entry, as generated tokens' are: the top k, then the token itself."""
+    return {**{int(i): float(v) for i, v in zip(top_ids, top_logprobs)}, int(token): float(logprob)}
+
+
+def _top(row: np.ndarray, k: int):
+    ids = np.argsort(-row, kind="stable")[:k]
+    return ids, row[ids]
 
 
 def _encode(tokenizer, prompt, vocab_size: int) -> list[int]:

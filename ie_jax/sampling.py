@@ -48,6 +48,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None => no logprobs; k => the sampled token's plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's option)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -97,6 +98,10 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs={self.logprobs} must be None or in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs)
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs={self.prompt_logprobs} must be None or in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

@@ -32,6 +32,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.server import build_app
 from ie_jax.detokenizer import IncrementalDetokenizer
+from ie_jax.generate import prompt_logprobs
 from ie_jax.presets import PRESETS
 from ie_jax.sampling import SamplingParams
 from ie_jax.tokenizer import ByteTokenizer
@@ -327,6 +328,51 @@ def test_completion_logprobs(live, client):
         assert max(top.values()) == value  # greedy picks the most likely token
 
 
+def prompt_reference(prompt_ids, k):
+    """The prompt's logprobs from the reference: a dense forward of the same model."""
+    return prompt_logprobs(_tiny_model()[0], prompt_ids, k)
+
+
+def test_echo_with_logprobs_scores_the_prompt(live, client):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs, max_tokens=0. The text is the prompt, the
+    logprobs cover its tokens (null for the first) and match the reference; nothing is generated."""
+    text = "the cat sat on the mat"
+    ids = tok(live).encode(text)
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    choice, want = r.choices[0], prompt_reference(ids, 2)
+    assert choice.text == text and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert lp.tokens == [tok(live).decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for t, value, top, ref in zip(ids[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], want[1:]):
+        assert math.isclose(value, ref[t], abs_tol=1e-4)
+        assert 2 <= len(top) <= 3 and math.isclose(max(top.values()), max(ref.values()), abs_tol=1e-4)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(ids))]
+
+
+def test_echo_with_logprobs_then_generated_tokens(live, client):
+    """With max_tokens > 0 the prompt's entries come first, then the generated tokens' (as without echo); the
+    stream carries the same entries."""
+    text = "echo and score"
+    ids = tok(live).encode(text)
+    plain = client.completions.create(model=MODEL, prompt=text, max_tokens=5, temperature=0, logprobs=1)
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=5, temperature=0, logprobs=1, echo=True)
+    lp, gen = r.choices[0].logprobs, plain.choices[0].logprobs
+    assert r.choices[0].text == text + plain.choices[0].text
+    assert len(lp.tokens) == len(ids) + 5 and lp.tokens[len(ids):] == gen.tokens
+    assert lp.token_logprobs[0] is None and lp.token_logprobs[len(ids):] == pytest.approx(gen.token_logprobs)
+    want = prompt_reference(ids, 1)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([w[t] for t, w in zip(ids[1:], want[1:])], abs=1e-4)
+    assert lp.text_offset[len(ids):] == [len(text) + o for o in gen.text_offset]
+    chunks = list(client.completions.create(model=MODEL, prompt=text, max_tokens=5, temperature=0, logprobs=1,
+                                            echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+    streamed = [v for c in chunks for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:])
+
+
 def test_chat_completions(live, client):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     ids = tok(live).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -418,7 +464,6 @@ COMPLETION_ERRORS = [
     ({"prompt": []}, "empty"),
     ({"prompt": ["ok", ""]}, "empty"),
     ({"prompt": [5, 100000]}, "vocabulary"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
 ]
 
