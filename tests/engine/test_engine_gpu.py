@@ -9,6 +9,7 @@ import pytest
 import ie_jax
 from engine.llm import LLM
 from ie_jax import SamplingParams
+from ie_jax.generate import prompt_logprobs
 from ie_jax.presets import get_preset
 from ie_jax.weights import init_model
 from kernels_pallas import ops
@@ -38,3 +39,22 @@ def test_gpu_engine_tokens_are_argmax_of_the_dense_forward(kv_cache_dtype):
         picked = logits[len(prompt) - 1:-1][np.arange(len(out.token_ids)), out.token_ids]
         best = logits[len(prompt) - 1:-1].max(-1)
         assert np.all(best - picked <= slack), (best - picked).max()
+
+
+def test_gpu_prompt_logprobs_match_the_dense_forward():
+    """The scoring forward (unrolled, fused projections, released layers) on the GPU gives the reference's prompt
+    logprobs, up to bf16 rounding."""
+    if not ops.is_hopper():
+        pytest.skip("needs a Hopper GPU")
+    cfg = dataclasses.replace(get_preset("tiny-llama"), vocab_size=512, hidden_size=512, num_heads=8, num_kv_heads=1,
+                              head_dim=128, intermediate_size=1024, num_layers=3)
+    model = init_model(cfg, dtype=jax.numpy.bfloat16, seed=3)
+    llm = LLM(model, tokenizer=None, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=128, page_size=16,
+              progress=False)
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, 100).tolist()
+    got = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2),
+                       use_tqdm=False)[0].prompt_logprobs
+    want = prompt_logprobs(model, prompt, 2)
+    assert got[0] is None and len(got) == len(want) == 100
+    for t, a, b in zip(prompt[1:], got[1:], want[1:]):
+        assert abs(a[t] - b[t]) < 0.05
