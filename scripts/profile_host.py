@@ -137,9 +137,7 @@ def main(argv=None):
                output_len=args.output_len, decode_steps=len(steps), median_ms=med,
                per_row_us=1e3 * med["total"] / args.num_prompts, synthetic_vocab=args.synthetic_vocab,
                bpe_vocab=args.bpe_vocab, tokenizer=type(tokenizer).__name__,
-               commit=os.environ.get("IE_JAX_COMMIT") or subprocess.run(
-                   ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                   cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))
+               commit=current_commit(), date=time.strftime("%Y-%m-%d %H:%M"))
     print(f"{len(steps)} decode steps of ~{args.num_prompts} rows: host {med['total']:.2f} ms a step "
           f"({res['per_row_us']:.1f} us a row): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items() if k != "total"))
     if profiler is not None and profiler.getstats():
@@ -147,8 +145,18 @@ def main(argv=None):
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
         res["profile"] = buf.getvalue()
         print(buf.getvalue())
-    out = args.out or os.environ.get("OUT") or "benchmarks/results"
-    path = out if out.endswith(".json") else os.path.join(out, f"host_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    write_json(res, args.out, "host")
+
+
+def current_commit() -> str:
+    return os.environ.get("IE_JAX_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
+def write_json(res: dict, out: str | None, prefix: str) -> None:
+    """To `out` (a .json path or a folder; default $OUT or benchmarks/results/, named by prefix and time)."""
+    out = out or os.environ.get("OUT") or "benchmarks/results"
+    path = out if out.endswith(".json") else os.path.join(out, f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

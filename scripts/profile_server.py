@@ -13,13 +13,12 @@ period; writes JSON (--out).
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,11 +29,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.server import build_app  # noqa: E402
 from ie_jax.tokenizer import SyntheticTokenizer  # noqa: E402
-
-
-class _Result:
-    def __init__(self, token_ids):
-        self.token_ids = token_ids
+from profile_host import _Result, current_commit, write_json  # noqa: E402
 
 
 async def _stream(client, body) -> tuple[int, int]:
@@ -100,17 +95,10 @@ def main(argv=None):
     res = dict(bench="server_host", num_streams=N, input_len=args.input_len, output_len=args.output_len,
                synthetic_vocab=V, elapsed_s=elapsed, tokens=tokens, chunks=chunks, tok_s=tokens / elapsed,
                us_per_token=1e6 * elapsed / tokens, steps=len(dispatched), step_period_ms_median=1e3 * period,
-               commit=os.environ.get("IE_JAX_COMMIT") or subprocess.run(
-                   ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                   cwd=Path(__file__).parent).stdout.strip(), date=time.strftime("%Y-%m-%d %H:%M"))
+               commit=current_commit(), date=time.strftime("%Y-%m-%d %H:%M"))
     print(f"{N} streams x {args.output_len} tokens: {tokens / elapsed:,.0f} tok/s ({res['us_per_token']:.1f} us a "
           f"token), {chunks} chunks, {len(dispatched)} steps, median step period {1e3 * period:.2f} ms")
-    out = args.out or os.environ.get("OUT") or "benchmarks/results"
-    path = out if out.endswith(".json") else os.path.join(out, f"server_host_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {path}")
+    write_json(res, args.out, "server_host")
 
 
 if __name__ == "__main__":

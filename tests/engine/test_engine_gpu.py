@@ -17,16 +17,21 @@ from kernels_pallas import ops
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_gpu_engine_tokens_are_argmax_of_the_dense_forward(kv_cache_dtype):
-    if not ops.is_hopper():
-        pytest.skip("needs a Hopper GPU (the paged kernel)")
-    # Head dim 128 and 8 q-heads per kv-head: shapes the paged kernel takes, in two layers of a small model.
+def _small_engine(kv_cache_dtype: str):
+    """Head dim 128 and 8 q-heads per kv-head (shapes the paged kernel takes) in three layers of a small model."""
     cfg = dataclasses.replace(get_preset("tiny-llama"), vocab_size=512, hidden_size=512, num_heads=8, num_kv_heads=1,
                               head_dim=128, intermediate_size=1024, num_layers=3)
     model = init_model(cfg, dtype=jax.numpy.bfloat16, seed=3)
     llm = LLM(model, tokenizer=None, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=128, page_size=16,
               kv_cache_dtype=kv_cache_dtype, progress=False)
+    return cfg, model, llm
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_gpu_engine_tokens_are_argmax_of_the_dense_forward(kv_cache_dtype):
+    if not ops.is_hopper():
+        pytest.skip("needs a Hopper GPU (the paged kernel)")
+    cfg, model, llm = _small_engine(kv_cache_dtype)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (1, 17, 40, 100, 130, 7)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -46,11 +51,7 @@ def test_gpu_prompt_logprobs_match_the_dense_forward():
     logprobs, up to bf16 rounding."""
     if not ops.is_hopper():
         pytest.skip("needs a Hopper GPU")
-    cfg = dataclasses.replace(get_preset("tiny-llama"), vocab_size=512, hidden_size=512, num_heads=8, num_kv_heads=1,
-                              head_dim=128, intermediate_size=1024, num_layers=3)
-    model = init_model(cfg, dtype=jax.numpy.bfloat16, seed=3)
-    llm = LLM(model, tokenizer=None, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=128, page_size=16,
-              progress=False)
+    cfg, model, llm = _small_engine("auto")
     prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, 100).tolist()
     got = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2),
                        use_tqdm=False)[0].prompt_logprobs
