@@ -8,12 +8,14 @@ nothing. A consumer that stops listening (client gone, task cancelled) aborts it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
@@ -44,6 +46,7 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
         self.errored: BaseException | None = None
+        self._scorer = ThreadPoolExecutor(1, thread_name_prefix="ie-jax-score")  # prompt logprobs (`score`)
         self._thread = threading.Thread(target=self._loop, name="ie-jax-engine", daemon=True)
         self._thread.start()
 
@@ -98,20 +101,18 @@ class AsyncLLM:
 
     def _run_command(self, command) -> None:
         kind, args, done = command
-        value = error = None
+        error = None
         try:
             if kind == "add":
                 self.engine.add_request(*args)
             elif kind == "abort":
                 self.engine.abort_request(*args)
                 self._streams.pop(args[0], None)
-            elif kind == "score":
-                value = self.engine.score_prompt(*args)
         except Exception as e:  # noqa: BLE001  (handed to the caller)
             error = e
         if done is not None:
             loop, future = done
-            loop.call_soon_threadsafe(_settle, future, value, error)
+            loop.call_soon_threadsafe(_settle, future, error)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
@@ -137,17 +138,20 @@ class AsyncLLM:
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    async def _send(self, kind: str, *args):
+    async def _send(self, kind: str, *args) -> None:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._commands.put((kind, args, (loop, future)))
-        return await future
+        await future
 
     async def score(self, prompt_token_ids: list[int], num_top: int) -> list[dict[int, float] | None]:
-        """The prompt's logprobs (LLMEngine.score_prompt), computed on the engine thread between steps."""
+        """The prompt's logprobs (LLMEngine.score_prompt), on a thread of their own: the scoring forward (and its
+        compilation, the first time a prompt length bucket comes) runs beside the engine's steps instead of
+        holding up every stream. It reads the weights only; the steps donate the caches, never the weights."""
         if self.errored is not None:
             raise RuntimeError(f"the engine has stopped: {self.errored!r}")
-        return await self._send("score", list(prompt_token_ids), num_top)
+        return await asyncio.get_running_loop().run_in_executor(self._scorer, self.engine.score_prompt,
+                                                                list(prompt_token_ids), num_top)
 
     # ------------------------------------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
@@ -156,6 +160,10 @@ class AsyncLLM:
         queue raises OverflowError."""
         if self.errored is not None:
             raise RuntimeError(f"the engine has stopped: {self.errored!r}")
+        prompt_lps = None
+        if sampling_params.prompt_logprobs is not None:  # scored beside the engine, sent with the first output
+            prompt_lps = await self.score(prompt_token_ids, sampling_params.prompt_logprobs)
+            sampling_params = dataclasses.replace(sampling_params, prompt_logprobs=None)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         try:
@@ -175,6 +183,8 @@ class AsyncLLM:
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"the engine failed: {item!r}") from item
                 finished = item.finished
+                if prompt_lps is not None:
+                    item, prompt_lps = dataclasses.replace(item, prompt_logprobs=prompt_lps), None
                 yield item
         finally:
             if not finished:
@@ -191,6 +201,7 @@ class AsyncLLM:
         self._stopped.set()
         self._commands.put(("noop", (), None))
         self._thread.join(timeout)
+        self._scorer.shutdown(wait=False)
 
 
 def _put_all(items) -> None:
@@ -198,11 +209,11 @@ def _put_all(items) -> None:
         q.put_nowait(item)
 
 
-def _settle(future: asyncio.Future, value, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(value)
+        future.set_result(None)
     else:
         future.set_exception(error)
 

@@ -149,8 +149,10 @@ def main(argv=None):
 
 
 def current_commit() -> str:
-    return os.environ.get("IE_JAX_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    if os.environ.get("IE_JAX_COMMIT"):
+        return os.environ["IE_JAX_COMMIT"]
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
 
 
 def write_json(res: dict, out: str | None, prefix: str) -> None:

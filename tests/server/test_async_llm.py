@@ -50,3 +50,42 @@ def test_a_lagging_consumer_gets_merged_deltas_with_the_same_result():
         assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 12
         assert not any(o.finished for o in outs[:-1])
     assert len(lagging) < len(expected.token_ids)  # the deltas that waited arrived merged
+
+
+def test_prompt_logprobs_are_scored_beside_the_engine_thread():
+    """A request with prompt_logprobs gets them with its first output, as the reference computes them, and the
+    scoring forward runs on AsyncLLM's scoring thread, never on the engine's (a first compile there would stall
+    every stream)."""
+    import threading
+
+    import numpy as np
+
+    from ie_jax.generate import prompt_logprobs
+
+    model, tok = ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
+    config = EngineConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+                          token_buckets=(8, 32))
+    engine = AsyncLLM(LLMEngine(model, tok, config, progress=False))
+    threads, score = [], engine.engine.runner.score
+    engine.engine.runner.score = lambda *a: (threads.append(threading.current_thread().name), score(*a))[1]
+    ids = tok.encode("score this prompt")
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+
+    async def run():
+        return [out async for out in engine.generate(ids, params, "p")]
+
+    try:
+        outs = asyncio.run(run())
+        alone = asyncio.run(engine.score(ids, 2))
+    finally:
+        engine.shutdown()
+    want = prompt_logprobs(model, ids, 2)
+    assert outs[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in outs[1:])
+    for got in (outs[0].prompt_logprobs, alone):
+        assert got[0] is None and len(got) == len(ids)
+        for a, b in zip(got[1:], want[1:]):
+            assert a.keys() == b.keys()
+            np.testing.assert_allclose([a[k] for k in b], list(b.values()), atol=1e-4)
+    assert threads and all(name.startswith("ie-jax-score") for name in threads)
+    reference = ie_jax.generate(model, tok, [ids], params)[0].outputs[0]
+    assert [t for o in outs for t in o.new_token_ids] == reference.token_ids
