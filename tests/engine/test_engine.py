@@ -12,7 +12,7 @@ import ie_jax
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
-from engine.runner import StepInputs
+from engine.step_inputs import StepInputs
 from ie_jax import SamplingParams
 
 PROMPTS = ["Hello there", "a", "The quick brown fox jumps over the lazy dog, twice over", "xyz" * 9, "0123456789"]

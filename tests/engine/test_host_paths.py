@@ -7,7 +7,8 @@ import ie_jax
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.request import Request
-from engine.runner import NUM_BANNED, ModelRunner
+from engine.runner import ModelRunner
+from engine.step_inputs import NUM_BANNED
 from engine.scheduler import SchedulerOutput
 from ie_jax import SamplingParams
 
