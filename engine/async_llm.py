@@ -22,6 +22,7 @@ import jax
 import ie_jax
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
+from engine.lora import LoRARequest
 from engine.outputs import RequestOutput, merge_outputs
 from ie_jax.sampling import SamplingParams
 
@@ -65,11 +66,14 @@ class AsyncLLM:
             enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, max_queue=args.max_queue,
             compilation_cache_dir=args.compilation_cache_dir,
             unroll_layers=getattr(args, "unroll_layers", True),
-            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), enable_lora=getattr(args, "enable_lora", False),
+            max_loras=getattr(args, "max_loras", 1), max_lora_rank=getattr(args, "max_lora_rank", 16))
         t1 = time.perf_counter()
         print(f"model {args.model!r} ready on {jax.devices()[0].device_kind} in {t1 - t0:.1f} s", file=sys.stderr,
               flush=True)
         engine = LLMEngine(model, tokenizer, config, owns_model=True, background_extras=True)
+        for i, lora in enumerate(getattr(args, "lora_modules", None) or []):  # LoRARequests, ids from 1
+            engine.add_lora(dataclasses.replace(lora, lora_int_id=i + 1))
         w = engine.runner.warmup_times
         print(f"engine warm-up: {len(engine.runner.executables)} step executables in {time.perf_counter() - t1:.1f} s "
               f"(summed over threads: trace+lower {w['lower']:.1f} s, compile {w['compile']:.1f} s; compilation cache "
@@ -105,6 +109,10 @@ class AsyncLLM:
         try:
             if kind == "add":
                 self.engine.add_request(*args)
+            elif kind == "add_lora":
+                self.engine.add_lora(*args)
+            elif kind == "remove_lora":
+                self.engine.remove_lora(*args)
             elif kind == "abort":
                 self.engine.abort_request(*args)
                 self._streams.pop(args[0], None)
@@ -155,11 +163,13 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's output deltas until one has finished=True. Bad input raises ValueError; a full
         queue raises OverflowError."""
         if self.errored is not None:
             raise RuntimeError(f"the engine has stopped: {self.errored!r}")
+        if lora_request is not None and sampling_params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs are not computed for requests with a LoRA adapter yet")
         prompt_lps = None
         if sampling_params.prompt_logprobs is not None:  # scored beside the engine, sent with the first output
             prompt_lps = await self.score(prompt_token_ids, sampling_params.prompt_logprobs)
@@ -167,7 +177,7 @@ class AsyncLLM:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         try:
-            await self._send("add", request_id, list(prompt_token_ids), sampling_params, priority)
+            await self._send("add", request_id, list(prompt_token_ids), sampling_params, priority, lora_request)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -193,6 +203,16 @@ class AsyncLLM:
 
     async def abort(self, request_id: str) -> None:
         await self._send("abort", request_id)
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Read an adapter (on the engine thread, between steps); errors are raised here."""
+        await self._send("add_lora", lora_request)
+
+    async def remove_lora(self, lora_name: str) -> None:
+        await self._send("remove_lora", lora_name)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.engine.list_loras()
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -2,7 +2,7 @@
 
     request.page_ids      [ 7 | 2 | 9 | 4 ]       page i holds the K/V of tokens [i*P, (i+1)*P)
                            full full full partial
-    request.page_hashes   [h0, h1, h2]            h_i = hash((h_{i-1}, tokens of page i, extra_key))
+    request.page_hashes   [h0, h1, h2]            h_i = hash((h_{i-1}, tokens of page i, adapter))
     cached                {h: page}               full pages whose K/V are known, shareable by any request
     free (LRU queue)      head ... tail           ref_count == 0 pages; new pages come from the head, freed pages
                                                   join the tail, so the least recently used cached page goes first
@@ -42,14 +42,15 @@ class BlockManager:
     def pages_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def _update_hashes(self, request: Request, extra_key=None) -> None:
-        """Extend request.page_hashes over every full page of its known tokens."""
+    def _update_hashes(self, request: Request) -> None:
+        """Extend request.page_hashes over every full page of its known tokens. The hash includes the request's
+        LoRA adapter: the same tokens under another adapter have other K/V."""
         P, n = self.page_size, request.num_tokens
         pending = n and request.token_ids_slice(n - 1, n)[0] < 0  # a token still on the device is not hashed
         for i in range(len(request.page_hashes), (n - pending) // P):
             parent = request.page_hashes[-1] if request.page_hashes else None
             page_tokens = tuple(request.token_ids_slice(i * P, (i + 1) * P))
-            request.page_hashes.append(hash((parent, page_tokens, extra_key)))
+            request.page_hashes.append(hash((parent, page_tokens, request.lora_name)))
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Pages holding the longest cached prefix of a new request. At least one token is left to compute,

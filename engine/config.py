@@ -40,6 +40,11 @@ class EngineConfig:
     # Decode-only steps (every request one token) get their own executables whose attention runs the decode
     # kernel (engine/runner.py, DECODE). None: where the paged-attention kernel runs (a Hopper GPU).
     decode_steps: bool | None = None
+    # LoRA adapters (engine/lora.py), vLLM's flags: requests may name a PEFT adapter; up to max_loras different
+    # ones run in a step, each of rank <= max_lora_rank
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -57,6 +62,8 @@ class EngineConfig:
                              f"max_num_seqs={self.max_num_seqs} (every running request needs a token per step)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras={self.max_loras} and max_lora_rank={self.max_lora_rank} must be >= 1")
         if self.token_buckets is not None and max(self.token_buckets) < self.max_num_batched_tokens:
             raise ValueError(f"token_buckets={self.token_buckets} must reach max_num_batched_tokens")
 

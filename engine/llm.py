@@ -2,6 +2,9 @@
 
     llm = LLM("path/to/hf_dir" or preset, max_num_seqs=64)
     outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32))
+
+    llm = LLM("path/to/hf_dir", enable_lora=True, max_loras=2, max_lora_rank=16)
+    outs = llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "path/to/peft_adapter"))
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from tqdm.auto import tqdm
 import ie_jax
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
+from engine.lora import LoRARequest
 from engine.runner import row_variant
 from ie_jax.generate import CompletionOutput, GenerateOutput
 from ie_jax.sampling import SamplingParams
@@ -35,14 +39,19 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True) -> list[GenerateOutput]:
-        """Run every prompt to completion; outputs are in prompt order (n > 1 gives n completions each)."""
+                 use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
+                 ) -> list[GenerateOutput]:
+        """Run every prompt to completion; outputs are in prompt order (n > 1 gives n completions each).
+        `lora_request`: one adapter for every prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         params = [p or SamplingParams() for p in params]
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        loras = lora_request if isinstance(lora_request, Sequence) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
         # The step variants these requests can use (a step's is the costliest of its rows'), compiled now if
         # missing: the sampling loop below then never compiles.
         vocab = self.engine.model_config.vocab_size
@@ -50,13 +59,13 @@ class LLM:
         batch = next(self._ids)
         rows, pieces = {}, {}  # request id -> (prompt index, its completion); the completion's text pieces
         prompt_lps = [None] * len(prompts)
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
+        for i, (prompt, p, lora) in enumerate(zip(prompts, params, loras)):
             for j in range(p.n):
                 seed = None if p.seed is None else (p.seed + 7919 * j) % 2**32  # as ie_jax.generate derives them
                 # the prompt's logprobs are the same for every choice: only the first asks for them
                 child = dataclasses.replace(p, n=1, seed=seed, prompt_logprobs=p.prompt_logprobs if j == 0 else None)
                 rid = f"{batch}-{i}-{j}"
-                self.engine.add_request(rid, prompt, child)
+                self.engine.add_request(rid, prompt, child, lora_request=lora)
                 rows[rid] = (i, CompletionOutput(j, "", [], "length", [] if p.logprobs is not None else None))
                 pieces[rid] = []
         bar = tqdm(total=len(rows), desc="generating", unit="req", disable=not use_tqdm, leave=False)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.lora import AdapterWeights, LoRARequest, read_adapter
 from engine.outputs import RequestOutput
 from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
 from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
@@ -99,14 +100,19 @@ class LLMEngine:
         self.last_step_host_s = 0.0
         self.last_step_times: dict[str, float] = {}
         self.in_flight = None  # (SchedulerOutput, sample rows, device result) of the step not yet read back
+        self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapters read so far, by name (engine/lora.py)
         if warmup:
             self.runner.warmup(progress, background_extras=background_extras,
                                extra_variants=VARIANTS[1:] if background_extras else ("greedy",))
 
     # ------------------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> Request:
+                    priority: int = 0, lora_request: LoRARequest | None = None) -> Request:
         params = params or SamplingParams()
+        if lora_request is not None:
+            self.add_lora(lora_request)
+            if params.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs are not computed for requests with a LoRA adapter yet")
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one sequence per request; fan out n>1 above it")
         ids = self.encode(prompt)
@@ -124,12 +130,44 @@ class LLMEngine:
         prompt_lps = None if params.prompt_logprobs is None else self.runner.score(ids, params.prompt_logprobs)
         seed = params.seed if params.seed is not None else int(self.rng.integers(2**32))
         request = Request(request_id, ids, params, seed, self.eos_token_ids, priority,
-                          variant=row_variant(params, self.model_config.vocab_size))
+                          variant=row_variant(params, self.model_config.vocab_size),
+                          lora_name=None if lora_request is None else lora_request.lora_name)
         self.scheduler.add(request)
         self.streams[request_id] = _TextStream(
             make_detokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer is not None else None,
             params, self.eos_token_ids, prompt_lps)
         return request
+
+    # ------------------------------------------------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read a PEFT adapter (once per name) so that requests can name it; returns True when it was new. It
+        takes a device slot only when a request using it is scheduled."""
+        if not self.config.enable_lora:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        known = self.adapters.get(lora_request.lora_name)
+        if known is not None:
+            if known.request.lora_path != lora_request.lora_path:
+                raise ValueError(f"adapter {lora_request.lora_name!r} is already loaded from "
+                                 f"{known.request.lora_path!r}, not {lora_request.lora_path!r}")
+            return False
+        cfg = self.config
+        self.adapters[lora_request.lora_name] = read_adapter(lora_request, self.model_config, self.runner.lora_layout,
+                                                             cfg.max_lora_rank, self.runner.weights[0].dtype)
+        return True
+
+    def remove_lora(self, lora_name: str) -> bool:
+        """Forget an adapter; refused while a request uses it. Returns False for an unknown name."""
+        if lora_name not in self.adapters:
+            return False
+        users = [r.request_id for r in self.scheduler.requests.values() if r.lora_name == lora_name]
+        if users:
+            raise ValueError(f"adapter {lora_name!r} is in use by {len(users)} request(s), e.g. {users[0]!r}")
+        self.scheduler.adapter_slots.forget(lora_name)
+        del self.adapters[lora_name]
+        return True
+
+    def list_loras(self) -> list[LoRARequest]:
+        return [a.request for a in self.adapters.values()]
 
     def score_prompt(self, prompt: str | list[int], num_top: int) -> list[dict[int, float] | None]:
         """The prompt's logprobs alone (what a request with prompt_logprobs=num_top and no output would get): the
@@ -174,6 +212,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         for request in out.preempted:
             self.runner.release_slot(request)
+        if self.scheduler.adapter_slots is not None:  # adapters that took a slot this step: written before it runs
+            for slot, name in self.scheduler.adapter_slots.take_loads():
+                self.runner.load_adapter(slot, self.adapters[name])
         dispatched, t_dispatch = None, 0.0
         if out.scheduled:
             inp, samples = self.runner.prepare(out)  # seats newly running requests too

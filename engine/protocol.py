@@ -197,9 +197,19 @@ def envelope(kind: Literal["text_completion", "chat.completion", "chat.completio
             "usage": usage_}
 
 
-def model_card(name: str, root: str, max_model_len: int) -> dict:
+def model_card(name: str, root: str, max_model_len: int, parent: str | None = None) -> dict:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "ie-jax", "root": root,
-            "parent": None, "max_model_len": max_model_len}
+            "parent": parent, "max_model_len": max_model_len}
+
+
+class LoadLoRAAdapterRequest(pydantic.BaseModel):
+    lora_name: str = pydantic.Field(min_length=1)
+    lora_path: str = pydantic.Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(pydantic.BaseModel):
+    lora_name: str = pydantic.Field(min_length=1)
+    lora_int_id: int | None = None
 
 
 def validation_message(errors: list[dict]) -> str:

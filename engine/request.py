@@ -46,6 +46,8 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    lora_name: str | None = None  # the LoRA adapter it runs with (engine/lora.py); None = the base model
+    lora_slot: int = -1  # the device slot holding that adapter while the request runs
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
+from engine.lora import AdapterWeights, add_adapter_slots, slot_leaves, write_adapter
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.step_inputs import NUM_BANNED, SlotState, StepInputs
@@ -41,7 +42,7 @@ def _step(graphdef, state, caches, counts, last_tokens, prompt_mask, packed, lay
     # (kv, k_scale, v_scale) for an fp8 cache (the scales pass through unchanged)
     # decode_only (static): every request of the step has one token, so attention may take the decode kernel
     ctx = Paged(caches[0], None, inp.slot_mapping, inp.page_table, inp.query_start_loc, inp.seq_lens,
-                inp.num_seqs, *caches[1:], decode_only=decode_only)
+                inp.num_seqs, *caches[1:], lora_slots=inp.lora_slots, decode_only=decode_only)
     model = nnx.merge(graphdef, state)
     logits, ctx = model(input_ids[None], inp.positions[None], ctx, logits_indices=inp.logits_indices[None],
                         layer_states=layer_states)
@@ -206,10 +207,14 @@ class ModelRunner:
         if not owns_model:  # the step runs a restructured copy; the caller's model stays as it was
             model = nnx.clone(model)
         fuse_projections(model)
+        # LoRA: every decoder linear layer gets max_loras adapter slots (engine/lora.py)
+        self.lora_layout = add_adapter_slots(model, cfg.max_loras, cfg.max_lora_rank) if cfg.enable_lora else {}
         self.layer_states = unstack_layers(model, release=True) if cfg.unroll_layers else None
         self.graphdef, state = nnx.split(model)
         # the step's weight arguments, one flat list (`_step_flat`); the first is the embedding
-        self.weights, self.weights_tree = jax.tree.flatten((state, self.layer_states))
+        leaves, self.weights_tree = jax.tree_util.tree_flatten_with_path((state, self.layer_states))
+        self.weights = [x for _, x in leaves]
+        self.lora_leaves = slot_leaves(leaves, model.STACK) if cfg.enable_lora else {}
         fp8 = jnp.float8_e4m3fn
         self.dtype = cache_dtype or (fp8 if cfg.fp8_kv_cache else self.weights[0].dtype)
         self.page_bytes = 2 * mc.num_layers * mc.num_kv_heads * cfg.page_size * mc.head_dim * \
@@ -434,7 +439,8 @@ class ModelRunner:
             logits_indices=i32(), slots=i32(self.config.max_num_seqs), sample_mask=np.zeros(R, bool),
             temperature=f32(), top_k=i32(), top_p=f32(1.0), min_p=f32(), repetition_penalty=f32(1.0),
             presence_penalty=f32(), frequency_penalty=f32(), seeds=np.zeros(R, np.uint32), step=i32(),
-            suppress_eos=np.zeros(R, bool), eos_ids=np.full((R, NUM_BANNED), -1, np.int32))
+            suppress_eos=np.zeros(R, bool), eos_ids=np.full((R, NUM_BANNED), -1, np.int32),
+            lora_slots=np.full(T, -1, np.int32))
 
     def score(self, token_ids: list[int], num_top: int) -> list[dict[int, float] | None]:
         """Prompt logprobs (SamplingParams.prompt_logprobs): per prompt token, None for the first, else
@@ -478,6 +484,7 @@ class ModelRunner:
         s.eos_ids[slot] = -1
         s.eos_ids[slot, :len(banned)] = banned
         s.num_pages[slot] = 0
+        s.lora_slot[slot] = request.lora_slot
         if p.penalised:
             known = [t for t in request.output_token_ids if t >= 0]
             counts = np.bincount(np.asarray(known, np.int64), minlength=V).astype(np.int32)
@@ -485,6 +492,10 @@ class ModelRunner:
             mask[request.prompt_token_ids] = True
             self.counts = self._set_row(self.counts, slot, counts)
             self.prompt_mask = self._set_row(self.prompt_mask, slot, mask)
+
+    def load_adapter(self, slot: int, adapter: AdapterWeights) -> None:
+        """Write an adapter into a LoRA slot (the scheduler gave it the slot; steps from now on read it)."""
+        write_adapter(self.weights, self.lora_leaves, slot, adapter)
 
     def release_slot(self, request: Request) -> None:
         slot = self.slot_of.pop(request.request_id, None)
@@ -544,6 +555,8 @@ class ModelRunner:
         inp.from_slot[:num] = np.where(token_ids < 0, row_slots, -1)
         inp.positions[:num] = positions
         inp.slot_mapping[:num] = table[row_slots, positions // P] * P + positions % P
+        if self.lora_leaves:
+            inp.lora_slots[:num] = s.lora_slot[row_slots]
         inp.seq_lens[:r] = seq_lens = starts + lens
         inp.query_start_loc[1:r + 1] = ends
         inp.query_start_loc[r + 1:] = num

@@ -10,6 +10,7 @@ import functools
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.lora import AdapterSlots
 from engine.request import Request, RequestStatus
 
 
@@ -31,6 +32,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.adapter_slots = AdapterSlots(config.max_loras) if config.enable_lora else None
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -57,7 +59,9 @@ class Scheduler:
            the current request fits or is itself the one preempted.
         2. Then waiting requests by (priority, arrival), while budget, seats (max_num_seqs) and pages last. A
            new request first takes its cached prefix pages; its prompt may be cut into chunks over several steps.
-        Nothing waiting jumps a request that did not fit (FCFS), so a long prompt cannot starve.
+        Nothing waiting jumps a request that did not fit (FCFS), so a long prompt cannot starve. The one exception
+        (vLLM's): a request whose LoRA adapter finds no slot (every slot is held by other adapters' running
+        requests) is passed over, keeping its place, for those behind it.
         """
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
@@ -90,12 +94,17 @@ class Scheduler:
             # `request` itself was preempted: the list shrank at position i, so do not advance.
 
         if not preempted:  # a step that had to preempt admits nobody new
+            passed = []  # requests whose adapter has no slot this step: they keep their place in the queue
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 request = self.waiting[0]
+                if request.lora_name is not None and not self._seat_adapter(request):
+                    passed.append(self.waiting.pop(0))
+                    continue
                 hits = bm.find_cached_prefix(request)
                 computed = len(hits) * bm.page_size
                 n = min(request.num_tokens - computed, budget)
                 if not bm.allocate(request, n, hits):
+                    self._unseat_adapter(request)
                     break
                 request.num_computed_tokens = computed
                 if not request.output_token_ids and not request.num_preemptions:
@@ -105,7 +114,18 @@ class Scheduler:
                 self.running.append(request)
                 scheduled.append((request, n))
                 budget -= n
+            self.waiting[:0] = passed  # they were ahead of every request still waiting
         return SchedulerOutput(scheduled, preempted)
+
+    def _seat_adapter(self, request: Request) -> bool:
+        slot = self.adapter_slots.acquire(request.lora_name)
+        request.lora_slot = -1 if slot is None else slot
+        return slot is not None
+
+    def _unseat_adapter(self, request: Request) -> None:
+        if request.lora_slot >= 0:
+            self.adapter_slots.release(request.lora_slot)
+            request.lora_slot = -1
 
     def _done_pending(self, request: Request) -> bool:
         return bool(request.output_token_ids) and (len(request.output_token_ids) >= request.sampling_params.max_tokens
@@ -114,6 +134,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.block_manager.free_request(request)
+        self._unseat_adapter(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -135,6 +156,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.block_manager.free_request(request)
+        self._unseat_adapter(request)
         request.status = status
         self.requests.pop(request.request_id, None)
 

@@ -4,6 +4,10 @@
                                                   echo + logprobs adds the prompt's logprobs, max_tokens=0 only those)
     GET  /v1/models, /health, /version, /metrics
     POST /tokenize, /detokenize
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter   (with --enable-lora and runtime updates allowed)
+
+A request whose `model` names a LoRA adapter (--lora-modules, or loaded at run time) runs with that adapter; the
+adapters are listed in /v1/models with the base model as their parent, as vLLM lists them.
 
 A request goes: pydantic validation → token ids and `SamplingParams` → n engine requests (ids "{id}-{index}",
 index = prompt * n + choice) → merged outputs → response JSON or SSE chunks. Every error the client can cause
@@ -27,6 +31,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import os
+
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine.protocol as P
+from engine.lora import LoRARequest
 from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
 from ie_jax.sampling import SamplingParams
@@ -48,6 +55,7 @@ class _Job:
     params: SamplingParams
     prompt_text: str | None = None  # for echo
     score_only: bool = False  # echo with max_tokens=0: the prompt (and its logprobs) is the whole answer
+    lora: LoRARequest | None = None  # the adapter the request names as its model
 
 
 @dataclasses.dataclass
@@ -102,9 +110,18 @@ class OpenAIServer:
 
     # --- request → engine jobs --------------------------------------------------------------------------------
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model not in (self.model_name, self.model_root):
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names, None for the base model; an unknown name is a 404."""
+        if model is None or model in (self.model_name, self.model_root):
+            return None
+        lora = self.adapters().get(model)
+        if lora is None:
             raise P.ServerError(f"The model `{model}` does not exist.", status=404, param="model")
+        return lora
+
+    def adapters(self) -> dict[str, LoRARequest]:
+        list_loras = getattr(self.engine, "list_loras", None)
+        return {} if list_loras is None else {r.lora_name: r for r in list_loras()}
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -133,7 +150,7 @@ class OpenAIServer:
         return requested
 
     def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
-             score_only: bool = False) -> list[_Job]:
+             score_only: bool = False, lora: LoRARequest | None = None) -> list[_Job]:
         """Fan out n choices per prompt. A seeded request gives choice j the seed ie_jax.generate and LLM derive
         for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends."""
         out = []
@@ -142,7 +159,7 @@ class OpenAIServer:
                 seed = None if sp.seed is None else (sp.seed + 7919 * j) % 2**32
                 index = p * sp.n + j
                 out.append(_Job(index, f"{request_id}-{index}", ids, dataclasses.replace(sp, n=1, seed=seed), text,
-                                score_only))
+                                score_only, lora))
         return out
 
     def admit(self, jobs: list[_Job]) -> None:
@@ -163,7 +180,8 @@ class OpenAIServer:
                 yield RequestOutput(job.request_id, [], "", None, True, "length", None, len(job.prompt_ids), 0, 0,
                                     lps)
                 return
-            async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id, priority=priority):
+            async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id, priority=priority,
+                                                  lora_request=job.lora):
                 self._pending.discard(job.request_id)
                 timer.on_output(len(out.new_token_ids), out.finished, out.finish_reason)
                 yield out
@@ -281,16 +299,20 @@ class OpenAIServer:
             else:
                 lp = self.chat_logprobs(c.logprobs, num_top) if num_top is not None else None
                 body.append(P.chat_choice(j.index, text, lp, c.finish_reason, c.stop_reason))
-        return P.envelope(kind, request_id, int(time.time()), self.model_name, body, self.total_usage(jobs, choices))
+        return P.envelope(kind, request_id, int(time.time()), self.response_model(jobs), body,
+                          self.total_usage(jobs, choices))
+
+    def response_model(self, jobs: list[_Job]) -> str:
+        return jobs[0].lora.lora_name if jobs and jobs[0].lora is not None else self.model_name
 
     async def stream(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
                      num_top: int | None, include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
-        created = int(time.time())
+        created, model = int(time.time()), self.response_model(jobs)
         choices = {j.index: _Choice() for j in jobs}
 
         def event(body: list[dict], usage: dict | None = None) -> str:
-            obj = P.envelope(chunk_kind, request_id, created, self.model_name, body, usage)
+            obj = P.envelope(chunk_kind, request_id, created, model, body, usage)
             return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
         try:
@@ -417,17 +439,48 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [P.model_card(server.model_name, server.model_root, server.max_model_len)]}
+        cards = [P.model_card(server.model_name, server.model_root, server.max_model_len)]
+        cards += [P.model_card(r.lora_name, r.lora_path, server.max_model_len, parent=server.model_name)
+                  for r in server.adapters().values()]
+        return {"object": "list", "data": cards}
+
+    if runtime_lora_updates():
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: P.LoadLoRAAdapterRequest):
+            if body.lora_name in (server.model_name, server.model_root) or body.lora_name in server.adapters():
+                raise P.ServerError(f"The lora adapter '{body.lora_name}' has already been loaded.",
+                                    param="lora_name")
+            ids = [r.lora_int_id for r in server.adapters().values()]
+            try:
+                await engine.add_lora(LoRARequest(body.lora_name, max(ids, default=0) + 1, body.lora_path))
+            except (ValueError, OSError) as e:
+                raise P.ServerError(str(e), param="lora_path") from e
+            return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: P.UnloadLoRAAdapterRequest):
+            if body.lora_name not in server.adapters():
+                raise P.ServerError(f"The lora adapter '{body.lora_name}' cannot be found.", status=404,
+                                    param="lora_name")
+            try:
+                await engine.remove_lora(body.lora_name)
+            except ValueError as e:
+                raise P.ServerError(str(e), param="lora_name") from e
+            return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+                            media_type="text/plain")
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, raw: Request):
-        server.check_model(body.model)
+        lora = server.check_model(body.model)
         if body.suffix:
             raise P.ServerError("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise P.ServerError(f"best_of={body.best_of} is not supported (only best_of == n)", param="best_of")
         if body.max_tokens == 0 and not body.echo:
             raise P.ServerError("max_tokens=0 returns nothing without echo=true", param="max_tokens")
+        if lora is not None and body.echo and body.logprobs is not None:
+            raise P.ServerError("prompt logprobs (echo with logprobs) are not computed with a LoRA adapter yet",
+                                param="echo")
         # echo with logprobs: the prompt tokens' logprobs too (how lm-evaluation-harness scores text); with
         # max_tokens=0, only those
         prompt_logprobs = body.logprobs if body.echo else None
@@ -443,13 +496,13 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
                 raise P.ServerError(str(e)) from e
             prompts.append((ids, text))
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        jobs = server.jobs(request_id, prompts, params, score_only=body.max_tokens == 0)
+        jobs = server.jobs(request_id, prompts, params, score_only=body.max_tokens == 0, lora=lora)
         return await server.respond(raw, "text_completion", request_id, jobs, body.priority, body, body.echo,
                                     body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, raw: Request):
-        server.check_model(body.model)
+        lora = server.check_model(body.model)
         if body.tools:
             raise P.ServerError("tools are not supported", param="tools")
         if not body.messages:
@@ -464,7 +517,7 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
         except ValueError as e:
             raise P.ServerError(str(e)) from e
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = server.jobs(request_id, [(ids, None)], [params])
+        jobs = server.jobs(request_id, [(ids, None)], [params], lora=lora)
         return await server.respond(raw, "chat.completion", request_id, jobs, body.priority, body, False, num_top)
 
     @app.post("/tokenize")
@@ -493,6 +546,13 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
             raise P.ServerError(str(e), param="tokens") from e
 
     return app
+
+
+def runtime_lora_updates() -> bool:
+    """Whether /v1/load_lora_adapter and /v1/unload_lora_adapter exist: only when asked for, as vLLM has them
+    (its environment variable, VLLM_ALLOW_RUNTIME_LORA_UPDATING, or IE_JAX_ALLOW_RUNTIME_LORA_UPDATING)."""
+    names = ("IE_JAX_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    return any(os.environ.get(n, "").lower() in ("1", "true", "yes") for n in names)
 
 
 def run_server(args) -> None:

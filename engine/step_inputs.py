@@ -39,6 +39,7 @@ class StepInputs:
     step: jax.Array  # [R] int32: tokens generated so far (with the seed, the row's random key)
     suppress_eos: jax.Array  # [R] bool
     eos_ids: jax.Array  # [R, NUM_BANNED] int32, -1 padded
+    lora_slots: jax.Array  # [T] int32: each token's LoRA adapter slot, -1 = the base model (and padding)
 
     # The step's inputs cross to the device as ONE int32 buffer: each separately passed host array is its own
     # argument and host-to-device copy, and one buffer instead of 23 cut the host's dispatch of a batch-1 8B step
@@ -92,6 +93,7 @@ class SlotState:
     eos_ids: np.ndarray  # [S, NUM_BANNED]: the ids banned while min_tokens is not reached, -1 padded
     page_table: np.ndarray  # [S, max_pages]
     num_pages: list[int]  # pages written into each page_table row
+    lora_slot: np.ndarray  # [S]: the adapter slot of the request (engine/lora.py), -1 for none
 
     @classmethod
     def empty(cls, num_slots: int, max_pages: int) -> "SlotState":
@@ -99,4 +101,5 @@ class SlotState:
         return cls(temperature=f32(), top_k=i32(), top_p=f32(1.0), min_p=f32(), repetition_penalty=f32(1.0),
                    presence_penalty=f32(), frequency_penalty=f32(), seeds=np.zeros(num_slots, np.uint32),
                    min_tokens=i32(), eos_ids=np.full((num_slots, NUM_BANNED), -1, np.int32),
-                   page_table=np.zeros((num_slots, max_pages), np.int32), num_pages=[0] * num_slots)
+                   page_table=np.zeros((num_slots, max_pages), np.int32), num_pages=[0] * num_slots,
+                   lora_slot=np.full(num_slots, -1, np.int32))

@@ -98,15 +98,56 @@ def read_adapter_config(adapter_dir) -> LoraConfig:
                       use_rslora=bool(cfg.get("use_rslora", False)))
 
 
-def load_peft_adapter(model, adapter_dir) -> LoraConfig:
-    """Wrap `model`'s targeted layers and load the adapter's factors; missing, unexpected or mis-shaped tensors
-    raise, naming the tensor."""
-    config = read_adapter_config(adapter_dir)
+def _adapter_tensors(adapter_dir) -> tuple[Path, dict[str, np.ndarray]]:
     file = Path(adapter_dir) / "adapter_model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist (pickled adapter_model.bin files are never loaded)")
     # Older PEFT files may carry the adapter name: "...q_proj.lora_A.default.weight".
-    tensors = {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v for k, v in load_file(str(file)).items()}
+    return file, {re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", k): v
+                  for k, v in load_file(str(file)).items()}
+
+
+def read_peft_adapter(adapter_dir, model_config) -> tuple[LoraConfig, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """An adapter's config and factors without a model: our module path ("layers.self_attn.q_proj") -> (A, B) in
+    f32 and our layout, A [L, in, r] and B [L, r, out] for decoder layers ([in, r], [r, out] otherwise). The
+    serving engine loads adapters this way. A module with some layers' tensors but not all, a tensor no module of
+    `model_config` has, or a factor whose rank is not the config's r raises, naming the tensor."""
+    config = read_adapter_config(adapter_dir)
+    file, tensors = _adapter_tensors(adapter_dir)
+    factors, used = {}, set()
+    for path, template in module_names(model_config).items():
+        layers = list(range(model_config.num_layers)) if "{layer}" in template else [None]
+        keys = [{kind: f"{PREFIX}{template if i is None else template.format(layer=i)}.{kind}.weight"
+                 for kind in ("lora_A", "lora_B")} for i in layers]
+        found = [k for pair in keys for k in pair.values() if k in tensors]
+        if not found:
+            continue
+        missing = [k for pair in keys for k in pair.values() if k not in tensors]
+        if missing:
+            raise ValueError(f"adapter {file} has {found[0]!r} but is missing {missing[0]!r}: an adapted module "
+                             f"needs lora_A and lora_B on every layer")
+        a = [tensors[pair["lora_A"]].T.astype(np.float32) for pair in keys]  # PEFT [r, in] -> [in, r]
+        b = [tensors[pair["lora_B"]].T.astype(np.float32) for pair in keys]  # PEFT [out, r] -> [r, out]
+        for pair, ai, bi in zip(keys, a, b):
+            if ai.shape[1] != config.r or bi.shape[0] != config.r:
+                raise ValueError(f"tensor {pair['lora_A']!r} has rank {ai.shape[1]} and its lora_B "
+                                 f"{bi.shape[0]}; adapter_config.json says r={config.r}")
+        used.update(found)
+        factors[path] = (np.stack(a), np.stack(b)) if layers != [None] else (a[0], b[0])
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise ValueError(f"adapter {file} has {len(unexpected)} tensor(s) the model has no module for, e.g. "
+                         f"{unexpected[:3]}")
+    if not factors:
+        raise ValueError(f"adapter {file} holds no LoRA factors")
+    return config, factors
+
+
+def load_peft_adapter(model, adapter_dir) -> LoraConfig:
+    """Wrap `model`'s targeted layers and load the adapter's factors; missing, unexpected or mis-shaped tensors
+    raise, naming the tensor."""
+    config = read_adapter_config(adapter_dir)
+    file, tensors = _adapter_tensors(adapter_dir)
     apply_lora(model, config)
     names = module_names(model.config)
     used = set()

@@ -3,6 +3,7 @@
     python scripts/serve.py                                   # the embedded default model, on 127.0.0.1:8000
     python scripts/serve.py --model /path/to/hf_dir --max-model-len 4096
     python scripts/serve.py --model /path/to/llama3-8b --load-format dummy --dtype bfloat16   # benchmarks
+    python scripts/serve.py --model /path/to/hf_dir --enable-lora --lora-modules sql=/path/to/peft_adapter
 
 Then any OpenAI client works against http://127.0.0.1:8000/v1, e.g.
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -67,14 +69,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=engine["unroll_layers"],
                    help="run the decoder layers as straight-line code (fast steps); --no-unroll-layers keeps a "
                         "device loop (slower steps, faster start-up)")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT directories)")
+    p.add_argument("--lora-modules", nargs="+", default=None, type=lora_module, metavar="NAME=PATH",
+                   help="adapters served under their names: name=path, or JSON "
+                        "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
+    p.add_argument("--max-loras", type=int, default=engine["max_loras"],
+                   help="different adapters in one step (device slots)")
+    p.add_argument("--max-lora-rank", type=int, default=engine["max_lora_rank"], help="the largest adapter rank")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     args = p.parse_args(argv)
     if args.max_queue is not None and args.max_queue < 1:
         p.error(f"--max-queue={args.max_queue} must be >= 1")
+    if args.lora_modules and not args.enable_lora:
+        p.error("--lora-modules needs --enable-lora")
+    if args.max_loras < 1 or args.max_lora_rank < 1:
+        p.error(f"--max-loras={args.max_loras} and --max-lora-rank={args.max_lora_rank} must be >= 1")
     if args.served_model_name is None:
         args.served_model_name = args.model
     return args
+
+
+def lora_module(text: str):
+    """One --lora-modules entry, vLLM's two spellings: name=path, or a JSON object with name and path."""
+    from engine.lora import LoRARequest
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+            return LoRARequest(spec["name"], 0, spec["path"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object with name and path: {e}") from e
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} must read name=path")
+    return LoRARequest(name, 0, path)
 
 
 def main(argv: list[str] | None = None) -> None:

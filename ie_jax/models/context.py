@@ -89,6 +89,8 @@ class Paged:
     # fp8 (float8_e4m3fn) caches only: [L, K] f32 dequantization scales (stored = x / scale); None = 16-bit cache
     k_scale: jax.Array | None = None
     v_scale: jax.Array | None = None
+    # [T] int32: the LoRA adapter slot of each token, -1 for the base model (engine/lora.py); None without adapters
+    lora_slots: jax.Array | None = None
     # static: every request of the step has exactly one token (the engine's decode-only executables)
     decode_only: bool = struct.field(pytree_node=False, default=False)
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from ie_jax.config import ModelConfig
 from ie_jax.models.context import DenseCausal
-from ie_jax.models.layers import Embed, LayerNorm, make_linear
+from ie_jax.models.layers import Embed, LayerNorm, make_linear, project
 from ie_jax.models.llama import scan_layers, stacked
 
 
@@ -24,10 +24,10 @@ class GPT2Attention(nnx.Module):
 
     def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D]
         B, T, D = x.shape
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = jnp.split(project(self.c_attn, x, ctx), 3, axis=-1)
         q, k, v = (t.reshape(B, T, self.num_heads, self.head_dim) for t in (q, k, v))  # [B, T, N, H]
         out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5)
-        return self.c_proj(out.reshape(B, T, D)), caches
+        return project(self.c_proj, out.reshape(B, T, D), ctx), caches
 
 
 class GPT2MLP(nnx.Module):
@@ -37,8 +37,9 @@ class GPT2MLP(nnx.Module):
         self.c_proj = make_linear(F, D, bias=True, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
         self.exact_gelu = cfg.hidden_act == "gelu"
 
-    def __call__(self, x):
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=not self.exact_gelu))
+    def __call__(self, x, ctx=None):
+        h = jax.nn.gelu(project(self.c_fc, x, ctx), approximate=not self.exact_gelu)
+        return project(self.c_proj, h, ctx)
 
 
 class GPT2Block(nnx.Module):
@@ -51,7 +52,7 @@ class GPT2Block(nnx.Module):
     def __call__(self, x, positions, ctx, caches, layer):
         h, caches = self.attn(self.ln_1(x), positions, ctx, caches, layer)
         x = x + h
-        return x + self.mlp(self.ln_2(x)), caches
+        return x + self.mlp(self.ln_2(x), ctx), caches
 
 
 class GPT2LMHeadModel(nnx.Module):

@@ -54,6 +54,15 @@ class Linear(nnx.Module):
         return self
 
 
+def project(linear: nnx.Module, x, ctx=None, out_dtype=None):
+    """`linear(x)`. A layer serving several LoRA adapters in one step (engine/lora.py, `takes_lora_slots`) also
+    takes the adapter slot of each token, which the serving context carries (`lora_slots`)."""
+    slots = getattr(ctx, "lora_slots", None)
+    if slots is not None and getattr(linear, "takes_lora_slots", False):
+        return linear(x, out_dtype, lora_slots=slots)
+    return linear(x, out_dtype)
+
+
 def make_linear(in_features: int, out_features: int, *, bias: bool, axes, dtype, rngs: nnx.Rngs,
                 quant: QuantConfig | None = None) -> nnx.Module:
     """The one place a weight format picks its Linear class: dense, or ie_jax/quant/linear.py's class for `quant`

@@ -17,7 +17,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ie_jax.config import ModelConfig
 from ie_jax.models.context import DenseCausal, Paged
-from ie_jax.models.layers import Embed, Linear, RMSNorm, apply_rope, fuse_linears, make_linear, rope_inv_freq
+from ie_jax.models.layers import (Embed, Linear, RMSNorm, apply_rope, fuse_linears, make_linear, project,
+                                  rope_inv_freq)
 from kernels_pallas import ops
 from kernels_pallas import add_norm
 
@@ -48,11 +49,11 @@ class Attention(nnx.Module):
             self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
         return fused is not None
 
-    def _qkv(self, x):
+    def _qkv(self, x, ctx):
         if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return project(self.q_proj, x, ctx), project(self.k_proj, x, ctx), project(self.v_proj, x, ctx)
         q_cols, kv_cols = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return jnp.split(self.qkv_proj(x), [q_cols, q_cols + kv_cols], axis=-1)
+        return jnp.split(project(self.qkv_proj, x, ctx), [q_cols, q_cols + kv_cols], axis=-1)
 
     def _attend_rope(self, x, positions, inv_freq, ctx, caches, layer):
         """Serving steps the rope + KV write kernel takes (Paged.rope_in_write): the fused q/k/v projection as
@@ -69,7 +70,7 @@ class Attention(nnx.Module):
         if S > 1:
             parts = add_norm.split_k_partials(x.reshape(B * T, D), proj.kernel[...], S)
         else:
-            parts = proj(x)
+            parts = project(proj, x, ctx)
         out, caches = ctx.attend_rope(parts.reshape(S, B * T, C, H), self.num_kv_heads, positions,
                                       inv_freq, caches, layer, dtype=x.dtype,
                                       scale=H ** -0.5, sliding_window=self.sliding_window)
@@ -77,7 +78,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D], positions [B, T]
         out, caches = self.attend(x, positions, ctx, caches, layer)
-        return self.o_proj(out), caches
+        return project(self.o_proj, out, ctx), caches
 
     def attend(self, x, positions, ctx, caches, layer):
         """Attention up to (not including) the o projection: ([B, T, N * H], caches)."""
@@ -87,7 +88,7 @@ class Attention(nnx.Module):
             out = self._attend_rope(x, positions, inv_freq, ctx, caches, layer)  # rope inside the KV write
             if out is not None:
                 return out
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, ctx)
         q = q.reshape(B, T, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
@@ -118,17 +119,17 @@ class MLP(nnx.Module):
             self.gate_up_proj, self.gate_proj, self.up_proj = fused, None, None
         return fused is not None
 
-    def activation(self, x):
+    def activation(self, x, ctx=None):
         """silu(gate) * up: the down projection's input."""
         if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = project(self.gate_proj, x, ctx), project(self.up_proj, x, ctx)
         else:
-            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+            gate, up = jnp.split(project(self.gate_up_proj, x, ctx), 2, axis=-1)
         gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
         return jax.nn.silu(gate) * up
 
-    def __call__(self, x):
-        return self.down_proj(self.activation(x))
+    def __call__(self, x, ctx=None):
+        return project(self.down_proj, self.activation(x, ctx), ctx)
 
 
 class DecoderLayer(nnx.Module):
@@ -143,7 +144,7 @@ class DecoderLayer(nnx.Module):
             return self._decode_call(x, positions, ctx, caches, layer)
         h, caches = self.self_attn(self.input_layernorm(x), positions, ctx, caches, layer)
         x = checkpoint_name(x + h, "resid_mid")
-        return x + self.mlp(self.post_attention_layernorm(x)), caches
+        return x + self.mlp(self.post_attention_layernorm(x), ctx), caches
 
     def _decode_call(self, carry, positions, ctx, caches, layer):
         """carry: (the residual x [B, T, D], the previous layer's down projection as split-K partials [S, B*T, D]
@@ -161,7 +162,7 @@ class DecoderLayer(nnx.Module):
         norm = self.post_attention_layernorm
         x, y = ops.add_rmsnorm(x, partials, norm.weight[...], eps=norm.eps)
         d_kernel = mlp.down_proj.kernel[...]
-        act = mlp.activation(y)
+        act = mlp.activation(y, ctx)
         pending = add_norm.split_k_partials(act, d_kernel, add_norm_splits(d_kernel.shape[0]))
         return (x.reshape(B, T, D), pending), caches
 

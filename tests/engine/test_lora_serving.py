@@ -1,0 +1,181 @@
+"""Serving LoRA adapters: the engine with adapters == the reference generate on each adapter merged into the base,
+token for token, with adapters and the base model mixed in one step, fewer slots than adapters, and prefix caching
+kept apart per adapter."""
+import dataclasses
+
+import pytest
+from flax import nnx
+
+import ie_jax
+from engine.llm import LLM
+from engine.lora import AdapterSlots, LoRARequest
+from finetune.export import load_peft_adapter, save_peft_adapter
+from finetune.lora import LoraConfig, apply_lora, merge_lora
+from ie_jax import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+SYSTEM = "You are a helpful assistant. Answer briefly. "  # shared prefix: prefix-cache pages across requests
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny, tmp_path_factory):
+    """Two PEFT adapters with random (non-zero) factors: all linear layers at r=8, and q/v only at r=4 (rsLoRA)."""
+    model, _ = tiny
+    out = {}
+    for name, cfg in (("all", LoraConfig(r=8, alpha=16, target_modules="all-linear", init_lora_weights=False,
+                                         seed=3)),
+                      ("qv", LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), use_rslora=True,
+                                        init_lora_weights=False, seed=4))):
+        m = nnx.clone(model)
+        apply_lora(m, cfg)
+        path = tmp_path_factory.mktemp(name)
+        save_peft_adapter(m, cfg, path)
+        out[name] = LoRARequest(name, len(out) + 1, str(path))
+    return out
+
+
+def merged_reference(tiny, lora: LoRARequest | None, prompts, params=GREEDY):
+    model, tok = tiny
+    if lora is not None:
+        model = nnx.clone(model)
+        load_peft_adapter(model, lora.lora_path)
+        merge_lora(model)
+    return [o.token_ids for o in ie_jax.generate(model, tok, prompts, params)]
+
+
+def make_llm(tiny, **kw):
+    model, tok = tiny
+    args = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, page_size=8, progress=False,
+                enable_lora=True, max_loras=2, max_lora_rank=8)
+    return LLM(model, tokenizer=tok, **{**args, **kw})
+
+
+PROMPTS = [SYSTEM + "Hello there", SYSTEM + "What is 2+2?", "The quick brown fox", SYSTEM + "Hello there"]
+
+
+@pytest.mark.parametrize("max_loras", [2, 1])
+def test_adapters_and_base_in_one_batch_match_merged_references(tiny, adapters, max_loras):
+    """Every prompt under the base model and under each adapter, all submitted together. With max_loras=1 the two
+    adapters cannot share a step, so requests wait for the slot; outputs must not change."""
+    llm = make_llm(tiny, max_loras=max_loras)
+    choices = [None, adapters["all"], adapters["qv"]]
+    prompts = [p for _ in choices for p in PROMPTS]
+    loras = [c for c in choices for _ in PROMPTS]
+    compiled = llm.engine.runner.num_compiled()
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, lora_request=loras, use_tqdm=False)]
+    want = [t for c in choices for t in merged_reference(tiny, c, PROMPTS)]
+    assert got == want
+    base, with_all, with_qv = (want[i * len(PROMPTS):(i + 1) * len(PROMPTS)] for i in range(3))
+    assert base != with_all and base != with_qv and with_all != with_qv  # the adapters do change the model
+    engine = llm.engine
+    assert engine.runner.num_compiled() == compiled  # adapters are weights: no new executables
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
+    assert engine.scheduler.adapter_slots.users == [0] * max_loras
+    # the shared system prompt hit the prefix cache, but only within each adapter's requests
+    assert engine.block_manager.prefix_hits > 0
+
+
+def test_prefix_cache_is_kept_apart_per_adapter(tiny, adapters):
+    """The same prompt under the base model, then under an adapter: the second must not reuse the first's pages."""
+    llm = make_llm(tiny)
+    prompt = SYSTEM + "Go on."
+    base = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    hits = llm.engine.block_manager.prefix_hits
+    adapted = llm.generate([prompt], GREEDY, lora_request=adapters["all"], use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.engine.block_manager.prefix_hits == hits
+    assert base == merged_reference(tiny, None, [prompt])[0]
+    assert adapted == merged_reference(tiny, adapters["all"], [prompt])[0]
+    again = llm.generate([prompt], GREEDY, lora_request=adapters["all"], use_tqdm=False)[0].outputs[0].token_ids
+    assert again == adapted and llm.engine.block_manager.prefix_hits > hits  # same adapter: pages shared
+
+
+def test_seeded_sampling_with_an_adapter_does_not_depend_on_the_batch(tiny, adapters):
+    params = SamplingParams(temperature=0.9, top_k=20, seed=11, max_tokens=8, ignore_eos=True)
+    llm = make_llm(tiny)
+    alone = llm.generate([PROMPTS[1]], params, lora_request=adapters["qv"], use_tqdm=False)[0].outputs[0].token_ids
+    mixed = llm.generate(PROMPTS, params, lora_request=[None, adapters["qv"], adapters["all"], None],
+                         use_tqdm=False)
+    assert mixed[1].outputs[0].token_ids == alone
+
+
+def test_adapter_errors_are_clear(tiny, adapters, tmp_path):
+    model, tok = tiny
+    plain = LLM(model, tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16, page_size=8,
+                progress=False)
+    with pytest.raises(ValueError, match="enable_lora"):
+        plain.generate(["hi"], GREEDY, lora_request=adapters["all"], use_tqdm=False)
+    small = make_llm(tiny, max_lora_rank=4)
+    with pytest.raises(ValueError, match="LoRA rank 8 is greater than max_lora_rank 4"):
+        small.generate(["hi"], GREEDY, lora_request=adapters["all"], use_tqdm=False)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        small.generate(["hi"], GREEDY, lora_request=LoRARequest("nothing", 9, str(tmp_path)), use_tqdm=False)
+    assert small.engine.add_lora(adapters["qv"]) and not small.engine.add_lora(adapters["qv"])
+    with pytest.raises(ValueError, match="already loaded"):
+        small.engine.add_lora(dataclasses.replace(adapters["qv"], lora_path=str(tmp_path)))
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        small.generate(["hi"], dataclasses.replace(GREEDY, prompt_logprobs=1), lora_request=adapters["qv"],
+                       use_tqdm=False)
+    # an adapter of the output head is refused (serving adapts the decoder layers)
+    m = nnx.clone(model)
+    cfg = LoraConfig(r=4, target_modules=("lm_head", "q_proj"), init_lora_weights=False)
+    apply_lora(m, cfg)
+    save_peft_adapter(m, cfg, tmp_path / "head")
+    with pytest.raises(ValueError, match="lm_head"):
+        small.engine.add_lora(LoRARequest("head", 5, str(tmp_path / "head")))
+    assert small.engine.block_manager.num_free_pages == small.engine.block_manager.num_pages
+
+
+def test_remove_lora_frees_its_slot(tiny, adapters):
+    llm = make_llm(tiny, max_loras=1)
+    engine = llm.engine
+    llm.generate(["abc"], GREEDY, lora_request=adapters["qv"], use_tqdm=False)
+    assert [a.lora_name for a in engine.list_loras()] == ["qv"]
+    assert engine.scheduler.adapter_slots.holder == ["qv"]
+    engine.add_request("x", "abc", GREEDY, lora_request=adapters["qv"])
+    with pytest.raises(ValueError, match="in use"):
+        engine.remove_lora("qv")
+    engine.abort_request("x")
+    assert engine.remove_lora("qv") and not engine.remove_lora("qv")
+    assert engine.scheduler.adapter_slots.holder == [None]
+    got = llm.generate(["abc"], GREEDY, lora_request=adapters["all"], use_tqdm=False)[0].outputs[0].token_ids
+    assert got == merged_reference(tiny, adapters["all"], ["abc"])[0]
+
+
+def test_adapter_slots_reuse_then_evict_least_recently_used():
+    slots = AdapterSlots(2)
+    assert slots.acquire("a") == 0 and slots.acquire("b") == 1 and slots.acquire("a") == 0
+    assert slots.acquire("c") is None  # both slots in use
+    assert slots.take_loads() == [(0, "a"), (1, "b")] and slots.take_loads() == []
+    slots.release(1)  # b idle
+    slots.release(0)
+    slots.release(0)  # a idle, used after b
+    assert slots.acquire("a") == 0 and slots.take_loads() == []  # still resident: no load
+    assert slots.acquire("c") == 1 and slots.take_loads() == [(1, "c")]  # b was the only idle slot
+    slots.release(0)
+    slots.release(1)
+    assert slots.acquire("d") == 0  # a went idle before c
+    with pytest.raises(AssertionError):
+        for _ in range(2):
+            slots.release(1)
+
+
+def test_unroll_off_and_gpt2_layouts(tmp_path):
+    """The stacked-weights step (unroll_layers=False) and GPT-2's natively fused c_attn take adapters too."""
+    model, tok = ie_jax.load_model("tiny-gpt2", dtype="float32", seed=2)
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", init_lora_weights=False, seed=5)
+    m = nnx.clone(model)
+    apply_lora(m, cfg)
+    save_peft_adapter(m, cfg, tmp_path)
+    lora = LoRARequest("g", 1, str(tmp_path))
+    prompts = ["Hello there", "abc"]
+    want = merged_reference((model, tok), lora, prompts)
+    for unroll in (True, False):
+        llm = LLM(model, tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16, page_size=8,
+                  progress=False, enable_lora=True, max_lora_rank=4, unroll_layers=unroll)
+        got = llm.generate(prompts, GREEDY, lora_request=lora, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == want
