@@ -245,6 +245,14 @@ def _put_rows(a, block, start):  # a [..., rows, out] <- block [..., w, out] at 
     return jax.lax.dynamic_update_slice_in_dim(a, block.astype(a.dtype), start, a.ndim - 2)
 
 
+def empty_adapter(layout: dict[str, SlotLayout], max_rank: int, dtype) -> AdapterWeights:
+    """All-zero factors: what an empty slot holds (written once at start-up, which compiles the slot writers)."""
+    blocks = {key: (np.zeros((lay.num_layers, lay.d_in, len(lay.parts) * max_rank), dtype),
+                    np.zeros((lay.num_layers, len(lay.parts) * max_rank, lay.d_out), dtype))
+              for key, lay in layout.items()}
+    return AdapterWeights(LoRARequest("(empty)", 0, "-"), 0, blocks)
+
+
 def write_adapter(weights: list, leaves: dict, slot: int, adapter: AdapterWeights) -> None:
     """Put `adapter` into device slot `slot`: each LoRASlots factor in the flat weight list `weights` (see
     `slot_leaves`) is replaced by a copy with that slot's columns of A and rows of B rewritten. Copies, not
@@ -256,3 +264,30 @@ def write_adapter(weights: list, leaves: dict, slot: int, adapter: AdapterWeight
             block_a, block_b = (a, b) if layer is None else (a[layer], b[layer])
             weights[ia] = _put_cols(weights[ia], block_a, start)
             weights[ib] = _put_rows(weights[ib], block_b, start)
+
+
+def write_random_adapter(out_dir, model_config, layout: dict[str, SlotLayout], rank: int, seed: int = 0):
+    """A PEFT adapter of random factors on every module the slots cover, at `rank` (benchmarks: the dummy-weight
+    models have no trained adapters). Returns the directory."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    names, rng = module_names(model_config), np.random.default_rng(seed)
+    tensors = {}
+    for lay in layout.values():
+        for part, width in zip(lay.parts, lay.widths):
+            for layer in range(lay.num_layers):
+                key = f"base_model.model.{names[part].format(layer=layer)}"
+                a = rng.uniform(-1, 1, (rank, lay.d_in)) / np.sqrt(lay.d_in)
+                tensors[f"{key}.lora_A.weight"] = a.astype(np.float32)
+                tensors[f"{key}.lora_B.weight"] = (0.01 * rng.standard_normal((width, rank))).astype(np.float32)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    targets = sorted({p.rsplit(".", 1)[-1] for lay in layout.values() for p in lay.parts})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": targets, "lora_dropout": 0.0, "bias": "none"}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
-from engine.lora import AdapterWeights, add_adapter_slots, slot_leaves, write_adapter
+from engine.lora import AdapterWeights, add_adapter_slots, empty_adapter, slot_leaves, write_adapter
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.step_inputs import NUM_BANNED, SlotState, StepInputs
@@ -215,6 +215,8 @@ class ModelRunner:
         leaves, self.weights_tree = jax.tree_util.tree_flatten_with_path((state, self.layer_states))
         self.weights = [x for _, x in leaves]
         self.lora_leaves = slot_leaves(leaves, model.STACK) if cfg.enable_lora else {}
+        if self.lora_leaves:  # compiles the slot writers now, not when the first adapter arrives mid-serving
+            self.load_adapter(0, empty_adapter(self.lora_layout, cfg.max_lora_rank, self.weights[0].dtype))
         fp8 = jnp.float8_e4m3fn
         self.dtype = cache_dtype or (fp8 if cfg.fp8_kv_cache else self.weights[0].dtype)
         self.page_bytes = 2 * mc.num_layers * mc.num_kv_heads * cfg.page_size * mc.head_dim * \

@@ -180,8 +180,9 @@ class OpenAIServer:
                 yield RequestOutput(job.request_id, [], "", None, True, "length", None, len(job.prompt_ids), 0, 0,
                                     lps)
                 return
+            adapter = {} if job.lora is None else {"lora_request": job.lora}
             async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id, priority=priority,
-                                                  lora_request=job.lora):
+                                                  **adapter):
                 self._pending.discard(job.request_id)
                 timer.on_output(len(out.new_token_ids), out.finished, out.finish_reason)
                 yield out

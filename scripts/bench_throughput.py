@@ -4,6 +4,7 @@ random token prompts, ignore_eos, every request submitted at once.
     python scripts/bench_throughput.py                                   # embedded default model, CPU-sized
     python scripts/bench_throughput.py --model llama-3-8b --load-format dummy --dtype bfloat16 \
         --input-len 1000 --output-len 1000 --num-prompts 1000 --max-num-seqs 256 --max-num-batched-tokens 8192
+    python scripts/bench_throughput.py ... --enable-lora --random-loras 4 --max-loras 4   # requests over 4 adapters
 
 Prints requests/s, total and output tokens/s, start-up time (load + compile; run twice with
 --compilation-cache-dir for cold vs warm), the per-step wall and host times, and writes JSON.
@@ -14,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import numpy as np  # noqa: E402
 from engine.async_llm import enable_compilation_cache  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.llm_engine import frozen_heap  # noqa: E402
+from engine.lora import LoRARequest, write_random_adapter  # noqa: E402
 from ie_jax import SamplingParams  # noqa: E402
 
 
@@ -51,9 +54,17 @@ def main(argv=None):
     ap.add_argument("--compilation-cache-dir", default=None)
     ap.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=True,
                     help="straight-line decoder layers (default) or a device loop (--no-unroll-layers)")
+    ap.add_argument("--enable-lora", action="store_true", help="requests run with LoRA adapters, round robin")
+    ap.add_argument("--lora-path", action="append", default=[], help="a PEFT adapter directory (repeatable)")
+    ap.add_argument("--random-loras", type=int, default=0,
+                    help="also this many random adapters of rank --max-lora-rank on every linear layer")
+    ap.add_argument("--max-loras", type=int, default=1)
+    ap.add_argument("--max-lora-rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path or folder (default: $OUT or benchmarks/results/)")
     args = ap.parse_args(argv)
+    if args.enable_lora != bool(args.lora_path or args.random_loras):
+        ap.error("--enable-lora goes with --lora-path or --random-loras (and they need it)")
 
     enable_compilation_cache(args.compilation_cache_dir)
     max_len = args.max_model_len or args.input_len + args.output_len
@@ -63,16 +74,22 @@ def main(argv=None):
               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=not args.no_prefix_caching, unroll_layers=args.unroll_layers,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, enable_lora=args.enable_lora, max_loras=args.max_loras,
+              max_lora_rank=args.max_lora_rank)
     startup_s = time.perf_counter() - T_START
     engine = llm.engine
+    paths = list(args.lora_path)
+    for i in range(args.random_loras):
+        paths.append(write_random_adapter(tempfile.mkdtemp(prefix="ie-jax-lora-"), engine.model_config,
+                                          engine.runner.lora_layout, args.max_lora_rank, seed=i))
+    loras = [LoRARequest(f"lora{i}", i + 1, str(p)) for i, p in enumerate(paths)] or [None]
     V = llm.model.config.vocab_size
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(0, V, args.input_len).tolist() for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
 
     for i, p in enumerate(prompts):
-        engine.add_request(f"bench-{i}", p, params)
+        engine.add_request(f"bench-{i}", p, params, lora_request=loras[i % len(loras)])
     step_s, host_s, decode_step_s, dispatch_s, wait_s = [], [], [], [], []
     ran = collections.Counter()  # steps per executable variant (sampler, decode twin)
     t0 = time.perf_counter()
@@ -96,6 +113,8 @@ def main(argv=None):
     total_tokens = args.num_prompts * (args.input_len + args.output_len)
     res = dict(
         bench="throughput", model=args.model, dtype=args.dtype, quantization=args.quantization,
+        loras=len(paths), max_loras=args.max_loras if paths else None,
+        max_lora_rank=args.max_lora_rank if paths else None,
         input_len=args.input_len, output_len=args.output_len,
         num_prompts=args.num_prompts, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
