@@ -121,6 +121,10 @@ class LLMEngine:
             raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
                              f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} "
                              f"for the completion). Please reduce the prompt or max_tokens.")
+        bad = [t for t, _ in params.logit_bias or () if t >= self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {self.model_config.vocab_size})")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.config.max_logprobs:

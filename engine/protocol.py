@@ -66,11 +66,30 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # Structured outputs (OpenAI's response_format, vLLM's guided_*): not implemented, so refused rather than
+    # ignored, which would hand back free text to a client that asked for JSON.
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError naming the field when a value is out of range."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ServerError(f"response_format type {kind!r} is not supported: this server has no structured "
+                              f"(guided) decoding; only 'text'", param="response_format")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                raise ServerError(f"{name} is not supported: this server has no structured (guided) decoding",
+                                  param=name)
+        bias = None
         if self.logit_bias:
-            raise ServerError("logit_bias is not supported", param="logit_bias")
+            try:  # OpenAI sends the token ids as strings
+                bias = {int(token): float(value) for token, value in self.logit_bias.items()}
+            except ValueError as e:
+                raise ServerError(f"logit_bias keys must be token ids: {e}", param="logit_bias") from e
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
@@ -80,7 +99,7 @@ class _SamplingFields(_Request):
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias)
 
     @property
     def include_usage(self) -> bool:

@@ -153,6 +153,12 @@ class OpenAIServer:
              score_only: bool = False, lora: LoRARequest | None = None) -> list[_Job]:
         """Fan out n choices per prompt. A seeded request gives choice j the seed ie_jax.generate and LLM derive
         for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends."""
+        vocab = self.engine.model_config.vocab_size
+        for sp in params:
+            bad = [t for t, _ in sp.logit_bias or () if t >= vocab]
+            if bad:
+                raise P.ServerError(f"logit_bias token id {bad[0]} is out of vocabulary [0, {vocab})",
+                                    param="logit_bias")
         out = []
         for p, ((ids, text), sp) in enumerate(zip(prompts, params)):
             for j in range(sp.n):

@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 MAX_LOGPROBS = 20  # most top logprobs one request may ask for, per generated token
+MAX_LOGIT_BIAS = 256  # most logit_bias entries one request may give
 
 
 def _check_int(name: str, value) -> None:
@@ -51,6 +52,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's option)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # {token id: bias} added to the logits before anything else (OpenAI's logit_bias: -100 bans, +100 forces);
+    # stored as sorted (id, bias) pairs
+    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self):
         # Normalise the loosely typed list fields first, so that equal requests compare and hash equal.
@@ -98,6 +102,19 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs={self.logprobs} must be None or in [0, {MAX_LOGPROBS}]")
+        if self.logit_bias is not None:
+            items = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+            try:
+                pairs = tuple(sorted((int(i), float(b)) for i, b in items))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"logit_bias={self.logit_bias!r} must map token ids to numbers") from e
+            if len(pairs) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias has {len(pairs)} entries; at most {MAX_LOGIT_BIAS} are supported")
+            if len({i for i, _ in pairs}) != len(pairs) or any(i < 0 for i, _ in pairs):
+                raise ValueError(f"logit_bias keys must be distinct non-negative token ids, got {self.logit_bias!r}")
+            if not all(-100 <= b <= 100 for _, b in pairs):
+                raise ValueError("logit_bias values must be in [-100, 100]")
+            object.__setattr__(self, "logit_bias", pairs or None)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs)
             if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
@@ -111,6 +128,11 @@ class SamplingParams:
     def penalised(self) -> bool:
         """Whether a repetition, presence or frequency penalty changes this row's logits."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def biased(self) -> bool:
+        """Whether logit_bias changes this row's logits."""
+        return self.logit_bias is not None
 
 
 @flax.struct.dataclass
@@ -130,6 +152,8 @@ class SamplingTensors:
     prompt_mask: jax.Array  # [B, V] bool, token occurs in the prompt
     suppress_eos: jax.Array  # [B] bool, min_tokens not reached yet
     eos_ids: jax.Array  # [B, E] i32, ids banned while suppress_eos, padded with -1
+    bias_ids: jax.Array  # [B, NB] i32, logit_bias token ids, padded with -1
+    bias_values: jax.Array  # [B, NB] f32, their biases (0 in the padding)
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
@@ -165,6 +189,8 @@ class SamplingTensors:
             banned.append(row_ids("eos_ids", r, sorted(set(ids))))
         # Pad the banned ids to a power of two (at least 8), so that a batch's stop ids rarely change the shape.
         num_banned = max(8, 1 << (max(len(b) for b in banned) - 1).bit_length())
+        biases = [p.logit_bias or () for p in params]
+        num_bias = 1 << max(0, (max(map(len, biases)) - 1).bit_length())
 
         t = dict(
             temperature=np.array([0.0 if p.greedy else p.temperature for p in params], np.float32),
@@ -182,11 +208,16 @@ class SamplingTensors:
             prompt_mask=np.zeros((num_rows, vocab_size), bool),
             suppress_eos=np.array([len(o) < p.min_tokens for p, o in zip(params, outputs)], bool),
             eos_ids=np.full((num_rows, num_banned), -1, np.int32),
+            bias_ids=np.full((num_rows, num_bias), -1, np.int32),
+            bias_values=np.zeros((num_rows, num_bias), np.float32),
         )
         for r in range(num_rows):
             t["output_counts"][r] = np.bincount(row_ids("outputs", r, outputs[r]), minlength=vocab_size)
             t["prompt_mask"][r, row_ids("prompts", r, prompts[r])] = True
             t["eos_ids"][r, : len(banned[r])] = banned[r]
+            if biases[r]:
+                t["bias_ids"][r, : len(biases[r])] = row_ids("logit_bias", r, [i for i, _ in biases[r]])
+                t["bias_values"][r, : len(biases[r])] = [b for _, b in biases[r]]
         return cls(**t)
 
 
@@ -198,8 +229,17 @@ class SampleOutput:
     top_logprobs: jax.Array  # [B, num_logprobs] f32, descending
 
 
+def add_logit_bias(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """logits[r, bias_ids[r, j]] += bias_values[r, j]; the -1 padding adds nothing. [B, V] f32 -> [B, V] f32."""
+    num_rows, vocab_size = logits.shape
+    ids = jnp.where(t.bias_ids >= 0, t.bias_ids, vocab_size)  # out of range: dropped by the scatter
+    return jnp.asarray(logits).at[jnp.arange(num_rows)[:, None], ids].add(t.bias_values, mode="drop")
+
+
 def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
-    """EOS suppression, then repetition, then frequency and presence penalties. [B, V] f32 -> [B, V] f32."""
+    """Logit bias, then EOS suppression, then repetition, then frequency and presence penalties.
+    [B, V] f32 -> [B, V] f32."""
+    logits = add_logit_bias(logits, t)
     vocab_size = logits.shape[-1]
     # The banned ids as E elementwise compares against the vocabulary index: XLA fuses them into the consumer, where
     # a scattered [B, V] mask costs a broadcast and a scatter kernel (H200, 1,000 rows: 152 µs of zeros alone).
@@ -279,6 +319,7 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0, 
     """Draws one token per row of `logits` [B, V] (any float dtype; computed in f32) under the rows' parameters.
 
     Order of operations, per row:
+      0. logit_bias is added;
       1. min_tokens: ban `eos_ids` while `suppress_eos`;
       2. repetition penalty on tokens in the prompt or the output;
       3. frequency and presence penalties on tokens in the output;
@@ -292,8 +333,8 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0, 
       auto    chosen on device with lax.cond (one compiled function for every batch);
       greedy  every row is greedy: argmax only, nothing else is computed (with num_logprobs 0, not even the
               log-softmax: `logprobs` comes back as zeros);
-      argmax  as greedy, and no row has a penalty or a banned EOS: the argmax of the raw logits, so the [B, V]
-              penalty counts and prompt mask are not read (at 1,000 rows of a 128k vocabulary they are ~0.6 GB);
+      argmax  as greedy, and no row has a penalty, a logit bias or a banned EOS: the argmax of the raw logits, so
+              the [B, V] penalty counts and prompt mask are not read (1,000 rows of a 128k vocabulary: ~0.6 GB);
       sample  no device branches: the sort runs whatever the rows ask;
       draw    no device branches and no sort: no sampled row asks for top-k or top-p (their values are then
               ignored, so a row that does ask gets an unfiltered draw).

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
     p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME",
+                   help="adapter names the server serves (--lora-modules there): each request picks one at random")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--dataset-name", default="random", choices=["random"])
     p.add_argument("--num-prompts", type=int, default=1000)
@@ -316,10 +318,12 @@ async def run(args) -> dict:
             from tqdm import tqdm
             progress = tqdm(total=len(prompts))
         semaphore = asyncio.Semaphore(limit)
+        pick = random.Random(args.seed + 1)  # adapters: a stream of its own, so the prompts stay the same
 
         async def limited(prompt: Prompt) -> RequestResult:
+            name = pick.choice(args.lora_modules) if args.lora_modules else model
             async with semaphore:
-                result = await send(client, args.endpoint, payload(args, model, prompt), prompt.prompt_len)
+                result = await send(client, args.endpoint, payload(args, name, prompt), prompt.prompt_len)
             if progress is not None:
                 progress.update(1)
             return result
@@ -332,7 +336,7 @@ async def run(args) -> dict:
         if progress is not None:
             progress.close()
     summary = summarize(results, duration, args)
-    summary.update(model_id=model, base_url=base_url, endpoint=args.endpoint)
+    summary.update(model_id=model, base_url=base_url, endpoint=args.endpoint, lora_modules=args.lora_modules)
     return summary
 
 

@@ -388,3 +388,36 @@ def test_draw_mode_and_no_logprobs_match_the_full_sampler():
         differs |= not np.array_equal(sample(logits, t, None, "draw").token_ids,
                                       sample(logits, t, None, "sample").token_ids)
     assert differs
+
+
+def test_logit_bias_is_added_first_and_steers_every_mode():
+    rng = np.random.default_rng(5)
+    B, V = 4, 50
+    logits = rng.standard_normal((B, V)).astype(np.float32)
+    top1 = int(np.argmax(logits[1]))
+    params = [SamplingParams(temperature=0.0, logit_bias={3: 100.0}),
+              SamplingParams(temperature=0.0, logit_bias={top1: -100}),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.7, seed=1, logit_bias={"7": 5.5, 9: -2.0})]
+    t = SamplingTensors.from_params(params, [[1]] * B, [[]] * B, V)
+    expect = logits.copy()
+    expect[0, 3] += 100
+    expect[1, top1] -= 100
+    expect[3, 7] += 5.5
+    expect[3, 9] -= 2.0
+    np.testing.assert_array_equal(np.asarray(apply_penalties(jnp.asarray(logits), t)), expect)
+    for mode in ("auto", "sample", "draw"):
+        ids = np.asarray(sample(jnp.asarray(logits), t, 0, mode).token_ids)
+        assert ids[0] == 3 and ids[1] == int(np.argmax(expect[1])) != top1 and ids[2] == int(np.argmax(logits[2]))
+        # the sampled row draws as if the model's logits were the biased ones (same seed, same step)
+        plain = SamplingTensors.from_params([dataclasses.replace(params[3], logit_bias=None)], [[1]], [[]], V)
+        assert ids[3] == int(sample(jnp.asarray(expect[3:4]), plain, 0, mode).token_ids[0])
+
+
+@pytest.mark.parametrize("bias, match", [({1: 101.0}, r"\[-100, 100\]"), ({-1: 1.0}, "non-negative"),
+                                         ({"x": 1.0}, "token ids"), ({i: 1.0 for i in range(300)}, "at most")])
+def test_logit_bias_rejects_bad_entries(bias, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(logit_bias=bias)
+    assert SamplingParams(logit_bias={5: 1, 2: -3}).logit_bias == ((2, -3.0), (5, 1.0))
+    assert SamplingParams(logit_bias={}).logit_bias is None

@@ -547,3 +547,23 @@ def test_prompt_logprobs_match_the_reference(tiny):
         llm.engine.score_prompt("x" * 80, 1)
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
+
+
+def test_logit_bias_matches_the_reference_and_leaves_the_slot_clean(tiny):
+    """Biased greedy and seeded rows beside plain ones == the reference generate; the next requests seated in the
+    same slots see no leftover bias."""
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logit_bias={ord("e"): 6.0}),
+              SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=8, ignore_eos=True,
+                             logit_bias={ord("a"): 3.0, ord(" "): -100}),
+              SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logit_bias={ord("x"): 100})]
+    llm = make_llm(tiny)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], params, use_tqdm=False)]
+    assert got == reference(tiny, PROMPTS[:4], params)
+    assert got[3] == [ord("x")] * 8 and ord(" ") not in got[2]
+    assert got[1] != reference(tiny, PROMPTS[1:2], [params[0]])[0] or got[0] != reference(tiny, PROMPTS[:1], GREEDY)[0]
+    plain = [params[1]] * 4
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], plain, use_tqdm=False)] == \
+        reference(tiny, PROMPTS[:4], plain)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.engine.add_request("big", "x", SamplingParams(logit_bias={10**6: 1.0}))

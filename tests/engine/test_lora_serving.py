@@ -179,3 +179,17 @@ def test_unroll_off_and_gpt2_layouts(tmp_path):
                   progress=False, enable_lora=True, max_lora_rank=4, unroll_layers=unroll)
         got = llm.generate(prompts, GREEDY, lora_request=lora, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in got] == want
+
+
+def test_adapter_over_a_quantized_base(adapters):
+    """An adapter trained on the float model, served over its int8 quantization (a QLoRA-style deployment): the
+    engine == the reference generate with the adapter wrapped around the quantized layers."""
+    model, tok = ie_jax.load_model("tiny-llama", dtype="float32", seed=1, quantization="int8")
+    ref = nnx.clone(model)
+    load_peft_adapter(ref, adapters["all"].lora_path)
+    want = [o.token_ids for o in ie_jax.generate(ref, tok, PROMPTS[:2], GREEDY)]
+    llm = LLM(model, tokenizer=tok, max_model_len=96, max_num_seqs=4, max_num_batched_tokens=64, page_size=8,
+              progress=False, enable_lora=True, max_lora_rank=8)
+    got = llm.generate(PROMPTS[:2], GREEDY, lora_request=adapters["all"], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert want != merged_reference((model, tok), None, PROMPTS[:2])

@@ -241,6 +241,29 @@ def test_completion_matches_reference(live, client):
     assert echoed.choices[0].text == prompt + r.choices[0].text
 
 
+def test_logit_bias_forces_and_bans_tokens(live, client):
+    """OpenAI's logit_bias (token ids as strings): +100 forces a token, -100 bans one; bad entries are a 400."""
+    forced = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
+                                       logit_bias={str(ord("x")): 100})
+    assert forced.choices[0].text == "x" * 6
+    model, tokenizer = _tiny_model()
+    ids = tokenizer.encode("The quick brown fox")
+    first = greedy_reference(live.engine, ids, 6)
+    params = SamplingParams(temperature=0.0, max_tokens=6, logit_bias={t: -100 for t in set(first)})
+    want = ie_jax.generate(model, tokenizer, [ids], params)[0].token_ids
+    assert not set(want) & set(first)
+    r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
+                                  logit_bias={str(t): -100 for t in set(first)})
+    assert r.choices[0].text == tokenizer.decode(want)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0.7, seed=1, logit_bias={str(ord("z")): 100})
+    assert chat.choices[0].message.content == "zzz"
+    for bad, word in (({"abc": 1}, "token ids"), ({"65": 101}, "100"), ({"99999": 1}, "vocabulary")):
+        with pytest.raises(openai.BadRequestError, match=word):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias=bad)
+    assert idle(live.engine)
+
+
 def test_completion_stream_equals_non_stream(live, client):
     prompt = "streaming: " + "".join(random.choices("abcdefgh ", k=20))
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
@@ -464,7 +487,9 @@ COMPLETION_ERRORS = [
     ({"prompt": []}, "empty"),
     ({"prompt": ["ok", ""]}, "empty"),
     ({"prompt": [5, 100000]}, "vocabulary"),
-    ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 1000.0}}, "logit_bias"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
 ]
 
 
