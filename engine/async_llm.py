@@ -152,14 +152,18 @@ class AsyncLLM:
         self._commands.put((kind, args, (loop, future)))
         await future
 
-    async def score(self, prompt_token_ids: list[int], num_top: int) -> list[dict[int, float] | None]:
+    async def score(self, prompt_token_ids: list[int], num_top: int,
+                    lora_request: LoRARequest | None = None) -> list[dict[int, float] | None]:
         """The prompt's logprobs (LLMEngine.score_prompt), on a thread of their own: the scoring forward (and its
         compilation, the first time a prompt length bucket comes) runs beside the engine's steps instead of
-        holding up every stream. It reads the weights only; the steps donate the caches, never the weights."""
+        holding up every stream. It reads the weights only; the steps donate the caches, never the weights (and
+        an adapter goes into a private copy of the LoRA factors, ModelRunner.score)."""
         if self.errored is not None:
             raise RuntimeError(f"the engine has stopped: {self.errored!r}")
+        if lora_request is not None and lora_request.lora_name not in self.engine.adapters:
+            await self.add_lora(lora_request)  # read on the engine thread, which owns the adapter table
         return await asyncio.get_running_loop().run_in_executor(self._scorer, self.engine.score_prompt,
-                                                                list(prompt_token_ids), num_top)
+                                                                list(prompt_token_ids), num_top, lora_request)
 
     # ------------------------------------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
@@ -168,11 +172,9 @@ class AsyncLLM:
         queue raises OverflowError."""
         if self.errored is not None:
             raise RuntimeError(f"the engine has stopped: {self.errored!r}")
-        if lora_request is not None and sampling_params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs are not computed for requests with a LoRA adapter yet")
         prompt_lps = None
         if sampling_params.prompt_logprobs is not None:  # scored beside the engine, sent with the first output
-            prompt_lps = await self.score(prompt_token_ids, sampling_params.prompt_logprobs)
+            prompt_lps = await self.score(prompt_token_ids, sampling_params.prompt_logprobs, lora_request)
             sampling_params = dataclasses.replace(sampling_params, prompt_logprobs=None)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)

@@ -111,8 +111,6 @@ class LLMEngine:
         params = params or SamplingParams()
         if lora_request is not None:
             self.add_lora(lora_request)
-            if params.prompt_logprobs is not None:
-                raise ValueError("prompt_logprobs are not computed for requests with a LoRA adapter yet")
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one sequence per request; fan out n>1 above it")
         ids = self.encode(prompt)
@@ -131,7 +129,8 @@ class LLMEngine:
                 raise ValueError(f"{name}={k} exceeds max_logprobs={self.config.max_logprobs}")
         if self.config.max_queue is not None and len(self.scheduler.waiting) >= self.config.max_queue:
             raise OverflowError(f"the waiting queue is full ({self.config.max_queue} requests)")
-        prompt_lps = None if params.prompt_logprobs is None else self.runner.score(ids, params.prompt_logprobs)
+        adapter = None if lora_request is None else self.adapters[lora_request.lora_name]
+        prompt_lps = None if params.prompt_logprobs is None else self.runner.score(ids, params.prompt_logprobs, adapter)
         seed = params.seed if params.seed is not None else int(self.rng.integers(2**32))
         request = Request(request_id, ids, params, seed, self.eos_token_ids, priority,
                           variant=row_variant(params, self.model_config.vocab_size),
@@ -173,12 +172,18 @@ class LLMEngine:
     def list_loras(self) -> list[LoRARequest]:
         return [a.request for a in self.adapters.values()]
 
-    def score_prompt(self, prompt: str | list[int], num_top: int) -> list[dict[int, float] | None]:
+    def score_prompt(self, prompt: str | list[int], num_top: int,
+                     lora_request: LoRARequest | None = None) -> list[dict[int, float] | None]:
         """The prompt's logprobs alone (what a request with prompt_logprobs=num_top and no output would get): the
         server's echo with max_tokens=0."""
         if not 0 <= num_top <= self.config.max_logprobs:
             raise ValueError(f"logprobs={num_top} must be in [0, max_logprobs={self.config.max_logprobs}]")
-        return self.runner.score(self.encode(prompt), num_top)
+        adapter = None
+        if lora_request is not None:
+            adapter = self.adapters.get(lora_request.lora_name)
+            if adapter is None:
+                raise ValueError(f"adapter {lora_request.lora_name!r} is not loaded (add_lora first)")
+        return self.runner.score(self.encode(prompt), num_top, adapter)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

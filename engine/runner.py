@@ -28,7 +28,7 @@ from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.step_inputs import NUM_BANNED, SlotState, StepInputs
 from ie_jax.generate import prompt_logprob_entry
-from ie_jax.models.context import Paged
+from ie_jax.models.context import DenseCausal, Paged
 from ie_jax.models.llama import fuse_projections
 from ie_jax.sampling import MAX_LOGIT_BIAS, SamplingTensors, sample
 from kernels_pallas import ops
@@ -112,12 +112,14 @@ def _step_flat(graphdef, weights_tree, caches, counts, last_tokens, tables, pack
                  sample_mode, decode_only, layer_states)
 
 
-def _score_flat(graphdef, weights_tree, num_top: int, token_ids, *weights):
+def _score_flat(graphdef, weights_tree, num_top: int, token_ids, lora_slots, *weights):
     """Prompt logprobs: one dense causal forward over token_ids [1, L] (padding after the prompt changes nothing
-    before it). Returns each next token's logprob [L - 1] and the top `num_top` ids and logprobs [L - 1, num_top],
-    all from the raw logits in f32; the log-softmax itself is never materialised ([L, V] logits are the peak)."""
+    before it), under the LoRA slot of each token (lora_slots [L], or None without adapters). Returns each next
+    token's logprob [L - 1] and the top `num_top` ids and logprobs [L - 1, num_top], all from the raw logits in f32;
+    the log-softmax itself is never materialised ([L, V] logits are the peak)."""
     state, layer_states = jax.tree.unflatten(weights_tree, weights)
-    logits, _ = nnx.merge(graphdef, state)(token_ids, layer_states=layer_states)
+    ctx = DenseCausal(lora_slots=lora_slots)
+    logits, _ = nnx.merge(graphdef, state)(token_ids, ctx=ctx, layer_states=layer_states)
     logits = logits[0, :-1].astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     token_lp = jnp.take_along_axis(logits, token_ids[0, 1:, None], axis=-1)[:, 0] - lse
@@ -451,12 +453,15 @@ class ModelRunner:
             suppress_eos=np.zeros(R, bool), eos_ids=np.full((R, NUM_BANNED), -1, np.int32),
             lora_slots=np.full(T, -1, np.int32))
 
-    def score(self, token_ids: list[int], num_top: int) -> list[dict[int, float] | None]:
+    def score(self, token_ids: list[int], num_top: int,
+              adapter: AdapterWeights | None = None) -> list[dict[int, float] | None]:
         """Prompt logprobs (SamplingParams.prompt_logprobs): per prompt token, None for the first, else
         {token: logprob} of the token and the top `num_top` at its position, as `ie_jax.generate.prompt_logprobs`
         gives. A dense forward outside the paged step, compiled once per power-of-two length bucket on first use
         (an opt-in request type, so start-up does not pay for it). Its peak is the [L, vocab] f32 logits, so L is
-        capped (`max_score_tokens`) to keep them within a quarter of the memory kept free for the steps."""
+        capped (`max_score_tokens`) to keep them within a quarter of the memory kept free for the steps. With an
+        `adapter`, it runs over a private copy of the LoRA factors with the adapter in slot 0 (the base weights are
+        shared): the engine's slots are left alone, and this may run on another thread beside the steps."""
         L = len(token_ids)
         if L > self.max_score_tokens:
             raise ValueError(f"prompt logprobs are computed for prompts of up to {self.max_score_tokens} tokens "
@@ -464,8 +469,13 @@ class ModelRunner:
         padded = np.zeros((1, max(16, 1 << (L - 1).bit_length())), np.int32)
         padded[0, :L] = token_ids
         k = max(1, self.config.max_logprobs)  # one executable per bucket, whatever each request asks for
+        weights, slots = list(self.weights), None
+        if self.lora_leaves:
+            slots = np.full(padded.shape[1], -1 if adapter is None else 0, np.int32)
+            if adapter is not None:
+                write_adapter(weights, self.lora_leaves, 0, adapter)
         lp, top_ids, top_lp = self._score(self.graphdef, self.weights_tree, k, jax.device_put(padded, self.device),
-                                          *self.weights)
+                                          slots, *weights)
         lp, top_ids, top_lp = np.asarray(lp), np.asarray(top_ids)[:, :num_top], np.asarray(top_lp)[:, :num_top]
         return [None] + [prompt_logprob_entry(t, lp[i], top_ids[i], top_lp[i]) for i, t in enumerate(token_ids[1:])]
 

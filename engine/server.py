@@ -181,7 +181,8 @@ class OpenAIServer:
         try:
             if job.score_only:
                 k = job.params.prompt_logprobs
-                lps = None if k is None else await self.engine.score(job.prompt_ids, k)
+                adapter = {} if job.lora is None else {"lora_request": job.lora}
+                lps = None if k is None else await self.engine.score(job.prompt_ids, k, **adapter)
                 timer.on_output(0, True, "length")
                 yield RequestOutput(job.request_id, [], "", None, True, "length", None, len(job.prompt_ids), 0, 0,
                                     lps)
@@ -485,9 +486,6 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
             raise P.ServerError(f"best_of={body.best_of} is not supported (only best_of == n)", param="best_of")
         if body.max_tokens == 0 and not body.echo:
             raise P.ServerError("max_tokens=0 returns nothing without echo=true", param="max_tokens")
-        if lora is not None and body.echo and body.logprobs is not None:
-            raise P.ServerError("prompt logprobs (echo with logprobs) are not computed with a LoRA adapter yet",
-                                param="echo")
         # echo with logprobs: the prompt tokens' logprobs too (how lm-evaluation-harness scores text); with
         # max_tokens=0, only those
         prompt_logprobs = body.logprobs if body.echo else None

@@ -23,6 +23,7 @@ from kernels_pallas import ops
 @struct.dataclass
 class DenseCausal:
     segment_ids: jax.Array | None = None  # [B, S] int32; None = one segment per row
+    lora_slots: jax.Array | None = None  # [B * S] int32: serving's LoRA slot per token (engine/lora.py); None: none
 
     def caches(self):
         return None

@@ -3,6 +3,8 @@ token for token, with adapters and the base model mixed in one step, fewer slots
 kept apart per adapter."""
 import dataclasses
 
+import numpy as np
+
 import pytest
 from flax import nnx
 
@@ -12,6 +14,7 @@ from engine.lora import AdapterSlots, LoRARequest
 from finetune.export import load_peft_adapter, save_peft_adapter
 from finetune.lora import LoraConfig, apply_lora, merge_lora
 from ie_jax import SamplingParams
+from ie_jax.generate import prompt_logprobs
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 SYSTEM = "You are a helpful assistant. Answer briefly. "  # shared prefix: prefix-cache pages across requests
@@ -117,9 +120,6 @@ def test_adapter_errors_are_clear(tiny, adapters, tmp_path):
     assert small.engine.add_lora(adapters["qv"]) and not small.engine.add_lora(adapters["qv"])
     with pytest.raises(ValueError, match="already loaded"):
         small.engine.add_lora(dataclasses.replace(adapters["qv"], lora_path=str(tmp_path)))
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        small.generate(["hi"], dataclasses.replace(GREEDY, prompt_logprobs=1), lora_request=adapters["qv"],
-                       use_tqdm=False)
     # an adapter of the output head is refused (serving adapts the decoder layers)
     m = nnx.clone(model)
     cfg = LoraConfig(r=4, target_modules=("lm_head", "q_proj"), init_lora_weights=False)
@@ -128,6 +128,31 @@ def test_adapter_errors_are_clear(tiny, adapters, tmp_path):
     with pytest.raises(ValueError, match="lm_head"):
         small.engine.add_lora(LoRARequest("head", 5, str(tmp_path / "head")))
     assert small.engine.block_manager.num_free_pages == small.engine.block_manager.num_pages
+
+
+def test_prompt_logprobs_under_an_adapter_match_the_merged_model(tiny, adapters):
+    """Prompt logprobs are scored under the request's adapter (over a private copy of the slot factors), while
+    other adapters hold the engine's slots."""
+    model, tok = tiny
+    llm = make_llm(tiny, max_loras=1)
+    params = dataclasses.replace(GREEDY, max_tokens=3, prompt_logprobs=2)
+    llm.generate(["warm"], GREEDY, lora_request=adapters["all"], use_tqdm=False)  # "all" holds the one slot
+    got = llm.generate([PROMPTS[1]], params, lora_request=adapters["qv"], use_tqdm=False)[0]
+    merged = nnx.clone(model)
+    load_peft_adapter(merged, adapters["qv"].lora_path)
+    merge_lora(merged)
+    ids = tok.encode(PROMPTS[1])
+    want = prompt_logprobs(merged, ids, 2)
+    base = prompt_logprobs(model, ids, 2)
+    assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(want)
+    for g, w, b in zip(got.prompt_logprobs[1:], want[1:], base[1:]):
+        assert g.keys() == w.keys()
+        np.testing.assert_allclose([g[t] for t in w], [w[t] for t in w], atol=1e-4)
+    assert not all(np.allclose([w[t] for t in w], [b.get(t, 0) for t in w], atol=1e-3) for w, b in
+                   zip(want[1:], base[1:]))  # the adapter does move them
+    assert llm.engine.scheduler.adapter_slots.holder == ["qv"]  # the request itself then took the slot
+    assert llm.engine.score_prompt(PROMPTS[1], 2, adapters["qv"])[1] == got.prompt_logprobs[1]
+    assert llm.engine.score_prompt(PROMPTS[1], 2)[1].keys() == base[1].keys()
 
 
 def test_remove_lora_frees_its_slot(tiny, adapters):

@@ -20,6 +20,7 @@ from engine.async_llm import AsyncLLM
 from engine.server import build_app
 from finetune.export import load_peft_adapter, save_peft_adapter
 from finetune.lora import LoraConfig, apply_lora, merge_lora
+from ie_jax.generate import prompt_logprobs
 from ie_jax.sampling import SamplingParams
 
 _spec = importlib.util.spec_from_file_location("serve", Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
@@ -107,8 +108,19 @@ def test_adapters_are_models(live, adapter_dirs):
     assert base.choices[0].text != reference_text(adapter_dirs["qv"], PROMPT, 8)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="LoRA"):
-        client.completions.create(model="qv", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
+    # echo + logprobs (lm-evaluation-harness's loglikelihood) under an adapter scores the prompt with it
+    scored = client.completions.create(model="qv", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    base = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    lp, base_lp = scored.choices[0].logprobs.token_logprobs, base.choices[0].logprobs.token_logprobs
+    assert lp[0] is None and len(lp) == len(base_lp) == len(PROMPT) + 1  # BOS + one byte a character
+    assert max(abs(a - b) for a, b in zip(lp[1:], base_lp[1:])) > 1e-3
+    model, tok = _base()
+    merged = nnx.clone(model)
+    load_peft_adapter(merged, adapter_dirs["qv"])
+    merge_lora(merged)
+    want = prompt_logprobs(merged, tok.encode(PROMPT), 1)
+    ids = tok.encode(PROMPT)
+    assert max(abs(x - w[t]) for x, w, t in zip(lp[1:], want[1:], ids[1:])) < 1e-4
     bm = engine.engine.block_manager
     assert bm.num_free_pages == bm.num_pages
 
