@@ -172,6 +172,9 @@ class AsyncLLM:
         queue raises OverflowError."""
         if self.errored is not None:
             raise RuntimeError(f"the engine has stopped: {self.errored!r}")
+        if sampling_params.guided_decoding is not None:  # compiled beside the engine thread, not on it
+            await asyncio.get_running_loop().run_in_executor(self._scorer, self.engine.guide,
+                                                             sampling_params.guided_decoding)
         prompt_lps = None
         if sampling_params.prompt_logprobs is not None:  # scored beside the engine, sent with the first output
             prompt_lps = await self.score(prompt_token_ids, sampling_params.prompt_logprobs, lora_request)

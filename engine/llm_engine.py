@@ -16,6 +16,7 @@ from flax import nnx
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.lora import AdapterWeights, LoRARequest, read_adapter
+from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, token_bytes
 from engine.outputs import RequestOutput
 from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
 from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
@@ -101,6 +102,9 @@ class LLMEngine:
         self.last_step_times: dict[str, float] = {}
         self.in_flight = None  # (SchedulerOutput, sample rows, device result) of the step not yet read back
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapters read so far, by name (engine/lora.py)
+        self.guides: dict[GuidedDecodingParams, TokenGuide] = {}  # compiled structured-output guides, LRU
+        self._guides_lock = threading.Lock()  # the server compiles guides off the engine thread (AsyncLLM)
+        self._token_bytes: list[bytes | None] | None = None
         if warmup:
             self.runner.warmup(progress, background_extras=background_extras,
                                extra_variants=VARIANTS[1:] if background_extras else ("greedy",))
@@ -134,7 +138,8 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(self.rng.integers(2**32))
         request = Request(request_id, ids, params, seed, self.eos_token_ids, priority,
                           variant=row_variant(params, self.model_config.vocab_size),
-                          lora_name=None if lora_request is None else lora_request.lora_name)
+                          lora_name=None if lora_request is None else lora_request.lora_name,
+                          guide=None if params.guided_decoding is None else self.guide(params.guided_decoding))
         self.scheduler.add(request)
         self.streams[request_id] = _TextStream(
             make_detokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer is not None else None,
@@ -171,6 +176,25 @@ class LLMEngine:
 
     def list_loras(self) -> list[LoRARequest]:
         return [a.request for a in self.adapters.values()]
+
+    def guide(self, spec: GuidedDecodingParams) -> TokenGuide:
+        """The compiled guide of a structured-output spec (cached: the 32 most recently used). Thread-safe: the
+        server builds guides on another thread, so the engine thread finds them ready."""
+        with self._guides_lock:
+            guide = self.guides.pop(spec, None)
+            if guide is not None:
+                self.guides[spec] = guide
+                return guide
+        if self.tokenizer is None:
+            raise ValueError("guided decoding needs the model's tokenizer")
+        if self._token_bytes is None:
+            self._token_bytes = token_bytes(self.tokenizer, self.model_config.vocab_size)
+        guide = TokenGuide(compile_regex(spec.regex_pattern()), self._token_bytes, self.eos_token_ids)
+        with self._guides_lock:
+            while len(self.guides) >= 32:
+                self.guides.pop(next(iter(self.guides)))
+            self.guides[spec] = guide
+        return guide
 
     def score_prompt(self, prompt: str | list[int], num_top: int,
                      lora_request: LoRARequest | None = None) -> list[dict[int, float] | None]:
@@ -276,6 +300,8 @@ class LLMEngine:
                 index -= 1
             assert ids[index] < 0, "a sampled token without its placeholder"
             ids[index] = tok
+            if request.guide is not None:
+                request.guide_state = request.guide.advance(request.guide_state, tok)
             if request.first_token_time is None:
                 request.first_token_time = now
             stream = self.streams[request.request_id]

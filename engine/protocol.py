@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import pydantic
 
+from ie_jax.guided import GuidedDecodingParams, compile_regex
 from ie_jax.sampling import SamplingParams
 
 
@@ -66,8 +67,7 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
-    # Structured outputs (OpenAI's response_format, vLLM's guided_*): not implemented, so refused rather than
-    # ignored, which would hand back free text to a client that asked for JSON.
+    # Structured outputs (OpenAI's response_format, vLLM's guided_*; ie_jax/guided.py)
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: str | None = None
@@ -76,14 +76,7 @@ class _SamplingFields(_Request):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError naming the field when a value is out of range."""
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise ServerError(f"response_format type {kind!r} is not supported: this server has no structured "
-                              f"(guided) decoding; only 'text'", param="response_format")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-            if getattr(self, name) is not None:
-                raise ServerError(f"{name} is not supported: this server has no structured (guided) decoding",
-                                  param=name)
+        guided = self.guided_decoding()
         bias = None
         if self.logit_bias:
             try:  # OpenAI sends the token ids as strings
@@ -99,7 +92,42 @@ class _SamplingFields(_Request):
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias)
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias, guided_decoding=guided)
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        """The structured-output spec of response_format or vLLM's guided_* fields (one at most); its pattern is
+        compiled here, so a bad regex or an unsupported schema is a 400 before anything streams."""
+        specs = []
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            specs.append(("response_format", dict(json_object=True)))
+        elif kind == "json_schema":
+            schema = ((self.response_format or {}).get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ServerError("response_format json_schema needs {\"json_schema\": {\"schema\": {...}}}",
+                                  param="response_format")
+            specs.append(("response_format", dict(json=schema)))
+        elif kind != "text":
+            raise ServerError(f"response_format type {kind!r} is not supported: 'text', 'json_object' or "
+                              f"'json_schema'", param="response_format")
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if getattr(self, name) is not None:
+                specs.append((name, {key: getattr(self, name)}))
+        if self.guided_grammar is not None:
+            raise ServerError("guided_grammar is not supported: use guided_json, guided_regex or guided_choice",
+                              param="guided_grammar")
+        if len(specs) > 1:
+            raise ServerError(f"give one structured-output constraint, not {[n for n, _ in specs]}",
+                              param=specs[1][0])
+        if not specs:
+            return None
+        name, spec = specs[0]
+        try:
+            params = GuidedDecodingParams(**spec)
+            compile_regex(params.regex_pattern())
+        except ValueError as e:
+            raise ServerError(str(e), param=name) from e
+        return params
 
     @property
     def include_usage(self) -> bool:

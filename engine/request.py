@@ -48,6 +48,8 @@ class Request:
     first_token_time: float | None = None
     lora_name: str | None = None  # the LoRA adapter it runs with (engine/lora.py); None = the base model
     lora_slot: int = -1  # the device slot holding that adapter while the request runs
+    guide: object = None  # guided decoding: its ie_jax.guided.TokenGuide, and the state of the text so far
+    guide_state: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

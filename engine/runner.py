@@ -26,17 +26,19 @@ from engine.config import EngineConfig
 from engine.lora import AdapterWeights, add_adapter_slots, empty_adapter, slot_leaves, write_adapter
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
+from engine.slot_tables import SlotTables
 from engine.step_inputs import NUM_BANNED, SlotState, StepInputs
 from ie_jax.generate import prompt_logprob_entry
 from ie_jax.models.context import DenseCausal, Paged
 from ie_jax.models.llama import fuse_projections
-from ie_jax.sampling import MAX_LOGIT_BIAS, SamplingTensors, sample
+from ie_jax.sampling import SamplingTensors, sample
 from kernels_pallas import ops
 
 def _step(graphdef, state, caches, counts, last_tokens, tables, packed, layout: tuple, num_logprobs: int,
           sample_mode: str, decode_only: bool = False, layer_states=None):
-    # tables: the per-slot sampling rows the step reads, (prompt mask [S, V], logit-bias ids and values [S, NB])
-    prompt_mask, bias_ids, bias_values = tables
+    # tables: the per-slot sampling rows the step reads (engine/slot_tables.py): prompt mask [S, V], logit-bias
+    # ids and values [S, NB], allowed-token bitmask [S, ceil(V / 32)]
+    prompt_mask, bias_ids, bias_values, allowed_bits = tables
     inp = StepInputs.unpack(packed, layout)
     # Decode inputs sampled by the previous step never visit the host: they are read from last_tokens on device.
     input_ids = jnp.where(inp.from_slot >= 0, last_tokens[jnp.maximum(inp.from_slot, 0)], inp.input_ids)
@@ -51,7 +53,7 @@ def _step(graphdef, state, caches, counts, last_tokens, tables, packed, layout: 
     t = SamplingTensors(inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.repetition_penalty,
                         inp.presence_penalty, inp.frequency_penalty, inp.seeds, inp.step, counts[inp.slots],
                         prompt_mask[inp.slots], inp.suppress_eos, inp.eos_ids, bias_ids[inp.slots],
-                        bias_values[inp.slots])
+                        bias_values[inp.slots], allowed_bits[inp.slots])
     out = sample(logits[0], t, num_logprobs, sample_mode)
     counts = counts.at[inp.slots, out.token_ids].add(inp.sample_mask.astype(counts.dtype))
     last_tokens = last_tokens.at[inp.slots].set(jnp.where(inp.sample_mask, out.token_ids, last_tokens[inp.slots]))
@@ -162,7 +164,7 @@ def row_variant(p, vocab_size: int) -> str:
     whose greedy rows take the argmax of the penalised logits (logit bias included)."""
     if p.logprobs is not None:
         return "full"
-    if p.greedy and not (p.penalised or p.min_tokens or p.biased):
+    if p.greedy and not (p.penalised or p.min_tokens or p.biased or p.guided):
         return "greedy"
     return "sort" if 0 < p.top_k < vocab_size or p.top_p < 1 else "draw"
 
@@ -239,11 +241,7 @@ class ModelRunner:
         self.caches = tuple(jax.device_put(c, device) for c in caches)
         V, S = mc.vocab_size, cfg.max_num_seqs + 1
         self.counts = jax.device_put(jnp.zeros((S, V), jnp.int32), device)
-        # read-only in the step, rewritten per slot when a request that needs them is seated: the prompt mask
-        # (penalties) and the logit bias, as token ids (-1 padded) and values
-        self.tables = jax.device_put((jnp.zeros((S, V), bool), jnp.full((S, MAX_LOGIT_BIAS), -1, jnp.int32),
-                                      jnp.zeros((S, MAX_LOGIT_BIAS), jnp.float32)), device)
-        self.biased_slots: set[int] = set()  # slots whose bias rows are not empty
+        self.tables = SlotTables(S, V, device)  # read-only in the step: prompt mask, logit bias, guide masks
         self.last_tokens = jax.device_put(jnp.zeros((S,), jnp.int32), device)
         self.free_slots = list(range(cfg.max_num_seqs))
         self.slot_of: dict[str, int] = {}
@@ -371,7 +369,7 @@ class ModelRunner:
         base, _, decode = variant.partition("/")
         mode, num_logprobs = {"full": ("sample", self.config.max_logprobs), "greedy": ("argmax", 0),
                               "sort": ("sample", None), "draw": ("draw", None)}[base]
-        args = (self.graphdef, self.weights_tree, self.caches, self.counts, self.last_tokens, self.tables)
+        args = (self.graphdef, self.weights_tree, self.caches, self.counts, self.last_tokens, self.tables.arrays)
         t0 = time.perf_counter()
         with _LOWERING_LOCK:
             inp = self._empty_inputs(T, R)
@@ -430,7 +428,7 @@ class ModelRunner:
         """One step executable on these inputs; the caches, penalty counts and last tokens are donated and replaced
         by the step's own. Returns the device-side sample output."""
         self.caches, self.counts, self.last_tokens, res = step(self.caches, self.counts, self.last_tokens,
-                                                              self.tables,
+                                                              self.tables.arrays,
                                                               jax.device_put(inp.pack(), self.device),
                                                               *self.weights)
         return res
@@ -510,17 +508,8 @@ class ModelRunner:
             mask = np.zeros(V, bool)
             mask[request.prompt_token_ids] = True
             self.counts = self._set_row(self.counts, slot, counts)
-            self.tables = (self._set_row(self.tables[0], slot, mask), *self.tables[1:])
-        if p.biased or slot in self.biased_slots:  # this request's bias, or clear the previous holder's
-            ids, values = np.full(MAX_LOGIT_BIAS, -1, np.int32), np.zeros(MAX_LOGIT_BIAS, np.float32)
-            for j, (token, bias) in enumerate(p.logit_bias or ()):
-                ids[j], values[j] = token, bias
-            self.tables = (self.tables[0], self._set_row(self.tables[1], slot, ids),
-                           self._set_row(self.tables[2], slot, values))
-            if p.biased:
-                self.biased_slots.add(slot)
-            else:
-                self.biased_slots.discard(slot)
+            self.tables.set_prompt_mask(slot, mask)
+        self.tables.seat(slot, request)  # logit bias and guide mask rows
 
     def load_adapter(self, slot: int, adapter: AdapterWeights) -> None:
         """Write an adapter into a LoRA slot (the scheduler gave it the slot; steps from now on read it)."""
@@ -549,6 +538,8 @@ class ModelRunner:
             if slot is None:
                 self.assign_slot(req)
                 slot = slot_of[req.request_id]
+            elif req.guide is not None:  # its grammar state moved with its last token
+                self.tables.update_guide(slot, req)
             pages = req.page_ids
             have = num_pages[slot]
             if len(pages) != have:  # pages only grow while a request holds its slot

@@ -71,8 +71,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._done_pending(request):  # its last token, still in flight, ends it: compute nothing more
-                i += 1
+            if self._done_pending(request) or self._guide_pending(request):
+                i += 1  # its last token, still in flight, ends it or decides its next mask: wait for it
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not bm.allocate(request, n):
@@ -126,6 +126,12 @@ class Scheduler:
         if request.lora_slot >= 0:
             self.adapter_slots.release(request.lora_slot)
             request.lora_slot = -1
+
+    @staticmethod
+    def _guide_pending(request: Request) -> bool:
+        """A guided request's next allowed tokens depend on its newest token: it sits out the steps where that
+        token is still on the device (so it advances every other step, and the others are not held up)."""
+        return request.guide is not None and bool(request.output_token_ids) and request.output_token_ids[-1] < 0
 
     def _done_pending(self, request: Request) -> bool:
         return bool(request.output_token_ids) and (len(request.output_token_ids) >= request.sampling_params.max_tokens

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ie_jax.guided import GuidedDecodingParams
+
 MAX_LOGPROBS = 20  # most top logprobs one request may ask for, per generated token
 MAX_LOGIT_BIAS = 256  # most logit_bias entries one request may give
 
@@ -55,6 +57,8 @@ class SamplingParams:
     # {token id: bias} added to the logits before anything else (OpenAI's logit_bias: -100 bans, +100 forces);
     # stored as sorted (id, bias) pairs
     logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None
+    # structured output: the text must match a JSON Schema, regex or choice (ie_jax/guided.py; the engine only)
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self):
         # Normalise the loosely typed list fields first, so that equal requests compare and hash equal.
@@ -130,6 +134,10 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
+    def guided(self) -> bool:
+        return self.guided_decoding is not None
+
+    @property
     def biased(self) -> bool:
         """Whether logit_bias changes this row's logits."""
         return self.logit_bias is not None
@@ -154,6 +162,9 @@ class SamplingTensors:
     eos_ids: jax.Array  # [B, E] i32, ids banned while suppress_eos, padded with -1
     bias_ids: jax.Array  # [B, NB] i32, logit_bias token ids, padded with -1
     bias_values: jax.Array  # [B, NB] f32, their biases (0 in the padding)
+    # [B, ceil(V / 32)] uint32: bit v % 32 of word v // 32 set where token v is allowed (guided decoding: the
+    # engine's per-slot rows; None = every token)
+    allowed_bits: jax.Array | None = None
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
@@ -241,6 +252,10 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     [B, V] f32 -> [B, V] f32."""
     logits = add_logit_bias(logits, t)
     vocab_size = logits.shape[-1]
+    if t.allowed_bits is not None:
+        v = jnp.arange(vocab_size, dtype=jnp.uint32)
+        allowed = (t.allowed_bits[:, v // 32] >> (v % 32)) & 1  # [B, V]
+        logits = jnp.where(allowed > 0, logits, -jnp.inf)
     # The banned ids as E elementwise compares against the vocabulary index: XLA fuses them into the consumer, where
     # a scattered [B, V] mask costs a broadcast and a scatter kernel (H200, 1,000 rows: 152 µs of zeros alone).
     # The -1 padding (and any id outside the vocabulary) matches nothing.
@@ -319,7 +334,7 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0, 
     """Draws one token per row of `logits` [B, V] (any float dtype; computed in f32) under the rows' parameters.
 
     Order of operations, per row:
-      0. logit_bias is added;
+      0. logit_bias is added; tokens a guided row's grammar does not allow are banned;
       1. min_tokens: ban `eos_ids` while `suppress_eos`;
       2. repetition penalty on tokens in the prompt or the output;
       3. frequency and presence penalties on tokens in the output;
@@ -333,7 +348,7 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int | None = 0, 
       auto    chosen on device with lax.cond (one compiled function for every batch);
       greedy  every row is greedy: argmax only, nothing else is computed (with num_logprobs 0, not even the
               log-softmax: `logprobs` comes back as zeros);
-      argmax  as greedy, and no row has a penalty, a logit bias or a banned EOS: the argmax of the raw logits, so
+      argmax  as greedy, and no row has a penalty, a logit bias, a guide or a banned EOS: the raw logits' argmax, so
               the [B, V] penalty counts and prompt mask are not read (1,000 rows of a 128k vocabulary: ~0.6 GB);
       sample  no device branches: the sort runs whatever the rows ask;
       draw    no device branches and no sort: no sampled row asks for top-k or top-p (their values are then

@@ -60,7 +60,7 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
     # not donated: callable again on the same arguments
     step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, compiler_options=options)
     args_ = (runner.graphdef, runner.weights_tree, runner.caches, runner.counts, runner.last_tokens,
-             runner.tables, packed, layout, 0, args.mode, decode_only, *runner.weights)
+             runner.tables.arrays, packed, layout, 0, args.mode, decode_only, *runner.weights)
     call = lambda: step(*args_)  # noqa: E731
     t0 = time.perf_counter()
     jax.block_until_ready(call())
@@ -86,7 +86,7 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
             t0, previous = time.perf_counter(), None
             for _ in range(args.pipelined):
                 x = jax.device_put(host_inp.pack()) if engine_like else packed
-                out = donated(runner.graphdef, runner.weights_tree, *carry, runner.tables, x, layout, 0,
+                out = donated(runner.graphdef, runner.weights_tree, *carry, runner.tables.arrays, x, layout, 0,
                               args.mode, decode_only, *runner.weights)
                 carry = out[:3]
                 if engine_like:
@@ -106,7 +106,7 @@ def measure_variant(args, runner, host_inp, packed, layout, decode_only, options
             jax.block_until_ready(carry)
             jax.profiler.start_trace(trace_dir)
             for _ in range(args.timeline):
-                carry = donated(runner.graphdef, runner.weights_tree, *carry, runner.tables, packed, layout, 0,
+                carry = donated(runner.graphdef, runner.weights_tree, *carry, runner.tables.arrays, packed, layout, 0,
                                 args.mode, decode_only, *runner.weights)[:3]
             jax.block_until_ready(carry)
             jax.profiler.stop_trace()

@@ -1,0 +1,558 @@
+"""Structured outputs (guided decoding): the generated text is held to a regular expression, one of a list of
+choices, or a JSON Schema, as vLLM's `guided_regex` / `guided_choice` / `guided_json` and OpenAI's
+`response_format` ask.
+
+    GuidedDecodingParams(json=schema | regex=... | choice=[...] | json_object=True)
+        -> a regex (`guide_regex`; JSON Schemas through `json_schema_regex`)
+        -> a DFA over UTF-8 bytes (`compile_regex`: parse, Thompson NFA, subset construction)
+        -> a TokenGuide over the tokenizer's vocabulary: for each DFA state the request can reach, the next state of
+           every token (-1: not allowed) and the same as a bitmask, [ceil(V / 32)] uint32, which the sampler applies.
+
+Text is matched as bytes, so a token may end in the middle of a UTF-8 character and the automaton still tracks it.
+EOS is allowed exactly in accepting states; a state from which no token can continue allows EOS too, so a request
+never has every token banned. The regex dialect: literals, `.`, classes `[a-z]` `[^...]`, escapes `\\d \\w \\s \\D
+\\W \\S` (ASCII classes, as Python's re.ASCII) and `\\.`-style, groups `(...)` `(?:...)`, `|`, `* + ?`, `{m}` `{m,}`
+`{m,n}`; the whole text must match (no anchors needed). `.` and negated classes match whole UTF-8 characters, so
+the text stays valid UTF-8. Backreferences and lookaround are refused. This module is plain numpy: the engine keeps each
+request's state on the host and hands the sampler the state's bitmask (engine/runner.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+
+import numpy as np
+
+MAX_NFA_STATES = 200_000
+MAX_DFA_STATES = 4096
+
+
+def _bits(byte_values) -> int:
+    out = 0
+    for b in byte_values:
+        out |= 1 << b
+    return out
+
+
+ASCII = (1 << 128) - 1
+_DIGIT = _bits(range(48, 58))
+_WORD = _DIGIT | _bits(range(65, 91)) | _bits(range(97, 123)) | _bits([95])
+_SPACE = _bits(b" \t\n\r\f\v")
+# class escapes: (ASCII bytes, whether every non-ASCII character matches too)
+_CLASS_ESCAPES = {"d": (_DIGIT, False), "w": (_WORD, False), "s": (_SPACE, False), "D": (ASCII & ~_DIGIT, True),
+                  "W": (ASCII & ~_WORD, True), "S": (ASCII & ~_SPACE, True)}
+_CHAR_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+
+
+def _range(lo: int, hi: int):
+    return ("set", _bits(range(lo, hi + 1)))
+
+
+_CONT = _range(0x80, 0xBF)
+# Any well-formed UTF-8 encoding of a non-ASCII character (RFC 3629), byte by byte: what `.` and negated classes
+# match beyond ASCII, so that the text stays valid UTF-8.
+UTF8_NON_ASCII = ("alt", [
+    ("cat", [_range(0xC2, 0xDF), _CONT]),
+    ("cat", [("set", 1 << 0xE0), _range(0xA0, 0xBF), _CONT]),
+    ("cat", [("set", _bits([*range(0xE1, 0xED), 0xEE, 0xEF])), _CONT, _CONT]),
+    ("cat", [("set", 1 << 0xED), _range(0x80, 0x9F), _CONT]),
+    ("cat", [("set", 1 << 0xF0), _range(0x90, 0xBF), _CONT, _CONT]),
+    ("cat", [_range(0xF1, 0xF3), _CONT, _CONT, _CONT]),
+    ("cat", [("set", 1 << 0xF4), _range(0x80, 0x8F), _CONT, _CONT])])
+
+
+def _chars(ascii_bits: int, non_ascii: bool):
+    """A node matching one character: an ASCII byte in `ascii_bits`, or (non_ascii) any non-ASCII character."""
+    return ("alt", [("set", ascii_bits), UTF8_NON_ASCII]) if non_ascii else ("set", ascii_bits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regex -> AST. Nodes: ("set", bits) one byte, ("cat", [nodes]), ("alt", [nodes]), ("rep", node, min, max|None).
+
+class _Parser:
+    def __init__(self, pattern: str):
+        self.p, self.i = pattern, 0
+
+    def error(self, what: str) -> ValueError:
+        return ValueError(f"regex {self.p!r}: {what} at position {self.i}")
+
+    def peek(self) -> str | None:
+        return self.p[self.i] if self.i < len(self.p) else None
+
+    def take(self) -> str:
+        c = self.p[self.i]
+        self.i += 1
+        return c
+
+    def parse(self):
+        node = self.alternation()
+        if self.i != len(self.p):
+            raise self.error("unbalanced ')'")
+        return node
+
+    def alternation(self):
+        branches = [self.concatenation()]
+        while self.peek() == "|":
+            self.take()
+            branches.append(self.concatenation())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def concatenation(self):
+        items = []
+        while self.peek() not in (None, "|", ")"):
+            items.append(self.repetition())
+        return ("cat", items)
+
+    def repetition(self):
+        node = self.atom()
+        while True:
+            c = self.peek()
+            if c in ("*", "+", "?"):
+                self.take()
+                node = ("rep", node, 0 if c != "+" else 1, 1 if c == "?" else None)
+            elif c == "{" and re.match(r"\{\d*(,\d*)?\}", self.p[self.i:]):
+                m = re.match(r"\{(\d*)(,?)(\d*)\}", self.p[self.i:])
+                self.i += m.end()
+                lo = int(m.group(1) or 0)
+                hi = lo if not m.group(2) else (int(m.group(3)) if m.group(3) else None)
+                if hi is not None and hi < lo:
+                    raise self.error(f"repeat {{{lo},{hi}}} has max < min")
+                node = ("rep", node, lo, hi)
+            else:
+                return node
+            if self.peek() in ("?", "+"):  # lazy / possessive markers: the language is the same
+                self.take()
+
+    def atom(self):
+        c = self.take()
+        if c == "(":
+            if self.p.startswith("?:", self.i):
+                self.i += 2
+            elif self.peek() == "?":
+                raise self.error("lookaround and inline flags are not supported")
+            node = self.alternation()
+            if self.peek() != ")":
+                raise self.error("missing ')'")
+            self.take()
+            return node
+        if c == "[":
+            return self.char_class()
+        if c == ".":
+            return _chars(ASCII & ~_bits(b"\n"), True)
+        if c in "^$":
+            return ("cat", [])  # the whole text matches anyway
+        if c == "\\":
+            return self.escape(in_class=False)
+        if c in "*+?{":
+            raise self.error(f"nothing to repeat before {c!r}")
+        return _literal(c)
+
+    def escape(self, in_class: bool):
+        """After a backslash: a node (outside a class), or in a class a (ASCII bits, non-ASCII) pair or a char."""
+        if self.peek() is None:
+            raise self.error("trailing backslash")
+        c = self.take()
+        if c in _CLASS_ESCAPES:
+            return _CLASS_ESCAPES[c] if in_class else _chars(*_CLASS_ESCAPES[c])
+        if c.isdigit() and c != "0" or c in "bBAzZ":
+            raise self.error(f"\\{c} (backreferences and word anchors) is not supported")
+        if c == "u":
+            code = self.p[self.i:self.i + 4]
+            if not re.fullmatch(r"[0-9a-fA-F]{4}", code):
+                raise self.error("\\u needs four hex digits")
+            self.i += 4
+            return chr(int(code, 16)) if in_class else _literal(chr(int(code, 16)))
+        if c == "x":
+            code = self.p[self.i:self.i + 2]
+            if not re.fullmatch(r"[0-9a-fA-F]{2}", code):
+                raise self.error("\\x needs two hex digits")
+            self.i += 2
+            return chr(int(code, 16)) if in_class else _literal(chr(int(code, 16)))
+        c = _CHAR_ESCAPES.get(c, c)
+        return c if in_class else _literal(c)
+
+    def char_class(self):
+        """`[...]` over ASCII; a negated class also matches every non-ASCII character."""
+        negate = self.peek() == "^"
+        if negate:
+            self.take()
+        bits, non_ascii, first = 0, False, True
+        while True:
+            if self.peek() is None:
+                raise self.error("missing ']'")
+            c = self.take()
+            if c == "]" and not first:
+                break
+            first = False
+            if c == "\\":
+                c = self.escape(in_class=True)
+                if isinstance(c, tuple):  # \d, \w, ...
+                    bits, non_ascii = bits | c[0], non_ascii or c[1]
+                    continue
+            if self.peek() == "-" and self.p[self.i + 1:self.i + 2] not in ("]", ""):
+                self.take()
+                hi = self.take()
+                if hi == "\\":
+                    hi = self.escape(in_class=True)
+                    if isinstance(hi, tuple):
+                        raise self.error("a class range needs single characters")
+                if ord(hi) < ord(c):
+                    raise self.error(f"bad range {c}-{hi}")
+                if ord(hi) >= 128:
+                    raise self.error("ranges of non-ASCII characters are not supported")
+                bits |= _bits(range(ord(c), ord(hi) + 1))
+            elif ord(c) < 128:
+                bits |= 1 << ord(c)
+            else:
+                raise self.error(f"non-ASCII character {c!r} in a class is not supported")
+        return _chars(ASCII & ~bits, not non_ascii) if negate else _chars(bits, non_ascii)
+
+
+def _literal(ch: str):
+    data = ch.encode("utf-8")
+    return ("set", 1 << data[0]) if len(data) == 1 else ("cat", [("set", 1 << b) for b in data])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AST -> NFA (Thompson) -> DFA (subset construction)
+
+class _NFA:
+    def __init__(self):
+        self.eps: list[list[int]] = []
+        self.edges: list[list[tuple[int, int]]] = []  # (byte bitset, target)
+
+    def new(self) -> int:
+        if len(self.eps) >= MAX_NFA_STATES:
+            raise ValueError(f"the pattern needs more than {MAX_NFA_STATES} automaton states; simplify it")
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def build(self, node) -> tuple[int, int]:
+        kind = node[0]
+        if kind == "set":
+            s, e = self.new(), self.new()
+            self.edges[s].append((node[1], e))
+            return s, e
+        if kind == "cat":
+            s = e = self.new()
+            for item in node[1]:
+                a, b = self.build(item)
+                self.eps[e].append(a)
+                e = b
+            return s, e
+        if kind == "alt":
+            s, e = self.new(), self.new()
+            for item in node[1]:
+                a, b = self.build(item)
+                self.eps[s].append(a)
+                self.eps[b].append(e)
+            return s, e
+        _, item, lo, hi = node
+        s = e = self.new()
+        for _ in range(lo):
+            a, b = self.build(item)
+            self.eps[e].append(a)
+            e = b
+        if hi is None:  # a loop: e -> item -> e
+            a, b = self.build(item)
+            self.eps[e].append(a)
+            self.eps[b].append(e)
+            return s, e
+        end = self.new()
+        self.eps[e].append(end)
+        for _ in range(hi - lo):
+            a, b = self.build(item)
+            self.eps[e].append(a)
+            self.eps[b].append(end)
+            e = b
+        return s, end
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteDFA:
+    delta: np.ndarray  # [D, 256] int32: next state of each byte, -1 = no match possible
+    accepting: np.ndarray  # [D] bool
+
+    def matches(self, data: bytes) -> bool:
+        s = 0
+        for b in data:
+            s = int(self.delta[s, b])
+            if s < 0:
+                return False
+        return bool(self.accepting[s])
+
+
+def compile_regex(pattern: str) -> ByteDFA:
+    """The pattern's DFA over UTF-8 bytes; start state 0. Raises ValueError for what the dialect lacks."""
+    nfa = _NFA()
+    start, final = nfa.build(_Parser(pattern).parse())
+
+    def closure(states) -> frozenset:
+        seen, stack = set(states), list(states)
+        while stack:
+            for t in nfa.eps[stack.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    stack.append(t)
+        return frozenset(seen)
+
+    first = closure([start])
+    ids, order, rows = {first: 0}, [first], []
+    while len(rows) < len(order):
+        current = order[len(rows)]
+        edges = [edge for s in current for edge in nfa.edges[s]]
+        row = np.full(256, -1, np.int32)
+        by_targets: dict[frozenset, list[int]] = {}
+        for b in range(256):
+            targets = frozenset(t for bits, t in edges if bits >> b & 1)
+            if targets:
+                by_targets.setdefault(targets, []).append(b)
+        for targets, byte_values in by_targets.items():
+            nxt = closure(targets)
+            if nxt not in ids:
+                if len(order) >= MAX_DFA_STATES:
+                    raise ValueError(f"the pattern needs more than {MAX_DFA_STATES} DFA states; simplify it")
+                ids[nxt] = len(order)
+                order.append(nxt)
+            row[byte_values] = ids[nxt]
+        rows.append(row)
+    accepting = np.array([final in st for st in order], bool)
+    return _minimize(np.stack(rows), accepting)
+
+
+def _minimize(delta: np.ndarray, accepting: np.ndarray) -> ByteDFA:
+    """Moore's partition refinement: states that accept the same continuations merge (the subset construction
+    leaves many twins, e.g. one per copy of a repeated sub-pattern). State 0 stays the start."""
+    D = delta.shape[0]
+    ext = np.where(delta < 0, D, delta)  # D: the dead state, its own class
+    classes = np.append(accepting.astype(np.int64), -1)
+    while True:
+        signature = np.concatenate([classes[:-1, None], classes[ext]], axis=1)  # [D, 257]
+        _, new = np.unique(signature, axis=0, return_inverse=True)
+        new = np.append(new.reshape(-1), -1)
+        if len(np.unique(new)) == len(np.unique(classes)):
+            break
+        classes = new
+    # renumber so that the start state's class is 0, then the rest in order of first appearance
+    order = list(dict.fromkeys(classes[:-1].tolist()))
+    order.remove(classes[0])
+    rank = {c: i for i, c in enumerate([classes[0], *order])}
+    state_class = np.array([rank[c] for c in classes[:-1]])
+    first = {rank[c]: s for s, c in reversed(list(enumerate(classes[:-1].tolist())))}
+    reps = np.array([first[i] for i in range(len(rank))])
+    small = np.where(delta[reps] < 0, -1, state_class[np.maximum(delta[reps], 0)])
+    return ByteDFA(small.astype(np.int32), accepting[reps])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON Schema -> regex
+
+_WS = "[ ]?"  # at most one space between JSON tokens: compact output, and no endless runs of whitespace
+_STRING_CHAR = r'([^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+_INTEGER = r"-?(0|[1-9][0-9]{0,15})"
+_NUMBER = _INTEGER + r"(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,3})?"
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + c if c in r".^$*+?{}[]\|()" else c for c in text)
+
+
+def _json_literal(value) -> str:
+    return _escape(json.dumps(value, ensure_ascii=False))
+
+
+def json_schema_regex(schema: dict, defs: dict | None = None, depth: int = 0) -> str:
+    """A regex for JSON texts that satisfy `schema` (a subset of JSON Schema): type object (every property, in
+    the schema's order), array (items, minItems/maxItems), string (enum, minLength/maxLength, pattern), integer,
+    number, boolean, null; enum, const, anyOf/oneOf, local $ref. Others raise ValueError."""
+    if depth > 16:
+        raise ValueError("JSON Schema nests (or recurses through $ref) more than 16 levels")
+    if schema is True or schema == {}:
+        return json_value_regex(2)
+    if not isinstance(schema, dict):
+        raise ValueError(f"a JSON Schema must be an object, got {schema!r}")
+    defs = {**(defs or {}), **schema.get("$defs", {}), **schema.get("definitions", {})}
+    sub = functools.partial(json_schema_regex, defs=defs, depth=depth + 1)
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        name = ref.rsplit("/", 1)[-1]
+        if not ref.startswith(("#/$defs/", "#/definitions/")) or name not in defs:
+            raise ValueError(f"$ref {ref!r}: only local references to $defs are supported")
+        return sub(defs[name])
+    if "const" in schema:
+        return _json_literal(schema["const"])
+    if "enum" in schema:
+        return "(" + "|".join(_json_literal(v) for v in schema["enum"]) + ")"
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return "(" + "|".join(sub(s) for s in schema[key]) + ")"
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return "(" + "|".join(sub({**schema, "type": k}) for k in kind) + ")"
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties", {})
+        if not props:
+            return json_value_regex(2, only="object")
+        members = [f'"{_escape(json.dumps(k)[1:-1])}"{_WS}:{_WS}{sub(v)}' for k, v in props.items()]
+        return r"\{" + _WS + f"{_WS},{_WS}".join(members) + _WS + r"\}"
+    if kind == "array":
+        item = sub(schema.get("items", {}))
+        lo, hi = int(schema.get("minItems", 0)), schema.get("maxItems")
+        if hi is not None and int(hi) == 0:
+            return r"\[" + _WS + r"\]"
+        more = f"({_WS},{_WS}{item})" + ("{%d,%s}" % (max(lo - 1, 0), "" if hi is None else int(hi) - 1))
+        body = f"{item}{more}"
+        return r"\[" + _WS + (body if lo > 0 else f"({body})?") + _WS + r"\]"
+    if kind == "string":
+        if "pattern" in schema:
+            return '"(' + schema["pattern"].removeprefix("^").removesuffix("$") + ')"'
+        lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
+        return f'"{_STRING_CHAR}' + "{%d,%s}" % (lo, "" if hi is None else int(hi)) + '"'
+    if kind == "integer":
+        return _INTEGER
+    if kind == "number":
+        return _NUMBER
+    if kind == "boolean":
+        return "(true|false)"
+    if kind == "null":
+        return "null"
+    raise ValueError(f"JSON Schema {schema!r}: type {kind!r} is not supported")
+
+
+def json_value_regex(depth: int, only: str | None = None) -> str:
+    """Any JSON value nested at most `depth` objects/arrays deep (`only`: "object" for an object at the top)."""
+    scalar = f'("{_STRING_CHAR}*"|{_NUMBER}|true|false|null)'
+    value = scalar
+    for _ in range(depth):
+        member = f'"{_STRING_CHAR}*"{_WS}:{_WS}{value}'
+        obj = r"\{" + _WS + f"({member}({_WS},{_WS}{member})*)?" + _WS + r"\}"
+        arr = r"\[" + _WS + f"({value}({_WS},{_WS}{value})*)?" + _WS + r"\]"
+        value = f"({scalar}|{obj}|{arr})"
+        if only == "object" and _ == depth - 1:
+            return obj
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a request asks for, and its automaton over a vocabulary
+
+@dataclasses.dataclass(frozen=True)
+class GuidedDecodingParams:
+    """One of: `json` (a JSON Schema, as a dict or its JSON text), `regex`, `choice` (strings), or `json_object`
+    (any JSON object). vLLM's names."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    json_object: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.json, dict):  # key order kept: properties are generated in the schema's order
+            object.__setattr__(self, "json", json.dumps(self.json))
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("guided choice needs a non-empty list of non-empty strings")
+        given = [self.json is not None, self.regex is not None, self.choice is not None, self.json_object]
+        if sum(given) != 1:
+            raise ValueError("guided decoding takes exactly one of json, regex, choice or json_object")
+
+    def regex_pattern(self) -> str:
+        if self.regex is not None:
+            return self.regex
+        if self.choice is not None:
+            return "(" + "|".join(_escape(c) for c in self.choice) + ")"
+        if self.json_object:
+            return json_value_regex(2, only="object")
+        try:
+            schema = json.loads(self.json)
+        except ValueError as e:
+            raise ValueError(f"guided json is not valid JSON: {e}") from e
+        return json_schema_regex(schema)
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
+    """The bytes each token adds to the text (None: a special token, never allowed by a guide)."""
+    from ie_jax.tokenizer import ByteTokenizer, HFTokenizer, _byte_level_alphabet
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return [bytes([i]) if i < 256 else None for i in range(vocab_size)]
+    out: list[bytes | None] = [None] * vocab_size
+    if isinstance(tokenizer, HFTokenizer):
+        inverse = {c: b for b, c in enumerate(_byte_level_alphabet())}
+        decoder = json.loads(tokenizer._backend.to_str()).get("decoder") or {}
+        byte_level = "ByteLevel" in json.dumps(decoder)
+        for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(vocab_size)))):
+            if piece is None or tokenizer.is_special(i):
+                continue
+            if byte_level and all(c in inverse for c in piece):
+                out[i] = bytes(inverse[c] for c in piece)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                out[i] = bytes([int(piece[3:5], 16)])
+            else:
+                out[i] = piece.replace("\u2581", " ").encode()
+        return out
+    for i in range(vocab_size):
+        if not tokenizer.is_special(i):
+            text = tokenizer.decode([i], skip_special_tokens=False)
+            out[i] = text.encode() if "\ufffd" not in text else None
+    return out
+
+
+class TokenGuide:
+    """A DFA lifted to tokens: for every state reachable from the start by whole tokens, the next state of each
+    token (`next_state`, -1 = not allowed) and the allowed set as a bitmask (`bits`, bit v % 32 of word v // 32)."""
+
+    def __init__(self, dfa: ByteDFA, vocab: list[bytes | None], eos_ids: tuple[int, ...]):
+        V, D = len(vocab), dfa.delta.shape[0]
+        delta = np.concatenate([np.where(dfa.delta < 0, D, dfa.delta), np.full((1, 256), D, np.int32)])
+        by_len: dict[int, list[int]] = {}
+        for i, data in enumerate(vocab):
+            if data:
+                by_len.setdefault(len(data), []).append(i)
+        groups = [(np.array(ids), np.frombuffer(b"".join(vocab[i] for i in ids), np.uint8).reshape(len(ids), n))
+                  for n, ids in by_len.items()]
+        eos = [e for e in eos_ids if 0 <= e < V]
+        self.index: dict[int, int] = {}  # DFA state -> row
+        rows, frontier = [], [0]
+        while frontier:  # breadth first, every state of a frontier walked through the vocabulary at once
+            for chunk in range(0, len(frontier), 64):
+                states = np.array(frontier[chunk:chunk + 64], np.int32)
+                block = np.full((len(states), V), -1, np.int32)
+                for ids, data in groups:
+                    cur = np.repeat(states[:, None], len(ids), axis=1)  # [F, n]
+                    for j in range(data.shape[1]):
+                        cur = delta[cur, data[None, :, j]]
+                    block[:, ids] = np.where(cur == D, -1, cur)
+                for state, row in zip(states.tolist(), block):
+                    if dfa.accepting[state] or not (row >= 0).any():  # done (or stuck): EOS may end the text
+                        row[eos] = state
+                    self.index[state] = len(rows)
+                    rows.append(row)
+            reached = np.unique(np.concatenate([r[r >= 0] for r in rows[-len(frontier):]] or [np.zeros(0, int)]))
+            frontier = [int(x) for x in reached if int(x) not in self.index]
+        self.next_state = np.stack(rows)  # [S, V], indexed through `index`
+        self.bits = pack_bits(self.next_state >= 0)  # [S, ceil(V / 32)]
+        self.accepting = dfa.accepting
+
+    def advance(self, state: int, token: int) -> int:
+        """The state after `token` (a token the guide did not allow leaves the state as it was)."""
+        nxt = int(self.next_state[self.index[state], token])
+        return state if nxt < 0 else nxt
+
+    def mask(self, state: int) -> np.ndarray:
+        return self.bits[self.index[state]]
+
+    def allowed(self, state: int) -> np.ndarray:
+        return np.flatnonzero(self.next_state[self.index[state]] >= 0)
+
+
+def pack_bits(allowed: np.ndarray) -> np.ndarray:
+    """[..., V] bool -> [..., ceil(V / 32)] uint32 with token v at bit v % 32 of word v // 32."""
+    V = allowed.shape[-1]
+    padded = np.zeros(allowed.shape[:-1] + (-(-V // 32) * 32,), np.uint64)
+    padded[..., :V] = allowed
+    weights = np.uint64(1) << np.arange(32, dtype=np.uint64)
+    return (padded.reshape(*allowed.shape[:-1], -1, 32) * weights).sum(-1).astype(np.uint32)

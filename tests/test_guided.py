@@ -1,0 +1,181 @@
+"""Structured outputs: the byte-level regex automaton against Python's re, JSON Schemas against valid and invalid
+instances, token guides against a brute-force walk of the vocabulary, and the engine's guided greedy decoding
+against a host loop that masks the dense forward's logits."""
+import json
+import random
+import re
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+
+import ie_jax
+from engine.llm import LLM
+from fixtures.tokenizers.make_tokenizers import build_byte_level, build_sentencepiece
+from ie_jax import SamplingParams
+from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, json_schema_regex, token_bytes
+from ie_jax.tokenizer import ByteTokenizer, load_tokenizer
+
+PATTERNS = [r"[0-9]{3}-[a-z]{2}", r"(ab|a)*c?", r"\d+(\.\d+)?", r"(cat|dog|bird|é)", r"[^ab]{2,4}x", r"a.b",
+            r"(x|y){0,3}z+", r"(a|ab)(c|bcd)(d*)", r"[\w-]+", r"\W\S?", r'"([^"\\\x00-\x1f]|\\["\\/bfnrt])*"',
+            r"[a\-z]+", r"\u00e9+中?", r"(?:ab){2,}|c{,2}"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_regex_automaton_matches_python_re(pattern):
+    dfa = compile_regex(pattern)
+    rng = random.Random(hash(pattern) % 1000)
+    alphabet = list("abcdxyz0129.- \n\"\\é中") + ["\x01"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        assert dfa.matches(text.encode()) == bool(re.fullmatch(pattern, text, re.ASCII)), (pattern, text)
+
+
+def test_regex_keeps_text_valid_utf8_and_refuses_what_it_lacks():
+    dot = compile_regex(".*")
+    assert dot.matches("é中😀".encode()) and not dot.matches(b"\xff") and not dot.matches("é".encode()[:1])
+    for bad, word in ((r"(a", "missing"), (r"a)", "unbalanced"), (r"(?=a)", "lookaround"), (r"(a)\1", "backref"),
+                      (r"*a", "nothing to repeat"), (r"a{3,1}", "max < min"), (r"[z-a]", "bad range")):
+        with pytest.raises(ValueError, match=word):
+            compile_regex(bad)
+
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}, "score": {"type": "number"},
+    "tags": {"type": "array", "items": {"enum": ["a", "b c"]}, "maxItems": 3}, "ok": {"type": "boolean"},
+    "pet": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/pet"}]}},
+    "$defs": {"pet": {"type": "object", "properties": {"kind": {"const": "cat"}}}}}
+
+
+def test_json_schema_regex_accepts_instances_and_rejects_violations():
+    dfa = compile_regex(json_schema_regex(SCHEMA))
+    good = [{"name": "bob", "age": 3, "score": -1.5e3, "tags": ["a", "b c"], "ok": True, "pet": None},
+            {"name": "é\"x\\", "age": 0, "score": 2, "tags": [], "ok": False, "pet": {"kind": "cat"}}]
+    for obj in good:
+        for text in (json.dumps(obj, ensure_ascii=False), json.dumps(obj, separators=(",", ":"))):
+            assert dfa.matches(text.encode()), text
+    bad = [dict(good[0], age=1.5), dict(good[0], name="x" * 9), dict(good[0], tags=["a"] * 4),
+           dict(good[0], ok="yes"), dict(good[0], pet={"kind": "dog"}), {k: v for k, v in good[0].items() if k != "ok"}]
+    for obj in bad:
+        assert not dfa.matches(json.dumps(obj, ensure_ascii=False).encode()), obj
+    assert not dfa.matches(json.dumps(good[0], indent=2).encode())  # at most one space between tokens
+    with pytest.raises(ValueError, match="not supported"):
+        json_schema_regex({"type": "object", "properties": {"x": {"type": "date"}}})
+
+
+def _tokenizers():
+    tmp = tempfile.mkdtemp()
+    return {"bytes": ByteTokenizer(), "byte-level BPE": load_tokenizer(build_byte_level(tmp + "/bl")),
+            "sentencepiece": load_tokenizer(build_sentencepiece(tmp + "/sp"))}
+
+
+@pytest.mark.parametrize("name", ["bytes", "byte-level BPE", "sentencepiece"])
+def test_token_guide_equals_a_brute_force_walk(name):
+    tok = _tokenizers()[name]
+    vocab = token_bytes(tok, tok.vocab_size)
+    assert all(v is None or tok.decode([i]).encode() in (v, v.lstrip(b" ")) or "\ufffd" in tok.decode([i])
+               for i, v in enumerate(vocab))
+    dfa = compile_regex(GuidedDecodingParams(json=SCHEMA).regex_pattern())
+    guide = TokenGuide(dfa, vocab, tok.eos_token_ids)
+    eos = set(tok.eos_token_ids)
+    for state, row in list(guide.index.items())[:40]:
+        want = []
+        for i, data in enumerate(vocab):
+            s = state
+            for b in data or b"":
+                s = int(dfa.delta[s, b])
+                if s < 0:
+                    break
+            if data and s >= 0:
+                want.append((i, s))
+        got = guide.next_state[row]
+        assert [(i, int(got[i])) for i in np.flatnonzero(got >= 0) if i not in eos] == want
+        assert all((got[e] >= 0) == (bool(dfa.accepting[state]) or not want) for e in eos)
+        bits = guide.mask(state)
+        unpacked = (bits[np.arange(tok.vocab_size) // 32] >> (np.arange(tok.vocab_size) % 32)) & 1
+        np.testing.assert_array_equal(unpacked.astype(bool), got >= 0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
+
+
+def masked_greedy(model, tok, prompt: str, guide: TokenGuide, max_tokens: int) -> list[int]:
+    """Greedy decoding by hand: the dense forward's last logits, restricted to the guide's allowed tokens."""
+    ids, out, state = tok.encode(prompt), [], 0
+    for _ in range(max_tokens):
+        logits = np.asarray(ie_jax.forward(model, ids)[0, -1])
+        allowed = guide.next_state[guide.index[state]] >= 0
+        t = int(np.argmax(np.where(allowed, logits, -np.inf)))
+        out.append(t)
+        if t in tok.eos_token_ids:
+            break
+        ids, state = ids + [t], guide.advance(state, t)
+    return out
+
+
+def test_engine_guided_greedy_matches_the_masked_reference_beside_free_requests(tiny):
+    model, tok = tiny
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 4},
+                                               "n": {"type": "integer"}, "ok": {"type": "boolean"}}}
+    specs = [GuidedDecodingParams(choice=["yes", "no", "maybe"]), GuidedDecodingParams(regex=r"[0-9]{3}-[a-z]{2}"),
+             GuidedDecodingParams(json=schema)]
+    prompts = ["Answer:", "Code:", "JSON:", "free text"]
+    params = [SamplingParams(temperature=0.0, max_tokens=80, guided_decoding=s) for s in specs]
+    params.append(SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    llm = LLM(model, tokenizer=tok, max_model_len=160, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+              progress=False)
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    compiled = llm.engine.runner.num_compiled()  # LLM.generate compiled the variants its rows need, up front
+    for out, prompt, spec in zip(outs, prompts, specs):
+        guide = llm.engine.guide(spec)
+        assert out.token_ids == masked_greedy(model, tok, prompt, guide, 80)
+        assert out.finish_reason == "stop"
+    assert outs[0].text in ("yes", "no", "maybe")
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", outs[1].text)
+    obj = json.loads(outs[2].text)
+    assert list(obj) == ["name", "n", "ok"] and isinstance(obj["n"], int) and isinstance(obj["ok"], bool)
+    free = ie_jax.generate(model, tok, [prompts[3]], params[3])[0].token_ids
+    assert outs[3].token_ids == free  # a guided batch-mate changes nothing for the others
+    # seeded sampling under a schema: valid JSON each time, and the slots' masks are cleared for free requests
+    sampled = SamplingParams(temperature=1.0, max_tokens=60, guided_decoding=GuidedDecodingParams(json=schema))
+    for i, o in enumerate(llm.generate(["a", "b", "c"], [sampled] * 3, use_tqdm=False)):
+        assert set(json.loads(o.outputs[0].text)) == {"name", "n", "ok"}
+    again = llm.generate([prompts[3]] * 4, params[3], use_tqdm=False)
+    assert all(o.outputs[0].token_ids == free for o in again)
+    assert llm.engine.runner.num_compiled() == compiled  # the masks are per-slot data: no new executables
+    with pytest.raises(ValueError, match="guided decoding"):
+        ie_jax.generate(model, tok, ["x"], params[0])
+
+
+def test_guided_request_survives_preemption(tiny):
+    """A tiny page pool forces recomputation; the grammar state lives on the host, so outputs stay the same."""
+    model, tok = tiny
+    spec = GuidedDecodingParams(regex=r"(ab|cd){4,8}!")
+    params = SamplingParams(temperature=0.0, max_tokens=30, guided_decoding=spec)
+    small = LLM(model, tokenizer=tok, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+                num_pages=10, progress=False)
+    outs = small.generate(["x" * 30, "y" * 30, "z" * 30], params, use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    for o, p in zip(outs, ["x" * 30, "y" * 30, "z" * 30]):
+        assert o.outputs[0].token_ids == masked_greedy(model, tok, p, small.engine.guide(spec), 30)
+        assert re.fullmatch(r"(ab|cd){4,8}!", o.outputs[0].text)
+
+
+def test_sampler_applies_the_bitmask():
+    from ie_jax.guided import pack_bits
+    from ie_jax.sampling import SamplingTensors, sample
+    rng = np.random.default_rng(0)
+    B, V = 3, 70
+    logits = rng.standard_normal((B, V)).astype(np.float32)
+    allowed = rng.random((B, V)) < 0.2
+    allowed[2] = True
+    t = SamplingTensors.from_params([SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=2),
+                                     SamplingParams(temperature=0.0)], [[1]] * B, [[]] * B, V)
+    t = t.replace(allowed_bits=jax.numpy.asarray(pack_bits(allowed)))
+    for mode in ("sample", "draw", "auto"):
+        ids = np.asarray(sample(jax.numpy.asarray(logits), t, 0, mode).token_ids)
+        assert ids[0] == int(np.argmax(np.where(allowed[0], logits[0], -np.inf)))
+        assert allowed[1, ids[1]] and ids[2] == int(np.argmax(logits[2]))
