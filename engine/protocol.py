@@ -126,7 +126,7 @@ class _SamplingFields(_Request):
             params = GuidedDecodingParams(**spec)
             compile_regex(params.regex_pattern())
         except ValueError as e:
-            raise ServerError(str(e), param=name) from e
+            raise ServerError(f"{name}: {e}", param=name) from e
         return params
 
     @property

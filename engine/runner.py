@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from engine.config import EngineConfig
+from engine.config import STEP_COMPILER_OPTIONS, EngineConfig, parse_xla_options, step_compiler_options  # noqa: F401
 from engine.lora import AdapterWeights, add_adapter_slots, empty_adapter, slot_leaves, write_adapter
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
@@ -65,43 +65,6 @@ def _step(graphdef, state, caches, counts, last_tokens, tables, packed, layout: 
 # lowered at once can leak that state into each other: a wrong kernel, and a compilation-cache key that differs
 # from run to run. Lowering is a small part of start-up once the layers are one nested jit.
 _LOWERING_LOCK = threading.Lock()
-
-# XLA's dot merger joins GEMMs that share an input (q/k/v, gate/up) into one GEMM over concatenated weights. The
-# weights are step arguments, not constants, so the concatenation runs every step: at 256 decode rows on the H200 a
-# 25 µs weight copy per layer, and the merged GEMM was no faster than the separate ones (0.6 ms of a 13 ms step).
-STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
-
-
-def parse_xla_options(text: str) -> dict[str, bool | int | float | str]:
-    """"name=value,name=value" (XLA DebugOptions fields, as XLA_FLAGS spells them without the dashes) -> a dict
-    for `compiler_options`; true/false become bools and numbers numbers."""
-    options = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("xla_"):
-            raise ValueError(f"XLA option {item!r} must read xla_<name>=<value>")
-        options[name] = _option_value(value)
-    return options
-
-
-def _option_value(value: str) -> bool | int | float | str:
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
-def step_compiler_options(extra: str | None = None) -> dict:
-    """The step's XLA options: STEP_COMPILER_OPTIONS, then IE_JAX_XLA_OPTIONS from the environment, then `extra`
-    (both "name=value,..."; later ones win). Unlike XLA_FLAGS they apply to the step alone, not to every
-    computation of the process."""
-    return {**STEP_COMPILER_OPTIONS, **parse_xla_options(os.environ.get("IE_JAX_XLA_OPTIONS", "")),
-            **parse_xla_options(extra or "")}
-
 
 def _step_flat(graphdef, weights_tree, caches, counts, last_tokens, tables, packed, layout: tuple,
                num_logprobs: int, sample_mode: str, decode_only: bool, *weights):

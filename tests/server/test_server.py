@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 import socket
 import sys
 import threading
@@ -264,6 +265,31 @@ def test_logit_bias_forces_and_bans_tokens(live, client):
     assert idle(live.engine)
 
 
+def test_structured_outputs(live, client):
+    """response_format json_schema / json_object, guided_choice and guided_regex hold the text to them."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+                                               "n": {"type": "integer"}, "ok": {"type": "boolean"}}}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a city?"}], max_tokens=80, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    obj = json.loads(chat.choices[0].message.content)
+    assert list(obj) == ["city", "n", "ok"] and chat.choices[0].finish_reason == "stop"
+    anything = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "json"}],
+                                              max_tokens=100, temperature=0.8, seed=3,
+                                              response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":  # else max_tokens cut a long string short
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    else:
+        assert anything.choices[0].message.content.startswith("{")
+    picked = client.completions.create(model=MODEL, prompt="pick:", max_tokens=10, temperature=1.0, seed=1,
+                                       extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert picked.choices[0].text in ("red", "green", "blue")
+    streamed = client.completions.create(model=MODEL, prompt="code:", max_tokens=10, temperature=0, stream=True,
+                                         extra_body={"guided_regex": r"[A-Z]{2}-[0-9]{3}"})
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", "".join(c.choices[0].text for c in streamed))
+    assert idle(live.engine)
+
+
 def test_completion_stream_equals_non_stream(live, client):
     prompt = "streaming: " + "".join(random.choices("abcdefgh ", k=20))
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
@@ -488,8 +514,12 @@ COMPLETION_ERRORS = [
     ({"prompt": ["ok", ""]}, "empty"),
     ({"prompt": [5, 100000]}, "vocabulary"),
     ({"prompt": "x", "logit_bias": {"5": 1000.0}}, "logit_bias"),
-    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
-    ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_schema"}}, "json_schema"),
+    ({"prompt": "x", "guided_regex": "(a"}, "missing"),
+    ({"prompt": "x", "guided_choice": []}, "guided_choice"),
+    ({"prompt": "x", "guided_grammar": "root ::= x"}, "guided_grammar"),
+    ({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "one structured-output"),
 ]
 
 
