@@ -184,6 +184,8 @@ class ChatCompletionRequest(_SamplingFields):
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -226,9 +228,9 @@ def completion_choice(index: int, text: str, logprobs: dict | None, finish_reaso
             "stop_reason": stop_reason}
 
 
-def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
-                stop_reason: int | str | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "tool_calls": []},
+def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
+                stop_reason: int | str | None, tool_calls: list[dict] | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "tool_calls": tool_calls or []},
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
 
 

@@ -43,6 +43,7 @@ import engine.protocol as P
 from engine.lora import LoRARequest
 from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
+from engine.tools import ToolMode, tool_finish, tool_mode
 from ie_jax.sampling import SamplingParams
 
 
@@ -97,11 +98,12 @@ async def _merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
 
 class OpenAIServer:
     def __init__(self, engine, served_model_name: str, api_key: str | None, max_queue: int | None,
-                 model_root: str | None = None):
+                 model_root: str | None = None, tool_call_parser: str | None = None):
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"{max_queue=} must be None or >= 1")
         self.engine, self.model_name, self.api_key, self.max_queue = engine, served_model_name, api_key, max_queue
         self.model_root = model_root or served_model_name
+        self.tool_call_parser = tool_call_parser  # set: "auto" tool choice parses calls out of the text
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine_config.max_model_len
         self.metrics = ServerMetrics(engine.stats, served_model_name)
@@ -285,7 +287,7 @@ class OpenAIServer:
         return P.usage(sum(n for n, _ in prompts.values()), completion, sum(c for _, c in prompts.values()))
 
     async def collect(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
-                      num_top: int | None) -> dict:
+                      num_top: int | None, tools: ToolMode | None = None) -> dict:
         choices = {j.index: _Choice() for j in jobs}
         try:
             async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
@@ -306,7 +308,9 @@ class OpenAIServer:
                 body.append(P.completion_choice(j.index, prefix + text, lp, c.finish_reason, c.stop_reason))
             else:
                 lp = self.chat_logprobs(c.logprobs, num_top) if num_top is not None else None
-                body.append(P.chat_choice(j.index, text, lp, c.finish_reason, c.stop_reason))
+                content, calls = (text, None) if tools is None else tools.parse(text)
+                body.append(P.chat_choice(j.index, content, lp, tool_finish(tools, calls, c.finish_reason),
+                                          c.stop_reason, calls))
         return P.envelope(kind, request_id, int(time.time()), self.response_model(jobs), body,
                           self.total_usage(jobs, choices))
 
@@ -314,7 +318,8 @@ class OpenAIServer:
         return jobs[0].lora.lora_name if jobs and jobs[0].lora is not None else self.model_name
 
     async def stream(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
-                     num_top: int | None, include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:
+                     num_top: int | None, include_usage: bool, continuous_usage: bool,
+                     tools: ToolMode | None = None) -> AsyncIterator[str]:
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         created, model = int(time.time()), self.response_model(jobs)
         choices = {j.index: _Choice() for j in jobs}
@@ -343,6 +348,14 @@ class OpenAIServer:
                             lp = self.echoed_logprobs(c, entries, prefix) if prefix and c.prompt_logprobs else \
                                 self.completion_logprobs(entries, offset)
                         body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
+                    elif tools is not None:  # the calls are read from the whole text: sent when it is done
+                        if not out.finished:
+                            continue
+                        content, calls = tools.parse("".join(c.text))
+                        delta = {"content": content} if content else {}
+                        if calls:
+                            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+                        body = P.chat_delta_choice(job.index, delta, None, tool_finish(tools, calls, finish), stop)
                     else:
                         lp = self.chat_logprobs(entries, num_top) if num_top is not None else None
                         delta = {"content": out.new_text} if out.new_text or not out.finished else {}
@@ -359,14 +372,15 @@ class OpenAIServer:
         yield "data: [DONE]\n\n"
 
     async def respond(self, raw: Request, kind: str, request_id: str, jobs: list[_Job], priority: int,
-                      body: P._SamplingFields, echo: bool, num_top: int | None) -> Response:
+                      body: P._SamplingFields, echo: bool, num_top: int | None,
+                      tools: ToolMode | None = None) -> Response:
         self.admit(jobs)
         if body.stream:
             return StreamingResponse(
                 self.stream(kind, request_id, jobs, priority, echo, num_top, body.include_usage,
-                            body.continuous_usage),
+                            body.continuous_usage, tools),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top))
+        work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top, tools))
         watch = asyncio.ensure_future(_wait_for_disconnect(raw))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -407,9 +421,10 @@ def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
 
 
 def build_app(engine, *, served_model_name: str, api_key: str | None = None, max_queue: int | None = None,
-              model_root: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`."""
-    server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root)
+              model_root: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
+    --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py)."""
+    server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser)
     app = FastAPI(title="ie-jax OpenAI-compatible server")
     app.state.server = server
 
@@ -508,22 +523,28 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, raw: Request):
         lora = server.check_model(body.model)
-        if body.tools:
-            raise P.ServerError("tools are not supported", param="tools")
+        tools = tool_mode(body.tools, body.tool_choice, server.tool_call_parser, server.tool_call_parser is not None)
         if not body.messages:
             raise P.ServerError("messages cannot be empty", param="messages")
         try:
             num_top = body.num_logprobs
+            extra = {"tools": body.tools} if body.tools else {}
             ids = server.tokenizer.apply_chat_template(
                 [m.as_template_dict() for m in body.messages], add_generation_prompt=body.add_generation_prompt,
-                tokenize=True, **(body.chat_template_kwargs or {}))
+                tokenize=True, **extra, **(body.chat_template_kwargs or {}))
             max_tokens = server.max_tokens(len(ids), body.requested_max_tokens, "messages")
             params = body.sampling_params(max_tokens, num_top)
+            if tools is not None and tools.guided() is not None:  # a forced call: held to the tools' schemas
+                if params.guided_decoding is not None:
+                    raise P.ServerError("a forced tool call cannot take response_format or guided_* as well",
+                                        param="tool_choice")
+                params = dataclasses.replace(params, guided_decoding=tools.guided())
         except ValueError as e:
             raise P.ServerError(str(e)) from e
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = server.jobs(request_id, [(ids, None)], [params], lora=lora)
-        return await server.respond(raw, "chat.completion", request_id, jobs, body.priority, body, False, num_top)
+        return await server.respond(raw, "chat.completion", request_id, jobs, body.priority, body, False, num_top,
+                                    tools)
 
     @app.post("/tokenize")
     async def tokenize(body: P.TokenizeRequest):
@@ -568,8 +589,9 @@ def run_server(args) -> None:
 
     engine = AsyncLLM.from_args(args)
     try:
+        parser = args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None
         app = build_app(engine, served_model_name=args.served_model_name or args.model, api_key=args.api_key,
-                        max_queue=args.max_queue, model_root=args.model)
+                        max_queue=args.max_queue, model_root=args.model, tool_call_parser=parser)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_keep_alive=5)
     finally:
         engine.shutdown()

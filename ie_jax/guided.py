@@ -145,7 +145,7 @@ class _Parser:
             return ("cat", [])  # the whole text matches anyway
         if c == "\\":
             return self.escape(in_class=False)
-        if c in "*+?{":
+        if c in "*+?":
             raise self.error(f"nothing to repeat before {c!r}")
         return _literal(c)
 

@@ -76,11 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=engine["max_loras"],
                    help="different adapters in one step (device slots)")
     p.add_argument("--max-lora-rank", type=int, default=engine["max_lora_rank"], help="the largest adapter rank")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='chat requests with tools and tool_choice "auto" get their calls parsed out of the text')
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="the model's tool-call format (with --enable-auto-tool-choice)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     args = p.parse_args(argv)
     if args.max_queue is not None and args.max_queue < 1:
         p.error(f"--max-queue={args.max_queue} must be >= 1")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        p.error("--enable-auto-tool-choice needs --tool-call-parser")
     if args.lora_modules and not args.enable_lora:
         p.error("--lora-modules needs --enable-lora")
     if args.max_loras < 1 or args.max_lora_rank < 1:

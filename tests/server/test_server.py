@@ -2,66 +2,35 @@
 wire format itself is the point).
 
 The engine behind it comes from `make_engine()`, and the token ids a greedy request must produce come from
-`greedy_reference()`. Both sit at the top: switching to the real `AsyncLLM` means changing these two functions
-(`greedy_reference` then calls ie_jax.generate on the same model) and nothing else. The overload and disconnect
+`greedy_reference()`, both in harness.py with the uvicorn harness (shared with the other server test files). The overload and disconnect
 tests keep `FakeAsyncLLM`, which they can hold back (`gate`) or slow down, and which records its aborts.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.util
 import json
 import math
 import random
-import re
-import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import ie_jax
-from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.server import build_app
 from ie_jax.detokenizer import IncrementalDetokenizer
 from ie_jax.generate import prompt_logprobs
 from ie_jax.presets import PRESETS
 from ie_jax.sampling import SamplingParams
 from ie_jax.tokenizer import ByteTokenizer
 
-MODEL = "test-model"
-MAX_MODEL_LEN = 128
-
-
-@functools.cache
-def _tiny_model():
-    return ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
-
-
-@functools.cache
-def make_engine():
-    """The real engine on the tiny byte-level Llama (one per test module: its buckets compile once)."""
-    model, tokenizer = _tiny_model()
-    config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=128, page_size=16,
-                          token_buckets=(8, 32, 128))
-    return AsyncLLM(LLMEngine(model, tokenizer, config, progress=False))
-
-
-def greedy_reference(engine, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """The ids a greedy request must get: the reference generate on the same model."""
-    model, tokenizer = _tiny_model()
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    return ie_jax.generate(model, tokenizer, [list(prompt_ids)], params)[0].token_ids
-
+from harness import (MAX_MODEL_LEN, MODEL, LiveServer, _tiny_model, assert_error, greedy_reference, idle,  # noqa: F401
+                     make_engine, reference_text, sse_events, tok, wait_for)
 
 # ---------------------------------------------------------------------------------------------------------------
 # A stand-in engine with AsyncLLM's interface. Its "model": logits are a parabola around a target letter chosen
@@ -155,33 +124,6 @@ class FakeAsyncLLM:
         pass
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Harness: uvicorn in a background thread on a free port.
-
-class LiveServer:
-    def __init__(self, engine, **kwargs):
-        self.engine = engine
-        self.app = build_app(engine, served_model_name=MODEL, **kwargs)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=1))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0,
-                             **kwargs)
-
-    def stop(self):
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def live():
     server = LiveServer(make_engine())
@@ -192,31 +134,6 @@ def live():
 @pytest.fixture
 def client(live):
     return live.client()
-
-
-def tok(live) -> ByteTokenizer:
-    return live.engine.tokenizer
-
-
-def reference_text(live, prompt_ids, max_tokens) -> str:
-    return tok(live).decode(greedy_reference(live.engine, prompt_ids, max_tokens))
-
-
-def sse_events(response: httpx.Response) -> list[str]:
-    """The data payloads of a server-sent-event stream, [DONE] included."""
-    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
-
-
-def idle(engine) -> bool:
-    stats = engine.stats()
-    return stats["num_running"] == 0 and stats["num_waiting"] == 0
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,54 +157,6 @@ def test_completion_matches_reference(live, client):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 12, len(ids) + 12)
     echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, echo=True)
     assert echoed.choices[0].text == prompt + r.choices[0].text
-
-
-def test_logit_bias_forces_and_bans_tokens(live, client):
-    """OpenAI's logit_bias (token ids as strings): +100 forces a token, -100 bans one; bad entries are a 400."""
-    forced = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
-                                       logit_bias={str(ord("x")): 100})
-    assert forced.choices[0].text == "x" * 6
-    model, tokenizer = _tiny_model()
-    ids = tokenizer.encode("The quick brown fox")
-    first = greedy_reference(live.engine, ids, 6)
-    params = SamplingParams(temperature=0.0, max_tokens=6, logit_bias={t: -100 for t in set(first)})
-    want = ie_jax.generate(model, tokenizer, [ids], params)[0].token_ids
-    assert not set(want) & set(first)
-    r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
-                                  logit_bias={str(t): -100 for t in set(first)})
-    assert r.choices[0].text == tokenizer.decode(want)
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                          temperature=0.7, seed=1, logit_bias={str(ord("z")): 100})
-    assert chat.choices[0].message.content == "zzz"
-    for bad, word in (({"abc": 1}, "token ids"), ({"65": 101}, "100"), ({"99999": 1}, "vocabulary")):
-        with pytest.raises(openai.BadRequestError, match=word):
-            client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias=bad)
-    assert idle(live.engine)
-
-
-def test_structured_outputs(live, client):
-    """response_format json_schema / json_object, guided_choice and guided_regex hold the text to them."""
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
-                                               "n": {"type": "integer"}, "ok": {"type": "boolean"}}}
-    chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "a city?"}], max_tokens=80, temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
-    obj = json.loads(chat.choices[0].message.content)
-    assert list(obj) == ["city", "n", "ok"] and chat.choices[0].finish_reason == "stop"
-    anything = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "json"}],
-                                              max_tokens=100, temperature=0.8, seed=3,
-                                              response_format={"type": "json_object"})
-    if anything.choices[0].finish_reason == "stop":  # else max_tokens cut a long string short
-        assert isinstance(json.loads(anything.choices[0].message.content), dict)
-    else:
-        assert anything.choices[0].message.content.startswith("{")
-    picked = client.completions.create(model=MODEL, prompt="pick:", max_tokens=10, temperature=1.0, seed=1,
-                                       extra_body={"guided_choice": ["red", "green", "blue"]})
-    assert picked.choices[0].text in ("red", "green", "blue")
-    streamed = client.completions.create(model=MODEL, prompt="code:", max_tokens=10, temperature=0, stream=True,
-                                         extra_body={"guided_regex": r"[A-Z]{2}-[0-9]{3}"})
-    assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", "".join(c.choices[0].text for c in streamed))
-    assert idle(live.engine)
 
 
 def test_completion_stream_equals_non_stream(live, client):
@@ -485,15 +354,6 @@ def test_metrics(live, client):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Errors: OpenAI error JSON with the right status
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert isinstance(error["message"], str) and isinstance(error["type"], str) and error["code"] == status
-    for word in words:
-        assert word in error["message"], error["message"]
-    return error
-
 
 COMPLETION_ERRORS = [
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),  # wrong types

@@ -1,0 +1,159 @@
+"""Sampling controls and output shapes through the server: logit_bias, structured outputs (response_format,
+guided_*) and tool calling (named, required, and "auto" with a parser), on the real engine."""
+from __future__ import annotations
+
+import json
+import re
+
+import openai
+import pytest
+from harness import MODEL, LiveServer, _tiny_model, greedy_reference, idle, make_engine
+
+import ie_jax
+from engine.tools import ToolMode, tool_mode
+from engine.protocol import ServerError
+from ie_jax.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def live():
+    server = LiveServer(make_engine())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def hermes(live):
+    server = LiveServer(live.engine, tool_call_parser="hermes")  # the same engine, `--tool-call-parser hermes`
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(live):
+    return live.client()
+
+
+def test_logit_bias_forces_and_bans_tokens(live, client):
+    """OpenAI's logit_bias (token ids as strings): +100 forces a token, -100 bans one; bad entries are a 400."""
+    forced = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
+                                       logit_bias={str(ord("x")): 100})
+    assert forced.choices[0].text == "x" * 6
+    model, tokenizer = _tiny_model()
+    ids = tokenizer.encode("The quick brown fox")
+    first = greedy_reference(live.engine, ids, 6)
+    params = SamplingParams(temperature=0.0, max_tokens=6, logit_bias={t: -100 for t in set(first)})
+    want = ie_jax.generate(model, tokenizer, [ids], params)[0].token_ids
+    assert not set(want) & set(first)
+    r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0,
+                                  logit_bias={str(t): -100 for t in set(first)})
+    assert r.choices[0].text == tokenizer.decode(want)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0.7, seed=1, logit_bias={str(ord("z")): 100})
+    assert chat.choices[0].message.content == "zzz"
+    for bad, word in (({"abc": 1}, "token ids"), ({"65": 101}, "100"), ({"99999": 1}, "vocabulary")):
+        with pytest.raises(openai.BadRequestError, match=word):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, logit_bias=bad)
+    assert idle(live.engine)
+
+
+def test_structured_outputs(live, client):
+    """response_format json_schema / json_object, guided_choice and guided_regex hold the text to them."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+                                               "n": {"type": "integer"}, "ok": {"type": "boolean"}}}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a city?"}], max_tokens=80, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    obj = json.loads(chat.choices[0].message.content)
+    assert list(obj) == ["city", "n", "ok"] and chat.choices[0].finish_reason == "stop"
+    anything = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "json"}],
+                                              max_tokens=100, temperature=0.8, seed=3,
+                                              response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":  # else max_tokens cut a long string short
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    else:
+        assert anything.choices[0].message.content.startswith("{")
+    picked = client.completions.create(model=MODEL, prompt="pick:", max_tokens=10, temperature=1.0, seed=1,
+                                       extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert picked.choices[0].text in ("red", "green", "blue")
+    streamed = client.completions.create(model=MODEL, prompt="code:", max_tokens=10, temperature=0, stream=True,
+                                         extra_body={"guided_regex": r"[A-Z]{2}-[0-9]{3}"})
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", "".join(c.choices[0].text for c in streamed))
+    assert idle(live.engine)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 6}}}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_named_and_required_tool_choice(live, client):
+    """A forced call is decoded under the tools' schemas, so its arguments always parse."""
+    named = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=60,
+                                           temperature=0, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}})
+    message = named.choices[0].message
+    assert message.content is None and len(message.tool_calls) == 1 and named.choices[0].finish_reason == "stop"
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
+    args = json.loads(call.function.arguments)
+    assert args["city"] in ("Paris", "Rome") and isinstance(args["days"], int)
+    required = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=100,
+                                              temperature=0.7, seed=5, tool_choice="required")
+    calls = required.choices[0].message.tool_calls
+    if required.choices[0].finish_reason == "tool_calls":
+        assert calls and all(c.function.name in ("get_weather", "get_time") for c in calls)
+        assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
+    else:  # max_tokens cut the array short: the text comes back as it is
+        assert required.choices[0].message.content.startswith("[")
+    streamed = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=60,
+                                              temperature=0, stream=True, tool_choice={
+                                                  "type": "function", "function": {"name": "get_weather"}})
+    deltas = [c.choices[0].delta for c in streamed if c.choices]
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.arguments == call.function.arguments  # greedy: the same call
+    assert idle(live.engine)
+
+
+def test_auto_tool_choice_with_the_hermes_parser(hermes, live):
+    """The model's text is forced (guided_regex) into a hermes call, which the parser turns into tool_calls."""
+    client = hermes.client()
+    regex = r'Sure\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}</tool_call>'
+    out = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100, temperature=0,
+                                         extra_body={"guided_regex": regex})
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=5, temperature=0,
+                                           extra_body={"guided_regex": "[a-z]{5}"})
+    assert plain.choices[0].message.tool_calls == [] and re.fullmatch("[a-z]{5}", plain.choices[0].message.content)
+    # without a parser, "auto" must be asked of a server started for it
+    with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
+        live.client().chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="auto")
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_tool_call_parsers():
+    schemas = {"f": {}, "g": {}}
+    hermes = ToolMode("auto", schemas, parser="hermes")
+    content, calls = hermes.parse('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+                                  '<tool_call>{"name": "g", "arguments": {}}</tool_call>')
+    assert content == "Let me check." and [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1}
+    assert hermes.parse("<tool_call>{not json</tool_call>") == ("<tool_call>{not json</tool_call>", [])
+    llama = ToolMode("auto", schemas, parser="llama3_json")
+    content, calls = llama.parse('<|python_tag|>{"name": "f", "parameters": {"x": "y"}}; {"name": "g", "parameters": {}}')
+    assert content is None and [json.loads(c["function"]["arguments"]) for c in calls] == [{"x": "y"}, {}]
+    assert llama.parse("The answer is 4.") == ("The answer is 4.", [])
+    assert tool_mode(None, None, None, False) is None and tool_mode([WEATHER], "none", None, False) is None
+    assert tool_mode([WEATHER], None, None, False) is None  # tools shown to the template, text returned
+    for tools, choice, word in (([{"type": "web"}], None, "each tool"), (None, "required", "needs tools"),
+                                ([WEATHER], "sometimes", "must be")):
+        with pytest.raises(ServerError, match=word):
+            tool_mode(tools, choice, None, False)
