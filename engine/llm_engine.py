@@ -16,12 +16,12 @@ from flax import nnx
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.lora import AdapterWeights, LoRARequest, read_adapter
-from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, token_bytes
 from engine.outputs import RequestOutput
 from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
 from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
 from ie_jax.detokenizer import make_detokenizer
+from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, token_bytes
 from ie_jax.sampling import SamplingParams
 from ie_jax.stopping import check_stop
 

@@ -56,7 +56,7 @@ class SlotTables:
         """Rewrite a guided request's mask row if its state moved since the row was written."""
         if request.guide is None:
             return
-        key = (id(request.guide), request.guide_state)
+        key = (request.guide.serial, request.guide_state)
         if self.guided.get(slot) != key:
             self._write(3, slot, request.guide.mask(request.guide_state))
             self.guided[slot] = key

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import re
 
@@ -285,8 +286,10 @@ class ByteDFA:
         return bool(self.accepting[s])
 
 
+@functools.lru_cache(maxsize=64)
 def compile_regex(pattern: str) -> ByteDFA:
-    """The pattern's DFA over UTF-8 bytes; start state 0. Raises ValueError for what the dialect lacks."""
+    """The pattern's DFA over UTF-8 bytes; start state 0. Raises ValueError for what the dialect lacks. Cached:
+    the server checks a request's pattern before the engine builds its guide."""
     nfa = _NFA()
     start, final = nfa.build(_Parser(pattern).parse())
 
@@ -501,11 +504,15 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     return out
 
 
+_serials = itertools.count()
+
+
 class TokenGuide:
     """A DFA lifted to tokens: for every state reachable from the start by whole tokens, the next state of each
     token (`next_state`, -1 = not allowed) and the allowed set as a bitmask (`bits`, bit v % 32 of word v // 32)."""
 
     def __init__(self, dfa: ByteDFA, vocab: list[bytes | None], eos_ids: tuple[int, ...]):
+        self.serial = next(_serials)  # tells guides apart for as long as the process lives (id() may be reused)
         V, D = len(vocab), dfa.delta.shape[0]
         delta = np.concatenate([np.where(dfa.delta < 0, D, dfa.delta), np.full((1, 256), D, np.int32)])
         by_len: dict[int, list[int]] = {}
