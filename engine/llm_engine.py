@@ -21,7 +21,7 @@ from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
 from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
 from ie_jax.detokenizer import make_detokenizer
-from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, token_bytes
+from ie_jax.guided import FixedGuide, GuidedDecodingParams, TokenGuide, compile_regex, token_bytes
 from ie_jax.sampling import SamplingParams
 from ie_jax.stopping import check_stop
 
@@ -123,10 +123,12 @@ class LLMEngine:
             raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
                              f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} "
                              f"for the completion). Please reduce the prompt or max_tokens.")
-        bad = [t for t, _ in params.logit_bias or () if t >= self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary "
-                             f"[0, {self.model_config.vocab_size})")
+        V = self.model_config.vocab_size
+        for name, tokens in (("logit_bias", [t for t, _ in params.logit_bias or ()]),
+                             ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = [t for t in tokens if t >= V]
+            if bad:
+                raise ValueError(f"{name} token ids {bad[:5]} are outside the vocabulary [0, {V})")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.config.max_logprobs:
@@ -139,7 +141,8 @@ class LLMEngine:
         request = Request(request_id, ids, params, seed, self.eos_token_ids, priority,
                           variant=row_variant(params, self.model_config.vocab_size),
                           lora_name=None if lora_request is None else lora_request.lora_name,
-                          guide=None if params.guided_decoding is None else self.guide(params.guided_decoding))
+                          guide=self.guide(params.guided_decoding) if params.guided else
+                          FixedGuide(params.allowed_token_ids, V) if params.allowed_token_ids else None)
         self.scheduler.add(request)
         self.streams[request_id] = _TextStream(
             make_detokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer is not None else None,

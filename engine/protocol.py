@@ -73,6 +73,7 @@ class _SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    allowed_token_ids: list[int] | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError naming the field when a value is out of range."""
@@ -92,7 +93,8 @@ class _SamplingFields(_Request):
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias, guided_decoding=guided)
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias, guided_decoding=guided,
+            allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids))
 
     def guided_decoding(self) -> GuidedDecodingParams | None:
         """The structured-output spec of response_format or vLLM's guided_* fields (one at most); its pattern is

@@ -53,7 +53,10 @@ def _step(graphdef, state, caches, counts, last_tokens, tables, packed, layout: 
     t = SamplingTensors(inp.temperature, inp.top_k, inp.top_p, inp.min_p, inp.repetition_penalty,
                         inp.presence_penalty, inp.frequency_penalty, inp.seeds, inp.step, counts[inp.slots],
                         prompt_mask[inp.slots], inp.suppress_eos, inp.eos_ids, bias_ids[inp.slots],
-                        bias_values[inp.slots], allowed_bits[inp.slots])
+                        bias_values[inp.slots],
+                        # the guide masks: only "full" steps read them (guided rows take "full", row_variant), so
+                        # the cheaper variants never pay for unpacking [R, V] bits
+                        allowed_bits[inp.slots] if num_logprobs is not None and sample_mode == "sample" else None)
     out = sample(logits[0], t, num_logprobs, sample_mode)
     counts = counts.at[inp.slots, out.token_ids].add(inp.sample_mask.astype(counts.dtype))
     last_tokens = last_tokens.at[inp.slots].set(jnp.where(inp.sample_mask, out.token_ids, last_tokens[inp.slots]))
@@ -124,10 +127,11 @@ DECODE = "/decode"
 def row_variant(p, vocab_size: int) -> str:
     """The cheapest variant that serves a row with these SamplingParams (computed once per request). "greedy" is
     the raw logits' argmax (sampler mode "argmax"), so a greedy row with a penalty or min_tokens takes "draw",
-    whose greedy rows take the argmax of the penalised logits (logit bias included)."""
-    if p.logprobs is not None:
+    whose greedy rows take the argmax of the penalised logits (logit bias included). A row whose tokens are masked
+    (guided decoding, allowed_token_ids) takes "full", the one variant that applies the masks."""
+    if p.logprobs is not None or p.masked:
         return "full"
-    if p.greedy and not (p.penalised or p.min_tokens or p.biased or p.guided):
+    if p.greedy and not (p.penalised or p.min_tokens or p.biased):
         return "greedy"
     return "sort" if 0 < p.top_k < vocab_size or p.top_p < 1 else "draw"
 

@@ -131,7 +131,9 @@ class Scheduler:
     def _guide_pending(request: Request) -> bool:
         """A guided request's next allowed tokens depend on its newest token: it sits out the steps where that
         token is still on the device (so it advances every other step, and the others are not held up)."""
-        return request.guide is not None and bool(request.output_token_ids) and request.output_token_ids[-1] < 0
+        guide = request.guide
+        return guide is not None and not guide.static and bool(request.output_token_ids) and \
+            request.output_token_ids[-1] < 0
 
     def _done_pending(self, request: Request) -> bool:
         return bool(request.output_token_ids) and (len(request.output_token_ids) >= request.sampling_params.max_tokens

@@ -157,10 +157,11 @@ class OpenAIServer:
         for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends."""
         vocab = self.engine.model_config.vocab_size
         for sp in params:
-            bad = [t for t, _ in sp.logit_bias or () if t >= vocab]
-            if bad:
-                raise P.ServerError(f"logit_bias token id {bad[0]} is out of vocabulary [0, {vocab})",
-                                    param="logit_bias")
+            for name, ids in (("logit_bias", [t for t, _ in sp.logit_bias or ()]),
+                              ("allowed_token_ids", sp.allowed_token_ids or ())):
+                bad = [t for t in ids if t >= vocab]
+                if bad:
+                    raise P.ServerError(f"{name} token id {bad[0]} is out of vocabulary [0, {vocab})", param=name)
         out = []
         for p, ((ids, text), sp) in enumerate(zip(prompts, params)):
             for j in range(sp.n):

@@ -66,8 +66,8 @@ def generate(model: nnx.Module, tokenizer, prompts: str | Sequence[str] | Sequen
     prompt_ids = [_encode(tokenizer, p, cfg.vocab_size) for p in prompts]
     params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompt_ids)
     params = [SamplingParams() if p is None else p for p in params]
-    if any(p.guided for p in params):
-        raise ValueError("guided decoding (structured outputs) runs in the serving engine: use engine.llm.LLM or "
+    if any(p.masked for p in params):
+        raise ValueError("guided decoding and allowed_token_ids run in the serving engine: use engine.llm.LLM or "
                          "scripts/serve.py")
     if len(params) != len(prompt_ids):
         raise ValueError(f"got {len(params)} sampling params for {len(prompt_ids)} prompts")

@@ -507,9 +507,27 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
 _serials = itertools.count()
 
 
+class FixedGuide:
+    """One allowed set for every step (SamplingParams.allowed_token_ids): no state, so nothing waits for tokens."""
+    static = True
+
+    def __init__(self, allowed_ids, vocab_size: int):
+        self.serial = next(_serials)
+        allowed = np.zeros(vocab_size, bool)
+        allowed[list(allowed_ids)] = True
+        self.bits = pack_bits(allowed[None])[0]
+
+    def advance(self, state: int, token: int) -> int:
+        return 0
+
+    def mask(self, state: int) -> np.ndarray:
+        return self.bits
+
+
 class TokenGuide:
     """A DFA lifted to tokens: for every state reachable from the start by whole tokens, the next state of each
     token (`next_state`, -1 = not allowed) and the allowed set as a bitmask (`bits`, bit v % 32 of word v // 32)."""
+    static = False  # the allowed set depends on the text so far
 
     def __init__(self, dfa: ByteDFA, vocab: list[bytes | None], eos_ids: tuple[int, ...]):
         self.serial = next(_serials)  # tells guides apart for as long as the process lives (id() may be reused)

@@ -59,6 +59,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None
     # structured output: the text must match a JSON Schema, regex or choice (ie_jax/guided.py; the engine only)
     guided_decoding: GuidedDecodingParams | None = None
+    allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (vLLM's; the engine only)
 
     def __post_init__(self):
         # Normalise the loosely typed list fields first, so that equal requests compare and hash equal.
@@ -106,6 +107,14 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs={self.logprobs} must be None or in [0, {MAX_LOGPROBS}]")
+        if self.allowed_token_ids is not None:
+            ids = tuple(self.allowed_token_ids)
+            if not ids or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
+                                  for i in ids):
+                raise ValueError(f"allowed_token_ids={self.allowed_token_ids!r} must be a non-empty list of token ids")
+            if self.guided_decoding is not None:
+                raise ValueError("allowed_token_ids and guided decoding do not combine: give one of them")
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(int(i) for i in ids))))
         if self.logit_bias is not None:
             items = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
             try:
@@ -136,6 +145,11 @@ class SamplingParams:
     @property
     def guided(self) -> bool:
         return self.guided_decoding is not None
+
+    @property
+    def masked(self) -> bool:
+        """Whether a per-request token mask applies (guided decoding or allowed_token_ids)."""
+        return self.guided_decoding is not None or self.allowed_token_ids is not None
 
     @property
     def biased(self) -> bool:

@@ -179,3 +179,31 @@ def test_sampler_applies_the_bitmask():
         ids = np.asarray(sample(jax.numpy.asarray(logits), t, 0, mode).token_ids)
         assert ids[0] == int(np.argmax(np.where(allowed[0], logits[0], -np.inf)))
         assert allowed[1, ids[1]] and ids[2] == int(np.argmax(logits[2]))
+
+
+def test_allowed_token_ids_restrict_every_step_without_waiting(tiny):
+    """vLLM's allowed_token_ids: a fixed mask, so (unlike a grammar) the request decodes every step."""
+    model, tok = tiny
+    allowed = sorted({ord(c) for c in "abc "})
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed)
+    llm = LLM(model, tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16, page_size=8,
+              progress=False)
+    engine = llm.engine
+    for rid, p in (("fixed", params), ("grammar", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                   guided_decoding=GuidedDecodingParams(regex="[abc ]{12}")))):
+        engine.add_request(rid, "Say:", p)
+        steps, out = 0, []
+        while engine.has_unfinished_requests():
+            steps += 1
+            out += [t for o in engine.step() for t in o.new_token_ids]
+        assert len(out) == 12 and set(out) <= set(allowed)
+        assert steps <= 14 if rid == "fixed" else steps >= 22  # a grammar waits for each token to reach the host
+    ids, want = tok.encode("Say:"), []
+    for _ in range(12):
+        logits = np.asarray(ie_jax.forward(model, ids + want)[0, -1])
+        want.append(allowed[int(np.argmax(logits[allowed]))])
+    assert llm.generate(["Say:"], params, use_tqdm=False)[0].outputs[0].token_ids == want
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("big", "x", SamplingParams(allowed_token_ids=[10**6]))

@@ -82,6 +82,17 @@ def test_structured_outputs(live, client):
     assert idle(live.engine)
 
 
+
+def test_allowed_token_ids(live, client):
+    allowed = [ord(c) for c in "xyz"]
+    out = client.completions.create(model=MODEL, prompt="letters:", max_tokens=8, temperature=0.9, seed=4,
+                                    extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+    assert len(out.choices[0].text) == 8 and set(out.choices[0].text) <= set("xyz")
+    for bad in ([], [10**6]):
+        with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"allowed_token_ids": bad})
+    assert idle(live.engine)
+
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                                             "parameters": {"type": "object", "properties": {
                                                 "city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}}}}}
