@@ -364,7 +364,12 @@ class LLMEngine:
 
     def stats(self) -> dict:
         bm = self.block_manager
-        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+        lora = None
+        if self.config.enable_lora:  # adapters of the running and waiting requests (vLLM's lora_requests_info)
+            lora = {"running": sorted({r.lora_name for r in list(self.scheduler.running) if r.lora_name}),
+                    "waiting": sorted({r.lora_name for r in list(self.scheduler.waiting) if r.lora_name}),
+                    "max_lora": self.config.max_loras}
+        return {"lora": lora, "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_usage": bm.usage, "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions,
                 "prompt_tokens_total": self.num_prompt_tokens, "generation_tokens_total": self.num_generation_tokens}

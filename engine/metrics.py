@@ -54,6 +54,12 @@ class _EngineStatsCollector(Collector):
         yield counter("ie_jax:prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
         yield counter("ie_jax:prompt_tokens", "Prompt tokens processed.", s.get("prompt_tokens_total", 0))
         yield counter("ie_jax:generation_tokens", "Tokens generated.", s.get("generation_tokens_total", 0))
+        lora = s.get("lora")
+        if lora is not None:  # as vLLM's: the adapters in use as labels, the scrape time as the value
+            g = GaugeMetricFamily("ie_jax:lora_requests_info", "LoRA adapters of the running and waiting requests.",
+                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            g.add_metric([",".join(lora["running"]), ",".join(lora["waiting"]), str(lora["max_lora"])], time.time())
+            yield g
 
 
 class ServerMetrics:

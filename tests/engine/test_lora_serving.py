@@ -162,6 +162,9 @@ def test_remove_lora_frees_its_slot(tiny, adapters):
     assert [a.lora_name for a in engine.list_loras()] == ["qv"]
     assert engine.scheduler.adapter_slots.holder == ["qv"]
     engine.add_request("x", "abc", GREEDY, lora_request=adapters["qv"])
+    assert engine.stats()["lora"] == {"running": [], "waiting": ["qv"], "max_lora": 1}
+    engine.step()
+    assert engine.stats()["lora"]["running"] == ["qv"]
     with pytest.raises(ValueError, match="in use"):
         engine.remove_lora("qv")
     engine.abort_request("x")

@@ -123,6 +123,9 @@ def test_adapters_are_models(live, adapter_dirs):
     assert max(abs(x - w[t]) for x, w, t in zip(lp[1:], want[1:], ids[1:])) < 1e-4
     bm = engine.engine.block_manager
     assert bm.num_free_pages == bm.num_pages
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'ie_jax:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
+    assert engine.engine.stats()["lora"] == {"running": [], "waiting": [], "max_lora": 2}
 
 
 def test_load_and_unload_at_run_time(live, adapter_dirs, tmp_path):
