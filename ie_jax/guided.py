@@ -27,7 +27,7 @@ import re
 import numpy as np
 
 MAX_NFA_STATES = 200_000
-MAX_DFA_STATES = 4096
+MAX_DFA_STATES = 20_000
 
 
 def _bits(byte_values) -> int:
@@ -302,28 +302,37 @@ def compile_regex(pattern: str) -> ByteDFA:
                     stack.append(t)
         return frozenset(seen)
 
+    # Bytes that every edge treats alike form one class (digits, letters, ...): the construction walks classes, tens
+    # of them, not 256 bytes.
+    edge_sets = sorted({bits for edges in nfa.edges for bits, _ in edges})
+    signature = [tuple(bits >> b & 1 for bits in edge_sets) for b in range(256)]
+    class_of = {sig: i for i, sig in enumerate(dict.fromkeys(signature))}
+    byte_class = np.array([class_of[sig] for sig in signature])
+    members = [_bits(np.flatnonzero(byte_class == c).tolist()) for c in range(len(class_of))]
+
     first = closure([start])
-    ids, order, rows = {first: 0}, [first], []
+    ids, order, rows, closures = {first: 0}, [first], [], {}
     while len(rows) < len(order):
         current = order[len(rows)]
         edges = [edge for s in current for edge in nfa.edges[s]]
-        row = np.full(256, -1, np.int32)
-        by_targets: dict[frozenset, list[int]] = {}
-        for b in range(256):
-            targets = frozenset(t for bits, t in edges if bits >> b & 1)
-            if targets:
-                by_targets.setdefault(targets, []).append(b)
-        for targets, byte_values in by_targets.items():
-            nxt = closure(targets)
+        row = np.full(len(members), -1, np.int32)
+        for c, bits_of_class in enumerate(members):
+            targets = frozenset(t for bits, t in edges if bits & bits_of_class)
+            if not targets:
+                continue
+            nxt = closures.get(targets)
+            if nxt is None:
+                nxt = closures[targets] = closure(targets)
             if nxt not in ids:
                 if len(order) >= MAX_DFA_STATES:
                     raise ValueError(f"the pattern needs more than {MAX_DFA_STATES} DFA states; simplify it")
                 ids[nxt] = len(order)
                 order.append(nxt)
-            row[byte_values] = ids[nxt]
+            row[c] = ids[nxt]
         rows.append(row)
     accepting = np.array([final in st for st in order], bool)
-    return _minimize(np.stack(rows), accepting)
+    small = _minimize(np.stack(rows), accepting)  # on byte classes: tens of columns, not 256
+    return ByteDFA(np.ascontiguousarray(small.delta[:, byte_class]), small.accepting)
 
 
 def _minimize(delta: np.ndarray, accepting: np.ndarray) -> ByteDFA:
@@ -332,13 +341,14 @@ def _minimize(delta: np.ndarray, accepting: np.ndarray) -> ByteDFA:
     D = delta.shape[0]
     ext = np.where(delta < 0, D, delta)  # D: the dead state, its own class
     classes = np.append(accepting.astype(np.int64), -1)
+    count = len(np.unique(classes[:-1]))
     while True:
-        signature = np.concatenate([classes[:-1, None], classes[ext]], axis=1)  # [D, 257]
+        signature = np.concatenate([classes[:-1, None], classes[ext]], axis=1)  # [D, 1 + columns]
         _, new = np.unique(signature, axis=0, return_inverse=True)
         new = np.append(new.reshape(-1), -1)
-        if len(np.unique(new)) == len(np.unique(classes)):
+        if new.max() + 1 == count:  # refinement only splits: the same number of classes is the fixed point
             break
-        classes = new
+        classes, count = new, new.max() + 1
     # renumber so that the start state's class is 0, then the rest in order of first appearance
     order = list(dict.fromkeys(classes[:-1].tolist()))
     order.remove(classes[0])
@@ -525,53 +535,68 @@ class FixedGuide:
 
 
 class TokenGuide:
-    """A DFA lifted to tokens: for every state reachable from the start by whole tokens, the next state of each
-    token (`next_state`, -1 = not allowed) and the allowed set as a bitmask (`bits`, bit v % 32 of word v // 32)."""
+    """A DFA lifted to tokens: for every state reachable from the start by whole tokens, the allowed set as a
+    bitmask (`bits` [S, ceil(V / 32)], bit v % 32 of word v // 32, indexed through `index`). Next states are not
+    stored ([S, V] of them would take gigabytes for a large schema and vocabulary): `advance` walks the sampled
+    token's bytes through the DFA, a few lookups a token."""
     static = False  # the allowed set depends on the text so far
 
     def __init__(self, dfa: ByteDFA, vocab: list[bytes | None], eos_ids: tuple[int, ...]):
         self.serial = next(_serials)  # tells guides apart for as long as the process lives (id() may be reused)
-        V, D = len(vocab), dfa.delta.shape[0]
-        delta = np.concatenate([np.where(dfa.delta < 0, D, dfa.delta), np.full((1, 256), D, np.int32)])
+        self.vocab_size, self.dead = len(vocab), dfa.delta.shape[0]
+        self.delta = np.concatenate([np.where(dfa.delta < 0, self.dead, dfa.delta),
+                                     np.full((1, 256), self.dead, np.int32)])  # the dead state loops on itself
+        self.accepting, self.vocab = dfa.accepting, vocab
+        self.eos = [e for e in eos_ids if 0 <= e < len(vocab)]
         by_len: dict[int, list[int]] = {}
         for i, data in enumerate(vocab):
             if data:
                 by_len.setdefault(len(data), []).append(i)
-        groups = [(np.array(ids), np.frombuffer(b"".join(vocab[i] for i in ids), np.uint8).reshape(len(ids), n))
-                  for n, ids in by_len.items()]
-        eos = [e for e in eos_ids if 0 <= e < V]
-        self.index: dict[int, int] = {}  # DFA state -> row
-        rows, frontier = [], [0]
+        self._groups = [(np.array(ids), np.frombuffer(b"".join(vocab[i] for i in ids), np.uint8).reshape(len(ids), n))
+                        for n, ids in by_len.items()]
+        self.index: dict[int, int] = {}  # DFA state -> row of `bits`
+        bits, frontier = [], [0]
         while frontier:  # breadth first, every state of a frontier walked through the vocabulary at once
+            reached = set()
             for chunk in range(0, len(frontier), 64):
-                states = np.array(frontier[chunk:chunk + 64], np.int32)
-                block = np.full((len(states), V), -1, np.int32)
-                for ids, data in groups:
-                    cur = np.repeat(states[:, None], len(ids), axis=1)  # [F, n]
-                    for j in range(data.shape[1]):
-                        cur = delta[cur, data[None, :, j]]
-                    block[:, ids] = np.where(cur == D, -1, cur)
-                for state, row in zip(states.tolist(), block):
-                    if dfa.accepting[state] or not (row >= 0).any():  # done (or stuck): EOS may end the text
-                        row[eos] = state
-                    self.index[state] = len(rows)
-                    rows.append(row)
-            reached = np.unique(np.concatenate([r[r >= 0] for r in rows[-len(frontier):]] or [np.zeros(0, int)]))
-            frontier = [int(x) for x in reached if int(x) not in self.index]
-        self.next_state = np.stack(rows)  # [S, V], indexed through `index`
-        self.bits = pack_bits(self.next_state >= 0)  # [S, ceil(V / 32)]
-        self.accepting = dfa.accepting
+                states = frontier[chunk:chunk + 64]
+                block = self.next_states(states)
+                for state in states:
+                    self.index[state] = len(self.index)
+                bits.append(pack_bits(block >= 0))
+                reached.update(np.unique(block[block >= 0]).tolist())
+            frontier = sorted(x for x in reached if x not in self.index)
+        self.bits = np.concatenate(bits)  # [S, ceil(V / 32)]
+
+    def next_states(self, states: list[int]) -> np.ndarray:
+        """[len(states), V]: each token's next state from each of `states`, -1 where it is not allowed. EOS is
+        allowed (staying put) in accepting states, and where no token can continue."""
+        F, D = len(states), self.dead
+        block = np.full((F, self.vocab_size), -1, np.int32)
+        for ids, data in self._groups:
+            cur = np.repeat(np.array(states, np.int32)[:, None], len(ids), axis=1)  # [F, n]
+            for j in range(data.shape[1]):
+                cur = self.delta[cur, data[None, :, j]]
+            block[:, ids] = np.where(cur == D, -1, cur)
+        for row, state in zip(block, states):
+            if self.accepting[state] or not (row >= 0).any():
+                row[self.eos] = state
+        return block
 
     def advance(self, state: int, token: int) -> int:
-        """The state after `token` (a token the guide did not allow leaves the state as it was)."""
-        nxt = int(self.next_state[self.index[state], token])
-        return state if nxt < 0 else nxt
+        """The state after `token` (EOS, or a token the guide did not allow, leaves the state as it was)."""
+        s = state
+        for b in self.vocab[token] or b"":
+            s = int(self.delta[s, b])
+        return state if s == self.dead or not self.vocab[token] else s
 
     def mask(self, state: int) -> np.ndarray:
         return self.bits[self.index[state]]
 
     def allowed(self, state: int) -> np.ndarray:
-        return np.flatnonzero(self.next_state[self.index[state]] >= 0)
+        bits = self.mask(state)
+        v = np.arange(self.vocab_size)
+        return np.flatnonzero((bits[v // 32] >> (v % 32)) & 1)
 
 
 def pack_bits(allowed: np.ndarray) -> np.ndarray:

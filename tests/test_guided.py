@@ -89,7 +89,7 @@ def test_token_guide_equals_a_brute_force_walk(name):
                     break
             if data and s >= 0:
                 want.append((i, s))
-        got = guide.next_state[row]
+        got = guide.next_states([state])[0]
         assert [(i, int(got[i])) for i in np.flatnonzero(got >= 0) if i not in eos] == want
         assert all((got[e] >= 0) == (bool(dfa.accepting[state]) or not want) for e in eos)
         bits = guide.mask(state)
@@ -107,7 +107,8 @@ def masked_greedy(model, tok, prompt: str, guide: TokenGuide, max_tokens: int) -
     ids, out, state = tok.encode(prompt), [], 0
     for _ in range(max_tokens):
         logits = np.asarray(ie_jax.forward(model, ids)[0, -1])
-        allowed = guide.next_state[guide.index[state]] >= 0
+        allowed = np.zeros(len(logits), bool)
+        allowed[guide.allowed(state)] = True
         t = int(np.argmax(np.where(allowed, logits, -np.inf)))
         out.append(t)
         if t in tok.eos_token_ids:
@@ -207,3 +208,12 @@ def test_allowed_token_ids_restrict_every_step_without_waiting(tiny):
         SamplingParams(allowed_token_ids=[])
     with pytest.raises(ValueError, match="vocabulary"):
         engine.add_request("big", "x", SamplingParams(allowed_token_ids=[10**6]))
+
+
+@pytest.mark.parametrize("pattern", ["a?a?a?", "x{0,5}", "(ab)*", "a*b?c{2}"])
+def test_minimized_automaton_keeps_counts_apart(pattern):
+    """Every state accepts here, yet the states still differ by how many more characters they take."""
+    dfa = compile_regex(pattern)
+    for n in range(9):
+        for text in ("a" * n, "x" * n, "ab" * n, "a" * n + "cc", "a" * n + "bcc"):
+            assert dfa.matches(text.encode()) == bool(re.fullmatch(pattern, text)), text
