@@ -159,19 +159,15 @@ class _Parser:
             return _CLASS_ESCAPES[c] if in_class else _chars(*_CLASS_ESCAPES[c])
         if c.isdigit() and c != "0" or c in "bBAzZ":
             raise self.error(f"\\{c} (backreferences and word anchors) is not supported")
-        if c == "u":
-            code = self.p[self.i:self.i + 4]
-            if not re.fullmatch(r"[0-9a-fA-F]{4}", code):
-                raise self.error("\\u needs four hex digits")
-            self.i += 4
-            return chr(int(code, 16)) if in_class else _literal(chr(int(code, 16)))
-        if c == "x":
-            code = self.p[self.i:self.i + 2]
-            if not re.fullmatch(r"[0-9a-fA-F]{2}", code):
-                raise self.error("\\x needs two hex digits")
-            self.i += 2
-            return chr(int(code, 16)) if in_class else _literal(chr(int(code, 16)))
-        c = _CHAR_ESCAPES.get(c, c)
+        if c in "ux":  # hex escapes: \uXXXX, \xXX
+            n = 4 if c == "u" else 2
+            code = self.p[self.i:self.i + n]
+            if not re.fullmatch("[0-9a-fA-F]{%d}" % n, code):
+                raise self.error(f"\\{c} needs {n} hex digits")
+            self.i += n
+            c = chr(int(code, 16))
+        else:
+            c = _CHAR_ESCAPES.get(c, c)
         return c if in_class else _literal(c)
 
     def char_class(self):
