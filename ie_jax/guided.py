@@ -531,11 +531,14 @@ class FixedGuide:
 
 
 class TokenGuide:
-    """A DFA lifted to tokens: for every state reachable from the start by whole tokens, the allowed set as a
-    bitmask (`bits` [S, ceil(V / 32)], bit v % 32 of word v // 32, indexed through `index`). Next states are not
-    stored ([S, V] of them would take gigabytes for a large schema and vocabulary): `advance` walks the sampled
-    token's bytes through the DFA, a few lookups a token."""
+    """A DFA lifted to tokens: per state, the allowed set as a bitmask (`rows[state]`, [ceil(V / 32)] uint32, bit
+    v % 32 of word v // 32). The states nearest the start (breadth first, up to `eager_states`) are computed when
+    the guide is built; the rest when a request first reaches them (`mask`), so a schema with thousands of states
+    (counted repetitions: maxLength, maxItems) does not hold its first request up for all of them. Next states
+    are not stored ([S, V] of them would take gigabytes for a large schema and vocabulary): `advance` walks the
+    sampled token's bytes through the DFA, a few lookups a token."""
     static = False  # the allowed set depends on the text so far
+    eager_states = 256
 
     def __init__(self, dfa: ByteDFA, vocab: list[bytes | None], eos_ids: tuple[int, ...]):
         self.serial = next(_serials)  # tells guides apart for as long as the process lives (id() may be reused)
@@ -550,19 +553,16 @@ class TokenGuide:
                 by_len.setdefault(len(data), []).append(i)
         self._groups = [(np.array(ids), np.frombuffer(b"".join(vocab[i] for i in ids), np.uint8).reshape(len(ids), n))
                         for n, ids in by_len.items()]
-        self.index: dict[int, int] = {}  # DFA state -> row of `bits`
-        bits, frontier = [], [0]
-        while frontier:  # breadth first, every state of a frontier walked through the vocabulary at once
+        self.rows: dict[int, np.ndarray] = {}  # DFA state -> its allowed tokens as bits
+        frontier = [0]
+        while frontier and len(self.rows) < self.eager_states:  # breadth first, a frontier's states at once
             reached = set()
             for chunk in range(0, len(frontier), 64):
                 states = frontier[chunk:chunk + 64]
                 block = self.next_states(states)
-                for state in states:
-                    self.index[state] = len(self.index)
-                bits.append(pack_bits(block >= 0))
+                self.rows.update(zip(states, pack_bits(block >= 0)))
                 reached.update(np.unique(block[block >= 0]).tolist())
-            frontier = sorted(x for x in reached if x not in self.index)
-        self.bits = np.concatenate(bits)  # [S, ceil(V / 32)]
+            frontier = sorted(x for x in reached if x not in self.rows)
 
     def next_states(self, states: list[int]) -> np.ndarray:
         """[len(states), V]: each token's next state from each of `states`, -1 where it is not allowed. EOS is
@@ -587,7 +587,10 @@ class TokenGuide:
         return state if s == self.dead or not self.vocab[token] else s
 
     def mask(self, state: int) -> np.ndarray:
-        return self.bits[self.index[state]]
+        row = self.rows.get(state)
+        if row is None:  # first reached now: one state through the vocabulary (~1.4 ms at 32k tokens)
+            row = self.rows[state] = pack_bits(self.next_states([state]) >= 0)[0]
+        return row
 
     def allowed(self, state: int) -> np.ndarray:
         bits = self.mask(state)

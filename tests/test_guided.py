@@ -79,7 +79,7 @@ def test_token_guide_equals_a_brute_force_walk(name):
     dfa = compile_regex(GuidedDecodingParams(json=SCHEMA).regex_pattern())
     guide = TokenGuide(dfa, vocab, tok.eos_token_ids)
     eos = set(tok.eos_token_ids)
-    for state, row in list(guide.index.items())[:40]:
+    for state in list(guide.rows)[:40]:
         want = []
         for i, data in enumerate(vocab):
             s = state
@@ -217,3 +217,20 @@ def test_minimized_automaton_keeps_counts_apart(pattern):
     for n in range(9):
         for text in ("a" * n, "x" * n, "ab" * n, "a" * n + "cc", "a" * n + "bcc"):
             assert dfa.matches(text.encode()) == bool(re.fullmatch(pattern, text)), text
+
+
+def test_states_past_the_eager_budget_are_computed_when_reached(monkeypatch):
+    tok = ByteTokenizer()
+    vocab = token_bytes(tok, tok.vocab_size)
+    dfa = compile_regex(GuidedDecodingParams(json=SCHEMA).regex_pattern())
+    full = TokenGuide(dfa, vocab, tok.eos_token_ids)
+    monkeypatch.setattr(TokenGuide, "eager_states", 3)
+    lazy = TokenGuide(dfa, vocab, tok.eos_token_ids)
+    assert len(lazy.rows) < 70 < len(full.rows)
+    text = json.dumps({"name": "ab", "age": 7, "score": 1.5, "tags": ["a"], "ok": True, "pet": None}).encode()
+    s_full = s_lazy = 0
+    for b in text:  # the byte tokenizer: one token a byte
+        np.testing.assert_array_equal(lazy.mask(s_lazy), full.mask(s_full))
+        s_full, s_lazy = full.advance(s_full, b), lazy.advance(s_lazy, b)
+    assert s_full == s_lazy and dfa.accepting[s_lazy]
+    assert all(np.array_equal(lazy.mask(s), full.mask(s)) for s in full.rows)
