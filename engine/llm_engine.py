@@ -21,7 +21,7 @@ from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
 from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
 from ie_jax.detokenizer import make_detokenizer
-from ie_jax.guided import FixedGuide, GuidedDecodingParams, TokenGuide, compile_regex, token_bytes
+from ie_jax.guided import FixedGuide, GuidedDecodingParams, TokenGuide, Vocabulary, compile_regex, token_bytes
 from ie_jax.sampling import SamplingParams
 from ie_jax.stopping import check_stop
 
@@ -104,7 +104,7 @@ class LLMEngine:
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapters read so far, by name (engine/lora.py)
         self.guides: dict[GuidedDecodingParams, TokenGuide] = {}  # compiled structured-output guides, LRU
         self._guides_lock = threading.Lock()  # the server compiles guides off the engine thread (AsyncLLM)
-        self._token_bytes: list[bytes | None] | None = None
+        self._token_bytes: Vocabulary | None = None  # the tokenizer's token bytes, for the guides
         if warmup:
             self.runner.warmup(progress, background_extras=background_extras,
                                extra_variants=VARIANTS[1:] if background_extras else ("greedy",))
@@ -191,7 +191,7 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("guided decoding needs the model's tokenizer")
         if self._token_bytes is None:
-            self._token_bytes = token_bytes(self.tokenizer, self.model_config.vocab_size)
+            self._token_bytes = Vocabulary(token_bytes(self.tokenizer, self.model_config.vocab_size))
         guide = TokenGuide(compile_regex(spec.regex_pattern()), self._token_bytes, self.eos_token_ids)
         with self._guides_lock:
             while len(self.guides) >= 32:

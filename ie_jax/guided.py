@@ -513,6 +513,21 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
 _serials = itertools.count()
 
 
+class Vocabulary:
+    """A tokenizer's token bytes (`token_bytes`), with what the guides walk built once: the tokens that have text,
+    as a zero-padded byte matrix [n, longest] (`bytes`), their ids and their lengths."""
+
+    def __init__(self, tokens: list[bytes | None]):
+        self.tokens = tokens
+        self.ids = np.array([i for i, data in enumerate(tokens) if data], np.int64)
+        self.lens = np.array([len(tokens[i]) for i in self.ids], np.int64)
+        self.bytes = np.zeros((len(self.ids), int(self.lens.max(initial=0))), np.uint8)
+        flat = np.frombuffer(b"".join(tokens[i] for i in self.ids), np.uint8)
+        rows = np.repeat(np.arange(len(self.ids)), self.lens)
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(self.lens) - self.lens, self.lens)
+        self.bytes[rows, cols] = flat
+
+
 class FixedGuide:
     """One allowed set for every step (SamplingParams.allowed_token_ids): no state, so nothing waits for tokens."""
     static = True
@@ -540,19 +555,17 @@ class TokenGuide:
     static = False  # the allowed set depends on the text so far
     eager_states = 256
 
-    def __init__(self, dfa: ByteDFA, vocab: list[bytes | None], eos_ids: tuple[int, ...]):
+    def __init__(self, dfa: ByteDFA, vocab: "Vocabulary | list[bytes | None]", eos_ids: tuple[int, ...]):
         self.serial = next(_serials)  # tells guides apart for as long as the process lives (id() may be reused)
+        if not isinstance(vocab, Vocabulary):
+            vocab = Vocabulary(vocab)
+        self._ids, self._lens, self._bytes = vocab.ids, vocab.lens, vocab.bytes
+        vocab = vocab.tokens
         self.vocab_size, self.dead = len(vocab), dfa.delta.shape[0]
         self.delta = np.concatenate([np.where(dfa.delta < 0, self.dead, dfa.delta),
                                      np.full((1, 256), self.dead, np.int32)])  # the dead state loops on itself
         self.accepting, self.vocab = dfa.accepting, vocab
         self.eos = [e for e in eos_ids if 0 <= e < len(vocab)]
-        by_len: dict[int, list[int]] = {}
-        for i, data in enumerate(vocab):
-            if data:
-                by_len.setdefault(len(data), []).append(i)
-        self._groups = [(np.array(ids), np.frombuffer(b"".join(vocab[i] for i in ids), np.uint8).reshape(len(ids), n))
-                        for n, ids in by_len.items()]
         self.rows: dict[int, np.ndarray] = {}  # DFA state -> its allowed tokens as bits
         frontier = [0]
         while frontier and len(self.rows) < self.eager_states:  # breadth first, a frontier's states at once
@@ -567,13 +580,22 @@ class TokenGuide:
     def next_states(self, states: list[int]) -> np.ndarray:
         """[len(states), V]: each token's next state from each of `states`, -1 where it is not allowed. EOS is
         allowed (staying put) in accepting states, and where no token can continue."""
-        F, D = len(states), self.dead
+        F, n, D = len(states), len(self._ids), self.dead
         block = np.full((F, self.vocab_size), -1, np.int32)
-        for ids, data in self._groups:
-            cur = np.repeat(np.array(states, np.int32)[:, None], len(ids), axis=1)  # [F, n]
-            for j in range(data.shape[1]):
-                cur = self.delta[cur, data[None, :, j]]
-            block[:, ids] = np.where(cur == D, -1, cur)
+        # (state, token) pairs walked byte by byte; a pair leaves when its token ends (recorded) or the DFA dies,
+        # so after the first byte a restrictive state (a digit, a quote) carries only the few tokens that fit
+        row = np.repeat(np.arange(F), n)
+        tok = np.tile(np.arange(n), F)
+        cur = np.repeat(np.array(states, np.int64), n)
+        for j in range(self._bytes.shape[1]):
+            cur = self.delta[cur, self._bytes[tok, j]]
+            live = cur != D
+            row, tok, cur = row[live], tok[live], cur[live]
+            ends = self._lens[tok] == j + 1
+            block[row[ends], self._ids[tok[ends]]] = cur[ends]
+            row, tok, cur = row[~ends], tok[~ends], cur[~ends]
+            if not len(cur):
+                break
         for row, state in zip(block, states):
             if self.accepting[state] or not (row >= 0).any():
                 row[self.eos] = state

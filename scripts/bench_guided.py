@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, token_bytes  # noqa: E402
+from ie_jax.guided import GuidedDecodingParams, TokenGuide, Vocabulary, compile_regex, token_bytes  # noqa: E402
 from ie_jax.tokenizer import load_tokenizer  # noqa: E402
 from profile_host import current_commit, train_bpe, write_json  # noqa: E402
 
@@ -42,7 +42,7 @@ def main(argv=None):
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else train_bpe(args.bpe_vocab)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vocab = token_bytes(tok, tok.vocab_size)
+    vocab = Vocabulary(token_bytes(tok, tok.vocab_size))
     vocab_s = time.perf_counter() - t0
     rows = []
     for name, spec in SPECS.items():
