@@ -3,18 +3,18 @@ choices, or a JSON Schema, as vLLM's `guided_regex` / `guided_choice` / `guided_
 `response_format` ask.
 
     GuidedDecodingParams(json=schema | regex=... | choice=[...] | json_object=True)
-        -> a regex (`guide_regex`; JSON Schemas through `json_schema_regex`)
-        -> a DFA over UTF-8 bytes (`compile_regex`: parse, Thompson NFA, subset construction)
-        -> a TokenGuide over the tokenizer's vocabulary: for each DFA state the request can reach, the next state of
-           every token (-1: not allowed) and the same as a bitmask, [ceil(V / 32)] uint32, which the sampler applies.
+        -> a regex (`regex_pattern`; JSON Schemas through `json_schema_regex`)
+        -> a DFA over UTF-8 bytes (`compile_regex`: parse, Thompson NFA, subset construction, minimization)
+        -> a TokenGuide over the tokenizer's vocabulary: for each DFA state a request reaches, the tokens allowed
+           there as a bitmask, [ceil(V / 32)] uint32, which the sampler applies.
 
 Text is matched as bytes, so a token may end in the middle of a UTF-8 character and the automaton still tracks it.
 EOS is allowed exactly in accepting states; a state from which no token can continue allows EOS too, so a request
 never has every token banned. The regex dialect: literals, `.`, classes `[a-z]` `[^...]`, escapes `\\d \\w \\s \\D
 \\W \\S` (ASCII classes, as Python's re.ASCII) and `\\.`-style, groups `(...)` `(?:...)`, `|`, `* + ?`, `{m}` `{m,}`
 `{m,n}`; the whole text must match (no anchors needed). `.` and negated classes match whole UTF-8 characters, so
-the text stays valid UTF-8. Backreferences and lookaround are refused. This module is plain numpy: the engine keeps each
-request's state on the host and hands the sampler the state's bitmask (engine/runner.py).
+the text stays valid UTF-8. Backreferences and lookaround are refused. This module is plain numpy: the engine
+keeps each request's state on the host and hands the sampler the state's bitmask (engine/slot_tables.py).
 """
 from __future__ import annotations
 
@@ -383,6 +383,9 @@ def json_schema_regex(schema: dict, defs: dict | None = None, depth: int = 0) ->
         return json_value_regex(2)
     if not isinstance(schema, dict):
         raise ValueError(f"a JSON Schema must be an object, got {schema!r}")
+    unknown = sorted(set(schema) - _SCHEMA_KEYWORDS)
+    if unknown:  # a constraint the regex would not enforce: refused rather than broken
+        raise ValueError(f"JSON Schema keywords {unknown} are not supported (supported: {sorted(_SCHEMA_KEYWORDS)})")
     defs = {**(defs or {}), **schema.get("$defs", {}), **schema.get("definitions", {})}
     sub = functools.partial(json_schema_regex, defs=defs, depth=depth + 1)
     if "$ref" in schema:
@@ -403,11 +406,15 @@ def json_schema_regex(schema: dict, defs: dict | None = None, depth: int = 0) ->
         return "(" + "|".join(sub({**schema, "type": k}) for k in kind) + ")"
     if kind == "object" or (kind is None and "properties" in schema):
         props = schema.get("properties", {})
+        if not schema.get("minProperties", 0) <= len(props) <= schema.get("maxProperties", len(props)):
+            raise ValueError("minProperties/maxProperties: every property is generated, so their count must fit")
         if not props:
             return json_value_regex(2, only="object")
         members = [f'"{_escape(json.dumps(k)[1:-1])}"{_WS}:{_WS}{sub(v)}' for k, v in props.items()]
         return r"\{" + _WS + f"{_WS},{_WS}".join(members) + _WS + r"\}"
     if kind == "array":
+        if not isinstance(schema.get("items", {}), (dict, bool)):
+            raise ValueError("array items must be one schema (tuple validation is not supported)")
         item = sub(schema.get("items", {}))
         lo, hi = int(schema.get("minItems", 0)), schema.get("maxItems")
         if hi is not None and int(hi) == 0:
@@ -420,15 +427,37 @@ def json_schema_regex(schema: dict, defs: dict | None = None, depth: int = 0) ->
             return '"(' + schema["pattern"].removeprefix("^").removesuffix("$") + ')"'
         lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
         return f'"{_STRING_CHAR}' + "{%d,%s}" % (lo, "" if hi is None else int(hi)) + '"'
-    if kind == "integer":
-        return _INTEGER
-    if kind == "number":
-        return _NUMBER
+    if kind in ("integer", "number"):
+        return _number_regex(kind, schema.get("minimum"), schema.get("exclusiveMinimum"))
     if kind == "boolean":
         return "(true|false)"
     if kind == "null":
         return "null"
     raise ValueError(f"JSON Schema {schema!r}: type {kind!r} is not supported")
+
+
+# What json_schema_regex enforces, and the annotations it may ignore without breaking a constraint (additional
+# properties are never generated; a format is an annotation unless a validator opts in).
+_SCHEMA_KEYWORDS = frozenset({
+    "$ref", "const", "enum", "anyOf", "oneOf", "type", "properties", "items", "minItems", "maxItems", "pattern",
+    "minLength", "maxLength", "minimum", "exclusiveMinimum", "minProperties", "maxProperties",
+    "title", "description", "default", "examples", "$schema", "$id", "$comment", "$defs", "definitions",
+    "deprecated", "readOnly", "writeOnly", "format", "required", "additionalProperties"})
+
+
+def _number_regex(kind: str, minimum, exclusive_minimum) -> str:
+    """Integers and numbers; the lower bounds a regex can hold are 0 and (integers) 1. Others raise."""
+    lowest = None if minimum is None else minimum
+    if exclusive_minimum is not None:
+        if kind != "integer" or exclusive_minimum != 0:
+            raise ValueError(f"exclusiveMinimum={exclusive_minimum} is not supported (an integer's 0 is)")
+        lowest = 1
+    if lowest is None:
+        return _INTEGER if kind == "integer" else _NUMBER
+    if lowest not in ((0, 1) if kind == "integer" else (0,)):
+        raise ValueError(f"minimum={minimum} is not supported for {kind} values: only 0 (and for integers 1)")
+    digits = "[1-9][0-9]{0,15}" if lowest == 1 else "(0|[1-9][0-9]{0,15})"
+    return digits if kind == "integer" else digits + _NUMBER.removeprefix(_INTEGER)
 
 
 def json_value_regex(depth: int, only: str | None = None) -> str:

@@ -62,6 +62,18 @@ def test_json_schema_regex_accepts_instances_and_rejects_violations():
     assert not dfa.matches(json.dumps(good[0], indent=2).encode())  # at most one space between tokens
     with pytest.raises(ValueError, match="not supported"):
         json_schema_regex({"type": "object", "properties": {"x": {"type": "date"}}})
+    # a constraint the regex cannot hold is refused, never silently broken
+    for bad in ({"type": "integer", "maximum": 3}, {"type": "integer", "minimum": 5}, {"allOf": [{}]},
+                {"type": "array", "items": [{}]}, {"type": "number", "exclusiveMinimum": 0},
+                {"type": "object", "properties": {"a": {}}, "maxProperties": 0}):
+        with pytest.raises(ValueError, match="not supported|must fit"):
+            json_schema_regex(bad)
+    counts = compile_regex(json_schema_regex({"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 0}, "k": {"type": "integer", "exclusiveMinimum": 0},
+        "x": {"type": "number", "minimum": 0}}, "required": ["n"], "title": "t", "additionalProperties": False}))
+    assert counts.matches(b'{"n": 0, "k": 3, "x": 0.5}')
+    for text in (b'{"n": -1, "k": 3, "x": 0.5}', b'{"n": 0, "k": 0, "x": 0.5}', b'{"n": 0, "k": 3, "x": -2}'):
+        assert not counts.matches(text)
 
 
 def _tokenizers():
