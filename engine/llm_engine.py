@@ -206,10 +206,9 @@ class LLMEngine:
         if not 0 <= num_top <= self.config.max_logprobs:
             raise ValueError(f"logprobs={num_top} must be in [0, max_logprobs={self.config.max_logprobs}]")
         adapter = None
-        if lora_request is not None:
-            adapter = self.adapters.get(lora_request.lora_name)
-            if adapter is None:
-                raise ValueError(f"adapter {lora_request.lora_name!r} is not loaded (add_lora first)")
+        if lora_request is not None:  # read now if new (the server reads it on the engine thread first)
+            self.add_lora(lora_request)
+            adapter = self.adapters[lora_request.lora_name]
         return self.runner.score(self.encode(prompt), num_top, adapter)
 
     def encode(self, prompt: str | list[int]) -> list[int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -291,3 +292,10 @@ def write_random_adapter(out_dir, model_config, layout: dict[str, SlotLayout], r
               "target_modules": targets, "lora_dropout": 0.0, "bias": "none"}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def runtime_lora_updates() -> bool:
+    """Whether /v1/load_lora_adapter and /v1/unload_lora_adapter exist: only when asked for, as vLLM has them
+    (its environment variable, VLLM_ALLOW_RUNTIME_LORA_UPDATING, or IE_JAX_ALLOW_RUNTIME_LORA_UPDATING)."""
+    names = ("IE_JAX_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    return any(os.environ.get(n, "").lower() in ("1", "true", "yes") for n in names)

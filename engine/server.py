@@ -31,8 +31,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import os
-
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,7 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine.protocol as P
-from engine.lora import LoRARequest
+from engine.lora import LoRARequest, runtime_lora_updates
 from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
 from engine.tools import ToolMode, tool_finish, tool_mode
@@ -97,8 +95,11 @@ async def _merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
 
 
 class OpenAIServer:
-    def __init__(self, engine, served_model_name: str, api_key: str | None, max_queue: int | None,
+    def __init__(self, engine, served_model_name: str | list[str], api_key: str | None, max_queue: int | None,
                  model_root: str | None = None, tool_call_parser: str | None = None):
+        # several names (vLLM's --served-model-name a b): any is accepted, the first names the responses
+        names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+        served_model_name, self.aliases = names[0], tuple(names)
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"{max_queue=} must be None or >= 1")
         self.engine, self.model_name, self.api_key, self.max_queue = engine, served_model_name, api_key, max_queue
@@ -114,7 +115,7 @@ class OpenAIServer:
 
     def check_model(self, model: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's `model` names, None for the base model; an unknown name is a 404."""
-        if model is None or model in (self.model_name, self.model_root):
+        if model is None or model in self.aliases or model == self.model_root:
             return None
         lora = self.adapters().get(model)
         if lora is None:
@@ -421,8 +422,9 @@ def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
     return JSONResponse(P.error_body(message, status, param), status_code=status)
 
 
-def build_app(engine, *, served_model_name: str, api_key: str | None = None, max_queue: int | None = None,
-              model_root: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
+def build_app(engine, *, served_model_name: str | list[str], api_key: str | None = None,
+              max_queue: int | None = None, model_root: str | None = None,
+              tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
     --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py)."""
     server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser)
@@ -463,7 +465,7 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
 
     @app.get("/v1/models")
     async def models():
-        cards = [P.model_card(server.model_name, server.model_root, server.max_model_len)]
+        cards = [P.model_card(name, server.model_root, server.max_model_len) for name in server.aliases]
         cards += [P.model_card(r.lora_name, r.lora_path, server.max_model_len, parent=server.model_name)
                   for r in server.adapters().values()]
         return {"object": "list", "data": cards}
@@ -471,7 +473,7 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
     if runtime_lora_updates():
         @app.post("/v1/load_lora_adapter")
         async def load_lora_adapter(body: P.LoadLoRAAdapterRequest):
-            if body.lora_name in (server.model_name, server.model_root) or body.lora_name in server.adapters():
+            if body.lora_name in (*server.aliases, server.model_root) or body.lora_name in server.adapters():
                 raise P.ServerError(f"The lora adapter '{body.lora_name}' has already been loaded.",
                                     param="lora_name")
             ids = [r.lora_int_id for r in server.adapters().values()]
@@ -573,13 +575,6 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, max
             raise P.ServerError(str(e), param="tokens") from e
 
     return app
-
-
-def runtime_lora_updates() -> bool:
-    """Whether /v1/load_lora_adapter and /v1/unload_lora_adapter exist: only when asked for, as vLLM has them
-    (its environment variable, VLLM_ALLOW_RUNTIME_LORA_UPDATING, or IE_JAX_ALLOW_RUNTIME_LORA_UPDATING)."""
-    names = ("IE_JAX_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
-    return any(os.environ.get(n, "").lower() in ("1", "true", "yes") for n in names)
 
 
 def run_server(args) -> None:

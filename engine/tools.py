@@ -8,7 +8,8 @@ by `tool_choice`:
                                                    to the tools' schemas the same way
   "auto" (the default when tools are given)        the model may call tools or answer; with --enable-auto-tool-choice
                                                    and a --tool-call-parser its calls are parsed out of the text:
-                                                     hermes       <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+                                                     hermes       <tool_call>{"name": ..., "arguments": {...}}
+                                                                  </tool_call>
                                                      llama3_json  {"name": ..., "parameters": {...}} (after an
                                                                   optional <|python_tag|>, several joined by ';')
   "none"                                           the tools are shown to the template, the text is the answer

@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"HF checkpoint directory or preset name (default: {DEFAULT_MODEL!r}, the embedded tiny model)")
-    p.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: --model)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients send as `model` (default: --model); the first names the responses")
     p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1 routes")
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_loras < 1 or args.max_lora_rank < 1:
         p.error(f"--max-loras={args.max_loras} and --max-lora-rank={args.max_lora_rank} must be >= 1")
     if args.served_model_name is None:
-        args.served_model_name = args.model
+        args.served_model_name = [args.model]
     return args
 
 

@@ -2,11 +2,14 @@
 token for token, with adapters and the base model mixed in one step, fewer slots than adapters, and prefix caching
 kept apart per adapter."""
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
 import ie_jax
 from engine.llm import LLM
@@ -221,3 +224,29 @@ def test_adapter_over_a_quantized_base(adapters):
     got = llm.generate(PROMPTS[:2], GREEDY, lora_request=adapters["all"], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == want
     assert want != merged_reference((model, tok), None, PROMPTS[:2])
+
+
+PEFT_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in (PEFT_FIXTURES / "peft").iterdir()))
+def test_served_adapter_matches_hf_peft_logits(case):
+    """Adapters written by HF PEFT itself (tests/fixtures/peft, with the logits HF computed): the serving engine's
+    prompt logprobs under the adapter are the log-softmax of PEFT's logits. Covers GPT-2's Conv1D layout, Llama-3
+    q/v with rsLoRA inside the fused qkv slots, and Qwen3 (q/k norms) with regex targets."""
+    adapter = PEFT_FIXTURES / "peft" / case
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    base = PEFT_FIXTURES / "hf" / config["base_model_name_or_path"].rsplit("/", 1)[-1]
+    golden = load_file(str(adapter / "golden.safetensors"))
+    model, tok = ie_jax.load_model(base, dtype="float32", progress=False)
+    ids = [int(t) for t in golden["input_ids"][0]]
+    llm = LLM(model, tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32, page_size=8,
+              progress=False, enable_lora=True, max_lora_rank=max(16, int(config["r"])))
+    got = llm.engine.score_prompt(ids, 0, LoRARequest(case, 1, str(adapter)))
+    logits = golden["logits"][0].astype(np.float64)
+    want = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    np.testing.assert_allclose([got[i][t] for i, t in enumerate(ids) if i], [want[i - 1, t] for i, t in
+                                                                            enumerate(ids) if i], atol=2e-4)
+    base_lp = llm.engine.score_prompt(ids, 0)
+    assert max(abs(base_lp[i][t] - got[i][t]) for i, t in enumerate(ids) if i) > 1e-3  # the adapter matters

@@ -45,9 +45,9 @@ def greedy_reference(engine, prompt_ids: list[int], max_tokens: int) -> list[int
 
 
 class LiveServer:
-    def __init__(self, engine, **kwargs):
+    def __init__(self, engine, name: str | list[str] = MODEL, **kwargs):
         self.engine = engine
-        self.app = build_app(engine, served_model_name=MODEL, **kwargs)
+        self.app = build_app(engine, served_model_name=name, **kwargs)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"

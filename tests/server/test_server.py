@@ -2,8 +2,9 @@
 wire format itself is the point).
 
 The engine behind it comes from `make_engine()`, and the token ids a greedy request must produce come from
-`greedy_reference()`, both in harness.py with the uvicorn harness (shared with the other server test files). The overload and disconnect
-tests keep `FakeAsyncLLM`, which they can hold back (`gate`) or slow down, and which records its aborts.
+`greedy_reference()`, both in harness.py with the uvicorn harness (shared with the other server test files).
+The overload and disconnect tests keep `FakeAsyncLLM`, which they can hold back (`gate`) or slow down, and which
+records its aborts.
 """
 from __future__ import annotations
 

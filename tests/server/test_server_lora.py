@@ -154,4 +154,5 @@ def test_serve_flags():
         serve.parse_args(["--enable-lora", "--lora-modules", "just-a-name"])
     args = serve.parse_args(["--enable-lora", "--lora-modules", "a=/x", '{"name": "b", "path": "/y"}'])
     assert [(m.lora_name, m.lora_path) for m in args.lora_modules] == [("a", "/x"), ("b", "/y")]
-    assert (args.max_loras, args.max_lora_rank) == (1, 16)
+    assert (args.max_loras, args.max_lora_rank) == (1, 16) and args.served_model_name == ["default"]
+    assert serve.parse_args(["--served-model-name", "a", "b"]).served_model_name == ["a", "b"]

@@ -159,7 +159,8 @@ def test_tool_call_parsers():
     assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1}
     assert hermes.parse("<tool_call>{not json</tool_call>") == ("<tool_call>{not json</tool_call>", [])
     llama = ToolMode("auto", schemas, parser="llama3_json")
-    content, calls = llama.parse('<|python_tag|>{"name": "f", "parameters": {"x": "y"}}; {"name": "g", "parameters": {}}')
+    content, calls = llama.parse('<|python_tag|>{"name": "f", "parameters": {"x": "y"}}; '
+                                 '{"name": "g", "parameters": {}}')
     assert content is None and [json.loads(c["function"]["arguments"]) for c in calls] == [{"x": "y"}, {}]
     assert llama.parse("The answer is 4.") == ("The answer is 4.", [])
     assert tool_mode(None, None, None, False) is None and tool_mode([WEATHER], "none", None, False) is None
@@ -168,3 +169,18 @@ def test_tool_call_parsers():
                                 ([WEATHER], "sometimes", "must be")):
         with pytest.raises(ServerError, match=word):
             tool_mode(tools, choice, None, False)
+
+
+
+def test_several_served_model_names(live):
+    """vLLM's --served-model-name a b: either name is accepted, the first names the responses."""
+    server = LiveServer(live.engine, name=["alias-a", "alias-b"])
+    try:
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == ["alias-a", "alias-b"]
+        out = client.completions.create(model="alias-b", prompt="hi", max_tokens=2)
+        assert out.model == "alias-a" and out.usage.completion_tokens == 2
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    finally:
+        server.stop()
