@@ -70,6 +70,7 @@ class _Choice:
     logprobs: list[tuple[int, dict[int, float]]] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[tuple[int, dict[int, float] | None]] | None = None  # echo with logprobs
     started: bool = False  # streaming: a chunk of this choice went out
+    streamed: int = 0  # streaming with tools: characters of the text sent as content
     echo_len: int = 0  # streaming: characters of echoed prompt before the generated text
 
 
@@ -350,14 +351,11 @@ class OpenAIServer:
                             lp = self.echoed_logprobs(c, entries, prefix) if prefix and c.prompt_logprobs else \
                                 self.completion_logprobs(entries, offset)
                         body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
-                    elif tools is not None:  # the calls are read from the whole text: sent when it is done
-                        if not out.finished:
+                    elif tools is not None:  # text that cannot be a call streams; calls go out when complete
+                        delta, c.streamed, finish = tools.stream_delta("".join(c.text), c.streamed, finish)
+                        if delta is None:
                             continue
-                        content, calls = tools.parse("".join(c.text))
-                        delta = {"content": content} if content else {}
-                        if calls:
-                            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-                        body = P.chat_delta_choice(job.index, delta, None, tool_finish(tools, calls, finish), stop)
+                        body = P.chat_delta_choice(job.index, delta, None, finish, stop)
                     else:
                         lp = self.chat_logprobs(entries, num_top) if num_top is not None else None
                         delta = {"content": out.new_text} if out.new_text or not out.finished else {}

@@ -25,6 +25,7 @@ from engine.protocol import ServerError
 from ie_jax.guided import GuidedDecodingParams
 
 PARSERS = ("hermes", "llama3_json")
+_HERMES, _PYTHON_TAG = "<tool_call>", "<|python_tag|>"
 
 
 def _call(name: str, arguments) -> dict:
@@ -49,6 +50,38 @@ class ToolMode:
                      for n, s in self.schemas.items()]
             return GuidedDecodingParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
         return None
+
+    def streamable(self, text: str) -> int:
+        """How much of a streaming choice's text may go out as content now: with "auto", what cannot be (the start
+        of) a call; a forced call's text is never content."""
+        if self.choice != "auto":
+            return 0
+        if self.parser == "hermes":
+            start = text.find(_HERMES)
+            if start >= 0:
+                return start
+            held = next((k for k in range(min(len(_HERMES) - 1, len(text)), 0, -1) if _HERMES.startswith(text[-k:])),
+                        0)
+            return len(text) - held
+        head = text.lstrip()
+        if not head or head.startswith("{") or _PYTHON_TAG.startswith(head[:len(_PYTHON_TAG)]) or \
+                head.startswith(_PYTHON_TAG):
+            return 0
+        return len(text)
+
+    def stream_delta(self, text: str, streamed: int, finish_reason: str | None) -> tuple[dict | None, int, str | None]:
+        """A streaming choice's next chat delta (None: nothing to send yet), the characters of `text` sent as
+        content after it, and the finish reason to send (finish_reason is set once the text is complete)."""
+        if finish_reason is None:
+            limit = self.streamable(text)
+            return ({"content": text[streamed:limit]}, limit, None) if limit > streamed else (None, streamed, None)
+        _, calls = self.parse(text)
+        before = text[:text.find(_HERMES)] if self.parser == "hermes" else ""  # content ahead of the first call
+        rest = (before if calls else text)[streamed:]
+        delta = {"content": rest} if rest else {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+        return delta, len(text), tool_finish(self, calls, finish_reason)
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content, tool calls) of a finished choice's text."""

@@ -142,6 +142,20 @@ def test_auto_tool_choice_with_the_hermes_parser(hermes, live):
     plain = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=5, temperature=0,
                                            extra_body={"guided_regex": "[a-z]{5}"})
     assert plain.choices[0].message.tool_calls == [] and re.fullmatch("[a-z]{5}", plain.choices[0].message.content)
+    # streamed: text that cannot be a call goes out as it comes, the call once it is complete
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
+                                                 temperature=0, stream=True, extra_body={"guided_regex": regex}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    content = "".join(d.content or "" for d in deltas)
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert content.strip() == "Sure." and "<tool_call" not in content
+    assert [json.loads(tc.function.arguments) for tc in calls] == \
+        [json.loads(choice.message.tool_calls[0].function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    words = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=5,
+                                                temperature=0, stream=True, extra_body={"guided_regex": "[a-z]{5}"}))
+    pieces = [c.choices[0].delta.content for c in words if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == plain.choices[0].message.content  # streamed as it came
     # without a parser, "auto" must be asked of a server started for it
     with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
         live.client().chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="auto")
@@ -163,6 +177,11 @@ def test_tool_call_parsers():
                                  '{"name": "g", "parameters": {}}')
     assert content is None and [json.loads(c["function"]["arguments"]) for c in calls] == [{"x": "y"}, {}]
     assert llama.parse("The answer is 4.") == ("The answer is 4.", [])
+    # what may stream as content before a call is complete
+    assert hermes.streamable("Let me <tool_") == len("Let me ") and hermes.streamable("abc <tool_call>{") == 4
+    assert hermes.streamable("a < b") == len("a < b")
+    assert llama.streamable("  {\"name\"") == 0 and llama.streamable("<|python") == 0
+    assert llama.streamable("Hello") == 5 and ToolMode("named", schemas, "f").streamable("{") == 0
     assert tool_mode(None, None, None, False) is None and tool_mode([WEATHER], "none", None, False) is None
     assert tool_mode([WEATHER], None, None, False) is None  # tools shown to the template, text returned
     for tools, choice, word in (([{"type": "web"}], None, "each tool"), (None, "required", "needs tools"),
