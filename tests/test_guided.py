@@ -14,7 +14,8 @@ import ie_jax
 from engine.llm import LLM
 from fixtures.tokenizers.make_tokenizers import build_byte_level, build_sentencepiece
 from ie_jax import SamplingParams
-from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, json_schema_regex, token_bytes
+from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, token_bytes
+from ie_jax.json_schema import json_schema_regex
 from ie_jax.tokenizer import ByteTokenizer, load_tokenizer
 
 PATTERNS = [r"[0-9]{3}-[a-z]{2}", r"(ab|a)*c?", r"\d+(\.\d+)?", r"(cat|dog|bird|é)", r"[^ab]{2,4}x", r"a.b",
