@@ -124,11 +124,9 @@ class LLMEngine:
                              f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} "
                              f"for the completion). Please reduce the prompt or max_tokens.")
         V = self.model_config.vocab_size
-        for name, tokens in (("logit_bias", [t for t, _ in params.logit_bias or ()]),
-                             ("allowed_token_ids", params.allowed_token_ids or ())):
-            bad = [t for t in tokens if t >= V]
-            if bad:
-                raise ValueError(f"{name} token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        error = params.vocab_error(V)
+        if error is not None:
+            raise ValueError(error[1])
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.config.max_logprobs:

@@ -60,7 +60,7 @@ class LoRASlots(nnx.Module):
         lead, d_in, d_out = shape[:-2], shape[-2], shape[-1]
         assert sum(widths) == d_out, f"parts {widths} do not add up to the layer's {d_out} outputs"
         self.base = base
-        self.widths, self.rank, self.block = tuple(widths), max_rank, len(widths) * max_rank
+        self.block = len(widths) * max_rank  # columns of one slot
         cols = max_loras * self.block
         self.lora_a = LoRASlotWeight(jnp.zeros((*lead, d_in, cols), dtype))
         self.lora_b = LoRASlotWeight(jnp.zeros((*lead, cols, d_out), dtype))
@@ -132,7 +132,6 @@ class AdapterWeights:
     """An adapter read from disk into the slot layout, on the host: layer path -> (A [L, in, P * r_max],
     B [L, P * r_max, out]) in the model's dtype (zeros for what it does not adapt)."""
     request: LoRARequest
-    rank: int
     blocks: dict[str, tuple[np.ndarray, np.ndarray]]
 
     @property
@@ -169,7 +168,7 @@ def read_adapter(request: LoRARequest, model_config, layout: dict[str, SlotLayou
                 b[:, j * max_rank: j * max_rank + r, offset: offset + width] = config.scaling * fb
             offset += width
         blocks[key] = (a.astype(dtype), b.astype(dtype))
-    return AdapterWeights(request, r, blocks)
+    return AdapterWeights(request, blocks)
 
 
 class AdapterSlots:
@@ -251,7 +250,7 @@ def empty_adapter(layout: dict[str, SlotLayout], max_rank: int, dtype) -> Adapte
     blocks = {key: (np.zeros((lay.num_layers, lay.d_in, len(lay.parts) * max_rank), dtype),
                     np.zeros((lay.num_layers, len(lay.parts) * max_rank, lay.d_out), dtype))
               for key, lay in layout.items()}
-    return AdapterWeights(LoRARequest("(empty)", 0, "-"), 0, blocks)
+    return AdapterWeights(LoRARequest("(empty)", 0, "-"), blocks)
 
 
 def write_adapter(weights: list, leaves: dict, slot: int, adapter: AdapterWeights) -> None:

@@ -71,7 +71,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._done_pending(request) or self._guide_pending(request):
+            if self._done_pending(request) or (request.guide is not None and self._guide_pending(request)):
                 i += 1  # its last token, still in flight, ends it or decides its next mask: wait for it
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -128,12 +128,11 @@ class Scheduler:
             request.lora_slot = -1
 
     @staticmethod
-    def _guide_pending(request: Request) -> bool:
+    def _guide_pending(request: Request) -> bool:  # request.guide is set
         """A guided request's next allowed tokens depend on its newest token: it sits out the steps where that
         token is still on the device (so it advances every other step, and the others are not held up)."""
-        guide = request.guide
-        return guide is not None and not guide.static and bool(request.output_token_ids) and \
-            request.output_token_ids[-1] < 0
+        outputs = request.output_token_ids
+        return not request.guide.static and bool(outputs) and outputs[-1] < 0
 
     def _done_pending(self, request: Request) -> bool:
         return bool(request.output_token_ids) and (len(request.output_token_ids) >= request.sampling_params.max_tokens

@@ -158,12 +158,10 @@ class OpenAIServer:
         """Fan out n choices per prompt. A seeded request gives choice j the seed ie_jax.generate and LLM derive
         for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends."""
         vocab = self.engine.model_config.vocab_size
-        for sp in params:
-            for name, ids in (("logit_bias", [t for t, _ in sp.logit_bias or ()]),
-                              ("allowed_token_ids", sp.allowed_token_ids or ())):
-                bad = [t for t in ids if t >= vocab]
-                if bad:
-                    raise P.ServerError(f"{name} token id {bad[0]} is out of vocabulary [0, {vocab})", param=name)
+        for sp in params:  # checked before anything streams (the engine checks again when it adds the request)
+            error = sp.vocab_error(vocab)
+            if error is not None:
+                raise P.ServerError(error[1], param=error[0])
         out = []
         for p, ((ids, text), sp) in enumerate(zip(prompts, params)):
             for j in range(sp.n):

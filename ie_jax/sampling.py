@@ -142,6 +142,15 @@ class SamplingParams:
         """Whether a repetition, presence or frequency penalty changes this row's logits."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
+    def vocab_error(self, vocab_size: int) -> tuple[str, str] | None:
+        """(field, message) when logit_bias or allowed_token_ids names a token outside [0, vocab_size)."""
+        for name, tokens in (("logit_bias", [t for t, _ in self.logit_bias or ()]),
+                             ("allowed_token_ids", self.allowed_token_ids or ())):
+            bad = [t for t in tokens if t >= vocab_size]
+            if bad:
+                return name, f"{name} token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})"
+        return None
+
     @property
     def guided(self) -> bool:
         return self.guided_decoding is not None

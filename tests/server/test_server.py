@@ -125,18 +125,6 @@ class FakeAsyncLLM:
         pass
 
 
-@pytest.fixture(scope="module")
-def live():
-    server = LiveServer(make_engine())
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(live):
-    return live.client()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Endpoints
 

@@ -7,7 +7,7 @@ import re
 
 import openai
 import pytest
-from harness import MODEL, LiveServer, _tiny_model, greedy_reference, idle, make_engine
+from harness import MODEL, LiveServer, _tiny_model, greedy_reference, idle
 
 import ie_jax
 from engine.tools import ToolMode, tool_mode
@@ -16,22 +16,10 @@ from ie_jax.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def live():
-    server = LiveServer(make_engine())
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def hermes(live):
     server = LiveServer(live.engine, tool_call_parser="hermes")  # the same engine, `--tool-call-parser hermes`
     yield server
     server.stop()
-
-
-@pytest.fixture
-def client(live):
-    return live.client()
 
 
 def test_logit_bias_forces_and_bans_tokens(live, client):
