@@ -58,6 +58,20 @@ def test_fp8_decode_quantizes_q_per_token_and_kv_head(splits):
     assert not np.asarray(out[4:], np.float32).any()
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fp8_multi_token_passes_with_the_epilogue_in_v16s_bytes(splits):
+    # fp8: the epilogue's o/lse tiles share v16's bytes, so pass t + 1 may convert V only after pass t's stores
+    # have read them. The interpreter completes TMA stores at once, so that ordering is checked on the GPU
+    # (test_gpu_fp8_multi_token_passes); here: the values, with the race detector on the rest
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    batch = make_batch(61, q_lens=[3, 1, 2], seq_lens=[150, 64, 90], num_rows=4, extra_tokens=1, K=2, G=4, H=128,
+                       page_size=16)
+    fp8, _, scales = to_fp8(batch, 62)
+    out = pa.ragged_paged_attention(*fp8, **scales, config=tiles(splits=splits),
+                                    interpret=InterpretGPUParams(detect_races=True))
+    assert_close(out, reference_with_quantized_q(fp8, scales), rows=6)
+
+
 def test_fp8_q_quantization_kernel_and_xla_give_the_same_output():
     batch = make_batch(59, q_lens=[1, 1, 1], seq_lens=[5, 64, 150], num_rows=4, extra_tokens=1, K=2, G=4, H=128,
                        page_size=16)
@@ -177,6 +191,17 @@ def test_gpu_fp8_decode_serving_sizes(page_size, config):
     out = pa.ragged_paged_attention(*fp8, **scales, config=config)
     assert_close(out, reference_with_quantized_q(fp8, scales), rows=61)
     assert_close(out, pa.paged_attention_reference(*orig), rows=61, tol=FP8_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 4])
+def test_gpu_fp8_multi_token_passes(splits):
+    q_lens = [int(x) for x in np.random.default_rng(63).integers(1, 5, 32)]
+    seq_lens = [int(x) for x in np.random.default_rng(64).integers(5, 2048, 32)]
+    batch = make_batch(65, q_lens=q_lens, seq_lens=seq_lens, K=8, G=4, H=128, page_size=16)
+    fp8, _, scales = to_fp8(batch, 66)
+    out = pa.ragged_paged_attention(*fp8, **scales, config=tiles(splits=splits))
+    assert_close(out, reference_with_quantized_q(fp8, scales))
 
 
 @pytest.mark.gpu
