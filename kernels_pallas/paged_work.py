@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -206,7 +207,7 @@ def merge(o_parts, lse_rows, query_start_loc, seq_lens, num_seqs, *, T, group, v
     output. Tokens outside the live requests [qsl[0], qsl[num_seqs]) (qsl is non-decreasing) come back as zeros:
     the kernel never wrote their rows."""
     S, H = o_parts.shape[0], o_parts.shape[-1]
-    t = jnp.arange(T)
+    t = np.arange(T, dtype=np.int32)  # a host constant: jnp.arange became its own iota kernel (H200: 0.6 us)
     real = (t >= query_start_loc[0]) & (t < query_start_loc[jnp.clip(num_seqs, 0, seq_lens.shape[0])])  # [T]
     if o_parts.ndim == 3:  # direct: already token-major
         K = o_parts.shape[1] // (T * group)
