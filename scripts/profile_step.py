@@ -33,7 +33,8 @@ from ie_jax import SamplingParams, load_model  # noqa: E402
 HBM_TBPS = 4.14
 
 
-def decode_inputs(runner: ModelRunner, batch: int, context: int, prefill: int, prefill_count: int = 1):
+def decode_inputs(runner: ModelRunner, batch: int, context: int, prefill: int, prefill_count: int = 1,
+                  lora_slot: int = -1):
     """Step inputs, built by the runner's own `prepare`, for `batch` decode rows at `context` cached tokens plus
     `prefill_count` prefill chunks of `prefill` tokens; pages are a random permutation (not contiguous), tokens
     random."""
@@ -48,6 +49,7 @@ def decode_inputs(runner: ModelRunner, batch: int, context: int, prefill: int, p
         request = Request(f"profile-{r}", tokens, params, seed=r)
         request.num_computed_tokens = context
         request.page_ids = perm[r * pages_per_row:(r + 1) * pages_per_row]
+        request.lora_slot = lora_slot
         runner.assign_slot(request)
         scheduled.append((request, n))
     inp, _ = runner.prepare(SchedulerOutput(scheduled, []))
@@ -219,6 +221,9 @@ def main(argv=None):
                          "gaps between activities; the kernel table then comes from that trace (CUPTI serves one "
                          "client at a time)")
     ap.add_argument("--dump-hlo", action="store_true", help="also write the compiled step's optimized HLO text")
+    ap.add_argument("--enable-lora", action="store_true",
+                    help="every row under one LoRA adapter (max_loras 1; its factors are the runner's empty ones)")
+    ap.add_argument("--max-lora-rank", type=int, default=16)
     ap.add_argument("--kv-cache-dtype", default="auto", help="as serve.py's flag: auto (the weights' dtype) or fp8")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="the page table's width, as the engine's flag (default: the context plus the step's tokens)")
@@ -248,9 +253,11 @@ def main(argv=None):
                        max_num_batched_tokens=max(512, rows + 1, args.batch + args.prefill * args.prefill_count),
                        page_size=16,
                        num_pages=max(args.num_pages or 0, pages_needed + 8), unroll_layers=args.layers == "unrolled",
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       kv_cache_dtype=args.kv_cache_dtype, enable_lora=args.enable_lora, max_loras=1,
+                       max_lora_rank=args.max_lora_rank)
     runner = ModelRunner(model, cfg, owns_model=True)
-    host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count)
+    host_inp = decode_inputs(runner, args.batch, args.context, args.prefill, args.prefill_count,
+                             lora_slot=0 if args.enable_lora else -1)
     packed, layout = jax.device_put(host_inp.pack()), host_inp.layout()
     decode_only = args.prefill == 0 and not args.packed_decode  # as the engine's decode-only executables
     results = []
@@ -281,6 +288,7 @@ def main(argv=None):
     path = os.path.join(args.out, f"profile_step_b{args.batch}_c{args.context}_p{args.prefill}"
                                   f"{f'x{args.prefill_count}' if args.prefill_count > 1 else ''}_"
                                   f"{'fp8kv_' if args.kv_cache_dtype.startswith('fp8') else ''}"
+                                  f"{'lora_' if args.enable_lora else ''}"
                                   f"{'variants_' if len(variants) > 1 else ''}"
                                   f"{time.strftime('%Y%m%d-%H%M%S')}.json")
     first = results[0]
