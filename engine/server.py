@@ -41,7 +41,7 @@ import engine.protocol as P
 from engine.lora import LoRARequest, runtime_lora_updates
 from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
-from engine.tools import ToolMode, tool_finish, tool_mode
+from engine.tools import ToolMode, ToolStream, tool_finish, tool_mode
 from ie_jax.sampling import SamplingParams
 
 
@@ -70,7 +70,7 @@ class _Choice:
     logprobs: list[tuple[int, dict[int, float]]] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[tuple[int, dict[int, float] | None]] | None = None  # echo with logprobs
     started: bool = False  # streaming: a chunk of this choice went out
-    streamed: int = 0  # streaming with tools: characters of the text sent as content
+    tool_stream: ToolStream = dataclasses.field(default_factory=ToolStream)  # streaming with tools: what went out
     echo_len: int = 0  # streaming: characters of echoed prompt before the generated text
 
 
@@ -349,8 +349,8 @@ class OpenAIServer:
                             lp = self.echoed_logprobs(c, entries, prefix) if prefix and c.prompt_logprobs else \
                                 self.completion_logprobs(entries, offset)
                         body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
-                    elif tools is not None:  # text that cannot be a call streams; calls go out when complete
-                        delta, c.streamed, finish = tools.stream_delta("".join(c.text), c.streamed, finish)
+                    elif tools is not None:  # text that cannot be a call streams as content, calls as deltas
+                        delta, finish = tools.stream_delta("".join(c.text), c.tool_stream, finish)
                         if delta is None:
                             continue
                         body = P.chat_delta_choice(job.index, delta, None, finish, stop)

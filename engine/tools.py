@@ -13,6 +13,9 @@ by `tool_choice`:
                                                      llama3_json  {"name": ..., "parameters": {...}} (after an
                                                                   optional <|python_tag|>, several joined by ';')
   "none"                                           the tools are shown to the template, the text is the answer
+
+A call's arguments are the text of its arguments object as the model wrote it (not re-serialized), so that a
+stream can send them as they are generated and still add up to what the whole response says.
 """
 from __future__ import annotations
 
@@ -26,13 +29,104 @@ from ie_jax.guided import GuidedDecodingParams
 
 PARSERS = ("hermes", "llama3_json")
 _HERMES, _PYTHON_TAG = "<tool_call>", "<|python_tag|>"
+_BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|\Z)", re.S)  # a hermes call, closed or still being written
+_CLOSED = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|"|[{}\[\]]', re.S)  # a whole string, one still open, or a bracket
+_ATOM = re.compile(r"[^\s,:\]}]*")  # a number, true, false or null
+_SPACE = re.compile(r"\s*")
+
+
+def _new_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
 def _call(name: str, arguments) -> dict:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+    return {"id": _new_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _json(text: str):
+    """The value of a JSON text; None when it is not JSON."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _tag_start(text: str, tag: str) -> int:
+    """How many characters at the end of `text` may be the start of `tag`."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
+
+
+def _ws(src: str, i: int) -> int:
+    return _SPACE.match(src, i).end()
+
+
+def _value_end(src: str, i: int) -> int | None:
+    """Where the JSON value at src[i] ends; None while the text stops inside it. Strings are skipped whole, so the
+    brackets and quotes inside them do not count."""
+    if i >= len(src):
+        return None
+    if src[i] not in '"{[':
+        end = _ATOM.match(src, i).end()
+        return end if end < len(src) else None  # a number at the end may still grow
+    depth = 0
+    for m in _TOKEN.finditer(src, i):
+        tok = m.group()
+        if tok == '"':  # a string the text has not closed yet
+            return None
+        depth += 0 if tok[0] == '"' else 1 if tok in "{[" else -1
+        if depth == 0:
+            return m.end()
+    return None
+
+
+def _members(src: str, i: int) -> tuple[dict[str, tuple[int, int | None]], int | None]:
+    """The members of the JSON object at src[i] ("{") as far as the text goes, key -> (where its value starts, where
+    it ends or None while open), and where the object ends (None: not yet, or the text is not JSON)."""
+    members, i = {}, _ws(src, i + 1)
+    while i < len(src):
+        if src[i] == "}":
+            return members, i + 1
+        if members:
+            if src[i] != ",":
+                break
+            i = _ws(src, i + 1)
+        key_end = _value_end(src, i) if src.startswith('"', i) else None
+        key = _json(src[i:key_end]) if key_end is not None else None
+        colon = _ws(src, key_end or i)
+        if not isinstance(key, str) or not src.startswith(":", colon):
+            break
+        start = _ws(src, colon + 1)
+        members[key] = start, _value_end(src, start)
+        if members[key][1] is None:
+            break
+        i = _ws(src, members[key][1])
+    return members, None
+
+
+def _read_call(src: str, i: int, keys: tuple[str, ...]) -> tuple[str | None, str | None, str | None, int | None]:
+    """The call object at src[i] as far as the text goes: its name (once the string is closed), its arguments
+    object's text so far (under the first of `keys` it has), the object's whole text and its end (once closed)."""
+    members, end = _members(src, i)
+    start, stop = members.get("name", (0, None))
+    name = _json(src[start:stop]) if stop is not None else None
+    key = next((k for k in keys if k in members), None)
+    args = None
+    if key is not None and src.startswith("{", members[key][0]):
+        start, stop = members[key]
+        args = src[start:stop]  # stop None: the object is still open, all of the text so far is in it
+    return (name if isinstance(name, str) else None), args, (src[i:end] if end is not None else None), end
+
+
+@dataclasses.dataclass
+class ToolStream:
+    """What of one streaming choice has gone out: `content` characters of content, and for each call begun its id
+    and the arguments text sent."""
+    content: int = 0
+    ids: list[str] = dataclasses.field(default_factory=list)
+    args: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +135,15 @@ class ToolMode:
     schemas: dict  # tool name -> its parameters' JSON Schema
     name: str | None = None  # the named tool
     parser: str | None = None  # "auto": how calls are read out of the text
+
+    @property
+    def hermes(self) -> bool:
+        return self.choice == "auto" and self.parser == "hermes"
+
+    @property
+    def keys(self) -> tuple[str, ...]:  # the member that holds a call's arguments, the first there is
+        return ("arguments",) if self.hermes else ("parameters",) if self.choice == "required" else \
+            ("parameters", "arguments")
 
     def guided(self) -> GuidedDecodingParams | None:
         if self.choice == "named":
@@ -58,59 +161,131 @@ class ToolMode:
             return 0
         if self.parser == "hermes":
             start = text.find(_HERMES)
-            if start >= 0:
-                return start
-            held = next((k for k in range(min(len(_HERMES) - 1, len(text)), 0, -1) if _HERMES.startswith(text[-k:])),
-                        0)
-            return len(text) - held
+            return start if start >= 0 else len(text) - _tag_start(text, _HERMES)
         head = text.lstrip()
         if not head or head.startswith("{") or _PYTHON_TAG.startswith(head[:len(_PYTHON_TAG)]) or \
                 head.startswith(_PYTHON_TAG):
             return 0
         return len(text)
 
-    def stream_delta(self, text: str, streamed: int, finish_reason: str | None) -> tuple[dict | None, int, str | None]:
-        """A streaming choice's next chat delta (None: nothing to send yet), the characters of `text` sent as
-        content after it, and the finish reason to send (finish_reason is set once the text is complete)."""
-        if finish_reason is None:
-            limit = self.streamable(text)
-            return ({"content": text[streamed:limit]}, limit, None) if limit > streamed else (None, streamed, None)
-        _, calls = self.parse(text)
-        before = text[:text.find(_HERMES)] if self.parser == "hermes" else ""  # content ahead of the first call
-        rest = (before if calls else text)[streamed:]
-        delta = {"content": rest} if rest else {}
-        if calls:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-        return delta, len(text), tool_finish(self, calls, finish_reason)
+    def scan(self, text: str) -> tuple[list[tuple[str | None, str | None, str | None]], int | None]:
+        """The calls in a (growing) text as far as it goes, each (name, arguments text so far, the call object's
+        text once closed), and where the last one read ends (hermes: None, its calls are read block by block)."""
+        if self.choice == "named":
+            return ([(self.name, text, text)] if text else []), len(text)
+        if self.hermes:
+            calls = []
+            for m in _BLOCK.finditer(text):
+                body = m.group(1)
+                if not m.group(2):  # still open: what may be the start of </tool_call> is not the call's yet
+                    body = body[:len(body) - _tag_start(body, "</tool_call>")]
+                i = _ws(body, 0)
+                calls.append(_read_call(body, i, self.keys)[:3] if body.startswith("{", i) else (None,) * 3)
+            return calls, None
+        opener, sep = ("[", ",") if self.choice == "required" else (_PYTHON_TAG, ";")
+        i, end, calls = _ws(text, 0), None, []
+        if text.startswith(opener, i):
+            i += len(opener)
+        elif opener == "[":
+            return [], None
+        while text.startswith("{", i := _ws(text, i)):
+            *call, end = _read_call(text, i, self.keys)
+            calls.append(tuple(call))
+            if end is None:
+                break
+            i = _ws(text, end)
+            if not text.startswith(sep, i):
+                break
+            i += 1
+        return calls, end
+
+    def content(self, text: str, begun: int) -> str:
+        """What of a growing text may go out as content now, with `begun` calls sent: a prefix of what the finished
+        text says as content. hermes: the text outside the calls, up to the first block that is still open, has
+        not begun or is not JSON; whitespace waits for what follows it (parse() strips the content's ends)."""
+        if self.choice != "auto":
+            return ""
+        if not self.hermes:
+            return text[:self.streamable(text)]
+        out, pos = [], 0
+        for k, m in enumerate(_BLOCK.finditer(text)):
+            if not m.group(2) or k >= begun or not isinstance(_json(m.group(1)), dict):  # not (yet) a call
+                break
+            out.append(text[pos:m.start()])
+            pos = m.end()
+        out.append(text[pos:pos + self.streamable(text[pos:])])
+        return "".join(out).rstrip()
+
+    def stream_delta(self, text: str, state: ToolStream, finish_reason: str | None) -> tuple[dict | None, str | None]:
+        """A streaming choice's next chat delta (None: nothing to send yet) and the finish reason to send, given its
+        text so far and `state`, what of it went out (updated here); finish_reason is set once the text is complete.
+        Content goes out as content() allows. A call's first delta (index, id, type, name, "") goes out once its
+        name is complete, then its arguments as they are written: fragments of its arguments object's text, never a
+        character past that object (not the call's closing brace, nor the array's bracket), adding up to what
+        parse() returns for it:
+          named        the whole text is the arguments, from its first character
+          required     each element of the array once its "name" is closed; then its "parameters" object
+          hermes       each <tool_call> block once its "name" is closed; then its "arguments" object
+          llama3_json  each object once its "name" is closed; then its "parameters" (or "arguments") object
+        At the end parse() has the last word: calls it finds that have not begun go out whole, the finish reason is
+        tool_finish()'s, and if no call began, a text it finds no calls in goes out as content. A call found
+        malformed (or cut short) only then cannot be taken back: what went out stands, and no more is sent."""
+        done = finish_reason is not None
+        if done:
+            say, calls = self.parse(text)
+            found = [(c["function"]["name"], c["function"]["arguments"], c["id"]) for c in calls]
+            if calls:
+                say = _CLOSED.sub("", text).rstrip() if self.hermes else ""
+            elif state.ids:
+                say = ""
+        else:
+            found = [(name, args, None) for name, args, _ in self.scan(text)[0]]
+        sent = []
+        for i, (name, args, call_id) in enumerate(found):
+            if name is None:  # calls go out in order
+                break
+            args = args or ""
+            if i == len(state.ids):
+                state.ids.append(call_id or _new_id())
+                state.args.append(args)
+                sent.append({"index": i, "id": state.ids[i], "type": "function",
+                             "function": {"name": name, "arguments": args}})
+            elif len(args) > len(state.args[i]) and args.startswith(state.args[i]):
+                sent.append({"index": i, "function": {"arguments": args[len(state.args[i]):]}})
+                state.args[i] = args
+        if not done:
+            say = self.content(text, len(state.ids))
+        delta = {}
+        if len(say) > state.content:
+            delta["content"] = say[state.content:]
+            state.content = len(say)
+        if sent:
+            delta["tool_calls"] = sent
+        if done:
+            return delta, tool_finish(self, calls, finish_reason)
+        return delta or None, None
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        """(content, tool calls) of a finished choice's text."""
+        """(content, tool calls) of a finished choice's text. A call's arguments are its arguments object's text
+        (a value that is not an object is serialized with json.dumps, no arguments are "{}")."""
         if self.choice == "named":
             return None, [_call(self.name, text)]
-        if self.choice == "required":
-            try:
-                return None, [_call(c["name"], c["parameters"]) for c in json.loads(text)]
-            except (ValueError, KeyError, TypeError):  # cut short by max_tokens: hand back the text
-                return text, []
-        if self.parser == "hermes":
-            calls, content = [], text
-            for block in re.findall(r"<tool_call>(.*?)</tool_call>", text, re.S):
-                try:
-                    obj = json.loads(block)
-                    calls.append(_call(obj["name"], obj.get("arguments", {})))
-                except (ValueError, KeyError, TypeError):
-                    return text, []  # a malformed call: the text stays the answer
-            if calls:
-                content = re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S).strip() or None
-            return content, calls
-        stripped = text.strip().removeprefix("<|python_tag|>").strip()
-        if stripped.startswith("{"):
-            try:
-                objs = [json.loads(part) for part in re.split(r"\s*;\s*(?=\{)", stripped)]
-                return None, [_call(o["name"], o.get("parameters", o.get("arguments", {}))) for o in objs]
-            except (ValueError, KeyError, TypeError):
-                pass
-        return text, []
+        seen, end = self.scan(text)
+        if self.hermes:
+            objs = [_json(block) for block in _CLOSED.findall(text)]
+        elif self.choice == "required":
+            objs = _json(text)
+        else:  # llama3_json: nothing but calls, joined by ';'
+            objs = [_json(obj or "") for _, _, obj in seen] if end is not None and not text[end:].strip() else None
+        if not isinstance(objs, list) or not objs or len(objs) > len(seen):
+            return text, []
+        calls = []
+        for o, (_, args, _) in zip(objs, seen):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                return text, []  # malformed, or cut short by max_tokens: the text is the answer
+            value = next((o[k] for k in self.keys if k in o), {})
+            calls.append(_call(o["name"], args if isinstance(value, dict) else value))
+        return (_CLOSED.sub("", text).strip() or None) if self.hermes else None, calls
 
 
 def tool_mode(tools: list[dict] | None, tool_choice, parser: str | None, auto_enabled: bool) -> ToolMode | None:

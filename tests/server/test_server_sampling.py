@@ -108,13 +108,48 @@ def test_named_and_required_tool_choice(live, client):
         assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
     else:  # max_tokens cut the array short: the text comes back as it is
         assert required.choices[0].message.content.startswith("[")
-    streamed = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=60,
-                                              temperature=0, stream=True, tool_choice={
-                                                  "type": "function", "function": {"name": "get_weather"}})
-    deltas = [c.choices[0].delta for c in streamed if c.choices]
-    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].function.arguments == call.function.arguments  # greedy: the same call
+    # streamed: each call's first delta (id, name), then its arguments in fragments, as they are generated
+    named_choice = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=60,
+                                                 temperature=0, stream=True, tool_choice=named_choice))
+    streamed, fragments = reassemble(chunks)
+    assert streamed == [("get_weather", call.function.arguments)] and fragments > 1  # greedy: the same call
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=60,
+                                        temperature=0, tool_choice=named_choice) as stream:  # the client's helper
+        final = stream.get_final_completion().choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in final] == streamed
+    for seed in (5, 6):  # seed 5 is cut short by max_tokens, seed 6 completes its call
+        kwargs = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=100, temperature=0.7, seed=seed,
+                      tool_choice="required")
+        whole = client.chat.completions.create(**kwargs).choices[0]
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        streamed, fragments = reassemble(chunks)
+        assert streamed and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+        if whole.message.tool_calls:  # the same seed: the same calls, the arguments sent as they were generated
+            assert streamed == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+            assert fragments > len(streamed) and whole.finish_reason == "tool_calls"
+        else:  # cut short: what went out stands, as the text wrote it
+            text = whole.message.content
+            assert [name for name, _ in streamed] == re.findall(r'"name" ?: ?"(\w+)"', text)
+            assert all(re.search(r'"parameters" ?: ?' + re.escape(args), text) for _, args in streamed)
     assert idle(live.engine)
+
+
+def reassemble(chunks) -> tuple[list[tuple[str, str]], int]:
+    """The (name, arguments) of the tool calls a stream sent, put together by index as clients do, and how many
+    tool-call deltas it took. A call's id and name come once, in its first delta."""
+    calls, count = {}, 0
+    for delta in [c.choices[0].delta for c in chunks if c.choices]:
+        for tc in delta.tool_calls or []:
+            count += 1
+            if tc.index not in calls:
+                assert tc.id.startswith("chatcmpl-tool-") and tc.type == "function" and tc.index == len(calls)
+                calls[tc.index] = [tc.function.name, ""]
+            else:
+                assert tc.id is None and tc.function.name is None
+            calls[tc.index][1] += tc.function.arguments
+    return [tuple(calls[i]) for i in sorted(calls)], count
 
 
 def test_auto_tool_choice_with_the_hermes_parser(hermes, live):
@@ -130,15 +165,13 @@ def test_auto_tool_choice_with_the_hermes_parser(hermes, live):
     plain = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=5, temperature=0,
                                            extra_body={"guided_regex": "[a-z]{5}"})
     assert plain.choices[0].message.tool_calls == [] and re.fullmatch("[a-z]{5}", plain.choices[0].message.content)
-    # streamed: text that cannot be a call goes out as it comes, the call once it is complete
+    # streamed: text that cannot be a call goes out as it comes, the call's arguments as they are generated
     chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
                                                  temperature=0, stream=True, extra_body={"guided_regex": regex}))
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    content = "".join(d.content or "" for d in deltas)
-    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-    assert content.strip() == "Sure." and "<tool_call" not in content
-    assert [json.loads(tc.function.arguments) for tc in calls] == \
-        [json.loads(choice.message.tool_calls[0].function.arguments)]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    streamed, fragments = reassemble(chunks)
+    assert content == "Sure." and fragments > 1
+    assert streamed == [("get_weather", choice.message.tool_calls[0].function.arguments)]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     words = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=5,
                                                 temperature=0, stream=True, extra_body={"guided_regex": "[a-z]{5}"}))
