@@ -332,7 +332,8 @@ def quant_matmul(x, qw, *, out_dtype=None):
     On a Hopper GPU (backend auto / pallas), decode-sized calls (at most 64 rows of bf16 x) of int8 and int4
     (groups of a multiple of 128 rows; act-order gathers x) run the Pallas kernel where
     `quant_matmul.kernel_config` says it was measured faster than XLA (packed int4 also up to 128 rows, in 64-row
-    chunks); FP8 (q held [N, K], K-major) runs the fp8 decode kernel (`fp8_skinny_matmul`) where
+    chunks); above 64 rows the packed layouts run the many-row GEMM (quant_gemm.py) where `quant_gemm.gemm_config`
+    says it measured faster; FP8 (q held [N, K], K-major) runs the fp8 decode kernel (`fp8_skinny_matmul`) where
     `fp8_matmul.fp8_kernel_config` says it was measured faster, XLA's fp8 dot (cuBLASLt) elsewhere. Everything
     else, and every call on CPU, runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the
     format reference otherwise).
@@ -342,6 +343,13 @@ def quant_matmul(x, qw, *, out_dtype=None):
     from kernels_pallas import quant_matmul as qm
     backend = current_backend()
     on_hopper = backend in ("pallas", "interpret") or (backend == "auto" and is_hopper())
+    if on_hopper and isinstance(qw, (qm.PackedInt8, qm.PackedInt4)) and x.dtype == jnp.bfloat16:
+        from kernels_pallas import quant_gemm as qg
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        config = qg.gemm_config(qw, rows.shape[0])
+        if config is not None:  # many rows: the warp-specialized GEMM where it measured faster
+            y = qg.quant_gemm(rows, qw, config=config, interpret=backend == "interpret", out_dtype=out_dtype or x.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
     if on_hopper and isinstance(qw, (int8.Int8Weights, int4.Int4Weights, qm.PackedInt8, qm.PackedInt4)):
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         config = qm.kernel_config(qw, rows.shape[0], forced=backend != "auto")

@@ -20,8 +20,8 @@ How it is cut:
 * The epilogue applies int8's per-channel scale, stores the accumulator transposed into shared memory as y's
   [tile_m, tile_n / 2] tile and copies it out with TMA.
 
-Status: built and checked in the Mosaic GPU interpreter (through shared memory, which is what the interpreter
-takes for wgmma operands); not yet run on the GPU (docs/kernels/quant_matmul.md, v6).
+`gemm_config` says where `ops.quant_matmul` runs it: the cells where it measured faster than the path that ran
+there before (H200, docs/kernels/quant_matmul.md v8).
 """
 from __future__ import annotations
 
@@ -75,6 +75,31 @@ class GemmConfig:
         ring = self.num_stages * (w + self.tile_m * self.tile_k * 2 + self.tile_n * 3)
         out = self.tile_m * self.tile_n * 2
         return ring + out + (0 if self.a_in_registers else self.tile_n * self.tile_k * 2)
+
+
+# Where the GEMM beat the path that ran before (the decode kernel over 64-row chunks, or XLA's dequantize-then-dot)
+# on the H200 (benchmarks/results/quant_20261205-050954_gate_up-down-qkv-o.json), by the weight's shape class:
+# "wide" (N >= 16384: Llama's gate_up) and "deep" (K >= 8192, N < 16384: its down). (rows up to, config) in order.
+# Shapes of neither class (qkv, o) were not measured and keep their path.
+_WIDE = ((128, GemmConfig(256, 128, 2)),  # gate_up, 128 rows: int4 56.9 us (1.29x cuBLAS bf16), chunks ~117
+         (1 << 30, GemmConfig(128, 256, 4, 64)))  # 256 rows: int4 95.6 (1.00x), XLA ~252; 4096: 0.89x, XLA 0.81x
+_DEEP = ((128, None),  # down, 128 rows: the chunked decode kernel (int4 76.5 us) and XLA's int8 dot (55.4) stay
+         (256, GemmConfig(128, 64, 4)))  # 256 rows: int4 79.2 (0.64x), XLA 122.0; int8 73.2, XLA 107.8
+MIN_ROWS = 65  # below, the decode kernel (quant_matmul.MAX_M = 64)
+
+
+def gemm_config(packed, m: int) -> GemmConfig | None:
+    """The config `ops.quant_matmul` runs this GEMM with for packed weights at m rows, or None (another path)."""
+    if m < MIN_ROWS or not isinstance(packed, (PackedInt8, PackedInt4)) or packed.q.ndim != 2:
+        return None
+    n, k = packed.q.shape
+    table = _WIDE if n >= 16384 else _DEEP if k >= 8192 else ()
+    config = next((c for up_to, c in table if m <= up_to), None)
+    if config is None or n % config.tile_n or k % config.tile_k:
+        return None
+    if isinstance(packed, PackedInt4) and packed.group_size % GROUP_K:
+        return None
+    return config
 
 
 def check_args(x, packed, config: GemmConfig):

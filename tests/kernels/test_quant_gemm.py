@@ -89,3 +89,40 @@ def test_rejects_bad_arguments():
 def test_llama_shapes_gpu(fmt, m, k, n):
     x, packed = make(m + k + n, m, k, n, fmt)
     assert rel_err(qg.quant_gemm(x, packed), packed, x) < 1.5e-2
+
+
+def test_gemm_config_follows_the_measurements():
+    """Wide weights (N >= 16384) above 64 rows, deep ones (K >= 8192) at 129..256 rows; others keep their path."""
+    S = jax.ShapeDtypeStruct
+
+    def packed(k, n, fmt="int4", group=128):
+        if fmt == "int8":
+            return qm.PackedInt8(S((n, k), jnp.int8), S((n,), jnp.float32))
+        return qm.PackedInt4(S((n, k), jnp.int4), S((k // group, n), jnp.float16), S((k // group, n), jnp.uint8),
+                             group, None)
+
+    gate_up, down, qkv = packed(4096, 28672), packed(14336, 4096), packed(4096, 6144)
+    assert qg.gemm_config(gate_up, 64) is None  # the decode kernel's rows
+    assert qg.gemm_config(gate_up, 65) == qg.gemm_config(gate_up, 128) == qg.GemmConfig(256, 128, 2)
+    assert qg.gemm_config(gate_up, 129) == qg.gemm_config(gate_up, 16384) == qg.GemmConfig(128, 256, 4, 64)
+    assert qg.gemm_config(packed(4096, 28672, "int8"), 200) == qg.GemmConfig(128, 256, 4, 64)
+    assert qg.gemm_config(down, 128) is None and qg.gemm_config(down, 257) is None
+    assert qg.gemm_config(down, 129) == qg.gemm_config(down, 256) == qg.GemmConfig(128, 64, 4)
+    assert qg.gemm_config(qkv, 256) is None  # not measured
+    assert qg.gemm_config(packed(4096, 28672, group=64), 256) is None  # groups under 128 rows: not this kernel
+    assert qg.gemm_config(packed(4096, 28672 + 64), 256) is None  # N not a multiple of the tile
+
+
+def test_ops_dispatches_many_rows_to_the_gemm_cpu(monkeypatch):
+    """ops.quant_matmul (interpret backend) takes the GEMM where gemm_config names a config (here a small one
+    for a small shape), with the numbers of the reference; elsewhere the other paths."""
+    from kernels_pallas.ops import kernel_backend, quant_matmul
+    calls = []
+    monkeypatch.setattr(qg, "gemm_config", lambda p, m: SMALL if m > 64 else None)
+    gemm = qg._quant_gemm
+    monkeypatch.setattr(qg, "_quant_gemm", lambda x, *a, **kw: calls.append(x.shape) or gemm(x, *a, **kw))
+    x, packed = make(9, 96, 256, 128, "int4")
+    with kernel_backend("interpret"):
+        out = quant_matmul(x.reshape(2, 48, 256), packed, out_dtype=jnp.float32)
+    assert calls == [(96, 256)] and out.shape == (2, 48, 128)
+    assert rel_err(out.reshape(96, 128), packed, x) < 1e-2
