@@ -229,6 +229,8 @@ def main(argv=None):
                     help="the page table's width, as the engine's flag (default: the context plus the step's tokens)")
     ap.add_argument("--num-pages", type=int, default=None,
                     help="KV cache pages (default: what the rows need); the step's undonated calls copy the cache")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="as the engine's flag: with --max-num-seqs, the step runs in the engine's own (T, R) bucket")
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="as the engine's flag (default: max(rows + 1, 8))")
     ap.add_argument("--decode-splits", type=int, default=None,
@@ -250,7 +252,9 @@ def main(argv=None):
     pages_needed = (rows + 1) * (-(-(args.context + max(args.prefill, 1)) // 16))
     cfg = EngineConfig(max_model_len=args.max_model_len or args.context + max(args.prefill, 1) + 16,
                        max_num_seqs=args.max_num_seqs or max(rows + 1, 8),
-                       max_num_batched_tokens=max(512, rows + 1, args.batch + args.prefill * args.prefill_count),
+                       max_num_batched_tokens=args.max_num_batched_tokens or max(512, rows + 1,
+                                                                                 args.batch + args.prefill *
+                                                                                 args.prefill_count),
                        page_size=16,
                        num_pages=max(args.num_pages or 0, pages_needed + 8), unroll_layers=args.layers == "unrolled",
                        kv_cache_dtype=args.kv_cache_dtype, enable_lora=args.enable_lora, max_loras=1,
