@@ -54,10 +54,12 @@ class AsyncLLM:
     @classmethod
     def from_args(cls, args) -> "AsyncLLM":
         """Build from the serve.py argparse namespace (vLLM's flag names)."""
+        from engine.serve_flags import served_tokenizer
         enable_compilation_cache(getattr(args, "compilation_cache_dir", None))
         t0 = time.perf_counter()
         model, tokenizer = ie_jax.load_model(args.model, dtype=args.dtype, load_format=args.load_format,
                                              seed=args.seed, quantization=getattr(args, "quantization", None))
+        tokenizer = served_tokenizer(args, model, tokenizer)  # --tokenizer, --chat-template
         max_model_len = args.max_model_len or min(model.config.max_position_embeddings, 8192)
         config = EngineConfig(
             max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
@@ -67,7 +69,8 @@ class AsyncLLM:
             compilation_cache_dir=args.compilation_cache_dir,
             unroll_layers=getattr(args, "unroll_layers", True),
             kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), enable_lora=getattr(args, "enable_lora", False),
-            max_loras=getattr(args, "max_loras", 1), max_lora_rank=getattr(args, "max_lora_rank", 16))
+            max_loras=getattr(args, "max_loras", 1), max_lora_rank=getattr(args, "max_lora_rank", 16),
+            max_logprobs=getattr(args, "max_logprobs", 20))
         t1 = time.perf_counter()
         print(f"model {args.model!r} ready on {jax.devices()[0].device_kind} in {t1 - t0:.1f} s", file=sys.stderr,
               flush=True)

@@ -231,8 +231,8 @@ def completion_choice(index: int, text: str, logprobs: dict | None, finish_reaso
 
 
 def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
-                stop_reason: int | str | None, tool_calls: list[dict] | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "tool_calls": tool_calls or []},
+                stop_reason: int | str | None, tool_calls: list[dict] | None = None, role: str = "assistant") -> dict:
+    return {"index": index, "message": {"role": role, "content": text, "tool_calls": tool_calls or []},
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -97,7 +98,7 @@ async def _merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
 
 class OpenAIServer:
     def __init__(self, engine, served_model_name: str | list[str], api_key: str | None, max_queue: int | None,
-                 model_root: str | None = None, tool_call_parser: str | None = None):
+                 model_root: str | None = None, tool_call_parser: str | None = None, response_role: str = "assistant"):
         # several names (vLLM's --served-model-name a b): any is accepted, the first names the responses
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         served_model_name, self.aliases = names[0], tuple(names)
@@ -106,6 +107,7 @@ class OpenAIServer:
         self.engine, self.model_name, self.api_key, self.max_queue = engine, served_model_name, api_key, max_queue
         self.model_root = model_root or served_model_name
         self.tool_call_parser = tool_call_parser  # set: "auto" tool choice parses calls out of the text
+        self.response_role = response_role  # the role of chat replies (vLLM's --response-role)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine_config.max_model_len
         self.metrics = ServerMetrics(engine.stats, served_model_name)
@@ -311,7 +313,7 @@ class OpenAIServer:
                 lp = self.chat_logprobs(c.logprobs, num_top) if num_top is not None else None
                 content, calls = (text, None) if tools is None else tools.parse(text)
                 body.append(P.chat_choice(j.index, content, lp, tool_finish(tools, calls, c.finish_reason),
-                                          c.stop_reason, calls))
+                                          c.stop_reason, calls, self.response_role))
         return P.envelope(kind, request_id, int(time.time()), self.response_model(jobs), body,
                           self.total_usage(jobs, choices))
 
@@ -332,7 +334,7 @@ class OpenAIServer:
         try:
             if chunk_kind == "chat.completion.chunk":  # the role goes first, before any token
                 for j in jobs:
-                    yield event([P.chat_delta_choice(j.index, {"role": "assistant", "content": ""})])
+                    yield event([P.chat_delta_choice(j.index, {"role": self.response_role, "content": ""})])
             async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
                 async for job, out in outs:
                     c = choices[job.index]
@@ -419,11 +421,12 @@ def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
 
 
 def build_app(engine, *, served_model_name: str | list[str], api_key: str | None = None,
-              max_queue: int | None = None, model_root: str | None = None,
-              tool_call_parser: str | None = None) -> FastAPI:
+              max_queue: int | None = None, model_root: str | None = None, tool_call_parser: str | None = None,
+              response_role: str = "assistant", cors: dict | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
-    --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py)."""
-    server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser)
+    --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py). `cors`:
+    CORSMiddleware's keyword arguments (vLLM's --allowed-origins etc.)."""
+    server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser, response_role)
     app = FastAPI(title="ie-jax OpenAI-compatible server")
     app.state.server = server
 
@@ -445,6 +448,8 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
 
     if api_key is not None:
         app.add_middleware(_BearerAuth, api_key=api_key)
+    if cors is not None:  # added last, so outermost: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, **cors)
 
     @app.get("/health")
     async def health():
@@ -578,12 +583,11 @@ def run_server(args) -> None:
     import uvicorn
 
     from engine.async_llm import AsyncLLM
+    from engine.serve_flags import app_kwargs
 
     engine = AsyncLLM.from_args(args)
     try:
-        parser = args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None
-        app = build_app(engine, served_model_name=args.served_model_name or args.model, api_key=args.api_key,
-                        max_queue=args.max_queue, model_root=args.model, tool_call_parser=parser)
+        app = build_app(engine, **app_kwargs(args))
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_keep_alive=5)
     finally:
         engine.shutdown()

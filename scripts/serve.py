@@ -1,7 +1,7 @@
 """Serve a model over an OpenAI-compatible HTTP API (flags follow `vllm serve`).
 
     python scripts/serve.py                                   # the embedded default model, on 127.0.0.1:8000
-    python scripts/serve.py --model /path/to/hf_dir --max-model-len 4096
+    python scripts/serve.py /path/to/hf_dir --max-model-len 4096   # or --model /path/to/hf_dir
     python scripts/serve.py --model /path/to/llama3-8b --load-format dummy --dtype bfloat16   # benchmarks
     python scripts/serve.py --model /path/to/hf_dir --enable-lora --lora-modules sql=/path/to/peft_adapter
 
@@ -33,8 +33,11 @@ tokenizer.json):  python scripts/serve.py --model /path/to/hf_dir"""
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the model, as in `vllm serve MODEL`")
+    p.add_argument("--model", default=None,
                    help=f"HF checkpoint directory or preset name (default: {DEFAULT_MODEL!r}, the embedded tiny model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a directory with the tokenizer (tokenizer.json, tokenizer_config.json) if not the model's")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients send as `model` (default: --model); the first names the responses")
     p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
@@ -53,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"], help="requests in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=engine["max_num_batched_tokens"],
                    help="token budget of one step, shared by decodes and prompt chunks")
-    p.add_argument("--page-size", type=int, default=engine["page_size"], choices=[8, 16, 32, 64, 128],
-                   help="tokens per KV-cache page")
+    p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=engine["page_size"],
+                   choices=[8, 16, 32, 64, 128], help="tokens per KV-cache page")
     p.add_argument("--gpu-memory-utilization", type=float, default=engine["gpu_memory_utilization"],
                    help="fraction of device memory for weights + KV cache")
     p.add_argument("--num-pages", type=int, default=engine["num_pages"],
@@ -81,9 +84,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='chat requests with tools and tool_choice "auto" get their calls parsed out of the text')
     p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                    help="the model's tool-call format (with --enable-auto-tool-choice)")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="Jinja chat template for /v1/chat/completions, replacing the tokenizer's: a file, or the "
+                        "template text")
+    p.add_argument("--response-role", default="assistant", help="the role of chat completion replies")
+    p.add_argument("--max-logprobs", type=int, default=engine["max_logprobs"],
+                   help="the most logprobs / top_logprobs a request may ask for")
+    p.add_argument("--generation-config", default="auto", metavar="{auto,vllm}",
+                   help="both keep the EOS ids of the model's generation_config.json; its sampling defaults "
+                        "(temperature, top_p, ...) are never applied here, as with vLLM's 'vllm'")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: the server uses one GPU")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="only 1: the server uses one GPU")
+    p.add_argument("--allowed-origins", type=json_list, default=None,
+                   help='CORS, a JSON list: \'["http://x"]\' (default: no CORS headers, so that a web page in the '
+                        'browser cannot read a local server; vLLM allows any origin)')
+    p.add_argument("--allowed-methods", type=json_list, default=["*"], help="CORS, a JSON list")
+    p.add_argument("--allowed-headers", type=json_list, default=["*"], help="CORS, a JSON list")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and auth headers")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    # vLLM flags accepted so a pasted command runs; compat_notes says at start-up why each changes nothing here
+    same = "accepted for vLLM commands; changes nothing here (a note at start-up says why)"
+    p.add_argument("--trust-remote-code", action="store_true", help=same)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="always on here; --no-enable-chunked-prefill is an error")
+    p.add_argument("--enforce-eager", action="store_true", help=same)
+    p.add_argument("--swap-space", type=float, default=None, metavar="GIB", help=same)
+    p.add_argument("--disable-log-requests", action="store_true", help=same)
+    p.add_argument("--disable-log-stats", action="store_true", help=same)
+    p.add_argument("--disable-frontend-multiprocessing", action="store_true", help=same)
     args = p.parse_args(argv)
+    if args.model_tag and args.model and args.model_tag != args.model:
+        p.error(f"the model is given twice: {args.model_tag!r} (positional) and --model {args.model!r}")
+    args.model = args.model_tag or args.model or DEFAULT_MODEL
+    for flag, n in (("--tensor-parallel-size", args.tensor_parallel_size),
+                    ("--pipeline-parallel-size", args.pipeline_parallel_size)):
+        if n != 1:
+            p.error(f"{flag}={n}: ie-jax serves on one GPU; a model too large for one may fit with "
+                    f"--quantization int8, int4 or fp8")
+    if args.enable_chunked_prefill is False:
+        p.error("--no-enable-chunked-prefill: chunked prefill is always on here (prompts are split under "
+                "--max-num-batched-tokens); leave the flag out")
+    if args.generation_config not in ("auto", "vllm"):
+        p.error(f"--generation-config {args.generation_config!r}: only 'auto' and 'vllm' are supported (ie-jax reads "
+                f"only the EOS ids of the model's own generation_config.json)")
+    if args.max_logprobs < 0:
+        p.error(f"--max-logprobs={args.max_logprobs} must be >= 0")
+    if not args.response_role:
+        p.error("--response-role must not be empty")
+    if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there (Hub names are not downloaded)")
+    if args.chat_template is not None:
+        from engine.serve_flags import read_chat_template
+        try:
+            args.chat_template = read_chat_template(args.chat_template)
+        except (OSError, ValueError) as e:
+            p.error(f"--chat-template: {e}")
     if args.max_queue is not None and args.max_queue < 1:
         p.error(f"--max-queue={args.max_queue} must be >= 1")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
@@ -95,6 +151,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.served_model_name is None:
         args.served_model_name = [args.model]
     return args
+
+
+def json_list(text: str) -> list[str]:
+    """vLLM's CORS flags take a JSON list of strings."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings, e.g. '[\"http://localhost:3000\"]'")
+    return value
+
+
+def compat_notes(args: argparse.Namespace) -> list[str]:
+    """One line for each vLLM flag given that changes nothing here, and why."""
+    notes = {
+        "trust_remote_code": "--trust-remote-code: checkpoints load through ie-jax's own model code; no repository "
+                             "code runs",
+        "enable_chunked_prefill": "--enable-chunked-prefill: chunked prefill is always on",
+        "enforce_eager": "--enforce-eager: every step shape is compiled ahead of time by XLA; there is no eager mode "
+                         "or CUDA graph to turn off",
+        "swap_space": "--swap-space: nothing is swapped; a preempted request's KV cache is recomputed",
+        "disable_log_requests": "--disable-log-requests: requests are not logged here (uvicorn's access lines follow "
+                                "--uvicorn-log-level)",
+        "disable_log_stats": "--disable-log-stats: there is no periodic stats log; GET /metrics has the numbers",
+        "disable_frontend_multiprocessing": "--disable-frontend-multiprocessing: the server and the engine already "
+                                            "share one process (the engine runs in a thread)",
+    }
+    out = [line for name, line in notes.items() if getattr(args, name, None) not in (None, False)]
+    sampling = _generation_sampling_defaults(args.model) if args.generation_config == "auto" else {}
+    if sampling:
+        out.append(f"--generation-config auto: the model's generation_config.json defaults {sampling} are not "
+                   f"applied; a request without them gets the API's defaults (vLLM would apply them)")
+    return out
+
+
+def _generation_sampling_defaults(model: str) -> dict:
+    path = Path(model) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+    return {k: config[k] for k in keys if k in config}
 
 
 def lora_module(text: str):
@@ -116,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.model == DEFAULT_MODEL:
         print(BANNER, flush=True)
+    for note in compat_notes(args):
+        print(f"note: {note}", file=sys.stderr, flush=True)
     from engine.server import run_server
     run_server(args)
 

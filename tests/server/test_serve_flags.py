@@ -1,0 +1,190 @@
+"""A pasted `vllm serve` command: serve.py takes vLLM's spellings (positional model, --block-size, --tokenizer,
+--chat-template, --max-logprobs, --response-role, CORS, parallelism and no-op flags) or stops with a message that
+says why. Parse-level checks, then one live server started from the flags the way run_server starts it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from harness import LiveServer, assert_error, sse_events
+
+from engine.async_llm import AsyncLLM
+from engine.serve_flags import app_kwargs, served_tokenizer
+from ie_jax.tokenizer import ByteTokenizer, HFTokenizer
+
+_spec = importlib.util.spec_from_file_location("serve", Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
+serve = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serve)
+
+# role initial + content per message, ">" to prompt the reply: byte-level, so one token per character
+TEMPLATE = ("{% for m in messages %}{{ m['role'][0] + ':' + m['content'] + '|' }}{% endfor %}"
+            "{% if add_generation_prompt %}>{% endif %}")
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def parse_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+# --- parse level ---------------------------------------------------------------------------------------------
+
+def test_model_positional_or_flag(capsys):
+    assert serve.parse_args([]).model == serve.DEFAULT_MODEL  # no arguments: still the embedded model
+    for argv in (["tiny-llama"], ["--model", "tiny-llama"], ["--port", "9", "tiny-llama"],
+                 ["tiny-llama", "--model", "tiny-llama"]):
+        args = serve.parse_args(argv)
+        assert (args.model, args.served_model_name) == ("tiny-llama", ["tiny-llama"]), argv
+    err = parse_error(capsys, ["tiny-llama", "--model", "tiny-gpt2"])
+    assert "'tiny-llama' (positional)" in err and "--model 'tiny-gpt2'" in err
+
+
+def test_block_size_is_page_size(capsys):
+    assert serve.parse_args(["--block-size", "32"]).page_size == serve.parse_args(["--page-size", "32"]).page_size == 32
+    assert "invalid choice: 12" in parse_error(capsys, ["--block-size", "12"])
+
+
+def test_tokenizer_flag(tmp_path, capsys):
+    ByteTokenizer().save_pretrained(tmp_path / "tok")
+    assert serve.parse_args(["--tokenizer", str(tmp_path / "tok")]).tokenizer == str(tmp_path / "tok")
+    assert "no tokenizer.json" in parse_error(capsys, ["--tokenizer", str(tmp_path)])
+
+
+def test_served_tokenizer_reads_the_directory_and_keeps_the_models_eos(tmp_path):
+    ByteTokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=263))
+    args = SimpleNamespace(tokenizer=str(tmp_path / "tok"), model=str(tmp_path / "model"), chat_template=TEMPLATE)
+    tok = served_tokenizer(args, model, ByteTokenizer())
+    assert isinstance(tok, HFTokenizer)
+    assert tok.eos_token_ids == (ByteTokenizer.EOS, ByteTokenizer.END, 7, 9)
+    assert tok.chat_templates == {"default": TEMPLATE}
+    assert tok.apply_chat_template(MESSAGES) == "u:hi|>"
+    with pytest.raises(ValueError, match="beyond the model's vocabulary of 100"):
+        served_tokenizer(args, SimpleNamespace(config=SimpleNamespace(vocab_size=100)), None)
+
+
+def test_chat_template_file_or_text(tmp_path, capsys):
+    path = tmp_path / "t.jinja"
+    path.write_text(TEMPLATE)
+    assert serve.parse_args(["--chat-template", str(path)]).chat_template == TEMPLATE
+    assert serve.parse_args(["--chat-template", TEMPLATE]).chat_template == TEMPLATE
+    assert serve.parse_args(["--chat-template", "{{ 'a' }}\\n"]).chat_template == "{{ 'a' }}\n"  # escapes decoded
+    assert "--chat-template: '/" in parse_error(capsys, ["--chat-template", str(tmp_path / "missing.jinja")])
+    assert "--chat-template: chat template does not compile" in parse_error(capsys, ["--chat-template", "{% if %}"])
+
+
+def test_max_logprobs_and_response_role(capsys):
+    args = serve.parse_args([])
+    assert (args.max_logprobs, args.response_role) == (20, "assistant")
+    args = serve.parse_args(["--max-logprobs", "3", "--response-role", "bot"])
+    assert (args.max_logprobs, args.response_role) == (3, "bot")
+    assert app_kwargs(args)["response_role"] == "bot"
+    assert "--max-logprobs=-1 must be >= 0" in parse_error(capsys, ["--max-logprobs", "-1"])
+    assert "--response-role must not be empty" in parse_error(capsys, ["--response-role", ""])
+
+
+def test_cors_flags(capsys):
+    assert app_kwargs(serve.parse_args([]))["cors"] is None  # no CORS unless --allowed-origins names origins
+    assert app_kwargs(serve.parse_args(["--allowed-origins", '["*"]']))["cors"] == dict(
+        allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], allow_credentials=False)
+    args = serve.parse_args(["--allowed-origins", '["http://a", "http://b"]', "--allowed-methods", '["POST"]',
+                             "--allowed-headers", '["x-key"]', "--allow-credentials"])
+    assert app_kwargs(args)["cors"] == dict(
+        allow_origins=["http://a", "http://b"], allow_methods=["POST"], allow_headers=["x-key"], allow_credentials=True)
+    assert "is not a JSON list of strings" in parse_error(capsys, ["--allowed-origins", "http://a"])
+
+
+def test_parallelism_is_one_gpu(capsys):
+    args = serve.parse_args(["-tp", "1", "--pipeline-parallel-size", "1"])
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (1, 1)
+    for argv in (["--tensor-parallel-size", "2"], ["-tp", "8"], ["-pp", "2"]):
+        assert "serves on one GPU" in parse_error(capsys, argv)
+
+
+def test_compatibility_flags_are_noted(capsys):
+    assert serve.compat_notes(serve.parse_args([])) == []
+    flags = ["--trust-remote-code", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
+             "--enforce-eager", "--swap-space", "4", "--disable-frontend-multiprocessing"]
+    notes = serve.compat_notes(serve.parse_args(flags))
+    assert sorted(n.split(":")[0] for n in notes) == sorted(f for f in flags if f.startswith("--"))
+    assert "always on" in parse_error(capsys, ["--no-enable-chunked-prefill"])
+
+
+def test_generation_config(tmp_path, capsys):
+    assert serve.parse_args([]).generation_config == "auto"
+    assert serve.parse_args(["--generation-config", "vllm"]).generation_config == "vllm"
+    assert "only 'auto' and 'vllm'" in parse_error(capsys, ["--generation-config", str(tmp_path)])
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6}))
+    notes = serve.compat_notes(serve.parse_args([str(tmp_path)]))
+    assert len(notes) == 1 and "{'temperature': 0.6} are not applied" in notes[0]
+    assert serve.compat_notes(serve.parse_args([str(tmp_path), "--generation-config", "vllm"])) == []
+
+
+# --- one live server, from the flags ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flags")
+    ByteTokenizer().save_pretrained(tmp / "tok")
+    (tmp / "chat.jinja").write_text(TEMPLATE)
+    args = serve.parse_args(["tiny-llama", "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "4",
+                             "--max-num-batched-tokens", "32", "--block-size", "16", "--compilation-cache-dir", "",
+                             "--tokenizer", str(tmp / "tok"), "--chat-template", str(tmp / "chat.jinja"),
+                             "--response-role", "bot", "--max-logprobs", "3",
+                             "--allowed-origins", '["http://app.example"]', "--trust-remote-code"])
+    kwargs = app_kwargs(args)
+    server = LiveServer(AsyncLLM.from_args(args), kwargs.pop("served_model_name"), **kwargs)
+    yield server
+    server.stop()
+    server.engine.shutdown()
+
+
+def test_live_tokenizer_and_chat_template(served):
+    assert isinstance(served.engine.tokenizer, HFTokenizer)  # --tokenizer's files, not the preset's own tokenizer
+    own = ByteTokenizer().apply_chat_template(MESSAGES, tokenize=True)
+    custom = list(b"u:hi|>")  # byte ids of TEMPLATE's rendering
+    assert own != custom
+    r = httpx.post(f"{served.url}/tokenize", json={"messages": MESSAGES})
+    assert r.status_code == 200 and r.json()["tokens"] == custom
+    r = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(custom)
+
+
+def test_live_response_role(served):
+    body = {"messages": MESSAGES, "max_tokens": 2}
+    r = httpx.post(f"{served.url}/v1/chat/completions", json=body)
+    assert r.json()["choices"][0]["message"]["role"] == "bot"
+    with httpx.stream("POST", f"{served.url}/v1/chat/completions", json={**body, "stream": True}) as r:
+        first = json.loads(sse_events(r)[0])
+    assert first["choices"][0]["delta"] == {"role": "bot", "content": ""}
+
+
+def test_live_max_logprobs(served):
+    body = {"messages": MESSAGES, "max_tokens": 1, "logprobs": True}
+    r = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "top_logprobs": 3})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 3
+    r = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "top_logprobs": 4})
+    assert_error(r, 400, "max_logprobs=3")
+    r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logprobs": 4})
+    assert_error(r, 400, "max_logprobs=3")
+
+
+def test_live_cors(served):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    r = httpx.options(f"{served.url}/v1/chat/completions", headers={"Origin": "http://app.example", **preflight})
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "access-control-allow-credentials" not in r.headers
+    r = httpx.options(f"{served.url}/v1/chat/completions", headers={"Origin": "http://other.example", **preflight})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = httpx.get(f"{served.url}/v1/models", headers={"Origin": "http://app.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
