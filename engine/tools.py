@@ -149,7 +149,8 @@ class ToolMode:
         if self.choice == "named":
             return GuidedDecodingParams(json=self.schemas[self.name])
         if self.choice == "required":
-            calls = [{"type": "object", "properties": {"name": {"enum": [n]}, "parameters": s}}
+            calls = [{"type": "object", "properties": {"name": {"enum": [n]}, "parameters": s},
+                      "required": ["name", "parameters"]}
                      for n, s in self.schemas.items()]
             return GuidedDecodingParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
         return None

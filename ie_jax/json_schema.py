@@ -1,7 +1,7 @@
 """JSON Schema -> a regex of the JSON texts that satisfy it (ie_jax/guided.py turns the regex into the automaton
 that holds generation to it). A subset of JSON Schema is enforced; a keyword outside it is refused by name, never
 silently ignored, so a generated text always satisfies its schema. JSON comes out compact: at most one space
-between tokens, every object property in the schema's order.
+between tokens, object properties in the schema's order; those not `required` may be left out.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ def _json_literal(value) -> str:
 
 
 def json_schema_regex(schema: dict, defs: dict | None = None, depth: int = 0) -> str:
-    """A regex for JSON texts that satisfy `schema` (a subset of JSON Schema): type object (every property, in
-    the schema's order), array (items, minItems/maxItems), string (enum, minLength/maxLength, pattern), integer,
-    number, boolean, null; enum, const, anyOf/oneOf, local $ref. Others raise ValueError."""
+    """A regex for JSON texts that satisfy `schema` (a subset of JSON Schema): type object (its properties in the
+    schema's order, the ones not `required` optional), array (items, minItems/maxItems), string (enum,
+    minLength/maxLength, pattern), integer, number, boolean, null; enum, const, anyOf/oneOf, local $ref. Others
+    raise ValueError."""
     if depth > 16:
         raise ValueError("JSON Schema nests (or recurses through $ref) more than 16 levels")
     if schema is True or schema == {}:
@@ -55,13 +56,16 @@ def json_schema_regex(schema: dict, defs: dict | None = None, depth: int = 0) ->
     if isinstance(kind, list):
         return "(" + "|".join(sub({**schema, "type": k}) for k in kind) + ")"
     if kind == "object" or (kind is None and "properties" in schema):
-        props = schema.get("properties", {})
-        if not schema.get("minProperties", 0) <= len(props) <= schema.get("maxProperties", len(props)):
-            raise ValueError("minProperties/maxProperties: every property is generated, so their count must fit")
+        props, required = schema.get("properties", {}), set(schema.get("required", ()))
         if not props:
             return json_value_regex(2, only="object")
-        members = [f'"{escape(json.dumps(k)[1:-1])}"{_WS}:{_WS}{sub(v)}' for k, v in props.items()]
-        return r"\{" + _WS + f"{_WS},{_WS}".join(members) + _WS + r"\}"
+        if required - set(props):
+            raise ValueError(f"required properties {sorted(required - set(props))} are not among the properties")
+        if not schema.get("minProperties", 0) <= len(required) <= len(props) <= schema.get("maxProperties",
+                                                                                            len(props)):
+            raise ValueError("minProperties/maxProperties must fit every count of optional properties generated")
+        members = [(f'"{escape(json.dumps(k)[1:-1])}"{_WS}:{_WS}{sub(v)}', k in required) for k, v in props.items()]
+        return r"\{" + _WS + _members(members) + _WS + r"\}"
     if kind == "array":
         if not isinstance(schema.get("items", {}), (dict, bool)):
             raise ValueError("array items must be one schema (tuple validation is not supported)")
@@ -84,6 +88,18 @@ def json_schema_regex(schema: dict, defs: dict | None = None, depth: int = 0) ->
     if kind == "null":
         return "null"
     raise ValueError(f"JSON Schema {schema!r}: type {kind!r} is not supported")
+
+
+def _members(members: list[tuple[str, bool]]) -> str:
+    """The regex of an object's members in order, (member regex, required?) each: a comma before every member but
+    the first one present. `rest` is the tail once a member has been written, `first` the tail before any; an
+    optional member's text appears once in `rest` and once per `first` above it (quadratic only in the count of
+    optional members, which are usually few)."""
+    sep, rest, first = f"{_WS},{_WS}", "", ""
+    for member, required in reversed(members):
+        first = f"{member}{rest}" if required else f"({member}{rest}|{first})" if first else f"({member}{rest})?"
+        rest = f"{sep}{member}{rest}" if required else f"({sep}{member})?{rest}"
+    return first
 
 
 # What json_schema_regex enforces, and the annotations it may ignore without breaking a constraint (additional

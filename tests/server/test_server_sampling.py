@@ -48,7 +48,8 @@ def test_logit_bias_forces_and_bans_tokens(live, client):
 def test_structured_outputs(live, client):
     """response_format json_schema / json_object, guided_choice and guided_regex hold the text to them."""
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
-                                               "n": {"type": "integer"}, "ok": {"type": "boolean"}}}
+                                               "n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["city", "n", "ok"]}
     chat = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "a city?"}], max_tokens=80, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
@@ -83,7 +84,8 @@ def test_allowed_token_ids(live, client):
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                                             "parameters": {"type": "object", "properties": {
-                                                "city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}}}}}
+                                                "city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}},
+                                                "required": ["city", "days"]}}}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string", "maxLength": 6}}}}}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
