@@ -333,6 +333,26 @@ def compile_regex(pattern: str) -> ByteDFA:
     return ByteDFA(np.ascontiguousarray(small.delta[:, byte_class]), small.accepting)
 
 
+def _row_groups(rows: np.ndarray) -> np.ndarray:
+    """Equal rows of an int matrix [D, W] (values in [-1, D]) -> the same group id, in [0, groups). np.unique over
+    rows sorts them as opaque records, several times slower: here the columns are packed as many to an int64 as
+    their bits allow and sorted as keys, then neighbours compared."""
+    D, W = rows.shape
+    shifted = (rows + 1).astype(np.int64)
+    bits = max(int(shifted.max()).bit_length(), 1)
+    per = max(63 // bits, 1)
+    keys = [np.zeros(D, np.int64) for _ in range(-(-W // per))]
+    for j in range(W):
+        keys[j // per] = (keys[j // per] << bits) | shifted[:, j]
+    order = np.lexsort(keys[::-1])  # the first key primary
+    packed = np.stack(keys, axis=1)[order]
+    starts = np.ones(D, bool)
+    starts[1:] = (packed[1:] != packed[:-1]).any(axis=1)
+    groups = np.empty(D, np.int64)
+    groups[order] = np.cumsum(starts) - 1
+    return groups
+
+
 def _minimize(delta: np.ndarray, accepting: np.ndarray) -> ByteDFA:
     """Moore's partition refinement: states that accept the same continuations merge (the subset construction
     leaves many twins, e.g. one per copy of a repeated sub-pattern). State 0 stays the start."""
@@ -342,8 +362,7 @@ def _minimize(delta: np.ndarray, accepting: np.ndarray) -> ByteDFA:
     count = len(np.unique(classes[:-1]))
     while True:
         signature = np.concatenate([classes[:-1, None], classes[ext]], axis=1)  # [D, 1 + columns]
-        _, new = np.unique(signature, axis=0, return_inverse=True)
-        new = np.append(new.reshape(-1), -1)
+        new = np.append(_row_groups(signature), -1)
         if new.max() + 1 == count:  # refinement only splits: the same number of classes is the fixed point
             break
         classes, count = new, new.max() + 1

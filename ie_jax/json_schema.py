@@ -92,9 +92,10 @@ def json_schema_regex(schema: dict, defs: dict | None = None, depth: int = 0) ->
 
 def _members(members: list[tuple[str, bool]]) -> str:
     """The regex of an object's members in order, (member regex, required?) each: a comma before every member but
-    the first one present. `rest` is the tail once a member has been written, `first` the tail before any; an
-    optional member's text appears once in `rest` and once per `first` above it (quadratic only in the count of
-    optional members, which are usually few)."""
+    the first one present. `rest` is the tail once a member has been written, `first` the tail before any; each
+    optional member ahead of the first required one copies `rest` into `first` once more, so the regex grows with
+    their count times the members. A 7-member object with no `required` (scripts/bench_guided.py's schema) builds
+    its automaton in ~3 s on a 2-core CPU, against ~0.6 s with all of them required."""
     sep, rest, first = f"{_WS},{_WS}", "", ""
     for member, required in reversed(members):
         first = f"{member}{rest}" if required else f"({member}{rest}|{first})" if first else f"({member}{rest})?"
