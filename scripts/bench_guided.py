@@ -26,7 +26,9 @@ SCHEMA = {"type": "object", "properties": {
 SPECS = {
     "choice (3 words)": GuidedDecodingParams(choice=["positive", "negative", "neutral"]),
     "regex (ISO date)": GuidedDecodingParams(regex=r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"),
-    "json schema (7 fields, nested)": GuidedDecodingParams(json=SCHEMA),
+    "json schema (7 fields, nested, none required)": GuidedDecodingParams(json=SCHEMA),
+    "json schema (7 fields, nested, all required)": GuidedDecodingParams(
+        json={**SCHEMA, "required": list(SCHEMA["properties"])}),
     "json_object (any, depth 2)": GuidedDecodingParams(json_object=True),
 }
 
