@@ -350,7 +350,7 @@ class ModelRunner:
         keys = [k for k in keys if k not in self.executables]
         if not keys:
             return
-        workers = max_workers or min(8, os.cpu_count() or 1)
+        workers = max_workers or int(os.environ.get("IE_JAX_COMPILE_WORKERS", min(8, os.cpu_count() or 1)))
         counts_before = dict(_cache_counts)
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(keys), desc="compiling step buckets",
                                                        disable=not progress, leave=False) as bar:
