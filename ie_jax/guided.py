@@ -476,6 +476,9 @@ class FixedGuide:
     def mask(self, state: int) -> np.ndarray:
         return self.bits
 
+    def complete(self, state: int) -> bool:
+        return False
+
 
 class TokenGuide:
     """A DFA lifted to tokens: per state, the allowed set as a bitmask (`rows[state]`, [ceil(V / 32)] uint32, bit
@@ -545,6 +548,14 @@ class TokenGuide:
         if row is None:  # first reached now: one state through the vocabulary (~1.4 ms at 32k tokens)
             row = self.rows[state] = pack_bits(self.next_states([state]) >= 0)[0]
         return row
+
+    def complete(self, state: int) -> bool:
+        """Whether the text is finished: EOS is the only token allowed. min_tokens then gives way (the engine lifts
+        its EOS ban for the row), since nothing else could follow."""
+        bits = self.mask(state).copy()
+        for e in self.eos:
+            bits[e // 32] &= ~np.uint32(1 << (e % 32))
+        return not bits.any()
 
     def allowed(self, state: int) -> np.ndarray:
         bits = self.mask(state)

@@ -271,3 +271,23 @@ def test_states_past_the_eager_budget_are_computed_when_reached(monkeypatch):
         s_full, s_lazy = full.advance(s_full, b), lazy.advance(s_lazy, b)
     assert s_full == s_lazy and dfa.accepting[s_lazy]
     assert all(np.array_equal(lazy.mask(s), full.mask(s)) for s in full.rows)
+
+
+def test_min_tokens_gives_way_when_the_grammar_is_complete(tiny):
+    """A choice is complete after a few tokens; min_tokens beyond that would ban the only token left (EOS). The
+    engine lifts the ban for that row, so the text is the choice and the request stops, greedy and sampled."""
+    model, tok = tiny
+    llm = LLM(model, tokenizer=tok, max_model_len=96, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+              progress=False)
+    spec = GuidedDecodingParams(choice=["yes", "no"])
+    params = [SamplingParams(temperature=t, max_tokens=30, min_tokens=20, seed=1, guided_decoding=spec)
+              for t in (0.0, 1.0)]
+    for out in llm.generate(["Answer:", "Reply:"], params, use_tqdm=False):
+        o = out.outputs[0]
+        assert o.text in ("yes", "no") and o.finish_reason == "stop", (o.text, o.finish_reason)
+    guide = llm.engine.guide(spec)
+    state = 0
+    for t in tok.encode("yes"):
+        assert not guide.complete(state)
+        state = guide.advance(state, t)
+    assert guide.complete(state)
