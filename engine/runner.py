@@ -499,7 +499,7 @@ class ModelRunner:
         inp = self._empty_inputs(T, R)
         s, slot_of = self.slot_state, self.slot_of
         table, num_pages = s.page_table, s.num_pages
-        slots, starts, lens, totals, steps, tokens, done = [], [], [], [], [], [], []
+        slots, starts, lens, totals, steps, tokens = [], [], [], [], [], []
         for req, n in out.scheduled:
             slot = slot_of.get(req.request_id)
             if slot is None:
@@ -526,7 +526,6 @@ class ModelRunner:
             lens.append(n)
             totals.append(total)
             steps.append(len(outputs))
-            done.append(req.guide is not None and req.guide.complete(req.guide_state))  # EOS alone may follow
         r = len(slots)
         slots, starts, lens = (np.array(x, np.int32) for x in (slots, starts, lens))
         ends = np.cumsum(lens, dtype=np.int32)
@@ -557,7 +556,10 @@ class ModelRunner:
                      "frequency_penalty", "seeds"):
             getattr(inp, name)[:r] = getattr(s, name)[slots]
         inp.step[:r] = steps = np.array(steps, np.int32)
-        suppress = (steps < s.min_tokens[slots]) & ~np.array(done, bool)  # a finished grammar outranks min_tokens
+        suppress = steps < s.min_tokens[slots]
+        for i in np.flatnonzero(suppress):  # a finished grammar outranks min_tokens: EOS is all that may follow
+            req = out.scheduled[i][0]
+            suppress[i] = req.guide is None or not req.guide.complete(req.guide_state)
         if suppress.any():
             inp.suppress_eos[:r] = suppress
             inp.eos_ids[:r] = np.where(suppress[:, None], s.eos_ids[slots], -1)

@@ -3,7 +3,6 @@ tokenizer from another directory, and build_app's keyword arguments. Kept apart 
 the HTTP surface only."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -23,24 +22,18 @@ def read_chat_template(value: str) -> str:
     return text
 
 
-def _generation_eos(directory: str | Path) -> list[int]:
-    """eos_token_id of a checkpoint's generation_config.json: absent, one id, or a list."""
-    path = Path(directory) / "generation_config.json"
-    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 def served_tokenizer(args, model, tokenizer):
     """The tokenizer the server uses: the checkpoint's, or --tokenizer's directory (tokenizer.json,
     tokenizer_config.json and its generation_config's EOS ids); --chat-template replaces its templates."""
     if getattr(args, "tokenizer", None):
-        from ie_jax.tokenizer import load_tokenizer
+        from ie_jax.tokenizer import _as_id_list, _read_json, load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"--tokenizer {args.tokenizer}: its ids reach {tokenizer.vocab_size - 1}, beyond the "
                              f"model's vocabulary of {model.config.vocab_size}")
         if Path(args.model).is_dir():  # vLLM reads generation_config from the model, whichever the tokenizer
-            tokenizer.eos_token_ids = tuple(dict.fromkeys([*tokenizer.eos_token_ids, *_generation_eos(args.model)]))
+            model_eos = _as_id_list(_read_json(Path(args.model) / "generation_config.json").get("eos_token_id"))
+            tokenizer.eos_token_ids = tuple(dict.fromkeys([*tokenizer.eos_token_ids, *model_eos]))
     if getattr(args, "chat_template", None):
         if tokenizer is None:
             raise ValueError(f"--chat-template needs a tokenizer: {args.model} has no tokenizer.json (--tokenizer DIR)")

@@ -502,6 +502,7 @@ class TokenGuide:
         self.accepting, self.vocab = dfa.accepting, vocab
         self.eos = [e for e in eos_ids if 0 <= e < len(vocab)]
         self.rows: dict[int, np.ndarray] = {}  # DFA state -> its allowed tokens as bits
+        self._complete: dict[int, bool] = {}  # DFA state -> EOS is the only token allowed (`complete`)
         frontier = [0]
         while frontier and len(self.rows) < self.eager_states:  # breadth first, a frontier's states at once
             reached = set()
@@ -552,10 +553,12 @@ class TokenGuide:
     def complete(self, state: int) -> bool:
         """Whether the text is finished: EOS is the only token allowed. min_tokens then gives way (the engine lifts
         its EOS ban for the row), since nothing else could follow."""
-        bits = self.mask(state).copy()
-        for e in self.eos:
-            bits[e // 32] &= ~np.uint32(1 << (e % 32))
-        return not bits.any()
+        if state not in self._complete:
+            bits = self.mask(state).copy()
+            for e in self.eos:
+                bits[e // 32] &= ~np.uint32(1 << (e % 32))
+            self._complete[state] = not bits.any()
+        return self._complete[state]
 
     def allowed(self, state: int) -> np.ndarray:
         bits = self.mask(state)
