@@ -100,7 +100,7 @@ class LLMEngine:
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.last_step_host_s = 0.0
         self.last_step_times: dict[str, float] = {}
-        self.in_flight = None  # (SchedulerOutput, sample rows, device result) of the step not yet read back
+        self.in_flight = None  # (SchedulerOutput, sample rows, device result, grammar rows) of the step not read back
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapters read so far, by name (engine/lora.py)
         self.guides: dict[GuidedDecodingParams, TokenGuide] = {}  # compiled structured-output guides, LRU
         self._guides_lock = threading.Lock()  # the server compiles guides off the engine thread (AsyncLLM)
@@ -240,8 +240,16 @@ class LLMEngine:
         Step n+1 is built before step n's tokens reach the host: a request that sampled in step n carries a
         placeholder (-1) as its newest token, which the device fills from its own copy. So the device never waits
         for the host between steps; the one host sync per step is the token read-back of the step before.
+
+        A grammar-guided request cannot take part while its newest token is on the device (its next mask needs
+        it). Where such requests are at least half of the running ones, step n is read back first and the step
+        runs synchronously, so that they advance every step; otherwise they sit out every other step and the
+        rest keep the overlap.
         """
         t0 = time.perf_counter()
+        outputs, t_wait = [], 0.0
+        if self.in_flight is not None and 2 * self.in_flight[3] >= max(len(self.scheduler.running), 1):
+            outputs, t_wait = self._read_back()
         out = self.scheduler.schedule()
         for request in out.preempted:
             self.runner.release_slot(request)
@@ -257,26 +265,34 @@ class LLMEngine:
                                   decode_only=out.num_tokens == len(out.scheduled))  # one token each
             t_dispatch = time.perf_counter() - t1
             self.scheduler.update(out)
+            grammars = 0  # rows whose grammar now waits for the sampled token
             for (request, n), sampled in zip(out.scheduled, samples):
                 if sampled:
                     if not request.output_token_ids and not request.num_preemptions:
                         self.num_prompt_tokens += request.num_prompt_tokens
                     request.output_token_ids.append(-1)  # placeholder until the read-back below (next call)
-            dispatched = (out, samples, res)
-        t2 = time.perf_counter()
-        outputs, t_wait = [], 0.0
+                    if request.guide is not None and not request.guide.static:
+                        grammars += 1
+            dispatched = (out, samples, res, grammars)
         if self.in_flight is not None:
-            prev_out, prev_samples, prev_res = self.in_flight
-            token_ids = np.asarray(prev_res.token_ids)  # the one host sync per step
-            t3 = time.perf_counter()
-            t_wait = t3 - t2
-            outputs = self._update(prev_out, prev_samples, token_ids, prev_res)
+            more, t_wait = self._read_back()
+            outputs += more
         self.in_flight = dispatched
         total = time.perf_counter() - t0
         # Host time = everything but waiting for the device (dispatch included: it should not block).
         self.last_step_times = {"host": total - t_wait, "dispatch": t_dispatch, "wait": t_wait, "total": total}
         self.last_step_host_s = total - t_wait
         return outputs
+
+    def _read_back(self) -> tuple[list[RequestOutput], float]:
+        """Wait for the step in flight (the one host sync per step) and resolve it; returns its outputs and the
+        seconds spent waiting."""
+        out, samples, res, _ = self.in_flight
+        self.in_flight = None
+        t = time.perf_counter()
+        token_ids = np.asarray(res.token_ids)
+        wait = time.perf_counter() - t
+        return self._update(out, samples, token_ids, res), wait
 
     def _update(self, out: SchedulerOutput, samples, token_ids, res) -> list[RequestOutput]:
         """Resolve a finished step's placeholders: append text, apply stop rules, emit deltas.

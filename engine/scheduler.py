@@ -130,7 +130,8 @@ class Scheduler:
     @staticmethod
     def _guide_pending(request: Request) -> bool:  # request.guide is set
         """A guided request's next allowed tokens depend on its newest token: it sits out the steps where that
-        token is still on the device (so it advances every other step, and the others are not held up)."""
+        token is still on the device (LLMEngine.step reads the step back first where such requests are at least
+        half of the running ones, so there it advances every step)."""
         outputs = request.output_token_ids
         return not request.guide.static and bool(outputs) and outputs[-1] < 0
 
