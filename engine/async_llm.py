@@ -24,7 +24,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
 from engine.outputs import RequestOutput, merge_outputs
-from ie_jax.sampling import SamplingParams
+from ie_jax.sampling import SamplingParams, model_sampling_defaults
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -38,8 +38,10 @@ def enable_compilation_cache(path: str | None) -> None:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, default_sampling: dict | None = None):
         self.engine = engine
+        # SamplingParams fields a request leaving them unset takes (the checkpoint's generation_config.json)
+        self.default_sampling = dict(default_sampling or {})
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.engine_config = engine.config
@@ -56,6 +58,8 @@ class AsyncLLM:
         """Build from the serve.py argparse namespace (vLLM's flag names)."""
         from engine.serve_flags import served_tokenizer
         enable_compilation_cache(getattr(args, "compilation_cache_dir", None))
+        default_sampling = model_sampling_defaults(args.model, getattr(args, "generation_config", "auto"),
+                                                   getattr(args, "override_generation_config", None))
         t0 = time.perf_counter()
         model, tokenizer = ie_jax.load_model(args.model, dtype=args.dtype, load_format=args.load_format,
                                              seed=args.seed, quantization=getattr(args, "quantization", None))
@@ -82,7 +86,7 @@ class AsyncLLM:
               f"(summed over threads: trace+lower {w['lower']:.1f} s, compile {w['compile']:.1f} s; compilation cache "
               f"{w['cache_hits']} hits, {w['cache_misses']} misses); {engine.runner.num_pages} KV pages of "
               f"{config.page_size} tokens", file=sys.stderr, flush=True)
-        return cls(engine)
+        return cls(engine, default_sampling)
 
     # ------------------------------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -5,6 +5,10 @@
 
     llm = LLM("path/to/hf_dir", enable_lora=True, max_loras=2, max_lora_rank=16)
     outs = llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "path/to/peft_adapter"))
+
+Prompts given no SamplingParams get `get_default_sampling_params()`: the checkpoint's generation_config.json
+defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over SamplingParams' own, as vLLM
+applies them; `generation_config="vllm"` ignores the file, and `override_generation_config` goes over it.
 """
 from __future__ import annotations
 
@@ -21,13 +25,16 @@ from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
 from engine.runner import row_variant
 from ie_jax.generate import CompletionOutput, GenerateOutput
-from ie_jax.sampling import SamplingParams
+from ie_jax.sampling import SamplingParams, model_sampling_defaults
 
 
 class LLM:
     def __init__(self, model: str | nnx.Module = "default", *, tokenizer=None, dtype="auto", load_format="auto",
-                 seed: int = 0, progress: bool = True, quantization: str | None = None, **engine_args):
+                 seed: int = 0, progress: bool = True, quantization: str | None = None, generation_config: str = "auto",
+                 override_generation_config: dict | None = None, **engine_args):
         owns_model = not isinstance(model, nnx.Module)
+        self.default_sampling = model_sampling_defaults(model if owns_model else None, generation_config,
+                                                        override_generation_config)  # checked before loading
         if not owns_model:
             self.model, self.tokenizer = model, tokenizer
         else:
@@ -38,7 +45,11 @@ class LLM:
                                 progress=progress, owns_model=owns_model)
         self._ids = itertools.count()
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a prompt given no SamplingParams runs with: the generation_config defaults over SamplingParams()."""
+        return SamplingParams(**self.default_sampling)
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams | None] | None = None, *,
                  use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
                  ) -> list[GenerateOutput]:
         """Run every prompt to completion; outputs are in prompt order (n > 1 gives n completions each).
@@ -46,7 +57,7 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
-        params = [p or SamplingParams() for p in params]
+        params = [self.get_default_sampling_params() if p is None else p for p in params]
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         loras = lora_request if isinstance(lora_request, Sequence) else [lora_request] * len(prompts)

@@ -43,6 +43,10 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
+# What a request that leaves these unset gets when the checkpoint's generation_config sets no default either.
+API_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0)
+
+
 class _SamplingFields(_Request):
     """Fields shared by completions and chat; the ones after `user` are vLLM's extras (sent via extra_body)."""
 
@@ -75,8 +79,9 @@ class _SamplingFields(_Request):
     guided_grammar: str | None = None
     allowed_token_ids: list[int] | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError naming the field when a value is out of range."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
+        """A field of API_DEFAULTS the request leaves unset takes `defaults`' value (the checkpoint's
+        generation_config), else the API's. Raises ValueError naming the field when a value is out of range."""
         guided = self.guided_decoding()
         bias = None
         if self.logit_bias:
@@ -85,11 +90,10 @@ class _SamplingFields(_Request):
             except ValueError as e:
                 raise ServerError(f"logit_bias keys must be token ids: {e}", param="logit_bias") from e
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        fallback = {**API_DEFAULTS, **(defaults or {})}  # its max_tokens is already in `max_tokens`
+        chosen = {k: fallback[k] if getattr(self, k) is None else getattr(self, k) for k in API_DEFAULTS}
         return SamplingParams(
-            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=0 if self.top_k is None else self.top_k,
-            min_p=self.min_p or 0.0, repetition_penalty=1.0 if self.repetition_penalty is None else
-            self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
+            n=self.n, **chosen, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,

@@ -110,6 +110,7 @@ class OpenAIServer:
         self.response_role = response_role  # the role of chat replies (vLLM's --response-role)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine_config.max_model_len
+        self.default_sampling = dict(getattr(engine, "default_sampling", None) or {})  # generation_config's
         self.metrics = ServerMetrics(engine.stats, served_model_name)
         self._pending: set[str] = set()  # admitted engine requests with no token yet
         self._token_strs: dict[int, str] = {}
@@ -139,21 +140,21 @@ class OpenAIServer:
         return list(prompt)
 
     def max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
-        """The request's max_tokens, defaulting to what is left of max_model_len; too long a request raises."""
+        """The least of what is left of max_model_len, the request's max_tokens and generation_config's
+        max_new_tokens (vLLM's rule); a request asking past max_model_len raises."""
         if num_prompt == 0:
             raise P.ServerError(f"{param} cannot be empty", param=param)
         if num_prompt >= self.max_model_len:
             raise P.ServerError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                                 f"request has {num_prompt} input tokens. Please reduce the length of the input.",
                                 param=param)
-        if requested is None:
-            return self.max_model_len - num_prompt
-        if requested >= 1 and num_prompt + requested > self.max_model_len:
+        if requested is not None and requested >= 1 and num_prompt + requested > self.max_model_len:
             raise P.ServerError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{num_prompt + requested} tokens ({num_prompt} in the input, {requested} in the completion). "
                 f"Please reduce the length of the input or completion.", param="max_tokens")
-        return requested
+        limits = (self.max_model_len - num_prompt, requested, self.default_sampling.get("max_tokens"))
+        return min(n for n in limits if n is not None)
 
     def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
              score_only: bool = False, lora: LoRARequest | None = None) -> list[_Job]:
@@ -513,8 +514,8 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
             ids = server.encode(prompt, body.add_special_tokens)
             max_tokens = server.max_tokens(len(ids), body.max_tokens, "prompt")
             try:
-                params.append(dataclasses.replace(body.sampling_params(max(max_tokens, 1), body.logprobs),
-                                                  prompt_logprobs=prompt_logprobs))
+                sp = body.sampling_params(max(max_tokens, 1), body.logprobs, server.default_sampling)
+                params.append(dataclasses.replace(sp, prompt_logprobs=prompt_logprobs))
                 text = prompt if isinstance(prompt, str) else server.tokenizer.decode(ids, skip_special_tokens=False)
             except ValueError as e:
                 raise P.ServerError(str(e)) from e
@@ -537,7 +538,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
                 [m.as_template_dict() for m in body.messages], add_generation_prompt=body.add_generation_prompt,
                 tokenize=True, **extra, **(body.chat_template_kwargs or {}))
             max_tokens = server.max_tokens(len(ids), body.requested_max_tokens, "messages")
-            params = body.sampling_params(max_tokens, num_top)
+            params = body.sampling_params(max_tokens, num_top, server.default_sampling)
             if tools is not None and tools.guided() is not None:  # a forced call: held to the tools' schemas
                 if params.guided_decoding is not None:
                     raise P.ServerError("a forced tool call cannot take response_format or guided_* as well",

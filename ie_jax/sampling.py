@@ -5,6 +5,9 @@ onto it. `SamplingTensors.from_params` turns a batch of them, plus each request'
 into arrays with one row per sequence. `sample` (pure jnp, jittable, no host sync) draws one token per row from
 those arrays, so one compiled step serves any mix of greedy, seeded and penalised requests.
 
+`model_sampling_defaults` reads the defaults a checkpoint's generation_config.json recommends (temperature, top_p,
+top_k, min_p, repetition_penalty, max_new_tokens), which the front ends apply to fields a request leaves unset.
+
 This module knows nothing of stop strings beyond holding them (the detokenizer matches them), of when a request
 finishes (the scheduler decides), or of padding batches to compiled buckets (the runner does that, e.g. with
 rows built from `SamplingParams()`).
@@ -13,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import secrets
+from pathlib import Path
 
 import flax.struct
 import jax
@@ -164,6 +170,52 @@ class SamplingParams:
     def biased(self) -> bool:
         """Whether logit_bias changes this row's logits."""
         return self.logit_bias is not None
+
+
+# generation_config.json keys that become request defaults (HF name -> SamplingParams field); the file's other keys
+# (do_sample, the EOS ids, ...) are not sampling defaults here, as in vLLM
+GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                          "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def model_sampling_defaults(model: str | os.PathLike | None, generation_config: str = "auto",
+                            overrides: dict | None = None) -> dict:
+    """The SamplingParams fields a checkpoint recommends, as vLLM's --generation-config reads them.
+
+    `generation_config`: "auto" reads `<model>/generation_config.json` when `model` is a directory (a preset has
+    none); "vllm" reads nothing; any other value is a folder that must hold a generation_config.json. `overrides`
+    (HF names, e.g. {"temperature": 0.5, "max_new_tokens": 64}) go over the file's values; a null one drops it.
+    Returns e.g. {"temperature": 0.6, "top_p": 0.9, "max_tokens": 256}; bad values raise ValueError here, at start-up.
+    """
+    config, source, path = {}, f"generation_config={generation_config!r}", None
+    if generation_config not in ("auto", "vllm"):
+        path = Path(generation_config) / "generation_config.json"
+        if not path.is_file():
+            raise ValueError(f"{source}: {path} does not exist (give auto, vllm or a folder with that file)")
+    elif generation_config == "auto" and model is not None and Path(model).is_dir():
+        path = Path(model) / "generation_config.json"
+    if path is not None and path.is_file():
+        source = str(path)
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"generation_config {path} is not valid JSON: {e}") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"generation_config {path} must hold a JSON object, not {type(config).__name__}")
+        if config.get("top_k") == 50:  # transformers' own default, written out by save_pretrained: not a choice
+            config = {k: v for k, v in config.items() if k != "top_k"}
+    if overrides:
+        if not isinstance(overrides, dict) or set(overrides) - set(GENERATION_CONFIG_KEYS):
+            raise ValueError(f"override_generation_config={overrides!r}: its keys must be among "
+                             f"{sorted(GENERATION_CONFIG_KEYS)}")
+        config, source = {**config, **overrides}, f"{source} with overrides {overrides}"
+    defaults = {field: config[key] for key, field in GENERATION_CONFIG_KEYS.items() if config.get(key) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        hint = " (max_new_tokens sets max_tokens)" if "max_tokens" in str(e) else ""
+        raise ValueError(f"generation_config {source}: bad sampling default: {e}{hint}") from e
+    return defaults
 
 
 @flax.struct.dataclass

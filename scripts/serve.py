@@ -90,9 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response-role", default="assistant", help="the role of chat completion replies")
     p.add_argument("--max-logprobs", type=int, default=engine["max_logprobs"],
                    help="the most logprobs / top_logprobs a request may ask for")
-    p.add_argument("--generation-config", default="auto", metavar="{auto,vllm}",
-                   help="both keep the EOS ids of the model's generation_config.json; its sampling defaults "
-                        "(temperature, top_p, ...) are never applied here, as with vLLM's 'vllm'")
+    p.add_argument("--generation-config", default="auto", metavar="{auto,vllm,FOLDER}",
+                   help="the defaults of request fields left unset: auto takes the model's generation_config.json "
+                        "(temperature, top_p, top_k, min_p, repetition_penalty; max_new_tokens caps max_tokens), "
+                        "FOLDER the generation_config.json there, vllm none (the API's); the EOS ids are the model's")
+    p.add_argument("--override-generation-config", type=json_dict, default=None, metavar="JSON",
+                   help="defaults over the generation config's, in its names: "
+                        "'{\"temperature\": 0.5, \"max_new_tokens\": 64}'")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: the server uses one GPU")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="only 1: the server uses one GPU")
     p.add_argument("--allowed-origins", type=json_list, default=None,
@@ -125,9 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.enable_chunked_prefill is False:
         p.error("--no-enable-chunked-prefill: chunked prefill is always on here (prompts are split under "
                 "--max-num-batched-tokens); leave the flag out")
-    if args.generation_config not in ("auto", "vllm"):
-        p.error(f"--generation-config {args.generation_config!r}: only 'auto' and 'vllm' are supported (ie-jax reads "
-                f"only the EOS ids of the model's own generation_config.json)")
+    if args.generation_config not in ("auto", "vllm") and \
+            not (Path(args.generation_config) / "generation_config.json").is_file():
+        p.error(f"--generation-config {args.generation_config!r}: give auto, vllm or a folder that holds a "
+                f"generation_config.json")
     if args.max_logprobs < 0:
         p.error(f"--max-logprobs={args.max_logprobs} must be >= 0")
     if not args.response_role:
@@ -164,8 +169,20 @@ def json_list(text: str) -> list[str]:
     return value
 
 
+def json_dict(text: str) -> dict:
+    """vLLM's --override-generation-config takes a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object, e.g. '{{\"temperature\": 0.5}}'")
+    return value
+
+
 def compat_notes(args: argparse.Namespace) -> list[str]:
-    """One line for each vLLM flag given that changes nothing here, and why."""
+    """One line for each vLLM flag given that changes nothing here, and why; then the sampling defaults the
+    generation config sets (a bad one raises ValueError)."""
     notes = {
         "trust_remote_code": "--trust-remote-code: checkpoints load through ie-jax's own model code; no repository "
                              "code runs",
@@ -180,18 +197,16 @@ def compat_notes(args: argparse.Namespace) -> list[str]:
                                             "share one process (the engine runs in a thread)",
     }
     out = [line for name, line in notes.items() if getattr(args, name, None) not in (None, False)]
-    sampling = _generation_sampling_defaults(args.model) if args.generation_config == "auto" else {}
+    from ie_jax.sampling import model_sampling_defaults  # imported here: ie_jax brings in jax
+    sampling = model_sampling_defaults(args.model, args.generation_config, args.override_generation_config)
     if sampling:
-        out.append(f"--generation-config auto: the model's generation_config.json defaults {sampling} are not "
-                   f"applied; a request without them gets the API's defaults (vLLM would apply them)")
+        gc, own = args.generation_config, Path(args.model, "generation_config.json").is_file()
+        sources = {"auto": ["the model's generation_config.json"] * own, "vllm": []}.get(
+            gc, [f"{gc}/generation_config.json"])
+        sources += ["--override-generation-config"] * bool(args.override_generation_config)
+        out.append(f"--generation-config {gc}: default sampling parameters from {' and '.join(sources)}: {sampling} "
+                   f"(a request's own values win; --generation-config vllm ignores the file)")
     return out
-
-
-def _generation_sampling_defaults(model: str) -> dict:
-    path = Path(model) / "generation_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
-    return {k: config[k] for k in keys if k in config}
 
 
 def lora_module(text: str):
@@ -213,7 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.model == DEFAULT_MODEL:
         print(BANNER, flush=True)
-    for note in compat_notes(args):
+    try:
+        notes = compat_notes(args)
+    except ValueError as e:  # a bad generation config: stop before loading the model
+        sys.exit(f"error: {e}")
+    for note in notes:
         print(f"note: {note}", file=sys.stderr, flush=True)
     from engine.server import run_server
     run_server(args)

@@ -1,12 +1,16 @@
-"""SamplingParams validation, the host builder, and the device sampler against numpy references."""
+"""SamplingParams validation, the host builder, the device sampler against numpy references, and the defaults a
+checkpoint's generation_config.json sets."""
 import dataclasses
+import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ie_jax.sampling import MAX_LOGPROBS, SamplingParams, SamplingTensors, apply_penalties, sample
+from ie_jax.sampling import (MAX_LOGPROBS, SamplingParams, SamplingTensors, apply_penalties,
+                             model_sampling_defaults, sample)
 
 _sample = jax.jit(sample, static_argnums=2)
 V = 12  # vocab of the distribution tests
@@ -421,3 +425,64 @@ def test_logit_bias_rejects_bad_entries(bias, match):
         SamplingParams(logit_bias=bias)
     assert SamplingParams(logit_bias={5: 1, 2: -3}).logit_bias == ((2, -3.0), (5, 1.0))
     assert SamplingParams(logit_bias={}).logit_bias is None
+
+
+# A Llama-3-style generation_config.json: sampling defaults beside keys that are not sampling defaults.
+GENERATION_CONFIG = {"bos_token_id": 1, "do_sample": True, "eos_token_id": [2, 9], "temperature": 0.6, "top_p": 0.9,
+                     "max_new_tokens": 7, "transformers_version": "4.45.0"}
+
+
+def test_generation_config_defaults(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
+    want = {"temperature": 0.6, "top_p": 0.9, "max_tokens": 7}
+    assert model_sampling_defaults(tmp_path) == model_sampling_defaults(str(tmp_path), "auto") == want
+    assert SamplingParams(**want) == SamplingParams(temperature=0.6, top_p=0.9, max_tokens=7)
+    assert model_sampling_defaults(tmp_path, "vllm") == {}
+    for preset in ("default", "tiny-llama", None):  # no checkpoint directory: nothing to read
+        assert model_sampling_defaults(preset) == {}
+    (tmp_path / "model").mkdir()  # a checkpoint without generation_config.json
+    assert model_sampling_defaults(tmp_path / "model") == {}
+    # a folder: its file, whatever the model
+    assert model_sampling_defaults("tiny-llama", str(tmp_path)) == model_sampling_defaults(tmp_path / "model",
+                                                                                            str(tmp_path)) == want
+    with pytest.raises(ValueError, match="does not exist .*auto, vllm or a folder"):
+        model_sampling_defaults(tmp_path, str(tmp_path / "model"))
+    with pytest.raises(ValueError, match="does not exist"):
+        model_sampling_defaults(tmp_path, str(tmp_path / "missing"))
+
+
+def test_generation_config_overrides(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({**GENERATION_CONFIG, "top_k": 20,
+                                                                 "repetition_penalty": 1.05, "min_p": None}))
+    overrides = {"temperature": 0.25, "max_new_tokens": 64, "min_p": 0.05, "top_k": None}
+    assert model_sampling_defaults(tmp_path, overrides=overrides) == {  # over the file's; a null drops the file's
+        "temperature": 0.25, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.05, "max_tokens": 64}
+    assert model_sampling_defaults(tmp_path, "vllm", {"temperature": 0.0}) == {"temperature": 0.0}
+    assert model_sampling_defaults("tiny-llama", overrides={"repetition_penalty": 1.2}) == {"repetition_penalty": 1.2}
+    with pytest.raises(ValueError, match=r"keys must be among \['max_new_tokens', 'min_p', 'repetition_penalty', "
+                                         r"'temperature', 'top_k', 'top_p'\]"):
+        model_sampling_defaults(tmp_path, overrides={"max_tokens": 5})  # the HF name is max_new_tokens
+    # top_k 50 is what transformers writes when nobody chose one: ignored in the file, taken as an override
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": 50, "temperature": 0.7}))
+    assert model_sampling_defaults(tmp_path) == {"temperature": 0.7}
+    assert model_sampling_defaults(tmp_path, overrides={"top_k": 50}) == {"temperature": 0.7, "top_k": 50}
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"), ({"temperature": -0.1}, "temperature=-0.1 must be >= 0"),
+    ({"top_k": 2.5}, "top_k=2.5 must be an int"),
+    ({"max_new_tokens": 0}, r"max_tokens=0 must be at least 1 \(max_new_tokens sets max_tokens\)")])
+def test_generation_config_bad_values_fail_at_start_up(tmp_path, config, match):
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({**GENERATION_CONFIG, **config}))
+    with pytest.raises(ValueError, match=f"generation_config {re.escape(str(path))}: bad sampling default: {match}"):
+        model_sampling_defaults(tmp_path)
+    assert model_sampling_defaults(tmp_path, "vllm") == {}  # the file is not read
+    with pytest.raises(ValueError, match=f"with overrides .*: bad sampling default: {match}"):
+        model_sampling_defaults("tiny-llama", overrides=config)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        model_sampling_defaults(tmp_path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        model_sampling_defaults(tmp_path)

@@ -1,6 +1,7 @@
 """A pasted `vllm serve` command: serve.py takes vLLM's spellings (positional model, --block-size, --tokenizer,
---chat-template, --max-logprobs, --response-role, CORS, parallelism and no-op flags) or stops with a message that
-says why. Parse-level checks, then one live server started from the flags the way run_server starts it."""
+--chat-template, --max-logprobs, --response-role, --generation-config, --override-generation-config, CORS,
+parallelism and no-op flags) or stops with a message that says why. Parse-level checks, then one live server
+started from the flags the way run_server starts it."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,9 +13,11 @@ import httpx
 import pytest
 from harness import LiveServer, assert_error, sse_events
 
+import ie_jax
 from engine.async_llm import AsyncLLM
 from engine.serve_flags import app_kwargs, served_tokenizer
 from ie_jax.tokenizer import ByteTokenizer, HFTokenizer
+from ie_jax.weights import save_hf_checkpoint
 
 _spec = importlib.util.spec_from_file_location("serve", Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
 serve = importlib.util.module_from_spec(_spec)
@@ -118,28 +121,58 @@ def test_compatibility_flags_are_noted(capsys):
     assert "always on" in parse_error(capsys, ["--no-enable-chunked-prefill"])
 
 
-def test_generation_config(tmp_path, capsys):
+def test_generation_config(tmp_path, capsys, monkeypatch):
+    import engine.server
+    monkeypatch.setattr(engine.server, "run_server", lambda args: pytest.fail("a bad config reached run_server"))
     assert serve.parse_args([]).generation_config == "auto"
     assert serve.parse_args(["--generation-config", "vllm"]).generation_config == "vllm"
-    assert "only 'auto' and 'vllm'" in parse_error(capsys, ["--generation-config", str(tmp_path)])
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6}))
+    assert "give auto, vllm or a folder" in parse_error(capsys, ["--generation-config", str(tmp_path)])
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6,
+                                                                 "do_sample": True, "max_new_tokens": 32}))
+    assert serve.parse_args(["--generation-config", str(tmp_path)]).generation_config == str(tmp_path)  # a folder
     notes = serve.compat_notes(serve.parse_args([str(tmp_path)]))
-    assert len(notes) == 1 and "{'temperature': 0.6} are not applied" in notes[0]
+    assert notes == ["--generation-config auto: default sampling parameters from the model's generation_config.json: "
+                     "{'temperature': 0.6, 'max_tokens': 32} (a request's own values win; --generation-config vllm "
+                     "ignores the file)"]
     assert serve.compat_notes(serve.parse_args([str(tmp_path), "--generation-config", "vllm"])) == []
+    notes = serve.compat_notes(serve.parse_args(["--generation-config", str(tmp_path), "--override-generation-config",
+                                                 '{"temperature": 0.2, "top_k": 40}']))
+    assert notes == [f"--generation-config {tmp_path}: default sampling parameters from {tmp_path}/generation_config"
+                     f".json and --override-generation-config: {{'temperature': 0.2, 'top_k': 40, 'max_tokens': 32}} "
+                     f"(a request's own values win; --generation-config vllm ignores the file)"]
+    args = serve.parse_args(["--generation-config", "vllm", "--override-generation-config", '{"max_new_tokens": 5}'])
+    assert args.override_generation_config == {"max_new_tokens": 5}
+    assert "from --override-generation-config: {'max_tokens': 5}" in serve.compat_notes(args)[0]
+    for bad in ('{"temperature": ', '[1]', "0.5"):
+        assert "is not a JSON object" in parse_error(capsys, ["--override-generation-config", bad])
+    for flags, word in ((["--override-generation-config", '{"max_tokens": 5}'], "keys must be among"),
+                        ([str(tmp_path), "--override-generation-config", '{"top_p": 1.5}'], "top_p=1.5 must be in")):
+        with pytest.raises(ValueError, match=word):
+            serve.compat_notes(serve.parse_args(flags))
+        with pytest.raises(SystemExit, match=f"error: .*{word}"):  # main stops before loading the model
+            serve.main(flags)
 
 
 # --- one live server, from the flags ---------------------------------------------------------------------------
+
+# The served checkpoint's generation_config.json: greedy by default, at most 8 new tokens (5 once overridden)
+GENERATION_CONFIG = {"bos_token_id": 257, "eos_token_id": 258, "do_sample": False, "temperature": 0.0, "top_k": 40,
+                     "max_new_tokens": 8}
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flags")
     ByteTokenizer().save_pretrained(tmp / "tok")
     (tmp / "chat.jinja").write_text(TEMPLATE)
-    args = serve.parse_args(["tiny-llama", "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "4",
+    model, _ = ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
+    save_hf_checkpoint(model, model.config, tmp / "model", generation_config=GENERATION_CONFIG)  # no tokenizer
+    args = serve.parse_args([str(tmp / "model"), "--dtype", "float32", "--max-model-len", "64", "--max-num-seqs", "4",
                              "--max-num-batched-tokens", "32", "--block-size", "16", "--compilation-cache-dir", "",
                              "--tokenizer", str(tmp / "tok"), "--chat-template", str(tmp / "chat.jinja"),
-                             "--response-role", "bot", "--max-logprobs", "3",
-                             "--allowed-origins", '["http://app.example"]', "--trust-remote-code"])
+                             "--response-role", "bot", "--max-logprobs", "3", "--override-generation-config",
+                             '{"max_new_tokens": 5}', "--allowed-origins", '["http://app.example"]',
+                             "--trust-remote-code"])
     kwargs = app_kwargs(args)
     server = LiveServer(AsyncLLM.from_args(args), kwargs.pop("served_model_name"), **kwargs)
     yield server
@@ -148,7 +181,7 @@ def served(tmp_path_factory):
 
 
 def test_live_tokenizer_and_chat_template(served):
-    assert isinstance(served.engine.tokenizer, HFTokenizer)  # --tokenizer's files, not the preset's own tokenizer
+    assert isinstance(served.engine.tokenizer, HFTokenizer)  # --tokenizer's files: the checkpoint has none
     own = ByteTokenizer().apply_chat_template(MESSAGES, tokenize=True)
     custom = list(b"u:hi|>")  # byte ids of TEMPLATE's rendering
     assert own != custom
@@ -188,3 +221,32 @@ def test_live_cors(served):
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
     r = httpx.get(f"{served.url}/v1/models", headers={"Origin": "http://app.example"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+
+
+def test_live_generation_config_defaults(served):
+    """The checkpoint's generation_config.json (temperature 0, top_k 40, max_new_tokens 8, overridden to 5) fills
+    the fields a request leaves out: it is greedy and stops after 5 tokens; its own values win."""
+    assert served.engine.default_sampling == served.app.state.server.default_sampling == {
+        "temperature": 0.0, "top_k": 40, "max_tokens": 5}
+    client, model = served.client(), served.app.state.server.model_name
+    eos = {"ignore_eos": True}
+
+    def complete(**kw):
+        return client.completions.create(model=model, prompt="The quick brown fox", extra_body=eos, **kw)
+
+    # no max_tokens (completions' own default, 16, is above the cap), or more than the cap: 5 tokens
+    unset = [complete(seed=seed) for seed in (1, 2, 3)]
+    for out in [*unset, complete(max_tokens=20)]:
+        assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+    assert complete(max_tokens=3).usage.completion_tokens == 3  # a smaller ask wins
+    # the default temperature 0: whatever the seed, the greedy text of an explicit temperature=0 request...
+    greedy = complete(temperature=0).choices[0].text
+    assert [out.choices[0].text for out in unset] == [greedy] * 3
+    # ...where the API's default (1.0), asked for explicitly, samples
+    sampled = {complete(temperature=1.0, seed=seed).choices[0].text for seed in (1, 2, 3)}
+    assert len(sampled) > 1 and greedy not in sampled
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, extra_body=eos)  # chat: no max_tokens
+    assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+    again = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=5,
+                                           extra_body=eos)
+    assert chat.choices[0].message.content == again.choices[0].message.content

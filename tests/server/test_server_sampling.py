@@ -1,17 +1,22 @@
 """Sampling controls and output shapes through the server: logit_bias, structured outputs (response_format,
-guided_*) and tool calling (named, required, and "auto" with a parser), on the real engine."""
+guided_*), tool calling (named, required, and "auto" with a parser), on the real engine; and how a request's unset
+fields take the checkpoint's generation_config defaults."""
 from __future__ import annotations
 
 import json
+import random
 import re
+from types import SimpleNamespace
 
 import openai
 import pytest
 from harness import MODEL, LiveServer, _tiny_model, greedy_reference, idle
 
 import ie_jax
+from engine.config import EngineConfig
+from engine.protocol import API_DEFAULTS, ChatCompletionRequest, CompletionRequest, ServerError
+from engine.server import OpenAIServer
 from engine.tools import ToolMode, tool_mode
-from engine.protocol import ServerError
 from ie_jax.sampling import SamplingParams
 
 
@@ -226,3 +231,40 @@ def test_several_served_model_names(live):
             client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
     finally:
         server.stop()
+
+
+def test_unset_request_fields_take_the_generation_config_defaults():
+    """A field the request leaves out takes the generation_config default, else the API's; one it gives wins, even
+    when it is 0 or equals the API default."""
+    rng = random.Random(0)
+    for _ in range(200):
+        defaults = {k: v for k, v in dict(temperature=rng.choice([0.0, 0.6, 1.3]), top_p=rng.choice([0.8, 0.95]),
+                                          top_k=rng.choice([1, 20, 50]), min_p=rng.choice([0.05, 0.2]),
+                                          repetition_penalty=rng.choice([1.05, 1.3])).items() if rng.random() < 0.6}
+        given = {k: v for k, v in dict(temperature=rng.choice([0.0, 1.0, 0.7]), top_p=rng.choice([1.0, 0.5]),
+                                       top_k=rng.choice([0, -1, 5]), min_p=rng.choice([0.0, 0.1]),
+                                       repetition_penalty=rng.choice([1.0, 1.2])).items() if rng.random() < 0.5}
+        want = {**API_DEFAULTS, **defaults, **given}
+        for body in (CompletionRequest(prompt="hi", **given), ChatCompletionRequest(messages=[], **given)):
+            sp = body.sampling_params(9, None, {**defaults, "max_tokens": 3})
+            assert {k: getattr(sp, k) for k in API_DEFAULTS} == want, (defaults, given)
+            assert sp.max_tokens == 9  # the server's max_tokens, already capped by generation_config's
+    assert CompletionRequest(prompt="hi").sampling_params(16, None) == SamplingParams(max_tokens=16)
+
+
+def test_max_tokens_is_capped_by_max_new_tokens():
+    """vLLM's rule: the least of what is left of max_model_len, the request's max_tokens and max_new_tokens."""
+    def server(defaults):
+        engine = SimpleNamespace(tokenizer=None, engine_config=EngineConfig(max_model_len=64), stats=dict,
+                                 default_sampling=defaults)
+        return OpenAIServer(engine, "m", None, None)
+
+    capped, plain = server({"temperature": 0.0, "max_tokens": 5}), server(None)
+    assert plain.default_sampling == {} and capped.default_sampling["max_tokens"] == 5
+    for num_prompt, requested, want_capped, want_plain in ((10, None, 5, 54), (10, 3, 3, 3), (10, 20, 5, 20),
+                                                           (61, None, 3, 3), (59, 5, 5, 5), (10, 0, 0, 0)):
+        assert capped.max_tokens(num_prompt, requested, "prompt") == want_capped, (num_prompt, requested)
+        assert plain.max_tokens(num_prompt, requested, "prompt") == want_plain, (num_prompt, requested)
+    for s in (capped, plain):
+        with pytest.raises(ServerError, match="you requested 70 tokens"):
+            s.max_tokens(60, 10, "prompt")
