@@ -192,6 +192,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True  # with --reasoning-parser: False leaves the reasoning out of the response
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -235,15 +236,66 @@ def completion_choice(index: int, text: str, logprobs: dict | None, finish_reaso
 
 
 def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
-                stop_reason: int | str | None, tool_calls: list[dict] | None = None, role: str = "assistant") -> dict:
-    return {"index": index, "message": {"role": role, "content": text, "tool_calls": tool_calls or []},
-            "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
+                stop_reason: int | str | None, tool_calls: list[dict] | None = None, role: str = "assistant",
+                reasoning: str | None = None) -> dict:
+    message = {"role": role, "content": text, "tool_calls": tool_calls or []}
+    if reasoning is not None:  # --reasoning-parser: vLLM's name, and the older one clients still read
+        message["reasoning"] = message["reasoning_content"] = reasoning
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
 
 
 def chat_delta_choice(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None,
                       stop_reason: int | str | None = None) -> dict:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
             "stop_reason": stop_reason}
+
+
+class LogprobFormat:
+    """The logprobs objects of the responses, with each token's text decoded once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._strs: dict[int, str] = {}
+
+    def token_str(self, token_id: int) -> str:
+        s = self._strs.get(token_id)
+        if s is None:
+            s = self._strs[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return s
+
+    def completion(self, entries: list[tuple[int, dict[int, float] | None]], offset: int) -> dict:
+        """The legacy completions `logprobs` object. An entry without logprobs (an echoed prompt's first token)
+        gets null for its logprob and top logprobs, as OpenAI and vLLM return it."""
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for token_id, lps in entries:
+            s = self.token_str(token_id)
+            tokens.append(s)
+            token_logprobs.append(None if lps is None else lps.get(token_id))
+            ranked: dict[str, float] | None = None if lps is None else {}
+            for t, lp in sorted((lps or {}).items(), key=lambda kv: -kv[1]):
+                ranked.setdefault(self.token_str(t), lp)  # tokens that print alike keep the likeliest
+            top.append(ranked)
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def echoed(self, prompt_entries, entries, prefix: str) -> dict:
+        """Logprobs of the echoed prompt (offsets from 0), then of `entries` (from the end of the prefix)."""
+        head, tail = self.completion(prompt_entries, 0), self.completion(entries, len(prefix))
+        return {key: head[key] + tail[key] for key in head}
+
+    def chat(self, entries: list[tuple[int, dict[int, float]]], num_top: int) -> dict:
+        def item(t: int, lp: float) -> dict:
+            s = self.token_str(t)
+            return {"token": s, "logprob": max(lp, -9999.0), "bytes": list(s.encode("utf-8"))}
+
+        content = []
+        for token_id, lps in entries:
+            ranked = sorted(lps.items(), key=lambda kv: -kv[1])[:num_top]
+            content.append({**item(token_id, lps.get(token_id, float("-inf"))),
+                            "top_logprobs": [item(t, lp) for t, lp in ranked]})
+        return {"content": content, "refusal": None}
 
 
 def envelope(kind: Literal["text_completion", "chat.completion", "chat.completion.chunk"], request_id: str,

@@ -10,12 +10,17 @@ to `content`.
 
 A reply that thinks and never closes its block (cut short by max_tokens) is all reasoning, streamed or not, so
 the two agree. Content starts at its first non-space character after </think>. Tool calls are parsed out of the
-content only. Structured outputs (response_format, guided_*) hold the whole reply, thought included: a guided
-reply of a thinking model is content.
+content only. A guided reply (response_format, guided_*, a forced tool call) thinks only where it writes <think>
+itself: its grammar holds the whole reply, so a JSON reply is all content.
+
+`ChatMode` is what the server asks: a chat choice's whole text → (content, reasoning, tool calls), and, per
+streaming choice, `ChatStream` turns each new piece of text into the chunk's delta. Both are linear in the text.
 """
 from __future__ import annotations
 
 import dataclasses
+
+from engine.tools import ToolMode, ToolStream, tool_finish
 
 PARSERS = ("qwen3", "deepseek_r1")
 START, END = "<think>", "</think>"
@@ -38,54 +43,99 @@ class ReasoningParser:
         """Whether the reply starts in thought whatever it writes first: the prompt opened the block."""
         return self.name == "deepseek_r1" or prompt_text.rstrip().endswith(START)
 
-    def split(self, text: str, prompt_thinks: bool, final: bool = True) -> tuple[str | None, str | None, int]:
-        """(reasoning, content, held): the reply `text` so far split in two. Not `final`, the last `held`
-        characters may still be (the start of) a tag or the space before the content, and are left out of both.
-        reasoning is None for a reply that does not think; content is None while (or if) it has none."""
-        if not (prompt_thinks or self.name == "deepseek_r1"):
-            if text.startswith(START):
-                prompt_thinks, text = True, text[len(START):]
-            elif not final and START.startswith(text):  # "", "<", "<thi": not yet known
-                return None, None, len(text)
-            else:
-                return None, *self._content(text, final)
-        else:
-            if text.startswith(START):  # the reply wrote the tag the template may already have
-                text = text[len(START):]
-            elif not final and text and START.startswith(text):
-                return "", None, len(text)
-        thought, closed, rest = text.partition(END)
-        if not closed:
-            held = 0 if final else _tail_of(thought, END)
-            return thought[:len(thought) - held], None, held
-        content, held = self._content(rest, final)
-        return thought, content, held
-
-    @staticmethod
-    def _content(text: str, final: bool) -> tuple[str | None, int]:
-        body = text.lstrip()
-        if not body:
-            return None, 0 if final else len(text)
-        return body, 0
+    def split(self, text: str, prompt_thinks: bool) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a whole reply; reasoning is None where it does not think, content None where
+        it has none."""
+        stream = ReasoningStream(self, prompt_thinks)
+        reasoning, content = stream.feed(text, final=True)
+        return (reasoning if stream.thinks else None), (content or None)
 
 
 @dataclasses.dataclass
 class ReasoningStream:
-    """What of one streaming choice went out: characters of reasoning and of content."""
+    """One reply read piece by piece: `feed` returns the new reasoning and content text, holding back what may
+    still be (the start of) a tag, or the spaces before the content."""
     parser: ReasoningParser
-    prompt_thinks: bool
-    reasoning_sent: int = 0
-    content_sent: int = 0
+    prompt_thinks: bool  # the reply starts in thought: thinks_from_prompt's answer
+    state: str = "start"  # start → thought → lead (spaces before the content) → content
+    thinks: bool = False
+    pending: str = ""
 
-    def delta(self, text: str, final: bool) -> tuple[str, str | None]:
-        """(new reasoning, content so far): the reasoning characters not yet sent, and the whole content text
-        the reply has so far (None before any), for the caller to send what is new of it."""
-        reasoning, content, _ = self.parser.split(text, self.prompt_thinks, final)
-        new = (reasoning or "")[self.reasoning_sent:]
-        self.reasoning_sent += len(new)
-        return new, content
+    def feed(self, piece: str, final: bool) -> tuple[str, str]:
+        text, reasoning, content = self.pending + piece, "", ""
+        self.pending = ""
+        while True:
+            if self.state == "start":
+                if text.startswith(START):  # written by the reply (perhaps again, after the template's)
+                    text, self.state = text[len(START):], "thought"
+                elif not final and START.startswith(text):  # "", "<", "<thi": not yet known
+                    self.pending = text
+                    return reasoning, content
+                else:
+                    self.state = "thought" if self.prompt_thinks else "lead"
+                self.thinks = self.state == "thought"
+            elif self.state == "thought":
+                i = text.find(END)
+                if i < 0:
+                    held = 0 if final else _tail_of(text, END)
+                    reasoning += text[:len(text) - held]
+                    self.pending = text[len(text) - held:]
+                    return reasoning, content
+                reasoning += text[:i]
+                text, self.state = text[i + len(END):], "lead"
+            elif self.state == "lead":
+                text = text.lstrip()
+                if not text:
+                    return reasoning, content
+                self.state = "content"
+            else:
+                return reasoning, content + text
 
-    def content_delta(self, content: str | None) -> str:
-        new = (content or "")[self.content_sent:]
-        self.content_sent += len(new)
-        return new
+
+@dataclasses.dataclass(frozen=True)
+class ChatMode:
+    """How a chat request's reply becomes its message: reasoning split off (`reasoning`), then tool calls parsed
+    out of the content (`tools`). Where both are None the text is the content as it is."""
+    tools: ToolMode | None = None
+    reasoning: ReasoningParser | None = None
+    prompt_thinks: bool = False
+    include_reasoning: bool = True  # vLLM's request field: False drops the reasoning from the response
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[str | None, str | None, list | None, str | None]:
+        """(content, reasoning, tool calls, finish reason) of a whole reply."""
+        reasoning, content = (None, text) if self.reasoning is None else self.reasoning.split(text, self.prompt_thinks)
+        calls = None
+        if self.tools is not None:
+            content, calls = self.tools.parse(content or "")
+        return content, reasoning if self.include_reasoning else None, calls, tool_finish(self.tools, calls,
+                                                                                          finish_reason)
+
+
+@dataclasses.dataclass
+class ChatStream:
+    """What of one streaming chat choice went out."""
+    mode: ChatMode
+    reasoning: ReasoningStream | None = None
+    content: list[str] = dataclasses.field(default_factory=list)  # with tools: the content so far, in pieces
+    tools: ToolStream = dataclasses.field(default_factory=ToolStream)
+
+    def __post_init__(self):
+        if self.mode.reasoning is not None:
+            self.reasoning = ReasoningStream(self.mode.reasoning, self.mode.prompt_thinks)
+
+    def delta(self, piece: str, finish_reason: str | None) -> tuple[dict | None, str | None]:
+        """The chunk's delta for the reply's next `piece` of text (None: nothing to send yet) and the finish reason
+        to send with it (set once the reply is complete)."""
+        final = finish_reason is not None
+        thought, piece = ("", piece) if self.reasoning is None else self.reasoning.feed(piece, final)
+        delta = {}
+        if thought and self.mode.include_reasoning:
+            delta["reasoning"] = delta["reasoning_content"] = thought
+        if self.mode.tools is None:
+            if piece:
+                delta["content"] = piece
+        else:
+            self.content.append(piece)
+            calls, finish_reason = self.mode.tools.stream_delta("".join(self.content), self.tools, finish_reason)
+            delta.update(calls or {})
+        return (delta if delta or final else None), finish_reason

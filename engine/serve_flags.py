@@ -48,6 +48,7 @@ def app_kwargs(args) -> dict:
                 max_queue=args.max_queue, model_root=args.model,
                 tool_call_parser=args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None,
                 response_role=getattr(args, "response_role", "assistant"),
+                reasoning_parser=getattr(args, "reasoning_parser", None),
                 cors=None if getattr(args, "allowed_origins", None) is None else  # CORS only when asked for
                 dict(allow_origins=args.allowed_origins, allow_methods=getattr(args, "allowed_methods", ["*"]),
                      allow_headers=getattr(args, "allowed_headers", ["*"]),

@@ -42,7 +42,8 @@ import engine.protocol as P
 from engine.lora import LoRARequest, runtime_lora_updates
 from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
-from engine.tools import ToolMode, ToolStream, tool_finish, tool_mode
+from engine.reasoning import ChatMode, ChatStream, ReasoningParser
+from engine.tools import tool_mode
 from ie_jax.sampling import SamplingParams
 
 
@@ -71,7 +72,8 @@ class _Choice:
     logprobs: list[tuple[int, dict[int, float]]] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[tuple[int, dict[int, float] | None]] | None = None  # echo with logprobs
     started: bool = False  # streaming: a chunk of this choice went out
-    tool_stream: ToolStream = dataclasses.field(default_factory=ToolStream)  # streaming with tools: what went out
+    chat: ChatStream | None = None  # streaming chat with tools or reasoning: what went out
+    held: list = dataclasses.field(default_factory=list)  # logprobs of text not yet sent (a tag held back)
     echo_len: int = 0  # streaming: characters of echoed prompt before the generated text
 
 
@@ -98,7 +100,8 @@ async def _merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
 
 class OpenAIServer:
     def __init__(self, engine, served_model_name: str | list[str], api_key: str | None, max_queue: int | None,
-                 model_root: str | None = None, tool_call_parser: str | None = None, response_role: str = "assistant"):
+                 model_root: str | None = None, tool_call_parser: str | None = None, response_role: str = "assistant",
+                 reasoning_parser: str | None = None):
         # several names (vLLM's --served-model-name a b): any is accepted, the first names the responses
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         served_model_name, self.aliases = names[0], tuple(names)
@@ -108,12 +111,13 @@ class OpenAIServer:
         self.model_root = model_root or served_model_name
         self.tool_call_parser = tool_call_parser  # set: "auto" tool choice parses calls out of the text
         self.response_role = response_role  # the role of chat replies (vLLM's --response-role)
+        self.reasoning = None if reasoning_parser is None else ReasoningParser(reasoning_parser)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine_config.max_model_len
         self.default_sampling = dict(getattr(engine, "default_sampling", None) or {})  # generation_config's
         self.metrics = ServerMetrics(engine.stats, served_model_name)
         self._pending: set[str] = set()  # admitted engine requests with no token yet
-        self._token_strs: dict[int, str] = {}
+        self.lp = P.LogprobFormat(self.tokenizer)  # the responses' logprobs objects
 
     # --- request → engine jobs --------------------------------------------------------------------------------
 
@@ -155,6 +159,17 @@ class OpenAIServer:
                 f"Please reduce the length of the input or completion.", param="max_tokens")
         limits = (self.max_model_len - num_prompt, requested, self.default_sampling.get("max_tokens"))
         return min(n for n in limits if n is not None)
+
+    def chat_mode(self, tools, params: SamplingParams, prompt_ids: list[int], include_reasoning: bool
+                  ) -> ChatMode | None:
+        """How a chat reply becomes its message (None: as it is). A guided reply thinks only where it writes
+        <think> itself: its grammar holds the whole of it."""
+        parser = self.reasoning
+        if tools is None and parser is None:
+            return None
+        tail = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)  # did the template open <think>?
+        thinks = parser is not None and params.guided_decoding is None and parser.thinks_from_prompt(tail)
+        return ChatMode(tools, parser, thinks, include_reasoning)
 
     def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
              score_only: bool = False, lora: LoRARequest | None = None) -> list[_Job]:
@@ -228,46 +243,6 @@ class OpenAIServer:
 
     # --- response shaping -------------------------------------------------------------------------------------
 
-    def token_str(self, token_id: int) -> str:
-        s = self._token_strs.get(token_id)
-        if s is None:
-            s = self._token_strs[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return s
-
-    def completion_logprobs(self, entries: list[tuple[int, dict[int, float] | None]], offset: int) -> dict:
-        """The legacy completions `logprobs` object. An entry without logprobs (an echoed prompt's first token)
-        gets null for its logprob and top logprobs, as OpenAI and vLLM return it."""
-        tokens, token_logprobs, top, offsets = [], [], [], []
-        for token_id, lps in entries:
-            s = self.token_str(token_id)
-            tokens.append(s)
-            token_logprobs.append(None if lps is None else lps.get(token_id))
-            ranked: dict[str, float] | None = None if lps is None else {}
-            for t, lp in sorted((lps or {}).items(), key=lambda kv: -kv[1]):
-                ranked.setdefault(self.token_str(t), lp)  # tokens that print alike keep the likeliest
-            top.append(ranked)
-            offsets.append(offset)
-            offset += len(s)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-    def echoed_logprobs(self, choice: _Choice, entries, prefix: str) -> dict:
-        """Logprobs of the echoed prompt (offsets from 0), then of `entries` (from the end of the prefix)."""
-        head = self.completion_logprobs(choice.prompt_logprobs, 0)
-        tail = self.completion_logprobs(entries, len(prefix))
-        return {key: head[key] + tail[key] for key in head}
-
-    def chat_logprobs(self, entries: list[tuple[int, dict[int, float]]], num_top: int) -> dict:
-        def item(t: int, lp: float) -> dict:
-            s = self.token_str(t)
-            return {"token": s, "logprob": max(lp, -9999.0), "bytes": list(s.encode("utf-8"))}
-
-        content = []
-        for token_id, lps in entries:
-            ranked = sorted(lps.items(), key=lambda kv: -kv[1])[:num_top]
-            content.append({**item(token_id, lps.get(token_id, float("-inf"))),
-                            "top_logprobs": [item(t, lp) for t, lp in ranked]})
-        return {"content": content, "refusal": None}
-
     @staticmethod
     def absorb(choice: _Choice, out: RequestOutput, prompt_ids: list[int]) -> list[tuple[int, dict[int, float]]]:
         """Adds a delta to the choice; returns the delta's (token id, logprobs) entries."""
@@ -291,7 +266,7 @@ class OpenAIServer:
         return P.usage(sum(n for n, _ in prompts.values()), completion, sum(c for _, c in prompts.values()))
 
     async def collect(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
-                      num_top: int | None, tools: ToolMode | None = None) -> dict:
+                      num_top: int | None, chat: ChatMode | None = None) -> dict:
         choices = {j.index: _Choice() for j in jobs}
         try:
             async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
@@ -307,14 +282,15 @@ class OpenAIServer:
                 prefix = (j.prompt_text or "") if echo else ""
                 lp = None
                 if num_top is not None:
-                    lp = self.echoed_logprobs(c, c.logprobs, prefix) if c.prompt_logprobs is not None else \
-                        self.completion_logprobs(c.logprobs, len(prefix))
+                    lp = self.lp.echoed(c.prompt_logprobs, c.logprobs, prefix) if c.prompt_logprobs is not None \
+                        else self.lp.completion(c.logprobs, len(prefix))
                 body.append(P.completion_choice(j.index, prefix + text, lp, c.finish_reason, c.stop_reason))
             else:
-                lp = self.chat_logprobs(c.logprobs, num_top) if num_top is not None else None
-                content, calls = (text, None) if tools is None else tools.parse(text)
-                body.append(P.chat_choice(j.index, content, lp, tool_finish(tools, calls, c.finish_reason),
-                                          c.stop_reason, calls, self.response_role))
+                lp = self.lp.chat(c.logprobs, num_top) if num_top is not None else None
+                content, reasoning, calls, finish = (text, None, None, c.finish_reason) if chat is None else \
+                    chat.message(text, c.finish_reason)
+                body.append(P.chat_choice(j.index, content, lp, finish, c.stop_reason, calls, self.response_role,
+                                          reasoning))
         return P.envelope(kind, request_id, int(time.time()), self.response_model(jobs), body,
                           self.total_usage(jobs, choices))
 
@@ -323,7 +299,7 @@ class OpenAIServer:
 
     async def stream(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
                      num_top: int | None, include_usage: bool, continuous_usage: bool,
-                     tools: ToolMode | None = None) -> AsyncIterator[str]:
+                     chat: ChatMode | None = None) -> AsyncIterator[str]:
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         created, model = int(time.time()), self.response_model(jobs)
         choices = {j.index: _Choice() for j in jobs}
@@ -349,16 +325,18 @@ class OpenAIServer:
                         offset = c.echo_len + c.text_len - len(out.new_text)
                         lp = None
                         if num_top is not None:
-                            lp = self.echoed_logprobs(c, entries, prefix) if prefix and c.prompt_logprobs else \
-                                self.completion_logprobs(entries, offset)
+                            lp = self.lp.echoed(c.prompt_logprobs, entries, prefix) if prefix and \
+                                c.prompt_logprobs else self.lp.completion(entries, offset)
                         body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
-                    elif tools is not None:  # text that cannot be a call streams as content, calls as deltas
-                        delta, finish = tools.stream_delta("".join(c.text), c.tool_stream, finish)
+                    elif chat is not None:  # reasoning split off; calls as deltas, the rest as content
+                        c.chat, c.held = c.chat or ChatStream(chat), c.held + entries
+                        delta, finish = c.chat.delta(out.new_text, finish)
                         if delta is None:
                             continue
-                        body = P.chat_delta_choice(job.index, delta, None, finish, stop)
+                        lp = self.lp.chat(c.held, num_top) if num_top is not None else None
+                        body, c.held = P.chat_delta_choice(job.index, delta, lp, finish, stop), []
                     else:
-                        lp = self.chat_logprobs(entries, num_top) if num_top is not None else None
+                        lp = self.lp.chat(entries, num_top) if num_top is not None else None
                         delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                         body = P.chat_delta_choice(job.index, delta, lp, finish, stop)
                     c.started = True
@@ -374,14 +352,14 @@ class OpenAIServer:
 
     async def respond(self, raw: Request, kind: str, request_id: str, jobs: list[_Job], priority: int,
                       body: P._SamplingFields, echo: bool, num_top: int | None,
-                      tools: ToolMode | None = None) -> Response:
+                      chat: ChatMode | None = None) -> Response:
         self.admit(jobs)
         if body.stream:
             return StreamingResponse(
                 self.stream(kind, request_id, jobs, priority, echo, num_top, body.include_usage,
-                            body.continuous_usage, tools),
+                            body.continuous_usage, chat),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top, tools))
+        work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top, chat))
         watch = asyncio.ensure_future(_wait_for_disconnect(raw))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -423,11 +401,14 @@ def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
 
 def build_app(engine, *, served_model_name: str | list[str], api_key: str | None = None,
               max_queue: int | None = None, model_root: str | None = None, tool_call_parser: str | None = None,
-              response_role: str = "assistant", cors: dict | None = None) -> FastAPI:
+              response_role: str = "assistant", cors: dict | None = None, reasoning_parser: str | None = None
+              ) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
-    --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py). `cors`:
-    CORSMiddleware's keyword arguments (vLLM's --allowed-origins etc.)."""
-    server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser, response_role)
+    --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py);
+    `reasoning_parser` splits a thinking reply's reasoning off (engine/reasoning.py). `cors`: CORSMiddleware's
+    keyword arguments (vLLM's --allowed-origins etc.)."""
+    server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser, response_role,
+                          reasoning_parser)
     app = FastAPI(title="ie-jax OpenAI-compatible server")
     app.state.server = server
 
@@ -549,7 +530,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = server.jobs(request_id, [(ids, None)], [params], lora=lora)
         return await server.respond(raw, "chat.completion", request_id, jobs, body.priority, body, False, num_top,
-                                    tools)
+                                    server.chat_mode(tools, params, ids, body.include_reasoning))
 
     @app.post("/tokenize")
     async def tokenize(body: P.TokenizeRequest):
@@ -565,7 +546,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
                 raise P.ServerError("either prompt or messages is required", param="prompt")
         except ValueError as e:
             raise P.ServerError(str(e)) from e
-        strs = [server.token_str(t) for t in ids] if body.return_token_strs else None
+        strs = [server.lp.token_str(t) for t in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": server.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize")

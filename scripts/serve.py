@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='chat requests with tools and tool_choice "auto" get their calls parsed out of the text')
     p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                    help="the model's tool-call format (with --enable-auto-tool-choice)")
+    p.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="a thinking model's <think> ... </think> goes to the chat message's reasoning field "
+                        "(and reasoning_content), the rest to content")
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                    help="Jinja chat template for /v1/chat/completions, replacing the tokenizer's: a file, or the "
                         "template text")

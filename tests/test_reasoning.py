@@ -18,13 +18,13 @@ QWEN, R1 = ReasoningParser("qwen3"), ReasoningParser("deepseek_r1")
     (QWEN, True, "Add them, then", ("Add them, then", None)),  # cut short: all reasoning
     (QWEN, False, "<think>a</think>\n\n", ("a", None)),
     (QWEN, False, "<think></think>b </think> c", ("", "b </think> c")),  # only the first close counts
-    (R1, False, "Let me see.</think>Yes.", ("Let me see.", "Yes.")),  # R1 thinks from the start
-    (R1, False, "<think>Let me see.</think> Yes.", ("Let me see.", "Yes.")),
-    (R1, False, "<think>still thinking", ("still thinking", None)),
+    (R1, True, "Let me see.</think>Yes.", ("Let me see.", "Yes.")),  # R1 thinks from the start
+    (R1, True, "<think>Let me see.</think> Yes.", ("Let me see.", "Yes.")),
+    (R1, False, "{\"a\": 1}", (None, "{\"a\": 1}")),  # guided: only its own <think> opens a thought
+    (R1, True, "<think>still thinking", ("still thinking", None)),
 ])
 def test_split(parser, prompt_thinks, text, want):
-    reasoning, content, held = parser.split(text, prompt_thinks)
-    assert (reasoning, content, held) == (*want, 0)
+    assert parser.split(text, prompt_thinks) == want
 
 
 def test_prompt_decides_where_the_reply_starts():
@@ -45,20 +45,17 @@ REPLIES = ["<think>Two apples and three: 2 + 3 < 6, so five.</think>\n\nFive app
 @pytest.mark.parametrize("parser", [QWEN, R1])
 @pytest.mark.parametrize("prompt_thinks", [False, True])
 def test_streamed_pieces_add_up_to_the_whole(parser, prompt_thinks):
-    """Random token boundaries: what streams is always a prefix of the final split, and adds up to it."""
+    """Random token boundaries: what streams is always a prefix of the whole reply's split, and adds up to it."""
     rng = np.random.default_rng(7)
     for reply in REPLIES:
-        thinks = prompt_thinks or parser.thinks_from_prompt("")
-        want_reasoning, want_content, _ = parser.split(reply, thinks)
+        want_reasoning, want_content = parser.split(reply, prompt_thinks)
         for _ in range(20):
             cuts = sorted(set(rng.integers(0, len(reply) + 1, size=rng.integers(0, 8)).tolist()) | {len(reply)})
-            stream, reasoning, content, last = ReasoningStream(parser, thinks), "", "", 0
+            stream, reasoning, content, start = ReasoningStream(parser, prompt_thinks), "", "", 0
             for cut in cuts:
-                new_reasoning, content_so_far = stream.delta(reply[:cut], final=cut == len(reply))
-                reasoning += new_reasoning
-                content += stream.content_delta(content_so_far)
+                r, c = stream.feed(reply[start:cut], final=cut == len(reply))
+                reasoning, content, start = reasoning + r, content + c, cut
                 assert (want_reasoning or "").startswith(reasoning), (reply, cut)
                 assert (want_content or "").startswith(content), (reply, cut)
-                last = cut
-            assert last == len(reply)
-            assert reasoning == (want_reasoning or "") and content == (want_content or ""), reply
+            assert (reasoning, content) == (want_reasoning or "", want_content or ""), reply
+            assert stream.thinks == (want_reasoning is not None)

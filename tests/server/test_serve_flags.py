@@ -121,6 +121,12 @@ def test_compatibility_flags_are_noted(capsys):
     assert "always on" in parse_error(capsys, ["--no-enable-chunked-prefill"])
 
 
+def test_reasoning_parser_flag(capsys):
+    assert app_kwargs(serve.parse_args([]))["reasoning_parser"] is None
+    assert app_kwargs(serve.parse_args(["--reasoning-parser", "qwen3"]))["reasoning_parser"] == "qwen3"
+    assert "invalid choice: 'granite'" in parse_error(capsys, ["--reasoning-parser", "granite"])
+
+
 def test_generation_config(tmp_path, capsys, monkeypatch):
     import engine.server
     monkeypatch.setattr(engine.server, "run_server", lambda args: pytest.fail("a bad config reached run_server"))
