@@ -21,7 +21,7 @@ from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
 from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
 from ie_jax.detokenizer import make_detokenizer
-from ie_jax.guided import FixedGuide, GuidedDecodingParams, TokenGuide, Vocabulary, compile_regex, token_bytes
+from ie_jax.guided import FixedGuide, GuidedDecodingParams, TokenGuide, Vocabulary, token_bytes
 from ie_jax.sampling import SamplingParams
 from ie_jax.stopping import check_stop
 
@@ -190,7 +190,7 @@ class LLMEngine:
             raise ValueError("guided decoding needs the model's tokenizer")
         if self._token_bytes is None:
             self._token_bytes = Vocabulary(token_bytes(self.tokenizer, self.model_config.vocab_size))
-        guide = TokenGuide(compile_regex(spec.regex_pattern()), self._token_bytes, self.eos_token_ids)
+        guide = TokenGuide(spec.dfa(), self._token_bytes, self.eos_token_ids)
         with self._guides_lock:
             while len(self.guides) >= 32:
                 self.guides.pop(next(iter(self.guides)))

@@ -10,8 +10,9 @@ to `content`.
 
 A reply that thinks and never closes its block (cut short by max_tokens) is all reasoning, streamed or not, so
 the two agree. Content starts at its first non-space character after </think>. Tool calls are parsed out of the
-content only. A guided reply (response_format, guided_*, a forced tool call) thinks only where it writes <think>
-itself: its grammar holds the whole reply, so a JSON reply is all content.
+content only. A grammar (response_format, guided_*, a forced tool call) holds only what follows the thought, as in
+vLLM (`ie_jax.guided.after_thought`); a server started with enable_in_reasoning lets it hold the whole reply,
+which then thinks only where it writes <think> itself.
 
 `ChatMode` is what the server asks: a chat choice's whole text → (content, reasoning, tool calls), and, per
 streaming choice, `ChatStream` turns each new piece of text into the chunk's delta. Both are linear in the text.
@@ -39,9 +40,18 @@ class ReasoningParser:
         if self.name not in PARSERS:
             raise ValueError(f"unknown reasoning parser {self.name!r}: choose one of {', '.join(PARSERS)}")
 
+    def start(self, prompt_text: str) -> str:
+        """Where the reply starts, from the prompt's end: "open" in thought (the prompt opened the block, or R1),
+        "closed" past it (the prompt closed one: thinking switched off), else "optional" (the reply may open one
+        with its first bytes)."""
+        tail = prompt_text.rstrip()
+        if tail.endswith(END):
+            return "closed"
+        return "open" if self.name == "deepseek_r1" or tail.endswith(START) else "optional"
+
     def thinks_from_prompt(self, prompt_text: str) -> bool:
-        """Whether the reply starts in thought whatever it writes first: the prompt opened the block."""
-        return self.name == "deepseek_r1" or prompt_text.rstrip().endswith(START)
+        """Whether the reply starts in thought whatever it writes first."""
+        return self.start(prompt_text) == "open"
 
     def split(self, text: str, prompt_thinks: bool) -> tuple[str | None, str | None]:
         """(reasoning, content) of a whole reply; reasoning is None where it does not think, content None where

@@ -49,6 +49,8 @@ def app_kwargs(args) -> dict:
                 tool_call_parser=args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None,
                 response_role=getattr(args, "response_role", "assistant"),
                 reasoning_parser=getattr(args, "reasoning_parser", None),
+                grammar_in_reasoning=(getattr(args, "structured_outputs_config", None) or {}).get("enable_in_reasoning",
+                                                                                                 False),
                 cors=None if getattr(args, "allowed_origins", None) is None else  # CORS only when asked for
                 dict(allow_origins=args.allowed_origins, allow_methods=getattr(args, "allowed_methods", ["*"]),
                      allow_headers=getattr(args, "allowed_headers", ["*"]),

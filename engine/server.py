@@ -101,7 +101,7 @@ async def _merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
 class OpenAIServer:
     def __init__(self, engine, served_model_name: str | list[str], api_key: str | None, max_queue: int | None,
                  model_root: str | None = None, tool_call_parser: str | None = None, response_role: str = "assistant",
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, grammar_in_reasoning: bool = False):
         # several names (vLLM's --served-model-name a b): any is accepted, the first names the responses
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         served_model_name, self.aliases = names[0], tuple(names)
@@ -112,6 +112,7 @@ class OpenAIServer:
         self.tool_call_parser = tool_call_parser  # set: "auto" tool choice parses calls out of the text
         self.response_role = response_role  # the role of chat replies (vLLM's --response-role)
         self.reasoning = None if reasoning_parser is None else ReasoningParser(reasoning_parser)
+        self.grammar_in_reasoning = grammar_in_reasoning  # vLLM's structured-outputs enable_in_reasoning
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine_config.max_model_len
         self.default_sampling = dict(getattr(engine, "default_sampling", None) or {})  # generation_config's
@@ -161,15 +162,18 @@ class OpenAIServer:
         return min(n for n in limits if n is not None)
 
     def chat_mode(self, tools, params: SamplingParams, prompt_ids: list[int], include_reasoning: bool
-                  ) -> ChatMode | None:
-        """How a chat reply becomes its message (None: as it is). A guided reply thinks only where it writes
-        <think> itself: its grammar holds the whole of it."""
-        parser = self.reasoning
-        if tools is None and parser is None:
-            return None
-        tail = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)  # did the template open <think>?
-        thinks = parser is not None and params.guided_decoding is None and parser.thinks_from_prompt(tail)
-        return ChatMode(tools, parser, thinks, include_reasoning)
+                  ) -> tuple[SamplingParams, ChatMode | None]:
+        """How a chat reply becomes its message (None: as it is), and the params with a grammar moved behind the
+        reply's thought (engine/reasoning.py): vLLM's rule, unless the server lets grammars into the thought."""
+        parser, spec = self.reasoning, params.guided_decoding
+        if parser is None:
+            return params, None if tools is None else ChatMode(tools)
+        start = parser.start(self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False))
+        if spec is not None and self.grammar_in_reasoning:
+            start = "closed"  # the grammar has the whole reply: it thinks only where it writes <think>
+        elif spec is not None and start != "closed":
+            params = dataclasses.replace(params, guided_decoding=dataclasses.replace(spec, thought=start))
+        return params, ChatMode(tools, parser, start == "open", include_reasoning)
 
     def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
              score_only: bool = False, lora: LoRARequest | None = None) -> list[_Job]:
@@ -401,14 +405,15 @@ def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
 
 def build_app(engine, *, served_model_name: str | list[str], api_key: str | None = None,
               max_queue: int | None = None, model_root: str | None = None, tool_call_parser: str | None = None,
-              response_role: str = "assistant", cors: dict | None = None, reasoning_parser: str | None = None
-              ) -> FastAPI:
+              response_role: str = "assistant", cors: dict | None = None, reasoning_parser: str | None = None,
+              grammar_in_reasoning: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
     --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py);
-    `reasoning_parser` splits a thinking reply's reasoning off (engine/reasoning.py). `cors`: CORSMiddleware's
-    keyword arguments (vLLM's --allowed-origins etc.)."""
+    `reasoning_parser` splits a thinking reply's reasoning off (engine/reasoning.py), its grammars held to the
+    text after the thought unless `grammar_in_reasoning`. `cors`: CORSMiddleware's keyword arguments (vLLM's
+    --allowed-origins etc.)."""
     server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser, response_role,
-                          reasoning_parser)
+                          reasoning_parser, grammar_in_reasoning)
     app = FastAPI(title="ie-jax OpenAI-compatible server")
     app.state.server = server
 
@@ -527,10 +532,11 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
                 params = dataclasses.replace(params, guided_decoding=tools.guided())
         except ValueError as e:
             raise P.ServerError(str(e)) from e
+        params, chat = server.chat_mode(tools, params, ids, body.include_reasoning)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = server.jobs(request_id, [(ids, None)], [params], lora=lora)
         return await server.respond(raw, "chat.completion", request_id, jobs, body.priority, body, False, num_top,
-                                    server.chat_mode(tools, params, ids, body.include_reasoning))
+                                    chat)
 
     @app.post("/tokenize")
     async def tokenize(body: P.TokenizeRequest):

@@ -377,17 +377,53 @@ def _minimize(delta: np.ndarray, accepting: np.ndarray) -> ByteDFA:
     return ByteDFA(small.astype(np.int32), accepting[reps])
 
 
+def after_thought(dfa: ByteDFA, opened: bool, start: bytes = b"<think>", end: bytes = b"</think>",
+                  spaces: int = 4) -> ByteDFA:
+    """`dfa` behind a thought: any bytes up to the first `end`, then up to `spaces` spaces, then `dfa`'s text.
+    `opened`: the text starts in the thought; else it enters one only by starting with `start`, and otherwise is
+    `dfa`'s text at once (after the spaces). States: the `start` chain (tracking `dfa` beside it), the thought (a
+    KMP automaton of `end`), the spaces, then `dfa`'s own. The thought accepts nowhere, so EOS waits for the block
+    to close; the spaces are bounded, so a model cannot idle there."""
+    n, m, e = dfa.delta.shape[0], 0 if opened else len(start), len(end)
+    T, W, P = m, m + e, m + e + spaces + 1  # first thought state, the spaces, dfa's start
+    delta = np.full((P + n, 256), -1, np.int32)
+    accepting = np.zeros(P + n, bool)
+    delta[P:] = np.where(dfa.delta < 0, -1, dfa.delta + P)
+    accepting[P:] = dfa.accepting
+    blank = np.frombuffer(b" \t\n\r", np.uint8)
+    blank = blank[dfa.delta[0, blank] < 0]  # spaces dfa would not take itself
+    for i in range(spaces + 1):  # W + i: i spaces read
+        delta[W + i] = delta[P]
+        delta[W + i, blank] = W + i + 1 if i < spaces else -1
+        accepting[W + i] = dfa.accepting[0]
+    for k in range(e):  # thought state T + k: the last k bytes are end[:k]
+        for b in range(256):
+            seen = end[:k] + bytes([b])
+            j = next(j for j in range(min(len(seen), e), -1, -1) if seen.endswith(end[:j]))
+            delta[T + k, b] = W if j == e else T + j
+    p = W  # dfa's side of the start chain: where the bytes read so far would have taken it
+    for k in range(m):
+        delta[k] = delta[p] if p >= 0 else -1
+        delta[k, start[k]] = T if k + 1 == m else k + 1
+        accepting[k] = p >= 0 and accepting[p]
+        p = int(delta[p, start[k]]) if p >= 0 else -1  # rows p >= W: never the chain's own
+    return ByteDFA(delta, accepting)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What a request asks for, and its automaton over a vocabulary
 
 @dataclasses.dataclass(frozen=True)
 class GuidedDecodingParams:
     """One of: `json` (a JSON Schema, as a dict or its JSON text), `regex`, `choice` (strings), or `json_object`
-    (any JSON object). vLLM's names."""
+    (any JSON object). vLLM's names. `thought` (set by a server with a reasoning parser): the grammar holds the text
+    after a free `<think> ... </think>` block, "open" where the prompt opened it, "optional" where the reply may
+    open it with its first bytes (`after_thought`)."""
     json: str | dict | None = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     json_object: bool = False
+    thought: str | None = None
 
     def __post_init__(self):
         if isinstance(self.json, dict):  # key order kept: properties are generated in the schema's order
@@ -399,6 +435,12 @@ class GuidedDecodingParams:
         given = [self.json is not None, self.regex is not None, self.choice is not None, self.json_object]
         if sum(given) != 1:
             raise ValueError("guided decoding takes exactly one of json, regex, choice or json_object")
+        if self.thought not in (None, "open", "optional"):
+            raise ValueError(f"thought={self.thought!r} must be None, 'open' or 'optional'")
+
+    def dfa(self) -> ByteDFA:
+        dfa = compile_regex(self.regex_pattern())
+        return dfa if self.thought is None else after_thought(dfa, opened=self.thought == "open")
 
     def regex_pattern(self) -> str:
         if self.regex is not None:

@@ -86,7 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the model's tool-call format (with --enable-auto-tool-choice)")
     p.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                    help="a thinking model's <think> ... </think> goes to the chat message's reasoning field "
-                        "(and reasoning_content), the rest to content")
+                        "(and reasoning_content), the rest to content; a grammar (response_format, guided_*) "
+                        "holds only the text after the thought")
+    p.add_argument("--structured-outputs-config", type=json_dict, default={}, metavar="JSON",
+                   help='\'{"enable_in_reasoning": true}\': grammars hold the whole reply, thought included; '
+                        '"backend" is accepted and changes nothing (one guide implementation here)')
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                    help="Jinja chat template for /v1/chat/completions, replacing the tokenizer's: a file, or the "
                         "template text")
@@ -136,6 +140,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             not (Path(args.generation_config) / "generation_config.json").is_file():
         p.error(f"--generation-config {args.generation_config!r}: give auto, vllm or a folder that holds a "
                 f"generation_config.json")
+    unknown = set(args.structured_outputs_config) - {"enable_in_reasoning", "backend"}
+    if unknown:
+        p.error(f"--structured-outputs-config: unknown keys {sorted(unknown)}; known: backend, enable_in_reasoning")
+    if not isinstance(args.structured_outputs_config.get("enable_in_reasoning", False), bool):
+        p.error("--structured-outputs-config: enable_in_reasoning must be true or false")
     if args.max_logprobs < 0:
         p.error(f"--max-logprobs={args.max_logprobs} must be >= 0")
     if not args.response_role:
@@ -200,6 +209,9 @@ def compat_notes(args: argparse.Namespace) -> list[str]:
                                             "share one process (the engine runs in a thread)",
     }
     out = [line for name, line in notes.items() if getattr(args, name, None) not in (None, False)]
+    if "backend" in (getattr(args, "structured_outputs_config", None) or {}):
+        out.append("--structured-outputs-config backend: structured outputs run on ie-jax's own token guides "
+                   "(ie_jax/guided.py) whatever the backend named")
     from ie_jax.sampling import model_sampling_defaults  # imported here: ie_jax brings in jax
     sampling = model_sampling_defaults(args.model, args.generation_config, args.override_generation_config)
     if sampling:

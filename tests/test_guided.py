@@ -14,7 +14,7 @@ import ie_jax
 from engine.llm import LLM
 from fixtures.tokenizers.make_tokenizers import build_byte_level, build_sentencepiece
 from ie_jax import SamplingParams
-from ie_jax.guided import GuidedDecodingParams, TokenGuide, compile_regex, token_bytes
+from ie_jax.guided import GuidedDecodingParams, TokenGuide, after_thought, compile_regex, token_bytes
 from ie_jax.json_schema import json_schema_regex
 from ie_jax.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -279,6 +279,40 @@ def test_grammar_rows_read_back_first_only_where_they_are_half_the_batch(tiny):
     for i in (1,):
         assert tokens[2][f"2-{i}"] == tokens[4][f"4-{i}"]
     assert re.fullmatch("[a-z]{10}", tok.decode(tokens[4]["4-0"]))
+
+
+@pytest.mark.parametrize("pattern", [r"[ab]+", r"\{[ab]*\}", r"x?", r"<t[ab]"])
+@pytest.mark.parametrize("opened", [True, False])
+def test_grammar_after_a_thought_matches_python_re(pattern, opened):
+    """after_thought: free text up to the first </think>, spaces, then the grammar; not `opened`, the reply enters
+    the thought only by starting with <think> (a grammar that itself starts with '<' keeps its own texts)."""
+    rng = np.random.default_rng(0)
+    pieces = ["<think>", "</think>", "<", "</", "</th", "think", ">", "a", "b", " ", "\n", "{", "}", "x", "<t", "é"]
+    dfa = after_thought(compile_regex(pattern), opened)
+    thought = r"(?:(?!</think>).)*</think>[ \t\n\r]{0,4}"
+    full = (thought if opened else r"(?:<think>" + thought + r"|[ \t\n\r]{0,4})") + "(?:" + pattern + ")"
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.integers(0, 7)))
+        assert dfa.matches(text.encode()) == (re.fullmatch(full, text, re.S) is not None), text
+
+
+def test_guide_after_a_thought_frees_every_token_until_the_block_closes():
+    tok = ByteTokenizer()
+    spec = GuidedDecodingParams(regex="[0-9]{2}", thought="open")
+    guide = TokenGuide(spec.dfa(), token_bytes(tok, tok.vocab_size), tok.eos_token_ids)
+    state = 0
+    for ch in "I count: 4 < 5 </thin":  # in the thought: every byte, never EOS
+        assert set(guide.allowed(state).tolist()) == set(range(256)), repr(ch)
+        state = guide.advance(state, ord(ch))
+    for ch in "k>\n":
+        state = guide.advance(state, ord(ch))
+    assert set(guide.allowed(state).tolist()) == set(range(ord("0"), ord("9") + 1)) | {ord(" "), ord("\t"),
+                                                                                      ord("\n"), ord("\r")}
+    for ch in "42":
+        state = guide.advance(state, ord(ch))
+    assert guide.complete(state)
+    with pytest.raises(ValueError, match="thought"):
+        GuidedDecodingParams(regex="a", thought="closed")
 
 
 @pytest.mark.parametrize("pattern", ["a?a?a?", "x{0,5}", "(ab)*", "a*b?c{2}"])

@@ -125,6 +125,13 @@ def test_reasoning_parser_flag(capsys):
     assert app_kwargs(serve.parse_args([]))["reasoning_parser"] is None
     assert app_kwargs(serve.parse_args(["--reasoning-parser", "qwen3"]))["reasoning_parser"] == "qwen3"
     assert "invalid choice: 'granite'" in parse_error(capsys, ["--reasoning-parser", "granite"])
+    assert app_kwargs(serve.parse_args([]))["grammar_in_reasoning"] is False
+    args = serve.parse_args(["--structured-outputs-config", '{"enable_in_reasoning": true, "backend": "xgrammar"}'])
+    assert app_kwargs(args)["grammar_in_reasoning"] is True
+    assert any("whatever the backend named" in note for note in serve.compat_notes(args))
+    assert "unknown keys ['disable_any_whitespace']" in parse_error(
+        capsys, ["--structured-outputs-config", '{"disable_any_whitespace": true}'])
+    assert "true or false" in parse_error(capsys, ["--structured-outputs-config", '{"enable_in_reasoning": 1}'])
 
 
 def test_generation_config(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """--reasoning-parser through the server: a thinking reply's <think> block goes to the message's `reasoning` (and
 `reasoning_content`), the rest to content, streamed or not, beside tool calls. The tiny model's text is forced with
-guided_regex (a guided reply thinks only where it writes <think> itself)."""
+guided_regex on a server whose grammars hold the whole reply (enable_in_reasoning); by default a grammar holds only
+what follows the thought."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,16 @@ CALL = (r'<think>[a-z]{4}</think>\n<tool_call>\{"name": "get_weather", "argument
 
 @pytest.fixture(scope="module")
 def thinking(live):
-    server = LiveServer(live.engine, reasoning_parser="qwen3", tool_call_parser="hermes")  # the same engine
+    """The same engine behind `--reasoning-parser qwen3 --tool-call-parser hermes` with grammars in the thought."""
+    server = LiveServer(live.engine, reasoning_parser="qwen3", tool_call_parser="hermes", grammar_in_reasoning=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def after(live):
+    """The same, with vLLM's default: a grammar holds only the text after the thought."""
+    server = LiveServer(live.engine, reasoning_parser="qwen3")
     yield server
     server.stop()
 
@@ -71,13 +81,32 @@ def test_reasoning_beside_a_tool_call(thinking):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
-def test_the_prompt_decides_where_the_reply_starts(thinking):
-    """A template that opens <think> puts the reply in thought from its first token; a guided request never."""
-    server, ids = thinking.app.state.server, tok(thinking).encode("<|im_start|>assistant\n<think>\n")
+def test_the_prompt_decides_where_the_reply_starts(thinking, after):
+    """A template that opens <think> puts the reply in thought from its first token, one that closes a block puts
+    it past the thought; a grammar moves behind the thought (open, or optional where the reply may open one)."""
+    opened, closed, plain = (tok(after).encode(t) for t in ("<|im_start|>assistant\n<think>\n",
+                                                             "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+                                                             "<|im_start|>assistant\n"))
     free, guided = SamplingParams(), SamplingParams(guided_decoding=GuidedDecodingParams(regex="[a-z]+"))
-    assert server.chat_mode(None, free, ids, True).prompt_thinks
-    assert not server.chat_mode(None, guided, ids, True).prompt_thinks
-    closed = tok(thinking).encode("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # enable_thinking=False
-    assert not server.chat_mode(None, free, closed, True).prompt_thinks
-    assert server.chat_mode(None, free, ids, True).message("a plan</think>An answer", "stop") == (
+    server = after.app.state.server
+    for ids, params, thought, thinks in ((opened, free, None, True), (opened, guided, "open", True),
+                                         (plain, free, None, False), (plain, guided, "optional", False),
+                                         (closed, free, None, False), (closed, guided, None, False)):
+        got, mode = server.chat_mode(None, params, ids, True)
+        assert mode.prompt_thinks == thinks
+        assert (got.guided_decoding and got.guided_decoding.thought) == (thought if params is guided else None)
+    got, mode = thinking.app.state.server.chat_mode(None, guided, opened, True)  # enable_in_reasoning
+    assert got is guided and not mode.prompt_thinks
+    assert server.chat_mode(None, free, opened, True)[1].message("a plan</think>An answer", "stop") == (
         "An answer", "a plan", None, "stop")
+
+
+def test_a_grammar_holds_the_text_after_the_thought(after, live):
+    """By default the grammar waits behind an optional thought: the tiny model does not open one, so its JSON is
+    the content."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    out = after.client().chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    message = out.choices[0].message
+    assert getattr(message, "reasoning", None) is None and isinstance(json.loads(message.content)["n"], int)
