@@ -16,7 +16,7 @@ from typing import Any
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = LLAMA_TYPES + ("gpt2",)
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 QUANT_METHODS = ("int8", "awq", "gptq", "fp8")
 QUANT_BITS = {"int8": 8, "awq": 4, "gptq": 4, "fp8": 8}
 
@@ -27,7 +27,13 @@ class RopeScaling:
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 and yarn (yarn: the model's max_position_embeddings)
+    beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies, in rotations
+    beta_slow: float = 1.0
+    truncate: bool = True  # yarn: the ramp's ends rounded to whole dimensions
+    attention_factor: float | None = None  # yarn: cos and sin scale (None: from factor, mscale, mscale_all_dim)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
@@ -293,5 +299,10 @@ def _rope_scaling(c: dict) -> RopeScaling | None:
         raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported; expected one of {ROPE_TYPES}")
     if rope_type == "default":
         return None
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return RopeScaling(rope_type=rope_type, **{k: rs[k] for k in keys if k in rs})
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+            "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim")
+    given = {k: rs[k] for k in keys if rs.get(k) is not None}
+    if rope_type == "yarn":  # HF's defaults: the model's own length; factor from the two lengths
+        given.setdefault("original_max_position_embeddings", c.get("max_position_embeddings", 8192))
+        given.setdefault("factor", c.get("max_position_embeddings", 8192) / given["original_max_position_embeddings"])
+    return RopeScaling(rope_type=rope_type, **given)

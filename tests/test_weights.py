@@ -54,8 +54,8 @@ def test_unsupported_model_type_and_option(tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
     with pytest.raises(ValueError, match="model_type='mamba'"):
         ie_jax.load_model(d, progress=False)
-    with pytest.raises(ValueError, match="rope_type='yarn'"):
-        ModelConfig.from_hf({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        ModelConfig.from_hf({**cfg, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         ModelConfig.from_hf({**cfg, "hidden_act": "gelu"})
 

@@ -125,7 +125,7 @@ class LayerNorm(nnx.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [H/2] (f32), with linear or llama3 scaling applied as HF computes them."""
+    """Inverse frequencies [H/2] (f32), with linear, llama3 or yarn scaling applied as HF computes them."""
     H = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
     rs = cfg.rope_scaling
@@ -133,6 +133,18 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         return inv_freq.astype(np.float32)
     if rs.rope_type == "linear":
         return (inv_freq / rs.factor).astype(np.float32)
+    if rs.rope_type == "yarn":
+        # dimensions that turn more than beta_fast times over the original length keep their frequency, those
+        # under beta_slow times are interpolated (divided by factor), a linear ramp in between
+        def dim_of(rotations):  # the dimension that turns `rotations` times over the original length
+            return H * math.log(rs.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(cfg.rope_theta))
+        low, high = dim_of(rs.beta_fast), dim_of(rs.beta_slow)
+        if rs.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, H - 1)
+        ramp = np.clip((np.arange(H // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+        return (inv_freq / rs.factor * ramp + inv_freq * (1 - ramp)).astype(np.float32)
     # llama3: long wavelengths slow down by `factor`, short ones stay, a smooth blend in between.
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
@@ -143,6 +155,22 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """yarn's scale of cos and sin (1 otherwise). Both q and k carry it, so the attention folds its square into
+    the softmax scale instead: the KV cache holds k rotated without it."""
+    rs = cfg.rope_scaling
+    if rs is None or rs.rope_type != "yarn":
+        return 1.0
+    if rs.attention_factor is not None:
+        return float(rs.attention_factor)
+
+    def mscale(m=1.0):
+        return 1.0 if rs.factor <= 1 else 0.1 * m * math.log(rs.factor) + 1.0
+    if rs.mscale and rs.mscale_all_dim:
+        return mscale(rs.mscale) / mscale(rs.mscale_all_dim)
+    return mscale()
 
 
 def apply_rope(x, positions, inv_freq):

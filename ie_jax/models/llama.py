@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ie_jax.config import ModelConfig
 from ie_jax.models.context import DenseCausal, Paged
 from ie_jax.models.layers import (Embed, Linear, RMSNorm, apply_rope, fuse_linears, make_linear, project,
-                                  rope_inv_freq)
+                                  rope_attention_factor, rope_inv_freq)
 from kernels_pallas import ops
 from kernels_pallas import add_norm
 
@@ -41,6 +41,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
         self.qk_norm, self.sliding_window = cfg.qk_norm, cfg.sliding_window
         self.config = cfg  # static: rotary frequencies are recomputed (in numpy) at trace time
+        self.softmax_scale = H ** -0.5 * rope_attention_factor(cfg) ** 2  # yarn scales q and k alike
 
     def fuse(self) -> bool:
         """Replace q/k/v by one Linear over their concatenated columns: one GEMM instead of three."""
@@ -73,7 +74,7 @@ class Attention(nnx.Module):
             parts = project(proj, x, ctx)
         out, caches = ctx.attend_rope(parts.reshape(S, B * T, C, H), self.num_kv_heads, positions,
                                       inv_freq, caches, layer, dtype=x.dtype,
-                                      scale=H ** -0.5, sliding_window=self.sliding_window)
+                                      scale=self.softmax_scale, sliding_window=self.sliding_window)
         return out.reshape(B, T, -1), caches
 
     def __call__(self, x, positions, ctx, caches, layer):  # x [B, T, D], positions [B, T]
@@ -96,7 +97,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
-        out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.head_dim ** -0.5,
+        out, caches = ctx.attend(q, k, v, positions, caches, layer, scale=self.softmax_scale,
                                  sliding_window=self.sliding_window)
         return checkpoint_name(out, "attn_out").reshape(B, T, -1), caches
 
