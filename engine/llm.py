@@ -2,6 +2,8 @@
 
     llm = LLM("path/to/hf_dir" or preset, max_num_seqs=64)
     outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32))
+    outs = llm.generate([{"prompt": "Hello"}, {"prompt_token_ids": [1, 15043]}])  # vLLM's TextPrompt / TokensPrompt
+    outs = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))  # or a list of chats
 
     llm = LLM("path/to/hf_dir", enable_lora=True, max_loras=2, max_lora_rank=16)
     outs = llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "path/to/peft_adapter"))
@@ -9,12 +11,17 @@
 Prompts given no SamplingParams get `get_default_sampling_params()`: the checkpoint's generation_config.json
 defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over SamplingParams' own, as vLLM
 applies them; `generation_config="vllm"` ignores the file, and `override_generation_config` goes over it.
+
+`chat` renders each conversation with the tokenizer's chat template (or `chat_template=`) as the server's
+/v1/chat/completions does, then generates from the rendered ids; an output's `prompt` is the rendered text. Prompt
+dicts take only "prompt" or "prompt_token_ids": multimodal data, cache salts and the like are refused by name.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from flax import nnx
 from tqdm.auto import tqdm
@@ -26,6 +33,56 @@ from engine.lora import LoRARequest
 from engine.runner import row_variant
 from ie_jax.generate import CompletionOutput, GenerateOutput
 from ie_jax.sampling import SamplingParams, model_sampling_defaults
+
+
+# One prompt as vLLM's LLM.generate takes it: text, token ids, {"prompt": text} or {"prompt_token_ids": ids}.
+PromptType = str | Sequence[int] | Mapping[str, Any]
+PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
+def parse_prompt(prompt: PromptType) -> tuple[str | None, str | list[int]]:
+    """(the prompt's text where it has one, what the engine encodes) for one of vLLM's prompt forms."""
+    if not isinstance(prompt, Mapping):
+        return (prompt if isinstance(prompt, str) else None), prompt
+    unsupported = [k for k in prompt if k not in PROMPT_KEYS]
+    if unsupported:
+        raise ValueError(f"prompt key {unsupported[0]!r} is not supported: a prompt dict holds 'prompt' (text) or "
+                         f"'prompt_token_ids'")
+    if len(prompt) != 1:
+        raise ValueError(f"a prompt dict holds exactly one of 'prompt' and 'prompt_token_ids', got keys {list(prompt)}")
+    if "prompt" in prompt:
+        text = prompt["prompt"]
+        if not isinstance(text, str):
+            raise ValueError(f"prompt key 'prompt' must be a str, got {type(text).__name__}")
+        return text, text
+    ids = prompt["prompt_token_ids"]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"prompt key 'prompt_token_ids' must be a list of ints, got {type(ids).__name__}")
+    return None, list(ids)
+
+
+def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A chat message as templates read it: content parts joined into one string, as the server joins them."""
+    if not isinstance(message, Mapping) or "role" not in message:
+        raise ValueError(f"chat message {message!r} must be a dict with 'role' and 'content'")
+    content = message.get("content")
+    if isinstance(content, Sequence) and not isinstance(content, str):  # content parts: only text is understood
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {part!r} is not supported: only type 'text'")
+        content = "".join(part["text"] for part in content)
+    return {**message, "content": "" if content is None else content}
+
+
+def continue_final(text: str, final: str) -> str:
+    """`text` cut right after the final message's content, dropping the template's end of turn so the model goes on
+    with that message; the search and whitespace rule are transformers' `continue_final_message`."""
+    if not final.strip() or final.strip() not in text:
+        raise ValueError(f"continue_final_message: the final message's content {final!r} does not appear in the "
+                         f"rendered chat, so there is nothing to continue")
+    start = text.rindex(final.strip())
+    keep = final.lstrip() if text[start:start + len(final.lstrip())] == final else final.strip()
+    return text[:start + len(keep)]
 
 
 class LLM:
@@ -49,13 +106,63 @@ class LLM:
         """What a prompt given no SamplingParams runs with: the generation_config defaults over SamplingParams()."""
         return SamplingParams(**self.default_sampling)
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams | None] | None = None, *,
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams | None] | None = None, *,
                  use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
                  ) -> list[GenerateOutput]:
         """Run every prompt to completion; outputs are in prompt order (n > 1 gives n completions each).
+        A prompt is text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}.
         `lora_request`: one adapter for every prompt, or one per prompt (None: the base model)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        return self._generate([parse_prompt(p) for p in prompts], sampling_params, use_tqdm, lora_request)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams | None] | None = None, *,
+             use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[GenerateOutput]:
+        """Generate a reply to one conversation (a list of {"role", "content"} dicts) or to each of a list of them.
+
+        Each renders through the tokenizer's chat template, or `chat_template` (a template name or the template
+        itself), with `tools` and `chat_template_kwargs` (which, as in vLLM, may also override the named
+        arguments). `continue_final_message` (with add_generation_prompt=False) extends the last message instead
+        of starting a new one. Outputs are `generate`'s, with the rendered text as `prompt`."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: chat needs one with a chat template")
+        if not messages:
+            raise ValueError("messages cannot be empty")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+        options = {"chat_template": chat_template, "add_generation_prompt": add_generation_prompt,
+                   "continue_final_message": continue_final_message, "tools": tools, **(chat_template_kwargs or {})}
+        add_generation_prompt = options.pop("add_generation_prompt")
+        continue_final_message = options.pop("continue_final_message")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message=True extends the last message and add_generation_prompt=True "
+                             "starts a new one: pass add_generation_prompt=False")
+        if options.get("chat_template") is None:
+            options.pop("chat_template", None)
+        if not options.get("tools"):  # as the server: the template sees `tools` only when some are given
+            options.pop("tools", None)
+        prompts = []
+        for conversation in conversations:
+            if not conversation:
+                raise ValueError("a conversation cannot be empty")
+            conversation = [template_message(m) for m in conversation]
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False, **options)
+            if continue_final_message:
+                text = continue_final(text, conversation[-1]["content"])
+            # the template wrote BOS where it wants one, as apply_chat_template(tokenize=True) encodes it
+            prompts.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+        return self._generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    def _generate(self, prompts: list[tuple[str | None, str | list[int]]],
+                  sampling_params: SamplingParams | Sequence[SamplingParams | None] | None,
+                  use_tqdm: bool, lora_request: LoRARequest | Sequence[LoRARequest | None] | None
+                  ) -> list[GenerateOutput]:
+        """`generate` over parsed prompts: (the text to report or None, the text or ids the engine encodes)."""
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         params = [self.get_default_sampling_params() if p is None else p for p in params]
         if len(params) != len(prompts):
@@ -70,7 +177,7 @@ class LLM:
         batch = next(self._ids)
         rows, pieces = {}, {}  # request id -> (prompt index, its completion); the completion's text pieces
         prompt_lps = [None] * len(prompts)
-        for i, (prompt, p, lora) in enumerate(zip(prompts, params, loras)):
+        for i, ((_, prompt), p, lora) in enumerate(zip(prompts, params, loras)):
             for j in range(p.n):
                 seed = None if p.seed is None else (p.seed + 7919 * j) % 2**32  # as ie_jax.generate derives them
                 # the prompt's logprobs are the same for every choice: only the first asks for them
@@ -98,6 +205,5 @@ class LLM:
         for rid, (i, c) in rows.items():
             c.text = "".join(pieces[rid])
             completions[i].append(c)
-        results = [GenerateOutput(prompt if isinstance(prompt, str) else None, self.engine.encode(prompt), outs, lps)
-                   for prompt, outs, lps in zip(prompts, completions, prompt_lps)]
-        return results
+        return [GenerateOutput(text, self.engine.encode(prompt), outs, lps)
+                for (text, prompt), outs, lps in zip(prompts, completions, prompt_lps)]
