@@ -71,6 +71,7 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len of them)
     # Structured outputs (OpenAI's response_format, vLLM's guided_*; ie_jax/guided.py)
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
@@ -99,6 +100,15 @@ class _SamplingFields(_Request):
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias, guided_decoding=guided,
             allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids))
+
+    def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (left truncation); -1 keeps max_model_len."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k != -1 and k < 1:
+            raise ServerError(f"truncate_prompt_tokens={k} must be -1 or at least 1", param="truncate_prompt_tokens")
+        return ids[-(max_model_len if k == -1 else k):]
 
     def guided_decoding(self) -> GuidedDecodingParams | None:
         """The structured-output spec of response_format or vLLM's guided_* fields (one at most); its pattern is

@@ -497,12 +497,14 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         prompt_logprobs = body.logprobs if body.echo else None
         prompts, params = [], []
         for prompt in body.prompts():
-            ids = server.encode(prompt, body.add_special_tokens)
+            whole = server.encode(prompt, body.add_special_tokens)
+            ids = body.truncated(whole, server.max_model_len)
             max_tokens = server.max_tokens(len(ids), body.max_tokens, "prompt")
             try:
                 sp = body.sampling_params(max(max_tokens, 1), body.logprobs, server.default_sampling)
                 params.append(dataclasses.replace(sp, prompt_logprobs=prompt_logprobs))
-                text = prompt if isinstance(prompt, str) else server.tokenizer.decode(ids, skip_special_tokens=False)
+                text = prompt if isinstance(prompt, str) and len(ids) == len(whole) else \
+                    server.tokenizer.decode(ids, skip_special_tokens=False)
             except ValueError as e:
                 raise P.ServerError(str(e)) from e
             prompts.append((ids, text))
@@ -523,6 +525,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
             ids = server.tokenizer.apply_chat_template(
                 [m.as_template_dict() for m in body.messages], add_generation_prompt=body.add_generation_prompt,
                 tokenize=True, **extra, **(body.chat_template_kwargs or {}))
+            ids = body.truncated(ids, server.max_model_len)
             max_tokens = server.max_tokens(len(ids), body.requested_max_tokens, "messages")
             params = body.sampling_params(max_tokens, num_top, server.default_sampling)
             if tools is not None and tools.guided() is not None:  # a forced call: held to the tools' schemas

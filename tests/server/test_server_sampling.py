@@ -268,3 +268,28 @@ def test_max_tokens_is_capped_by_max_new_tokens():
     for s in (capped, plain):
         with pytest.raises(ServerError, match="you requested 70 tokens"):
             s.max_tokens(60, 10, "prompt")
+
+
+def test_truncate_prompt_tokens(live, client):
+    """vLLM's truncate_prompt_tokens keeps the prompt's last k tokens, in completions and chat."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = _tiny_model()[1].encode(prompt)
+    want = _tiny_model()[1].decode(greedy_reference(live.engine, ids[-6:], 5))
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": 6, "ignore_eos": True})
+    tail = _tiny_model()[1].decode(ids[-6:])
+    assert out.usage.prompt_tokens == 6 and out.choices[0].text == tail + want
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, echo=True,
+                                      extra_body={"truncate_prompt_tokens": 100, "ignore_eos": True})
+    assert whole.usage.prompt_tokens == len(ids) and whole.choices[0].text.startswith(prompt)
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                          extra_body={"truncate_prompt_tokens": 7, "ignore_eos": True})
+    rendered = _tiny_model()[1].apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert chat.usage.prompt_tokens == 7
+    assert chat.choices[0].message.content == _tiny_model()[1].decode(greedy_reference(live.engine, rendered[-7:], 4))
+    for bad in (0, -2):
+        with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens"):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2,
+                                      extra_body={"truncate_prompt_tokens": bad})
+    assert idle(live.engine)
