@@ -29,7 +29,11 @@ START, END = "<think>", "</think>"
 
 def _tail_of(text: str, tag: str) -> int:
     """How many characters at the end of `text` may be the start of `tag` (held back while streaming)."""
-    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
+    tail = text[-(len(tag) - 1):]
+    i = tail.find(tag[0])  # (most texts: no candidate at all)
+    while i >= 0 and not tag.startswith(tail[i:]):
+        i = tail.find(tag[0], i + 1)
+    return 0 if i < 0 else len(tail) - i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +130,7 @@ class ChatStream:
     """What of one streaming chat choice went out."""
     mode: ChatMode
     reasoning: ReasoningStream | None = None
-    content: list[str] = dataclasses.field(default_factory=list)  # with tools: the content so far, in pieces
+    content: str = ""  # with tools: the content so far
     tools: ToolStream = dataclasses.field(default_factory=ToolStream)
 
     def __post_init__(self):
@@ -145,7 +149,7 @@ class ChatStream:
             if piece:
                 delta["content"] = piece
         else:
-            self.content.append(piece)
-            calls, finish_reason = self.mode.tools.stream_delta("".join(self.content), self.tools, finish_reason)
+            self.content += piece
+            calls, finish_reason = self.mode.tools.stream_delta(self.content, self.tools, finish_reason)
             delta.update(calls or {})
         return (delta if delta or final else None), finish_reason

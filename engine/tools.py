@@ -56,7 +56,11 @@ def _json(text: str):
 
 def _tag_start(text: str, tag: str) -> int:
     """How many characters at the end of `text` may be the start of `tag`."""
-    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
+    tail = text[-(len(tag) - 1):]
+    i = tail.find(tag[0])  # (most texts: no candidate at all)
+    while i >= 0 and not tag.startswith(tail[i:]):
+        i = tail.find(tag[0], i + 1)
+    return 0 if i < 0 else len(tail) - i
 
 
 def _ws(src: str, i: int) -> int:
@@ -127,6 +131,7 @@ class ToolStream:
     content: int = 0
     ids: list[str] = dataclasses.field(default_factory=list)
     args: list[str] = dataclasses.field(default_factory=list)
+    searched: int = 0  # "auto" before any call: how much of the text is known to hold no call's start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +237,12 @@ class ToolMode:
         tool_finish()'s, and if no call began, a text it finds no calls in goes out as content. A call found
         malformed (or cut short) only then cannot be taken back: what went out stands, and no more is sent."""
         done = finish_reason is not None
+        if not done and self.choice == "auto" and not state.ids:
+            end = self._plain_end(text, state)
+            if end is not None:  # no call has started: the new text is content, read in time linear in it
+                delta = {"content": text[state.content:end]} if end > state.content else None
+                state.content = max(state.content, end)
+                return delta, None
         if done:
             say, calls = self.parse(text)
             found = [(c["function"]["name"], c["function"]["arguments"], c["id"]) for c in calls]
@@ -265,6 +276,19 @@ class ToolMode:
         if done:
             return delta, tool_finish(self, calls, finish_reason)
         return delta or None, None
+
+    def _plain_end(self, text: str, state: ToolStream) -> int | None:
+        """Where the content that may go out ends, for a text in which no call has started (None where one may
+        have): what content() says, found without re-reading the text already searched."""
+        if self.hermes:
+            if text.find(_HERMES, max(0, state.searched - len(_HERMES) + 1)) >= 0:
+                return None
+            state.searched = len(text)
+            end = len(text) - _tag_start(text, _HERMES)
+            while end > state.content and text[end - 1].isspace():  # whitespace waits for what follows it
+                end -= 1
+            return end
+        return len(text) if state.content else None  # llama3_json: content went out, so the text is no call
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content, tool calls) of a finished choice's text. A call's arguments are its arguments object's text
