@@ -31,6 +31,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
 from engine.runner import row_variant
+from ie_jax.chat_template import continue_final
 from ie_jax.generate import CompletionOutput, GenerateOutput
 from ie_jax.sampling import SamplingParams, model_sampling_defaults
 
@@ -72,17 +73,6 @@ def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"content part {part!r} is not supported: only type 'text'")
         content = "".join(part["text"] for part in content)
     return {**message, "content": "" if content is None else content}
-
-
-def continue_final(text: str, final: str) -> str:
-    """`text` cut right after the final message's content, dropping the template's end of turn so the model goes on
-    with that message; the search and whitespace rule are transformers' `continue_final_message`."""
-    if not final.strip() or final.strip() not in text:
-        raise ValueError(f"continue_final_message: the final message's content {final!r} does not appear in the "
-                         f"rendered chat, so there is nothing to continue")
-    start = text.rindex(final.strip())
-    keep = final.lstrip() if text[start:start + len(final.lstrip())] == final else final.strip()
-    return text[:start + len(keep)]
 
 
 class LLM:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import pydantic
 
+from ie_jax.chat_template import continue_final
 from ie_jax.guided import GuidedDecodingParams, compile_regex
 from ie_jax.sampling import SamplingParams
 
@@ -203,6 +204,20 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     include_reasoning: bool = True  # with --reasoning-parser: False leaves the reasoning out of the response
+    continue_final_message: bool = False  # the reply goes on with the last message (add_generation_prompt=False)
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        """The conversation rendered by the chat template (with the tools and chat_template_kwargs), as token ids."""
+        messages = [m.as_template_dict() for m in self.messages]
+        kwargs = {**({"tools": self.tools} if self.tools else {}), **(self.chat_template_kwargs or {})}
+        if not self.continue_final_message:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=self.add_generation_prompt,
+                                                 tokenize=True, **kwargs)
+        if self.add_generation_prompt:
+            raise ServerError("continue_final_message=true continues the last message and add_generation_prompt=true "
+                              "starts a new one: send add_generation_prompt=false", param="continue_final_message")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False, **kwargs)
+        return tokenizer.encode(continue_final(text, messages[-1]["content"]), add_special_tokens=False)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -521,11 +521,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
             raise P.ServerError("messages cannot be empty", param="messages")
         try:
             num_top = body.num_logprobs
-            extra = {"tools": body.tools} if body.tools else {}
-            ids = server.tokenizer.apply_chat_template(
-                [m.as_template_dict() for m in body.messages], add_generation_prompt=body.add_generation_prompt,
-                tokenize=True, **extra, **(body.chat_template_kwargs or {}))
-            ids = body.truncated(ids, server.max_model_len)
+            ids = body.truncated(body.prompt_ids(server.tokenizer), server.max_model_len)
             max_tokens = server.max_tokens(len(ids), body.requested_max_tokens, "messages")
             params = body.sampling_params(max_tokens, num_top, server.default_sampling)
             if tools is not None and tools.guided() is not None:  # a forced call: held to the tools' schemas

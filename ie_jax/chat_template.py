@@ -17,7 +17,8 @@ can answer it as a bad request.
 
 This module knows nothing of tokenizers or token ids: `Tokenizer.apply_chat_template` picks the template and the
 special-token strings and encodes the result. It does not convert Python functions into tool schemas, and it does
-not implement transformers' `continue_final_message` or assistant-token masks.
+not implement assistant-token masks; `continue_final` cuts a rendered chat after its final message, which is what
+transformers' `continue_final_message` does.
 """
 from __future__ import annotations
 
@@ -141,3 +142,15 @@ def parse_chat_templates(value: Any) -> dict[str, str]:
         except KeyError as e:
             raise ValueError(f"chat_template entries need 'name' and 'template': {value!r:.200}") from e
     raise ValueError(f"chat_template={value!r:.200} must be a string or a list of {{name, template}} dicts")
+
+
+def continue_final(text: str, final: str) -> str:
+    """A rendered chat cut right after its final message, so that the model goes on with that message instead of
+    starting a new turn (what transformers' `continue_final_message` gives). The message is found by its stripped
+    text, last occurrence; its trailing spaces stay only where the template kept them."""
+    core = final.strip()
+    if not core or core not in text:
+        raise ValueError(f"continue_final_message: the final message's content {final!r} does not appear in the "
+                         f"rendered chat, so there is nothing to continue")
+    at = text.rindex(core)
+    return text[:at + (len(final) if text.startswith(final, at) else len(core))]

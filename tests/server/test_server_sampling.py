@@ -293,3 +293,25 @@ def test_truncate_prompt_tokens(live, client):
             client.completions.create(model=MODEL, prompt=prompt, max_tokens=2,
                                       extra_body={"truncate_prompt_tokens": bad})
     assert idle(live.engine)
+
+
+def test_continue_final_message(live, client):
+    """vLLM's continue_final_message: the reply goes on with the last (assistant) message, not a new turn."""
+    from ie_jax.chat_template import continue_final
+    tok = _tiny_model()[1]
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Sure, the colour"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    ids = tok.encode(continue_final(text, messages[-1]["content"]), add_special_tokens=False)
+    assert tok.decode(ids).endswith("Sure, the colour")
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                         extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                                                     "ignore_eos": True})
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.choices[0].message.content == tok.decode(greedy_reference(live.engine, ids, 5))
+    with pytest.raises(openai.BadRequestError, match="add_generation_prompt=false"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                       extra_body={"continue_final_message": True})
+    with pytest.raises(openai.BadRequestError, match="nothing to continue"):
+        client.chat.completions.create(model=MODEL, messages=[*messages[:1], {"role": "assistant", "content": " "}],
+                                       max_tokens=2, extra_body={"continue_final_message": True,
+                                                                 "add_generation_prompt": False})
