@@ -29,7 +29,9 @@ from engine.async_llm import enable_compilation_cache  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.llm_engine import frozen_heap  # noqa: E402
 from engine.lora import LoRARequest, write_random_adapter  # noqa: E402
+from engine.runner import row_variant  # noqa: E402
 from ie_jax import SamplingParams  # noqa: E402
+from ie_jax.guided import GuidedDecodingParams  # noqa: E402
 
 
 def main(argv=None):
@@ -60,6 +62,9 @@ def main(argv=None):
                     help="also this many random adapters of rank --max-lora-rank on every linear layer")
     ap.add_argument("--max-loras", type=int, default=1)
     ap.add_argument("--max-lora-rank", type=int, default=16)
+    ap.add_argument("--guided-regex", default=None, metavar="REGEX",
+                    help="hold every request to this regex (what structured outputs cost; e.g. '[a-z0-9 ]*', which "
+                         "the dummy presets' word tokens fit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path or folder (default: $OUT or benchmarks/results/)")
     args = ap.parse_args(argv)
@@ -86,7 +91,11 @@ def main(argv=None):
     V = llm.model.config.vocab_size
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(0, V, args.input_len).tolist() for _ in range(args.num_prompts)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    guided = None if args.guided_regex is None else GuidedDecodingParams(regex=args.guided_regex)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True, guided_decoding=guided)
+    if guided is not None:
+        engine.guide(guided)  # built before the clock starts, as the server builds it before admitting a request
+    engine.runner.ensure_variants({row_variant(params, V)}, progress=False)  # as LLM.generate: nothing compiles later
 
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{i}", p, params, lora_request=loras[i % len(loras)])
@@ -114,7 +123,7 @@ def main(argv=None):
     res = dict(
         bench="throughput", model=args.model, dtype=args.dtype, quantization=args.quantization,
         loras=len(paths), max_loras=args.max_loras if paths else None,
-        max_lora_rank=args.max_lora_rank if paths else None,
+        max_lora_rank=args.max_lora_rank if paths else None, guided_regex=args.guided_regex,
         input_len=args.input_len, output_len=args.output_len,
         num_prompts=args.num_prompts, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
