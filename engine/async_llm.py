@@ -7,6 +7,7 @@ nothing. A consumer that stops listening (client gone, task cancelled) aborts it
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import os
@@ -24,6 +25,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
 from engine.outputs import RequestOutput, merge_outputs
+from ie_jax.hub import resolve_model
 from ie_jax.sampling import SamplingParams, model_sampling_defaults
 
 
@@ -58,12 +60,20 @@ class AsyncLLM:
         """Build from the serve.py argparse namespace (vLLM's flag names)."""
         from engine.serve_flags import served_tokenizer
         enable_compilation_cache(getattr(args, "compilation_cache_dir", None))
-        default_sampling = model_sampling_defaults(args.model, getattr(args, "generation_config", "auto"),
+        hub = dict(revision=getattr(args, "revision", None), download_dir=getattr(args, "download_dir", None))
+        path = resolve_model(args.model, weights=args.load_format != "dummy", **hub)  # a Hub name: fetched
+        local = argparse.Namespace(**{**vars(args), "model": path})
+        if getattr(args, "tokenizer", None):
+            local.tokenizer = resolve_model(args.tokenizer, weights=False, **hub)
+        default_sampling = model_sampling_defaults(path, getattr(args, "generation_config", "auto"),
                                                    getattr(args, "override_generation_config", None))
+        if path != args.model and default_sampling:  # (serve.py's start-up note saw no local file)
+            print(f"note: default sampling parameters from {args.model}'s generation_config.json: {default_sampling}",
+                  file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        model, tokenizer = ie_jax.load_model(args.model, dtype=args.dtype, load_format=args.load_format,
+        model, tokenizer = ie_jax.load_model(path, dtype=args.dtype, load_format=args.load_format,
                                              seed=args.seed, quantization=getattr(args, "quantization", None))
-        tokenizer = served_tokenizer(args, model, tokenizer)  # --tokenizer, --chat-template
+        tokenizer = served_tokenizer(local, model, tokenizer)  # --tokenizer, --chat-template
         max_model_len = args.max_model_len or min(model.config.max_position_embeddings, 8192)
         config = EngineConfig(
             max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,

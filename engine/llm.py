@@ -33,6 +33,7 @@ from engine.lora import LoRARequest
 from engine.runner import row_variant
 from ie_jax.chat_template import continue_final
 from ie_jax.generate import CompletionOutput, GenerateOutput
+from ie_jax.hub import resolve_model
 from ie_jax.sampling import SamplingParams, model_sampling_defaults
 
 
@@ -78,8 +79,11 @@ def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
 class LLM:
     def __init__(self, model: str | nnx.Module = "default", *, tokenizer=None, dtype="auto", load_format="auto",
                  seed: int = 0, progress: bool = True, quantization: str | None = None, generation_config: str = "auto",
-                 override_generation_config: dict | None = None, **engine_args):
+                 override_generation_config: dict | None = None, revision: str | None = None,
+                 download_dir: str | None = None, **engine_args):
         owns_model = not isinstance(model, nnx.Module)
+        if owns_model:  # a Hub name: fetched now, so that its generation_config is read too
+            model = resolve_model(model, weights=load_format != "dummy", revision=revision, download_dir=download_dir)
         self.default_sampling = model_sampling_defaults(model if owns_model else None, generation_config,
                                                         override_generation_config)  # checked before loading
         if not owns_model:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ie_jax.config import ModelConfig
+from ie_jax.hub import resolve_model
 from ie_jax.presets import PRESETS, get_preset
 from ie_jax.quant.linear import quant_config, quantize_model
 from ie_jax.tokenizer import ByteTokenizer, SyntheticTokenizer, load_tokenizer
@@ -39,8 +40,10 @@ def resolve_dtype(dtype, config_dtype: str | None = None):
 
 
 def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_format: str = "auto", mesh=None,
-               rules="tp", seed: int = 0, progress: bool = True, quantization: str | None = None):
-    """Load an HF checkpoint directory or build a named preset. Returns (model, tokenizer).
+               rules="tp", seed: int = 0, progress: bool = True, quantization: str | None = None,
+               revision: str | None = None, download_dir: str | None = None):
+    """Load an HF checkpoint directory (or a Hub repo id, fetched first: ie_jax/hub.py, at `revision` into
+    `download_dir`) or build a named preset. Returns (model, tokenizer).
 
     `quantization` ("int8", "int4" (round-to-nearest, AWQ's layout) or "fp8"; vLLM's `--quantization`) quantizes a
     float model's projections as it loads. A checkpoint that is already quantized loads in its own format, and naming
@@ -53,6 +56,7 @@ def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_forma
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"{load_format=} is not supported; expected one of {LOAD_FORMATS}")
+    model = resolve_model(model, weights=load_format != "dummy", revision=revision, download_dir=download_dir)
     path = Path(model)
     if path.is_dir():
         hf_config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
@@ -78,7 +82,7 @@ def load_model(model: str | os.PathLike = "default", *, dtype="auto", load_forma
             return m, ByteTokenizer()
         return m, SyntheticTokenizer(cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
     raise ValueError(f"model={str(model)!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}."
-                     f" (Hub names are not downloaded: fetch the checkpoint first, e.g. `huggingface-cli download`.)")
+                     f" A Hugging Face Hub name reads org/name.")
 
 
 def _quantized(cfg: ModelConfig, quantization: str | None) -> ModelConfig:

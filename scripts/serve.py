@@ -35,9 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the model, as in `vllm serve MODEL`")
     p.add_argument("--model", default=None,
-                   help=f"HF checkpoint directory or preset name (default: {DEFAULT_MODEL!r}, the embedded tiny model)")
+                   help=f"HF checkpoint directory, Hugging Face Hub name (org/name, fetched into the Hub cache) or "
+                        f"preset name (default: {DEFAULT_MODEL!r}, the embedded tiny model)")
     p.add_argument("--tokenizer", default=None,
-                   help="a directory with the tokenizer (tokenizer.json, tokenizer_config.json) if not the model's")
+                   help="a directory (or Hub name) with the tokenizer (tokenizer.json, tokenizer_config.json) if not "
+                        "the model's")
+    p.add_argument("--revision", default=None, help="a Hub name's branch, tag or commit")
+    p.add_argument("--download-dir", default=None, help="where Hub names are fetched (default: the Hub's cache)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients send as `model` (default: --model); the first names the responses")
     p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
@@ -149,8 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-logprobs={args.max_logprobs} must be >= 0")
     if not args.response_role:
         p.error("--response-role must not be empty")
-    if args.tokenizer and not (Path(args.tokenizer) / "tokenizer.json").is_file():
-        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there (Hub names are not downloaded)")
+    if args.tokenizer and Path(args.tokenizer).is_dir() and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        p.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
     if args.chat_template is not None:
         from engine.serve_flags import read_chat_template
         try:
