@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "fp8: e4m3 weights, dynamic per-token activation scales); a quantized checkpoint needs none")
     p.add_argument("--seed", type=int, default=engine["seed"])
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output tokens per request (default: the model's max_position_embeddings)")
+                   help="prompt + output tokens per request (default: the model's max_position_embeddings, at "
+                        "most 8192; longer contexts must be asked for, as they widen every step's page table)")
     p.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"], help="requests in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=engine["max_num_batched_tokens"],
                    help="token budget of one step, shared by decodes and prompt chunks")
