@@ -43,6 +43,7 @@ from engine.lora import LoRARequest, runtime_lora_updates
 from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
 from engine.reasoning import ChatMode, ChatStream, ReasoningParser
+from engine.responses import ResponseShape, ResponsesRequest
 from engine.tools import tool_mode
 from ie_jax.sampling import SamplingParams
 
@@ -160,6 +161,28 @@ class OpenAIServer:
                 f"Please reduce the length of the input or completion.", param="max_tokens")
         limits = (self.max_model_len - num_prompt, requested, self.default_sampling.get("max_tokens"))
         return min(n for n in limits if n is not None)
+
+    def chat_jobs(self, body: P.ChatCompletionRequest, request_id: str) -> tuple[list[_Job], ChatMode | None,
+                                                                                 int | None]:
+        """A chat request's engine job, how its reply becomes the message, and its top logprobs."""
+        lora = self.check_model(body.model)
+        tools = tool_mode(body.tools, body.tool_choice, self.tool_call_parser, self.tool_call_parser is not None)
+        if not body.messages:
+            raise P.ServerError("messages cannot be empty", param="messages")
+        try:
+            num_top = body.num_logprobs
+            ids = body.truncated(body.prompt_ids(self.tokenizer), self.max_model_len)
+            max_tokens = self.max_tokens(len(ids), body.requested_max_tokens, "messages")
+            params = body.sampling_params(max_tokens, num_top, self.default_sampling)
+            if tools is not None and tools.guided() is not None:  # a forced call: held to the tools' schemas
+                if params.guided_decoding is not None:
+                    raise P.ServerError("a forced tool call cannot take response_format or guided_* as well",
+                                        param="tool_choice")
+                params = dataclasses.replace(params, guided_decoding=tools.guided())
+        except ValueError as e:
+            raise P.ServerError(str(e)) from e
+        params, chat = self.chat_mode(tools, params, ids, body.include_reasoning)
+        return self.jobs(request_id, [(ids, None)], [params], lora=lora), chat, num_top
 
     def chat_mode(self, tools, params: SamplingParams, prompt_ids: list[int], include_reasoning: bool
                   ) -> tuple[SamplingParams, ChatMode | None]:
@@ -356,13 +379,14 @@ class OpenAIServer:
 
     async def respond(self, raw: Request, kind: str, request_id: str, jobs: list[_Job], priority: int,
                       body: P._SamplingFields, echo: bool, num_top: int | None,
-                      chat: ChatMode | None = None) -> Response:
+                      chat: ChatMode | None = None, reshape=None) -> Response:
+        """`reshape` (the Responses API's `ResponseShape`) turns the chat completion, or its chunks, into its own."""
         self.admit(jobs)
         if body.stream:
-            return StreamingResponse(
-                self.stream(kind, request_id, jobs, priority, echo, num_top, body.include_usage,
-                            body.continuous_usage, chat),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            events = self.stream(kind, request_id, jobs, priority, echo, num_top, body.include_usage,
+                                 body.continuous_usage, chat)
+            return StreamingResponse(events if reshape is None else reshape.stream(events),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top, chat))
         watch = asyncio.ensure_future(_wait_for_disconnect(raw))
         try:
@@ -375,7 +399,7 @@ class OpenAIServer:
                     await asyncio.gather(work, return_exceptions=True)
         if work.cancelled():
             return Response(status_code=499)
-        return JSONResponse(work.result())
+        return JSONResponse(work.result() if reshape is None else reshape.whole(work.result()))
 
 
 async def _wait_for_disconnect(raw: Request) -> None:
@@ -515,27 +539,18 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, raw: Request):
-        lora = server.check_model(body.model)
-        tools = tool_mode(body.tools, body.tool_choice, server.tool_call_parser, server.tool_call_parser is not None)
-        if not body.messages:
-            raise P.ServerError("messages cannot be empty", param="messages")
-        try:
-            num_top = body.num_logprobs
-            ids = body.truncated(body.prompt_ids(server.tokenizer), server.max_model_len)
-            max_tokens = server.max_tokens(len(ids), body.requested_max_tokens, "messages")
-            params = body.sampling_params(max_tokens, num_top, server.default_sampling)
-            if tools is not None and tools.guided() is not None:  # a forced call: held to the tools' schemas
-                if params.guided_decoding is not None:
-                    raise P.ServerError("a forced tool call cannot take response_format or guided_* as well",
-                                        param="tool_choice")
-                params = dataclasses.replace(params, guided_decoding=tools.guided())
-        except ValueError as e:
-            raise P.ServerError(str(e)) from e
-        params, chat = server.chat_mode(tools, params, ids, body.include_reasoning)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = server.jobs(request_id, [(ids, None)], [params], lora=lora)
+        jobs, chat, num_top = server.chat_jobs(body, request_id)
         return await server.respond(raw, "chat.completion", request_id, jobs, body.priority, body, False, num_top,
                                     chat)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, raw: Request):
+        """OpenAI's Responses API over the chat path (engine/responses.py)."""
+        as_chat, request_id = body.as_chat(), f"resp_{uuid.uuid4().hex}"
+        jobs, chat, num_top = server.chat_jobs(as_chat, request_id)
+        return await server.respond(raw, "chat.completion", request_id, jobs, as_chat.priority, as_chat, False,
+                                    num_top, chat, ResponseShape(body, request_id, server.response_model(jobs)))
 
     @app.post("/tokenize")
     async def tokenize(body: P.TokenizeRequest):
