@@ -25,11 +25,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -39,6 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine.protocol as P
+from engine.http_util import BearerAuth, error_response, merge_streams, wait_for_disconnect
 from engine.lora import LoRARequest, runtime_lora_updates
 from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
@@ -76,27 +75,6 @@ class _Choice:
     chat: ChatStream | None = None  # streaming chat with tools or reasoning: what went out
     held: list = dataclasses.field(default_factory=list)  # logprobs of text not yet sent (a tag held back)
     echo_len: int = 0  # streaming: characters of echoed prompt before the generated text
-
-
-async def _merge(gens: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
-    """Items of several async iterators as they come, tagged with the iterator's position."""
-    pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                i = pending.pop(task)
-                try:
-                    item = task.result()
-                except StopAsyncIteration:
-                    continue
-                pending[asyncio.ensure_future(anext(gens[i]))] = i
-                yield i, item
-    finally:
-        for task in pending:
-            task.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(*pending, return_exceptions=True)
 
 
 class OpenAIServer:
@@ -256,7 +234,7 @@ class OpenAIServer:
                             unfinished.discard(out.request_id)
                         yield jobs[0], out
             else:
-                async with contextlib.aclosing(_merge(gens)) as merged:
+                async with contextlib.aclosing(merge_streams(gens)) as merged:
                     async for i, out in merged:
                         if out.finished:
                             unfinished.discard(out.request_id)
@@ -388,7 +366,7 @@ class OpenAIServer:
             return StreamingResponse(events if reshape is None else reshape.stream(events),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top, chat))
-        watch = asyncio.ensure_future(_wait_for_disconnect(raw))
+        watch = asyncio.ensure_future(wait_for_disconnect(raw))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -400,31 +378,6 @@ class OpenAIServer:
         if work.cancelled():
             return Response(status_code=499)
         return JSONResponse(work.result() if reshape is None else reshape.whole(work.result()))
-
-
-async def _wait_for_disconnect(raw: Request) -> None:
-    while (await raw.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _BearerAuth:
-    """Plain ASGI middleware (it leaves streams untouched): /v1 routes need 'Authorization: Bearer <api_key>';
-    /health, /metrics and the tokenizer routes stay open, as in vLLM."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                response = _error("Unauthorized: send 'Authorization: Bearer <api key>'", 401)
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-def _error(message: str, status: int, param: str | None = None) -> JSONResponse:
-    return JSONResponse(P.error_body(message, status, param), status_code=status)
 
 
 def build_app(engine, *, served_model_name: str | list[str], api_key: str | None = None,
@@ -443,22 +396,22 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
 
     @app.exception_handler(P.ServerError)
     async def _server_error(_, e: P.ServerError):
-        return _error(e.message, e.status, e.param)
+        return error_response(e.message, e.status, e.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, e: RequestValidationError):
-        return _error(P.validation_message(e.errors()), 400)
+        return error_response(P.validation_message(e.errors()), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, e: StarletteHTTPException):
-        return _error(str(e.detail), e.status_code)
+        return error_response(str(e.detail), e.status_code)
 
     @app.exception_handler(Exception)
     async def _internal_error(_, e: Exception):
-        return _error(f"{type(e).__name__}: {e}", 500)
+        return error_response(f"{type(e).__name__}: {e}", 500)
 
     if api_key is not None:
-        app.add_middleware(_BearerAuth, api_key=api_key)
+        app.add_middleware(BearerAuth, api_key=api_key)
     if cors is not None:  # added last, so outermost: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, **cors)
 
