@@ -84,7 +84,8 @@ class AsyncLLM:
             unroll_layers=getattr(args, "unroll_layers", True),
             kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), enable_lora=getattr(args, "enable_lora", False),
             max_loras=getattr(args, "max_loras", 1), max_lora_rank=getattr(args, "max_lora_rank", 16),
-            max_logprobs=getattr(args, "max_logprobs", 20))
+            max_logprobs=getattr(args, "max_logprobs", 20),
+            speculative_config=getattr(args, "speculative_config", None))
         t1 = time.perf_counter()
         print(f"model {args.model!r} ready on {jax.devices()[0].device_kind} in {t1 - t0:.1f} s", file=sys.stderr,
               flush=True)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
+
+from engine.speculative import SpeculativeConfig
 
 
 def default_buckets(limit: int, smallest: int = 1) -> tuple[int, ...]:
@@ -46,8 +49,12 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
+    # Speculative decoding by prompt lookup (engine/speculative.py), vLLM's --speculative-config: a dict / JSON
+    # text / SpeculativeConfig; None (the default) decodes one token a step
+    speculative_config: Any = None
 
     def __post_init__(self):
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

@@ -20,6 +20,7 @@ from engine.outputs import RequestOutput
 from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
 from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.speculative import DraftRow, accepted, propose
 from ie_jax.detokenizer import make_detokenizer
 from ie_jax.guided import FixedGuide, GuidedDecodingParams, TokenGuide, Vocabulary, token_bytes
 from ie_jax.sampling import SamplingParams
@@ -98,6 +99,8 @@ class LLMEngine:
         self.rng = np.random.default_rng(config.seed)
         self.streams: dict[str, _TextStream] = {}  # each request's detokenizer and unsent text
         self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.spec = config.speculative_config  # prompt-lookup speculation (engine/speculative.py), or None
+        self.num_draft_tokens = self.num_accepted_tokens = 0
         self.last_step_host_s = 0.0
         self.last_step_times: dict[str, float] = {}
         self.in_flight = None  # (SchedulerOutput, sample rows, device result, grammar rows) of the step not read back
@@ -246,6 +249,8 @@ class LLMEngine:
         runs synchronously, so that they advance every step; otherwise they sit out every other step and the
         rest keep the overlap.
         """
+        if self.spec is not None:
+            return self._spec_step()
         t0 = time.perf_counter()
         outputs, t_wait = [], 0.0
         if self.in_flight is not None and 2 * self.in_flight[3] >= max(len(self.scheduler.running), 1):
@@ -282,6 +287,86 @@ class LLMEngine:
         # Host time = everything but waiting for the device (dispatch included: it should not block).
         self.last_step_times = {"host": total - t_wait, "dispatch": t_dispatch, "wait": t_wait, "total": total}
         self.last_step_host_s = total - t_wait
+        return outputs
+
+    def _drafts(self) -> dict[Request, list[int]]:
+        """Each speculating request's draft (engine/speculative.py), within the step's free seats and budget and
+        short of max_tokens and max_model_len. None while prompts wait (they go first) or a row wants logprobs."""
+        sched, cfg, spec = self.scheduler, self.config, self.spec
+        if sched.waiting or any(r.sampling_params.logprobs is not None for r in sched.running):
+            return {}
+        seats = min(cfg.max_num_seqs, cfg.max_num_batched_tokens) - len(sched.running)
+        drafts = {}
+        for request in sched.running:
+            outputs = request.output_token_ids
+            if seats <= 0:
+                break
+            if request.variant != "greedy" or not outputs or request.num_computed_tokens + 1 != request.num_tokens:
+                continue
+            k = min(spec.num_speculative_tokens, seats, request.sampling_params.max_tokens - len(outputs) - 1,
+                    cfg.max_model_len - request.num_tokens - 1)
+            if k > 0:
+                draft = propose(request.prompt_token_ids + outputs, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
+                if draft:
+                    drafts[request] = draft
+                    seats -= len(draft)
+        return drafts
+
+    def _spec_step(self) -> list[RequestOutput]:
+        """One synchronous step in which speculating requests check their drafts (engine/speculative.py): each
+        runs as 1 + d one-token rows, and keeps the drafts the model agrees with plus the model's next token."""
+        t0 = time.perf_counter()
+        drafts = self._drafts()
+        for request, draft in drafts.items():  # the scheduler sees the drafts as tokens to compute, and pages them
+            request.output_token_ids += draft
+        try:
+            out = self.scheduler.schedule()
+        finally:
+            for request, draft in drafts.items():
+                del request.output_token_ids[-len(draft):]
+        for request in out.preempted:
+            self.runner.release_slot(request)
+        if self.scheduler.adapter_slots is not None:
+            for slot, name in self.scheduler.adapter_slots.take_loads():
+                self.runner.load_adapter(slot, self.adapters[name])
+        if not out.scheduled:
+            return []
+        rows, plan = [], []  # the step's rows; per scheduled request: (request, n, the drafts it checks or None)
+        for request, n in out.scheduled:
+            used = drafts[request][:n - 1] if request in drafts and n > 1 else None
+            rows += [(request, 1)] + [(DraftRow(request, used[:j]), 1) for j in range(1, n)] if used else \
+                [(request, n)]
+            plan.append((request, n, used))
+        inp, samples = self.runner.prepare(SchedulerOutput(rows, out.preempted))
+        t1 = time.perf_counter()
+        res = self.runner.run(inp, step_variant({r.variant for r, _ in out.scheduled}),
+                              decode_only=len(rows) == sum(n for _, n in rows))
+        t2 = time.perf_counter()
+        tokens = np.asarray(res.token_ids).tolist()
+        t3 = time.perf_counter()
+        kept, kept_samples, kept_tokens, row = [], [], [], 0
+        for request, n, used in plan:
+            if used is None:
+                request.num_computed_tokens += n
+                take = [tokens[row]] if samples[row] else []
+            else:
+                a = accepted(used, tokens[row:row + n])
+                self.num_draft_tokens += len(used)
+                self.num_accepted_tokens += a
+                request.num_computed_tokens += 1 + a
+                take = tokens[row:row + a + 1]
+            self.block_manager.cache_full_pages(request)
+            if take and not request.output_token_ids and not request.num_preemptions:
+                self.num_prompt_tokens += request.num_prompt_tokens
+            request.output_token_ids += [-1] * len(take)  # placeholders, resolved in order by _update
+            kept += [(request, 1)] * len(take) or [(request, n)]
+            kept_samples += [True] * len(take) or [False]
+            kept_tokens += take or [0]
+            row += n if used else 1
+        outputs = self._update(SchedulerOutput(kept, []), kept_samples, np.asarray(kept_tokens, np.int64), res)
+        total = time.perf_counter() - t0
+        self.last_step_times = {"host": total - (t3 - t2), "dispatch": t2 - t1, "wait": t3 - t2, "total": total}
+        self.last_step_host_s = total - (t3 - t2)
         return outputs
 
     def _read_back(self) -> tuple[list[RequestOutput], float]:
@@ -382,7 +467,9 @@ class LLMEngine:
             lora = {"running": sorted({r.lora_name for r in list(self.scheduler.running) if r.lora_name}),
                     "waiting": sorted({r.lora_name for r in list(self.scheduler.waiting) if r.lora_name}),
                     "max_lora": self.config.max_loras}
+        spec = {} if self.spec is None else {"spec_draft_tokens": self.num_draft_tokens,
+                                              "spec_accepted_tokens": self.num_accepted_tokens}
         return {"lora": lora, "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_usage": bm.usage, "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
-                "num_preemptions": self.scheduler.num_preemptions,
+                "num_preemptions": self.scheduler.num_preemptions, **spec,
                 "prompt_tokens_total": self.num_prompt_tokens, "generation_tokens_total": self.num_generation_tokens}

@@ -54,6 +54,10 @@ class _EngineStatsCollector(Collector):
         yield counter("ie_jax:prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
         yield counter("ie_jax:prompt_tokens", "Prompt tokens processed.", s.get("prompt_tokens_total", 0))
         yield counter("ie_jax:generation_tokens", "Tokens generated.", s.get("generation_tokens_total", 0))
+        if "spec_draft_tokens" in s:  # --speculative-config: drafts checked and kept, as vLLM's spec_decode counters
+            yield counter("ie_jax:spec_decode_num_draft_tokens", "Draft tokens checked.", s["spec_draft_tokens"])
+            yield counter("ie_jax:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                          s["spec_accepted_tokens"])
         lora = s.get("lora")
         if lora is not None:  # as vLLM's: the adapters in use as labels, the scrape time as the value
             g = GaugeMetricFamily("ie_jax:lora_requests_info", "LoRA adapters of the running and waiting requests.",

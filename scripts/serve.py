@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--override-generation-config", type=json_dict, default=None, metavar="JSON",
                    help="defaults over the generation config's, in its names: "
                         "'{\"temperature\": 0.5, \"max_new_tokens\": 64}'")
+    p.add_argument("--speculative-config", type=json_dict, default=None, metavar="JSON",
+                   help='prompt-lookup speculative decoding for greedy requests: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (drafts take free request seats)')
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: the server uses one GPU")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="only 1: the server uses one GPU")
     p.add_argument("--allowed-origins", type=json_list, default=None,

@@ -263,3 +263,10 @@ def test_live_generation_config_defaults(served):
     again = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=5,
                                            extra_body=eos)
     assert chat.choices[0].message.content == again.choices[0].message.content
+
+
+def test_speculative_config_flag(capsys):
+    args = serve.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    assert args.speculative_config == {"method": "ngram", "num_speculative_tokens": 3}
+    assert serve.parse_args([]).speculative_config is None
+    assert "is not a JSON object" in parse_error(capsys, ["--speculative-config", "ngram"])

@@ -1,0 +1,88 @@
+"""Speculative decoding by prompt lookup (vLLM's `--speculative-config '{"method": "ngram", ...}'`).
+
+A greedy request's last few tokens are looked up earlier in its own text (prompt and output); the tokens that
+followed that occurrence are its draft. One step then checks the draft: the request's newest token and its d
+draft tokens run as d + 1 one-token rows of the same sequence (`DraftRow`, positions p .. p + d, one KV slot
+each). Every row writes its K/V before any row attends, so row j sees the draft tokens before it, and its argmax is
+the model's next token after them. Drafts are accepted while they equal the argmax of the row before; the step
+yields the accepted drafts plus one more token, 1 to d + 1 tokens for one pass over the weights, and exactly the
+tokens plain greedy decoding gives. The KV written for rejected drafts lies past the sequence's length and is
+overwritten later.
+
+Which requests speculate: greedy ones with no logprobs, penalties, min_tokens or grammar (`Request.variant ==
+"greedy"`). The engine runs synchronously while speculating (each step's tokens reach the host before the next is
+built), and a step's rows stay within max_num_seqs, so drafts take only seats no request holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # the most draft tokens a request checks in a step
+    prompt_lookup_max: int = 4  # the longest suffix n-gram looked up (tried first)
+    prompt_lookup_min: int = 1  # the shortest
+
+    def __post_init__(self):
+        if self.method not in ("ngram", "[ngram]"):
+            raise ValueError(f"speculative method {self.method!r} is not supported: only 'ngram' (prompt lookup); "
+                             f"draft models, EAGLE and MTP need a second model")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 1")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max="
+                             f"{self.prompt_lookup_max} must satisfy 1 <= min <= max")
+
+    @classmethod
+    def parse(cls, spec) -> SpeculativeConfig | None:
+        """From a dict or its JSON text (vLLM's keys); None stays None. Unknown keys are errors."""
+        if spec is None or isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            spec = json.loads(spec)
+        if not isinstance(spec, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {spec!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"speculative_config keys {unknown} are not supported; known: {sorted(known)}")
+        return cls(**spec)
+
+
+def propose(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
+    """Prompt lookup: find the text's last n tokens (n from n_max down to n_min) at an earlier place, the latest
+    one, and return up to k tokens that followed it there ([] if no n-gram recurs)."""
+    arr = np.asarray(tokens, np.int64)
+    L = len(arr)
+    for n in range(min(n_max, L - 1), n_min - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:L - 1], n)  # starts 0 .. L - 1 - n
+        hits = np.flatnonzero((windows == arr[L - n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return arr[start:start + k].tolist()
+    return []
+
+
+class DraftRow:
+    """Row j (j >= 1) of a speculating request, as the runner's `prepare` reads a decode row: the same slot and
+    pages, j more computed tokens, and draft token j - 1 as its newest token."""
+    __slots__ = ("request_id", "page_ids", "num_computed_tokens", "output_token_ids", "prompt_token_ids", "guide")
+
+    def __init__(self, request, drafts: list[int]):
+        self.request_id, self.page_ids, self.guide = request.request_id, request.page_ids, None
+        self.prompt_token_ids = request.prompt_token_ids
+        self.output_token_ids = request.output_token_ids + drafts
+        self.num_computed_tokens = request.num_computed_tokens + len(drafts)
+
+
+def accepted(drafts: list[int], targets: list[int]) -> int:
+    """How many drafts the model agrees with: draft j stands while it equals the argmax after draft j - 1."""
+    a = 0
+    while a < len(drafts) and drafts[a] == targets[a]:
+        a += 1
+    return a

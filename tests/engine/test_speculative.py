@@ -1,0 +1,99 @@
+"""Prompt-lookup speculative decoding (engine/speculative.py): drafts checked as one-token rows of the same
+sequence give exactly the tokens plain decoding gives, with fewer steps where the text repeats."""
+import numpy as np
+import pytest
+
+import ie_jax
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.speculative import SpeculativeConfig, accepted, propose
+from ie_jax import SamplingParams
+
+# the tiny random model falls into loops, which prompt lookup then predicts
+PROMPTS = ["abcabcabcabcabc", "The quick brown fox", "1 2 3 1 2 3 1 2", "xyz", "Hello there, hello there"]
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
+
+
+def make_llm(tiny, **kw):
+    model, tok = tiny
+    args = dict(max_model_len=128, max_num_seqs=16, max_num_batched_tokens=32, page_size=8, progress=False,
+                speculative_config=SPEC)
+    return LLM(model, tokenizer=tok, **{**args, **kw})
+
+
+def reference(tiny, prompts, params):
+    model, tok = tiny
+    return [o.token_ids for o in ie_jax.generate(model, tok, prompts, params)]
+
+
+def test_propose_finds_the_latest_longest_recurrence():
+    assert propose([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], k=3, n_max=3, n_min=1) == [7, 1, 2]  # the latest "1 2 3"
+    assert propose([5, 6, 7, 5, 6, 8, 6], k=2, n_max=3, n_min=1) == [8, 6]  # no "5 6"+"6": the 1-gram "6"
+    assert propose([4, 4, 4], k=5, n_max=2, n_min=1) == [4]  # overlapping: what followed the latest "4 4"
+    assert propose([1, 2, 3], k=4, n_max=2, n_min=1) == []
+    assert propose([1, 2, 1, 3, 1], k=4, n_max=2, n_min=2) == []  # no bigram recurs; n_min forbids unigrams
+    assert accepted([5, 6, 7], [5, 6, 9, 1]) == 2 and accepted([5], [4, 1]) == 0 and accepted([], [3]) == 0
+
+
+def test_config_is_vllms_and_checked():
+    c = EngineConfig(speculative_config='{"method": "ngram", "num_speculative_tokens": 3}').speculative_config
+    assert c == SpeculativeConfig("ngram", 3, 4, 1)
+    for bad, word in (({"method": "eagle"}, "only 'ngram'"), ({"num_speculative_tokens": 0}, ">= 1"),
+                      ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "1 <= min <= max"),
+                      ({"model": "x"}, "keys \\['model'\\]")):
+        with pytest.raises(ValueError, match=word):
+            EngineConfig(speculative_config=bad)
+
+
+def test_greedy_outputs_are_exact_and_take_fewer_steps(tiny):
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = reference(tiny, PROMPTS, params)
+    llm = make_llm(tiny)
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, params)
+    steps, got = 0, {}
+    while engine.has_unfinished_requests():
+        steps += 1
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert [got[str(i)] for i in range(len(PROMPTS))] == want
+    assert engine.num_accepted_tokens > 20 and engine.num_draft_tokens > engine.num_accepted_tokens
+    assert steps < 40  # one prefill step, then 39 tokens of each: fewer steps than tokens
+    assert engine.block_manager.num_free_pages == engine.runner.num_pages  # every page back, none leaked
+
+
+def test_mixed_batch_stops_limits_and_preemption(tiny):
+    """Beside sampled, penalised and logprob rows (which never speculate), with stop strings, EOS, short
+    max_tokens and a page pool small enough to preempt: every output is plain decoding's."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    cases = [(PROMPTS[0], greedy), (PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)),
+             (PROMPTS[1], SamplingParams(temperature=0.8, seed=7, max_tokens=12, ignore_eos=True)),
+             (PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=20, repetition_penalty=1.3, ignore_eos=True)),
+             (PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=25))]  # stops at EOS if the model says so
+    plain = make_llm(tiny, speculative_config=None)
+    want = [o.outputs[0] for o in plain.generate([p for p, _ in cases], [s for _, s in cases], use_tqdm=False)]
+    text = want[0].text
+    stop = text[12:15]  # a stop string inside the greedy loop: it ends a run of accepted drafts
+    cases.append((PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=30, stop=[stop], ignore_eos=True)))
+    want.append(plain.generate([PROMPTS[0]], cases[-1][1], use_tqdm=False)[0].outputs[0])
+    assert want[-1].text == text[:text.index(stop)]
+    for kw in ({}, {"max_model_len": 64, "num_pages": 8}):  # 64 tokens of KV for six requests of up to 45
+        llm = make_llm(tiny, **kw)
+        got = [o.outputs[0] for o in llm.generate([p for p, _ in cases], [s for _, s in cases], use_tqdm=False)]
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.text for g in got] == [w.text for w in want]
+        assert llm.engine.num_accepted_tokens > 0
+        if kw:
+            assert llm.engine.scheduler.num_preemptions > 0
+    logprobs = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
+    got = make_llm(tiny).generate(PROMPTS[:2], [greedy, logprobs], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [reference(tiny, PROMPTS[:1], greedy)[0],
+                                                     reference(tiny, PROMPTS[1:2], logprobs)[0]]
+    assert all(2 <= len(lp) <= 3 for lp in got[1].outputs[0].logprobs) and np.isfinite(
+        [v for lp in got[1].outputs[0].logprobs for v in lp.values()]).all()
