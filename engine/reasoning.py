@@ -21,19 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine.tools import ToolMode, ToolStream, tool_finish
+from engine.tools import ToolMode, ToolStream, tag_start, tool_finish
 
 PARSERS = ("qwen3", "deepseek_r1")
 START, END = "<think>", "</think>"
-
-
-def _tail_of(text: str, tag: str) -> int:
-    """How many characters at the end of `text` may be the start of `tag` (held back while streaming)."""
-    tail = text[-(len(tag) - 1):]
-    i = tail.find(tag[0])  # (most texts: no candidate at all)
-    while i >= 0 and not tag.startswith(tail[i:]):
-        i = tail.find(tag[0], i + 1)
-    return 0 if i < 0 else len(tail) - i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +82,7 @@ class ReasoningStream:
             elif self.state == "thought":
                 i = text.find(END)
                 if i < 0:
-                    held = 0 if final else _tail_of(text, END)
+                    held = 0 if final else tag_start(text, END)
                     reasoning += text[:len(text) - held]
                     self.pending = text[len(text) - held:]
                     return reasoning, content

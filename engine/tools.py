@@ -54,7 +54,7 @@ def _json(text: str):
         return None
 
 
-def _tag_start(text: str, tag: str) -> int:
+def tag_start(text: str, tag: str) -> int:
     """How many characters at the end of `text` may be the start of `tag`."""
     tail = text[-(len(tag) - 1):]
     i = tail.find(tag[0])  # (most texts: no candidate at all)
@@ -167,7 +167,7 @@ class ToolMode:
             return 0
         if self.parser == "hermes":
             start = text.find(_HERMES)
-            return start if start >= 0 else len(text) - _tag_start(text, _HERMES)
+            return start if start >= 0 else len(text) - tag_start(text, _HERMES)
         head = text.lstrip()
         if not head or head.startswith("{") or _PYTHON_TAG.startswith(head[:len(_PYTHON_TAG)]) or \
                 head.startswith(_PYTHON_TAG):
@@ -184,7 +184,7 @@ class ToolMode:
             for m in _BLOCK.finditer(text):
                 body = m.group(1)
                 if not m.group(2):  # still open: what may be the start of </tool_call> is not the call's yet
-                    body = body[:len(body) - _tag_start(body, "</tool_call>")]
+                    body = body[:len(body) - tag_start(body, "</tool_call>")]
                 i = _ws(body, 0)
                 calls.append(_read_call(body, i, self.keys)[:3] if body.startswith("{", i) else (None,) * 3)
             return calls, None
@@ -284,7 +284,7 @@ class ToolMode:
             if text.find(_HERMES, max(0, state.searched - len(_HERMES) + 1)) >= 0:
                 return None
             state.searched = len(text)
-            end = len(text) - _tag_start(text, _HERMES)
+            end = len(text) - tag_start(text, _HERMES)
             while end > state.content and text[end - 1].isspace():  # whitespace waits for what follows it
                 end -= 1
             return end

@@ -64,11 +64,10 @@ def test_streamed_pieces_add_up_to_the_whole(parser, prompt_thinks):
 def test_held_back_tag_starts_match_a_brute_force_search():
     """The partial-tag hold-back (reasoning's and the tool parser's): the longest end of the text that begins the
     tag, tags whose first character repeats included."""
-    from engine.reasoning import _tail_of
-    from engine.tools import _tag_start
+    from engine.tools import tag_start
     rng = np.random.default_rng(1)
     for _ in range(5000):
         tag = str(rng.choice(["<tool_call>", "</think>", "<think>", "aab", "<<x"]))
         text = "".join(rng.choice(list("<>/thinkaxb_ "), size=rng.integers(0, 14)))
         want = next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
-        assert _tail_of(text, tag) == _tag_start(text, tag) == want, (text, tag)
+        assert tag_start(text, tag) == want, (text, tag)
