@@ -249,8 +249,8 @@ class LLMEngine:
         runs synchronously, so that they advance every step; otherwise they sit out every other step and the
         rest keep the overlap.
         """
-        if self.spec is not None:
-            return self._spec_step()
+        if self.spec is not None and not self.scheduler.waiting and self._seats() > 0:
+            return self._spec_step()  # synchronous; a full batch (no seat for a draft) keeps the overlap below
         t0 = time.perf_counter()
         outputs, t_wait = [], 0.0
         if self.in_flight is not None and 2 * self.in_flight[3] >= max(len(self.scheduler.running), 1):
@@ -295,8 +295,7 @@ class LLMEngine:
         sched, cfg, spec = self.scheduler, self.config, self.spec
         if sched.waiting or any(r.sampling_params.logprobs is not None for r in sched.running):
             return {}
-        seats = min(cfg.max_num_seqs, cfg.max_num_batched_tokens) - len(sched.running)
-        drafts = {}
+        seats, drafts = self._seats(), {}
         for request in sched.running:
             outputs = request.output_token_ids
             if seats <= 0:
@@ -312,10 +311,16 @@ class LLMEngine:
                     seats -= len(draft)
         return drafts
 
+    def _seats(self) -> int:
+        """Rows a step could still take for drafts."""
+        return min(self.config.max_num_seqs, self.config.max_num_batched_tokens) - len(self.scheduler.running)
+
     def _spec_step(self) -> list[RequestOutput]:
         """One synchronous step in which speculating requests check their drafts (engine/speculative.py): each
-        runs as 1 + d one-token rows, and keeps the drafts the model agrees with plus the model's next token."""
+        runs as 1 + d one-token rows, and keeps the drafts the model agrees with plus the model's next token. A
+        step still in flight (the batch was full) is read back first: drafts start from the newest token."""
         t0 = time.perf_counter()
+        early, t_early = self._read_back() if self.in_flight is not None else ([], 0.0)
         drafts = self._drafts()
         for request, draft in drafts.items():  # the scheduler sees the drafts as tokens to compute, and pages them
             request.output_token_ids += draft
@@ -330,7 +335,7 @@ class LLMEngine:
             for slot, name in self.scheduler.adapter_slots.take_loads():
                 self.runner.load_adapter(slot, self.adapters[name])
         if not out.scheduled:
-            return []
+            return early
         rows, plan = [], []  # the step's rows; per scheduled request: (request, n, the drafts it checks or None)
         for request, n in out.scheduled:
             used = drafts[request][:n - 1] if request in drafts and n > 1 else None
@@ -364,10 +369,10 @@ class LLMEngine:
             kept_tokens += take or [0]
             row += n if used else 1
         outputs = self._update(SchedulerOutput(kept, []), kept_samples, np.asarray(kept_tokens, np.int64), res)
-        total = time.perf_counter() - t0
-        self.last_step_times = {"host": total - (t3 - t2), "dispatch": t2 - t1, "wait": t3 - t2, "total": total}
-        self.last_step_host_s = total - (t3 - t2)
-        return outputs
+        total, wait = time.perf_counter() - t0, t3 - t2 + t_early
+        self.last_step_times = {"host": total - wait, "dispatch": t2 - t1, "wait": wait, "total": total}
+        self.last_step_host_s = total - wait
+        return early + outputs
 
     def _read_back(self) -> tuple[list[RequestOutput], float]:
         """Wait for the step in flight (the one host sync per step) and resolve it; returns its outputs and the
