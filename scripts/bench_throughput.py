@@ -65,6 +65,9 @@ def main(argv=None):
     ap.add_argument("--guided-regex", default=None, metavar="REGEX",
                     help="hold every request to this regex (what structured outputs cost; e.g. '[a-z0-9 ]*', which "
                          "the dummy presets' word tokens fit)")
+    ap.add_argument("--speculative-config", default=None, metavar="JSON",
+                    help='prompt-lookup speculation, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                         '(greedy requests; with dummy weights the acceptance says nothing about real text)')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path or folder (default: $OUT or benchmarks/results/)")
     args = ap.parse_args(argv)
@@ -77,6 +80,7 @@ def main(argv=None):
               quantization=args.quantization,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
+              speculative_config=args.speculative_config,
               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=not args.no_prefix_caching, unroll_layers=args.unroll_layers,
               kv_cache_dtype=args.kv_cache_dtype, enable_lora=args.enable_lora, max_loras=args.max_loras,
@@ -124,6 +128,8 @@ def main(argv=None):
         bench="throughput", model=args.model, dtype=args.dtype, quantization=args.quantization,
         loras=len(paths), max_loras=args.max_loras if paths else None,
         max_lora_rank=args.max_lora_rank if paths else None, guided_regex=args.guided_regex,
+        speculative_config=args.speculative_config, spec_draft_tokens=engine.num_draft_tokens,
+        spec_accepted_tokens=engine.num_accepted_tokens,
         input_len=args.input_len, output_len=args.output_len,
         num_prompts=args.num_prompts, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
