@@ -416,6 +416,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         app.add_middleware(CORSMiddleware, **cors)
 
     @app.get("/health")
+    @app.api_route("/ping", methods=["GET", "POST"])  # SageMaker's health route, as vLLM serves it
     async def health():
         return Response(status_code=200)
 
@@ -434,6 +435,13 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         cards += [P.model_card(r.lora_name, r.lora_path, server.max_model_len, parent=server.model_name)
                   for r in server.adapters().values()]
         return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):  # the openai client's models.retrieve
+        card = next((c for c in (await models())["data"] if c["id"] == model), None)
+        if card is None:
+            raise P.ServerError(f"The model `{model}` does not exist.", status=404, param="model")
+        return card
 
     if runtime_lora_updates():
         @app.post("/v1/load_lora_adapter")

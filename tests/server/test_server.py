@@ -133,7 +133,12 @@ def test_models_health_version(live, client):
     assert [m.id for m in models] == [MODEL]
     assert models[0].max_model_len == MAX_MODEL_LEN
     assert httpx.get(f"{live.url}/health").status_code == 200
+    assert httpx.get(f"{live.url}/ping").status_code == httpx.post(f"{live.url}/ping").status_code == 200
     assert httpx.get(f"{live.url}/version").json()["version"]
+    one = client.models.retrieve(MODEL)
+    assert (one.id, one.max_model_len) == (MODEL, MAX_MODEL_LEN)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("nope")
 
 
 def test_completion_matches_reference(live, client):
