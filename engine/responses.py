@@ -12,6 +12,7 @@ client sends the conversation as input items, as it does with store=false.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -227,44 +228,45 @@ class ResponseShape:
         created = self.response("in_progress", [])
         yield event("response.created", response=created)
         yield event("response.in_progress", response=created)
-        async for sse in chunks:
-            data = sse.removeprefix("data: ").strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                error = chunk["error"]
-                continue
-            usage = chunk.get("usage") or usage
-            for choice in chunk["choices"]:
-                delta, finish = choice["delta"], choice.get("finish_reason") or finish
-                held += (choice.get("logprobs") or {}).get("content") or []
-                if delta.get("reasoning"):
-                    if item is None or item["type"] != "reasoning":
-                        for e in open_(_reasoning_item(_id("rs"), "")):
-                            yield e
-                    item["content"][0]["text"] += delta["reasoning"]
-                    yield event("response.reasoning_text.delta", item_id=item["id"], output_index=len(output),
-                                content_index=0, delta=delta["reasoning"])
-                if delta.get("content"):
-                    if item is None or item["type"] != "message":
-                        for e in open_(_message_item(_id("msg"), "", [])):
-                            yield e
-                    lps, part = held[:], item["content"][0]
-                    held.clear()
-                    part["text"] += delta["content"]
-                    part["logprobs"] += lps
-                    yield event("response.output_text.delta", item_id=item["id"], output_index=len(output),
-                                content_index=0, delta=delta["content"], logprobs=lps)
-                for call in delta.get("tool_calls") or []:
-                    if call.get("id"):  # a call's first delta: its id and name
-                        for e in open_(_call_item(_id("fc"), call["id"], call["function"]["name"], "")):
-                            yield e
-                    args = (call.get("function") or {}).get("arguments") or ""
-                    if args and item is not None and item["type"] == "function_call":
-                        item["arguments"] += args
-                        yield event("response.function_call_arguments.delta", item_id=item["id"],
-                                    output_index=len(output), delta=args)
+        async with contextlib.aclosing(chunks):  # a client that leaves closes this, and so the chat stream
+            async for sse in chunks:
+                data = sse.removeprefix("data: ").strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    error = chunk["error"]
+                    continue
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
+                    delta, finish = choice["delta"], choice.get("finish_reason") or finish
+                    held += (choice.get("logprobs") or {}).get("content") or []
+                    if delta.get("reasoning"):
+                        if item is None or item["type"] != "reasoning":
+                            for e in open_(_reasoning_item(_id("rs"), "")):
+                                yield e
+                        item["content"][0]["text"] += delta["reasoning"]
+                        yield event("response.reasoning_text.delta", item_id=item["id"], output_index=len(output),
+                                    content_index=0, delta=delta["reasoning"])
+                    if delta.get("content"):
+                        if item is None or item["type"] != "message":
+                            for e in open_(_message_item(_id("msg"), "", [])):
+                                yield e
+                        lps, part = held[:], item["content"][0]
+                        held.clear()
+                        part["text"] += delta["content"]
+                        part["logprobs"] += lps
+                        yield event("response.output_text.delta", item_id=item["id"], output_index=len(output),
+                                    content_index=0, delta=delta["content"], logprobs=lps)
+                    for call in delta.get("tool_calls") or []:
+                        if call.get("id"):  # a call's first delta: its id and name
+                            for e in open_(_call_item(_id("fc"), call["id"], call["function"]["name"], "")):
+                                yield e
+                        args = (call.get("function") or {}).get("arguments") or ""
+                        if args and item is not None and item["type"] == "function_call":
+                            item["arguments"] += args
+                            yield event("response.function_call_arguments.delta", item_id=item["id"],
+                                        output_index=len(output), delta=args)
         if item is None and not output and error is None:  # nothing was said: an empty message, as whole() gives
             for e in open_(_message_item(_id("msg"), "", [])):
                 yield e

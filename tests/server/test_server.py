@@ -533,3 +533,19 @@ def test_bench_serving_client(live, tmp_path):
     assert result["request_goodput"] > 0 and 0 < result["mean_ttft_ms"] <= result["mean_e2el_ms"]
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["completed"] == 12 and len(saved["ttfts"]) == 12
+
+
+def test_responses_stream_disconnect_aborts():
+    """/v1/responses reshapes the chat stream: a client that leaves mid-stream aborts the engine request too."""
+    engine = FakeAsyncLLM(MAX_MODEL_LEN, step_delay=0.02)
+    server = LiveServer(engine)
+    try:
+        body = {"model": MODEL, "input": "long one", "max_output_tokens": 100, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/responses", json=body) as r:
+            kinds = [json.loads(line[6:])["type"] for line, _ in zip(
+                (line for line in r.iter_lines() if line.startswith("data: ")), range(5))]
+        assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+        wait_for(lambda: len(engine.aborted) == 1 and engine.running == {})
+        assert engine.aborted[0].startswith("resp_")
+    finally:
+        server.stop()
