@@ -20,7 +20,7 @@ from engine.outputs import RequestOutput
 from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
 from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.speculative import DraftRow, accepted, propose
+from engine.speculative import DraftRow, History, accepted, propose
 from ie_jax.detokenizer import make_detokenizer
 from ie_jax.guided import FixedGuide, GuidedDecodingParams, TokenGuide, Vocabulary, token_bytes
 from ie_jax.sampling import SamplingParams
@@ -101,6 +101,7 @@ class LLMEngine:
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.spec = config.speculative_config  # prompt-lookup speculation (engine/speculative.py), or None
         self.num_draft_tokens = self.num_accepted_tokens = 0
+        self._histories: dict[str, History] = {}  # speculating requests' tokens, as numpy buffers
         self.last_step_host_s = 0.0
         self.last_step_times: dict[str, float] = {}
         self.in_flight = None  # (SchedulerOutput, sample rows, device result, grammar rows) of the step not read back
@@ -300,12 +301,15 @@ class LLMEngine:
             outputs = request.output_token_ids
             if seats <= 0:
                 break
-            if request.variant != "greedy" or not outputs or request.num_computed_tokens + 1 != request.num_tokens:
+            if request.variant != "greedy" or not outputs or outputs[-1] < 0 or \
+                    request.num_computed_tokens + 1 != request.num_tokens:
                 continue
             k = min(spec.num_speculative_tokens, seats, request.sampling_params.max_tokens - len(outputs) - 1,
                     cfg.max_model_len - request.num_tokens - 1)
             if k > 0:
-                draft = propose(request.prompt_token_ids + outputs, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
+                history = self._histories.setdefault(request.request_id, History())
+                draft = propose(history.tokens(request.prompt_token_ids, outputs), k, spec.prompt_lookup_max,
+                                spec.prompt_lookup_min)
                 if draft:
                     drafts[request] = draft
                     seats -= len(draft)
@@ -459,6 +463,7 @@ class LLMEngine:
     def _retire(self, request: Request) -> None:
         self.runner.release_slot(request)
         self.streams.pop(request.request_id, None)
+        self._histories.pop(request.request_id, None)
 
     def _output(self, request: Request, new_ids, new_text, new_lp, num_output: int) -> RequestOutput:
         return RequestOutput(request.request_id, new_ids, new_text, new_lp, request.is_finished,

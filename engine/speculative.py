@@ -54,18 +54,43 @@ class SpeculativeConfig:
         return cls(**spec)
 
 
-def propose(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
-    """Prompt lookup: find the text's last n tokens (n from n_max down to n_min) at an earlier place, the latest
-    one, and return up to k tokens that followed it there ([] if no n-gram recurs)."""
-    arr = np.asarray(tokens, np.int64)
+def propose(tokens, k: int, n_max: int, n_min: int) -> list[int]:
+    """Prompt lookup: find the text's last n tokens (the largest n from n_max down to n_min that recurs) at an
+    earlier place, the latest one, and return up to k tokens that followed it there ([] if none recurs). Linear in
+    the text: only the places where its last token recurs are extended backwards."""
+    arr = np.asarray(tokens)
     L = len(arr)
-    for n in range(min(n_max, L - 1), n_min - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(arr[:L - 1], n)  # starts 0 .. L - 1 - n
-        hits = np.flatnonzero((windows == arr[L - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return arr[start:start + k].tolist()
-    return []
+    ends = np.flatnonzero(arr[:L - 1] == arr[L - 1]) if L > 1 else np.zeros(0, np.int64)
+    if not ends.size:
+        return []
+    length, alive = np.ones(ends.size, np.int64), np.ones(ends.size, bool)
+    for j in range(1, min(n_max, L - 1)):  # does the match reach j tokens further back?
+        alive &= (ends >= j) & (arr[np.maximum(ends - j, 0)] == arr[L - 1 - j])
+        length += alive
+    best = int(length.max())
+    if best < n_min:
+        return []
+    end = int(ends[np.flatnonzero(length == best)[-1]])  # the latest of the longest
+    return arr[end + 1:end + 1 + k].tolist()
+
+
+class History:
+    """A request's tokens (prompt, then outputs) in a growing numpy buffer, so that a lookup each step does not
+    convert the whole text again."""
+
+    def __init__(self):
+        self.buf, self.n = np.zeros(256, np.int64), 0
+
+    def tokens(self, prompt: list[int], outputs: list[int]) -> np.ndarray:
+        total = len(prompt) + len(outputs)
+        if total > len(self.buf):
+            self.buf = np.concatenate([self.buf, np.zeros(max(total, 2 * len(self.buf)), np.int64)])
+        if self.n < len(prompt):
+            self.buf[:len(prompt)] = prompt
+            self.n = len(prompt)
+        self.buf[self.n:total] = outputs[self.n - len(prompt):]
+        self.n = total
+        return self.buf[:total]
 
 
 class DraftRow:

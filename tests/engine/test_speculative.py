@@ -6,7 +6,7 @@ import pytest
 import ie_jax
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.speculative import SpeculativeConfig, accepted, propose
+from engine.speculative import History, SpeculativeConfig, accepted, propose
 from ie_jax import SamplingParams
 
 # the tiny random model falls into loops, which prompt lookup then predicts
@@ -38,6 +38,26 @@ def test_propose_finds_the_latest_longest_recurrence():
     assert propose([1, 2, 3], k=4, n_max=2, n_min=1) == []
     assert propose([1, 2, 1, 3, 1], k=4, n_max=2, n_min=2) == []  # no bigram recurs; n_min forbids unigrams
     assert accepted([5, 6, 7], [5, 6, 9, 1]) == 2 and accepted([5], [4, 1]) == 0 and accepted([], [3]) == 0
+
+
+def test_propose_equals_a_brute_force_search_and_the_history_buffer_keeps_up():
+    rng = np.random.default_rng(3)
+
+    def brute(tokens, k, n_max, n_min):
+        for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+            for start in range(len(tokens) - 1 - n, -1, -1):
+                if tokens[start:start + n] == tokens[len(tokens) - n:]:
+                    return tokens[start + n:start + n + k]
+        return []
+    for _ in range(3000):
+        tokens = rng.integers(0, 4, rng.integers(1, 30)).tolist()
+        n_max = int(rng.integers(1, 5))
+        n_min, k = int(rng.integers(1, n_max + 1)), int(rng.integers(1, 5))
+        assert propose(tokens, k, n_max, n_min) == brute(tokens, k, n_max, n_min), (tokens, k, n_max, n_min)
+    history, prompt, outputs = History(), rng.integers(0, 9, 300).tolist(), []
+    for _ in range(400):  # the buffer grows past its first size and stays equal to the text
+        outputs.append(int(rng.integers(0, 9)))
+        assert history.tokens(prompt, outputs).tolist() == prompt + outputs
 
 
 def test_config_is_vllms_and_checked():
