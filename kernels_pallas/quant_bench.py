@@ -48,8 +48,10 @@ _FP8_CONFIGS = {  # the fp8 decode kernel (W8A8, both operands e4m3 from SMEM)
     "64x4 c8m4": TuningConfig(block_n=64, num_stages=4, ctas_per_sm=8, min_k_steps=4),
 }
 
-# The many-row GEMM (quant_gemm.GemmConfig): tile_n x tile_m x stages [x tile_k]; 128x128x3x64 fits two CTAs per SM
-_GEMM_CONFIGS = ("128x256x2", "256x128x2", "128x128x4", "128x64x4", "128x256x4x64", "128x128x3x64")
+# The many-row GEMM (quant_gemm.GemmConfig): tile_n x tile_m x stages [x tile_k] [sK: K splits]; 128x128x3x64 fits
+# two CTAs per SM; the split configs are for deep weights (down: 32 column blocks for 132 SMs)
+_GEMM_CONFIGS = ("128x256x2", "256x128x2", "128x128x4", "128x64x4", "128x256x4x64", "128x128x3x64",
+                 "128x128x4s4", "128x64x4s2", "128x128x3x64s4", "128x256x4x64s2")
 _SKINNY_2WG = {  # the bf16 skinny kernel with two consumer warpgroups (docs/kernels/quant_matmul.md)
     "2wg 256x64x2 d1 c1": SkinnyConfig(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2),
     "2wg 128x64x3 d1": SkinnyConfig(block_k=64, num_stages=3, mma_depth=1, consumers=2),
@@ -59,7 +61,10 @@ _SKINNY_2WG = {  # the bf16 skinny kernel with two consumer warpgroups (docs/ker
 
 def _gemm_configs():
     from kernels_pallas.quant_gemm import GemmConfig
-    return {label: GemmConfig(*map(int, label.split("x"))) for label in _GEMM_CONFIGS}  # all fit 227 KiB
+    def parse(label):
+        tiles, _, splits = label.partition("s")
+        return GemmConfig(*map(int, tiles.split("x")), splits=int(splits or 1))
+    return {label: parse(label) for label in _GEMM_CONFIGS}  # all fit 227 KiB
 
 
 def _weights(key, k, n, copies):

@@ -46,13 +46,15 @@ class GemmConfig:
     """tile_n: rows of W^T per CTA (two compute warpgroups of tile_n / 2 = 64 or 128 rows). tile_m: rows of x per
     CTA (wgmma N: 64..256). num_stages: ring slots. tile_k: K per step (64 or 128). a_in_registers: widen into
     registers and feed wgmma from there (GPU only; otherwise the widened tile goes through shared memory, as in
-    the interpreter)."""
+    the interpreter). splits: K ranges run by separate CTAs (a grid axis), each storing a bf16 partial that the
+    wrapper sums in f32: for deep weights whose column blocks alone leave SMs idle (down: 32 blocks, 132 SMs)."""
 
     tile_n: int = 128
     tile_m: int = 256
     num_stages: int = 2
     tile_k: int = 128
     a_in_registers: bool = True
+    splits: int = 1
 
     def __post_init__(self):
         if self.tile_n not in (128, 256):
@@ -63,6 +65,8 @@ class GemmConfig:
             raise ValueError(f"{self.num_stages=} must be in [2, 8]")
         if self.tile_k not in (64, 128):
             raise ValueError(f"{self.tile_k=} must be 64 or 128")
+        if not 1 <= self.splits <= 16:
+            raise ValueError(f"{self.splits=} must be in [1, 16]")
         acc_regs = self.tile_n // 2 * self.tile_m // 128  # f32 accumulator registers per thread
         if acc_regs > 128:
             raise ValueError(f"{self.tile_n=} x {self.tile_m=} needs {acc_regs} accumulator registers a thread")
@@ -116,6 +120,9 @@ def check_args(x, packed, config: GemmConfig):
         raise ValueError(f"N={n} and K={k} must be multiples of {config.tile_n=} and {config.tile_k=}")
     if isinstance(packed, PackedInt4) and packed.group_size % GROUP_K:
         raise ValueError(f"the int4 GEMM needs group_size to be a multiple of {GROUP_K}, got {packed.group_size}")
+    unit = packed.group_size if isinstance(packed, PackedInt4) else config.tile_k  # a split holds whole groups
+    if k % (config.splits * unit):
+        raise ValueError(f"K={k} must split into {config.splits=} ranges of whole {unit}-row steps or groups")
 
 
 def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_smem, int4, group_steps, config,
@@ -126,11 +133,13 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_
     # c_smem [2, 1, tile_n / 2] f32, c_bar [2]: int8's channel scales of each warpgroup's rows (int4: unused)
     # a_smem [2, tile_n / 2, tile_k] bf16: the widened tiles when wgmma reads them from SMEM
     half = config.tile_n // 2
-    n_idx, m_idx = lax.axis_index("n"), lax.axis_index("m")
+    n_idx, m_idx, s_idx = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     n_cols = pl.ds(n_idx * config.tile_n, config.tile_n)
     m_rows = pl.ds(m_idx * config.tile_m, config.tile_m)
+    out_rows = pl.ds(s_idx * x_ref.shape[0] + m_idx * config.tile_m, config.tile_m)  # split s's partial rows
     tile_k = config.tile_k
-    k_steps = w_ref.shape[1] // tile_k
+    k_steps = w_ref.shape[1] // tile_k // config.splits  # this CTA's K range
+    k_range = pl.ds(s_idx * k_steps * tile_k, k_steps * tile_k)
     row_bytes = tile_k // 2 if int4 else tile_k
     w_tf = (plgpu.TilingTransform((8, tile_k)), plgpu.SwizzleTransform(row_bytes))
     group = (lambda k: k) if group_steps == 1 else (lambda k: lax.div(k, group_steps))
@@ -183,15 +192,16 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_
                 acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
             o_smem.at[wg].T[...] = acc.astype(o_smem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], y_ref.at[m_rows, n_half])
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], y_ref.at[out_rows, n_half])
             plgpu.wait_smem_to_gmem(0)
 
     pipeline = plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_steps,), memory_registers=40, in_specs=in_specs, max_concurrent_steps=config.num_stages,
         wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
-    operands = [w_ref.at[n_cols, :], x_ref.at[m_rows, :]]
+    operands = [w_ref.at[n_cols, k_range], x_ref.at[m_rows, k_range]]
     if int4:
-        operands += [s_ref.at[:, n_cols], z_ref.at[:, n_cols]]
+        groups = pl.ds(s_idx * (k_steps // group_steps), k_steps // group_steps)
+        operands += [s_ref.at[groups, n_cols], z_ref.at[groups, n_cols]]
     pipeline(*operands)
 
 
@@ -226,14 +236,16 @@ def _quant_gemm(x, packed, *, config, interpret, out_dtype=None):
         scratch.append(plgpu.SMEM((2, half, config.tile_k), jnp.bfloat16, transforms=_BF16_TF))
     kernel = plgpu.kernel(
         functools.partial(_kernel, int4=int4, group_steps=group_steps, config=config, registers=registers),
-        out_type=jax.ShapeDtypeStruct((mp, n), jnp.bfloat16),
+        out_type=jax.ShapeDtypeStruct((config.splits * mp, n), jnp.bfloat16),
         scratch_types=scratch,
-        grid=(n // config.tile_n, mp // config.tile_m),
-        grid_names=("n", "m"),
+        grid=(n // config.tile_n, mp // config.tile_m, config.splits),
+        grid_names=("n", "m", "s"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **interpret_kwargs(interpret),
     )
     y = kernel(x_padded, packed.q, scales, zeros, channel)
+    if config.splits > 1:  # the K ranges' bf16 partials, summed in f32
+        y = y.reshape(config.splits, mp, n).astype(jnp.float32).sum(0)
     return y[:m].astype(out_dtype or x.dtype)

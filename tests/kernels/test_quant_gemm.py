@@ -41,6 +41,21 @@ def test_matches_the_reference_with_padded_rows_cpu(fmt, tile_k):
     assert rel_err(out, packed, x) < 1e-2
 
 
+@pytest.mark.parametrize("fmt, tile_k, splits", [("int8", 128, 2), ("int4", 128, 4), ("int4", 64, 2)])
+def test_split_k_matches_the_reference_cpu(fmt, tile_k, splits):
+    """K cut into ranges run by separate CTAs (a third grid axis), their bf16 partials summed: 512 = 4 groups of
+    128 rows (tile_k 64: 8 steps, 4 a split)."""
+    x, packed = make(11, 70, 512, 256, fmt)
+    config = qg.GemmConfig(tile_n=128, tile_m=64, tile_k=tile_k, splits=splits)
+    out = qg.quant_gemm(x, packed, config=config, interpret=True)
+    assert out.dtype == jnp.bfloat16 and rel_err(out, packed, x) < 1e-2
+    whole = qg.quant_gemm(x, packed, config=qg.GemmConfig(tile_n=128, tile_m=64, tile_k=tile_k), interpret=True)
+    assert rel_err(whole, packed, x) < 1e-2
+    with pytest.raises(ValueError, match="whole"):  # a split must hold whole groups
+        qg.quant_gemm(x, packed, config=qg.GemmConfig(tile_n=128, tile_m=64, tile_k=tile_k, splits=3),
+                      interpret=True)
+
+
 def test_int4_wide_groups_and_act_order_cpu():
     """Groups of 256 rows (one scale row for two steps) and act-order (x gathered by perm), 3 K steps."""
     x, packed = make(5, 64, 384 * 2, 128, "int4", group_size=256, act_order=True)
@@ -51,7 +66,8 @@ def test_int4_wide_groups_and_act_order_cpu():
 
 @pytest.mark.parametrize("config", [qg.GemmConfig(), qg.GemmConfig(tile_n=256, tile_m=128),
                                     qg.GemmConfig(tile_m=128, num_stages=4),
-                                    qg.GemmConfig(tile_m=128, num_stages=3, tile_k=64)])
+                                    qg.GemmConfig(tile_m=128, num_stages=3, tile_k=64),
+                                    qg.GemmConfig(tile_m=64, num_stages=4, splits=4)])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_lowers_for_the_gpu_cpu(fmt, config):
     """The full Mosaic GPU lowering (warp-specialized pipeline, register A operand, transposed output store)."""
@@ -89,6 +105,16 @@ def test_rejects_bad_arguments():
 def test_llama_shapes_gpu(fmt, m, k, n):
     x, packed = make(m + k + n, m, k, n, fmt)
     assert rel_err(qg.quant_gemm(x, packed), packed, x) < 1.5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("m, splits", [(128, 4), (256, 2)])
+def test_split_k_llama_down_gpu(fmt, m, splits):
+    k, n = qm.LLAMA3_8B_SHAPES["down"]
+    x, packed = make(m + splits, m, k, n, fmt)
+    config = qg.GemmConfig(tile_n=128, tile_m=min(m, 128), num_stages=4, splits=splits)
+    assert rel_err(qg.quant_gemm(x, packed, config=config), packed, x) < 1.5e-2
 
 
 def test_gemm_config_follows_the_measurements():
