@@ -301,9 +301,10 @@ class LLMEngine:
             outputs = request.output_token_ids
             if seats <= 0:
                 break
-            if request.variant != "greedy" or not outputs or outputs[-1] < 0 or \
+            p = request.sampling_params
+            if p.penalised or p.guided_decoding is not None or not outputs or outputs[-1] < 0 or \
                     request.num_computed_tokens + 1 != request.num_tokens:
-                continue
+                continue  # (penalties would need the drafts in the device's counts, a grammar its state)
             k = min(spec.num_speculative_tokens, seats, request.sampling_params.max_tokens - len(outputs) - 1,
                     cfg.max_model_len - request.num_tokens - 1)
             if k > 0:

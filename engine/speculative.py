@@ -1,17 +1,20 @@
 """Speculative decoding by prompt lookup (vLLM's `--speculative-config '{"method": "ngram", ...}'`).
 
-A greedy request's last few tokens are looked up earlier in its own text (prompt and output); the tokens that
-followed that occurrence are its draft. One step then checks the draft: the request's newest token and its d
-draft tokens run as d + 1 one-token rows of the same sequence (`DraftRow`, positions p .. p + d, one KV slot
-each). Every row writes its K/V before any row attends, so row j sees the draft tokens before it, and its argmax is
-the model's next token after them. Drafts are accepted while they equal the argmax of the row before; the step
-yields the accepted drafts plus one more token, 1 to d + 1 tokens for one pass over the weights, and exactly the
-tokens plain greedy decoding gives. The KV written for rejected drafts lies past the sequence's length and is
-overwritten later.
+A request's last few tokens are looked up earlier in its own text (prompt and output); the tokens that followed
+that occurrence are its draft. One step then checks the draft: the request's newest token and its d draft tokens
+run as d + 1 one-token rows of the same sequence (`DraftRow`, positions p .. p + d, one KV slot each). Every row
+writes its K/V before any row attends, so row j sees the draft tokens before it, and what it samples is the
+model's next token after them. Drafts are accepted while they equal the token the row before sampled; the step
+yields the accepted drafts plus one more token, 1 to d + 1 tokens for one pass over the weights. The KV written
+for rejected drafts lies past the sequence's length and is overwritten later.
 
-Which requests speculate: greedy ones with no logprobs, penalties, min_tokens or grammar (`Request.variant ==
-"greedy"`). The engine runs synchronously while speculating (each step's tokens reach the host before the next is
-built), and a step's rows stay within max_num_seqs, so drafts take only seats no request holds.
+Greedy or sampled, the tokens are plain decoding's: each row samples with its request's seed at its own output
+position, as it would without speculation. For a fixed draft token x, accepting when the row's own sample equals x
+is rejection sampling exactly (x is kept with probability p(x); otherwise the sample is distributed as p without
+x), so a seeded request gets the same text either way. Rows with logprobs, penalties (their counts would need the
+drafts) or a grammar (its state) do not speculate. The engine runs synchronously while speculating (each step's
+tokens reach the host before the next is built), and a step's rows stay within max_num_seqs, so drafts take only
+seats no request holds.
 """
 from __future__ import annotations
 

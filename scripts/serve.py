@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="defaults over the generation config's, in its names: "
                         "'{\"temperature\": 0.5, \"max_new_tokens\": 64}'")
     p.add_argument("--speculative-config", type=json_dict, default=None, metavar="JSON",
-                   help='prompt-lookup speculative decoding for greedy requests: \'{"method": "ngram", '
+                   help='prompt-lookup speculative decoding: \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (drafts take free request seats)')
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: the server uses one GPU")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="only 1: the server uses one GPU")

@@ -119,3 +119,15 @@ def test_mixed_batch_stops_limits_and_preemption(tiny):
                                                      reference(tiny, PROMPTS[1:2], logprobs)[0]]
     assert all(2 <= len(lp) <= 3 for lp in got[1].outputs[0].logprobs) and np.isfinite(
         [v for lp in got[1].outputs[0].logprobs for v in lp.values()]).all()
+
+
+def test_sampled_requests_speculate_and_keep_their_seeded_text(tiny):
+    """A sampled row's draft token stands when the row's own sample (seeded by its output position) equals it:
+    rejection sampling for a fixed draft, and the same text as without speculation."""
+    params = [SamplingParams(temperature=t, top_p=p, seed=s, max_tokens=40, ignore_eos=True)
+              for t, p, s in ((0.02, 1.0, 1), (0.05, 0.9, 2), (1.0, 1.0, 3), (0.02, 1.0, 4))]
+    plain = make_llm(tiny, speculative_config=None).generate(PROMPTS[:4], params, use_tqdm=False)
+    llm = make_llm(tiny)
+    got = llm.generate(PROMPTS[:4], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
+    assert llm.engine.num_accepted_tokens > 10  # near-greedy temperatures loop too: their drafts are taken
