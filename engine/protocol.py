@@ -13,7 +13,8 @@ from typing import Any, Literal
 import pydantic
 
 from ie_jax.chat_template import continue_final
-from ie_jax.guided import GuidedDecodingParams, compile_regex
+from ie_jax.guided import GuidedDecodingParams
+from ie_jax.regex_dfa import compile_regex
 from ie_jax.sampling import SamplingParams
 
 

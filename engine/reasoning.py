@@ -11,7 +11,7 @@ to `content`.
 A reply that thinks and never closes its block (cut short by max_tokens) is all reasoning, streamed or not, so
 the two agree. Content starts at its first non-space character after </think>. Tool calls are parsed out of the
 content only. A grammar (response_format, guided_*, a forced tool call) holds only what follows the thought, as in
-vLLM (`ie_jax.guided.after_thought`); a server started with enable_in_reasoning lets it hold the whole reply,
+vLLM (`ie_jax.regex_dfa.after_thought`); a server started with enable_in_reasoning lets it hold the whole reply,
 which then thinks only where it writes <think> itself.
 
 `ChatMode` is what the server asks: a chat choice's whole text → (content, reasoning, tool calls), and, per

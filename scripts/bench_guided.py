@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ie_jax.guided import GuidedDecodingParams, TokenGuide, Vocabulary, compile_regex, token_bytes  # noqa: E402
+from ie_jax.guided import GuidedDecodingParams, TokenGuide, Vocabulary, token_bytes  # noqa: E402
+from ie_jax.regex_dfa import compile_regex  # noqa: E402
 from ie_jax.tokenizer import load_tokenizer  # noqa: E402
 from profile_host import current_commit, train_bpe, write_json  # noqa: E402
 

@@ -14,7 +14,8 @@ import ie_jax
 from engine.llm import LLM
 from fixtures.tokenizers.make_tokenizers import build_byte_level, build_sentencepiece
 from ie_jax import SamplingParams
-from ie_jax.guided import GuidedDecodingParams, TokenGuide, after_thought, compile_regex, token_bytes
+from ie_jax.guided import GuidedDecodingParams, TokenGuide, token_bytes
+from ie_jax.regex_dfa import after_thought, compile_regex
 from ie_jax.json_schema import json_schema_regex
 from ie_jax.tokenizer import ByteTokenizer, load_tokenizer
 
