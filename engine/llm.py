@@ -31,7 +31,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
 from engine.runner import row_variant
-from ie_jax.chat_template import continue_final
+from ie_jax.chat_template import content_text, continue_final
 from ie_jax.generate import CompletionOutput, GenerateOutput
 from ie_jax.hub import resolve_model
 from ie_jax.sampling import SamplingParams, model_sampling_defaults
@@ -67,13 +67,7 @@ def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
     """A chat message as templates read it: content parts joined into one string, as the server joins them."""
     if not isinstance(message, Mapping) or "role" not in message:
         raise ValueError(f"chat message {message!r} must be a dict with 'role' and 'content'")
-    content = message.get("content")
-    if isinstance(content, Sequence) and not isinstance(content, str):  # content parts: only text is understood
-        for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"content part {part!r} is not supported: only type 'text'")
-        content = "".join(part["text"] for part in content)
-    return {**message, "content": "" if content is None else content}
+    return {**message, "content": content_text(message.get("content"))}
 
 
 class LLM:

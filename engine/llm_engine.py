@@ -256,12 +256,7 @@ class LLMEngine:
         outputs, t_wait = [], 0.0
         if self.in_flight is not None and 2 * self.in_flight[3] >= max(len(self.scheduler.running), 1):
             outputs, t_wait = self._read_back()
-        out = self.scheduler.schedule()
-        for request in out.preempted:
-            self.runner.release_slot(request)
-        if self.scheduler.adapter_slots is not None:  # adapters that took a slot this step: written before it runs
-            for slot, name in self.scheduler.adapter_slots.take_loads():
-                self.runner.load_adapter(slot, self.adapters[name])
+        out = self._schedule()
         dispatched, t_dispatch = None, 0.0
         if out.scheduled:
             inp, samples = self.runner.prepare(out)  # seats newly running requests too
@@ -290,6 +285,17 @@ class LLMEngine:
         self.last_step_host_s = total - t_wait
         return outputs
 
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's next step, with the slots of preempted requests released and the adapters that took a
+        slot this step written (before it runs)."""
+        out = self.scheduler.schedule()
+        for request in out.preempted:
+            self.runner.release_slot(request)
+        if self.scheduler.adapter_slots is not None:
+            for slot, name in self.scheduler.adapter_slots.take_loads():
+                self.runner.load_adapter(slot, self.adapters[name])
+        return out
+
     def _drafts(self) -> dict[Request, list[int]]:
         """Each speculating request's draft (engine/speculative.py), within the step's free seats and budget and
         short of max_tokens and max_model_len. None while prompts wait (they go first) or a row wants logprobs."""
@@ -305,7 +311,7 @@ class LLMEngine:
             if p.penalised or p.guided_decoding is not None or not outputs or outputs[-1] < 0 or \
                     request.num_computed_tokens + 1 != request.num_tokens:
                 continue  # (penalties would need the drafts in the device's counts, a grammar its state)
-            k = min(spec.num_speculative_tokens, seats, request.sampling_params.max_tokens - len(outputs) - 1,
+            k = min(spec.num_speculative_tokens, seats, p.max_tokens - len(outputs) - 1,
                     cfg.max_model_len - request.num_tokens - 1)
             if k > 0:
                 history = self._histories.setdefault(request.request_id, History())
@@ -330,15 +336,10 @@ class LLMEngine:
         for request, draft in drafts.items():  # the scheduler sees the drafts as tokens to compute, and pages them
             request.output_token_ids += draft
         try:
-            out = self.scheduler.schedule()
+            out = self._schedule()
         finally:
             for request, draft in drafts.items():
                 del request.output_token_ids[-len(draft):]
-        for request in out.preempted:
-            self.runner.release_slot(request)
-        if self.scheduler.adapter_slots is not None:
-            for slot, name in self.scheduler.adapter_slots.take_loads():
-                self.runner.load_adapter(slot, self.adapters[name])
         if not out.scheduled:
             return early
         rows, plan = [], []  # the step's rows; per scheduled request: (request, n, the drafts it checks or None)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from ie_jax.chat_template import continue_final
+from ie_jax.chat_template import content_text, continue_final
 from ie_jax.guided import GuidedDecodingParams
 from ie_jax.regex_dfa import compile_regex
 from ie_jax.sampling import SamplingParams
@@ -181,14 +181,10 @@ class ChatMessage(_Request):
 
     def as_template_dict(self) -> dict:
         message = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):  # content parts: only text is understood
-            texts = []
-            for part in self.content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ServerError(f"content part {part!r} is not supported: only type 'text'", param="messages")
-                texts.append(part["text"])
-            message["content"] = "".join(texts)
-        message.setdefault("content", "")
+        try:
+            message["content"] = content_text(self.content)
+        except ValueError as e:
+            raise ServerError(str(e), param="messages") from e
         return message
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import pydantic
 
 from engine.protocol import ChatCompletionRequest, ServerError
+from ie_jax.chat_template import content_text
 
 CHAT_EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
                "stop_token_ids", "min_tokens", "ignore_eos", "priority", "chat_template_kwargs", "include_reasoning",
@@ -130,16 +131,11 @@ class ResponsesRequest(pydantic.BaseModel):
 
 
 def _text(content) -> str:
-    """A message's text: a string, or its text parts (input_text, output_text) joined."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ServerError(f"content part {kind!r} is not supported: only text", param="input")
-        texts.append(part.get("text", ""))
-    return "".join(texts)
+    """A Responses message's text: a string, or its text parts (input_text, output_text) joined."""
+    try:
+        return content_text(content, ("input_text", "output_text", "text"))
+    except ValueError as e:
+        raise ServerError(str(e), param="input") from e
 
 
 def _id(prefix: str) -> str:

@@ -154,3 +154,16 @@ def continue_final(text: str, final: str) -> str:
                          f"rendered chat, so there is nothing to continue")
     at = text.rindex(core)
     return text[:at + (len(final) if text.startswith(final, at) else len(core))]
+
+
+def content_text(content, kinds: tuple[str, ...] = ("text",)) -> str:
+    """A chat message's content as one string: text as it is, None as "", a list of content parts joined from
+    their text. Parts of other kinds (images, audio) raise ValueError naming the part."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if not isinstance(part, Mapping) or part.get("type") not in kinds or not isinstance(part.get("text"), str):
+            raise ValueError(f"content part {part!r} is not supported: only type {' or '.join(map(repr, kinds))}")
+        texts.append(part["text"])
+    return "".join(texts)

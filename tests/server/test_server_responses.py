@@ -119,7 +119,7 @@ def test_unsupported_requests_are_clear_errors(live, client):
     for kw, word in ((dict(previous_response_id="resp_1"), "not stored"),
                      (dict(tools=[{"type": "web_search"}]), "only function tools"),
                      (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
-                      "only text"),
+                      "'input_image'.* is not supported: only type 'input_text'"),
                      (dict(input=[{"type": "item_reference", "id": "x"}]), "item_reference"),
                      (dict(text={"format": {"type": "grammar"}}), "text.format")):
         with pytest.raises(openai.BadRequestError, match=word):
