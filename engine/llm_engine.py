@@ -9,6 +9,7 @@ import contextlib
 import gc
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 from flax import nnx
@@ -49,6 +50,14 @@ def frozen_heap():
             _frozen[0] -= 1
             if _frozen[0] == 0:
                 gc.unfreeze()
+
+
+class _InFlight(NamedTuple):
+    """A step dispatched and not yet read back."""
+    out: SchedulerOutput
+    samples: list[bool]  # which rows sampled a token
+    res: object  # the device-side sample output
+    grammars: int  # rows whose grammar waits for the token they sampled
 
 
 class _TextStream:
@@ -104,7 +113,7 @@ class LLMEngine:
         self._histories: dict[str, History] = {}  # speculating requests' tokens, as numpy buffers
         self.last_step_host_s = 0.0
         self.last_step_times: dict[str, float] = {}
-        self.in_flight = None  # (SchedulerOutput, sample rows, device result, grammar rows) of the step not read back
+        self.in_flight: _InFlight | None = None  # the step dispatched and not yet read back
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapters read so far, by name (engine/lora.py)
         self.guides: dict[GuidedDecodingParams, TokenGuide] = {}  # compiled structured-output guides, LRU
         self._guides_lock = threading.Lock()  # the server compiles guides off the engine thread (AsyncLLM)
@@ -235,7 +244,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished or (
-            self.in_flight is not None and any(not r.is_finished for r, _ in self.in_flight[0].scheduled))
+            self.in_flight is not None and any(not r.is_finished for r, _ in self.in_flight.out.scheduled))
 
     # ------------------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -254,7 +263,7 @@ class LLMEngine:
             return self._spec_step()  # synchronous; a full batch (no seat for a draft) keeps the overlap below
         t0 = time.perf_counter()
         outputs, t_wait = [], 0.0
-        if self.in_flight is not None and 2 * self.in_flight[3] >= max(len(self.scheduler.running), 1):
+        if self.in_flight is not None and 2 * self.in_flight.grammars >= max(len(self.scheduler.running), 1):
             outputs, t_wait = self._read_back()
         out = self._schedule()
         dispatched, t_dispatch = None, 0.0
@@ -274,7 +283,7 @@ class LLMEngine:
                     request.output_token_ids.append(-1)  # placeholder until the read-back below (next call)
                     if request.guide is not None and not request.guide.static:
                         grammars += 1
-            dispatched = (out, samples, res, grammars)
+            dispatched = _InFlight(out, samples, res, grammars)
         if self.in_flight is not None:
             more, t_wait = self._read_back()
             outputs += more

@@ -44,10 +44,6 @@ class ReasoningParser:
             return "closed"
         return "open" if self.name == "deepseek_r1" or tail.endswith(START) else "optional"
 
-    def thinks_from_prompt(self, prompt_text: str) -> bool:
-        """Whether the reply starts in thought whatever it writes first."""
-        return self.start(prompt_text) == "open"
-
     def split(self, text: str, prompt_thinks: bool) -> tuple[str | None, str | None]:
         """(reasoning, content) of a whole reply; reasoning is None where it does not think, content None where
         it has none."""
@@ -61,7 +57,7 @@ class ReasoningStream:
     """One reply read piece by piece: `feed` returns the new reasoning and content text, holding back what may
     still be (the start of) a tag, or the spaces before the content."""
     parser: ReasoningParser
-    prompt_thinks: bool  # the reply starts in thought: thinks_from_prompt's answer
+    prompt_thinks: bool  # the reply starts in thought: start(prompt) == "open"
     state: str = "start"  # start → thought → lead (spaces before the content) → content
     thinks: bool = False
     pending: str = ""

@@ -28,10 +28,10 @@ def test_split(parser, prompt_thinks, text, want):
 
 
 def test_prompt_decides_where_the_reply_starts():
-    assert QWEN.thinks_from_prompt("<|im_start|>assistant\n<think>\n")
-    assert not QWEN.thinks_from_prompt("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # enable_thinking=False
-    assert not QWEN.thinks_from_prompt("<|im_start|>assistant\n")
-    assert R1.thinks_from_prompt("<｜Assistant｜>")
+    assert QWEN.start("<|im_start|>assistant\n<think>\n") == "open"
+    assert QWEN.start("<|im_start|>assistant\n<think>\n\n</think>\n\n") == "closed"  # enable_thinking=False
+    assert QWEN.start("<|im_start|>assistant\n") == "optional"
+    assert R1.start("<｜Assistant｜>") == "open" and R1.start("x</think>\n") == "closed"
     with pytest.raises(ValueError, match="qwen3, deepseek_r1"):
         ReasoningParser("granite")
 
