@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import EngineConfig  # noqa: E402
+from engine.speculative import SpeculativeConfig  # noqa: E402
 
 DEFAULT_MODEL = "default"
 
@@ -153,6 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--structured-outputs-config: unknown keys {sorted(unknown)}; known: backend, enable_in_reasoning")
     if not isinstance(args.structured_outputs_config.get("enable_in_reasoning", False), bool):
         p.error("--structured-outputs-config: enable_in_reasoning must be true or false")
+    try:  # a bad --speculative-config stops here, before the model loads
+        SpeculativeConfig.parse(args.speculative_config)
+    except (ValueError, TypeError) as e:
+        p.error(f"--speculative-config: {e}")
     if args.max_logprobs < 0:
         p.error(f"--max-logprobs={args.max_logprobs} must be >= 0")
     if not args.response_role:

@@ -270,3 +270,6 @@ def test_speculative_config_flag(capsys):
     assert args.speculative_config == {"method": "ngram", "num_speculative_tokens": 3}
     assert serve.parse_args([]).speculative_config is None
     assert "is not a JSON object" in parse_error(capsys, ["--speculative-config", "ngram"])
+    assert "only 'ngram'" in parse_error(capsys, ["--speculative-config", '{"method": "eagle"}'])
+    assert "'nope'" in parse_error(capsys, ["--speculative-config", '{"nope": 1}'])
+    assert ">= 1" in parse_error(capsys, ["--speculative-config", '{"num_speculative_tokens": 0}'])
