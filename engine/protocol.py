@@ -81,6 +81,7 @@ class _SamplingFields(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     allowed_token_ids: list[int] | None = None
+    return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:<id>" (None: the server's flag)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
         """A field of API_DEFAULTS the request leaves unset takes `defaults`' value (the checkpoint's
@@ -274,10 +275,12 @@ def chat_delta_choice(index: int, delta: dict, logprobs: dict | None = None, fin
 
 
 class LogprobFormat:
-    """The logprobs objects of the responses, with each token's text decoded once."""
+    """The logprobs objects of the responses, with each token's text decoded once. With `as_ids` tokens are named
+    "token_id:<id>" instead (vLLM's return_tokens_as_token_ids: a token that is not valid UTF-8 on its own, such
+    as part of a multi-byte character, stays identifiable); text offsets still count the decoded text."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, as_ids: bool = False):
+        self.tokenizer, self.as_ids = tokenizer, as_ids
         self._strs: dict[int, str] = {}
 
     def token_str(self, token_id: int) -> str:
@@ -286,20 +289,22 @@ class LogprobFormat:
             s = self._strs[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return s
 
+    def label(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else self.token_str(token_id)
+
     def completion(self, entries: list[tuple[int, dict[int, float] | None]], offset: int) -> dict:
         """The legacy completions `logprobs` object. An entry without logprobs (an echoed prompt's first token)
         gets null for its logprob and top logprobs, as OpenAI and vLLM return it."""
         tokens, token_logprobs, top, offsets = [], [], [], []
         for token_id, lps in entries:
-            s = self.token_str(token_id)
-            tokens.append(s)
+            tokens.append(self.label(token_id))
             token_logprobs.append(None if lps is None else lps.get(token_id))
             ranked: dict[str, float] | None = None if lps is None else {}
             for t, lp in sorted((lps or {}).items(), key=lambda kv: -kv[1]):
-                ranked.setdefault(self.token_str(t), lp)  # tokens that print alike keep the likeliest
+                ranked.setdefault(self.label(t), lp)  # tokens that print alike keep the likeliest
             top.append(ranked)
             offsets.append(offset)
-            offset += len(s)
+            offset += len(self.token_str(token_id))
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
     def echoed(self, prompt_entries, entries, prefix: str) -> dict:
@@ -309,7 +314,7 @@ class LogprobFormat:
 
     def chat(self, entries: list[tuple[int, dict[int, float]]], num_top: int) -> dict:
         def item(t: int, lp: float) -> dict:
-            s = self.token_str(t)
+            s = self.label(t)
             return {"token": s, "logprob": max(lp, -9999.0), "bytes": list(s.encode("utf-8"))}
 
         content = []

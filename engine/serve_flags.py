@@ -48,6 +48,7 @@ def app_kwargs(args) -> dict:
                 max_queue=args.max_queue, model_root=args.model,
                 tool_call_parser=args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None,
                 response_role=getattr(args, "response_role", "assistant"),
+                return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
                 reasoning_parser=getattr(args, "reasoning_parser", None),
                 grammar_in_reasoning=(getattr(args, "structured_outputs_config", None) or {}).get("enable_in_reasoning",
                                                                                                  False),

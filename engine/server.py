@@ -80,7 +80,8 @@ class _Choice:
 class OpenAIServer:
     def __init__(self, engine, served_model_name: str | list[str], api_key: str | None, max_queue: int | None,
                  model_root: str | None = None, tool_call_parser: str | None = None, response_role: str = "assistant",
-                 reasoning_parser: str | None = None, grammar_in_reasoning: bool = False):
+                 reasoning_parser: str | None = None, grammar_in_reasoning: bool = False,
+                 return_tokens_as_token_ids: bool = False):
         # several names (vLLM's --served-model-name a b): any is accepted, the first names the responses
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         served_model_name, self.aliases = names[0], tuple(names)
@@ -98,6 +99,8 @@ class OpenAIServer:
         self.metrics = ServerMetrics(engine.stats, served_model_name)
         self._pending: set[str] = set()  # admitted engine requests with no token yet
         self.lp = P.LogprobFormat(self.tokenizer)  # the responses' logprobs objects
+        self.lp_ids = P.LogprobFormat(self.tokenizer, as_ids=True)  # ... naming tokens by id
+        self.tokens_as_ids = return_tokens_as_token_ids  # the default of a request's return_tokens_as_token_ids
 
     # --- request → engine jobs --------------------------------------------------------------------------------
 
@@ -271,7 +274,9 @@ class OpenAIServer:
         return P.usage(sum(n for n, _ in prompts.values()), completion, sum(c for _, c in prompts.values()))
 
     async def collect(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
-                      num_top: int | None, chat: ChatMode | None = None) -> dict:
+                      num_top: int | None, chat: ChatMode | None = None,
+                      fmt: P.LogprobFormat | None = None) -> dict:
+        fmt = fmt or self.lp
         choices = {j.index: _Choice() for j in jobs}
         try:
             async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
@@ -287,11 +292,11 @@ class OpenAIServer:
                 prefix = (j.prompt_text or "") if echo else ""
                 lp = None
                 if num_top is not None:
-                    lp = self.lp.echoed(c.prompt_logprobs, c.logprobs, prefix) if c.prompt_logprobs is not None \
-                        else self.lp.completion(c.logprobs, len(prefix))
+                    lp = fmt.echoed(c.prompt_logprobs, c.logprobs, prefix) if c.prompt_logprobs is not None \
+                        else fmt.completion(c.logprobs, len(prefix))
                 body.append(P.completion_choice(j.index, prefix + text, lp, c.finish_reason, c.stop_reason))
             else:
-                lp = self.lp.chat(c.logprobs, num_top) if num_top is not None else None
+                lp = fmt.chat(c.logprobs, num_top) if num_top is not None else None
                 content, reasoning, calls, finish = (text, None, None, c.finish_reason) if chat is None else \
                     chat.message(text, c.finish_reason)
                 body.append(P.chat_choice(j.index, content, lp, finish, c.stop_reason, calls, self.response_role,
@@ -304,7 +309,8 @@ class OpenAIServer:
 
     async def stream(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
                      num_top: int | None, include_usage: bool, continuous_usage: bool,
-                     chat: ChatMode | None = None) -> AsyncIterator[str]:
+                     chat: ChatMode | None = None, fmt: P.LogprobFormat | None = None) -> AsyncIterator[str]:
+        fmt = fmt or self.lp
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         created, model = int(time.time()), self.response_model(jobs)
         choices = {j.index: _Choice() for j in jobs}
@@ -330,18 +336,18 @@ class OpenAIServer:
                         offset = c.echo_len + c.text_len - len(out.new_text)
                         lp = None
                         if num_top is not None:
-                            lp = self.lp.echoed(c.prompt_logprobs, entries, prefix) if prefix and \
-                                c.prompt_logprobs else self.lp.completion(entries, offset)
+                            lp = fmt.echoed(c.prompt_logprobs, entries, prefix) if prefix and \
+                                c.prompt_logprobs else fmt.completion(entries, offset)
                         body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
                     elif chat is not None:  # reasoning split off; calls as deltas, the rest as content
                         c.chat, c.held = c.chat or ChatStream(chat), c.held + entries
                         delta, finish = c.chat.delta(out.new_text, finish)
                         if delta is None:
                             continue
-                        lp = self.lp.chat(c.held, num_top) if num_top is not None else None
+                        lp = fmt.chat(c.held, num_top) if num_top is not None else None
                         body, c.held = P.chat_delta_choice(job.index, delta, lp, finish, stop), []
                     else:
-                        lp = self.lp.chat(entries, num_top) if num_top is not None else None
+                        lp = fmt.chat(entries, num_top) if num_top is not None else None
                         delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                         body = P.chat_delta_choice(job.index, delta, lp, finish, stop)
                     c.started = True
@@ -360,12 +366,14 @@ class OpenAIServer:
                       chat: ChatMode | None = None, reshape=None) -> Response:
         """`reshape` (the Responses API's `ResponseShape`) turns the chat completion, or its chunks, into its own."""
         self.admit(jobs)
+        as_ids = body.return_tokens_as_token_ids
+        fmt = self.lp_ids if (self.tokens_as_ids if as_ids is None else as_ids) else self.lp
         if body.stream:
             events = self.stream(kind, request_id, jobs, priority, echo, num_top, body.include_usage,
-                                 body.continuous_usage, chat)
+                                 body.continuous_usage, chat, fmt)
             return StreamingResponse(events if reshape is None else reshape.stream(events),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top, chat))
+        work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top, chat, fmt))
         watch = asyncio.ensure_future(wait_for_disconnect(raw))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -383,14 +391,15 @@ class OpenAIServer:
 def build_app(engine, *, served_model_name: str | list[str], api_key: str | None = None,
               max_queue: int | None = None, model_root: str | None = None, tool_call_parser: str | None = None,
               response_role: str = "assistant", cors: dict | None = None, reasoning_parser: str | None = None,
-              grammar_in_reasoning: bool = False) -> FastAPI:
+              grammar_in_reasoning: bool = False, return_tokens_as_token_ids: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
     --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py);
     `reasoning_parser` splits a thinking reply's reasoning off (engine/reasoning.py), its grammars held to the
-    text after the thought unless `grammar_in_reasoning`. `cors`: CORSMiddleware's keyword arguments (vLLM's
+    text after the thought unless `grammar_in_reasoning`. `return_tokens_as_token_ids`: logprobs name tokens
+    "token_id:<id>" unless a request says otherwise. `cors`: CORSMiddleware's keyword arguments (vLLM's
     --allowed-origins etc.)."""
     server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser, response_role,
-                          reasoning_parser, grammar_in_reasoning)
+                          reasoning_parser, grammar_in_reasoning, return_tokens_as_token_ids)
     app = FastAPI(title="ie-jax OpenAI-compatible server")
     app.state.server = server
 

@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response-role", default="assistant", help="the role of chat completion replies")
     p.add_argument("--max-logprobs", type=int, default=engine["max_logprobs"],
                    help="the most logprobs / top_logprobs a request may ask for")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='logprobs name each token "token_id:<id>" (a request\'s return_tokens_as_token_ids overrides)')
     p.add_argument("--generation-config", default="auto", metavar="{auto,vllm,FOLDER}",
                    help="the defaults of request fields left unset: auto takes the model's generation_config.json "
                         "(temperature, top_p, top_k, min_p, repetition_penalty; max_new_tokens caps max_tokens), "

@@ -185,7 +185,7 @@ def served(tmp_path_factory):
                              "--tokenizer", str(tmp / "tok"), "--chat-template", str(tmp / "chat.jinja"),
                              "--response-role", "bot", "--max-logprobs", "3", "--override-generation-config",
                              '{"max_new_tokens": 5}', "--allowed-origins", '["http://app.example"]',
-                             "--trust-remote-code"])
+                             "--trust-remote-code", "--return-tokens-as-token-ids"])
     kwargs = app_kwargs(args)
     server = LiveServer(AsyncLLM.from_args(args), kwargs.pop("served_model_name"), **kwargs)
     yield server
@@ -221,6 +221,29 @@ def test_live_max_logprobs(served):
     assert_error(r, 400, "max_logprobs=3")
     r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logprobs": 4})
     assert_error(r, 400, "max_logprobs=3")
+
+
+def test_live_return_tokens_as_token_ids(served):
+    """--return-tokens-as-token-ids: logprobs name tokens "token_id:<id>", the ids the text decodes from; a
+    request's own return_tokens_as_token_ids=false gets the tokens' text back. Offsets still count the text."""
+    body = {"messages": MESSAGES, "max_tokens": 4, "logprobs": True, "top_logprobs": 2}
+    r = httpx.post(f"{served.url}/v1/chat/completions", json=body).json()["choices"][0]
+    content = r["logprobs"]["content"]
+    ids = [int(c["token"].removeprefix("token_id:")) for c in content]
+    assert all(c["token"].startswith("token_id:") for c in content) and len(ids) == 4
+    assert served.engine.tokenizer.decode(ids) == r["message"]["content"]
+    for c in content:
+        assert c["bytes"] == list(c["token"].encode()) and c["top_logprobs"][0]["token"].startswith("token_id:")
+    plain = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "return_tokens_as_token_ids": False})
+    texts = [c["token"] for c in plain.json()["choices"][0]["logprobs"]["content"]]
+    assert texts == [served.engine.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "logprobs": 1}).json()
+    lp = r["choices"][0]["logprobs"]
+    ids = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
+    assert served.engine.tokenizer.decode(ids) == r["choices"][0]["text"]
+    pieces = [served.engine.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    assert lp["text_offset"] == [sum(map(len, pieces[:i])) for i in range(3)]
+    assert all(key.startswith("token_id:") for top in lp["top_logprobs"] for key in top)
 
 
 def test_live_cors(served):
