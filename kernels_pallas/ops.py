@@ -202,7 +202,7 @@ def write_kv(k_cache, v_cache, layer, k_new, v_new, slot_mapping, *, k_scale=Non
     buffer with a single scatter). Semantics of `write_kv_reference`.
 
     Every backend runs the same XLA scatter: it moves only T * K * H elements per cache and, with the caches
-    donated (the engine's step), updates them in place (tests/kernels/test_paged_attention.py reads the HLO).
+    donated (the engine's step), updates them in place (tests/kernels/test_kv_write.py reads the HLO).
     For an fp8 cache the quantization (x / scale, saturating cast) fuses into the scatter's operand.
     """
     return write_kv_reference(k_cache, v_cache, layer, k_new, v_new, slot_mapping, k_scale=k_scale,
