@@ -74,11 +74,17 @@ class LoRASlots(nnx.Module):
         y = self.base(x, out_dtype)
         if lora_slots is None:
             return y
+        return y + self.delta(x, lora_slots, out_dtype)
+
+    def delta(self, x, lora_slots, out_dtype):
+        """The low-rank update alone, [..., out] in out_dtype: each token's x times its slot's A, then B (zero for
+        slot -1). The serving decode path adds it in f32 inside the residual add + norm kernel (one more term of
+        the o / down projection's split-K sum: ie_jax.models.llama)."""
         down = jnp.dot(x, self.lora_a[...].astype(x.dtype), preferred_element_type=jnp.float32)  # [..., S*P*r]
         owner = jnp.arange(down.shape[-1], dtype=jnp.int32) // self.block  # the slot of each column
         keep = lora_slots.reshape(x.shape[:-1] + (1,)) == owner
         down = jnp.where(keep, down, 0.0).astype(x.dtype)
-        return y + jnp.dot(down, self.lora_b[...].astype(x.dtype), preferred_element_type=out_dtype)
+        return jnp.dot(down, self.lora_b[...].astype(x.dtype), preferred_element_type=out_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

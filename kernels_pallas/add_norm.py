@@ -7,6 +7,9 @@ add) is not fused. Here the projection is written as an explicit split-K batched
 independent [M, K/S] @ [K/S, N] products, the same work XLA's own split-K does) and one kernel takes its
 partials: x_new = x + sum_s partials[s] and y = RMSNorm(x_new), both stored. One kernel instead of two.
 
+An optional `extra` [M, D] f32 is one more term of the sum: a LoRA adapter's low-rank update of the same
+projection (engine/lora.py), so that an adapted layer keeps this path.
+
 Each program owns one row (a token): it sums the S partial rows in f32, adds the residual, rounds to x's dtype
 (the residual stream's dtype, as `x + h` would), and normalises that rounded row exactly as
 `ie_jax.models.layers.RMSNorm` does.
@@ -40,19 +43,24 @@ def num_splits(k: int, cap: int) -> int:
     return next((s for s in (16, 8, 4, 2) if s <= cap and k % (s * 128) == 0), 0)
 
 
-def add_rmsnorm_reference(x, partials, weight, eps):
-    """(x + sum_s partials[s] in f32, rounded to x's dtype; RMSNorm of it with `weight`), as the model computes."""
-    x_new = (x.astype(jnp.float32) + partials.sum(axis=0)).astype(x.dtype)
+def add_rmsnorm_reference(x, partials, weight, eps, extra=None):
+    """(x + sum_s partials[s] (+ extra) in f32, rounded to x's dtype; RMSNorm of it with `weight`), as the model
+    computes."""
+    h = partials.sum(axis=0) if extra is None else partials.sum(axis=0) + extra
+    x_new = (x.astype(jnp.float32) + h).astype(x.dtype)
     x32 = x_new.astype(jnp.float32)
     y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return x_new, weight.astype(x.dtype) * y.astype(x.dtype)
 
 
-def _kernel(p_ref, x_ref, w_ref, x_out_ref, y_out_ref, *, num_splits, eps):
-    # one row: p_ref [S, D] f32, x_ref [D], w_ref [D]; outputs [D] in x's dtype
+def _kernel(p_ref, x_ref, w_ref, *refs, num_splits, eps):
+    # one row: p_ref [S, D] f32, x_ref [D], w_ref [D], e_ref [D] f32 (with `extra` only); outputs [D] in x's dtype
+    *e_ref, x_out_ref, y_out_ref = refs
     acc = x_ref[...].astype(jnp.float32)
     for s in range(num_splits):
         acc += p_ref[s, :]
+    if e_ref:
+        acc += e_ref[0][...]
     x_new = acc.astype(x_out_ref.dtype)
     x_out_ref[...] = x_new
     x32 = x_new.astype(jnp.float32)
@@ -65,18 +73,22 @@ def supported(hidden: int, num_splits: int) -> bool:
     return hidden & (hidden - 1) == 0 and 128 <= hidden <= 16384 and 1 <= num_splits <= 16
 
 
-def check_args(x, partials, weight):
+def check_args(x, partials, weight, extra=None):
     if x.ndim != 2 or partials.ndim != 3 or partials.shape[1:] != x.shape or weight.shape != x.shape[-1:]:
         raise ValueError(f"{x.shape=} [M, D], {partials.shape=} [S, M, D] and {weight.shape=} [D] do not match")
-    if partials.dtype != jnp.float32:
-        raise ValueError(f"{partials.dtype=} must be float32")
+    if extra is not None and extra.shape != x.shape:
+        raise ValueError(f"{extra.shape=} must be x's {x.shape} [M, D]")
+    if partials.dtype != jnp.float32 or (extra is not None and extra.dtype != jnp.float32):
+        raise ValueError(f"{partials.dtype=} (and extra's) must be float32")
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps"))
-def add_rmsnorm(x, partials, weight, *, eps: float, interpret: bool = False, num_warps: int = NUM_WARPS):
-    """x [M, D] (the residual stream), partials [S, M, D] f32, weight [D] -> (x_new, y), both [M, D] in x's dtype:
-    x_new = x + sum_s partials[s], y = RMSNorm(x_new) * weight. One program per row."""
-    check_args(x, partials, weight)
+def add_rmsnorm(x, partials, weight, extra=None, *, eps: float, interpret: bool = False,
+                num_warps: int = NUM_WARPS):
+    """x [M, D] (the residual stream), partials [S, M, D] f32, weight [D], extra [M, D] f32 or None -> (x_new, y),
+    both [M, D] in x's dtype: x_new = x + sum_s partials[s] (+ extra), y = RMSNorm(x_new) * weight. One program
+    per row."""
+    check_args(x, partials, weight, extra)
     S, M, D = partials.shape
     kernel = functools.partial(_kernel, num_splits=S, eps=eps)
     row = pl.BlockSpec((None, D), lambda m: (m, 0))
@@ -88,8 +100,9 @@ def add_rmsnorm(x, partials, weight, *, eps: float, interpret: bool = False, num
         kernel,
         out_shape=(jax.ShapeDtypeStruct((M, D), x.dtype), jax.ShapeDtypeStruct((M, D), x.dtype)),
         grid=(M,),
-        in_specs=[pl.BlockSpec((S, None, D), lambda m: (0, m, 0)), row, pl.BlockSpec((D,), lambda m: (0,))],
+        in_specs=[pl.BlockSpec((S, None, D), lambda m: (0, m, 0)), row, pl.BlockSpec((D,), lambda m: (0,))]
+        + ([] if extra is None else [row]),
         out_specs=(row, row),
         interpret=interpret,
         **params,
-    )(partials, x, weight)
+    )(partials, x, weight, *([] if extra is None else [extra]))

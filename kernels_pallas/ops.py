@@ -254,16 +254,16 @@ def add_norm_active() -> bool:
     return os.environ.get("IE_JAX_FUSED_ADD_NORM", "1") != "0" and paged_kernel_active()
 
 
-def add_rmsnorm(x, partials, weight, *, eps):
-    """x [M, D], partials [S, M, D] f32, weight [D] -> (x + sum_s partials, its RMSNorm), both in x's dtype.
-    The kernel where it runs and takes the shapes, else the same arithmetic in jnp."""
+def add_rmsnorm(x, partials, weight, extra=None, *, eps):
+    """x [M, D], partials [S, M, D] f32, weight [D], extra [M, D] f32 or None -> (x + sum_s partials (+ extra), its
+    RMSNorm), both in x's dtype. The kernel where it runs and takes the shapes, else the same arithmetic in jnp."""
     from kernels_pallas import add_norm
-    add_norm.check_args(x, partials, weight)
+    add_norm.check_args(x, partials, weight, extra)
     backend = current_backend()
     if add_norm_active() and add_norm.supported(x.shape[-1], partials.shape[0]):
-        return add_norm.add_rmsnorm(x, partials, weight, eps=eps, interpret=backend == "interpret",
+        return add_norm.add_rmsnorm(x, partials, weight, extra, eps=eps, interpret=backend == "interpret",
                                     num_warps=int(os.environ.get("IE_JAX_ADD_NORM_WARPS", add_norm.NUM_WARPS)))
-    return add_norm.add_rmsnorm_reference(x, partials, weight, eps)
+    return add_norm.add_rmsnorm_reference(x, partials, weight, eps, extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------

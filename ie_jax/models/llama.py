@@ -152,20 +152,37 @@ class DecoderLayer(nnx.Module):
         f32, not yet added). Each residual add is folded into the RMSNorm after it, one kernel each
         (kernels_pallas/add_norm.py); the o and down projections leave their split-K partials to those kernels.
         Returns the same kind of carry."""
-        x, pending = carry
+        x, pending, extra = carry
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         attn, mlp = self.self_attn, self.mlp
-        x, h = ops.add_rmsnorm(x, pending, self.input_layernorm.weight[...], eps=self.input_layernorm.eps)
+        x, h = ops.add_rmsnorm(x, pending, self.input_layernorm.weight[...], extra, eps=self.input_layernorm.eps)
         out, caches = attn.attend(h.reshape(B, T, D), positions, ctx, caches, layer)
-        o_kernel = attn.o_proj.kernel[...]
-        partials = add_norm.split_k_partials(out.reshape(B * T, -1), o_kernel, add_norm_splits(o_kernel.shape[0]))
+        out = out.reshape(B * T, -1)
+        o_kernel = dense(attn.o_proj).kernel[...]
+        partials = add_norm.split_k_partials(out, o_kernel, add_norm_splits(o_kernel.shape[0]))
         norm = self.post_attention_layernorm
-        x, y = ops.add_rmsnorm(x, partials, norm.weight[...], eps=norm.eps)
-        d_kernel = mlp.down_proj.kernel[...]
+        x, y = ops.add_rmsnorm(x, partials, norm.weight[...], lora_delta(attn.o_proj, out, ctx), eps=norm.eps)
+        d_kernel = dense(mlp.down_proj).kernel[...]
         act = mlp.activation(y, ctx)
         pending = add_norm.split_k_partials(act, d_kernel, add_norm_splits(d_kernel.shape[0]))
-        return (x.reshape(B, T, D), pending), caches
+        return (x.reshape(B, T, D), pending, lora_delta(mlp.down_proj, act, ctx)), caches
+
+
+def dense(proj):
+    """The plain Linear under a serving LoRA wrapper (engine/lora.py's LoRASlots), else `proj` itself."""
+    return proj.base if getattr(proj, "takes_lora_slots", False) else proj
+
+
+def has_lora(proj, ctx) -> bool:
+    """Whether `proj` adds LoRA updates in this step: a serving LoRA wrapper and a context carrying adapter slots."""
+    return getattr(ctx, "lora_slots", None) is not None and getattr(proj, "takes_lora_slots", False)
+
+
+def lora_delta(proj, x, ctx):
+    """A LoRA-wrapped projection's low-rank update of x [M, in] in f32 (its adapters' share of the split-K sum the
+    add + norm kernel takes), None for a plain one or a step without adapters."""
+    return proj.delta(x, ctx.lora_slots, jnp.float32) if has_lora(proj, ctx) else None
 
 
 def add_norm_splits(k: int) -> int:
@@ -246,10 +263,11 @@ class LlamaForCausalLM(nnx.Module):
         """Serving steps of <= ops.ADD_NORM_MAX_TOKENS tokens where the Pallas kernels run: every residual add is
         folded into the RMSNorm after it (DecoderLayer._decode_call). Returns the down projection's K splits (the
         carry's partials), 0 for the plain path: training and reference contexts (the kernel has no VJP),
-        adapters, quantized or biased o/down projections, shapes the kernel does not take (add_norm.supported)."""
+        quantized or biased o/down projections, shapes the kernel does not take (add_norm.supported). LoRA-wrapped
+        o/down projections keep it: their adapters' updates are one more f32 term of the sums (`lora_delta`)."""
         if not isinstance(ctx, Paged) or x.shape[0] * x.shape[1] > ops.ADD_NORM_MAX_TOKENS:
             return 0
-        o_proj, down_proj = self.layers.self_attn.o_proj, self.layers.mlp.down_proj
+        o_proj, down_proj = dense(self.layers.self_attn.o_proj), dense(self.layers.mlp.down_proj)
         if any(type(p) is not Linear or p.bias is not None for p in (o_proj, down_proj)):
             return 0
         splits = add_norm_splits(o_proj.kernel.shape[-2]), add_norm_splits(down_proj.kernel.shape[-2])
@@ -267,14 +285,16 @@ class LlamaForCausalLM(nnx.Module):
         ctx = DenseCausal() if ctx is None else ctx
         x = self.embed_tokens(token_ids)  # [B, T, D]
         fused = self.fused_add_norm(x, ctx)
-        if fused:  # (residual, pending partials): the first layer adds zeros
+        if fused:  # (residual, pending partials, pending LoRA update or None): the first layer adds zeros
             B, T, D = x.shape
-            x = (x, jnp.zeros((fused, B * T, D), jnp.float32))
+            lora = has_lora(self.layers.mlp.down_proj, ctx)
+            x = (x, jnp.zeros((fused, B * T, D), jnp.float32), jnp.zeros((B * T, D), jnp.float32) if lora else None)
         x, ctx = scan_layers(self.layers, x, positions, ctx, remat=self.remat, layer_states=layer_states)
         if fused:
-            (x, pending), norm = x, self.norm
+            (x, pending, extra), norm = x, self.norm
             B, T, D = x.shape
-            x = ops.add_rmsnorm(x.reshape(B * T, D), pending, norm.weight[...], eps=norm.eps)[1].reshape(B, T, D)
+            x = ops.add_rmsnorm(x.reshape(B * T, D), pending, norm.weight[...], extra,
+                                eps=norm.eps)[1].reshape(B, T, D)
         if logits_indices is not None:
             x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
         if not fused:

@@ -33,6 +33,23 @@ def test_kernel_matches_the_reference(M, S, dtype):
     np.testing.assert_array_equal(np.asarray(want[0], np.float32), np.asarray(x_new, np.float32))
 
 
+def test_extra_term_is_added_with_the_partials():
+    """`extra` (a LoRA update of the same projection) is one more f32 term: kernel == reference == the sum with it
+    as a partial."""
+    x, partials, w = inputs(5, 256, 4, jnp.bfloat16, seed=3)
+    extra = 0.5 * jax.random.normal(jax.random.key(9), x.shape, jnp.float32)
+    got = add_norm.add_rmsnorm(x, partials, w, extra, eps=1e-5, interpret=True)
+    want = add_norm.add_rmsnorm_reference(x, partials, w, 1e-5, extra)
+    as_partial = add_norm.add_rmsnorm_reference(x, jnp.concatenate([partials, extra[None]]), w, 1e-5)
+    without = add_norm.add_rmsnorm_reference(x, partials, w, 1e-5)
+    for g, r, c, n in zip(got, want, as_partial, without):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(r, np.float32), np.asarray(c, np.float32), rtol=1e-2, atol=1e-2)
+        assert not np.allclose(np.asarray(r, np.float32), np.asarray(n, np.float32), atol=1e-2)
+    with pytest.raises(ValueError, match="extra.shape"):
+        add_norm.add_rmsnorm(x, partials, w, extra[:3], eps=1e-5, interpret=True)
+
+
 def test_split_k_partials_sum_to_the_product():
     kx, kw = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (5, 1024), jnp.float32)
@@ -102,6 +119,48 @@ def test_decode_layers_take_the_fused_add_norm_and_match_the_plain_path(monkeypa
     calls.clear()
     logits(32, True)
     assert calls == []  # past ADD_NORM_MAX_TOKENS: the plain path
+
+
+def test_lora_adapted_decode_layers_keep_the_fused_add_norm(monkeypatch):
+    """With serving LoRA slots on every projection (engine/lora.py) the o and down projections' adapter updates
+    ride the add + norm kernel as its `extra` term: the logits equal the plain path's (base GEMM + update, then
+    separate adds and norms), for tokens of two adapters and of the base model, scanned and unrolled."""
+    from engine.lora import LoRASlots, add_adapter_slots
+    cfg = ModelConfig(model_type="llama", vocab_size=263, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                      head_dim=64, intermediate_size=512, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    fuse_projections(model)
+    add_adapter_slots(model, max_loras=2, max_rank=4)
+    keys = iter(jax.random.split(jax.random.key(5), 64))
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, LoRASlots):
+            m.lora_a[...] = 0.1 * jax.random.normal(next(keys), m.lora_a.shape, jnp.float32)
+            m.lora_b[...] = 0.1 * jax.random.normal(next(keys), m.lora_b.shape, jnp.float32)
+    extras = []
+    real = ops.add_rmsnorm
+    monkeypatch.setattr(ops, "add_rmsnorm", lambda *a, **k: extras.append(a[3] is not None) or real(*a, **k))
+    layer_states = unstack_layers(model, release=False)
+    T = 8
+    ids = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.vocab_size)
+    slots = jnp.asarray([-1, -1, 0, 1, 0, 1, -1, 1], jnp.int32)  # the first two: base model
+
+    def logits(fused, slots=slots, unrolled=False):
+        monkeypatch.setenv("IE_JAX_FUSED_ADD_NORM", "1" if fused else "0")
+        i32 = jnp.zeros((1,), jnp.int32)
+        ctx = DenseServing(jnp.zeros((1,)), None, i32, i32[None], i32, i32, i32[0], lora_slots=slots)
+        with ops.kernel_backend("interpret"):
+            return model(ids, jnp.arange(T)[None], ctx, layer_states=layer_states if unrolled else None)[0]
+
+    plain = logits(False)
+    assert extras == []
+    fused = logits(True)
+    assert extras and all(extras)  # every add + norm, the final one included, took the adapters' update
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(logits(True, unrolled=True)), np.asarray(plain), rtol=2e-5, atol=2e-5)
+    base = logits(True, slots=jnp.full((T,), -1, jnp.int32))
+    assert not np.allclose(np.asarray(base), np.asarray(plain), atol=1e-3)  # the adapters change the logits
+    # causal: tokens before the first adapted one see no adapter either way
+    np.testing.assert_allclose(np.asarray(base[:, :2]), np.asarray(plain[:, :2]), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.gpu
