@@ -167,7 +167,8 @@ def test_lora_adapted_decode_layers_keep_the_fused_add_norm(monkeypatch):
 @pytest.mark.parametrize("M", [1, 8, 16])
 def test_gpu_kernel_at_llama_3_8b_sizes(M):
     x, partials, w = inputs(M, 4096, 8, jnp.bfloat16, seed=M)
-    got = add_norm.add_rmsnorm(x, partials, w, eps=1e-5)
-    want = add_norm.add_rmsnorm_reference(x, partials, w, 1e-5)
+    extra = 0.5 * jax.random.normal(jax.random.key(M), x.shape, jnp.float32) if M == 8 else None  # a LoRA update
+    got = add_norm.add_rmsnorm(x, partials, w, extra, eps=1e-5)
+    want = add_norm.add_rmsnorm_reference(x, partials, w, 1e-5, extra)
     for g, r in zip(got, want):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=1e-2, atol=1e-2)
