@@ -79,9 +79,15 @@ def time_call(fn, case, q=None, iterations=10):
         q, case["k_pages"], case["v_pages"], jnp.arange(n, dtype=jnp.int32))  # traced layer ids
     totals = sorted(sum(t for _, t in it) / n for it in timings)
     longest = sorted(max(t for _, t in it) for it in timings)
-    per_call = len(timings[0]) // n  # the first call's kernels, each its median over the iterations
-    kernels = [(timings[0][k][0][:48], round(sorted(it[k][1] for it in timings)[len(timings) // 2] * 1e3, 2))
-               for k in range(per_call)]
+    # per kernel name, its time per call (summed over the n calls of an iteration, / n), median over iterations:
+    # XLA hoists the calls' independent glue (broadcasts, iotas) ahead of all of them, so the kernel list of "the
+    # first call" would be glue only
+    by_name = [{} for _ in timings]
+    for it, names in zip(timings, by_name):
+        for name, t in it:
+            names[name[:48]] = names.get(name[:48], 0.0) + t / n
+    kernels = sorted(((name, round(sorted(b.get(name, 0.0) for b in by_name)[len(by_name) // 2] * 1e3, 2))
+                      for name in by_name[0]), key=lambda kv: -kv[1])
     return totals[len(totals) // 2] * 1e3, longest[len(longest) // 2] * 1e3, kernels
 
 
