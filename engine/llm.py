@@ -4,6 +4,7 @@
     outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32))
     outs = llm.generate([{"prompt": "Hello"}, {"prompt_token_ids": [1, 15043]}])  # vLLM's TextPrompt / TokensPrompt
     outs = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))  # or a list of chats
+    outs = llm.beam_search(["The capital of France is"], BeamSearchParams(beam_width=4, max_tokens=16))
 
     llm = LLM("path/to/hf_dir", enable_lora=True, max_loras=2, max_lora_rank=16)
     outs = llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "path/to/peft_adapter"))
@@ -27,6 +28,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import ie_jax
+from engine import beam_search as beam
+from engine.beam_search import BeamSearchOutput, BeamSearchParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
@@ -104,6 +107,19 @@ class LLM:
         if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._generate([parse_prompt(p) for p in prompts], sampling_params, use_tqdm, lora_request)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams, *,
+                    lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (engine/beam_search.py): its best `beam_width` sequences, best first, each
+        with its tokens (the prompt's included, as vLLM returns them), text, logprobs and cumulative logprob."""
+        if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.engine.encode(prompt) for _, prompt in map(parse_prompt, prompts)]
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("beam_search runs the engine's own loop: finish the requests in flight first")
+        sp = beam.BeamSearch([], params, ()).sampling_params()
+        self.engine.runner.ensure_variants({row_variant(sp, self.engine.model_config.vocab_size)}, progress=False)
+        return beam.run(self.engine, ids, params, lora_request)
 
     def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams | None] | None = None, *,
