@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import itertools
 
+from engine.outputs import RequestOutput
 from ie_jax.sampling import SamplingParams
 
 
@@ -160,3 +161,26 @@ async def run_async(engine, prompt: list[int], params: BeamSearchParams, request
                                          for key, tokens in search.pending()))
         search.advance(dict(results))
     return search.outputs(lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))[0]
+
+
+async def choice_outputs(engine, jobs):
+    """The server's use_beam_search (engine/server.py): jobs are the response's choices, n = beam_width per prompt
+    (choice p*n + j is prompt p's j-th best beam, with .prompt_ids, .beam, .params, .lora, .request_id). Yields
+    (job, its whole output as one finished RequestOutput) as each prompt's search ends. Leaving early cancels the
+    searches, which aborts their rounds in flight."""
+    groups: dict[int, list] = {}
+    for job in jobs:
+        groups.setdefault(job.index // job.beam.beam_width, []).append(job)
+    searches = [asyncio.ensure_future(run_async(engine, g[0].prompt_ids, g[0].beam, g[0].request_id, g[0].lora))
+                for g in groups.values()]
+    try:
+        for group, search in zip(groups.values(), searches):
+            result = await search
+            for job, seq in zip(group, result.sequences):
+                new = seq.tokens[len(job.prompt_ids):]
+                lps = seq.logprobs if job.params.logprobs is not None else None
+                yield job, RequestOutput(job.request_id, new, seq.text, lps, True, seq.finish_reason, None,
+                                         len(job.prompt_ids), len(new), 0)
+    finally:
+        for search in searches:
+            search.cancel()

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import pydantic
 
+from engine.beam_search import BeamSearchParams
 from ie_jax.chat_template import content_text, continue_final
 from ie_jax.guided import GuidedDecodingParams
 from ie_jax.regex_dfa import compile_regex
@@ -82,6 +83,25 @@ class _SamplingFields(_Request):
     guided_grammar: str | None = None
     allowed_token_ids: list[int] | None = None
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:<id>" (None: the server's flag)
+    use_beam_search: bool = False  # the n best beams instead of n samples (engine/beam_search.py)
+    length_penalty: float = 1.0  # beam search: a sequence's score is cum_logprob / length ** length_penalty
+
+    def beam_params(self, max_tokens: int, max_logprobs: int) -> BeamSearchParams | None:
+        """use_beam_search's search (n beams), None without it. Raises ServerError for what it cannot combine."""
+        if not self.use_beam_search:
+            return None
+        for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "logit_bias", "allowed_token_ids"):
+            if getattr(self, name):
+                raise ServerError(f"use_beam_search cannot take {name}", param=name)
+        if 2 * self.n > max_logprobs:
+            raise ServerError(f"use_beam_search with n={self.n} ranks 2n candidates a step, more than the server's "
+                              f"max_logprobs={max_logprobs}", param="n")
+        try:
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                    temperature=self.temperature or 0.0, length_penalty=self.length_penalty)
+        except ValueError as e:
+            raise ServerError(str(e)) from e
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
         """A field of API_DEFAULTS the request leaves unset takes `defaults`' value (the checkpoint's

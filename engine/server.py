@@ -37,6 +37,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine.protocol as P
+from engine import beam_search
+from engine.beam_search import BeamSearchParams
 from engine.http_util import BearerAuth, error_response, merge_streams, wait_for_disconnect
 from engine.lora import LoRARequest, runtime_lora_updates
 from engine.metrics import CONTENT_TYPE, ServerMetrics
@@ -57,6 +59,7 @@ class _Job:
     prompt_text: str | None = None  # for echo
     score_only: bool = False  # echo with max_tokens=0: the prompt (and its logprobs) is the whole answer
     lora: LoRARequest | None = None  # the adapter the request names as its model
+    beam: BeamSearchParams | None = None  # use_beam_search: the choices are its best beams, in order
 
 
 @dataclasses.dataclass
@@ -95,6 +98,7 @@ class OpenAIServer:
         self.grammar_in_reasoning = grammar_in_reasoning  # vLLM's structured-outputs enable_in_reasoning
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine_config.max_model_len
+        self.max_logprobs = engine.engine_config.max_logprobs
         self.default_sampling = dict(getattr(engine, "default_sampling", None) or {})  # generation_config's
         self.metrics = ServerMetrics(engine.stats, served_model_name)
         self._pending: set[str] = set()  # admitted engine requests with no token yet
@@ -163,7 +167,10 @@ class OpenAIServer:
         except ValueError as e:
             raise P.ServerError(str(e)) from e
         params, chat = self.chat_mode(tools, params, ids, body.include_reasoning)
-        return self.jobs(request_id, [(ids, None)], [params], lora=lora), chat, num_top
+        beam = body.beam_params(params.max_tokens, self.max_logprobs)
+        if beam is not None and tools is not None:
+            raise P.ServerError("use_beam_search cannot take tools", param="tools")
+        return self.jobs(request_id, [(ids, None)], [params], lora=lora, beams=[beam]), chat, num_top
 
     def chat_mode(self, tools, params: SamplingParams, prompt_ids: list[int], include_reasoning: bool
                   ) -> tuple[SamplingParams, ChatMode | None]:
@@ -180,7 +187,8 @@ class OpenAIServer:
         return params, ChatMode(tools, parser, start == "open", include_reasoning)
 
     def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
-             score_only: bool = False, lora: LoRARequest | None = None) -> list[_Job]:
+             score_only: bool = False, lora: LoRARequest | None = None,
+             beams: list[BeamSearchParams | None] | None = None) -> list[_Job]:
         """Fan out n choices per prompt. A seeded request gives choice j the seed ie_jax.generate and LLM derive
         for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends."""
         vocab = self.engine.model_config.vocab_size
@@ -194,7 +202,7 @@ class OpenAIServer:
                 seed = None if sp.seed is None else (sp.seed + 7919 * j) % 2**32
                 index = p * sp.n + j
                 out.append(_Job(index, f"{request_id}-{index}", ids, dataclasses.replace(sp, n=1, seed=seed), text,
-                                score_only, lora))
+                                score_only, lora, beams[p] if beams else None))
         return out
 
     def admit(self, jobs: list[_Job]) -> None:
@@ -227,6 +235,13 @@ class OpenAIServer:
 
     async def outputs(self, jobs: list[_Job], priority: int) -> AsyncIterator[tuple[_Job, RequestOutput]]:
         """(job, delta) pairs until every job finished. Leaving early (disconnect, error) aborts the rest."""
+        if jobs and jobs[0].beam is not None:
+            try:
+                async for pair in beam_search.choice_outputs(self.engine, jobs):
+                    yield pair
+            finally:
+                self._pending.difference_update(j.request_id for j in jobs)
+            return
         unfinished = {j.request_id for j in jobs}
         gens = [self._run_one(j, priority) for j in jobs]
         try:
@@ -503,7 +518,8 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
                 raise P.ServerError(str(e)) from e
             prompts.append((ids, text))
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        jobs = server.jobs(request_id, prompts, params, score_only=body.max_tokens == 0, lora=lora)
+        beams = [body.beam_params(p.max_tokens, server.max_logprobs) for p in params]
+        jobs = server.jobs(request_id, prompts, params, score_only=body.max_tokens == 0, lora=lora, beams=beams)
         return await server.respond(raw, "text_completion", request_id, jobs, body.priority, body, body.echo,
                                     body.logprobs)
 

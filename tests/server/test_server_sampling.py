@@ -315,3 +315,50 @@ def test_continue_final_message(live, client):
         client.chat.completions.create(model=MODEL, messages=[*messages[:1], {"role": "assistant", "content": " "}],
                                        max_tokens=2, extra_body={"continue_final_message": True,
                                                                  "add_generation_prompt": False})
+
+
+def test_use_beam_search_returns_the_best_beams(live, client):
+    """vLLM's use_beam_search: n choices, the n best beams in order, the same search as offline over the dense
+    forward; streamed, the same choices arrive whole. What beam search cannot combine is a 400."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from engine.beam_search import BeamSearch, BeamSearchParams
+
+    model, tokenizer = _tiny_model()
+    forward = jax.jit(lambda ids: jax.nn.log_softmax(model(ids)[0][0, -1]))
+
+    def dense(tokens):  # the next token's top 6 (2n) logprobs
+        lp = np.asarray(forward(jnp.asarray([tokens], jnp.int32)))
+        return {int(t): float(lp[t]) for t in np.argsort(-lp)[:6]}
+
+    prompt = "beams of"
+    ids = tokenizer.encode(prompt)
+    search = BeamSearch([ids], BeamSearchParams(beam_width=3, max_tokens=5), live.engine.engine.eos_token_ids)
+    while not search.done:
+        search.advance({key: dense(tokens) for key, tokens in search.pending()})
+    want = search.outputs(lambda t: tokenizer.decode(t, skip_special_tokens=True))[0].sequences
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, n=3, logprobs=2,
+                                  extra_body={"use_beam_search": True})
+    assert [c.text for c in r.choices] == [s.text for s in want] and [c.index for c in r.choices] == [0, 1, 2]
+    for c, s in zip(r.choices, want):
+        n = len(s.tokens) - len(ids)
+        assert len(c.logprobs.tokens) == n
+        assert sum(c.logprobs.token_logprobs) == pytest.approx(s.cum_logprob, abs=1e-3)
+    assert r.usage.completion_tokens == sum(len(s.tokens) - len(ids) for s in want)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, n=3, stream=True,
+                                            extra_body={"use_beam_search": True}))
+    texts = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [texts[i] for i in range(3)] == [s.text for s in want]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          n=2, extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
+    for bad, param in (({"n": 11}, "n"), ({"n": 2, "guided_regex": "a+"}, "guided_regex")):
+        with pytest.raises(openai.BadRequestError, match=param):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                      extra_body={"use_beam_search": True, **bad})
+    assert idle(live.engine)
