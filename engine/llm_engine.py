@@ -23,7 +23,8 @@ from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.speculative import DraftRow, History, accepted, propose
 from ie_jax.detokenizer import make_detokenizer
-from ie_jax.guided import FixedGuide, GuidedDecodingParams, TokenGuide, Vocabulary, token_bytes
+from ie_jax.guided import (BadWordsGuide, FixedGuide, GuidedDecodingParams, TokenGuide, Vocabulary, bad_word_ids,
+                           token_bytes)
 from ie_jax.sampling import SamplingParams
 from ie_jax.stopping import check_stop
 
@@ -153,7 +154,8 @@ class LLMEngine:
                           variant=row_variant(params, self.model_config.vocab_size),
                           lora_name=None if lora_request is None else lora_request.lora_name,
                           guide=self.guide(params.guided_decoding) if params.guided else
-                          FixedGuide(params.allowed_token_ids, V) if params.allowed_token_ids else None)
+                          FixedGuide(params.allowed_token_ids, V) if params.allowed_token_ids else
+                          self.bad_words_guide(params.bad_words) if params.bad_words else None)
         self.scheduler.add(request)
         self.streams[request_id] = _TextStream(
             make_detokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer is not None else None,
@@ -190,6 +192,11 @@ class LLMEngine:
 
     def list_loras(self) -> list[LoRARequest]:
         return [a.request for a in self.adapters.values()]
+
+    def bad_words_guide(self, words: tuple[str, ...]) -> BadWordsGuide:
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer: this model has none")
+        return BadWordsGuide(bad_word_ids(self.tokenizer, words), self.model_config.vocab_size)
 
     def guide(self, spec: GuidedDecodingParams) -> TokenGuide:
         """The compiled guide of a structured-output spec (cached: the 32 most recently used). Thread-safe: the

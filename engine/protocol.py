@@ -82,6 +82,7 @@ class _SamplingFields(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:<id>" (None: the server's flag)
     use_beam_search: bool = False  # the n best beams instead of n samples (engine/beam_search.py)
     length_penalty: float = 1.0  # beam search: a sequence's score is cum_logprob / length ** length_penalty
@@ -91,7 +92,7 @@ class _SamplingFields(_Request):
         if not self.use_beam_search:
             return None
         for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "logit_bias", "allowed_token_ids"):
+                     "logit_bias", "allowed_token_ids", "bad_words"):
             if getattr(self, name):
                 raise ServerError(f"use_beam_search cannot take {name}", param=name)
         if 2 * self.n > max_logprobs:
@@ -122,7 +123,8 @@ class _SamplingFields(_Request):
             min_tokens=self.min_tokens, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias, guided_decoding=guided,
-            allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids))
+            allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
+            bad_words=tuple(self.bad_words) if self.bad_words else None)
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
         """vLLM's truncate_prompt_tokens: the prompt's last k tokens (left truncation); -1 keeps max_model_len."""

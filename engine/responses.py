@@ -28,7 +28,7 @@ from ie_jax.chat_template import content_text
 CHAT_EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
                "stop_token_ids", "min_tokens", "ignore_eos", "priority", "chat_template_kwargs", "include_reasoning",
                "logit_bias", "truncate_prompt_tokens", "skip_special_tokens", "guided_json", "guided_regex",
-               "guided_choice", "allowed_token_ids")  # vLLM's extras, passed through
+               "guided_choice", "allowed_token_ids", "bad_words")  # vLLM's extras, passed through
 
 
 class ResponsesRequest(pydantic.BaseModel):

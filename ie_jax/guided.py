@@ -137,6 +137,68 @@ class FixedGuide:
         return False
 
 
+class BadWordsGuide:
+    """vLLM's bad_words over generated tokens: a word's token sequence must never be completed, so its last token is
+    banned wherever the tokens before it were the last ones generated (a one-token word is banned everywhere).
+    The state is a node of the words' prefix trie with failure links (Aho-Corasick): the longest suffix of the
+    output that begins some word. Static (no waiting for tokens) when every word is one token."""
+
+    def __init__(self, words: list[list[int]], vocab_size: int):
+        self.serial = next(_serials)
+        self.static = all(len(w) == 1 for w in words)
+        children: list[dict[int, int]] = [{}]
+        ends: list[set[int]] = [set()]  # node -> the tokens that would complete a word from it
+        for w in words:
+            node = 0
+            for t in w[:-1]:
+                if t not in children[node]:
+                    children[node][t] = len(children)
+                    children.append({})
+                    ends.append(set())
+                node = children[node][t]
+            ends[node].add(w[-1])
+        fail = [0] * len(children)
+        queue = list(children[0].values())  # breadth first: a node's failure link is settled before its children's
+        for node in queue:
+            ends[node] |= ends[fail[node]]
+            for t, child in children[node].items():
+                f = fail[node]
+                while f and t not in children[f]:
+                    f = fail[f]
+                fail[child] = children[f].get(t, 0)
+                queue.append(child)
+        self.children, self.fail, self.vocab_size = children, fail, vocab_size
+        self.rows = {}
+        for node, banned in enumerate(ends):
+            allowed = np.ones(vocab_size, bool)
+            allowed[[t for t in banned if 0 <= t < vocab_size]] = False
+            self.rows[node] = pack_bits(allowed[None])[0]
+
+    def advance(self, state: int, token: int) -> int:
+        while state and token not in self.children[state]:
+            state = self.fail[state]
+        return self.children[state].get(token, 0)
+
+    def mask(self, state: int) -> np.ndarray:
+        return self.rows[state]
+
+    def complete(self, state: int) -> bool:
+        return False
+
+
+def bad_word_ids(tokenizer, words) -> list[list[int]]:
+    """Each word's token ids as vLLM derives them: the word (left-stripped) alone, plus its form after a space where
+    that is as many tokens with another first one (a word-initial token of a BPE vocabulary)."""
+    out = []
+    for word in words:
+        ids = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out.append(ids)
+        if len(spaced) == len(ids) and spaced[0] != ids[0]:
+            out.append(spaced)
+    return [w for w in out if w]
+
+
 class TokenGuide:
     """A DFA lifted to tokens: per state, the allowed set as a bitmask (`rows[state]`, [ceil(V / 32)] uint32, bit
     v % 32 of word v // 32). The states nearest the start (breadth first, up to `eager_states`) are computed when

@@ -66,6 +66,9 @@ class SamplingParams:
     # structured output: the text must match a JSON Schema, regex or choice (ie_jax/guided.py; the engine only)
     guided_decoding: GuidedDecodingParams | None = None
     allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (vLLM's; the engine only)
+    # words never generated (vLLM's): a word's last token is banned where the tokens before it were just generated
+    # (engine only; ie_jax.guided.BadWordsGuide)
+    bad_words: tuple[str, ...] | None = None
 
     def __post_init__(self):
         # Normalise the loosely typed list fields first, so that equal requests compare and hash equal.
@@ -121,6 +124,13 @@ class SamplingParams:
             if self.guided_decoding is not None:
                 raise ValueError("allowed_token_ids and guided decoding do not combine: give one of them")
             object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(int(i) for i in ids))))
+        if self.bad_words is not None:
+            words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words)
+            if not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"bad_words={self.bad_words!r} must be a list of non-empty strings")
+            if self.guided_decoding is not None or self.allowed_token_ids is not None:
+                raise ValueError("bad_words does not combine with guided decoding or allowed_token_ids")
+            object.__setattr__(self, "bad_words", words or None)
         if self.logit_bias is not None:
             items = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
             try:
@@ -163,8 +173,8 @@ class SamplingParams:
 
     @property
     def masked(self) -> bool:
-        """Whether a per-request token mask applies (guided decoding or allowed_token_ids)."""
-        return self.guided_decoding is not None or self.allowed_token_ids is not None
+        """Whether a per-request token mask applies (guided decoding, allowed_token_ids or bad_words)."""
+        return self.guided_decoding is not None or self.allowed_token_ids is not None or self.bad_words is not None
 
     @property
     def biased(self) -> bool:

@@ -362,3 +362,15 @@ def test_use_beam_search_returns_the_best_beams(live, client):
             client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
                                       extra_body={"use_beam_search": True, **bad})
     assert idle(live.engine)
+
+
+def test_bad_words(live, client):
+    """vLLM's bad_words through the server: the tiny model answers "dog 1" with "1"s, and "11" can never appear;
+    an empty word is a 400."""
+    plain = client.completions.create(model=MODEL, prompt="dog 1", max_tokens=8, temperature=0)
+    assert plain.choices[0].text == "1" * 8
+    r = client.completions.create(model=MODEL, prompt="dog 1", max_tokens=8, temperature=0,
+                                  extra_body={"bad_words": ["11"]})
+    assert "11" not in r.choices[0].text and r.usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError, match="bad_words"):
+        client.completions.create(model=MODEL, prompt="dog 1", max_tokens=2, extra_body={"bad_words": [""]})
