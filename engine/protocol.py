@@ -225,11 +225,17 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     include_reasoning: bool = True  # with --reasoning-parser: False leaves the reasoning out of the response
     continue_final_message: bool = False  # the reply goes on with the last message (add_generation_prompt=False)
+    chat_template: str | None = None  # this request's template (the server must trust request templates)
+    documents: list[dict[str, Any]] | None = None  # for templates that take documents (RAG), as vLLM passes them
 
     def prompt_ids(self, tokenizer) -> list[int]:
-        """The conversation rendered by the chat template (with the tools and chat_template_kwargs), as token ids."""
+        """The conversation rendered by the chat template (with the tools, documents, this request's template and
+        chat_template_kwargs), as token ids."""
         messages = [m.as_template_dict() for m in self.messages]
-        kwargs = {**({"tools": self.tools} if self.tools else {}), **(self.chat_template_kwargs or {})}
+        kwargs = {**({"tools": self.tools} if self.tools else {}), **({"documents": self.documents} if self.documents
+                                                                       else {}),
+                  **({"chat_template": self.chat_template} if self.chat_template else {}),
+                  **(self.chat_template_kwargs or {})}
         if not self.continue_final_message:
             return tokenizer.apply_chat_template(messages, add_generation_prompt=self.add_generation_prompt,
                                                  tokenize=True, **kwargs)

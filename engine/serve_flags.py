@@ -49,6 +49,7 @@ def app_kwargs(args) -> dict:
                 tool_call_parser=args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None,
                 response_role=getattr(args, "response_role", "assistant"),
                 return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
+                trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
                 reasoning_parser=getattr(args, "reasoning_parser", None),
                 grammar_in_reasoning=(getattr(args, "structured_outputs_config", None) or {}).get("enable_in_reasoning",
                                                                                                  False),

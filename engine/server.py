@@ -84,7 +84,7 @@ class OpenAIServer:
     def __init__(self, engine, served_model_name: str | list[str], api_key: str | None, max_queue: int | None,
                  model_root: str | None = None, tool_call_parser: str | None = None, response_role: str = "assistant",
                  reasoning_parser: str | None = None, grammar_in_reasoning: bool = False,
-                 return_tokens_as_token_ids: bool = False):
+                 return_tokens_as_token_ids: bool = False, trust_request_chat_template: bool = False):
         # several names (vLLM's --served-model-name a b): any is accepted, the first names the responses
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         served_model_name, self.aliases = names[0], tuple(names)
@@ -105,6 +105,7 @@ class OpenAIServer:
         self.lp = P.LogprobFormat(self.tokenizer)  # the responses' logprobs objects
         self.lp_ids = P.LogprobFormat(self.tokenizer, as_ids=True)  # ... naming tokens by id
         self.tokens_as_ids = return_tokens_as_token_ids  # the default of a request's return_tokens_as_token_ids
+        self.trust_request_chat_template = trust_request_chat_template  # vLLM's --trust-request-chat-template
 
     # --- request → engine jobs --------------------------------------------------------------------------------
 
@@ -154,6 +155,10 @@ class OpenAIServer:
         tools = tool_mode(body.tools, body.tool_choice, self.tool_call_parser, self.tool_call_parser is not None)
         if not body.messages:
             raise P.ServerError("messages cannot be empty", param="messages")
+        if (body.chat_template or (body.chat_template_kwargs or {}).get("chat_template")) and \
+                not self.trust_request_chat_template:
+            raise P.ServerError("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                                "Refused request with untrusted chat template.", param="chat_template")
         try:
             num_top = body.num_logprobs
             ids = body.truncated(body.prompt_ids(self.tokenizer), self.max_model_len)
@@ -406,15 +411,18 @@ class OpenAIServer:
 def build_app(engine, *, served_model_name: str | list[str], api_key: str | None = None,
               max_queue: int | None = None, model_root: str | None = None, tool_call_parser: str | None = None,
               response_role: str = "assistant", cors: dict | None = None, reasoning_parser: str | None = None,
-              grammar_in_reasoning: bool = False, return_tokens_as_token_ids: bool = False) -> FastAPI:
+              grammar_in_reasoning: bool = False, return_tokens_as_token_ids: bool = False,
+              trust_request_chat_template: bool = False) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
     --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py);
     `reasoning_parser` splits a thinking reply's reasoning off (engine/reasoning.py), its grammars held to the
     text after the thought unless `grammar_in_reasoning`. `return_tokens_as_token_ids`: logprobs name tokens
-    "token_id:<id>" unless a request says otherwise. `cors`: CORSMiddleware's keyword arguments (vLLM's
+    "token_id:<id>" unless a request says otherwise. `trust_request_chat_template`: a chat request may bring its own
+    template (rendered in jinja2's sandbox), else that is a 400. `cors`: CORSMiddleware's keyword arguments (vLLM's
     --allowed-origins etc.)."""
     server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser, response_role,
-                          reasoning_parser, grammar_in_reasoning, return_tokens_as_token_ids)
+                          reasoning_parser, grammar_in_reasoning, return_tokens_as_token_ids,
+                          trust_request_chat_template)
     app = FastAPI(title="ie-jax OpenAI-compatible server")
     app.state.server = server
 

@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Jinja chat template for /v1/chat/completions, replacing the tokenizer's: a file, or the "
                         "template text")
     p.add_argument("--response-role", default="assistant", help="the role of chat completion replies")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a chat request bring its own chat_template (else refused with a 400, as in vLLM)")
     p.add_argument("--max-logprobs", type=int, default=engine["max_logprobs"],
                    help="the most logprobs / top_logprobs a request may ask for")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",

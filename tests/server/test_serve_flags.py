@@ -185,7 +185,7 @@ def served(tmp_path_factory):
                              "--tokenizer", str(tmp / "tok"), "--chat-template", str(tmp / "chat.jinja"),
                              "--response-role", "bot", "--max-logprobs", "3", "--override-generation-config",
                              '{"max_new_tokens": 5}', "--allowed-origins", '["http://app.example"]',
-                             "--trust-remote-code", "--return-tokens-as-token-ids"])
+                             "--trust-remote-code", "--return-tokens-as-token-ids", "--trust-request-chat-template"])
     kwargs = app_kwargs(args)
     server = LiveServer(AsyncLLM.from_args(args), kwargs.pop("served_model_name"), **kwargs)
     yield server
@@ -244,6 +244,23 @@ def test_live_return_tokens_as_token_ids(served):
     pieces = [served.engine.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
     assert lp["text_offset"] == [sum(map(len, pieces[:i])) for i in range(3)]
     assert all(key.startswith("token_id:") for top in lp["top_logprobs"] for key in top)
+
+
+def test_live_request_chat_template_and_documents(served, live):
+    """--trust-request-chat-template: a chat request's own template renders the prompt, with the request's
+    documents; without the flag (the plain test server) such a request is a 400 that names the flag."""
+    template = ("{% for d in documents %}[{{ d['text'] }}]{% endfor %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    body = {"messages": MESSAGES, "max_tokens": 1, "chat_template": template, "documents": [{"text": "doc"}]}
+    r = httpx.post(f"{served.url}/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(b"[doc]hi")
+    r = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "chat_template": "{% for %}"})
+    assert_error(r, 400, "")  # a template that does not compile is the client's error
+    r = httpx.post(f"{live.url}/v1/chat/completions", json=body)
+    assert_error(r, 400, "--trust-request-chat-template")
+    r = httpx.post(f"{live.url}/v1/chat/completions",
+                   json={"messages": MESSAGES, "max_tokens": 1, "chat_template_kwargs": {"chat_template": template}})
+    assert_error(r, 400, "--trust-request-chat-template")
 
 
 def test_live_cors(served):
