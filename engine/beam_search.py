@@ -3,8 +3,8 @@
 Each round expands every live beam by one token: the beam's tokens go to the engine as a prompt with
 `max_tokens=1` and `logprobs=2 * beam_width`, so the engine's prefix cache holds the beams' shared pages and a
 round recomputes only each beam's last, partial page. Of all the children (beam + one of its top 2w tokens, the
-log-probability added) the best `beam_width` by cumulative log-probability stay; a child ending in EOS is set aside
-as finished unless `ignore_eos`. After `max_tokens` rounds, or once no beam is left, the finished and the live
+log-probability added) a child ending in EOS is set aside as finished (unless `ignore_eos`), and the best
+`beam_width` of the others by cumulative log-probability stay live. After `max_tokens` rounds, or once no beam is left, the finished and the live
 beams are ranked by `cum_logprob / len(tokens) ** length_penalty` (the prompt counts, a final EOS does not) and the
 best `beam_width` are returned, best first.
 
@@ -94,15 +94,14 @@ class BeamSearch:
                 for token, lp in lps.items():
                     children.append(BeamSearchSequence(beam.tokens + [token], beam.logprobs + [lps],
                                                        beam.cum_logprob + lp))
-            children.sort(key=lambda s: s.cum_logprob, reverse=True)
             kept = []
-            for child in children[:w]:
+            for child in children:
                 if not self.params.ignore_eos and child.tokens[-1] in self.eos:
                     child.finish_reason = "stop"
                     self.finished[i].append(child)
                 else:
                     kept.append(child)
-            self.live[i] = kept
+            self.live[i] = sorted(kept, key=lambda s: s.cum_logprob, reverse=True)[:w]
         self.rounds += 1
 
     def outputs(self, decode) -> list[BeamSearchOutput]:
