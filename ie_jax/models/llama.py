@@ -149,7 +149,7 @@ class DecoderLayer(nnx.Module):
 
     def _decode_call(self, carry, positions, ctx, caches, layer):
         """carry: (the residual x [B, T, D], the previous layer's down projection as split-K partials [S, B*T, D]
-        f32, not yet added). Each residual add is folded into the RMSNorm after it, one kernel each
+        f32, not yet added, and its LoRA update [B*T, D] f32 or None). Each residual add is folded into the RMSNorm after it, one kernel each
         (kernels_pallas/add_norm.py); the o and down projections leave their split-K partials to those kernels.
         Returns the same kind of carry."""
         x, pending, extra = carry
