@@ -92,8 +92,8 @@ class _SamplingFields(_Request):
         if not self.use_beam_search:
             return None
         for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "logit_bias", "allowed_token_ids", "bad_words"):
-            if getattr(self, name):
+                     "logit_bias", "allowed_token_ids", "bad_words", "echo"):
+            if getattr(self, name, None):
                 raise ServerError(f"use_beam_search cannot take {name}", param=name)
         if 2 * self.n > max_logprobs:
             raise ServerError(f"use_beam_search with n={self.n} ranks 2n candidates a step, more than the server's "

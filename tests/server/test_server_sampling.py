@@ -357,7 +357,7 @@ def test_use_beam_search_returns_the_best_beams(live, client):
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                           n=2, extra_body={"use_beam_search": True})
     assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
-    for bad, param in (({"n": 11}, "n"), ({"n": 2, "guided_regex": "a+"}, "guided_regex")):
+    for bad, param in (({"n": 11}, "n"), ({"n": 2, "guided_regex": "a+"}, "guided_regex"), ({"echo": True}, "echo")):
         with pytest.raises(openai.BadRequestError, match=param):
             client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
                                       extra_body={"use_beam_search": True, **bad})
