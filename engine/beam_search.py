@@ -4,9 +4,9 @@ Each round expands every live beam by one token: the beam's tokens go to the eng
 `max_tokens=1` and `logprobs=2 * beam_width`, so the engine's prefix cache holds the beams' shared pages and a
 round recomputes only each beam's last, partial page. Of all the children (beam + one of its top 2w tokens, the
 log-probability added) a child ending in EOS is set aside as finished (unless `ignore_eos`), and the best
-`beam_width` of the others by cumulative log-probability stay live. After `max_tokens` rounds, or once no beam is left, the finished and the live
-beams are ranked by `cum_logprob / len(tokens) ** length_penalty` (the prompt counts, a final EOS does not) and the
-best `beam_width` are returned, best first.
+`beam_width` of the others by cumulative log-probability stay live. After `max_tokens` rounds, or once no beam is
+left, the finished and the live beams are ranked by `cum_logprob / len(tokens) ** length_penalty` (the prompt
+counts, a final EOS does not) and the best `beam_width` are returned, best first.
 
 The search is a plain object (`BeamSearch`): `pending()` gives the prompts to run, `advance()` takes their
 logprobs. `run` drives it over an `LLMEngine`, `run_async` over an `AsyncLLM`.
@@ -61,6 +61,12 @@ def beam_score(seq: BeamSearchSequence, eos_token_ids: tuple[int, ...], length_p
     return seq.cum_logprob / (n ** length_penalty)
 
 
+def round_params(params: BeamSearchParams) -> SamplingParams:
+    """What each beam's one-token request of a round runs with: its top 2w candidates' logprobs."""
+    return SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
+                          ignore_eos=True, skip_special_tokens=False)
+
+
 class BeamSearch:
     """The search for a batch of prompts (token ids each)."""
 
@@ -79,10 +85,6 @@ class BeamSearch:
         """((prompt index, beam index), tokens) of every live beam: the prompts of the next round."""
         return [((i, b), beam.tokens) for i, beams in enumerate(self.live) for b, beam in enumerate(beams)]
 
-    def sampling_params(self) -> SamplingParams:
-        w = self.params.beam_width
-        return SamplingParams(max_tokens=1, logprobs=2 * w, temperature=self.params.temperature, ignore_eos=True,
-                              skip_special_tokens=False)
 
     def advance(self, logprobs: dict[tuple[int, int], dict[int, float]]) -> None:
         """One round: logprobs[(i, b)] are the top candidates after live beam b of prompt i."""
@@ -124,7 +126,7 @@ _ids = itertools.count()
 def run(engine, prompts: list[list[int]], params: BeamSearchParams, lora_request=None) -> list[BeamSearchOutput]:
     """The search over an LLMEngine (the engine's own step loop; nothing else may be running on it)."""
     search = BeamSearch(prompts, params, engine.eos_token_ids)
-    sp = search.sampling_params()
+    sp = round_params(params)
     while not search.done:
         keys = {}
         for key, tokens in search.pending():
@@ -145,7 +147,7 @@ async def run_async(engine, prompt: list[int], params: BeamSearchParams, request
     """The search for one prompt over an AsyncLLM: each round's beams are requests running side by side with the
     server's other traffic. Cancelling it aborts the round in flight."""
     search = BeamSearch([prompt], params, engine.engine.eos_token_ids)
-    sp = search.sampling_params()
+    sp = round_params(params)
     adapter = {} if lora_request is None else {"lora_request": lora_request}
 
     async def expand(key, tokens, rid):

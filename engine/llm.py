@@ -117,8 +117,8 @@ class LLM:
         ids = [self.engine.encode(prompt) for _, prompt in map(parse_prompt, prompts)]
         if self.engine.has_unfinished_requests():
             raise RuntimeError("beam_search runs the engine's own loop: finish the requests in flight first")
-        sp = beam.BeamSearch([], params, ()).sampling_params()
-        self.engine.runner.ensure_variants({row_variant(sp, self.engine.model_config.vocab_size)}, progress=False)
+        variant = row_variant(beam.round_params(params), self.engine.model_config.vocab_size)
+        self.engine.runner.ensure_variants({variant}, progress=False)
         return beam.run(self.engine, ids, params, lora_request)
 
     def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],

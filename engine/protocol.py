@@ -307,9 +307,13 @@ class LogprobFormat:
     "token_id:<id>" instead (vLLM's return_tokens_as_token_ids: a token that is not valid UTF-8 on its own, such
     as part of a multi-byte character, stays identifiable); text offsets still count the decoded text."""
 
-    def __init__(self, tokenizer, as_ids: bool = False):
+    def __init__(self, tokenizer, as_ids: bool = False, strs: dict[int, str] | None = None):
         self.tokenizer, self.as_ids = tokenizer, as_ids
-        self._strs: dict[int, str] = {}
+        self._strs: dict[int, str] = {} if strs is None else strs  # shared by the two forms of one server
+
+    def by_id(self) -> "LogprobFormat":
+        """The same format naming tokens by id, sharing this one's decoded strings."""
+        return LogprobFormat(self.tokenizer, as_ids=True, strs=self._strs)
 
     def token_str(self, token_id: int) -> str:
         s = self._strs.get(token_id)

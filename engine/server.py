@@ -103,7 +103,7 @@ class OpenAIServer:
         self.metrics = ServerMetrics(engine.stats, served_model_name)
         self._pending: set[str] = set()  # admitted engine requests with no token yet
         self.lp = P.LogprobFormat(self.tokenizer)  # the responses' logprobs objects
-        self.lp_ids = P.LogprobFormat(self.tokenizer, as_ids=True)  # ... naming tokens by id
+        self.lp_ids = self.lp.by_id()  # ... naming tokens by id
         self.tokens_as_ids = return_tokens_as_token_ids  # the default of a request's return_tokens_as_token_ids
         self.trust_request_chat_template = trust_request_chat_template  # vLLM's --trust-request-chat-template
 

@@ -167,7 +167,7 @@ class BadWordsGuide:
                     f = fail[f]
                 fail[child] = children[f].get(t, 0)
                 queue.append(child)
-        self.children, self.fail, self.vocab_size = children, fail, vocab_size
+        self.children, self.fail = children, fail
         self.rows = {}
         for node, banned in enumerate(ends):
             allowed = np.ones(vocab_size, bool)
