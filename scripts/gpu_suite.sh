@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The open issues' GPU measurements, in priority order, inside one time budget.
+#
+#   LIMIT=570 bash scripts/gpu_suite.sh [ITEM ...]      # default: every item, in the order below
+#
+# Each item states how many seconds it needs (cold machine, compile cache in /tmp/iecc shared by all items) and is
+# skipped when the time left would not cover it, so one call of the device tool gives what it can instead of
+# being cut off mid-run. Logs and JSON go to $OUT (default out/suite); `$OUT/res` holds one line per item.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+LIMIT=${LIMIT:-570}
+OUT=${OUT:-out/suite}
+mkdir -p "$OUT"
+START=$(date +%s)
+CC=/tmp/iecc
+B1="--model llama-3-8b --load-format dummy --dtype bfloat16 --input-len 128 --output-len 512 --num-prompts 1
+    --max-num-seqs 1 --max-num-batched-tokens 256 --compilation-cache-dir $CC"
+
+left() { echo $((LIMIT - ($(date +%s) - START))); }
+
+# run NAME SECONDS CMD...: run CMD under the time left when SECONDS fit, log to $OUT/NAME.log, note rc in $OUT/res.
+run() {
+  local name=$1 need=$2; shift 2
+  local have; have=$(left)
+  if [ "$have" -lt "$need" ]; then
+    echo "$name skipped (needs ${need}s, ${have}s left)" | tee -a "$OUT/res"
+    return
+  fi
+  local t0; t0=$(date +%s)
+  timeout "$have" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/res"
+  tail -n 6 "$OUT/$name.log"
+}
+
+item_b1() { run b1_plain 90 python scripts/bench_throughput.py $B1 --out "$OUT"; }
+item_lora() { run b1_lora 90 python scripts/bench_throughput.py $B1 --enable-lora --random-loras 1 --out "$OUT"; }
+item_spec() {
+  run b1_spec 90 python scripts/bench_throughput.py $B1 --max-num-seqs 8 \
+    --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' --out "$OUT"
+}
+item_tests() {
+  run gpu_tests 150 python -m pytest -q -m gpu -x tests/kernels/test_quant_gemm.py tests/engine/test_engine_gpu.py \
+    tests/kernels/test_add_norm.py -k "split or prompt_logprobs or llama_3_8b"
+}
+item_guided() { run b1_guided 90 python scripts/bench_throughput.py $B1 --guided-regex "[a-z0-9 ]*" --out "$OUT"; }
+item_quant_split() {
+  run quant_split 120 python scripts/bench_kernels.py quant --shapes down --ms 128,256 --only "int4 gemm,int8 gemm" \
+    --out "$OUT"
+}
+item_paged_fp8_b1() {
+  run paged_fp8_b1 90 python scripts/bench_kernels.py paged --short --fp8 --decode-tiles --tiles-only \
+    --cases "b1 ctx32768" --out "$OUT"
+}
+item_lora_t1024() {
+  for lora in "" --enable-lora; do
+    run "t1024_profile${lora:+_lora}" 120 python scripts/profile_step.py --batch 1000 --context 192 \
+      --kv-cache-dtype fp8 --max-num-seqs 1024 --max-num-batched-tokens 16384 $lora --out "$OUT"
+  done
+}
+item_dispatch() {
+  run dispatch 200 python scripts/bench_variants.py --variant plain= \
+    --variant nocb=IE_JAX_XLA_OPTIONS=xla_gpu_enable_command_buffer= -- $B1 --out "$OUT"
+}
+item_serving() {
+  # One server, two client runs: `bench serve` defaults at rate inf, then at 1 request/s (200 prompts).
+  local have; have=$(left)
+  if [ "$have" -lt 240 ]; then echo "serving skipped (needs 240s, ${have}s left)" | tee -a "$OUT/res"; return; fi
+  python scripts/serve.py --model llama-3-8b --load-format dummy --dtype bfloat16 --kv-cache-dtype fp8 \
+    --max-num-seqs 512 --max-num-batched-tokens 8192 --compilation-cache-dir $CC > "$OUT/server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 180); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
+  run serve_rate_inf 60 python scripts/bench_serving.py --save-result --result-dir "$OUT" --disable-tqdm
+  run serve_qps1 60 python scripts/bench_serving.py --request-rate 1 --num-prompts 200 --save-result \
+    --result-dir "$OUT" --disable-tqdm
+  kill "$pid"; wait "$pid" 2>/dev/null
+}
+
+ITEMS=${*:-"b1 lora spec tests guided quant_split paged_fp8_b1 lora_t1024 dispatch serving"}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu" || true
+git rev-parse --short HEAD 2>/dev/null > "$OUT/commit" || true
+for item in $ITEMS; do "item_$item"; done
+echo "done in $(( $(date +%s) - START ))s" | tee -a "$OUT/res"
