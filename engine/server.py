@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -37,13 +35,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine.protocol as P
-from engine import beam_search
+from engine import beam_search, shaping
 from engine.beam_search import BeamSearchParams
 from engine.http_util import BearerAuth, error_response, merge_streams, wait_for_disconnect
 from engine.lora import LoRARequest, runtime_lora_updates
 from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
-from engine.reasoning import ChatMode, ChatStream, ReasoningParser
+from engine.reasoning import ChatMode, ReasoningParser
 from engine.responses import ResponseShape, ResponsesRequest
 from engine.tools import tool_mode
 from ie_jax.sampling import SamplingParams
@@ -60,24 +58,6 @@ class _Job:
     score_only: bool = False  # echo with max_tokens=0: the prompt (and its logprobs) is the whole answer
     lora: LoRARequest | None = None  # the adapter the request names as its model
     beam: BeamSearchParams | None = None  # use_beam_search: the choices are its best beams, in order
-
-
-@dataclasses.dataclass
-class _Choice:
-    """What has arrived for one choice so far."""
-    text: list[str] = dataclasses.field(default_factory=list)
-    text_len: int = 0  # characters in `text`
-    num_tokens: int = 0
-    num_prompt: int = 0
-    num_cached: int = 0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    logprobs: list[tuple[int, dict[int, float]]] = dataclasses.field(default_factory=list)
-    prompt_logprobs: list[tuple[int, dict[int, float] | None]] | None = None  # echo with logprobs
-    started: bool = False  # streaming: a chunk of this choice went out
-    chat: ChatStream | None = None  # streaming chat with tools or reasoning: what went out
-    held: list = dataclasses.field(default_factory=list)  # logprobs of text not yet sent (a tag held back)
-    echo_len: int = 0  # streaming: characters of echoed prompt before the generated text
 
 
 class OpenAIServer:
@@ -269,117 +249,10 @@ class OpenAIServer:
                 for rid in unfinished:
                     await self.engine.abort(rid)
 
-    # --- response shaping -------------------------------------------------------------------------------------
-
-    @staticmethod
-    def absorb(choice: _Choice, out: RequestOutput, prompt_ids: list[int]) -> list[tuple[int, dict[int, float]]]:
-        """Adds a delta to the choice; returns the delta's (token id, logprobs) entries."""
-        choice.text.append(out.new_text)
-        choice.text_len += len(out.new_text)
-        choice.num_tokens = out.num_output_tokens or choice.num_tokens + len(out.new_token_ids)
-        choice.num_prompt, choice.num_cached = out.num_prompt_tokens, out.num_cached_tokens
-        entries = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
-        choice.logprobs.extend(entries)
-        if out.prompt_logprobs is not None:
-            choice.prompt_logprobs = list(zip(prompt_ids, out.prompt_logprobs))
-        if out.finished:
-            choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
-        return entries
-
-    @staticmethod
-    def total_usage(jobs: list[_Job], choices: dict[int, _Choice]) -> dict:
-        """Prompt tokens count once per prompt, whatever n is (as in vLLM)."""
-        prompts = {id(j.prompt_ids): (len(j.prompt_ids), choices[j.index].num_cached) for j in jobs}
-        completion = sum(c.num_tokens for c in choices.values())
-        return P.usage(sum(n for n, _ in prompts.values()), completion, sum(c for _, c in prompts.values()))
-
-    async def collect(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
-                      num_top: int | None, chat: ChatMode | None = None,
-                      fmt: P.LogprobFormat | None = None) -> dict:
-        fmt = fmt or self.lp
-        choices = {j.index: _Choice() for j in jobs}
-        try:
-            async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
-                async for job, out in outs:
-                    self.absorb(choices[job.index], out, job.prompt_ids)
-        except ValueError as e:
-            raise P.ServerError(str(e)) from e
-        body = []
-        for j in sorted(jobs, key=lambda j: j.index):
-            c = choices[j.index]
-            text = "".join(c.text)
-            if kind == "text_completion":
-                prefix = (j.prompt_text or "") if echo else ""
-                lp = None
-                if num_top is not None:
-                    lp = fmt.echoed(c.prompt_logprobs, c.logprobs, prefix) if c.prompt_logprobs is not None \
-                        else fmt.completion(c.logprobs, len(prefix))
-                body.append(P.completion_choice(j.index, prefix + text, lp, c.finish_reason, c.stop_reason))
-            else:
-                lp = fmt.chat(c.logprobs, num_top) if num_top is not None else None
-                content, reasoning, calls, finish = (text, None, None, c.finish_reason) if chat is None else \
-                    chat.message(text, c.finish_reason)
-                body.append(P.chat_choice(j.index, content, lp, finish, c.stop_reason, calls, self.response_role,
-                                          reasoning))
-        return P.envelope(kind, request_id, int(time.time()), self.response_model(jobs), body,
-                          self.total_usage(jobs, choices))
+    # --- responses --------------------------------------------------------------------------------------------
 
     def response_model(self, jobs: list[_Job]) -> str:
         return jobs[0].lora.lora_name if jobs and jobs[0].lora is not None else self.model_name
-
-    async def stream(self, kind: str, request_id: str, jobs: list[_Job], priority: int, echo: bool,
-                     num_top: int | None, include_usage: bool, continuous_usage: bool,
-                     chat: ChatMode | None = None, fmt: P.LogprobFormat | None = None) -> AsyncIterator[str]:
-        fmt = fmt or self.lp
-        chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
-        created, model = int(time.time()), self.response_model(jobs)
-        choices = {j.index: _Choice() for j in jobs}
-
-        def event(body: list[dict], usage: dict | None = None) -> str:
-            obj = P.envelope(chunk_kind, request_id, created, model, body, usage)
-            return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-        try:
-            if chunk_kind == "chat.completion.chunk":  # the role goes first, before any token
-                for j in jobs:
-                    yield event([P.chat_delta_choice(j.index, {"role": self.response_role, "content": ""})])
-            async with contextlib.aclosing(self.outputs(jobs, priority)) as outs:
-                async for job, out in outs:
-                    c = choices[job.index]
-                    entries = self.absorb(c, out, job.prompt_ids)
-                    if not (out.new_text or out.finished or entries):
-                        continue
-                    finish, stop = (out.finish_reason, out.stop_reason) if out.finished else (None, None)
-                    if chunk_kind == "text_completion":
-                        prefix = (job.prompt_text or "") if echo and not c.started else ""
-                        c.echo_len += len(prefix)
-                        offset = c.echo_len + c.text_len - len(out.new_text)
-                        lp = None
-                        if num_top is not None:
-                            lp = fmt.echoed(c.prompt_logprobs, entries, prefix) if prefix and \
-                                c.prompt_logprobs else fmt.completion(entries, offset)
-                        body = P.completion_choice(job.index, prefix + out.new_text, lp, finish, stop)
-                    elif chat is not None:  # reasoning split off; calls as deltas, the rest as content
-                        c.chat, c.held = c.chat or ChatStream(chat), c.held + entries
-                        delta, finish = c.chat.delta(out.new_text, finish)
-                        if delta is None:
-                            continue
-                        lp = fmt.chat(c.held, num_top) if num_top is not None else None
-                        body, c.held = P.chat_delta_choice(job.index, delta, lp, finish, stop), []
-                    else:
-                        lp = fmt.chat(entries, num_top) if num_top is not None else None
-                        delta = {"content": out.new_text} if out.new_text or not out.finished else {}
-                        body = P.chat_delta_choice(job.index, delta, lp, finish, stop)
-                    c.started = True
-                    usage = (P.usage(c.num_prompt, c.num_tokens, c.num_cached) if continuous_usage else None)
-                    yield event([body], usage)
-            if include_usage:
-                yield event([], self.total_usage(jobs, choices))
-        except ValueError as e:
-            yield f"data: {json.dumps(P.error_body(str(e), 400))}\n\n"
-        except Exception as e:  # the headers are gone: report in-band, as vLLM does
-            yield f"data: {json.dumps(P.error_body(f'{type(e).__name__}: {e}', 500))}\n\n"
-        yield "data: [DONE]\n\n"
 
     async def respond(self, raw: Request, kind: str, request_id: str, jobs: list[_Job], priority: int,
                       body: P._SamplingFields, echo: bool, num_top: int | None,
@@ -388,12 +261,14 @@ class OpenAIServer:
         self.admit(jobs)
         as_ids = body.return_tokens_as_token_ids
         fmt = self.lp_ids if (self.tokens_as_ids if as_ids is None else as_ids) else self.lp
+        reply = shaping.Reply(kind, request_id, self.response_model(jobs), fmt, echo, num_top, chat,
+                              self.response_role)
         if body.stream:
-            events = self.stream(kind, request_id, jobs, priority, echo, num_top, body.include_usage,
-                                 body.continuous_usage, chat, fmt)
+            events = shaping.stream(self.outputs(jobs, priority), reply, jobs, body.include_usage,
+                                    body.continuous_usage)
             return StreamingResponse(events if reshape is None else reshape.stream(events),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        work = asyncio.ensure_future(self.collect(kind, request_id, jobs, priority, echo, num_top, chat, fmt))
+        work = asyncio.ensure_future(shaping.collect(self.outputs(jobs, priority), reply, jobs))
         watch = asyncio.ensure_future(wait_for_disconnect(raw))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
