@@ -86,6 +86,8 @@ class _SamplingFields(_Request):
     return_tokens_as_token_ids: bool | None = None  # logprobs name tokens "token_id:<id>" (None: the server's flag)
     use_beam_search: bool = False  # the n best beams instead of n samples (engine/beam_search.py)
     length_penalty: float = 1.0  # beam search: a sequence's score is cum_logprob / length ** length_penalty
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob, rank and top k (-1: the whole vocab)
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids beside the text
 
     def beam_params(self, max_tokens: int, max_logprobs: int) -> BeamSearchParams | None:
         """use_beam_search's search (n beams), None without it. Raises ServerError for what it cannot combine."""
@@ -95,6 +97,8 @@ class _SamplingFields(_Request):
                      "logit_bias", "allowed_token_ids", "bad_words", "echo"):
             if getattr(self, name, None):
                 raise ServerError(f"use_beam_search cannot take {name}", param=name)
+        if self.prompt_logprobs is not None:
+            raise ServerError("use_beam_search cannot take prompt_logprobs", param="prompt_logprobs")
         if 2 * self.n > max_logprobs:
             raise ServerError(f"use_beam_search with n={self.n} ranks 2n candidates a step, more than the server's "
                               f"max_logprobs={max_logprobs}", param="n")
@@ -125,6 +129,23 @@ class _SamplingFields(_Request):
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=bias, guided_decoding=guided,
             allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
             bad_words=tuple(self.bad_words) if self.bad_words else None)
+
+    def num_prompt_logprobs(self, vocab_size: int, max_logprobs: int) -> int | None:
+        """prompt_logprobs as a count of top tokens (-1: all of them), None when not asked for. vLLM's rules: not
+        with streaming, -1 or at least 0, and at most the server's max_logprobs."""
+        k = self.prompt_logprobs
+        if k is None:
+            return None
+        if k < -1:
+            raise ServerError(f"prompt_logprobs={k} must be -1 (the whole vocabulary) or at least 0",
+                              param="prompt_logprobs")
+        if self.stream:
+            raise ServerError("prompt_logprobs are not available when stream=true", param="prompt_logprobs")
+        k = vocab_size if k == -1 else k
+        if k > max_logprobs:
+            raise ServerError(f"Requested prompt logprobs of {k}, which is greater than max allowed: {max_logprobs}",
+                              param="prompt_logprobs")
+        return k
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
         """vLLM's truncate_prompt_tokens: the prompt's last k tokens (left truncation); -1 keeps max_model_len."""
@@ -355,6 +376,23 @@ class LogprobFormat:
             content.append({**item(token_id, lps.get(token_id, float("-inf"))),
                             "top_logprobs": [item(t, lp) for t, lp in ranked]})
         return {"content": content, "refusal": None}
+
+    def prompt(self, entries: list[tuple[int, dict[int, float] | None]]) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}},
+        the token itself first, then the top tokens (ranks 1, 2, ...). -inf becomes -9999.0, as vLLM sends it."""
+        out: list[dict | None] = []
+        for token_id, lps in entries:
+            if lps is None:
+                out.append(None)
+                continue
+            obj = {str(token_id): self._logprob(lps[token_id], getattr(lps, "rank", None), token_id)}
+            for r, (t, lp) in enumerate(sorted(lps.items(), key=lambda kv: -kv[1]), 1):
+                obj.setdefault(str(t), self._logprob(lp, r, t))
+            out.append(obj)
+        return out
+
+    def _logprob(self, lp: float, rank: int | None, token_id: int) -> dict:
+        return {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": self.label(token_id)}
 
 
 def envelope(kind: Literal["text_completion", "chat.completion", "chat.completion.chunk"], request_id: str,

@@ -83,16 +83,18 @@ def _step_flat(graphdef, weights_tree, caches, counts, last_tokens, tables, pack
 def _score_flat(graphdef, weights_tree, num_top: int, token_ids, lora_slots, *weights):
     """Prompt logprobs: one dense causal forward over token_ids [1, L] (padding after the prompt changes nothing
     before it), under the LoRA slot of each token (lora_slots [L], or None without adapters). Returns each next
-    token's logprob [L - 1] and the top `num_top` ids and logprobs [L - 1, num_top], all from the raw logits in f32;
+    token's logprob [L - 1], the top `num_top` ids and logprobs [L - 1, num_top] and each token's rank [L - 1] (how
+    many tokens are at least as likely), all from the raw logits in f32;
     the log-softmax itself is never materialised ([L, V] logits are the peak)."""
     state, layer_states = jax.tree.unflatten(weights_tree, weights)
     ctx = DenseCausal(lora_slots=lora_slots)
     logits, _ = nnx.merge(graphdef, state)(token_ids, ctx=ctx, layer_states=layer_states)
     logits = logits[0, :-1].astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    token_lp = jnp.take_along_axis(logits, token_ids[0, 1:, None], axis=-1)[:, 0] - lse
+    token_logit = jnp.take_along_axis(logits, token_ids[0, 1:, None], axis=-1)
+    rank = (logits >= token_logit).sum(axis=-1, dtype=jnp.int32)  # 1 for the likeliest
     top_lp, top_ids = jax.lax.top_k(logits, num_top)
-    return token_lp, top_ids, top_lp - lse[:, None]
+    return token_logit[:, 0] - lse, top_ids, top_lp - lse[:, None], rank
 
 
 # _step_flat's static arguments: graphdef, weights_tree, input layout, num_logprobs, sample mode, decode_only
@@ -144,7 +146,8 @@ def step_variant(row_variants) -> str:
     return max(row_variants, key=_COST.__getitem__)
 
 
-_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits",
+                 "/jax/compilation_cache/cache_misses": "cache_misses"}
 _cache_counts = {"cache_hits": 0, "cache_misses": 0}  # persistent compilation cache lookups in this process
 
 
@@ -421,9 +424,10 @@ class ModelRunner:
     def score(self, token_ids: list[int], num_top: int,
               adapter: AdapterWeights | None = None) -> list[dict[int, float] | None]:
         """Prompt logprobs (SamplingParams.prompt_logprobs): per prompt token, None for the first, else
-        {token: logprob} of the token and the top `num_top` at its position, as `ie_jax.generate.prompt_logprobs`
-        gives. A dense forward outside the paged step, compiled once per power-of-two length bucket on first use
-        (an opt-in request type, so start-up does not pay for it). Its peak is the [L, vocab] f32 logits, so L is
+        {token: logprob} of the token and the top `num_top` at its position, with the token's rank
+        (`TokenLogprobs`), as `ie_jax.generate.prompt_logprobs` gives. A dense forward outside the paged step,
+        compiled once per power-of-two length bucket on first use (an opt-in request type, so start-up does not pay
+        for it). Its peak is the [L, vocab] f32 logits, so L is
         capped (`max_score_tokens`) to keep them within a quarter of the memory kept free for the steps. With an
         `adapter`, it runs over a private copy of the LoRA factors with the adapter in slot 0 (the base weights are
         shared): the engine's slots are left alone, and this may run on another thread beside the steps."""
@@ -439,10 +443,12 @@ class ModelRunner:
             slots = np.full(padded.shape[1], -1 if adapter is None else 0, np.int32)
             if adapter is not None:
                 write_adapter(weights, self.lora_leaves, 0, adapter)
-        lp, top_ids, top_lp = self._score(self.graphdef, self.weights_tree, k, jax.device_put(padded, self.device),
-                                          slots, *weights)
+        lp, top_ids, top_lp, rank = self._score(self.graphdef, self.weights_tree, k,
+                                                jax.device_put(padded, self.device), slots, *weights)
         lp, top_ids, top_lp = np.asarray(lp), np.asarray(top_ids)[:, :num_top], np.asarray(top_lp)[:, :num_top]
-        return [None] + [prompt_logprob_entry(t, lp[i], top_ids[i], top_lp[i]) for i, t in enumerate(token_ids[1:])]
+        rank = np.asarray(rank)
+        return [None] + [prompt_logprob_entry(t, lp[i], top_ids[i], top_lp[i], rank[i])
+                         for i, t in enumerate(token_ids[1:])]
 
     @property
     def max_score_tokens(self) -> int:

@@ -144,6 +144,8 @@ class OpenAIServer:
             ids = body.truncated(body.prompt_ids(self.tokenizer), self.max_model_len)
             max_tokens = self.max_tokens(len(ids), body.requested_max_tokens, "messages")
             params = body.sampling_params(max_tokens, num_top, self.default_sampling)
+            params = dataclasses.replace(params, prompt_logprobs=body.num_prompt_logprobs(
+                self.engine.model_config.vocab_size, self.max_logprobs))
             if tools is not None and tools.guided() is not None:  # a forced call: held to the tools' schemas
                 if params.guided_decoding is not None:
                     raise P.ServerError("a forced tool call cannot take response_format or guided_* as well",
@@ -173,9 +175,10 @@ class OpenAIServer:
 
     def jobs(self, request_id: str, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
              score_only: bool = False, lora: LoRARequest | None = None,
-             beams: list[BeamSearchParams | None] | None = None) -> list[_Job]:
+             beams: list[BeamSearchParams | None] | None = None, echo: bool = False) -> list[_Job]:
         """Fan out n choices per prompt. A seeded request gives choice j the seed ie_jax.generate and LLM derive
-        for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends."""
+        for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends. A prompt's
+        logprobs are computed by its first choice only, unless each choice echoes them."""
         vocab = self.engine.model_config.vocab_size
         for sp in params:  # checked before anything streams (the engine checks again when it adds the request)
             error = sp.vocab_error(vocab)
@@ -186,8 +189,10 @@ class OpenAIServer:
             for j in range(sp.n):
                 seed = None if sp.seed is None else (sp.seed + 7919 * j) % 2**32
                 index = p * sp.n + j
-                out.append(_Job(index, f"{request_id}-{index}", ids, dataclasses.replace(sp, n=1, seed=seed), text,
-                                score_only, lora, beams[p] if beams else None))
+                scored = sp.prompt_logprobs if j == 0 or echo else None
+                out.append(_Job(index, f"{request_id}-{index}", ids,
+                                dataclasses.replace(sp, n=1, seed=seed, prompt_logprobs=scored), text, score_only,
+                                lora, beams[p] if beams else None))
         return out
 
     def admit(self, jobs: list[_Job]) -> None:
@@ -262,7 +267,7 @@ class OpenAIServer:
         as_ids = body.return_tokens_as_token_ids
         fmt = self.lp_ids if (self.tokens_as_ids if as_ids is None else as_ids) else self.lp
         reply = shaping.Reply(kind, request_id, self.response_model(jobs), fmt, echo, num_top, chat,
-                              self.response_role)
+                              self.response_role, body.prompt_logprobs is not None, body.return_token_ids)
         if body.stream:
             events = shaping.stream(self.outputs(jobs, priority), reply, jobs, body.include_usage,
                                     body.continuous_usage)
@@ -385,8 +390,10 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         if body.max_tokens == 0 and not body.echo:
             raise P.ServerError("max_tokens=0 returns nothing without echo=true", param="max_tokens")
         # echo with logprobs: the prompt tokens' logprobs too (how lm-evaluation-harness scores text); with
-        # max_tokens=0, only those
-        prompt_logprobs = body.logprobs if body.echo else None
+        # max_tokens=0, only those. vLLM's prompt_logprobs asks for them in a field of their own.
+        prompt_logprobs = body.num_prompt_logprobs(server.engine.model_config.vocab_size, server.max_logprobs)
+        if prompt_logprobs is None and body.echo:
+            prompt_logprobs = body.logprobs
         prompts, params = [], []
         for prompt in body.prompts():
             whole = server.encode(prompt, body.add_special_tokens)
@@ -402,7 +409,8 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
             prompts.append((ids, text))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         beams = [body.beam_params(p.max_tokens, server.max_logprobs) for p in params]
-        jobs = server.jobs(request_id, prompts, params, score_only=body.max_tokens == 0, lora=lora, beams=beams)
+        jobs = server.jobs(request_id, prompts, params, score_only=body.max_tokens == 0, lora=lora, beams=beams,
+                           echo=body.echo)
         return await server.respond(raw, "text_completion", request_id, jobs, body.priority, body, body.echo,
                                     body.logprobs)
 

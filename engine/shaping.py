@@ -34,6 +34,8 @@ class Choice:
     chat: ChatStream | None = None  # streaming chat with tools or reasoning: what went out
     held: list = dataclasses.field(default_factory=list)  # logprobs of text not yet sent (a tag held back)
     echo_len: int = 0  # streaming: characters of echoed prompt before the generated text
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # return_token_ids: the choice's tokens so far
+    ids_sent: int = 0  # streaming: how many of `token_ids` went out
 
 
 @dataclasses.dataclass
@@ -47,11 +49,16 @@ class Reply:
     num_top: int | None = None  # logprobs: None for none, else how many top alternatives per token
     chat: ChatMode | None = None  # chat with tools or reasoning: how the reply's text becomes its message
     role: str = "assistant"
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field (the completion choices', the chat response's)
+    token_ids: bool = False  # vLLM's return_token_ids: prompt_token_ids and token_ids beside the text
 
 
-def absorb(choice: Choice, out: RequestOutput, prompt_ids: list[int]) -> list[tuple[int, dict[int, float]]]:
+def absorb(choice: Choice, out: RequestOutput, prompt_ids: list[int],
+           keep_ids: bool = False) -> list[tuple[int, dict[int, float]]]:
     """Adds a delta to the choice; returns the delta's (token id, logprobs) entries."""
     choice.text.append(out.new_text)
+    if keep_ids:
+        choice.token_ids.extend(out.new_token_ids)
     choice.text_len += len(out.new_text)
     choice.num_tokens = out.num_output_tokens or choice.num_tokens + len(out.new_token_ids)
     choice.num_prompt, choice.num_cached = out.num_prompt_tokens, out.num_cached_tokens
@@ -78,9 +85,13 @@ async def collect(outs: AsyncIterator, reply: Reply, jobs) -> dict:
     try:
         async with contextlib.aclosing(outs):
             async for job, out in outs:
-                absorb(choices[job.index], out, job.prompt_ids)
+                absorb(choices[job.index], out, job.prompt_ids, reply.token_ids)
     except ValueError as e:
         raise P.ServerError(str(e)) from e
+    scored = {}  # prompt logprobs per prompt (the server scores a prompt once, whatever n is)
+    for j in jobs:
+        if choices[j.index].prompt_logprobs is not None:
+            scored.setdefault(id(j.prompt_ids), choices[j.index].prompt_logprobs)
     body = []
     for j in sorted(jobs, key=lambda j: j.index):
         c = choices[j.index]
@@ -89,15 +100,29 @@ async def collect(outs: AsyncIterator, reply: Reply, jobs) -> dict:
             prefix = (j.prompt_text or "") if reply.echo else ""
             lp = None
             if num_top is not None:
-                lp = fmt.echoed(c.prompt_logprobs, c.logprobs, prefix) if c.prompt_logprobs is not None \
-                    else fmt.completion(c.logprobs, len(prefix))
-            body.append(P.completion_choice(j.index, prefix + text, lp, c.finish_reason, c.stop_reason))
+                lp = fmt.echoed(c.prompt_logprobs, c.logprobs, prefix) if reply.echo and c.prompt_logprobs \
+                    is not None else fmt.completion(c.logprobs, len(prefix))
+            choice = P.completion_choice(j.index, prefix + text, lp, c.finish_reason, c.stop_reason)
+            if reply.prompt_logprobs:
+                choice["prompt_logprobs"] = fmt.prompt(scored.get(id(j.prompt_ids), []))
+            if reply.token_ids:
+                choice["prompt_token_ids"], choice["token_ids"] = j.prompt_ids, c.token_ids
         else:
             lp = fmt.chat(c.logprobs, num_top) if num_top is not None else None
             content, reasoning, calls, finish = (text, None, None, c.finish_reason) if reply.chat is None else \
                 reply.chat.message(text, c.finish_reason)
-            body.append(P.chat_choice(j.index, content, lp, finish, c.stop_reason, calls, reply.role, reasoning))
-    return P.envelope(reply.kind, reply.request_id, int(time.time()), reply.model, body, total_usage(jobs, choices))
+            choice = P.chat_choice(j.index, content, lp, finish, c.stop_reason, calls, reply.role, reasoning)
+            if reply.token_ids:
+                choice["token_ids"] = c.token_ids
+        body.append(choice)
+    response = P.envelope(reply.kind, reply.request_id, int(time.time()), reply.model, body,
+                          total_usage(jobs, choices))
+    if reply.kind != "text_completion" and jobs:  # chat: one prompt, its fields on the response
+        if reply.prompt_logprobs:
+            response["prompt_logprobs"] = fmt.prompt(scored.get(id(jobs[0].prompt_ids), []))
+        if reply.token_ids:
+            response["prompt_token_ids"] = jobs[0].prompt_ids
+    return response
 
 
 async def stream(outs: AsyncIterator, reply: Reply, jobs, include_usage: bool,
@@ -109,18 +134,20 @@ async def stream(outs: AsyncIterator, reply: Reply, jobs, include_usage: bool,
     created = int(time.time())
     choices = {j.index: Choice() for j in jobs}
 
-    def event(body: list[dict], usage: dict | None = None) -> str:
-        obj = P.envelope(chunk_kind, reply.request_id, created, reply.model, body, usage)
+    def event(body: list[dict], usage: dict | None = None, **extra) -> str:
+        obj = {**P.envelope(chunk_kind, reply.request_id, created, reply.model, body, usage), **extra}
         return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     try:
         if chunk_kind == "chat.completion.chunk":  # the role goes first, before any token
-            for j in jobs:
-                yield event([P.chat_delta_choice(j.index, {"role": reply.role, "content": ""})])
+            for n, j in enumerate(jobs):
+                # with return_token_ids the prompt's ids ride on the first chunk, as vLLM sends them
+                extra = {"prompt_token_ids": j.prompt_ids} if reply.token_ids and n == 0 else {}
+                yield event([P.chat_delta_choice(j.index, {"role": reply.role, "content": ""})], **extra)
         async with contextlib.aclosing(outs):
             async for job, out in outs:
                 c = choices[job.index]
-                entries = absorb(c, out, job.prompt_ids)
+                entries = absorb(c, out, job.prompt_ids, reply.token_ids)
                 if not (out.new_text or out.finished or entries):
                     continue
                 finish, stop = (out.finish_reason, out.stop_reason) if out.finished else (None, None)
@@ -144,6 +171,10 @@ async def stream(outs: AsyncIterator, reply: Reply, jobs, include_usage: bool,
                     lp = fmt.chat(entries, num_top) if num_top is not None else None
                     delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                     body = P.chat_delta_choice(job.index, delta, lp, finish, stop)
+                if reply.token_ids:  # the ids of the text this chunk carries (held-back tokens go out with it)
+                    body["token_ids"], c.ids_sent = c.token_ids[c.ids_sent:], len(c.token_ids)
+                    if chunk_kind == "text_completion" and not c.started:
+                        body["prompt_token_ids"] = job.prompt_ids
                 c.started = True
                 usage = (P.usage(c.num_prompt, c.num_tokens, c.num_cached) if continuous_usage else None)
                 yield event([body], usage)

@@ -161,16 +161,28 @@ def generate(model: nnx.Module, tokenizer, prompts: str | Sequence[str] | Sequen
     return results
 
 
-def prompt_logprobs(model: nnx.Module, token_ids: Sequence[int], k: int) -> list[dict[int, float] | None]:
-    """Each prompt token's logprob given the tokens before it, with the top k there (the reference: one dense
-    forward over the prompt, log-softmax in f32). The first token has no context: None."""
+def prompt_logprobs(model: nnx.Module, token_ids: Sequence[int], k: int) -> list[TokenLogprobs | None]:
+    """Each prompt token's logprob given the tokens before it, with the top k there and its rank (the reference:
+    one dense forward over the prompt, log-softmax in f32). The first token has no context: None."""
     logp = np.asarray(jax.nn.log_softmax(forward(model, list(token_ids))[0, :-1], axis=-1))
-    return [None] + [prompt_logprob_entry(tok, row[tok], *_top(row, k)) for tok, row in zip(token_ids[1:], logp)]
+    return [None] + [prompt_logprob_entry(tok, row[tok], *_top(row, k), rank=int((row >= row[tok]).sum()))
+                     for tok, row in zip(token_ids[1:], logp)]
 
 
-def prompt_logprob_entry(token: int, logprob: float, top_ids, top_logprobs) -> dict[int, float]:
+class TokenLogprobs(dict):
+    """{token_id: logprob} at one prompt position (the top k, then the token itself), and `rank`: the token's rank
+    in the vocabulary there, 1 for the likeliest (how many tokens are at least as likely, vLLM's rule)."""
+    __slots__ = ("rank",)
+
+    def __init__(self, items, rank: int | None = None):
+        super().__init__(items)
+        self.rank = rank
+
+
+def prompt_logprob_entry(token: int, logprob: float, top_ids, top_logprobs, rank: int | None = None) -> TokenLogprobs:
     """One position's entry, as generated tokens' are: the top k, then the token itself."""
-    return {**{int(i): float(v) for i, v in zip(top_ids, top_logprobs)}, int(token): float(logprob)}
+    return TokenLogprobs({**{int(i): float(v) for i, v in zip(top_ids, top_logprobs)}, int(token): float(logprob)},
+                         None if rank is None else int(rank))
 
 
 def _top(row: np.ndarray, k: int):

@@ -538,6 +538,8 @@ def test_prompt_logprobs_match_the_reference(tiny):
         for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]):
             assert 3 <= len(a) <= 4 and a.keys() == b.keys()  # the top 3, and the prompt token if not among them
             np.testing.assert_allclose([a[k] for k in b], list(b.values()), atol=1e-4)
+            assert a.rank == b.rank >= 1  # the token's rank in the vocabulary, as the reference counts it
+        assert sum(r.rank > 3 for r in g.prompt_logprobs[1:]) > 0  # random weights: some tokens outside the top 3
         assert [c.token_ids for c in g.outputs] == [c.token_ids for c in w.outputs]
     assert got[0].prompt_logprobs[1] == llm.engine.score_prompt(PROMPTS[0], 3)[1]
     assert llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].prompt_logprobs is None
