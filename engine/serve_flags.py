@@ -50,6 +50,7 @@ def app_kwargs(args) -> dict:
                 response_role=getattr(args, "response_role", "assistant"),
                 return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
                 trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
+                log_stats_interval=None if getattr(args, "disable_log_stats", False) else 10.0,
                 reasoning_parser=getattr(args, "reasoning_parser", None),
                 grammar_in_reasoning=(getattr(args, "structured_outputs_config", None) or {}).get("enable_in_reasoning",
                                                                                                  False),

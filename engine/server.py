@@ -43,6 +43,7 @@ from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
 from engine.reasoning import ChatMode, ReasoningParser
 from engine.responses import ResponseShape, ResponsesRequest
+from engine.stats_log import StatsLog, log_to_stderr
 from engine.tools import tool_mode
 from ie_jax.sampling import SamplingParams
 
@@ -292,18 +293,31 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
               max_queue: int | None = None, model_root: str | None = None, tool_call_parser: str | None = None,
               response_role: str = "assistant", cors: dict | None = None, reasoning_parser: str | None = None,
               grammar_in_reasoning: bool = False, return_tokens_as_token_ids: bool = False,
-              trust_request_chat_template: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False, log_stats_interval: float | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
     --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py);
     `reasoning_parser` splits a thinking reply's reasoning off (engine/reasoning.py), its grammars held to the
     text after the thought unless `grammar_in_reasoning`. `return_tokens_as_token_ids`: logprobs name tokens
     "token_id:<id>" unless a request says otherwise. `trust_request_chat_template`: a chat request may bring its own
     template (rendered in jinja2's sandbox), else that is a 400. `cors`: CORSMiddleware's keyword arguments (vLLM's
-    --allowed-origins etc.)."""
+    --allowed-origins etc.). `log_stats_interval`: seconds between the engine stats lines on stderr
+    (engine/stats_log.py, logger "ie_jax.stats"; None: none)."""
     server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser, response_role,
                           reasoning_parser, grammar_in_reasoning, return_tokens_as_token_ids,
                           trust_request_chat_template)
-    app = FastAPI(title="ie-jax OpenAI-compatible server")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        log = None if log_stats_interval is None else \
+            asyncio.ensure_future(StatsLog(engine.stats, log_stats_interval).run())
+        try:
+            yield
+        finally:
+            if log is not None:
+                log.cancel()
+                await asyncio.gather(log, return_exceptions=True)
+
+    app = FastAPI(title="ie-jax OpenAI-compatible server", lifespan=lifespan)
     app.state.server = server
 
     @app.exception_handler(P.ServerError)
@@ -465,6 +479,7 @@ def run_server(args) -> None:
     from engine.serve_flags import app_kwargs
 
     engine = AsyncLLM.from_args(args)
+    log_to_stderr()
     try:
         app = build_app(engine, **app_kwargs(args))
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_keep_alive=5)

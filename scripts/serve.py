@@ -135,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true", help=same)
     p.add_argument("--swap-space", type=float, default=None, metavar="GIB", help=same)
     p.add_argument("--disable-log-requests", action="store_true", help=same)
-    p.add_argument("--disable-log-stats", action="store_true", help=same)
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="no engine stats line on stderr every 10 s (throughput, requests, KV cache, prefix hits)")
     p.add_argument("--disable-frontend-multiprocessing", action="store_true", help=same)
     args = p.parse_args(argv)
     if args.model_tag and args.model and args.model_tag != args.model:
@@ -221,7 +222,6 @@ def compat_notes(args: argparse.Namespace) -> list[str]:
         "swap_space": "--swap-space: nothing is swapped; a preempted request's KV cache is recomputed",
         "disable_log_requests": "--disable-log-requests: requests are not logged here (uvicorn's access lines follow "
                                 "--uvicorn-log-level)",
-        "disable_log_stats": "--disable-log-stats: there is no periodic stats log; GET /metrics has the numbers",
         "disable_frontend_multiprocessing": "--disable-frontend-multiprocessing: the server and the engine already "
                                             "share one process (the engine runs in a thread)",
     }

@@ -114,11 +114,14 @@ def test_parallelism_is_one_gpu(capsys):
 
 def test_compatibility_flags_are_noted(capsys):
     assert serve.compat_notes(serve.parse_args([])) == []
-    flags = ["--trust-remote-code", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
+    flags = ["--trust-remote-code", "--enable-chunked-prefill", "--disable-log-requests",
              "--enforce-eager", "--swap-space", "4", "--disable-frontend-multiprocessing"]
     notes = serve.compat_notes(serve.parse_args(flags))
     assert sorted(n.split(":")[0] for n in notes) == sorted(f for f in flags if f.startswith("--"))
     assert "always on" in parse_error(capsys, ["--no-enable-chunked-prefill"])
+    # --disable-log-stats does something here: no stats line
+    assert app_kwargs(serve.parse_args([]))["log_stats_interval"] == 10.0
+    assert app_kwargs(serve.parse_args(["--disable-log-stats"]))["log_stats_interval"] is None
 
 
 def test_reasoning_parser_flag(capsys):
