@@ -93,6 +93,15 @@ class LLM:
                                 progress=progress, owns_model=owns_model)
         self._ids = itertools.count()
 
+    def get_tokenizer(self):
+        """The tokenizer prompts are encoded with (vLLM's LLM.get_tokenizer), e.g. for its chat template."""
+        return self.tokenizer
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for the engine under this front end."""
+        return self.engine
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What a prompt given no SamplingParams runs with: the generation_config defaults over SamplingParams()."""
         return SamplingParams(**self.default_sampling)

@@ -2,6 +2,7 @@
 
     POST /v1/completions, /v1/chat/completions   (stream or not; n, logprobs, stop, usage, ...; completions'
                                                   echo + logprobs adds the prompt's logprobs, max_tokens=0 only those)
+    POST /invocations   (SageMaker's route: a chat or completion body, by its fields)
     GET  /v1/models, /health, /version, /metrics
     POST /tokenize, /detokenize
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   (with --enable-lora and runtime updates allowed)
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import anyio
+import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -442,6 +444,25 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         jobs, chat, num_top = server.chat_jobs(as_chat, request_id)
         return await server.respond(raw, "chat.completion", request_id, jobs, as_chat.priority, as_chat, False,
                                     num_top, chat, ResponseShape(body, request_id, server.response_model(jobs)))
+
+    @app.post("/invocations")
+    async def invocations(raw: Request):
+        """SageMaker's inference route, as vLLM serves it: a chat body ("messages") goes to chat completions, a
+        completion body ("prompt") to completions."""
+        try:
+            data = await raw.json()
+        except ValueError as e:
+            raise P.ServerError(f"the request body is not JSON: {e}") from e
+        kind = next((k for k in ("messages", "prompt") if isinstance(data, dict) and k in data), None)
+        if kind is None:
+            raise P.ServerError("/invocations takes a chat completion body (with \"messages\") or a completion body "
+                                "(with \"prompt\")")
+        model = P.ChatCompletionRequest if kind == "messages" else P.CompletionRequest
+        try:
+            body = model.model_validate(data)
+        except pydantic.ValidationError as e:
+            raise P.ServerError(P.validation_message(e.errors())) from e
+        return await (chat_completions if kind == "messages" else completions)(body, raw)
 
     @app.post("/tokenize")
     async def tokenize(body: P.TokenizeRequest):

@@ -64,7 +64,9 @@ def test_bad_prompt_dicts_raise_naming_the_key(llm, prompt, match):
 
 def test_chat_equals_generate_on_the_rendered_template(tiny, llm):
     _, tok = tiny
-    ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    assert llm.get_tokenizer() is llm.tokenizer and llm.llm_engine is llm.engine  # vLLM's accessors
+    ids = llm.get_tokenizer().apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    assert ids == tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
     out, = llm.chat(CHAT, GREEDY, use_tqdm=False)
     assert out.prompt_token_ids == ids
     assert out.prompt == "<|bos|><|system|>Be brief.<|end|><|user|>Hello there<|end|><|assistant|>"

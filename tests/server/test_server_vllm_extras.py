@@ -1,5 +1,6 @@
-"""vLLM's token-level extras through the server: `prompt_logprobs` (each prompt token's logprob, rank and top k, as
-their own field) and `return_token_ids` (prompt and output token ids beside the text, whole and streamed)."""
+"""vLLM's extras through the server: `prompt_logprobs` (each prompt token's logprob, rank and top k, as their own
+field), `return_token_ids` (prompt and output token ids beside the text, whole and streamed) and SageMaker's
+/invocations route."""
 from __future__ import annotations
 
 import json
@@ -108,3 +109,23 @@ def test_return_token_ids_chat_whole_and_streamed(live):
     assert chunks[0]["prompt_token_ids"] == ids and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all("prompt_token_ids" not in c for c in chunks[1:])
     assert [t for c in chunks[1:] for t in c["choices"][0]["token_ids"]] == want
+
+
+def test_invocations_routes_chat_and_completion_bodies(live, client):
+    url = f"{live.url}/invocations"
+    body = dict(model=MODEL, prompt="route me", max_tokens=6, temperature=0)
+    want = client.completions.create(**body)
+    got = httpx.post(url, json=body).json()
+    assert got["object"] == "text_completion" and got["choices"][0]["text"] == want.choices[0].text
+    chat = dict(model=MODEL, messages=CHAT, max_tokens=6, temperature=0)
+    want = client.chat.completions.create(**chat)
+    got = httpx.post(url, json=chat).json()
+    assert got["object"] == "chat.completion"
+    assert got["choices"][0]["message"]["content"] == want.choices[0].message.content
+    with httpx.stream("POST", url, json={**chat, "stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]" and json.loads(events[0])["object"] == "chat.completion.chunk"
+    assert_error(httpx.post(url, json={"model": MODEL, "input": "x"}), 400, "messages", "prompt")
+    assert_error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON")
+    assert_error(httpx.post(url, json={"prompt": "x", "max_tokens": "many"}), 400, "max_tokens")
+    assert_error(httpx.post(url, json={"model": "other", "prompt": "x"}), 404, "does not exist")
