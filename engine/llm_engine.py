@@ -194,27 +194,36 @@ class LLMEngine:
         return [a.request for a in self.adapters.values()]
 
     def bad_words_guide(self, words: tuple[str, ...]) -> BadWordsGuide:
+        """The guide banning `words` (cached beside the structured-output guides: a client that sends the same list
+        with every request builds it once, and its rows stay the same guide's)."""
         if self.tokenizer is None:
             raise ValueError("bad_words needs a tokenizer: this model has none")
-        return BadWordsGuide(bad_word_ids(self.tokenizer, words), self.model_config.vocab_size)
+        return self._cached(("bad_words", tuple(words)), lambda: BadWordsGuide(
+            bad_word_ids(self.tokenizer, words), self.model_config.vocab_size))
 
     def guide(self, spec: GuidedDecodingParams) -> TokenGuide:
-        """The compiled guide of a structured-output spec (cached: the 32 most recently used). Thread-safe: the
-        server builds guides on another thread, so the engine thread finds them ready."""
-        with self._guides_lock:
-            guide = self.guides.pop(spec, None)
-            if guide is not None:
-                self.guides[spec] = guide
-                return guide
+        """The compiled guide of a structured-output spec (cached: the 32 most recently used guides). Thread-safe:
+        the server builds guides on another thread, so the engine thread finds them ready."""
         if self.tokenizer is None:
             raise ValueError("guided decoding needs the model's tokenizer")
-        if self._token_bytes is None:
-            self._token_bytes = Vocabulary(token_bytes(self.tokenizer, self.model_config.vocab_size))
-        guide = TokenGuide(spec.dfa(), self._token_bytes, self.eos_token_ids)
+
+        def build() -> TokenGuide:
+            if self._token_bytes is None:
+                self._token_bytes = Vocabulary(token_bytes(self.tokenizer, self.model_config.vocab_size))
+            return TokenGuide(spec.dfa(), self._token_bytes, self.eos_token_ids)
+        return self._cached(spec, build)
+
+    def _cached(self, key, build):
+        with self._guides_lock:
+            guide = self.guides.pop(key, None)
+            if guide is not None:
+                self.guides[key] = guide
+                return guide
+        guide = build()
         with self._guides_lock:
             while len(self.guides) >= 32:
                 self.guides.pop(next(iter(self.guides)))
-            self.guides[spec] = guide
+            self.guides[key] = guide
         return guide
 
     def score_prompt(self, prompt: str | list[int], num_top: int,

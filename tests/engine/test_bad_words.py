@@ -84,3 +84,9 @@ def test_engine_greedy_with_bad_words_matches_the_reference(words):
     assert got.token_ids == ref and "11" not in got.text
     for w in ids:
         assert not any(got.token_ids[i:i + len(w)] == w for i in range(len(got.token_ids)))
+    # the guide is built once per word list; a second request reuses it and gets the same tokens
+    guide = llm.engine.bad_words_guide(tuple(words))
+    assert llm.engine.bad_words_guide(tuple(words)) is guide and llm.engine.bad_words_guide(("other",)) is not guide
+    again = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, bad_words=words),
+                         use_tqdm=False)[0].outputs[0]
+    assert again.token_ids == ref and llm.engine.bad_words_guide(tuple(words)) is guide
