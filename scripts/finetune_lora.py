@@ -40,8 +40,33 @@ SAMPLE_SFT = ROOT / "finetune" / "data" / "sample_sft.jsonl"
 SAMPLE_DPO = ROOT / "finetune" / "data" / "sample_dpo.jsonl"
 
 
+# The names transformers' TrainingArguments, TRL and PEFT give the same settings: each is accepted too, in either
+# spelling (--learning_rate or --learning-rate), as HfArgumentParser accepts them.
+HF_NAMES = {
+    "--model": ["model_name_or_path"], "--data": ["train_file"], "--output": ["output_dir"],
+    "--r": ["lora_r"], "--alpha": ["lora_alpha"], "--dropout": ["lora_dropout"],
+    "--target-modules": ["lora_target_modules"], "--lr": ["learning_rate"], "--lr-schedule": ["lr_scheduler_type"],
+    "--epochs": ["num_train_epochs"], "--batch-size": ["per_device_train_batch_size"],
+    "--grad-accum": ["gradient_accumulation_steps"], "--seq-len": ["max_seq_length", "max_length"],
+    "--log-every": ["logging_steps"], "--eval-every": ["eval_steps"], "--save-every": ["save_steps"],
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def add_argument(self, *names, **kwargs):
+        """Each --dashed-flag also as --dashed_flag, plus its HF_NAMES (hidden from --help's option list)."""
+        extra = [n.replace("-", "_").replace("__", "--", 1) for n in names if n.startswith("--") and "-" in n[2:]]
+        for n in names:
+            extra += [f"--{h}" for h in HF_NAMES.get(n, [])] + [f"--{h.replace('_', '-')}"
+                                                               for h in HF_NAMES.get(n, [])]
+        action = super().add_argument(*names, **kwargs)
+        if extra:
+            super().add_argument(*dict.fromkeys(extra), **{**kwargs, "dest": action.dest, "help": argparse.SUPPRESS})
+        return action
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="HF checkpoint directory or preset (default: embedded model)")
     p.add_argument("--preset", help="with --from-scratch: the architecture to build (a preset name)")
     p.add_argument("--from-scratch", action="store_true", help="random initial weights (needs --method full)")

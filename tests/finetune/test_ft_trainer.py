@@ -141,6 +141,28 @@ def test_cli_writes_adapter_and_merged_model(tmp_path):
     assert any("eval_loss" in r for r in read_metrics(out / "metrics.jsonl"))
 
 
+def test_cli_takes_the_training_arguments_names(capsys):
+    """transformers / TRL / PEFT names of the same settings, in either spelling, land on the same options; --help
+    lists only ours."""
+    cli = _cli()
+    hf = cli.parse_args(["--model_name_or_path", "tiny-llama", "--learning_rate", "1e-3", "--num-train-epochs", "2",
+                         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3", "--lora_r", "8",
+                         "--lora-alpha", "16", "--lora_dropout", "0.1", "--max_seq_length", "128",
+                         "--output_dir", "/tmp/x", "--lr_scheduler_type", "linear", "--logging_steps", "5",
+                         "--max_steps", "7", "--warmup_steps", "2", "--use_rslora", "--eval_split", "0.1"])
+    ours = cli.parse_args(["--model", "tiny-llama", "--lr", "1e-3", "--epochs", "2", "--batch-size", "4",
+                           "--grad-accum", "3", "--r", "8", "--alpha", "16", "--dropout", "0.1", "--seq-len", "128",
+                           "--output", "/tmp/x", "--lr-schedule", "linear", "--log-every", "5", "--steps", "7",
+                           "--warmup-steps", "2", "--use-rslora", "--eval-split", "0.1"])
+    assert vars(hf) == vars(ours) and ours.lr == 1e-3 and ours.batch_size == 4 and ours.use_rslora
+    assert cli.parse_args(["--max_length", "99"]).seq_len == 99
+    assert vars(cli.parse_args([])) == vars(cli.parse_args(["--seq-len", "512"]))  # the aliases keep the defaults
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--lr LR" in text and "--seq-len" in text and "learning_rate" not in text and "--seq_len" not in text
+
+
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
 def test_hidden_states_projection_equals_model_logits(preset):
     import ie_jax
