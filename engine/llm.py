@@ -33,7 +33,7 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
-from engine.runner import row_variant
+from engine.variants import row_variant
 from ie_jax.chat_template import content_text, continue_final
 from ie_jax.generate import CompletionOutput, GenerateOutput
 from ie_jax.hub import resolve_model

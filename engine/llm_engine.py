@@ -19,7 +19,8 @@ from engine.config import EngineConfig
 from engine.lora import AdapterWeights, LoRARequest, read_adapter
 from engine.outputs import RequestOutput
 from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
-from engine.runner import VARIANTS, ModelRunner, row_variant, step_variant
+from engine.runner import ModelRunner
+from engine.variants import VARIANTS, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.speculative import DraftRow, History, accepted, propose
 from ie_jax.detokenizer import make_detokenizer
@@ -94,7 +95,7 @@ class LLMEngine:
     def __init__(self, model: nnx.Module, tokenizer, config: EngineConfig | None = None, *, warmup: bool = True,
                  progress: bool = True, owns_model: bool = False, background_extras: bool = False):
         """`owns_model`: the engine may release the model's stacked layer weights (see ModelRunner).
-        `background_extras` (the server): compile every cheaper step variant (runner.VARIANTS) on a background
+        `background_extras` (the server): compile every cheaper step variant (engine/variants.py) on a background
         thread after start-up; otherwise only the argmax-only one, before returning (see ModelRunner.warmup)."""
         self.config = config = config or EngineConfig()
         self.model_config = model.config

@@ -33,7 +33,7 @@ class Request:
     seed: int  # resolved per request, so sampling does not depend on the batch (or on preemption)
     eos_token_ids: tuple[int, ...] = ()
     priority: int = 0  # lower runs first (vLLM's convention); ties by arrival
-    variant: str = "full"  # the cheapest step sampler that serves this request (runner.row_variant)
+    variant: str = "full"  # the cheapest step sampler that serves this request (engine/variants.py)
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)

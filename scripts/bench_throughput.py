@@ -29,7 +29,7 @@ from engine.async_llm import enable_compilation_cache  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.llm_engine import frozen_heap  # noqa: E402
 from engine.lora import LoRARequest, write_random_adapter  # noqa: E402
-from engine.runner import row_variant  # noqa: E402
+from engine.variants import row_variant  # noqa: E402
 from ie_jax import SamplingParams  # noqa: E402
 from ie_jax.guided import GuidedDecodingParams  # noqa: E402
 

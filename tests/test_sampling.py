@@ -369,7 +369,7 @@ def test_greedy_mode_computes_logprobs_only_when_asked():
 def test_draw_mode_and_no_logprobs_match_the_full_sampler():
     """mode="draw" (no sort) draws what mode="sample" draws when no sampled row asks for top-k or top-p, over many
     seeds; num_logprobs=None returns the same tokens with no logprobs at all. With a nucleus row, draw differs
-    from sample on some seed (it ignores top-p): the engine never gives it such a step (runner.step_variant)."""
+    from sample on some seed (it ignores top-p): the engine never gives it such a step (step_variant)."""
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.normal(size=(6, 40)).astype(np.float32) * 2)
     for seed in range(8):

@@ -205,7 +205,7 @@ def test_background_compile_of_step_variants(tiny):
 
 
 def test_step_variant_is_the_cheapest_that_serves_every_row():
-    from engine.runner import row_variant, step_variant
+    from engine.variants import row_variant, step_variant
     V = 300
 
     def of(*params):
