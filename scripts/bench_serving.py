@@ -5,8 +5,11 @@ semantics of `vllm bench serve` so the numbers compare one to one.
     python scripts/bench_serving.py --num-prompts 1000 --random-input-len 1024 --random-output-len 128 \
         --request-rate inf --save-result --result-dir benchmarks/results
 
-Requests come from the random dataset (token-id prompts by default, or random text) and are sent with
-`ignore_eos`, so each produces exactly its output length. Arrivals are all at once (`--request-rate inf`) or a
+Requests come from the random dataset (token-id prompts by default, or random text), a ShareGPT JSON file
+(`--dataset-name sharegpt --dataset-path ShareGPT_V3_unfiltered_cleaned_split.json`: each conversation's first turn
+is the prompt, the reply's length the output length) or a JSONL file of {"prompt": ...} lines (`custom`). Text is
+counted in tokens by the server's own /tokenize. Requests are sent with `ignore_eos`, so each produces exactly its
+output length. Arrivals are all at once (`--request-rate inf`) or a
 gamma process (Poisson at `--burstiness 1`), optionally capped at `--max-concurrency` in flight.
 
 Metrics, per request: TTFT (send to first streamed token), TPOT ((latency - TTFT) / (output tokens - 1)), ITL
@@ -65,7 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME",
                    help="adapter names the server serves (--lora-modules there): each request picks one at random")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
-    p.add_argument("--dataset-name", default="random", choices=["random"])
+    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "custom"])
+    p.add_argument("--dataset-path", default=None, help="sharegpt: the JSON file; custom: a JSONL file of prompts")
+    p.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="every request's output length (default: the length of the conversation's reply)")
+    p.add_argument("--custom-output-len", type=int, default=256)
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=128)
@@ -99,6 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.random_range_ratio < 1:
         p.error(f"--random-range-ratio={args.random_range_ratio} must be in [0, 1)")
+    if args.dataset_name != "random" and not args.dataset_path:
+        p.error(f"--dataset-name {args.dataset_name} needs --dataset-path")
+    if args.dataset_path and not Path(args.dataset_path).is_file():
+        p.error(f"--dataset-path {args.dataset_path}: no such file")
+    for name in ("sharegpt_output_len", "custom_output_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.endpoint.endswith("chat/completions") and args.random_prompt_type == "token-ids":
         args.random_prompt_type = "text"  # chat messages are text
     args.goodput_slos = parse_goodput(args.goodput, p)
@@ -148,6 +162,60 @@ def random_prompts(args, rng: random.Random) -> list[Prompt]:
             prompt = words(len(ids))
         prompts.append(Prompt(prompt, len(ids), length(args.random_output_len)))
     return prompts
+
+
+async def token_counts(client: httpx.AsyncClient, texts: list[str], special: bool) -> list[int]:
+    """Each text's length in the served model's tokens (the server's /tokenize), 32 requests at a time."""
+    limit = asyncio.Semaphore(32)
+
+    async def one(text: str) -> int:
+        async with limit:
+            r = await client.post("/tokenize", json={"prompt": text, "add_special_tokens": special})
+            r.raise_for_status()
+            return r.json()["count"]
+    return list(await asyncio.gather(*(one(t) for t in texts)))
+
+
+async def sharegpt_prompts(args, rng: random.Random, client: httpx.AsyncClient) -> list[Prompt]:
+    """vLLM's ShareGPT sampling: shuffled conversations of two turns or more, the first turn as the prompt and
+    the reply's token count as the output length (or --sharegpt-output-len); pairs with a prompt or reply under 4
+    tokens, a prompt over 1,024 or both over 2,048 are skipped."""
+    data = json.loads(Path(args.dataset_path).read_text())
+    convs = [(c["conversations"][0]["value"], c["conversations"][1]["value"]) for c in data
+             if len(c.get("conversations") or []) >= 2]
+    rng.shuffle(convs)
+    fixed, out, start = args.sharegpt_output_len, [], 0
+    while len(out) < args.num_prompts and start < len(convs):
+        batch = convs[start:start + 2 * (args.num_prompts - len(out))]
+        start += len(batch)
+        prompt_lens = await token_counts(client, [p for p, _ in batch], True)
+        reply_lens = await token_counts(client, [r for _, r in batch], False) if fixed is None else [fixed] * len(batch)
+        for (prompt, _), n_in, n_out in zip(batch, prompt_lens, reply_lens):
+            if n_in < 4 or (fixed is None and n_out < 4) or n_in > 1024 or n_in + n_out > 2048:
+                continue
+            if len(out) < args.num_prompts:
+                out.append(Prompt(prompt, n_in, n_out))
+    if len(out) < args.num_prompts:
+        raise SystemExit(f"{args.dataset_path}: {len(out)} usable conversations of {len(convs)}, "
+                         f"fewer than --num-prompts {args.num_prompts}")
+    return out
+
+
+async def custom_prompts(args, rng: random.Random, client: httpx.AsyncClient) -> list[Prompt]:
+    """vLLM's custom dataset: a JSONL file whose lines hold a "prompt", shuffled; every output --custom-output-len
+    tokens long."""
+    lines = [line for line in Path(args.dataset_path).read_text().splitlines() if line.strip()]
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise SystemExit(f"{args.dataset_path}:{i}: each line must be a JSON object with a \"prompt\" string")
+        prompts.append(row["prompt"])
+    if len(prompts) < args.num_prompts:
+        raise SystemExit(f"{args.dataset_path}: {len(prompts)} prompts, fewer than --num-prompts {args.num_prompts}")
+    rng.shuffle(prompts)
+    chosen = prompts[:args.num_prompts]
+    return [Prompt(p, n, args.custom_output_len) for p, n in zip(chosen, await token_counts(client, chosen, True))]
 
 
 async def arrivals(prompts: list[Prompt], rate: float, burstiness: float, rng: random.Random
@@ -304,7 +372,12 @@ async def run(args) -> dict:
             response.raise_for_status()
             model = response.json()["data"][0]["id"]
         rng = random.Random(args.seed)
-        prompts = random_prompts(args, rng)
+        if args.dataset_name == "sharegpt":
+            prompts = await sharegpt_prompts(args, rng, client)
+        elif args.dataset_name == "custom":
+            prompts = await custom_prompts(args, rng, client)
+        else:
+            prompts = random_prompts(args, rng)
 
         # One request first, to fail fast on a wrong URL, model or flag.
         test = await send(client, args.endpoint, payload(args, model, prompts[0]), prompts[0].prompt_len)
@@ -347,6 +420,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"error: {error}")
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "ie-jax", "num_prompts": args.num_prompts,
+        "dataset_name": args.dataset_name, "dataset_path": args.dataset_path,
         "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
         "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
         "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
