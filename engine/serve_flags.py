@@ -51,6 +51,8 @@ def app_kwargs(args) -> dict:
                 return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
                 trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
                 log_stats_interval=None if getattr(args, "disable_log_stats", False) else 10.0,
+                log_requests=getattr(args, "enable_log_requests", False),
+                max_log_len=getattr(args, "max_log_len", None),
                 reasoning_parser=getattr(args, "reasoning_parser", None),
                 grammar_in_reasoning=(getattr(args, "structured_outputs_config", None) or {}).get("enable_in_reasoning",
                                                                                                  False),

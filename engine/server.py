@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -50,6 +51,9 @@ from engine.tools import tool_mode
 from ie_jax.sampling import SamplingParams
 
 
+request_log = logging.getLogger("ie_jax.requests")
+
+
 @dataclasses.dataclass
 class _Job:
     """One engine request: choice `index` of the response."""
@@ -67,7 +71,8 @@ class OpenAIServer:
     def __init__(self, engine, served_model_name: str | list[str], api_key: str | None, max_queue: int | None,
                  model_root: str | None = None, tool_call_parser: str | None = None, response_role: str = "assistant",
                  reasoning_parser: str | None = None, grammar_in_reasoning: bool = False,
-                 return_tokens_as_token_ids: bool = False, trust_request_chat_template: bool = False):
+                 return_tokens_as_token_ids: bool = False, trust_request_chat_template: bool = False,
+                 log_requests: bool = False, max_log_len: int | None = None):
         # several names (vLLM's --served-model-name a b): any is accepted, the first names the responses
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         served_model_name, self.aliases = names[0], tuple(names)
@@ -89,6 +94,7 @@ class OpenAIServer:
         self.lp_ids = self.lp.by_id()  # ... naming tokens by id
         self.tokens_as_ids = return_tokens_as_token_ids  # the default of a request's return_tokens_as_token_ids
         self.trust_request_chat_template = trust_request_chat_template  # vLLM's --trust-request-chat-template
+        self.log_requests, self.max_log_len = log_requests, max_log_len  # vLLM's --enable-log-requests
 
     # --- request → engine jobs --------------------------------------------------------------------------------
 
@@ -198,6 +204,21 @@ class OpenAIServer:
                                 lora, beams[p] if beams else None))
         return out
 
+    def log_request(self, request_id: str, jobs: list[_Job]) -> None:
+        """vLLM's request log line, once per prompt: its text and ids (cut at max_log_len) and sampling params."""
+        cut, seen = self.max_log_len, set()
+        for job in jobs:
+            if id(job.prompt_ids) in seen:  # the prompt's other choices
+                continue
+            seen.add(id(job.prompt_ids))
+            text = job.prompt_text  # a chat prompt: the rendered conversation
+            text = self.tokenizer.decode(job.prompt_ids, skip_special_tokens=False) if text is None else text
+            text = text if cut is None else text[:cut]
+            ids = job.prompt_ids if cut is None else job.prompt_ids[:cut]
+            lora = None if job.lora is None else job.lora.lora_name
+            request_log.info(f"Received request {request_id}: prompt: {text!r}, params: {job.params}, "
+                             f"prompt_token_ids: {ids}, lora_request: {lora}")
+
     def admit(self, jobs: list[_Job]) -> None:
         if self.max_queue is not None and len(self._pending) + len(jobs) > self.max_queue:
             raise P.ServerError(f"The server is overloaded: {len(self._pending)} requests are queued "
@@ -267,6 +288,8 @@ class OpenAIServer:
                       chat: ChatMode | None = None, reshape=None) -> Response:
         """`reshape` (the Responses API's `ResponseShape`) turns the chat completion, or its chunks, into its own."""
         self.admit(jobs)
+        if self.log_requests:
+            self.log_request(request_id, jobs)
         as_ids = body.return_tokens_as_token_ids
         fmt = self.lp_ids if (self.tokens_as_ids if as_ids is None else as_ids) else self.lp
         reply = shaping.Reply(kind, request_id, self.response_model(jobs), fmt, echo, num_top, chat,
@@ -295,7 +318,8 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
               max_queue: int | None = None, model_root: str | None = None, tool_call_parser: str | None = None,
               response_role: str = "assistant", cors: dict | None = None, reasoning_parser: str | None = None,
               grammar_in_reasoning: bool = False, return_tokens_as_token_ids: bool = False,
-              trust_request_chat_template: bool = False, log_stats_interval: float | None = None) -> FastAPI:
+              trust_request_chat_template: bool = False, log_stats_interval: float | None = None,
+              log_requests: bool = False, max_log_len: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (an `AsyncLLM`) under `served_model_name`. `tool_call_parser` (with vLLM's
     --enable-auto-tool-choice): "auto" tool choice parses calls out of the text (engine/tools.py);
     `reasoning_parser` splits a thinking reply's reasoning off (engine/reasoning.py), its grammars held to the
@@ -303,10 +327,11 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
     "token_id:<id>" unless a request says otherwise. `trust_request_chat_template`: a chat request may bring its own
     template (rendered in jinja2's sandbox), else that is a 400. `cors`: CORSMiddleware's keyword arguments (vLLM's
     --allowed-origins etc.). `log_stats_interval`: seconds between the engine stats lines on stderr
-    (engine/stats_log.py, logger "ie_jax.stats"; None: none)."""
+    (engine/stats_log.py, logger "ie_jax.stats"; None: none). `log_requests`: each request's prompt (its first
+    `max_log_len` characters and ids) and parameters, logger "ie_jax.requests"."""
     server = OpenAIServer(engine, served_model_name, api_key, max_queue, model_root, tool_call_parser, response_role,
                           reasoning_parser, grammar_in_reasoning, return_tokens_as_token_ids,
-                          trust_request_chat_template)
+                          trust_request_chat_template, log_requests, max_log_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):

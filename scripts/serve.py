@@ -125,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allowed-methods", type=json_list, default=["*"], help="CORS, a JSON list")
     p.add_argument("--allowed-headers", type=json_list, default=["*"], help="CORS, a JSON list")
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and auth headers")
+    p.add_argument("--enable-log-requests", action="store_true",
+                   help="log each request as it arrives: its prompt, token ids and sampling parameters")
+    p.add_argument("--max-log-len", type=int, default=None,
+                   help="with --enable-log-requests: the most prompt characters and token ids a line shows")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     # vLLM flags accepted so a pasted command runs; compat_notes says at start-up why each changes nothing here
@@ -163,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         SpeculativeConfig.parse(args.speculative_config)
     except (ValueError, TypeError) as e:
         p.error(f"--speculative-config: {e}")
+    if args.max_log_len is not None and args.max_log_len < 0:
+        p.error(f"--max-log-len={args.max_log_len} must be >= 0")
     if args.max_logprobs < 0:
         p.error(f"--max-logprobs={args.max_logprobs} must be >= 0")
     if not args.response_role:
@@ -220,8 +226,8 @@ def compat_notes(args: argparse.Namespace) -> list[str]:
         "enforce_eager": "--enforce-eager: every step shape is compiled ahead of time by XLA; there is no eager mode "
                          "or CUDA graph to turn off",
         "swap_space": "--swap-space: nothing is swapped; a preempted request's KV cache is recomputed",
-        "disable_log_requests": "--disable-log-requests: requests are not logged here (uvicorn's access lines follow "
-                                "--uvicorn-log-level)",
+        "disable_log_requests": "--disable-log-requests: requests are logged only with --enable-log-requests (as in "
+                                "vLLM now); uvicorn's access lines follow --uvicorn-log-level",
         "disable_frontend_multiprocessing": "--disable-frontend-multiprocessing: the server and the engine already "
                                             "share one process (the engine runs in a thread)",
     }

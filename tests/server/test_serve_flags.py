@@ -122,6 +122,10 @@ def test_compatibility_flags_are_noted(capsys):
     # --disable-log-stats does something here: no stats line
     assert app_kwargs(serve.parse_args([]))["log_stats_interval"] == 10.0
     assert app_kwargs(serve.parse_args(["--disable-log-stats"]))["log_stats_interval"] is None
+    kw = app_kwargs(serve.parse_args(["--enable-log-requests", "--max-log-len", "100"]))
+    assert (kw["log_requests"], kw["max_log_len"]) == (True, 100)
+    assert app_kwargs(serve.parse_args([]))["log_requests"] is False
+    assert "must be >= 0" in parse_error(capsys, ["--max-log-len", "-1"])
 
 
 def test_reasoning_parser_flag(capsys):

@@ -1,5 +1,5 @@
-"""The periodic engine stats line (engine/stats_log.py): rates over each interval from the engine's counters, quiet
-while idle, and the server's lifespan running it."""
+"""The server's logs: the periodic engine stats line (engine/stats_log.py: rates over each interval from the
+engine's counters, quiet while idle, run by the server's lifespan) and the request log (--enable-log-requests)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from harness import MODEL, LiveServer, make_engine
+from harness import MODEL, LiveServer, make_engine, tok
 
 from engine.stats_log import StatsLog
 
@@ -66,3 +66,30 @@ def test_server_logs_the_line_while_it_serves(caplog):
     count = len(caplog.records)
     time.sleep(0.5)
     assert len(caplog.records) == count  # the server's shutdown stopped it
+
+
+def test_request_log_lines(caplog):
+    caplog.set_level(logging.INFO, logger="ie_jax.requests")
+    quiet = LiveServer(make_engine())
+    try:
+        quiet.client().completions.create(model=MODEL, prompt="not logged", max_tokens=2)
+    finally:
+        quiet.stop()
+    assert not [r for r in caplog.records if r.name == "ie_jax.requests"]  # off unless asked for
+    server = LiveServer(make_engine(), log_requests=True, max_log_len=6)
+    try:
+        client = server.client()
+        r = client.completions.create(model=MODEL, prompt=["first prompt here", "second one"], max_tokens=2, n=2,
+                                      temperature=0)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "chat me"}], max_tokens=2)
+    finally:
+        server.stop()
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "ie_jax.requests"]
+    assert len(lines) == 3  # one per prompt, not per choice
+    ids = tok(server).encode("first prompt here")[:6]
+    assert lines[0].startswith(f"Received request {r.id}: prompt: 'first ', params: SamplingParams(")
+    assert f"prompt_token_ids: {ids}, lora_request: None" in lines[0] and "max_tokens=2" in lines[0]
+    assert "prompt: 'second'" in lines[1] and lines[2].startswith("Received request chatcmpl-")
+    chat = tok(server).apply_chat_template([{"role": "user", "content": "chat me"}], add_generation_prompt=True,
+                                           tokenize=False)
+    assert f"prompt: {chat[:6]!r}" in lines[2]  # a chat prompt: the rendered conversation
