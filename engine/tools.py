@@ -12,6 +12,10 @@ by `tool_choice`:
                                                                   </tool_call>
                                                      llama3_json  {"name": ..., "parameters": {...}} (after an
                                                                   optional <|python_tag|>, several joined by ';')
+                                                     mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}},
+                                                                  ...], or [TOOL_CALLS]name[ARGS]{...} (newer
+                                                                  tokenizers), after any content; call ids are 9
+                                                                  characters, as Mistral's templates require
   "none"                                           the tools are shown to the template, the text is the answer
 
 A call's arguments are the text of its arguments object as the model wrote it (not re-serialized), so that a
@@ -27,8 +31,10 @@ import uuid
 from engine.protocol import ServerError
 from ie_jax.guided import GuidedDecodingParams
 
-PARSERS = ("hermes", "llama3_json")
-_HERMES, _PYTHON_TAG = "<tool_call>", "<|python_tag|>"
+PARSERS = ("hermes", "llama3_json", "mistral")
+_HERMES, _PYTHON_TAG, _MISTRAL, _ARGS = "<tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"
+MARKERS = {"hermes": _HERMES, "mistral": _MISTRAL}  # parsers whose calls follow content, from this tag on
+_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 _BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|\Z)", re.S)  # a hermes call, closed or still being written
 _CLOSED = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|"|[{}\[\]]', re.S)  # a whole string, one still open, or a bracket
@@ -36,14 +42,16 @@ _ATOM = re.compile(r"[^\s,:\]}]*")  # a number, true, false or null
 _SPACE = re.compile(r"\s*")
 
 
-def _new_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+def _new_id(parser: str | None = None) -> str:
+    return uuid.uuid4().hex[:9] if parser == "mistral" else f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
-def _call(name: str, arguments) -> dict:
-    if not isinstance(arguments, str):
+def _call(name: str, arguments, parser: str | None = None) -> dict:
+    if arguments is None:  # a call without arguments
+        arguments = "{}"
+    elif not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": _new_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"id": _new_id(parser), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _json(text: str):
@@ -146,9 +154,17 @@ class ToolMode:
         return self.choice == "auto" and self.parser == "hermes"
 
     @property
+    def marker(self) -> str | None:
+        """The tag the calls begin at, for parsers whose calls may follow content ("auto" only)."""
+        return MARKERS.get(self.parser) if self.choice == "auto" else None
+
+    @property
     def keys(self) -> tuple[str, ...]:  # the member that holds a call's arguments, the first there is
-        return ("arguments",) if self.hermes else ("parameters",) if self.choice == "required" else \
+        return ("arguments",) if self.marker else ("parameters",) if self.choice == "required" else \
             ("parameters", "arguments")
+
+    def new_id(self) -> str:
+        return _new_id(self.parser if self.choice == "auto" else None)
 
     def guided(self) -> GuidedDecodingParams | None:
         if self.choice == "named":
@@ -165,9 +181,9 @@ class ToolMode:
         of) a call; a forced call's text is never content."""
         if self.choice != "auto":
             return 0
-        if self.parser == "hermes":
-            start = text.find(_HERMES)
-            return start if start >= 0 else len(text) - tag_start(text, _HERMES)
+        if self.marker:
+            start = text.find(self.marker)
+            return start if start >= 0 else len(text) - tag_start(text, self.marker)
         head = text.lstrip()
         if not head or head.startswith("{") or _PYTHON_TAG.startswith(head[:len(_PYTHON_TAG)]) or \
                 head.startswith(_PYTHON_TAG):
@@ -188,6 +204,8 @@ class ToolMode:
                 i = _ws(body, 0)
                 calls.append(_read_call(body, i, self.keys)[:3] if body.startswith("{", i) else (None,) * 3)
             return calls, None
+        if self.marker:  # mistral
+            return self._scan_mistral(text)
         opener, sep = ("[", ",") if self.choice == "required" else (_PYTHON_TAG, ";")
         i, end, calls = _ws(text, 0), None, []
         if text.startswith(opener, i):
@@ -205,12 +223,43 @@ class ToolMode:
             i += 1
         return calls, end
 
+    def _scan_mistral(self, text: str):
+        """scan() for mistral: the JSON array after [TOOL_CALLS], or name[ARGS]{...} calls, each after its own
+        [TOOL_CALLS] or one after another."""
+        start = text.find(_MISTRAL)
+        if start < 0:
+            return [], None
+        i, calls, end = _ws(text, start + len(_MISTRAL)), [], None
+        if text.startswith("[", i):
+            i += 1
+            while text.startswith("{", i := _ws(text, i)):
+                *call, end = _read_call(text, i, self.keys)
+                calls.append(tuple(call))
+                if end is None or not text.startswith(",", i := _ws(text, end)):
+                    break
+                i += 1
+            close = _ws(text, end) if end is not None else None
+            return calls, (close + 1 if close is not None and text.startswith("]", close) else None)
+        while (m := _NAME.match(text, i)) and text.startswith(_ARGS, m.end()):
+            args_start = _ws(text, m.end() + len(_ARGS))
+            stop = _value_end(text, args_start) if text.startswith("{", args_start) else None
+            args = text[args_start:stop] if text.startswith("{", args_start) else None
+            calls.append((m.group(), args, None if stop is None else text[m.start():stop]))
+            end = stop
+            if stop is None:
+                break
+            i = _ws(text, stop)
+            i = _ws(text, i + len(_MISTRAL)) if text.startswith(_MISTRAL, i) else i
+        return calls, end
+
     def content(self, text: str, begun: int) -> str:
         """What of a growing text may go out as content now, with `begun` calls sent: a prefix of what the finished
         text says as content. hermes: the text outside the calls, up to the first block that is still open, has
         not begun or is not JSON; whitespace waits for what follows it (parse() strips the content's ends)."""
         if self.choice != "auto":
             return ""
+        if self.parser == "mistral":
+            return text[:self.streamable(text)].rstrip()
         if not self.hermes:
             return text[:self.streamable(text)]
         out, pos = [], 0
@@ -247,7 +296,8 @@ class ToolMode:
             say, calls = self.parse(text)
             found = [(c["function"]["name"], c["function"]["arguments"], c["id"]) for c in calls]
             if calls:
-                say = _CLOSED.sub("", text).rstrip() if self.hermes else ""
+                say = _CLOSED.sub("", text).rstrip() if self.hermes else \
+                    text[:text.find(_MISTRAL)].rstrip() if self.marker else ""
             elif state.ids:
                 say = ""
         else:
@@ -258,7 +308,7 @@ class ToolMode:
                 break
             args = args or ""
             if i == len(state.ids):
-                state.ids.append(call_id or _new_id())
+                state.ids.append(call_id or self.new_id())
                 state.args.append(args)
                 sent.append({"index": i, "id": state.ids[i], "type": "function",
                              "function": {"name": name, "arguments": args}})
@@ -280,11 +330,12 @@ class ToolMode:
     def _plain_end(self, text: str, state: ToolStream) -> int | None:
         """Where the content that may go out ends, for a text in which no call has started (None where one may
         have): what content() says, found without re-reading the text already searched."""
-        if self.hermes:
-            if text.find(_HERMES, max(0, state.searched - len(_HERMES) + 1)) >= 0:
+        if self.marker:
+            tag = self.marker
+            if text.find(tag, max(0, state.searched - len(tag) + 1)) >= 0:
                 return None
             state.searched = len(text)
-            end = len(text) - tag_start(text, _HERMES)
+            end = len(text) - tag_start(text, tag)
             while end > state.content and text[end - 1].isspace():  # whitespace waits for what follows it
                 end -= 1
             return end
@@ -296,6 +347,8 @@ class ToolMode:
         if self.choice == "named":
             return None, [_call(self.name, text)]
         seen, end = self.scan(text)
+        if self.parser == "mistral" and self.choice == "auto":
+            return self._parse_mistral(text, seen, end)
         if self.hermes:
             objs = [_json(block) for block in _CLOSED.findall(text)]
         elif self.choice == "required":
@@ -311,6 +364,29 @@ class ToolMode:
             value = next((o[k] for k in self.keys if k in o), {})
             calls.append(_call(o["name"], args if isinstance(value, dict) else value))
         return (_CLOSED.sub("", text).strip() or None) if self.hermes else None, calls
+
+    def _parse_mistral(self, text: str, seen, end) -> tuple[str | None, list[dict]]:
+        calls = _mistral_calls(text, seen, end)
+        if calls is None:
+            return text, []
+        return text[:text.find(_MISTRAL)].strip() or None, calls
+
+
+def _mistral_calls(text: str, seen, end) -> list[dict] | None:
+    """The calls of a finished mistral text (None: it has none, or they are malformed or cut short)."""
+    if not seen or end is None or text[end:].strip():
+        return None
+    after = text[text.find(_MISTRAL) + len(_MISTRAL):].strip()
+    if after.startswith("["):
+        objs = _json(after)
+        if not isinstance(objs, list) or len(objs) != len(seen):
+            return None
+        named = [(o.get("name"), o.get("arguments", {})) if isinstance(o, dict) else (None, None) for o in objs]
+    else:
+        named = [(name, _json(args or "")) for name, args, _ in seen]
+    if any(not isinstance(n, str) or a is None for n, a in named):
+        return None
+    return [_call(n, args if isinstance(a, dict) else a, "mistral") for (n, a), (_, args, _) in zip(named, seen)]
 
 
 def tool_mode(tools: list[dict] | None, tool_choice, parser: str | None, auto_enabled: bool) -> ToolMode | None:

@@ -14,8 +14,10 @@ from engine.tools import ToolMode, ToolStream, tool_finish
 SCHEMAS = {"get_weather": {}, "get_time": {}, "f": {}}
 HERMES = ToolMode("auto", SCHEMAS, parser="hermes")
 LLAMA = ToolMode("auto", SCHEMAS, parser="llama3_json")
+MISTRAL = ToolMode("auto", SCHEMAS, parser="mistral")
 REQUIRED = ToolMode("required", SCHEMAS)
 ID = re.compile(r"chatcmpl-tool-[0-9a-f]{32}")
+MISTRAL_ID = re.compile(r"[0-9a-zA-Z]{9}")  # Mistral's chat templates take 9-character ids only
 PIECES = ["a", "Z", "0", " ", "{", "}", "[", "]", '"', "\\", ";", ",", ":", "é", "\n", "\t", "<", "/", "≠"]
 
 
@@ -86,7 +88,8 @@ def run(mode: ToolMode, text: str, cuts: list[int], finish: str, check=None):
         for tc in (delta or {}).get("tool_calls", []):
             i = tc["index"]
             if i == len(calls):  # a call's first delta: id, type and name
-                assert ID.fullmatch(tc["id"]) and tc["type"] == "function" and set(tc["function"]) == {
+                assert (MISTRAL_ID if mode is MISTRAL else ID).fullmatch(tc["id"])
+                assert tc["type"] == "function" and set(tc["function"]) == {
                     "name", "arguments"}
                 calls.append({"name": tc["function"]["name"], "id": tc["id"], "arguments": ""})
             else:  # then only arguments fragments, of a call that has begun
@@ -208,15 +211,52 @@ def test_llama3_json_streams_calls(seed):
     assert content == answer and calls == [] and reason == "stop"
 
 
+def mistral_text(rng: random.Random, calls: int, v11: bool) -> tuple[Text, str]:
+    """Content words, then [TOOL_CALLS] and the calls: a JSON array, or name[ARGS]{...} each (v11 tokenizers)."""
+    words = "".join(rng.choice(["Sure.", " ", "\n", "[", "[TOOL", "x", "CALLS]"]) for _ in range(rng.randrange(4)))
+    t = Text()
+    t.add(words + "[TOOL_CALLS]" + space(rng) * (not v11))
+    t.add("" if v11 else "[" + space(rng))
+    for k in range(calls):
+        name, args = rng.choice(["get_weather", "f"]), dumps(rng, rand_args(rng, tags=False))
+        if v11:
+            t.add("[TOOL_CALLS]" * (k > 0 and rng.random() < 0.5))
+            t.add(name + "[ARGS]")
+            t.calls.append((name, len(t.text), len(t.text), len(t.text) + len(args)))
+            t.add(args)
+        else:
+            t.add(("," + space(rng)) * bool(k))
+            t.call(rng, name, "arguments", args)
+    t.add("" if v11 else space(rng) + "]")
+    return t, words.rstrip()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_mistral_streams_content_and_calls(seed):
+    rng = random.Random(seed)
+    for v11 in (False, True):
+        t, want = mistral_text(rng, rng.randint(1, 3), v11)
+        for cuts in chunkings(rng, t.text):
+            content, calls, reason = run(MISTRAL, t.text, cuts, "stop", incremental(t))
+            assert content == want and reason == "tool_calls" and len(calls) == len(t.calls)
+            assert MISTRAL.parse(t.text)[0] == (want.strip() or None)
+            expect_parsed(MISTRAL, t.text, calls)
+            assert [json.loads(c["arguments"]) for c in calls] == [json.loads(t.text[a:b]) for *_, a, b in t.calls]
+    plain = "An answer with [brackets] and [TOOL but no call"
+    assert run(MISTRAL, plain, list(range(1, len(plain))), "length") == (plain, [], "length")
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_a_text_cut_short_or_malformed(seed):
     """Whatever the text ends as: what went out is never taken back, and never contradicts parse(). A call's
     fragments are a prefix of its arguments; if parse() finds calls they are the streamed ones; if no call began
     and parse() finds none, the whole text was content."""
     rng = random.Random(seed)
-    mode = [HERMES, LLAMA, REQUIRED][seed % 3]
+    mode = [HERMES, LLAMA, REQUIRED, MISTRAL][seed % 4]
     if mode is HERMES:
         t, _ = hermes_text(rng, rng.randint(1, 2))
+    elif mode is MISTRAL:
+        t, _ = mistral_text(rng, rng.randint(1, 2), rng.random() < 0.5)
     else:
         t = Text()
         t.add("[" if mode is REQUIRED else "")

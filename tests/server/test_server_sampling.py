@@ -143,15 +143,15 @@ def test_named_and_required_tool_choice(live, client):
     assert idle(live.engine)
 
 
-def reassemble(chunks) -> tuple[list[tuple[str, str]], int]:
+def reassemble(chunks, ids: str = r"chatcmpl-tool-[0-9a-f]{32}") -> tuple[list[tuple[str, str]], int]:
     """The (name, arguments) of the tool calls a stream sent, put together by index as clients do, and how many
-    tool-call deltas it took. A call's id and name come once, in its first delta."""
+    tool-call deltas it took. A call's id (matching `ids`) and name come once, in its first delta."""
     calls, count = {}, 0
     for delta in [c.choices[0].delta for c in chunks if c.choices]:
         for tc in delta.tool_calls or []:
             count += 1
             if tc.index not in calls:
-                assert tc.id.startswith("chatcmpl-tool-") and tc.type == "function" and tc.index == len(calls)
+                assert re.fullmatch(ids, tc.id) and tc.type == "function" and tc.index == len(calls)
                 calls[tc.index] = [tc.function.name, ""]
             else:
                 assert tc.id is None and tc.function.name is None
@@ -216,6 +216,36 @@ def test_tool_call_parsers():
                                 ([WEATHER], "sometimes", "must be")):
         with pytest.raises(ServerError, match=word):
             tool_mode(tools, choice, None, False)
+    mistral = ToolMode("auto", schemas, parser="mistral")
+    for text in ('Checking. [TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]',
+                 'Checking.[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}',
+                 'Checking.[TOOL_CALLS]f[ARGS]{"a": 1}g[ARGS]{}'):
+        content, calls = mistral.parse(text)
+        assert content == "Checking." and [c["function"]["name"] for c in calls] == ["f", "g"], text
+        assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"a": 1}, {}]
+        assert all(re.fullmatch("[0-9a-zA-Z]{9}", c["id"]) for c in calls)  # Mistral's templates check this
+    for broken in ('[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}', '[TOOL_CALLS]f[ARGS]{"a"',
+                   '[TOOL_CALLS] [{"arguments": {}}]', "no call [TOOL_CALL"):
+        assert mistral.parse(broken) == (broken, []), broken
+    assert mistral.streamable("Sure [TOOL_") == len("Sure ") and mistral.streamable("a [b]") == 5
+
+
+def test_auto_tool_choice_with_the_mistral_parser(live):
+    """--tool-call-parser mistral: the reply keeps its special tokens for the parser; call ids are 9 characters."""
+    server = LiveServer(live.engine, tool_call_parser="mistral")
+    try:
+        client = server.client()
+        regex = r'\[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}\]'
+        out = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
+                                             temperature=0, extra_body={"guided_regex": regex})
+        (call,) = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.content is None
+        assert call.function.name == "get_weather" and re.fullmatch("[0-9a-zA-Z]{9}", call.id)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
+                                                     temperature=0, stream=True, extra_body={"guided_regex": regex}))
+        assert reassemble(chunks, "[0-9a-zA-Z]{9}")[0] == [("get_weather", call.function.arguments)]
+    finally:
+        server.stop()
 
 
 
