@@ -85,7 +85,8 @@ class AsyncLLM:
             kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), enable_lora=getattr(args, "enable_lora", False),
             max_loras=getattr(args, "max_loras", 1), max_lora_rank=getattr(args, "max_lora_rank", 16),
             max_logprobs=getattr(args, "max_logprobs", 20),
-            speculative_config=getattr(args, "speculative_config", None))
+            speculative_config=getattr(args, "speculative_config", None),
+            pooler_config=getattr(args, "pooler_config", None))
         t1 = time.perf_counter()
         print(f"model {args.model!r} ready on {jax.devices()[0].device_kind} in {t1 - t0:.1f} s", file=sys.stderr,
               flush=True)
@@ -182,6 +183,13 @@ class AsyncLLM:
             await self.add_lora(lora_request)  # read on the engine thread, which owns the adapter table
         return await asyncio.get_running_loop().run_in_executor(self._scorer, self.engine.score_prompt,
                                                                 list(prompt_token_ids), num_top, lora_request)
+
+    async def embed(self, prompts: list[list[int]]):
+        """Pooled embeddings (LLMEngine.embed) on the scoring thread, beside the steps, as `score` runs."""
+        if self.errored is not None:
+            raise RuntimeError(f"the engine has stopped: {self.errored!r}")
+        return await asyncio.get_running_loop().run_in_executor(self._scorer, self.engine.embed,
+                                                                [list(p) for p in prompts])
 
     # ------------------------------------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,

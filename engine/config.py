@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -18,6 +19,37 @@ def default_buckets(limit: int, smallest: int = 1) -> tuple[int, ...]:
 
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8", "fp8_e4m3")
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolerConfig:
+    """vLLM's --pooler-config: {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}."""
+    pooling_type: str = "LAST"
+    normalize: bool = True
+
+    def __post_init__(self):
+        if self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"pooling_type={self.pooling_type!r} must be one of {', '.join(POOLING_TYPES)}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize={self.normalize!r} must be true or false")
+
+    @classmethod
+    def parse(cls, value) -> PoolerConfig:
+        """None (the defaults), a PoolerConfig, a dict or its JSON text; pooling_type in any case."""
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"the pooler config must be a JSON object, got {value!r}")
+        unknown = sorted(set(value) - {"pooling_type", "normalize"})
+        if unknown:
+            raise ValueError(f"unknown pooler config keys {unknown}: it takes pooling_type and normalize")
+        value = dict(value)
+        if isinstance(value.get("pooling_type"), str):
+            value["pooling_type"] = value["pooling_type"].upper()
+        return cls(**value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +84,12 @@ class EngineConfig:
     # Speculative decoding by prompt lookup (engine/speculative.py), vLLM's --speculative-config: a dict / JSON
     # text / SpeculativeConfig; None (the default) decodes one token a step
     speculative_config: Any = None
+    # Embeddings (engine/pooling.py), vLLM's --pooler-config: a dict / JSON text / PoolerConfig; None: LAST, normalized
+    pooler_config: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+        object.__setattr__(self, "pooler_config", PoolerConfig.parse(self.pooler_config))
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

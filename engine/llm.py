@@ -5,6 +5,7 @@
     outs = llm.generate([{"prompt": "Hello"}, {"prompt_token_ids": [1, 15043]}])  # vLLM's TextPrompt / TokensPrompt
     outs = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))  # or a list of chats
     outs = llm.beam_search(["The capital of France is"], BeamSearchParams(beam_width=4, max_tokens=16))
+    vecs = llm.embed(["a sentence", "another"])  # [o.outputs.embedding ...]: pooled hidden states (pooler_config)
 
     llm = LLM("path/to/hf_dir", enable_lora=True, max_loras=2, max_lora_rank=16)
     outs = llm.generate(prompts, params, lora_request=LoRARequest("sql", 1, "path/to/peft_adapter"))
@@ -66,6 +67,19 @@ def parse_prompt(prompt: PromptType) -> tuple[str | None, str | list[int]]:
     return None, list(ids)
 
 
+@dataclasses.dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclasses.dataclass
+class EmbeddingRequestOutput:
+    """One prompt's embedding, as vLLM's LLM.embed gives it."""
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+
+
 def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
     """A chat message as templates read it: content parts joined into one string, as the server joins them."""
     if not isinstance(message, Mapping) or "role" not in message:
@@ -116,6 +130,23 @@ class LLM:
         if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._generate([parse_prompt(p) for p in prompts], sampling_params, use_tqdm, lora_request)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], *, truncate_prompt_tokens: int | None = None
+              ) -> list[EmbeddingRequestOutput]:
+        """Each prompt's embedding (engine/pooling.py: the final hidden states pooled as the engine's pooler_config
+        says, LAST and normalized by default), as vLLM's LLM.embed returns them: `.outputs.embedding`.
+        `truncate_prompt_tokens` keeps each prompt's last k tokens."""
+        if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        parsed = [parse_prompt(p) for p in prompts]
+        ids = [self.engine.encode(x) for _, x in parsed]
+        if truncate_prompt_tokens is not None:
+            if truncate_prompt_tokens < 1:
+                raise ValueError(f"{truncate_prompt_tokens=} must be at least 1")
+            ids = [x[-truncate_prompt_tokens:] for x in ids]
+        vectors = self.engine.embed(ids)
+        return [EmbeddingRequestOutput(text, x, EmbeddingOutput(v.tolist())) for (text, _), x, v in
+                zip(parsed, ids, vectors)]
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams, *,
                     lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:

@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.lora import AdapterWeights, LoRARequest, read_adapter
 from engine.outputs import RequestOutput
 from engine.request import FINISHED_LENGTH, FINISHED_STOPPED, Request
+from engine.pooling import Embedder
 from engine.runner import ModelRunner
 from engine.variants import VARIANTS, row_variant, step_variant
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -105,6 +106,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or model.config.eos_token_id)
         self.runner = ModelRunner(model, config, owns_model=owns_model)
+        self.embedder: Embedder | None = None  # built by the first embed()
         self.block_manager = BlockManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.rng = np.random.default_rng(config.seed)
@@ -238,6 +240,17 @@ class LLMEngine:
             self.add_lora(lora_request)
             adapter = self.adapters[lora_request.lora_name]
         return self.runner.score(self.encode(prompt), num_top, adapter)
+
+    def embed(self, prompts: list[str | list[int]]) -> list[np.ndarray]:
+        """Each prompt's pooled embedding, [D] f32 (engine/pooling.py, with the config's pooler): beside the steps,
+        as score_prompt is. Prompts longer than max_model_len are refused."""
+        ids = [self.encode(p) for p in prompts]
+        for i, x in enumerate(ids):
+            if len(x) > self.config.max_model_len:
+                raise ValueError(f"input {i} has {len(x)} tokens, more than max_model_len={self.config.max_model_len}")
+        if self.embedder is None:
+            self.embedder = Embedder(self.runner, self.config.pooler_config)
+        return self.embedder.embed(ids)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

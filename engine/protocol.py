@@ -7,9 +7,11 @@ of HTTP or of tokenizers: it turns parsed JSON into plain values and plain value
 """
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any, Literal
 
+import numpy as np
 import pydantic
 
 from engine.beam_search import BeamSearchParams
@@ -293,6 +295,24 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # keep each input's last k tokens (-1: max_model_len of them)
+    add_special_tokens: bool = True
+
+    def inputs(self) -> list[str | list[int]]:
+        """The batch of inputs: one string or id list each. An empty input raises."""
+        x = self.input
+        batch = [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
+        if not batch or any(len(i) == 0 for i in batch):
+            raise ServerError("input cannot be empty", param="input")
+        return batch
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Responses. Plain dicts: they go straight to JSON, and streams build thousands of them a second.
 
@@ -393,6 +413,17 @@ class LogprobFormat:
 
     def _logprob(self, lp: float, rank: int | None, token_id: int) -> dict:
         return {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": self.label(token_id)}
+
+
+def embedding_response(request_id: str, model: str, vectors, encoding_format: str, num_tokens: int) -> dict:
+    """OpenAI's embeddings list; "base64" holds each vector's little-endian float32 bytes (what the openai client
+    asks for by default, and decodes)."""
+    def encode(v):
+        v = np.asarray(v, dtype="<f4")
+        return base64.b64encode(v.tobytes()).decode() if encoding_format == "base64" else v.tolist()
+    data = [{"index": i, "object": "embedding", "embedding": encode(v)} for i, v in enumerate(vectors)]
+    return {"id": request_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}}
 
 
 def envelope(kind: Literal["text_completion", "chat.completion", "chat.completion.chunk"], request_id: str,

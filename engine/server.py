@@ -2,6 +2,7 @@
 
     POST /v1/completions, /v1/chat/completions   (stream or not; n, logprobs, stop, usage, ...; completions'
                                                   echo + logprobs adds the prompt's logprobs, max_tokens=0 only those)
+    POST /v1/embeddings   (each input's pooled hidden states: engine/pooling.py)
     POST /invocations   (SageMaker's route: a chat or completion body, by its fields)
     GET  /v1/models, /health, /version, /metrics
     POST /tokenize, /detokenize
@@ -471,6 +472,35 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         jobs, chat, num_top = server.chat_jobs(as_chat, request_id)
         return await server.respond(raw, "chat.completion", request_id, jobs, as_chat.priority, as_chat, False,
                                     num_top, chat, ResponseShape(body, request_id, server.response_model(jobs)))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: P.EmbeddingRequest):
+        """Each input's pooled hidden states (engine/pooling.py; --pooler-config), as vLLM's pooling runner serves
+        them."""
+        server.check_model(body.model)
+        if body.dimensions is not None:
+            raise P.ServerError(f"Model \"{server.model_name}\" does not support matryoshka representation, changing "
+                                f"output dimensions will lead to poor results.", param="dimensions")
+        ids = []
+        for x in body.inputs():
+            one = server.encode(x, body.add_special_tokens)
+            k = body.truncate_prompt_tokens
+            if k is not None:
+                if k != -1 and k < 1:
+                    raise P.ServerError(f"truncate_prompt_tokens={k} must be -1 or at least 1",
+                                        param="truncate_prompt_tokens")
+                one = one[-(server.max_model_len if k == -1 else k):]
+            if len(one) > server.max_model_len:
+                raise P.ServerError(f"This model's maximum context length is {server.max_model_len} tokens. However, "
+                                    f"you requested {len(one)} tokens in the input for embedding generation. Please "
+                                    f"reduce the length of the input.", param="input")
+            ids.append(one)
+        try:
+            vectors = await engine.embed(ids)
+        except ValueError as e:
+            raise P.ServerError(str(e), param="input") from e
+        return P.embedding_response(f"embd-{uuid.uuid4().hex}", server.model_name, vectors, body.encoding_format,
+                                    sum(map(len, ids)))
 
     @app.post("/invocations")
     async def invocations(raw: Request):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import EngineConfig  # noqa: E402
+from engine.config import EngineConfig, PoolerConfig  # noqa: E402
 from engine.speculative import SpeculativeConfig  # noqa: E402
 
 DEFAULT_MODEL = "default"
@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speculative-config", type=json_dict, default=None, metavar="JSON",
                    help='prompt-lookup speculative decoding: \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (drafts take free request seats)')
+    p.add_argument("--pooler-config", "--override-pooler-config", type=json_dict, default=None, metavar="JSON",
+                   help='/v1/embeddings pooling: \'{"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}\' '
+                        '(default LAST, normalized)')
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1: the server uses one GPU")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="only 1: the server uses one GPU")
     p.add_argument("--allowed-origins", type=json_list, default=None,
@@ -167,6 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         SpeculativeConfig.parse(args.speculative_config)
     except (ValueError, TypeError) as e:
         p.error(f"--speculative-config: {e}")
+    try:
+        PoolerConfig.parse(args.pooler_config)
+    except (ValueError, TypeError) as e:
+        p.error(f"--pooler-config: {e}")
     if args.max_log_len is not None and args.max_log_len < 0:
         p.error(f"--max-log-len={args.max_log_len} must be >= 0")
     if args.max_logprobs < 0:

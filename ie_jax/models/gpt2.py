@@ -68,11 +68,12 @@ class GPT2LMHeadModel(nnx.Module):
 
     STACK = "h"  # the attribute holding the stacked blocks
 
-    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None, layer_states=None):
+    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None, layer_states=None, hidden=False):
         """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().
 
         logits_indices [B, R]: compute logits only at these token indices (-> [B, R, V]); the engine samples from
         one token per request, and the vocabulary projection of every token would cost more than the rest.
+        hidden: the final normed hidden states [B, T, D] instead of logits (embeddings).
         """
         positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape) if positions is None \
             else positions
@@ -82,4 +83,5 @@ class GPT2LMHeadModel(nnx.Module):
         x, ctx = scan_layers(self.h, x, positions, ctx, remat=self.remat, layer_states=layer_states)
         if logits_indices is not None:
             x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
-        return self.wte.attend(self.ln_f(x)), ctx
+        x = self.ln_f(x)
+        return (x, ctx) if hidden else (self.wte.attend(x), ctx)

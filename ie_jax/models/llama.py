@@ -149,9 +149,9 @@ class DecoderLayer(nnx.Module):
 
     def _decode_call(self, carry, positions, ctx, caches, layer):
         """carry: (the residual x [B, T, D], the previous layer's down projection as split-K partials [S, B*T, D]
-        f32, not yet added, and its LoRA update [B*T, D] f32 or None). Each residual add is folded into the RMSNorm after it, one kernel each
-        (kernels_pallas/add_norm.py); the o and down projections leave their split-K partials to those kernels.
-        Returns the same kind of carry."""
+        f32, not yet added, and its LoRA update [B*T, D] f32 or None). Each residual add is folded into the RMSNorm
+        after it, one kernel each (kernels_pallas/add_norm.py); the o and down projections leave their split-K
+        partials to those kernels. Returns the same kind of carry."""
         x, pending, extra = carry
         B, T, D = x.shape
         x = x.reshape(B * T, D)
@@ -274,11 +274,12 @@ class LlamaForCausalLM(nnx.Module):
         fits = all(add_norm.supported(x.shape[-1], s) for s in splits)
         return splits[1] if fits and ops.add_norm_active() else 0
 
-    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None, layer_states=None):
+    def __call__(self, token_ids, positions=None, ctx=None, logits_indices=None, layer_states=None, hidden=False):
         """token_ids [B, T] -> (logits [B, T, V] f32, ctx). Positions default to 0..T-1; ctx to DenseCausal().
 
         logits_indices [B, R]: compute logits only at these token indices (-> [B, R, V]); the engine samples from
         one token per request, and the vocabulary projection of every token would cost more than the rest.
+        hidden: the final normed hidden states [B, T, D] instead of logits (embeddings).
         """
         positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape) if positions is None \
             else positions
@@ -299,6 +300,8 @@ class LlamaForCausalLM(nnx.Module):
             x = jnp.take_along_axis(x, logits_indices[..., None], axis=1)  # [B, R, D]
         if not fused:
             x = self.norm(x)
+        if hidden:
+            return x, ctx
         if self.config.tie_word_embeddings:
             return self.embed_tokens.attend(x), ctx
         return self.lm_head(x, out_dtype=jnp.float32), ctx
