@@ -477,7 +477,9 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
     async def embeddings(body: P.EmbeddingRequest):
         """Each input's pooled hidden states (engine/pooling.py; --pooler-config), as vLLM's pooling runner serves
         them."""
-        server.check_model(body.model)
+        if server.check_model(body.model) is not None:
+            raise P.ServerError(f"embeddings come from the base model {server.model_name!r}; the LoRA adapter "
+                                f"{body.model!r} does not apply to them", param="model")
         if body.dimensions is not None:
             raise P.ServerError(f"Model \"{server.model_name}\" does not support matryoshka representation, changing "
                                 f"output dimensions will lead to poor results.", param="dimensions")

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -121,6 +123,12 @@ def test_adapters_are_models(live, adapter_dirs):
     want = prompt_logprobs(merged, tok.encode(PROMPT), 1)
     ids = tok.encode(PROMPT)
     assert max(abs(x - w[t]) for x, w, t in zip(lp[1:], want[1:], ids[1:])) < 1e-4
+    # embeddings come from the base model, even with adapter slots in the weights; naming an adapter is refused
+    emb = client.embeddings.create(model="tiny-llama", input=PROMPT).data[0].embedding
+    hidden = np.asarray(model(jnp.asarray([ids], jnp.int32), hidden=True)[0][0, -1], np.float64)
+    np.testing.assert_allclose(emb, hidden / np.linalg.norm(hidden), atol=2e-5)
+    with pytest.raises(openai.BadRequestError, match="does not apply"):
+        client.embeddings.create(model="qv", input=PROMPT)
     bm = engine.engine.block_manager
     assert bm.num_free_pages == bm.num_pages
     metrics = httpx.get(f"{url}/metrics").text
