@@ -38,6 +38,23 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
                       "code": status}}
 
 
+def batch_of(value, name: str) -> list[str | list[int]]:
+    """A prompt field as a batch: one string or id list each (OpenAI's four shapes). An empty one raises."""
+    batch = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else list(value)
+    if not batch or any(len(x) == 0 for x in batch):
+        raise ServerError(f"{name} cannot be empty", param=name)
+    return batch
+
+
+def truncate(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (left truncation); -1 keeps max_model_len."""
+    if k is None:
+        return ids
+    if k != -1 and k < 1:
+        raise ServerError(f"truncate_prompt_tokens={k} must be -1 or at least 1", param="truncate_prompt_tokens")
+    return ids[-(max_model_len if k == -1 else k):]
+
+
 class _Request(pydantic.BaseModel):
     # Unknown fields are ignored, as the OpenAI API and vLLM do.
     model_config = pydantic.ConfigDict(extra="ignore")
@@ -150,13 +167,7 @@ class _SamplingFields(_Request):
         return k
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
-        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (left truncation); -1 keeps max_model_len."""
-        k = self.truncate_prompt_tokens
-        if k is None:
-            return ids
-        if k != -1 and k < 1:
-            raise ServerError(f"truncate_prompt_tokens={k} must be -1 or at least 1", param="truncate_prompt_tokens")
-        return ids[-(max_model_len if k == -1 else k):]
+        return truncate(ids, self.truncate_prompt_tokens, max_model_len)
 
     def guided_decoding(self) -> GuidedDecodingParams | None:
         """The structured-output spec of response_format or vLLM's guided_* fields (one at most); its pattern is
@@ -213,11 +224,7 @@ class CompletionRequest(_SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or id list per prompt. An empty prompt raises."""
-        p = self.prompt
-        batch = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-        if not batch or any(len(x) == 0 for x in batch):
-            raise ServerError("prompt cannot be empty", param="prompt")
-        return batch
+        return batch_of(self.prompt, "prompt")
 
 
 class ChatMessage(_Request):
@@ -306,11 +313,10 @@ class EmbeddingRequest(_Request):
 
     def inputs(self) -> list[str | list[int]]:
         """The batch of inputs: one string or id list each. An empty input raises."""
-        x = self.input
-        batch = [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
-        if not batch or any(len(i) == 0 for i in batch):
-            raise ServerError("input cannot be empty", param="input")
-        return batch
+        return batch_of(self.input, "input")
+
+    def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
+        return truncate(ids, self.truncate_prompt_tokens, max_model_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------

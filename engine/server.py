@@ -485,13 +485,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
                                 f"output dimensions will lead to poor results.", param="dimensions")
         ids = []
         for x in body.inputs():
-            one = server.encode(x, body.add_special_tokens)
-            k = body.truncate_prompt_tokens
-            if k is not None:
-                if k != -1 and k < 1:
-                    raise P.ServerError(f"truncate_prompt_tokens={k} must be -1 or at least 1",
-                                        param="truncate_prompt_tokens")
-                one = one[-(server.max_model_len if k == -1 else k):]
+            one = body.truncated(server.encode(x, body.add_special_tokens), server.max_model_len)
             if len(one) > server.max_model_len:
                 raise P.ServerError(f"This model's maximum context length is {server.max_model_len} tokens. However, "
                                     f"you requested {len(one)} tokens in the input for embedding generation. Please "
