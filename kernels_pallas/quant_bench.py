@@ -72,10 +72,12 @@ def _weights(key, k, n, copies):
     from ie_jax.quant.fp8 import quantize_fp8
     from ie_jax.quant.int4 import quantize_int4
     from ie_jax.quant.int8 import quantize_int8
-    out = {"bf16": [], "int8": [], "int4": [], "int8_kn": [], "int4_kn": [], "fp8_kn": [], "fp8_nk": []}
+    out = {"bf16": [], "bf16_nk": [], "int8": [], "int4": [], "int8_kn": [], "int4_kn": [], "fp8_kn": [],
+           "fp8_nk": []}
     for kk in jax.random.split(key, copies):
         w = 0.02 * jax.random.normal(kk, (k, n), jnp.float32)
         out["bf16"].append(w.astype(jnp.bfloat16))
+        out["bf16_nk"].append(w.T.astype(jnp.bfloat16))
         q8, q4 = quantize_int8(w), quantize_int4(w, GROUP)
         out["int8"].append(pack_int8(q8))
         out["int4"].append(pack_int4(q4))
@@ -122,11 +124,35 @@ def _paths(m):
         for label, cfg in _gemm_configs().items():
             for fmt in ("int8", "int4"):
                 yield f"{fmt} gemm {label}", fmt, functools.partial(qg._quant_gemm, config=cfg, interpret=False)
+    if m > MAX_M:  # dequantize once, then XLA's bf16 dot: which weight layout XLA's dot is fast on (docs v10)
+        yield "bf16 xla nk", "bf16_nk", _dot_nk
+        for fmt in ("int8", "int4"):
+            yield f"{fmt} deq nk", fmt, functools.partial(_dequant_dot, transpose=False)
+            yield f"{fmt} deq kn", fmt, functools.partial(_dequant_dot, transpose=True)
     if MAX_M < m <= 4 * MAX_M:  # the decode kernel over 64-row chunks, each format under its shipped config
         for fmt, int4 in (("int8", False), ("int4", True)):
             cfg = MEASURED_FASTER[(int4, False)][1]
             yield f"{fmt} chunked c64", fmt, functools.partial(chunked_quant_matmul, config=cfg)
     yield "fp8 xla kn", "fp8_kn", lambda x, w: fp8_matmul(x, *w)
+
+
+def _dot_nk(x, w_nk):
+    """XLA's bf16 dot with the weight stored [N, K] (K contiguous), as the packed formats store it."""
+    return jax.lax.dot_general(x, w_nk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dequant_dot(x, packed, transpose):
+    """The packed weight dequantized to bf16 in one pass, materialized (an optimization barrier keeps XLA from
+    fusing it into the dot) as [N, K] or transposed to [K, N], then XLA's bf16 dot."""
+    from kernels_pallas.quant_matmul import PackedInt8, dequantize_int4_nk
+    if isinstance(packed, PackedInt8):  # the per-channel scale stays after the dot, as the shipped path has it
+        w, scale = packed.q.astype(x.dtype), packed.scale
+    else:
+        w, scale = dequantize_int4_nk(packed, x.dtype), None  # [N, K]
+    w = jax.lax.optimization_barrier(w.T if transpose else w)
+    dims = (((1,), (0,)), ((), ())) if transpose else (((1,), (1,)), ((), ()))
+    y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    return (y if scale is None else y * scale).astype(x.dtype)
 
 
 def _fp8_path(x, w, config):
@@ -142,6 +168,8 @@ def _reference(fmt, x, w):
     from ie_jax.quant.fp8 import Fp8Weights, fp8_matmul_reference
     if fmt == "bf16":
         return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+    if fmt == "bf16_nk":
+        return jnp.dot(x.astype(jnp.float32), w.T.astype(jnp.float32))
     if fmt.startswith("fp8"):
         q = w[0].T if fmt == "fp8_kn" else w[0]  # Fp8Weights holds q [N, K]
         return fp8_matmul_reference(x, Fp8Weights(q, w[1]), jnp.float32)

@@ -509,13 +509,18 @@ def packed_matmul_xla(x, packed, out_dtype=None):
         return (y * packed.scale).astype(out_dtype or x.dtype)
     if packed.perm is not None:
         x = jnp.take(x, packed.perm, axis=-1)
+    y = lax.dot_general(x, dequantize_int4_nk(packed, x.dtype), contract, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def dequantize_int4_nk(packed, dtype):
+    """A packed int4 weight as W^T [N, K] in `dtype`, in its stored order (act-order rows stay permuted), computed
+    in f32: (q + 8 - zero) * scale per group."""
     n, k = packed.q.shape
     g = packed.group_size
     offset = 8.0 - packed.zeros.T.astype(jnp.float32)  # [N, K/G]: q is the value - 8
     w = packed.q.astype(jnp.float32).reshape(n, k // g, g) + offset[..., None]
-    w = (w * packed.scales.T.astype(jnp.float32)[..., None]).reshape(n, k).astype(x.dtype)  # [N, K]
-    y = lax.dot_general(x, w, contract, preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+    return (w * packed.scales.T.astype(jnp.float32)[..., None]).reshape(n, k).astype(dtype)
 
 
 def chunked_quant_matmul(x, packed, *, config, rows=MAX_M, interpret=False, out_dtype=None):

@@ -55,6 +55,10 @@ item_quant_split() {
   run quant_split 120 python scripts/bench_kernels.py quant --shapes down --ms 128,256 --only "int4 gemm,int8 gemm" \
     --out "$OUT"
 }
+item_quant_large_m() {  # which weight layout XLA's bf16 dot is fast on, and a dequantize-once path (quant v10)
+  run quant_large_m 150 python scripts/bench_kernels.py quant --shapes gate_up,down --ms 4096,1024 \
+    --only "bf16 xla,int8 xla,int4 xla,int8 deq,int4 deq,int8 linear,int4 linear" --out "$OUT"
+}
 item_paged_fp8_b1() {
   run paged_fp8_b1 90 python scripts/bench_kernels.py paged --short --fp8 --decode-tiles --tiles-only \
     --cases "b1 ctx32768" --out "$OUT"
@@ -83,7 +87,7 @@ item_serving() {
   kill "$pid"; wait "$pid" 2>/dev/null
 }
 
-ITEMS=${*:-"b1 lora t128 t128_fp8w spec tests guided quant_split paged_fp8_b1 lora_t1024 dispatch serving"}
+ITEMS=${*:-"b1 lora t128 t128_fp8w spec tests guided quant_split quant_large_m paged_fp8_b1 lora_t1024 dispatch serving"}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu" || true
 git rev-parse --short HEAD 2>/dev/null > "$OUT/commit" || true
 for item in $ITEMS; do "item_$item"; done
