@@ -53,6 +53,7 @@ from ie_jax.sampling import SamplingParams
 
 
 request_log = logging.getLogger("ie_jax.requests")
+MAX_CHOICES = 1024  # engine requests one HTTP request may fan out to (prompts x n)
 
 
 @dataclasses.dataclass
@@ -191,6 +192,10 @@ class OpenAIServer:
         """Fan out n choices per prompt. A seeded request gives choice j the seed ie_jax.generate and LLM derive
         for it, (seed + 7919 j) mod 2^32, so its choices differ and each matches the offline front ends. A prompt's
         logprobs are computed by its first choice only, unless each choice echoes them."""
+        total = sum(sp.n for sp in params)
+        if total > MAX_CHOICES:
+            raise P.ServerError(f"this request asks for {total} completions ({len(params)} prompts, n={params[0].n}); "
+                                f"the server takes at most {MAX_CHOICES} in one request", param="n")
         vocab = self.engine.model_config.vocab_size
         for sp in params:  # checked before anything streams (the engine checks again when it adds the request)
             error = sp.vocab_error(vocab)

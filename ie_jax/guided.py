@@ -43,6 +43,10 @@ class GuidedDecodingParams:
     def __post_init__(self):
         if isinstance(self.json, dict):  # key order kept: properties are generated in the schema's order
             object.__setattr__(self, "json", json.dumps(self.json))
+        if self.json is not None and not isinstance(self.json, str):
+            raise ValueError(f"a guided JSON schema must be an object or its JSON text, got {self.json!r}")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"a guided regex must be a string, got {self.regex!r}")
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
             if not self.choice or not all(isinstance(c, str) and c for c in self.choice):

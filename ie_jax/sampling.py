@@ -31,6 +31,7 @@ from ie_jax.guided import GuidedDecodingParams
 
 MAX_LOGPROBS = 20  # most top logprobs one request may ask for, per generated token
 MAX_LOGIT_BIAS = 256  # most logit_bias entries one request may give
+F32_MAX = float(np.finfo(np.float32).max)  # per-row parameters go to the device as float32
 
 
 def _check_int(name: str, value) -> None:
@@ -88,14 +89,16 @@ class SamplingParams:
             raise ValueError(f"n={self.n} must be at least 1")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not self.temperature <= F32_MAX:
+            raise ValueError(f"temperature={self.temperature} must be finite")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < -1:
             raise ValueError(f"top_k={self.top_k} must be -1 or 0 (off) or a positive count")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if not 0 < self.repetition_penalty <= F32_MAX:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 and finite")
         if not -2 <= self.presence_penalty <= 2:
             raise ValueError(f"presence_penalty={self.presence_penalty} must be in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:

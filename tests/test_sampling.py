@@ -56,8 +56,10 @@ def _distinct_logits(rng, vocab_size=V):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n", 0), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+    ("n", 0), ("temperature", -0.1), ("temperature", float("nan")), ("temperature", 1e308),
+    ("temperature", float("inf")), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", -2), ("top_k", 2.5), ("min_p", -0.1), ("min_p", 1.1), ("repetition_penalty", 0.0),
+    ("repetition_penalty", 1e300),
     ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("frequency_penalty", 3.0),
     ("frequency_penalty", -2.5), ("max_tokens", 0), ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1),
     ("seed", 1.5), ("stop", [""]), ("stop_token_ids", [-3]),

@@ -371,6 +371,10 @@ COMPLETION_ERRORS = [
     ({"prompt": "x", "guided_choice": []}, "guided_choice"),
     ({"prompt": "x", "guided_grammar": "root ::= x"}, "guided_grammar"),
     ({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "one structured-output"),
+    ({"prompt": "x", "guided_json": 127}, "JSON schema"),  # found by fuzzing: once a 500
+    ({"prompt": "x", "n": 10**9}, "at most 1024"),  # once a server that hung building 10^9 requests
+    ({"prompt": ["a", "b"], "n": 600}, "1200 completions"),
+    ({"prompt": "x", "temperature": 1e308}, "finite"),  # float32 on the device
 ]
 
 
