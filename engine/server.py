@@ -164,7 +164,7 @@ class OpenAIServer:
                 params = dataclasses.replace(params, guided_decoding=tools.guided())
         except ValueError as e:
             raise P.ServerError(str(e)) from e
-        if tools is not None and tools.marker == "[TOOL_CALLS]":  # a control token: the parser must see it
+        if tools is not None and tools.needs_special_tokens:
             params = dataclasses.replace(params, skip_special_tokens=False)
         params, chat = self.chat_mode(tools, params, ids, body.include_reasoning)
         beam = body.beam_params(params.max_tokens, self.max_logprobs)

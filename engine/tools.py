@@ -163,6 +163,11 @@ class ToolMode:
         return ("arguments",) if self.marker else ("parameters",) if self.choice == "required" else \
             ("parameters", "arguments")
 
+    @property
+    def needs_special_tokens(self) -> bool:
+        """The reply's text must keep special tokens: mistral's [TOOL_CALLS] is a control token."""
+        return self.marker == _MISTRAL
+
     def new_id(self) -> str:
         return _new_id(self.parser if self.choice == "auto" else None)
 
