@@ -14,7 +14,8 @@ OUT=${OUT:-out/suite}
 mkdir -p "$OUT"
 START=$(date +%s)
 CC=/tmp/iecc
-B1="--model llama-3-8b --load-format dummy --dtype bfloat16 --input-len 128 --output-len 512 --num-prompts 1
+MODEL=${MODEL:-llama-3-8b}  # another preset ("default") checks the commands on a CPU
+B1="--model $MODEL --load-format dummy --dtype bfloat16 --input-len 128 --output-len 512 --num-prompts 1
     --max-num-seqs 1 --max-num-batched-tokens 256 --compilation-cache-dir $CC"
 
 left() { echo $((LIMIT - ($(date +%s) - START))); }
@@ -42,7 +43,7 @@ item_spec() {
 }
 # Offline 128/128 x 1,000 (fp8 cache): bf16 weights (the bar's setting), then fp8 weights (-q fp8, as TensorRT-LLM's
 # published 27,911 tok/s uses), same machine.
-T128="--model llama-3-8b --load-format dummy --dtype bfloat16 --input-len 128 --output-len 128 --num-prompts 1000
+T128="--model $MODEL --load-format dummy --dtype bfloat16 --input-len 128 --output-len 128 --num-prompts 1000
       --max-num-seqs 1024 --max-num-batched-tokens 16384 --kv-cache-dtype fp8 --compilation-cache-dir $CC"
 item_t128() { run t128_bf16w 150 python scripts/bench_throughput.py $T128 --out "$OUT"; }
 item_t128_fp8w() { run t128_fp8w 150 python scripts/bench_throughput.py $T128 -q fp8 --out "$OUT"; }
@@ -65,7 +66,7 @@ item_paged_fp8_b1() {
 }
 item_lora_t1024() {
   for lora in "" --enable-lora; do
-    run "t1024_profile${lora:+_lora}" 120 python scripts/profile_step.py --batch 1000 --context 192 \
+    run "t1024_profile${lora:+_lora}" 120 python scripts/profile_step.py --model $MODEL --batch 1000 --context 192 \
       --kv-cache-dtype fp8 --max-num-seqs 1024 --max-num-batched-tokens 16384 $lora --out "$OUT"
   done
 }
@@ -77,7 +78,7 @@ item_serving() {
   # One server, two client runs: `bench serve` defaults at rate inf, then at 1 request/s (200 prompts).
   local have; have=$(left)
   if [ "$have" -lt 240 ]; then echo "serving skipped (needs 240s, ${have}s left)" | tee -a "$OUT/res"; return; fi
-  python scripts/serve.py --model llama-3-8b --load-format dummy --dtype bfloat16 --kv-cache-dtype fp8 \
+  python scripts/serve.py --model $MODEL --load-format dummy --dtype bfloat16 --kv-cache-dtype fp8 \
     --max-num-seqs 512 --max-num-batched-tokens 8192 --compilation-cache-dir $CC > "$OUT/server.log" 2>&1 &
   local pid=$!
   for _ in $(seq 180); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
