@@ -12,6 +12,9 @@ by `tool_choice`:
                                                                   </tool_call>
                                                      llama3_json  {"name": ..., "parameters": {...}} (after an
                                                                   optional <|python_tag|>, several joined by ';')
+                                                     pythonic     [f(a=1, b="x"), g()] (Llama 3.2 / 4's
+                                                                  pythonic templates), each call's keyword
+                                                                  arguments as a JSON object
                                                      mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}},
                                                                   ...], or [TOOL_CALLS]name[ARGS]{...} (newer
                                                                   tokenizers), after any content; call ids are 9
@@ -23,6 +26,7 @@ stream can send them as they are generated and still add up to what the whole re
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -31,10 +35,13 @@ import uuid
 from engine.protocol import ServerError
 from ie_jax.guided import GuidedDecodingParams
 
-PARSERS = ("hermes", "llama3_json", "mistral")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 _HERMES, _PYTHON_TAG, _MISTRAL, _ARGS = "<tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"
 MARKERS = {"hermes": _HERMES, "mistral": _MISTRAL}  # parsers whose calls follow content, from this tag on
 _NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+_PY_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(")  # a pythonic call's name, once its "(" is written
+_PY_TOKEN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|['"]|[()\[\]{}]""")
+_PYTHON_START, _PYTHON_END = "<|python_start|>", "<|python_end|>"
 _BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|\Z)", re.S)  # a hermes call, closed or still being written
 _CLOSED = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|"|[{}\[\]]', re.S)  # a whole string, one still open, or a bracket
@@ -190,8 +197,8 @@ class ToolMode:
             start = text.find(self.marker)
             return start if start >= 0 else len(text) - tag_start(text, self.marker)
         head = text.lstrip()
-        if not head or head.startswith("{") or _PYTHON_TAG.startswith(head[:len(_PYTHON_TAG)]) or \
-                head.startswith(_PYTHON_TAG):
+        opener, tag = ("[", _PYTHON_START) if self.parser == "pythonic" else ("{", _PYTHON_TAG)
+        if not head or head.startswith(opener) or tag.startswith(head[:len(tag)]) or head.startswith(tag):
             return 0
         return len(text)
 
@@ -211,6 +218,8 @@ class ToolMode:
             return calls, None
         if self.marker:  # mistral
             return self._scan_mistral(text)
+        if self.parser == "pythonic" and self.choice == "auto":
+            return self._scan_pythonic(text)
         opener, sep = ("[", ",") if self.choice == "required" else (_PYTHON_TAG, ";")
         i, end, calls = _ws(text, 0), None, []
         if text.startswith(opener, i):
@@ -256,6 +265,27 @@ class ToolMode:
             i = _ws(text, stop)
             i = _ws(text, i + len(_MISTRAL)) if text.startswith(_MISTRAL, i) else i
         return calls, end
+
+    def _scan_pythonic(self, text: str):
+        """scan() for pythonic: [name(k=v, ...), ...], maybe inside <|python_start|> ... <|python_end|>. A call's
+        arguments (a JSON object) are known once its ")" is written; `end` is past the list's "]"."""
+        i = _ws(text, 0)
+        if text.startswith(_PYTHON_START, i):
+            i = _ws(text, i + len(_PYTHON_START))
+        if not text.startswith("[", i):
+            return [], None
+        calls, i = [], _ws(text, i + 1)
+        while m := _PY_CALL.match(text, i):
+            close = _py_call_end(text, m.end() - 1)
+            if close is None:
+                calls.append((m.group(1), None, None))
+                return calls, None
+            calls.append((m.group(1), _py_arguments(text[m.start():close]), text[m.start():close]))
+            i = _ws(text, close)
+            if not text.startswith(",", i):
+                break
+            i = _ws(text, i + 1)
+        return calls, (i + 1 if calls and text.startswith("]", i) else None)
 
     def content(self, text: str, begun: int) -> str:
         """What of a growing text may go out as content now, with `begun` calls sent: a prefix of what the finished
@@ -354,6 +384,11 @@ class ToolMode:
         seen, end = self.scan(text)
         if self.parser == "mistral" and self.choice == "auto":
             return self._parse_mistral(text, seen, end)
+        if self.parser == "pythonic" and self.choice == "auto":
+            rest = text[end:].strip() if end is not None else None
+            if not seen or rest not in ("", _PYTHON_END) or any(a is None for _, a, _ in seen):
+                return text, []
+            return None, [_call(name, args) for name, args, _ in seen]
         if self.hermes:
             objs = [_json(block) for block in _CLOSED.findall(text)]
         elif self.choice == "required":
@@ -375,6 +410,32 @@ class ToolMode:
         if calls is None:
             return text, []
         return text[:text.find(_MISTRAL)].strip() or None, calls
+
+
+def _py_call_end(src: str, i: int) -> int | None:
+    """Where the Python call whose "(" is at src[i] ends (after its ")"); None while the text stops inside it.
+    Strings are skipped whole, so the brackets inside them do not count."""
+    depth = 0
+    for m in _PY_TOKEN.finditer(src, i):
+        tok = m.group()
+        if tok in ("'", '"'):  # a string the text has not closed yet
+            return None
+        depth += 0 if tok[0] in "'\"" else 1 if tok in "([{" else -1
+        if depth == 0:
+            return m.end()
+    return None
+
+
+def _py_arguments(call: str) -> str | None:
+    """A pythonic call's keyword arguments as a JSON object's text; None when it is not a call of literals by
+    keyword."""
+    try:
+        node = ast.parse(call, mode="eval").body
+        if not isinstance(node, ast.Call) or node.args or any(k.arg is None for k in node.keywords):
+            return None
+        return json.dumps({k.arg: ast.literal_eval(k.value) for k in node.keywords}, ensure_ascii=False)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return None
 
 
 def _mistral_calls(text: str, seen, end) -> list[dict] | None:

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-lora-rank", type=int, default=engine["max_lora_rank"], help="the largest adapter rank")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='chat requests with tools and tool_choice "auto" get their calls parsed out of the text')
-    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral", "pythonic"],
                    help="the model's tool-call format (with --enable-auto-tool-choice)")
     p.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                    help="a thinking model's <think> ... </think> goes to the chat message's reasoning field "

@@ -15,6 +15,7 @@ SCHEMAS = {"get_weather": {}, "get_time": {}, "f": {}}
 HERMES = ToolMode("auto", SCHEMAS, parser="hermes")
 LLAMA = ToolMode("auto", SCHEMAS, parser="llama3_json")
 MISTRAL = ToolMode("auto", SCHEMAS, parser="mistral")
+PYTHONIC = ToolMode("auto", SCHEMAS, parser="pythonic")
 REQUIRED = ToolMode("required", SCHEMAS)
 ID = re.compile(r"chatcmpl-tool-[0-9a-f]{32}")
 MISTRAL_ID = re.compile(r"[0-9a-zA-Z]{9}")  # Mistral's chat templates take 9-character ids only
@@ -244,6 +245,29 @@ def test_mistral_streams_content_and_calls(seed):
             assert [json.loads(c["arguments"]) for c in calls] == [json.loads(t.text[a:b]) for *_, a, b in t.calls]
     plain = "An answer with [brackets] and [TOOL but no call"
     assert run(MISTRAL, plain, list(range(1, len(plain))), "length") == (plain, [], "length")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pythonic_streams_calls(seed):
+    """[f(k=v, ...), ...]: each call's name goes out once its "(" is written, its arguments (the keyword arguments
+    as a JSON object) once its ")" is; parse() says the same."""
+    rng = random.Random(seed)
+    calls = [(rng.choice(["get_weather", "f"]), {f"{rng.choice(['city', 'days', 'a'])}{i}": rand_value(rng, 2, False)
+                                                 for i in range(rng.randrange(4))}) for _ in range(rng.randint(1, 3))]
+    body = ("," + space(rng)).join(f"{name}({', '.join(f'{k}={v!r}' for k, v in kw.items())})" for name, kw in calls)
+    tag = rng.random() < 0.3
+    text = space(rng) + "<|python_start|>" * tag + "[" + body + "]" + "<|python_end|>" * tag
+    for cuts in chunkings(rng, text):
+        content, got, reason = run(PYTHONIC, text, cuts, "stop")
+        assert content == "" and reason == "tool_calls"
+        assert [(c["name"], json.loads(c["arguments"])) for c in got] == calls
+        expect_parsed(PYTHONIC, text, got)
+    for plain in ("The answer is [1, 2].", "[not a call]", "[1, 2] are the numbers"):  # never a call
+        assert run(PYTHONIC, plain, list(range(1, len(plain))), "stop") == (plain, [], "stop")
+    for broken in ("[f(1)]", "[f(a=x)]", "[f(a=1)] and more", "[f(a=1), g(b="):  # a call began, then was not one
+        assert PYTHONIC.parse(broken) == (broken, [])
+        content, got, reason = run(PYTHONIC, broken, list(range(1, len(broken))), "length")
+        assert reason == "length" and got[0]["name"] == "f" and content == ""
 
 
 @pytest.mark.parametrize("seed", range(60))
