@@ -230,6 +230,24 @@ def test_tool_call_parsers():
     assert mistral.streamable("Sure [TOOL_") == len("Sure ") and mistral.streamable("a [b]") == 5
 
 
+def test_auto_tool_choice_with_the_pythonic_parser(live):
+    server = LiveServer(live.engine, tool_call_parser="pythonic")
+    try:
+        client = server.client()
+        regex = r'\[get_weather\(city="(Paris|Rome)", days=[1-9]\)\]'
+        out = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
+                                             temperature=0, extra_body={"guided_regex": regex})
+        (call,) = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        args = json.loads(call.function.arguments)
+        assert args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 9
+        chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
+                                                     temperature=0, stream=True, extra_body={"guided_regex": regex}))
+        assert reassemble(chunks)[0] == [("get_weather", call.function.arguments)]
+    finally:
+        server.stop()
+
+
 def test_auto_tool_choice_with_the_mistral_parser(live):
     """--tool-call-parser mistral: the reply keeps its special tokens for the parser; call ids are 9 characters."""
     server = LiveServer(live.engine, tool_call_parser="mistral")
