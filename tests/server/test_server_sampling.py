@@ -230,41 +230,30 @@ def test_tool_call_parsers():
     assert mistral.streamable("Sure [TOOL_") == len("Sure ") and mistral.streamable("a [b]") == 5
 
 
-def test_auto_tool_choice_with_the_pythonic_parser(live):
-    server = LiveServer(live.engine, tool_call_parser="pythonic")
+@pytest.mark.parametrize("parser, regex, ids", [
+    ("pythonic", r'\[get_weather\(city="(Paris|Rome)", days=[1-9]\)\]', r"chatcmpl-tool-[0-9a-f]{32}"),
+    # mistral: the reply keeps its special tokens for the parser; call ids are 9 characters
+    ("mistral", r'\[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "days": [1-9]\}\}\]',
+     "[0-9a-zA-Z]{9}"),
+])
+def test_auto_tool_choice_with_other_parsers(live, parser, regex, ids):
+    """The model's text is forced (guided_regex) into the parser's call format; whole and streamed, the call comes
+    out the same."""
+    server = LiveServer(live.engine, tool_call_parser=parser)
     try:
         client = server.client()
-        regex = r'\[get_weather\(city="(Paris|Rome)", days=[1-9]\)\]'
-        out = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
-                                             temperature=0, extra_body={"guided_regex": regex})
-        (call,) = out.choices[0].message.tool_calls
-        assert out.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
-        args = json.loads(call.function.arguments)
-        assert args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 9
-        chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
-                                                     temperature=0, stream=True, extra_body={"guided_regex": regex}))
-        assert reassemble(chunks)[0] == [("get_weather", call.function.arguments)]
-    finally:
-        server.stop()
-
-
-def test_auto_tool_choice_with_the_mistral_parser(live):
-    """--tool-call-parser mistral: the reply keeps its special tokens for the parser; call ids are 9 characters."""
-    server = LiveServer(live.engine, tool_call_parser="mistral")
-    try:
-        client = server.client()
-        regex = r'\[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}\]'
         out = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
                                              temperature=0, extra_body={"guided_regex": regex})
         (call,) = out.choices[0].message.tool_calls
         assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.content is None
-        assert call.function.name == "get_weather" and re.fullmatch("[0-9a-zA-Z]{9}", call.id)
+        assert call.function.name == "get_weather" and re.fullmatch(ids, call.id)
+        args = json.loads(call.function.arguments)
+        assert args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 9
         chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=100,
                                                      temperature=0, stream=True, extra_body={"guided_regex": regex}))
-        assert reassemble(chunks, "[0-9a-zA-Z]{9}")[0] == [("get_weather", call.function.arguments)]
+        assert reassemble(chunks, ids)[0] == [("get_weather", call.function.arguments)]
     finally:
         server.stop()
-
 
 
 def test_several_served_model_names(live):
