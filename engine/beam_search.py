@@ -54,6 +54,7 @@ class BeamSearchSequence:
 @dataclasses.dataclass
 class BeamSearchOutput:
     sequences: list[BeamSearchSequence]  # best first
+    num_cached_tokens: int = 0  # run_async: prompt tokens the first round found in the prefix cache
 
 
 def beam_score(seq: BeamSearchSequence, eos_token_ids: tuple[int, ...], length_penalty: float) -> float:
@@ -149,9 +150,12 @@ async def run_async(engine, prompt: list[int], params: BeamSearchParams, request
     search = BeamSearch([prompt], params, engine.engine.eos_token_ids)
     sp = round_params(params)
     adapter = {} if lora_request is None else {"lora_request": lora_request}
+    cached = []  # the first round's: its one request is the prompt itself
 
     async def expand(key, tokens, rid):
         async for out in engine.generate(tokens, sp, rid, **adapter):
+            if not cached:
+                cached.append(out.num_cached_tokens)
             if out.new_logprobs:
                 return key, out.new_logprobs[0]
         raise RuntimeError(f"beam request {rid} ended without a token")
@@ -161,7 +165,9 @@ async def run_async(engine, prompt: list[int], params: BeamSearchParams, request
         results = await asyncio.gather(*(expand(key, tokens, f"{request_id}-beam{round_}-{key[1]}")
                                          for key, tokens in search.pending()))
         search.advance(dict(results))
-    return search.outputs(lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))[0]
+    result = search.outputs(lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))[0]
+    result.num_cached_tokens = cached[0] if cached else 0
+    return result
 
 
 async def choice_outputs(engine, jobs):
@@ -181,7 +187,7 @@ async def choice_outputs(engine, jobs):
                 new = seq.tokens[len(job.prompt_ids):]
                 lps = seq.logprobs if job.params.logprobs is not None else None
                 yield job, RequestOutput(job.request_id, new, seq.text, lps, True, seq.finish_reason, None,
-                                         len(job.prompt_ids), len(new), 0)
+                                         len(job.prompt_ids), len(new), result.num_cached_tokens)
     finally:
         for search in searches:
             search.cancel()

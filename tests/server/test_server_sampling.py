@@ -384,6 +384,11 @@ def test_use_beam_search_returns_the_best_beams(live, client):
         assert len(c.logprobs.tokens) == n
         assert sum(c.logprobs.token_logprobs) == pytest.approx(s.cum_logprob, abs=1e-3)
     assert r.usage.completion_tokens == sum(len(s.tokens) - len(ids) for s in want)
+    long = "a prompt long enough to fill a page or two of the cache"  # the second search finds its pages cached
+    first, again = (client.completions.create(model=MODEL, prompt=long, max_tokens=3, n=2,
+                                              extra_body={"use_beam_search": True}) for _ in range(2))
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16 * (len(tokenizer.encode(long)) // 16) - 16 > 0
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, n=3, stream=True,
                                             extra_body={"use_beam_search": True}))
     texts = {}
