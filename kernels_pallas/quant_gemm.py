@@ -87,8 +87,10 @@ class GemmConfig:
 # Shapes of neither class (qkv, o) were not measured and keep their path.
 _WIDE = ((128, GemmConfig(256, 128, 2)),  # gate_up, 128 rows: int4 56.9 us (1.29x cuBLAS bf16), chunks ~117
          (1 << 30, GemmConfig(128, 256, 4, 64)))  # 256 rows: int4 95.6 (1.00x), XLA ~252; 4096: 0.89x, XLA 0.81x
-_DEEP = ((128, None),  # down, 128 rows: the chunked decode kernel (int4 76.5 us) and XLA's int8 dot (55.4) stay
-         (256, GemmConfig(128, 64, 4)))  # 256 rows: int4 79.2 (0.64x), XLA 122.0; int8 73.2, XLA 107.8
+# Deep: split-K over 4 ranges of K (quant_20261205-232041_down.json, H100, same run as cuBLAS): down at 128 rows int8
+# 32.0 us (1.59x cuBLAS bf16), int4 30.1 (1.69x); at 256 rows 57.8 / 57.3 (1.06x / 1.07x). The unsplit 128x64x4 it
+# replaces ran 71.7-80.5 us there (0.63-0.84x); above 256 rows nothing was measured (XLA stays).
+_DEEP = ((256, GemmConfig(128, 128, 4, splits=4)),)
 MIN_ROWS = 65  # below, the decode kernel (quant_matmul.MAX_M = 64)
 
 

@@ -132,8 +132,8 @@ def test_gemm_config_follows_the_measurements():
     assert qg.gemm_config(gate_up, 65) == qg.gemm_config(gate_up, 128) == qg.GemmConfig(256, 128, 2)
     assert qg.gemm_config(gate_up, 129) == qg.gemm_config(gate_up, 16384) == qg.GemmConfig(128, 256, 4, 64)
     assert qg.gemm_config(packed(4096, 28672, "int8"), 200) == qg.GemmConfig(128, 256, 4, 64)
-    assert qg.gemm_config(down, 128) is None and qg.gemm_config(down, 257) is None
-    assert qg.gemm_config(down, 129) == qg.gemm_config(down, 256) == qg.GemmConfig(128, 64, 4)
+    assert qg.gemm_config(down, 64) is None and qg.gemm_config(down, 257) is None
+    assert qg.gemm_config(down, 65) == qg.gemm_config(down, 256) == qg.GemmConfig(128, 128, 4, splits=4)
     assert qg.gemm_config(qkv, 256) is None  # not measured
     assert qg.gemm_config(packed(4096, 28672, group=64), 256) is None  # groups under 128 rows: not this kernel
     assert qg.gemm_config(packed(4096, 28672 + 64), 256) is None  # N not a multiple of the tile
