@@ -108,7 +108,8 @@ class EngineConfig:
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise ValueError(f"max_loras={self.max_loras} and max_lora_rank={self.max_lora_rank} must be >= 1")
         if self.token_buckets is not None and max(self.token_buckets) < self.max_num_batched_tokens:
-            raise ValueError(f"token_buckets={self.token_buckets} must reach max_num_batched_tokens")
+            raise ValueError(f"token_buckets={self.token_buckets}: the largest must reach max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}")
 
     @property
     def fp8_kv_cache(self) -> bool:

@@ -127,6 +127,18 @@ def unstack_layers(model: nnx.Module, *, release: bool) -> tuple:
     return layer_states
 
 
+def pages_that_fit(stats: dict, utilization: float, weight_bytes: int, headroom: int, page_bytes: int) -> int:
+    """KV pages for a device whose allocator reports `stats` (`Device.memory_stats()`): `utilization` of the
+    allocator's limit, less what is in use (at least the weights) and the steps' headroom, and never more than its
+    largest free block, since the cache is one buffer. Loading can leave holes (the stacked layer weights are freed
+    after their per-layer copies were made beside them), so the free total may not be one block."""
+    in_use = max(stats.get("bytes_in_use", 0), weight_bytes)
+    free = stats["bytes_limit"] * utilization - in_use - headroom
+    if "largest_free_block_bytes" in stats:
+        free = min(free, stats["largest_free_block_bytes"] - 2**28)  # 256 MiB spare in the block
+    return max(int(free // page_bytes), 0)
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, config: EngineConfig, *, cache_dtype=None, owns_model: bool = False):
         """`owns_model`: the runner may restructure the model in place: projections that share an input are fused
@@ -153,6 +165,7 @@ class ModelRunner:
         self.dtype = cache_dtype or (fp8 if cfg.fp8_kv_cache else self.weights[0].dtype)
         self.page_bytes = 2 * mc.num_layers * mc.num_kv_heads * cfg.page_size * mc.head_dim * \
             jnp.dtype(self.dtype).itemsize
+        self.memory_at_sizing: dict[str, int] = {}  # the allocator's figures the KV pages were sized from (GPU)
         self.num_pages = cfg.num_pages or self._pages_from_memory()
         # K and V of every layer in one buffer, K of layer l at entry 2l and V at 2l + 1: a step writes both with
         # one scatter per layer (two would be two kernels of ~3 us each at batch 1 on the H200).
@@ -195,9 +208,10 @@ class ModelRunner:
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:  # CPU: enough pages for every seat at full length
             return cfg.max_num_seqs * cfg.max_pages_per_seq
-        weights = sum(x.nbytes for x in self.weights)
-        free = stats["bytes_limit"] * cfg.gpu_memory_utilization - weights - self.step_headroom()
-        pages = int(free // self.page_bytes)
+        pages = pages_that_fit(stats, cfg.gpu_memory_utilization, sum(x.nbytes for x in self.weights),
+                               self.step_headroom(), self.page_bytes)
+        self.memory_at_sizing = {k: stats[k] for k in ("bytes_limit", "bytes_in_use", "largest_free_block_bytes")
+                                 if k in stats}
         if pages < cfg.max_pages_per_seq:
             raise ValueError(f"only {pages} KV pages fit in memory (gpu_memory_utilization="
                              f"{cfg.gpu_memory_utilization}); one max_model_len={cfg.max_model_len} request needs "

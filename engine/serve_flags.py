@@ -3,7 +3,21 @@ tokenizer from another directory, and build_app's keyword arguments. Kept apart 
 the HTTP surface only."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+
+def token_buckets_flag(text: str) -> tuple[int, ...]:
+    """--token-buckets "8,64,1024,16384": the padded step sizes compiled at start-up (EngineConfig.token_buckets),
+    the counterpart of vLLM's --cuda-graph-sizes. Fewer buckets start faster; a step runs in the smallest bucket
+    that holds its tokens, so the largest must reach --max-num-batched-tokens (EngineConfig checks that)."""
+    try:
+        sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give token counts separated by commas, e.g. 8,64,1024") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive token counts, e.g. 8,64,1024")
+    return tuple(sorted(set(sizes)))
 
 
 def read_chat_template(value: str) -> str:

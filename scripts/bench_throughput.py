@@ -29,6 +29,7 @@ from engine.async_llm import enable_compilation_cache  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.llm_engine import frozen_heap  # noqa: E402
 from engine.lora import LoRARequest, write_random_adapter  # noqa: E402
+from engine.serve_flags import token_buckets_flag  # noqa: E402
 from engine.variants import row_variant  # noqa: E402
 from ie_jax import SamplingParams  # noqa: E402
 from ie_jax.guided import GuidedDecodingParams  # noqa: E402
@@ -49,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--token-buckets", type=token_buckets_flag, default=None, metavar="T,T,...",
+                    help="step sizes to compile (default: powers of two up to --max-num-batched-tokens)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -84,7 +87,7 @@ def main(argv=None):
               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=not args.no_prefix_caching, unroll_layers=args.unroll_layers,
               kv_cache_dtype=args.kv_cache_dtype, enable_lora=args.enable_lora, max_loras=args.max_loras,
-              max_lora_rank=args.max_lora_rank)
+              max_lora_rank=args.max_lora_rank, token_buckets=args.token_buckets)
     startup_s = time.perf_counter() - T_START
     engine = llm.engine
     paths = list(args.lora_path)
@@ -133,7 +136,8 @@ def main(argv=None):
         input_len=args.input_len, output_len=args.output_len,
         num_prompts=args.num_prompts, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
-        num_pages=engine.runner.num_pages, buckets=len(engine.config.buckets), elapsed_s=elapsed,
+        num_pages=engine.runner.num_pages, memory_at_sizing=engine.runner.memory_at_sizing,
+        buckets=len(engine.config.buckets), elapsed_s=elapsed,
         requests_per_s=args.num_prompts / elapsed, total_tok_s=total_tokens / elapsed, output_tok_s=num_out / elapsed,
         startup_s=startup_s, num_steps=len(step_s), step_ms_median=1e3 * float(np.median(step_s)),
         host_ms_median=1e3 * float(np.median(host_s)), host_ms_mean=1e3 * float(np.mean(host_s)),

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import EngineConfig, PoolerConfig  # noqa: E402
+from engine.serve_flags import token_buckets_flag  # noqa: E402
 from engine.speculative import SpeculativeConfig  # noqa: E402
 
 DEFAULT_MODEL = "default"
@@ -62,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"], help="requests in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=engine["max_num_batched_tokens"],
                    help="token budget of one step, shared by decodes and prompt chunks")
+    p.add_argument("--token-buckets", type=token_buckets_flag, default=None, metavar="T,T,...",
+                   help="step sizes (tokens) compiled at start-up, as vLLM's --cuda-graph-sizes, except that every "
+                        "step runs in one: default powers of two from 8 to --max-num-batched-tokens; fewer start "
+                        "faster")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=engine["page_size"],
                    choices=[8, 16, 32, 64, 128], help="tokens per KV-cache page")
     p.add_argument("--gpu-memory-utilization", type=float, default=engine["gpu_memory_utilization"],
@@ -188,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.chat_template = read_chat_template(args.chat_template)
         except (OSError, ValueError) as e:
             p.error(f"--chat-template: {e}")
+    budget = max(args.max_num_batched_tokens or 0, args.max_num_seqs) or 2048  # as engine/async_llm.py sets it
+    if args.token_buckets and max(args.token_buckets) < budget:
+        p.error(f"--token-buckets {','.join(map(str, args.token_buckets))}: the largest must reach the step's token "
+                f"budget ({budget}, from --max-num-batched-tokens / --max-num-seqs), or longer steps had no bucket")
     if args.max_queue is not None and args.max_queue < 1:
         p.error(f"--max-queue={args.max_queue} must be >= 1")
     if args.enable_auto_tool_choice and not args.tool_call_parser:

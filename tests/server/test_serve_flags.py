@@ -53,6 +53,16 @@ def test_block_size_is_page_size(capsys):
     assert "invalid choice: 12" in parse_error(capsys, ["--block-size", "12"])
 
 
+def test_token_buckets_flag(capsys):
+    args = serve.parse_args(["--token-buckets", "1024, 64,8,64", "--max-num-batched-tokens", "1024"])
+    assert args.token_buckets == (8, 64, 1024)  # sorted, repeats dropped
+    assert serve.parse_args([]).token_buckets is None  # default: powers of two
+    assert "separated by commas" in parse_error(capsys, ["--token-buckets", "8;64"])
+    assert "positive token counts" in parse_error(capsys, ["--token-buckets", "0,64"])
+    err = parse_error(capsys, ["--token-buckets", "8,512", "--max-num-batched-tokens", "1024"])
+    assert "largest must reach the step's token budget (1024" in err
+
+
 def test_tokenizer_flag(tmp_path, capsys):
     ByteTokenizer().save_pretrained(tmp_path / "tok")
     assert serve.parse_args(["--tokenizer", str(tmp_path / "tok")]).tokenizer == str(tmp_path / "tok")
