@@ -46,7 +46,13 @@ item_spec() {
 T128="--model $MODEL --load-format dummy --dtype bfloat16 --input-len 128 --output-len 128 --num-prompts 1000
       --max-num-seqs 1024 --max-num-batched-tokens 16384 --kv-cache-dtype fp8 --compilation-cache-dir $CC"
 item_t128() { run t128_bf16w 150 python scripts/bench_throughput.py $T128 --out "$OUT"; }
-item_t128_fp8w() { run t128_fp8w 150 python scripts/bench_throughput.py $T128 -q fp8 --out "$OUT"; }
+# fp8 weights compile each bucket for 10-30 s (H100, session 14): the buckets a 128/128 run steps in, no more
+item_t128_fp8w() {
+  run t128_fp8w 240 python scripts/bench_throughput.py $T128 -q fp8 --token-buckets 8,128,256,512,1024,16384 \
+    --out "$OUT"
+}
+# what the fp8 compile time is: XLA's defaults against Triton GEMMs off and autotuning off, a process each
+item_compile_fp8() { run compile_fp8 150 python scripts/bench_compile.py --rows 1024 --shapes gate_up,qkv --out "$OUT"; }
 item_tests() {
   run gpu_tests 150 python -m pytest -q -m gpu -x tests/kernels/test_quant_gemm.py tests/engine/test_engine_gpu.py \
     tests/kernels/test_add_norm.py -k "split or prompt_logprobs or llama_3_8b"
@@ -88,7 +94,8 @@ item_serving() {
   kill "$pid"; wait "$pid" 2>/dev/null
 }
 
-ITEMS=${*:-"b1 lora t128 t128_fp8w spec tests guided quant_split quant_large_m paged_fp8_b1 lora_t1024 dispatch serving"}
+ITEMS=${*:-"b1 lora t128 compile_fp8 t128_fp8w spec tests guided quant_split quant_large_m paged_fp8_b1 lora_t1024 dispatch
+  serving"}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu" || true
 git rev-parse --short HEAD 2>/dev/null > "$OUT/commit" || true
 for item in $ITEMS; do "item_$item"; done
