@@ -36,6 +36,11 @@ run() {
 }
 
 item_b1() { run b1_plain 90 python scripts/bench_throughput.py $B1 --out "$OUT"; }
+# where the batch-1 step's time goes now (the last kernel list is from 12-03, before add + norm and q's kernel)
+item_b1_profile() {
+  run b1_profile 90 python scripts/profile_step.py --model $MODEL --batch 1 --context 384 --max-num-seqs 1 \
+    --max-num-batched-tokens 256 --out "$OUT"
+}
 item_lora() { run b1_lora 90 python scripts/bench_throughput.py $B1 --enable-lora --random-loras 1 --out "$OUT"; }
 item_spec() {
   run b1_spec 90 python scripts/bench_throughput.py $B1 --max-num-seqs 8 \
