@@ -6,6 +6,7 @@ few XLA options, each variant in a fresh process so that no autotuning result ca
 `-q fp8` engine start-up spent 10-30 s compiling each step bucket (bf16 weights: ~1 s). This times one fp8 dot
 (`fp8_matmul.fp8_matmul`, the path above the decode kernel's rows) per Llama-3-8B projection and row count, and
 the bf16 dot beside it, with XLA's defaults, with its Triton GEMMs off (cuBLASLt only), and with autotuning off.
+At 16,384 rows (a prefill step) the bf16 rows also say what TFLOP/s XLA's GEMMs reach per option.
 """
 from __future__ import annotations
 
@@ -76,8 +77,14 @@ def main(argv=None) -> None:
     if args.child:
         measure(args.child, rows, shapes, args.iters)
         return
+    import jax
+    dest = Path(args.out or os.environ.get("OUT") or Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+    if dest.suffix != ".json":
+        dest = dest / f"compile_fp8_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{'variant':<15} {'shape':<8} {'M':>6} {'kind':<5} {'compile s':>9} {'us':>9} {'TFLOP/s':>8}", flush=True)
     results = []
-    for variant in args.variants.split(","):
+    for variant in args.variants.split(","):  # a process each; the JSON is rewritten after each
         if variant not in VARIANTS:
             ap.error(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         proc = subprocess.run([sys.executable, __file__, "--child", variant, "--rows", args.rows, "--shapes",
@@ -85,18 +92,12 @@ def main(argv=None) -> None:
         got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode:
             print(f"{variant}: exit {proc.returncode}\n{proc.stderr[-2000:]}", file=sys.stderr)
+        for r in got:
+            print(f"{r['variant']:<15} {r['shape']:<8} {r['M']:>6} {r['kind']:<5} {r['compile_s']:>9} {r['us']:>9} "
+                  f"{r['tflops']:>8}", flush=True)
         results += got
-    print(f"{'variant':<15} {'shape':<8} {'M':>6} {'kind':<5} {'compile s':>9} {'us':>9} {'TFLOP/s':>8}")
-    for r in results:
-        print(f"{r['variant']:<15} {r['shape']:<8} {r['M']:>6} {r['kind']:<5} {r['compile_s']:>9} {r['us']:>9} "
-              f"{r['tflops']:>8}")
-    import jax
-    dest = Path(args.out or os.environ.get("OUT") or Path(__file__).resolve().parents[1] / "benchmarks" / "results")
-    if dest.suffix != ".json":
-        dest = dest / f"compile_fp8_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                                    commit=os.environ.get("IE_JAX_COMMIT"), rows=results), indent=1))
+        dest.write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                                        commit=os.environ.get("IE_JAX_COMMIT"), rows=results), indent=1))
     print(f"wrote {dest}")
 
 

@@ -57,7 +57,11 @@ item_t128_fp8w() {
     --out "$OUT"
 }
 # what the fp8 compile time is: XLA's defaults against Triton GEMMs off and autotuning off, a process each
-item_compile_fp8() { run compile_fp8 150 python scripts/bench_compile.py --rows 1024 --shapes gate_up,qkv --out "$OUT"; }
+# (and the prefill step's bf16 GEMMs at 16,384 rows per option: they ran at ~700 TFLOP/s in the 12-03 profile)
+item_compile_fp8() {
+  run compile_fp8 200 python scripts/bench_compile.py --rows 1024,16384 --variants default,no_triton_gemm \
+    --out "$OUT/compile_fp8.json"
+}
 item_tests() {
   run gpu_tests 150 python -m pytest -q -m gpu -x tests/kernels/test_quant_gemm.py tests/engine/test_engine_gpu.py \
     tests/kernels/test_add_norm.py -k "split or prompt_logprobs or llama_3_8b"
