@@ -18,6 +18,12 @@ def default_buckets(limit: int, smallest: int = 1) -> tuple[int, ...]:
     return tuple(out) + (limit,)
 
 
+def pow2_bucket(n: int, smallest: int) -> int:
+    """The power of two at or above n, at least `smallest`: the padded lengths of the compiled-on-first-use dense
+    forwards (prompt scoring, embeddings)."""
+    return max(smallest, 1 << (n - 1).bit_length())
+
+
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8", "fp8_e4m3")
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 

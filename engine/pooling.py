@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from engine.config import PoolerConfig
+from engine.config import PoolerConfig, pow2_bucket
 from ie_jax.models.context import DenseCausal
 
 def _embed_flat(graphdef, weights_tree, pooling: str, normalize: bool, token_ids, lengths, lora_slots, *weights):
@@ -34,10 +34,6 @@ def _embed_flat(graphdef, weights_tree, pooling: str, normalize: bool, token_ids
     if normalize:
         out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
     return out
-
-
-def _pow2(n: int, smallest: int) -> int:
-    return max(smallest, 1 << (n - 1).bit_length())
 
 
 class Embedder:
@@ -61,7 +57,7 @@ class Embedder:
         out: list[np.ndarray | None] = [None] * len(prompts)
         start = 0
         while start < len(order):
-            length = _pow2(len(prompts[order[start]]), 16)
+            length = pow2_bucket(len(prompts[order[start]]), 16)
             rows = 1
             while rows * 2 * length <= cap and start + rows < len(order):
                 rows *= 2

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from engine.config import STEP_COMPILER_OPTIONS, EngineConfig, parse_xla_options, step_compiler_options  # noqa: F401
+from engine.config import (STEP_COMPILER_OPTIONS, EngineConfig, parse_xla_options, pow2_bucket,  # noqa: F401
+                           step_compiler_options)
 from engine.lora import AdapterWeights, add_adapter_slots, empty_adapter, slot_leaves, write_adapter
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
@@ -404,7 +405,7 @@ class ModelRunner:
         if L > self.max_score_tokens:
             raise ValueError(f"prompt logprobs are computed for prompts of up to {self.max_score_tokens} tokens "
                              f"(max_num_batched_tokens and the memory kept free for the steps); this one has {L}")
-        padded = np.zeros((1, max(16, 1 << (L - 1).bit_length())), np.int32)
+        padded = np.zeros((1, pow2_bucket(L, 16)), np.int32)
         padded[0, :L] = token_ids
         k = max(1, self.config.max_logprobs)  # one executable per bucket, whatever each request asks for
         weights, slots = list(self.weights), None
