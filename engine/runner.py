@@ -33,6 +33,7 @@ from engine.variants import CHAIN, DECODE, FALLBACK, VARIANTS  # noqa: F401 (FAL
 from ie_jax.generate import prompt_logprob_entry
 from ie_jax.models.context import DenseCausal, Paged
 from ie_jax.models.llama import fuse_projections
+from ie_jax.quant import kv_scales
 from ie_jax.sampling import SamplingTensors, sample
 from kernels_pallas import ops
 
@@ -175,8 +176,8 @@ class ModelRunner:
         # would see a different argument signature and compile again.
         self.device = device = jax.devices()[0]
         caches = [jnp.zeros(shape, self.dtype)]
-        if self.dtype == fp8:  # static per-(layer, kv-head) scales, 1.0 until calibrated ones are loaded
-            caches += [jnp.ones((mc.num_layers, mc.num_kv_heads), jnp.float32) for _ in range(2)]
+        if self.dtype == fp8:  # static per-(layer, kv-head) scales: the checkpoint's (ie_jax/quant/kv_scales.py) or 1
+            caches += list(kv_scales.cache_scales(model, mc.num_kv_heads))
         self.caches = tuple(jax.device_put(c, device) for c in caches)
         V, S = mc.vocab_size, cfg.max_num_seqs + 1
         self.counts = jax.device_put(jnp.zeros((S, V), jnp.int32), device)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ie_jax.config import ModelConfig
 from ie_jax.models import build_model
 from ie_jax.quant import checkpoint as qckpt
+from ie_jax.quant import kv_scales
 from ie_jax.quant.linear import QuantLinear, convert_linears
 from ie_jax.sharding import single_device_shardings, state_shardings
 
@@ -68,7 +69,8 @@ LLAMA_RULES = (
     _r("model.embed_tokens.weight", "embed_tokens.embedding"),
     _r("model.layers.{layer}.self_attn.{p}.weight", "layers.self_attn.{p}.kernel", True,
        p=("q_proj", "k_proj", "v_proj", "o_proj")),
-    _r("model.layers.{layer}.self_attn.{p}.bias", "layers.self_attn.{p}.bias", p=("q_proj", "k_proj", "v_proj", "o_proj")),
+    _r("model.layers.{layer}.self_attn.{p}.bias", "layers.self_attn.{p}.bias",
+       p=("q_proj", "k_proj", "v_proj", "o_proj")),
     _r("model.layers.{layer}.self_attn.{p}.weight", "layers.self_attn.{p}.weight", p=("q_norm", "k_norm")),
     _r("model.layers.{layer}.mlp.{p}.weight", "layers.mlp.{p}.kernel", True, p=("gate_proj", "up_proj", "down_proj")),
     _r("model.layers.{layer}.mlp.{p}.bias", "layers.mlp.{p}.bias", p=("gate_proj", "up_proj", "down_proj")),
@@ -190,6 +192,7 @@ def load_hf_weights(path, cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rul
     table = rules_for(cfg)
     qtable = quant_rules(cfg, lambda module: f"{module}.q" in flat_abs)
     pending: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}  # (module, layer) -> tensors seen so far
+    kv_found: dict[tuple[int, str], float] = {}  # fp8 KV-cache scales: (layer, "k" | "v" | "kv") -> scale
 
     def check(param: str, layer, shape: tuple[int, ...], name: str, transpose: bool = False):
         expected = flat_abs[param].shape[1:] if layer is not None else flat_abs[param].shape
@@ -240,6 +243,12 @@ def load_hf_weights(path, cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rul
             hf_name = _normalise(name, cfg)
             if IGNORED.match(hf_name) or (cfg.tie_word_embeddings and hf_name == "lm_head.weight"):
                 continue
+            if (kv := kv_scales.match(hf_name)) is not None:
+                try:
+                    kv_found[kv] = kv_scales.scale_value(name, _get_tensor(handle, file, name))
+                except ValueError as e:
+                    raise CheckpointError(str(e)) from e
+                continue
             rule, match = _match(qtable, hf_name)
             if rule is not None:  # a tensor of a quantized projection: gather the module's tensors per layer
                 groups = match.groupdict()
@@ -282,7 +291,13 @@ def load_hf_weights(path, cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rul
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
     state = nnx.from_flat_state({tuple(k.split(".")): flat_abs[k].replace(arrays[k]) for k in flat_abs})
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if kv_found:
+        try:
+            model.kv_cache_scales = kv_scales.assemble(kv_found, cfg.num_layers)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from e
+    return model
 
 
 def _open(file: Path):
@@ -386,7 +401,8 @@ def save_hf_checkpoint(model: nnx.Module, cfg: ModelConfig, out_dir, *, generati
     out.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
     dense = ((n, v.astype(dtype) if dtype is not None else v) for n, v in hf_tensors(model, cfg))
-    for name, value in itertools.chain(dense, quantized_hf_tensors(model, cfg)):  # quantized arrays keep dtypes
+    extra = itertools.chain(quantized_hf_tensors(model, cfg), kv_scales.hf_tensors(model).items())
+    for name, value in itertools.chain(dense, extra):  # quantized arrays and scales keep their dtypes
         if current and size + value.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0

@@ -13,8 +13,13 @@ Methods:
             the checkpoint is an AutoAWQ GEMM checkpoint
   fp8       W8A8: e4m3 weights with per-channel scales, dynamic per-token activation scales
 
-AWQ calibrates on --calib (a text file); without it, on the project's own README and docs, which is enough to try
-the tool but not the best text for a model's domain. Embeddings, norms and lm_head keep the model dtype.
+--kv-cache-scales (any method) also calibrates static fp8 KV-cache scales, one for K and one for V per layer
+(amax / 448 over the calibration text), and writes them as `self_attn.k_scale` / `v_scale`, the tensors vLLM reads;
+serve.py uses them with --kv-cache-dtype fp8. Without scales an fp8 cache clips |K|, |V| above 448.
+
+AWQ and the KV-cache scales calibrate on --calib (a text file); without it, on the project's own README and docs,
+which is enough to try the tools but not the best text for a model's domain. Embeddings, norms and lm_head keep the
+model dtype.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import numpy as np  # noqa: E402
 
 import ie_jax  # noqa: E402
 from finetune.export import save_tokenizer  # noqa: E402
-from ie_jax.quant import quantize_model  # noqa: E402
+from ie_jax.quant import kv_scales, quantize_model  # noqa: E402
 from ie_jax.quant.awq import AWQConfig, awq_calibrate, calibration_rows  # noqa: E402
 from ie_jax.quant.checkpoint import save_quantized  # noqa: E402
 
@@ -45,9 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output directory (created; existing files are overwritten)")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--group-size", type=int, default=128, help="int4: input rows per scale/zero group")
-    p.add_argument("--calib", help="awq: calibration text file (default: the bundled README/docs text)")
-    p.add_argument("--calib-samples", type=int, default=128, help="awq: calibration rows")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="awq: tokens per calibration row")
+    p.add_argument("--kv-cache-scales", action="store_true",
+                   help="also calibrate and write per-layer fp8 KV-cache scales (k_scale, v_scale)")
+    p.add_argument("--calib", help="awq, --kv-cache-scales: calibration text file (default: the bundled "
+                                   "README/docs text)")
+    p.add_argument("--calib-samples", type=int, default=128, help="awq, --kv-cache-scales: calibration rows")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="awq, --kv-cache-scales: tokens per row")
     p.add_argument("--dtype", default="auto", help="weights dtype while quantizing (auto: the checkpoint's)")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                    help="dummy: random weights of the checkpoint's shapes (presets are always random)")
@@ -57,8 +65,8 @@ def parse_args(argv=None):
     for name in ("group_size", "calib_samples", "calib_seq_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if args.calib is not None and args.method != "awq":
-        p.error(f"--calib is only used by --method awq, not {args.method}")
+    if args.calib is not None and args.method != "awq" and not args.kv_cache_scales:
+        p.error(f"--calib is only used by --method awq and --kv-cache-scales, not by --method {args.method} alone")
     if args.calib is not None and not Path(args.calib).is_file():
         p.error(f"--calib {args.calib} is not a file")
     return args
@@ -75,7 +83,8 @@ def bundled_calibration_text() -> tuple[str, list[str]]:
 def calibration_ids(tokenizer, text: str, num_samples: int, seq_len: int, max_len: int) -> np.ndarray:
     """Tokenize calibration text into rows [B, S] (S shrinks to the text or the model's context when shorter)."""
     if tokenizer is None:
-        raise ValueError("AWQ calibration needs the model's tokenizer (tokenizer.json beside the weights)")
+        raise ValueError("calibration (AWQ, --kv-cache-scales) needs the model's tokenizer (tokenizer.json beside "
+                         "the weights)")
     ids = tokenizer.encode(text, add_special_tokens=False)
     seq_len = min(seq_len, max_len, len(ids))
     if seq_len < 2:
@@ -103,14 +112,22 @@ def quantize(args, log=print):
     if model.config.quantization is not None:
         raise ValueError(f"{args.model} is already quantized ({model.config.quantization.method}); start from a "
                          f"float checkpoint")
-    if args.method == "awq":
+    if args.method == "awq" or args.kv_cache_scales:
         if args.calib is None:
             text, files = bundled_calibration_text()
             source = f"the bundled text ({', '.join(files)}); pass --calib FILE for text like the model's use"
         else:
             text, source = Path(args.calib).read_text(encoding="utf-8"), args.calib
+    if args.method == "awq":
         model = awq_calibrate_from_text(model, tokenizer, text, source, args, log)
     quantize_model(model, args.method, group_size=args.group_size)
+    if args.kv_cache_scales:  # on the quantized model: the K and V it will write
+        rows = calibration_ids(tokenizer, text, args.calib_samples, args.calib_seq_len,
+                               model.config.max_position_embeddings)
+        model.kv_cache_scales = kv_scales.calibrate(model, rows)
+        log(f"KV-cache scales from {rows.shape[0]} rows x {rows.shape[1]} tokens of {source}: k "
+            f"{min(model.kv_cache_scales[0]):.3g}-{max(model.kv_cache_scales[0]):.3g}, v "
+            f"{min(model.kv_cache_scales[1]):.3g}-{max(model.kv_cache_scales[1]):.3g}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_quantized(model, out)
