@@ -51,6 +51,11 @@ item_spec() {
 T128="--model $MODEL --load-format dummy --dtype bfloat16 --input-len 128 --output-len 128 --num-prompts 1000
       --max-num-seqs 1024 --max-num-batched-tokens 16384 --kv-cache-dtype fp8 --compilation-cache-dir $CC"
 item_t128() { run t128_bf16w 150 python scripts/bench_throughput.py $T128 --out "$OUT"; }
+# the same with XLA's Triton GEMMs off (cuBLAS only), in case compile_fp8's 16,384-row bf16 GEMMs are faster so
+item_t128_notriton() {
+  IE_JAX_XLA_OPTIONS=xla_gpu_enable_triton_gemm=false run t128_notriton 150 python scripts/bench_throughput.py \
+    $T128 --out "$OUT"
+}
 # fp8 weights compile each bucket for 10-30 s (H100, session 14): the buckets a 128/128 run steps in, no more
 item_t128_fp8w() {
   run t128_fp8w 240 python scripts/bench_throughput.py $T128 -q fp8 --token-buckets 8,128,256,512,1024,16384 \
