@@ -168,4 +168,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:  # out of device memory: say what the allocator held, for the log
+        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            stats = jax.devices()[0].memory_stats() or {}
+            print("device memory at the failure:", {k: stats[k] for k in sorted(stats) if "bytes" in k},
+                  file=sys.stderr, flush=True)
+        raise
