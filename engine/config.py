@@ -165,9 +165,15 @@ def _option_value(value: str) -> bool | int | float | str:
     return value
 
 
-def step_compiler_options(extra: str | None = None) -> dict:
-    """The step's XLA options: STEP_COMPILER_OPTIONS, then IE_JAX_XLA_OPTIONS from the environment, then `extra`
-    (both "name=value,..."; later ones win). Unlike XLA_FLAGS they apply to the step alone, not to every
-    computation of the process."""
-    return {**STEP_COMPILER_OPTIONS, **parse_xla_options(os.environ.get("IE_JAX_XLA_OPTIONS", "")),
-            **parse_xla_options(extra or "")}
+# fp8 weights: XLA's Triton GEMMs off, so its fp8 dots go to cuBLASLt alone. Autotuning Triton's fp8 tilings took
+# 21.7 s for one gate_up dot at 1,024 rows on an H100 (0.56 s without: `scripts/bench_compile.py`), 10-30 s a step
+# bucket, for no gain: 261.9 vs 264.7 µs there, and o's dot ran faster without (68.9 vs 72.5 µs).
+FP8_WEIGHT_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def step_compiler_options(extra: str | None = None, *, fp8_weights: bool = False) -> dict:
+    """The step's XLA options: STEP_COMPILER_OPTIONS (and FP8_WEIGHT_COMPILER_OPTIONS for a model with fp8 weights),
+    then IE_JAX_XLA_OPTIONS from the environment, then `extra` (both "name=value,..."; later ones win). Unlike
+    XLA_FLAGS they apply to the step alone, not to every computation of the process."""
+    return {**STEP_COMPILER_OPTIONS, **(FP8_WEIGHT_COMPILER_OPTIONS if fp8_weights else {}),
+            **parse_xla_options(os.environ.get("IE_JAX_XLA_OPTIONS", "")), **parse_xla_options(extra or "")}

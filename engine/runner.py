@@ -187,10 +187,13 @@ class ModelRunner:
         self.slot_of: dict[str, int] = {}
         self.slot_state = SlotState.empty(S, cfg.max_pages_per_seq)  # host side, by slot (row S - 1: padding)
         # Donated: the KV cache, penalty counts and last tokens are updated in place each step, never copied.
+        quant = mc.quantization
+        self.compiler_options = step_compiler_options(fp8_weights=quant is not None and quant.method == "fp8")
         self._step = jax.jit(_step_flat, static_argnums=STEP_STATIC_ARGNUMS, donate_argnums=(2, 3, 4),
-                             compiler_options=step_compiler_options())
+                             compiler_options=self.compiler_options)
         self.executables: dict[tuple[int, int, str], jax.stages.Compiled] = {}  # (T, R, variant)
-        self._score = jax.jit(_score_flat, static_argnums=(0, 1, 2))  # compiled per prompt-length bucket
+        self._score = jax.jit(_score_flat, static_argnums=(0, 1, 2),  # compiled per prompt-length bucket
+                              compiler_options=self.compiler_options)
         # decode twins (DECODE) of the decode-sized buckets' variants: where the paged kernel runs, or as configured
         self.decode_steps = ops.paged_kernel_active() if cfg.decode_steps is None else cfg.decode_steps
         self.last_variant = ""  # the executable variant `run` dispatched last

@@ -87,17 +87,19 @@ def main(argv=None) -> None:
     for variant in args.variants.split(","):  # a process each; the JSON is rewritten after each
         if variant not in VARIANTS:
             ap.error(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--rows", args.rows, "--shapes",
-                               args.shapes, "--iters", str(args.iters)], capture_output=True, text=True)
-        got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode:
-            print(f"{variant}: exit {proc.returncode}\n{proc.stderr[-2000:]}", file=sys.stderr)
-        for r in got:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", variant, "--rows", args.rows, "--shapes",
+                                 args.shapes, "--iters", str(args.iters)], stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:  # row by row, so that a run cut short keeps what it measured
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
             print(f"{r['variant']:<15} {r['shape']:<8} {r['M']:>6} {r['kind']:<5} {r['compile_s']:>9} {r['us']:>9} "
                   f"{r['tflops']:>8}", flush=True)
-        results += got
-        dest.write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                                        commit=os.environ.get("IE_JAX_COMMIT"), rows=results), indent=1))
+            results.append(r)
+            dest.write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                                            commit=os.environ.get("IE_JAX_COMMIT"), rows=results), indent=1))
+        if proc.wait():
+            print(f"{variant}: exit {proc.returncode}", file=sys.stderr)
     print(f"wrote {dest}")
 
 

@@ -64,8 +64,8 @@ item_t128_fp8w() {
 # what the fp8 compile time is: XLA's defaults against Triton GEMMs off and autotuning off, a process each
 # (and the prefill step's bf16 GEMMs at 16,384 rows per option: they ran at ~700 TFLOP/s in the 12-03 profile)
 item_compile_fp8() {
-  run compile_fp8 200 python scripts/bench_compile.py --rows 1024,16384 --variants default,no_triton_gemm \
-    --out "$OUT/compile_fp8.json"
+  run compile_fp8 200 python scripts/bench_compile.py --rows 1024,16384 --shapes gate_up,down \
+    --variants default,no_triton_gemm --out "$OUT/compile_fp8.json"
 }
 item_tests() {
   run gpu_tests 150 python -m pytest -q -m gpu -x tests/kernels/test_quant_gemm.py tests/engine/test_engine_gpu.py \
@@ -73,8 +73,8 @@ item_tests() {
 }
 item_guided() { run b1_guided 90 python scripts/bench_throughput.py $B1 --guided-regex "[a-z0-9 ]*" --out "$OUT"; }
 item_quant_split() {
-  run quant_split 120 python scripts/bench_kernels.py quant --shapes down --ms 128,256 --only "int4 gemm,int8 gemm" \
-    --out "$OUT"
+  run quant_split 120 python scripts/bench_kernels.py quant --shapes down --ms 128,256 \
+    --only "int4 linear,int8 linear,int4 gemm 128x128x4s4,int8 gemm 128x128x4s4" --out "$OUT"
 }
 item_quant_large_m() {  # which weight layout XLA's bf16 dot is fast on, and a dequantize-once path (quant v10)
   run quant_large_m 150 python scripts/bench_kernels.py quant --shapes gate_up,down --ms 4096,1024 \
