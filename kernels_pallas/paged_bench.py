@@ -129,7 +129,8 @@ def main(argv=()):
         functools.partial(bench_case, "decode b64 ctx4096 p16", [4096] * 64, [1] * 64),
         functools.partial(bench_case, "decode b1 ctx32768 p16", [32768], [1], rotations=4),
         functools.partial(bench_case, "decode b256 ctx1024 p16", [1024] * 256, [1] * 256),
-        functools.partial(bench_case, "mixed 8x512 prefill + 120 decode", [2048] * 8 + [1024] * 120, [512] * 8 + [1] * 120),
+        functools.partial(bench_case, "mixed 8x512 prefill + 120 decode", [2048] * 8 + [1024] * 120,
+                          [512] * 8 + [1] * 120),
         functools.partial(bench_case, "decode b64 ctx4096 p32", [4096] * 64, [1] * 64, page_size=32),
         functools.partial(bench_case, "decode b64 ctx4096 p64", [4096] * 64, [1] * 64, page_size=64),
     ]
@@ -244,11 +245,16 @@ def main(argv=()):
             tile_configs = ((64, 2), (64, 3)) if args.tiles_only else ((64, 2), (64, 3), (64, 4), (128, 2))
             sweep += [TuningConfig(bk, st, num_splits=n, decode_tiles=True)
                       for bk, st in tile_configs for n in tile_splits]
+            if small and int(case["seq_lens"][0]) <= 4096:  # the engine's batch-1 step: 2-4 splits, selects
+                sweep += [TuningConfig(64, 2, num_splits=n, decode_tiles=True, select_columns=True) for n in (2, 4)]
             if not small:  # page ids read from GMEM instead of a copy of the row in SMEM
                 sweep += [TuningConfig(64, 2, decode_tiles=True, pages_in_smem=False)]
             if small and int(case["seq_lens"][0]) > 4096:  # the page-id window and 16-bit partials
                 sweep += [TuningConfig(64, st, num_splits=n, decode_tiles=True, compact_splits=True)
                           for st in (2, 3) for n in (32, 48, 64, 96)]
+                # the merge's column selection by selects, not a gather's index kernels
+                sweep += [TuningConfig(64, 2, num_splits=n, decode_tiles=True, compact_splits=True,
+                                       select_columns=True) for n in (32, 48)]
                 if scales:  # q quantized by XLA's three kernels instead of the one-launch kernel
                     sweep += [TuningConfig(64, 2, num_splits=n, decode_tiles=True, compact_splits=c,
                                            quantize_q_kernel=False) for n, c in ((32, False), (48, True))]

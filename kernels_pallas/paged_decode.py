@@ -253,15 +253,33 @@ def _kernel(qsl_ref, seq_lens_ref, num_seqs_ref, layer_ref, page_table_ref, q_re
     plgpu.wait_smem_to_gmem(0)
 
 
-def merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, *, group, v_scale, out_dtype):
-    """The splits' partials o_t [S, T, K, H, COLS] and lse_t [S, T, K, 1, COLS] -> [T, N, H]: each kv-head's G
-    columns start at (kh * G) % COLS; then the common log-sum-exp merge."""
-    S, T, K, H, _ = o_t.shape
+def own_columns(x, group, *, select=False):
+    """x [..., K, A, COLS] (a kv-head's tile: its G q-heads at columns (kh * G) % COLS, the rest another kv-head's)
+    -> [..., K, A, G]. `select`: where G divides COLS and K, kv-head a * r + b (r = COLS / G) owns column block b,
+    so elementwise selects between static slices pick them, with no index arrays (which `take_along_axis` builds
+    as kernels of their own); else a gather of host-constant columns."""
+    K, A = x.shape[-3:-1]
+    r = COLS // group
+    if select and COLS % group == 0 and K % r == 0:
+        parts = x.reshape(*x.shape[:-3], K // r, r, A, r, group)  # [..., K / r, b, A, c, G]
+        b = np.arange(r).reshape(r, 1, 1)  # host constant: each kv-head's place in its COLS-column box
+        out = parts[..., 0, :]
+        for c in range(1, r):
+            out = jnp.where(b == c, parts[..., c, :], out)
+        return out.reshape(*x.shape[:-3], K, A, group)
     # A host constant (no iota kernel). The gather fuses into the merge's reductions; static slices stacked
     # instead cost a concatenation kernel (H200: +1.3 us at b1 ctx32768).
     cols = (np.arange(K)[:, None] * group) % COLS + np.arange(group)[None, :]  # [K, G]
-    o = jnp.take_along_axis(o_t, cols[None, None, :, None, :], axis=-1)  # [S, T, K, H, G]
-    lse = jnp.take_along_axis(lse_t[:, :, :, 0], cols[None, None], axis=-1)  # [S, T, K, G]
+    return jnp.take_along_axis(x, cols.reshape((1,) * (x.ndim - 3) + (K, 1, group)), axis=-1)
+
+
+def merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, *, group, v_scale, out_dtype,
+                     select_columns=False):
+    """The splits' partials o_t [S, T, K, H, COLS] and lse_t [S, T, K, 1, COLS] -> [T, N, H]: each kv-head's G
+    columns (`own_columns`), then the common log-sum-exp merge."""
+    S, T, K, H, _ = o_t.shape
+    o = own_columns(o_t, group, select=select_columns)  # [S, T, K, H, G]
+    lse = own_columns(lse_t, group, select=select_columns)[:, :, :, 0]  # [S, T, K, G]
     o = jnp.swapaxes(o, -1, -2).reshape(S, T * K * group, H)
     lse = lse.reshape(S, T * K * group, 1)
     return merge(o, lse, query_start_loc, seq_lens, num_seqs, T=T, group=group, v_scale=v_scale,
@@ -349,4 +367,4 @@ def decode_attention(q, k_pages, v_pages, kv_index, page_table, query_start_loc,
         return out.reshape(T, N, H)
     o_t, lse_t = out
     return merge_transposed(o_t, lse_t, query_start_loc, seq_lens, num_seqs, group=group,
-                            v_scale=v_scale if fp8 else None, out_dtype=q.dtype)
+                            v_scale=v_scale if fp8 else None, out_dtype=q.dtype, select_columns=config.select_columns)

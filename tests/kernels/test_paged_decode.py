@@ -108,6 +108,33 @@ def test_compact_splits_window_of_page_ids_and_16_bit_partials(fp8):
     assert not np.asarray(out[3:], np.float32).any()
 
 
+@pytest.mark.parametrize("K,G", [(8, 4), (4, 2), (2, 8), (3, 4), (6, 1)])
+def test_own_columns_select_equals_the_gather(K, G):
+    """Each kv-head's G columns of the partials, by selects between static slices or by the gather: the same values
+    (G = 8 has one box per head; K = 3 with G = 4 does not fill whole boxes and keeps the gather)."""
+    rng = np.random.default_rng(K * 10 + G)
+    for shape in ((3, 2, K, 16, pd.COLS), (3, 2, K, 1, pd.COLS)):  # o_t, lse_t
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        got = pd.own_columns(x, G, select=True)
+        want = pd.own_columns(x, G, select=False)
+        assert got.shape == want.shape == shape[:-1] + (G,)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        for kh in range(K):  # and both are the columns the layout says
+            start = (kh * G) % pd.COLS
+            np.testing.assert_array_equal(np.asarray(got[:, :, kh]), np.asarray(x[:, :, kh, :, start:start + G]))
+
+
+def test_decode_with_selected_columns_matches_the_reference():
+    batch = make_batch(57, q_lens=[1, 1], seq_lens=[37, 700], num_rows=3, extra_tokens=1, K=2, G=4, H=128,
+                       page_size=16)
+    config = pa.TuningConfig(64, 2, num_splits=4, decode_tiles=True, select_columns=True)
+    out = pa.ragged_paged_attention(*batch, config=config, interpret=True)
+    assert_close(out, pa.paged_attention_reference(*batch), rows=2)
+    base = pa.ragged_paged_attention(*batch, config=pa.TuningConfig(64, 2, num_splits=4, decode_tiles=True),
+                                     interpret=True)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(base, np.float32))
+
+
 def test_window_holds_every_page_a_split_reads():
     """For any length and split, the pages `kv_split` hands a split lie in the 32-aligned window the kernel copies."""
     from kernels_pallas.paged_work import kv_split
@@ -127,7 +154,8 @@ def test_window_holds_every_page_a_split_reads():
             if end <= begin:
                 continue
             blocks = -(-(end - begin) // block_kv)
-            first, last = begin // page_size, min((begin + blocks * block_kv - 1) // page_size, (kv_hi - 1) // page_size)
+            first = begin // page_size
+            last = min((begin + blocks * block_kv - 1) // page_size, (kv_hi - 1) // page_size)
             start = min(first // 32 * 32, max_pages - window)
             assert start <= first and last < start + window, (page_size, block_kv, max_pages, splits, kv_hi, split)
 
