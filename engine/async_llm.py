@@ -86,7 +86,8 @@ class AsyncLLM:
             max_loras=getattr(args, "max_loras", 1), max_lora_rank=getattr(args, "max_lora_rank", 16),
             max_logprobs=getattr(args, "max_logprobs", 20),
             speculative_config=getattr(args, "speculative_config", None),
-            pooler_config=getattr(args, "pooler_config", None), token_buckets=getattr(args, "token_buckets", None))
+            pooler_config=getattr(args, "pooler_config", None), token_buckets=getattr(args, "token_buckets", None),
+            calculate_kv_scales=getattr(args, "calculate_kv_scales", False))
         t1 = time.perf_counter()
         print(f"model {args.model!r} ready on {jax.devices()[0].device_kind} in {t1 - t0:.1f} s", file=sys.stderr,
               flush=True)

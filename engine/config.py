@@ -67,6 +67,7 @@ class EngineConfig:
     num_pages: int | None = None  # KV pages; None = sized from gpu_memory_utilization
     gpu_memory_utilization: float = 0.9  # fraction of device memory for weights + KV cache
     enable_prefix_caching: bool = True
+    calculate_kv_scales: bool = False  # fp8 cache without checkpoint scales: calibrate them at start-up
     token_buckets: tuple[int, ...] | None = None  # padded T sizes compiled at start-up; None = powers of two
     seed: int = 0
     max_queue: int | None = None  # waiting requests beyond this are refused (server: 503)

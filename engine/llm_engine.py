@@ -27,6 +27,7 @@ from engine.speculative import DraftRow, History, accepted, propose
 from ie_jax.detokenizer import make_detokenizer
 from ie_jax.guided import (BadWordsGuide, FixedGuide, GuidedDecodingParams, TokenGuide, Vocabulary, bad_word_ids,
                            token_bytes)
+from ie_jax.quant import kv_scales
 from ie_jax.sampling import SamplingParams
 from ie_jax.stopping import check_stop
 
@@ -105,7 +106,10 @@ class LLMEngine:
                              f"{model.config.max_position_embeddings}")
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or model.config.eos_token_id)
-        self.runner = ModelRunner(model, config, owns_model=owns_model)
+        scales = None  # vLLM's --calculate-kv-scales: an fp8 cache whose checkpoint has no scales gets calibrated ones
+        if config.calculate_kv_scales and config.fp8_kv_cache and getattr(model, "kv_cache_scales", None) is None:
+            scales = kv_scales.calculate(model, tokenizer)
+        self.runner = ModelRunner(model, config, owns_model=owns_model, kv_cache_scales=scales)
         self.embedder: Embedder | None = None  # built by the first embed()
         self.block_manager = BlockManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)

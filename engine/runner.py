@@ -142,12 +142,14 @@ def pages_that_fit(stats: dict, utilization: float, weight_bytes: int, headroom:
 
 
 class ModelRunner:
-    def __init__(self, model: nnx.Module, config: EngineConfig, *, cache_dtype=None, owns_model: bool = False):
+    def __init__(self, model: nnx.Module, config: EngineConfig, *, cache_dtype=None, owns_model: bool = False,
+                 kv_cache_scales=None):
         """`owns_model`: the runner may restructure the model in place: projections that share an input are fused
         into one Linear (q/k/v, gate/up: one GEMM each) and, with config.unroll_layers, the stacked layer weights
         are taken apart and released, leaving the model object's layers empty. Otherwise the runner works on a
         copy and the model stays usable (tests, a model shared with other code), at the cost of its weights'
-        memory."""
+        memory. `kv_cache_scales`: an fp8 cache's per-layer (k, v) scales in place of the model's own
+        (ie_jax/quant/kv_scales.py)."""
         self.config = cfg = config
         self.model_config = mc = model.config
         if not owns_model:  # the step runs a restructured copy; the caller's model stays as it was
@@ -177,7 +179,7 @@ class ModelRunner:
         self.device = device = jax.devices()[0]
         caches = [jnp.zeros(shape, self.dtype)]
         if self.dtype == fp8:  # static per-(layer, kv-head) scales: the checkpoint's (ie_jax/quant/kv_scales.py) or 1
-            caches += list(kv_scales.cache_scales(model, mc.num_kv_heads))
+            caches += list(kv_scales.cache_scales(model, mc.num_kv_heads, kv_cache_scales))
         self.caches = tuple(jax.device_put(c, device) for c in caches)
         V, S = mc.vocab_size, cfg.max_num_seqs + 1
         self.counts = jax.device_put(jnp.zeros((S, V), jnp.int32), device)

@@ -31,16 +31,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-
 import ie_jax  # noqa: E402
 from finetune.export import save_tokenizer  # noqa: E402
 from ie_jax.quant import kv_scales, quantize_model  # noqa: E402
-from ie_jax.quant.awq import AWQConfig, awq_calibrate, calibration_rows  # noqa: E402
+from ie_jax.quant.awq import AWQConfig, awq_calibrate  # noqa: E402
+from ie_jax.quant.calibration import bundled_calibration_text, calibration_ids  # noqa: E402
 from ie_jax.quant.checkpoint import save_quantized  # noqa: E402
 
 METHODS = ("int8", "int4-rtn", "awq", "fp8")
-BUNDLED_CALIB = ("README.md", "docs/*.md")  # the project's own prose, relative to the repository root
 
 
 def parse_args(argv=None):
@@ -70,26 +68,6 @@ def parse_args(argv=None):
     if args.calib is not None and not Path(args.calib).is_file():
         p.error(f"--calib {args.calib} is not a file")
     return args
-
-
-def bundled_calibration_text() -> tuple[str, list[str]]:
-    """The project's own README and docs, joined: (text, file names relative to the repository root)."""
-    files = [f for pattern in BUNDLED_CALIB for f in sorted(ROOT.glob(pattern)) if f.is_file()]
-    if not files:
-        raise ValueError(f"no bundled calibration text found under {ROOT} ({BUNDLED_CALIB}); pass --calib FILE")
-    return "\n\n".join(f.read_text(encoding="utf-8") for f in files), [str(f.relative_to(ROOT)) for f in files]
-
-
-def calibration_ids(tokenizer, text: str, num_samples: int, seq_len: int, max_len: int) -> np.ndarray:
-    """Tokenize calibration text into rows [B, S] (S shrinks to the text or the model's context when shorter)."""
-    if tokenizer is None:
-        raise ValueError("calibration (AWQ, --kv-cache-scales) needs the model's tokenizer (tokenizer.json beside "
-                         "the weights)")
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    seq_len = min(seq_len, max_len, len(ids))
-    if seq_len < 2:
-        raise ValueError(f"the calibration text has {len(ids)} tokens; it needs at least a few hundred")
-    return calibration_rows(ids, num_samples, seq_len)
 
 
 def awq_calibrate_from_text(model, tokenizer, text: str, source: str, args, log=print):

@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"], help="requests in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=engine["max_num_batched_tokens"],
                    help="token budget of one step, shared by decodes and prompt chunks")
+    p.add_argument("--calculate-kv-scales", action="store_true",
+                   help="with --kv-cache-dtype fp8 and a checkpoint without k_scale/v_scale: calibrate per-layer "
+                        "scales at start-up on the bundled text (vLLM computes them from the first requests)")
     p.add_argument("--token-buckets", type=token_buckets_flag, default=None, metavar="T,T,...",
                    help="step sizes (tokens) compiled at start-up, as vLLM's --cuda-graph-sizes, except that every "
                         "step runs in one: default powers of two from 8 to --max-num-batched-tokens; fewer start "

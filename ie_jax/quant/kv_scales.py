@@ -74,11 +74,11 @@ def hf_tensors(model) -> dict[str, np.ndarray]:
             for w, per_layer in zip("kv", scales) for i, s in enumerate(per_layer)}
 
 
-def cache_scales(model, num_kv_heads: int) -> tuple[jax.Array, jax.Array]:
-    """(k_scale, v_scale) [L, K] f32 for the engine's fp8 cache: the model's per-layer scales on every kv-head,
-    or ones."""
+def cache_scales(model, num_kv_heads: int, scales=None) -> tuple[jax.Array, jax.Array]:
+    """(k_scale, v_scale) [L, K] f32 for the engine's fp8 cache: `scales` (per layer), else the model's, else
+    ones, on every kv-head."""
     L = model.config.num_layers
-    scales = getattr(model, "kv_cache_scales", None) or ((1.0,) * L, (1.0,) * L)
+    scales = scales or getattr(model, "kv_cache_scales", None) or ((1.0,) * L, (1.0,) * L)
     return tuple(jnp.broadcast_to(jnp.asarray(s, jnp.float32)[:, None], (L, num_kv_heads)) for s in scales)
 
 
@@ -102,3 +102,12 @@ def calibrate(model, rows: np.ndarray, batch_size: int = 8) -> tuple[tuple[float
         k, v = np.maximum(k, np.asarray(ka)), np.maximum(v, np.asarray(va))
     tiny = np.finfo(np.float32).tiny  # a layer whose K or V is all zeros keeps a usable scale
     return tuple(float(max(a / E4M3_MAX, tiny)) for a in k), tuple(float(max(a / E4M3_MAX, tiny)) for a in v)
+
+
+def calculate(model, tokenizer, num_samples: int = 8, seq_len: int = 512):
+    """vLLM's --calculate-kv-scales, done once at start-up: `calibrate` over rows of the bundled calibration text
+    (the project's README and docs) rather than over the first requests' tokens."""
+    from ie_jax.quant.calibration import bundled_calibration_text, calibration_ids
+    text, _ = bundled_calibration_text()
+    rows = calibration_ids(tokenizer, text, num_samples, seq_len, model.config.max_position_embeddings)
+    return calibrate(model, rows)

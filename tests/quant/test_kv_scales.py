@@ -155,3 +155,27 @@ def test_engine_fp8_cache_uses_the_checkpoints_scales(tmp_path):
     print(f"first-token top-5 logprob error: scaled {e_scaled:.4f}, unscaled {e_unscaled:.4f}")
     assert e_scaled < 0.01  # a random tiny model's logprobs are near-flat (~ -5.2): small differences matter
     assert e_unscaled > 5 * e_scaled
+
+
+def test_calculate_kv_scales_at_start_up():
+    """vLLM's --calculate-kv-scales: an fp8 cache whose checkpoint has no scales gets them from a calibration
+    forward over the bundled text at start-up; scales from the checkpoint win; a 16-bit cache ignores the flag."""
+    from ie_jax.quant.calibration import bundled_calibration_text, calibration_ids
+    model, tok = loud_model()
+    llm = LLM(nnx.clone(model), tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32,
+              page_size=8, progress=False, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    rows = calibration_ids(tok, bundled_calibration_text()[0], 8, 512, model.config.max_position_embeddings)
+    k, v = kv_scales.calibrate(model, rows)
+    caches = llm.engine.runner.caches
+    np.testing.assert_allclose(np.asarray(caches[1]), np.broadcast_to(np.asarray(k)[:, None], caches[1].shape),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(caches[2])[:, 0], v, rtol=1e-6)
+    assert min(k) > 1.0  # K reaches thousands here: unit scales would clip it
+    given = nnx.clone(model)
+    given.kv_cache_scales = ((2.0,) * L, (3.0,) * L)
+    llm = LLM(given, tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32, page_size=8,
+              progress=False, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    assert float(llm.engine.runner.caches[1].max()) == 2.0 and float(llm.engine.runner.caches[2].min()) == 3.0
+    llm = LLM(nnx.clone(model), tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32,
+              page_size=8, progress=False, calculate_kv_scales=True)
+    assert len(llm.engine.runner.caches) == 1  # 16-bit cache: no scales at all

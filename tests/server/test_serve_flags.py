@@ -61,6 +61,8 @@ def test_token_buckets_flag(capsys):
     assert "positive token counts" in parse_error(capsys, ["--token-buckets", "0,64"])
     err = parse_error(capsys, ["--token-buckets", "8,512", "--max-num-batched-tokens", "1024"])
     assert "largest must reach the step's token budget (1024" in err
+    assert serve.parse_args(["--calculate-kv-scales", "--kv-cache-dtype", "fp8"]).calculate_kv_scales
+    assert not serve.parse_args([]).calculate_kv_scales
 
 
 def test_tokenizer_flag(tmp_path, capsys):
