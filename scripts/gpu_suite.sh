@@ -108,8 +108,10 @@ item_serving() {
   kill "$pid"; wait "$pid" 2>/dev/null
 }
 
-ITEMS=${*:-"b1 lora t128 compile_fp8 t128_fp8w spec tests guided quant_split quant_large_m paged_fp8_b1 lora_t1024 dispatch
-  serving"}
+# Default order (2026-12-06): the H200 bars first (batch 1, 128/128 with bf16 then fp8 weights, fp8 b1 paged with the
+# merge's selects), then the shipped quantized path, diagnostics, and features never run on a GPU.
+ITEMS=${*:-"b1 t128 t128_fp8w paged_fp8_b1 quant_split b1_profile compile_fp8 lora spec tests guided t128_notriton
+  quant_large_m lora_t1024 dispatch serving"}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu" || true
 git rev-parse --short HEAD 2>/dev/null > "$OUT/commit" || true
 for item in $ITEMS; do "item_$item"; done
