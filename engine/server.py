@@ -47,6 +47,7 @@ from engine.metrics import CONTENT_TYPE, ServerMetrics
 from engine.outputs import RequestOutput
 from engine.reasoning import ChatMode, ReasoningParser
 from engine.responses import ResponseShape, ResponsesRequest
+from engine.scoring_routes import add_routes as add_scoring_routes
 from engine.stats_log import StatsLog, log_to_stderr
 from engine.tools import tool_mode
 from ie_jax.sampling import SamplingParams
@@ -547,6 +548,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         except ValueError as e:
             raise P.ServerError(str(e), param="tokens") from e
 
+    add_scoring_routes(app, server, engine)  # /score, /rerank (engine/scoring_routes.py)
     return app
 
 
