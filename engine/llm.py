@@ -25,6 +25,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -34,6 +35,7 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
+from engine.pooling import pair_texts
 from engine.variants import row_variant
 from ie_jax.chat_template import content_text, continue_final
 from ie_jax.generate import CompletionOutput, GenerateOutput
@@ -78,6 +80,18 @@ class EmbeddingRequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
+
+
+@dataclasses.dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclasses.dataclass
+class ScoringRequestOutput:
+    """One pair's score, as vLLM's LLM.score gives it: `.outputs.score`."""
+    prompt_token_ids: list[int]  # text_1's, then text_2's
+    outputs: ScoringOutput
 
 
 def template_message(message: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,6 +161,19 @@ class LLM:
         vectors = self.engine.embed(ids)
         return [EmbeddingRequestOutput(text, x, EmbeddingOutput(v.tolist())) for (text, _), x, v in
                 zip(parsed, ids, vectors)]
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *,
+              truncate_prompt_tokens: int | None = None) -> list[ScoringRequestOutput]:
+        """vLLM's LLM.score for an embedding model: each pair's cosine similarity of the two texts' embeddings. One
+        text_1 is paired with each text_2, two lists entry by entry (`pooling.pair_texts`, as /v1/score)."""
+        both = pair_texts(text_1, text_2)
+        out = self.embed([t for pair in both for t in pair], truncate_prompt_tokens=truncate_prompt_tokens)
+        results = []
+        for a, b in zip(out[0::2], out[1::2]):
+            u, v = np.asarray(a.outputs.embedding, np.float64), np.asarray(b.outputs.embedding, np.float64)
+            cos = float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
+            results.append(ScoringRequestOutput(a.prompt_token_ids + b.prompt_token_ids, ScoringOutput(cos)))
+        return results
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams, *,
                     lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:

@@ -77,3 +77,19 @@ class Embedder:
         emb = self._fn(r.graphdef, r.weights_tree, self.config.pooling_type, self.config.normalize,
                        jax.device_put(ids, r.device), jax.device_put(lengths, r.device), slots, *r.weights)
         return np.asarray(emb)[:len(prompts)]
+
+
+def pair_texts(text_1, text_2) -> list[tuple[str, str]]:
+    """vLLM's score pairing: one text_1 with each text_2 (1 to 1, 1 to N), or two lists entry by entry (N to N).
+    Other lengths, or an empty side, raise ValueError naming the field."""
+    first = [text_1] if isinstance(text_1, str) else list(text_1)
+    second = [text_2] if isinstance(text_2, str) else list(text_2)
+    for name, side in (("text_1", first), ("text_2", second)):
+        if not side or any(not t for t in side):
+            raise ValueError(f"{name} cannot be empty")
+    if len(first) == 1:
+        first = first * len(second)
+    if len(first) != len(second):
+        raise ValueError(f"text_1 has {len(first)} entries and text_2 {len(second)}: give one text_1, or as many as "
+                         f"text_2")
+    return list(zip(first, second))

@@ -16,6 +16,7 @@ import uuid
 import numpy as np
 
 from engine import protocol as P
+from engine.pooling import pair_texts
 
 
 class ScoreRequest(P._Request):
@@ -35,20 +36,11 @@ class RerankRequest(P._Request):
     add_special_tokens: bool = True
 
 
-def pairs(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[str, str]]:
-    """vLLM's pairing: one text_1 with each text_2 (1 to 1, 1 to N), or two lists entry by entry (N to N); other
-    lengths, or an empty side, are a 400."""
-    first = [text_1] if isinstance(text_1, str) else list(text_1)
-    second = [text_2] if isinstance(text_2, str) else list(text_2)
-    for name, side in (("text_1", first), ("text_2", second)):
-        if not side or any(not t for t in side):
-            raise P.ServerError(f"{name} cannot be empty", param=name)
-    if len(first) == 1:
-        first = first * len(second)
-    if len(first) != len(second):
-        raise P.ServerError(f"text_1 has {len(first)} entries and text_2 {len(second)}: give one text_1, or as many "
-                            f"as text_2", param="text_2")
-    return list(zip(first, second))
+def pairs(text_1, text_2) -> list[tuple[str, str]]:
+    try:
+        return pair_texts(text_1, text_2)
+    except ValueError as e:
+        raise P.ServerError(str(e), param="text_1" if str(e).startswith("text_1 cannot") else "text_2") from None
 
 
 def add_routes(app, server, engine) -> None:

@@ -63,3 +63,24 @@ def test_embed_errors(tiny):
         with pytest.raises(ValueError, match=match):
             PoolerConfig.parse(bad)
     assert EngineConfig().pooler_config == PoolerConfig("LAST", True)
+
+
+def test_llm_score_is_the_cosine_of_the_embeddings(tiny):
+    """vLLM's LLM.score for an embedding model: 1-to-N and N-to-N pairs, cosine similarity even when the pooler
+    does not normalize; bad pairings raise ValueError."""
+    model, tok = tiny
+    llm = LLM(model, tokenizer=tok, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64, page_size=8,
+              progress=False, pooler_config={"pooling_type": "mean", "normalize": False})
+    ref = {p: reference(model, tok.encode(p), "MEAN") for p in PROMPTS}  # unit vectors
+    outs = llm.score(PROMPTS[1], PROMPTS)
+    np.testing.assert_allclose([o.outputs.score for o in outs], [ref[PROMPTS[1]] @ ref[p] for p in PROMPTS],
+                               atol=2e-5)
+    assert abs(outs[1].outputs.score - 1.0) < 1e-5
+    assert outs[0].prompt_token_ids == tok.encode(PROMPTS[1]) + tok.encode(PROMPTS[0])
+    pairwise = llm.score(PROMPTS[:2], PROMPTS[3:])
+    np.testing.assert_allclose([o.outputs.score for o in pairwise],
+                               [ref[PROMPTS[0]] @ ref[PROMPTS[3]], ref[PROMPTS[1]] @ ref[PROMPTS[4]]], atol=2e-5)
+    with pytest.raises(ValueError, match="text_1 has 2 entries and text_2 3"):
+        llm.score(PROMPTS[:2], PROMPTS[:3])
+    with pytest.raises(ValueError, match="text_2 cannot be empty"):
+        llm.score("a", [])
