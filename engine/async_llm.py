@@ -125,7 +125,7 @@ class AsyncLLM:
 
     def _run_command(self, command) -> None:
         kind, args, done = command
-        error = None
+        error = result = None
         try:
             if kind == "add":
                 self.engine.add_request(*args)
@@ -136,11 +136,13 @@ class AsyncLLM:
             elif kind == "abort":
                 self.engine.abort_request(*args)
                 self._streams.pop(args[0], None)
+            elif kind == "reset_prefix_cache":
+                result = self.engine.reset_prefix_cache()
         except Exception as e:  # noqa: BLE001  (handed to the caller)
             error = e
         if done is not None:
             loop, future = done
-            loop.call_soon_threadsafe(_settle, future, error)
+            loop.call_soon_threadsafe(_settle, future, error, result)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
@@ -166,11 +168,11 @@ class AsyncLLM:
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    async def _send(self, kind: str, *args) -> None:
+    async def _send(self, kind: str, *args):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._commands.put((kind, args, (loop, future)))
-        await future
+        return await future
 
     async def score(self, prompt_token_ids: list[int], num_top: int,
                     lora_request: LoRARequest | None = None) -> list[dict[int, float] | None]:
@@ -243,6 +245,10 @@ class AsyncLLM:
     async def remove_lora(self, lora_name: str) -> None:
         await self._send("remove_lora", lora_name)
 
+    async def reset_prefix_cache(self) -> bool:
+        """On the engine thread, between steps: False while a request holds pages."""
+        return await self._send("reset_prefix_cache")
+
     def list_loras(self) -> list[LoRARequest]:
         return self.engine.list_loras()
 
@@ -261,11 +267,11 @@ def _put_all(items) -> None:
         q.put_nowait(item)
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, error: BaseException | None, result=None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)
 

@@ -115,3 +115,13 @@ class BlockManager:
                 self.free[page] = None
         request.page_ids = []
         request.num_published_pages = 0
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached page's content (vLLM's reset_prefix_cache: after the weights change, or to measure
+        without hits). Only while no request holds a page; returns False, changing nothing, otherwise."""
+        if any(self.ref_counts):
+            return False
+        self.cached.clear()
+        self.page_hash = [None] * self.num_pages
+        self.prefix_queries = self.prefix_hits = 0
+        return True

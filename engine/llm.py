@@ -175,6 +175,10 @@ class LLM:
             results.append(ScoringRequestOutput(a.prompt_token_ids + b.prompt_token_ids, ScoringOutput(cos)))
         return results
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's pages (vLLM's LLM.reset_prefix_cache), e.g. to time without hits."""
+        return self.engine.reset_prefix_cache()
+
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams, *,
                     lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
         """Beam search for each prompt (engine/beam_search.py): its best `beam_width` sequences, best first, each

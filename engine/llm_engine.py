@@ -271,6 +271,10 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {V})")
         return ids
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (BlockManager.reset_prefix_cache): False while a request holds pages."""
+        return self.block_manager.reset_prefix_cache()
+
     def abort_request(self, request_id: str) -> None:
         request = self.scheduler.abort(request_id)
         if request is not None:

@@ -30,7 +30,8 @@ class ServerError(Exception):
 
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               405: "MethodNotAllowedError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+               405: "MethodNotAllowedError", 409: "ConflictError", 500: "InternalServerError",
+               503: "ServiceUnavailableError"}
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:

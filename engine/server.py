@@ -387,6 +387,14 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         import ie_jax
         return {"version": ie_jax.__version__}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """vLLM's route: forget the prefix cache's pages (between benchmark runs, after new weights). Only while no
+        request holds pages: otherwise a 409 and nothing changes."""
+        if not await engine.reset_prefix_cache():
+            raise P.ServerError("the prefix cache can be reset only while no request is running", status=409)
+        return {"reset": True}
+
     @app.get("/metrics")
     async def metrics():
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)

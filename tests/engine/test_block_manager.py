@@ -95,3 +95,23 @@ def test_double_free_is_caught():
     a.page_ids = pages
     with pytest.raises(AssertionError):
         bm.free_request(a)
+
+
+def test_reset_prefix_cache_only_when_idle():
+    bm = BlockManager(num_pages=6, page_size=4)
+    a = req("a", range(12))
+    assert bm.allocate(a, 12)
+    a.num_computed_tokens = 12
+    bm.cache_full_pages(a)
+    assert len(bm.cached) == 3
+    assert not bm.reset_prefix_cache()  # a still holds its pages: nothing changes
+    assert len(bm.cached) == 3
+    bm.free_request(a)
+    assert bm.find_cached_prefix(req("b", range(12))) == [0, 1]  # idle pages still hit
+    assert bm.reset_prefix_cache()
+    assert bm.cached == {} and bm.page_hash == [None] * 6 and bm.prefix_queries == bm.prefix_hits == 0
+    c = req("c", range(12))
+    assert bm.find_cached_prefix(c) == []
+    assert bm.allocate(c, 12) and bm.num_free_pages == 3  # the pages are plain free pages again
+    bm.free_request(c)
+    assert bm.num_free_pages == 6

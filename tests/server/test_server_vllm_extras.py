@@ -129,3 +129,22 @@ def test_invocations_routes_chat_and_completion_bodies(live, client):
     assert_error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON")
     assert_error(httpx.post(url, json={"prompt": "x", "max_tokens": "many"}), 400, "max_tokens")
     assert_error(httpx.post(url, json={"model": "other", "prompt": "x"}), 404, "does not exist")
+
+
+def test_reset_prefix_cache_route(live):
+    """vLLM's POST /reset_prefix_cache: the cached pages are forgotten when the engine is idle (200); while a request
+    holds pages the engine refuses and the route says so (409)."""
+    text = "a shared system prompt, long enough to fill several pages of the cache"
+    assert httpx.post(f"{live.url}/v1/completions", json=dict(model=MODEL, prompt=text, max_tokens=2,
+                                                              temperature=0)).status_code == 200
+    bm = live.engine.engine.block_manager
+    assert bm.cached  # the prompt's full pages were published
+    r = httpx.post(f"{live.url}/reset_prefix_cache")
+    assert r.status_code == 200 and r.json() == {"reset": True}
+    assert not bm.cached and bm.prefix_hits == 0
+    held = bm.ref_counts[0]
+    bm.ref_counts[0] += 1  # a page in use, as a running request holds it
+    try:
+        assert_error(httpx.post(f"{live.url}/reset_prefix_cache"), 409, "only while no request is running")
+    finally:
+        bm.ref_counts[0] = held
