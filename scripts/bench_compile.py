@@ -40,7 +40,7 @@ def measure(variant: str, rows: list[int], shapes: list[str], iters: int) -> lis
         kw, kx, key = jax.random.split(key, 3)
         w = jax.random.normal(kw, (N, K), jnp.float32)
         q = (w / 2).astype(jnp.float8_e4m3fn)  # K-major, as Fp8Weights holds it
-        scale = jnp.full((N,), 0.5, jnp.float32)
+        scale = jnp.full((N,), 2.0, jnp.float32)  # q holds w / 2
         wb = w.T.astype(jnp.bfloat16)
         for M in rows:
             x = jax.random.normal(kx, (M, K), jnp.bfloat16)
