@@ -8,6 +8,8 @@ import threading
 import time
 
 import httpx
+import jax.numpy as jnp
+import numpy as np
 import openai
 import uvicorn
 
@@ -35,6 +37,20 @@ def make_engine():
     config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=128, page_size=16,
                           token_buckets=(8, 32, 128))
     return AsyncLLM(LLMEngine(model, tokenizer, config, progress=False))
+
+
+def pooling_server() -> tuple[LiveServer, AsyncLLM]:
+    """A server of its own over the tiny Llama with a 48-token context, for the embedding-based routes."""
+    model, tok = _tiny_model()
+    config = EngineConfig(max_model_len=48, max_num_seqs=4, max_num_batched_tokens=64, page_size=16)
+    engine = AsyncLLM(LLMEngine(model, tok, config, progress=False))
+    return LiveServer(engine), engine
+
+
+def unit_embedding(model, ids: list[int]) -> np.ndarray:
+    """The reference pooling: a dense forward's last hidden state, L2-normalized."""
+    hidden = np.asarray(model(jnp.asarray([ids], jnp.int32), hidden=True)[0][0, -1], np.float64)
+    return hidden / np.linalg.norm(hidden)
 
 
 def greedy_reference(engine, prompt_ids: list[int], max_tokens: int) -> list[int]:

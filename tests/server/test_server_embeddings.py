@@ -5,29 +5,19 @@ from __future__ import annotations
 import base64
 
 import httpx
-import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-from harness import MODEL, LiveServer, _tiny_model, assert_error
+from harness import MODEL, _tiny_model, assert_error, pooling_server, unit_embedding
 
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 
 PROMPTS = ["a", "The quick brown fox jumps over the lazy dog", "hello hello hello"]
 
 
-def reference(model, ids: list[int]) -> np.ndarray:
-    hidden = np.asarray(model(jnp.asarray([ids], jnp.int32), hidden=True)[0][0, -1], np.float64)
-    return hidden / np.linalg.norm(hidden)
-
-
 def test_server_embeddings():
     model, tok = _tiny_model()
-    config = EngineConfig(max_model_len=48, max_num_seqs=4, max_num_batched_tokens=64, page_size=16)
-    engine = AsyncLLM(LLMEngine(model, tok, config, progress=False))
-    server = LiveServer(engine)
+    server, engine = pooling_server()
+    reference = unit_embedding
     try:
         client = server.client()
         r = client.embeddings.create(model=MODEL, input=PROMPTS[:3])  # the client asks for base64 and decodes it

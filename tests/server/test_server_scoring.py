@@ -4,29 +4,17 @@ and bad input gets a 400."""
 from __future__ import annotations
 
 import httpx
-import jax.numpy as jnp
 import numpy as np
-from harness import MODEL, LiveServer, _tiny_model, assert_error
-
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from harness import MODEL, _tiny_model, assert_error, pooling_server, unit_embedding
 
 DOCS = ["The quick brown fox", "jumps over the lazy dog", "hello hello hello", "0123456789", "a"]
 
 
-def unit(model, tok, text: str) -> np.ndarray:
-    hidden = np.asarray(model(jnp.asarray([tok.encode(text)], jnp.int32), hidden=True)[0][0, -1], np.float64)
-    return hidden / np.linalg.norm(hidden)
-
-
 def test_server_score_and_rerank():
     model, tok = _tiny_model()
-    config = EngineConfig(max_model_len=48, max_num_seqs=4, max_num_batched_tokens=64, page_size=16)
-    engine = AsyncLLM(LLMEngine(model, tok, config, progress=False))
-    server = LiveServer(engine)
+    server, engine = pooling_server()
     try:
-        ref = {t: unit(model, tok, t) for t in DOCS}
+        ref = {t: unit_embedding(model, tok.encode(t)) for t in DOCS}
         query = DOCS[2]
         want = [float(ref[query] @ ref[d]) for d in DOCS]
         # 1 to N
