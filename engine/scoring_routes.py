@@ -43,24 +43,12 @@ def pairs(text_1, text_2) -> list[tuple[str, str]]:
         raise P.ServerError(str(e), param="text_1" if str(e).startswith("text_1 cannot") else "text_2") from None
 
 
-def add_routes(app, server, engine) -> None:
+def add_routes(app, server) -> None:
     async def embed(texts: list[str], body) -> tuple[np.ndarray, int]:
         """Unit-length embeddings [n, D] of distinct texts (each computed once), and the tokens they took."""
-        if server.check_model(body.model) is not None:
-            raise P.ServerError(f"scores come from the base model {server.model_name!r}; the LoRA adapter "
-                                f"{body.model!r} does not apply to them", param="model")
         unique = list(dict.fromkeys(texts))
-        ids = [P.truncate(server.encode(t, body.add_special_tokens), body.truncate_prompt_tokens,
-                          server.max_model_len) for t in unique]
-        longest = max(map(len, ids))
-        if longest > server.max_model_len:
-            raise P.ServerError(f"This model's maximum context length is {server.max_model_len} tokens. However, "
-                                f"you requested {longest} tokens in the input for scoring. Please reduce the length "
-                                f"of the input.", param="input")
-        try:
-            vectors = np.asarray(await engine.embed(ids), np.float64)
-        except ValueError as e:
-            raise P.ServerError(str(e), param="input") from e
+        vectors, ids = await server.embed(unique, body, "scoring")
+        vectors = np.asarray(vectors, np.float64)
         vectors /= np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
         row = {t: i for i, t in enumerate(unique)}
         return vectors[[row[t] for t in texts]], sum(map(len, ids))

@@ -123,6 +123,24 @@ class OpenAIServer:
             raise P.ServerError(f"token id {bad[0]} is out of vocabulary [0, {vocab})", param="prompt")
         return list(prompt)
 
+    async def embed(self, inputs: list, body, purpose: str) -> tuple[list, list[list[int]]]:
+        """Pooled embeddings of `inputs` (text or ids) for /v1/embeddings, /score and /rerank: the base model only,
+        each input truncated as the body asks and held to max_model_len. Returns (vectors, token ids)."""
+        if self.check_model(body.model) is not None:
+            raise P.ServerError(f"{purpose} uses the base model {self.model_name!r}; the LoRA adapter "
+                                f"{body.model!r} does not apply to it", param="model")
+        ids = [P.truncate(self.encode(x, body.add_special_tokens), body.truncate_prompt_tokens, self.max_model_len)
+               for x in inputs]
+        longest = max(map(len, ids))
+        if longest > self.max_model_len:
+            raise P.ServerError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                                f"requested {longest} tokens in the input for {purpose}. Please reduce the length "
+                                f"of the input.", param="input")
+        try:
+            return await self.engine.embed(ids), ids
+        except ValueError as e:
+            raise P.ServerError(str(e), param="input") from e
+
     def max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
         """The least of what is left of max_model_len, the request's max_tokens and generation_config's
         max_new_tokens (vLLM's rule); a request asking past max_model_len raises."""
@@ -491,24 +509,10 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
     async def embeddings(body: P.EmbeddingRequest):
         """Each input's pooled hidden states (engine/pooling.py; --pooler-config), as vLLM's pooling runner serves
         them."""
-        if server.check_model(body.model) is not None:
-            raise P.ServerError(f"embeddings come from the base model {server.model_name!r}; the LoRA adapter "
-                                f"{body.model!r} does not apply to them", param="model")
         if body.dimensions is not None:
             raise P.ServerError(f"Model \"{server.model_name}\" does not support matryoshka representation, changing "
                                 f"output dimensions will lead to poor results.", param="dimensions")
-        ids = []
-        for x in body.inputs():
-            one = body.truncated(server.encode(x, body.add_special_tokens), server.max_model_len)
-            if len(one) > server.max_model_len:
-                raise P.ServerError(f"This model's maximum context length is {server.max_model_len} tokens. However, "
-                                    f"you requested {len(one)} tokens in the input for embedding generation. Please "
-                                    f"reduce the length of the input.", param="input")
-            ids.append(one)
-        try:
-            vectors = await engine.embed(ids)
-        except ValueError as e:
-            raise P.ServerError(str(e), param="input") from e
+        vectors, ids = await server.embed(body.inputs(), body, "embedding generation")
         return P.embedding_response(f"embd-{uuid.uuid4().hex}", server.model_name, vectors, body.encoding_format,
                                     sum(map(len, ids)))
 
@@ -556,7 +560,7 @@ def build_app(engine, *, served_model_name: str | list[str], api_key: str | None
         except ValueError as e:
             raise P.ServerError(str(e), param="tokens") from e
 
-    add_scoring_routes(app, server, engine)  # /score, /rerank (engine/scoring_routes.py)
+    add_scoring_routes(app, server)  # /score, /rerank (engine/scoring_routes.py)
     return app
 
 
