@@ -334,7 +334,8 @@ def quant_matmul(x, qw, *, out_dtype=None):
     `quant_matmul.kernel_config` says it was measured faster than XLA (packed int4 also up to 128 rows, in 64-row
     chunks); above 64 rows the packed layouts run the many-row GEMM (quant_gemm.py) where `quant_gemm.gemm_config`
     says it measured faster; FP8 (q held [N, K], K-major) runs the fp8 decode kernel (`fp8_skinny_matmul`) where
-    `fp8_matmul.fp8_kernel_config` says it was measured faster, XLA's fp8 dot (cuBLASLt) elsewhere. Everything
+    `fp8_matmul.fp8_kernel_config` says it was measured faster, above 64 rows the fp8 GEMM (fp8_gemm.py) where
+    `fp8_gemm.gemm_config` says so, XLA's fp8 dot (cuBLASLt) elsewhere. Everything
     else, and every call on CPU, runs XLA's dequantize-then-dot (`packed_matmul_xla` on the packed layouts, the
     format reference otherwise).
     """
@@ -371,6 +372,13 @@ def quant_matmul(x, qw, *, out_dtype=None):
                                                                                           config):
             y = f8.fp8_skinny_matmul(rows, qw.q, qw.scale, qw.input_scale, config=config,
                                      interpret=backend == "interpret", out_dtype=out_dtype or x.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        from kernels_pallas import fp8_gemm as fg
+        gemm = fg.gemm_config(rows.shape[0], k, n) if backend == "auto" else fg.Fp8GemmConfig()
+        if (on_hopper and gemm is not None and qw.q.ndim == 2 and rows.shape[0] >= fg.MIN_ROWS
+                and fg.supports(k, n, gemm) and x.dtype == jnp.bfloat16):
+            y = fg.fp8_gemm(rows, qw.q, qw.scale, qw.input_scale, config=gemm, interpret=backend == "interpret",
+                            out_dtype=out_dtype or x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if on_hopper and backend != "interpret" and f8.FP8_XLA_DOT and qw.q.ndim == 2:
             return f8.fp8_matmul(x, qw.q, qw.scale, qw.input_scale, out_dtype=out_dtype, n_major=True)

@@ -52,6 +52,8 @@ _FP8_CONFIGS = {  # the fp8 decode kernel (W8A8, both operands e4m3 from SMEM)
 # two CTAs per SM; the split configs are for deep weights (down: 32 column blocks for 132 SMs)
 _GEMM_CONFIGS = ("128x256x2", "256x128x2", "128x128x4", "128x64x4", "128x256x4x64", "128x128x3x64",
                  "128x128x4s4", "128x64x4s2", "128x128x3x64s4", "128x256x4x64s2")
+# The fp8 many-row GEMM (fp8_gemm.Fp8GemmConfig): tile_n x tile_m x stages [sK: K splits]
+_FP8_GEMM_CONFIGS = ("256x128x3", "128x256x3", "256x64x4", "128x128x4", "128x128x4s2", "128x128x4s4")
 _SKINNY_2WG = {  # the bf16 skinny kernel with two consumer warpgroups (docs/kernels/quant_matmul.md)
     "2wg 256x64x2 d1 c1": SkinnyConfig(256, 64, num_stages=2, ctas_per_sm=1, mma_depth=1, consumers=2),
     "2wg 128x64x3 d1": SkinnyConfig(block_k=64, num_stages=3, mma_depth=1, consumers=2),
@@ -124,6 +126,11 @@ def _paths(m):
         for label, cfg in _gemm_configs().items():
             for fmt in ("int8", "int4"):
                 yield f"{fmt} gemm {label}", fmt, functools.partial(qg._quant_gemm, config=cfg, interpret=False)
+    if m > MAX_M:  # the fp8 many-row GEMM (kernels_pallas/fp8_gemm.py), against "fp8 xla nk" (what runs there now)
+        from kernels_pallas import fp8_gemm as fg
+        for label in _FP8_GEMM_CONFIGS:
+            cfg = fg.Fp8GemmConfig.parse(label)
+            yield f"fp8 gemm {label}", "fp8_nk", lambda x, w, cfg=cfg: fg._fp8_gemm(x, *w, config=cfg, interpret=False)
     if m > MAX_M:  # dequantize once, then XLA's bf16 dot: which weight layout XLA's dot is fast on (docs v10)
         yield "bf16 xla nk", "bf16_nk", _dot_nk
         for fmt in ("int8", "int4"):

@@ -138,11 +138,20 @@ def tiny():
     return ie_jax.load_model("tiny-llama", dtype="float32", seed=1)
 
 
+def last_logits(model, ids: list[int]) -> np.ndarray:
+    """The dense forward's logits at the last of `ids`, computed over them padded on the right to a multiple of
+    128: the forward is causal, so the padding cannot reach them, and every length shares one compiled forward
+    (not one per length)."""
+    padded = np.zeros((1, -(-len(ids) // 128) * 128), np.int32)
+    padded[0, :len(ids)] = ids
+    return np.asarray(ie_jax.forward(model, padded)[0, len(ids) - 1])
+
+
 def masked_greedy(model, tok, prompt: str, guide: TokenGuide, max_tokens: int) -> list[int]:
     """Greedy decoding by hand: the dense forward's last logits, restricted to the guide's allowed tokens."""
     ids, out, state = tok.encode(prompt), [], 0
     for _ in range(max_tokens):
-        logits = np.asarray(ie_jax.forward(model, ids)[0, -1])
+        logits = last_logits(model, ids)
         allowed = np.zeros(len(logits), bool)
         allowed[guide.allowed(state)] = True
         t = int(np.argmax(np.where(allowed, logits, -np.inf)))
@@ -163,8 +172,10 @@ def test_engine_guided_greedy_matches_the_masked_reference_beside_free_requests(
     prompts = ["Answer:", "Code:", "JSON:", "free text"]
     params = [SamplingParams(temperature=0.0, max_tokens=80, guided_decoding=s) for s in specs]
     params.append(SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    # one token bucket: start-up compiles 2 step executables (full, greedy), not 4; the prompts (30 tokens) still
+    # prefill in one step, and the decode steps run padded to 32 tokens
     llm = LLM(model, tokenizer=tok, max_model_len=160, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
-              progress=False)
+              token_buckets=(32,), progress=False)
     outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
     compiled = llm.engine.runner.num_compiled()  # LLM.generate compiled the variants its rows need, up front
     for out, prompt, spec in zip(outs, prompts, specs):
@@ -240,7 +251,7 @@ def test_allowed_token_ids_restrict_every_step_without_waiting(tiny):
         assert steps <= 14, (rid, steps)
     ids, want = tok.encode("Say:"), []
     for _ in range(12):
-        logits = np.asarray(ie_jax.forward(model, ids + want)[0, -1])
+        logits = last_logits(model, ids + want)
         want.append(allowed[int(np.argmax(logits[allowed]))])
     assert llm.generate(["Say:"], params, use_tqdm=False)[0].outputs[0].token_ids == want
     with pytest.raises(ValueError, match="allowed_token_ids"):

@@ -57,7 +57,9 @@ def test_fp8_weights_compile_without_triton_gemms(monkeypatch):
     to compile one gate_up dot, same speed); other formats keep XLA's defaults; IE_JAX_XLA_OPTIONS still wins."""
     def options(quantization):
         model, tok = ie_jax.load_model("tiny-llama", quantization=quantization)
-        llm = LLM(model, tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16, progress=False)
+        # one token bucket: the step compiles (full and greedy sampler) and runs under these options all the same
+        llm = LLM(model, tokenizer=tok, max_model_len=16, max_num_seqs=2, max_num_batched_tokens=8, token_buckets=(8,),
+                  progress=False)
         out = llm.generate(["ab"], ie_jax.SamplingParams(max_tokens=2, temperature=0.0))[0].outputs[0].token_ids
         assert len(out) == 2
         return llm.engine.runner.compiler_options

@@ -72,7 +72,23 @@ class KilledAfter:
         self.it.set_state(state)
 
 
-def test_kill_and_resume_repeats_the_loss_curve_bit_identically(tmp_path):
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """JAX's persistent compilation cache, in this test's own directory and for this test alone: each run below
+    builds a new Trainer, whose train step would compile afresh (twice: fresh uncommitted state, then committed);
+    with the cache the later runs load the same executables from disk (5 compiles -> 2)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    before = jax.config.jax_compilation_cache_dir
+    cc.reset_cache()  # the cache is set up once per process: start it over with the directory set
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+    try:
+        yield
+    finally:
+        cc.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_kill_and_resume_repeats_the_loss_curve_bit_identically(tmp_path, compilation_cache):
     def run(out, kill_after=None, resume=False):
         trainer, tok = lora_trainer(dropout=0.1)
         it = iter(sft_dataset(toy_sft_examples(tok), DataConfig(seq_len=24, batch_size=2, grad_accum=2, seed=5,

@@ -11,7 +11,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import ie_jax
+from engine.config import EngineConfig
 from engine.llm import LLM
+from engine.llm_engine import LLMEngine
 from ie_jax import SamplingParams
 from ie_jax.quant import kv_scales
 from ie_jax.weights import CheckpointError, save_hf_checkpoint
@@ -110,8 +112,9 @@ def test_calibrated_scales_cover_the_largest_k_and_v():
 
 
 def _first_logprobs(model, tok, kv_cache_dtype, prompts):
+    # one token bucket (64: the three prompts' prefill is one step, as it was): 2 executables to compile, not 5
     llm = LLM(model, tokenizer=tok, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64, page_size=8,
-              progress=False, kv_cache_dtype=kv_cache_dtype)
+              token_buckets=(64,), progress=False, kv_cache_dtype=kv_cache_dtype)
     with ops.kernel_backend("reference"):
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=5))
     return llm, [o.outputs[0].logprobs for o in outs]
@@ -162,8 +165,9 @@ def test_calculate_kv_scales_at_start_up():
     forward over the bundled text at start-up; scales from the checkpoint win; a 16-bit cache ignores the flag."""
     from ie_jax.quant.calibration import bundled_calibration_text, calibration_ids
     model, tok = loud_model()
-    llm = LLM(nnx.clone(model), tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32,
-              page_size=8, progress=False, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    # one token bucket: start-up compiles 2 step executables, not 4 (the scales are set before any compiles)
+    llm = LLM(nnx.clone(model), tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=8,
+              token_buckets=(8,), page_size=8, progress=False, kv_cache_dtype="fp8", calculate_kv_scales=True)
     rows = calibration_ids(tok, bundled_calibration_text()[0], 8, 512, model.config.max_position_embeddings)
     k, v = kv_scales.calibrate(model, rows)
     caches = llm.engine.runner.caches
@@ -171,11 +175,16 @@ def test_calculate_kv_scales_at_start_up():
                                rtol=1e-6)
     np.testing.assert_allclose(np.asarray(caches[2])[:, 0], v, rtol=1e-6)
     assert min(k) > 1.0  # K reaches thousands here: unit scales would clip it
+
+    # The engine picks the scales in its constructor, before warm-up (which compiles steps and, on CPU, runs none):
+    # the same constructor as LLM's (EngineConfig from the same arguments), without the compiles nothing here runs.
+    def engine(m, **kw):
+        return LLMEngine(m, tok, EngineConfig(max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32, page_size=8,
+                                              calculate_kv_scales=True, **kw), warmup=False, progress=False)
+
     given = nnx.clone(model)
     given.kv_cache_scales = ((2.0,) * L, (3.0,) * L)
-    llm = LLM(given, tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32, page_size=8,
-              progress=False, kv_cache_dtype="fp8", calculate_kv_scales=True)
-    assert float(llm.engine.runner.caches[1].max()) == 2.0 and float(llm.engine.runner.caches[2].min()) == 3.0
-    llm = LLM(nnx.clone(model), tokenizer=tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32,
-              page_size=8, progress=False, calculate_kv_scales=True)
-    assert len(llm.engine.runner.caches) == 1  # 16-bit cache: no scales at all
+    runner = engine(given, kv_cache_dtype="fp8").runner
+    assert float(runner.caches[1].max()) == 2.0 and float(runner.caches[2].min()) == 3.0
+    assert float(runner.caches[1].min()) == 2.0 and float(runner.caches[2].max()) == 3.0
+    assert len(engine(nnx.clone(model)).runner.caches) == 1  # 16-bit cache: no scales at all
