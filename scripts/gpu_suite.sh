@@ -80,6 +80,14 @@ item_quant_large_m() {  # which weight layout XLA's bf16 dot is fast on, and a d
   run quant_large_m 150 python scripts/bench_kernels.py quant --shapes gate_up,down --ms 4096,1024 \
     --only "bf16 xla,int8 xla,int4 xla,int8 deq,int4 deq,int8 linear,int4 linear" --out "$OUT"
 }
+# the fp8 many-row GEMM (fp8_gemm.py): its GPU check first (a hang costs 100 s, not the call), then every config
+# against XLA's fp8 dot (what those rows run now) and cuBLAS bf16 at 128, 256 and 1,024 rows
+item_fp8_gemm() {
+  run fp8_gemm_check 100 timeout 100 python -m pytest -q -m gpu -x tests/kernels/test_fp8_gemm.py
+  grep -q "passed" "$OUT/fp8_gemm_check.log" || return
+  run fp8_gemm 150 python scripts/bench_kernels.py quant --shapes qkv,o,gate_up,down --ms 128,256,1024 \
+    --only "bf16 xla,fp8 xla nk,fp8 gemm,fp8 linear" --out "$OUT"
+}
 item_paged_fp8_b1() {
   run paged_fp8_b1 90 python scripts/bench_kernels.py paged --short --fp8 --decode-tiles --tiles-only \
     --cases "b1 ctx32768" --out "$OUT"
@@ -110,7 +118,7 @@ item_serving() {
 
 # Default order (2026-12-06): the H200 bars first (batch 1, 128/128 with bf16 then fp8 weights, fp8 b1 paged with the
 # merge's selects), then the shipped quantized path, diagnostics, and features never run on a GPU.
-ITEMS=${*:-"b1 t128 t128_fp8w paged_fp8_b1 quant_split b1_profile compile_fp8 lora spec tests guided t128_notriton
+ITEMS=${*:-"b1 t128 t128_fp8w paged_fp8_b1 fp8_gemm quant_split b1_profile compile_fp8 lora spec tests guided t128_notriton
   quant_large_m lora_t1024 dispatch serving"}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu" || true
 git rev-parse --short HEAD 2>/dev/null > "$OUT/commit" || true
