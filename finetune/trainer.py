@@ -131,6 +131,8 @@ class Trainer:
         self.params, self.rest = params, rest
         self.optimizer = make_optimizer(config)
         self.opt_state = jax.jit(self.optimizer.init)(params)
+        if mesh is None:  # committed to the device, as the step's outputs are, or the second step compiles again
+            self.params, self.rest, self.opt_state = jax.device_put((params, rest, self.opt_state), jax.devices()[0])
         self.schedule = make_schedule(config)
         self.step = 0
         self._train = jax.jit(self._train_step, donate_argnums=(0, 1))  # params and optimizer state update in place

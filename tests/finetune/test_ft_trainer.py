@@ -26,6 +26,16 @@ def lora_trainer(mesh=None, dropout=0.0, **kw):
     return Trainer(model, TrainConfig(**cfg), mesh=mesh), tok
 
 
+def test_the_train_step_compiles_once():
+    """Params, frozen state and optimizer state start on the device, as the step's outputs are: the second step
+    reuses the first step's executable."""
+    trainer, tok = lora_trainer()
+    it = iter(sft_dataset(toy_sft_examples(tok), DataConfig(seq_len=24, batch_size=2, grad_accum=1)))
+    losses = [float(trainer.train_step(next(it))["loss"]) for _ in range(3)]
+    assert trainer._train._cache_size() == 1
+    assert all(np.isfinite(losses)) and losses[0] != losses[2]
+
+
 def test_gradient_accumulation_equals_one_large_batch():
     # A large Adam epsilon makes the first update linear in the gradient, so params compare the gradients.
     t1, tok = lora_trainer(adam_eps=1.0)
@@ -75,8 +85,8 @@ class KilledAfter:
 @pytest.fixture
 def compilation_cache(tmp_path):
     """JAX's persistent compilation cache, in this test's own directory and for this test alone: each run below
-    builds a new Trainer, whose train step would compile afresh (twice: fresh uncommitted state, then committed);
-    with the cache the later runs load the same executables from disk (5 compiles -> 2)."""
+    builds a new Trainer, whose train step would compile afresh; with the cache the later runs load the same
+    executable from disk."""
     from jax.experimental.compilation_cache import compilation_cache as cc
     before = jax.config.jax_compilation_cache_dir
     cc.reset_cache()  # the cache is set up once per process: start it over with the directory set
