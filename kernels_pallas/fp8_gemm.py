@@ -19,8 +19,8 @@ How it is cut (as quant_gemm.py, with nothing to widen):
   sums in f32 (for deep weights whose column blocks alone leave SMs idle).
 * m is the fastest grid axis, so the CTAs that read one weight tile run side by side and share it through L2.
 
-`gemm_config` is where `ops.quant_matmul` runs it: the cells it measured faster than XLA's fp8 dot (none yet: the
-table fills from `scripts/bench_kernels.py quant` rows "fp8 gemm ...").
+`gemm_config` is where `ops.quant_matmul` runs it: the cells it measured faster than XLA's fp8 dot (65 to 1,024
+rows; gate_up to 256), from `scripts/bench_kernels.py quant` rows "fp8 gemm ...".
 """
 from __future__ import annotations
 
@@ -82,9 +82,19 @@ class Fp8GemmConfig:
         return ring + self.tile_m * self.tile_n * 2 + 4 * (self.tile_n + 2 * self.tile_m)
 
 
-# Measured faster than XLA's fp8 dot (the path these rows took before), by shape: (N at least, K at least, rows up
-# to, config) in order. Empty until a GPU run of `bench_kernels.py quant` has compared them.
-MEASURED_FASTER: tuple[tuple[int, int, int, Fp8GemmConfig], ...] = ()
+# Where the GEMM measured faster than XLA's fp8 dot (what those rows ran before) and than cuBLAS bf16, by the weight's
+# shape class, (rows up to, config) in order (H100, benchmarks/results/quant_20261206-042848_h100_fp8_gemm.json,
+# same process; docs/kernels/quant_matmul.md v12). Above 1,024 rows, and gate_up above 256 (XLA's dot: 228 against
+# 235 us at 1,024), XLA's dot stays.
+_P = Fp8GemmConfig.parse
+_WIDE = ((128, _P("256x128x3")),  # gate_up (N >= 16384), 128 rows: 51.1 us, XLA 59.2, cuBLAS bf16 93.0 (1.82x)
+         (256, _P("128x256x3")))  # 256: 64.7, XLA 74.0, bf16 107.9 (1.67x)
+_DEEP = ((128, _P("128x128x4s4")),  # down (K >= 8192), 128 rows: 30.6 us, XLA 69.0, bf16 55.6 (1.82x)
+         (256, _P("128x128x4s2")),  # 256: 36.1, XLA 72.4, bf16 60.6 (1.68x)
+         (1024, _P("128x256x3")))  # 1,024: 93.1, XLA 103.1, bf16 157.4 (1.69x)
+_SQUARE = ((128, _P("128x128x4s2")),  # qkv / o, 128 rows: 15.2 / 12.5 us, XLA 30.1 / 19.0, bf16 22.2 / 16.5
+           (256, _P("128x128x4")),  # 256: 17.3 / 15.0, XLA 33.1 / 21.6, bf16 25.5 / 19.7
+           (1024, _P("128x256x3")))  # 1,024: 54.7 / 31.2, XLA 74.0 / 49.6, bf16 73.5 / 50.0
 MIN_ROWS = 65  # below, the fp8 decode kernel (fp8_matmul.fp8_skinny_matmul)
 
 
@@ -92,10 +102,9 @@ def gemm_config(m: int, k: int, n: int) -> Fp8GemmConfig | None:
     """The config `ops.quant_matmul` runs this GEMM with at m rows for q [N, K], or None (XLA's fp8 dot)."""
     if m < MIN_ROWS:
         return None
-    for n_min, k_min, up_to, config in MEASURED_FASTER:
-        if n >= n_min and k >= k_min and m <= up_to and supports(k, n, config):
-            return config
-    return None
+    table = _WIDE if n >= 16384 else _DEEP if k >= 8192 else _SQUARE
+    config = next((c for up_to, c in table if m <= up_to), None)
+    return config if config is not None and supports(k, n, config) else None
 
 
 def supports(k: int, n: int, config: Fp8GemmConfig) -> bool:

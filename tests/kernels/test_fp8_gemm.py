@@ -72,8 +72,14 @@ def test_dispatch_runs_the_gemm_above_decode_rows_cpu(monkeypatch):
     assert out.shape == (2, 33, 256)
     assert rel_err(out.reshape(66, 256), fp8_matmul_reference(x, qw, jnp.float32)) < 8e-3
     assert fg.gemm_config(64, 4096, 4096) is None  # the decode kernel's rows
-    for n_min, k_min, up_to, config in fg.MEASURED_FASTER:
-        assert fg.gemm_config(up_to, k_min, n_min) is not None
+
+
+def test_config_follows_the_measurements():
+    P = fg.Fp8GemmConfig.parse
+    assert fg.gemm_config(100, 14336, 4096) == P("128x128x4s4") and fg.gemm_config(1024, 14336, 4096) == P("128x256x3")
+    assert fg.gemm_config(256, 4096, 28672) == P("128x256x3") and fg.gemm_config(257, 4096, 28672) is None
+    assert fg.gemm_config(200, 4096, 6144) == P("128x128x4") and fg.gemm_config(1025, 4096, 4096) is None
+    assert fg.gemm_config(128, 4096, 4032) is None  # N not a multiple of the tile: XLA's dot
 
 
 def test_rejects_bad_arguments():
@@ -115,5 +121,7 @@ def test_llama_shapes_gpu(m, k, n):
     x, qw = make(m + k + n, m, k, n)
     for label in ("256x128x3", "128x128x4s4"):
         out = fg.fp8_gemm(x, qw.q, qw.scale, config=fg.Fp8GemmConfig.parse(label), out_dtype=jnp.float32)
-        # fp8 wgmma accumulates with fewer mantissa bits than f32 (the decode kernel: up to 3.9e-3), plus bf16 output
-        assert rel_err(out, fp8_matmul_reference(x, qw, jnp.float32)) < 1e-2, label
+        # Hopper's fp8 wgmma accumulates with fewer mantissa bits than f32, more so over a deep K: H100, down (K =
+        # 14,336) unsplit 1.02e-2 of the largest output, the same as XLA's fp8 dot (cuBLASLt) at that shape;
+        # split 4 ways 4.6e-3. A wrong tile or scale would be O(1).
+        assert rel_err(out, fp8_matmul_reference(x, qw, jnp.float32)) < 2e-2, label
