@@ -88,6 +88,12 @@ item_fp8_gemm() {
   run fp8_gemm 150 python scripts/bench_kernels.py quant --shapes qkv,o,gate_up,down --ms 128,256,1024 \
     --only "bf16 xla,fp8 xla nk,fp8 gemm,fp8 linear" --out "$OUT"
 }
+# what the fp8 Linear runs now (the GEMM where fp8_gemm.gemm_config says), against XLA's fp8 dot and cuBLAS bf16
+item_fp8_linear() {
+  run fp8_gemm_check 100 timeout 100 python -m pytest -q -m gpu -x tests/kernels/test_fp8_gemm.py
+  run fp8_linear 120 python scripts/bench_kernels.py quant --shapes qkv,o,gate_up,down --ms 128,256,1024 \
+    --only "fp8 linear,fp8 xla nk" --out "$OUT"
+}
 item_paged_fp8_b1() {
   run paged_fp8_b1 90 python scripts/bench_kernels.py paged --short --fp8 --decode-tiles --tiles-only \
     --cases "b1 ctx32768" --out "$OUT"
@@ -118,7 +124,7 @@ item_serving() {
 
 # Default order (2026-12-06): the H200 bars first (batch 1, 128/128 with bf16 then fp8 weights, fp8 b1 paged with the
 # merge's selects), then the shipped quantized path, diagnostics, and features never run on a GPU.
-ITEMS=${*:-"b1 t128 t128_fp8w paged_fp8_b1 fp8_gemm quant_split b1_profile compile_fp8 lora spec tests guided t128_notriton
+ITEMS=${*:-"b1 t128 t128_fp8w paged_fp8_b1 fp8_linear quant_split b1_profile compile_fp8 lora spec tests guided t128_notriton
   quant_large_m lora_t1024 dispatch serving"}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu" || true
 git rev-parse --short HEAD 2>/dev/null > "$OUT/commit" || true
