@@ -139,10 +139,20 @@ def _shardings(abs_state, mesh, rules):
 def init_model(cfg: ModelConfig, *, dtype=jnp.float32, mesh=None, rules="tp", seed: int = 0) -> nnx.Module:
     """Random weights (std 0.02, norms at 1), created directly on their shardings: `--load-format dummy`.
     With cfg.quantization the projections are those random weights quantized (the float copy never leaves jit)."""
+    try:
+        graphdef, init = _initializer(cfg, dtype, mesh, rules, seed)
+    except TypeError:  # an unhashable argument (rules given as a dict): build it afresh
+        graphdef, init = _initializer.__wrapped__(cfg, dtype, mesh, rules, seed)
+    return nnx.merge(graphdef, init())
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(cfg: ModelConfig, dtype, mesh, rules, seed: int):
+    """The model's graph and a jitted function making its random state, kept per configuration: a second model of
+    the same configuration reuses the compiled initializer (seconds on CPU) instead of compiling it again."""
     graphdef, abs_state = abstract_model(cfg, dtype)
     shardings = _shardings(abs_state, mesh, rules)
-    state = jax.jit(lambda: nnx.state(_build(cfg, dtype, seed)), out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+    return graphdef, jax.jit(lambda: nnx.state(_build(cfg, dtype, seed)), out_shardings=shardings)
 
 
 # ----------------------------------------------------------------------------------------------------------------

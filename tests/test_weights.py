@@ -3,6 +3,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -109,3 +110,21 @@ def test_dummy_load_format_from_directory_and_preset():
     assert logits.dtype == np.float32 and np.isfinite(logits).all() and logits.std() > 0
     m2, tok = ie_jax.load_model("tiny-gpt2", load_format="dummy")
     assert tok is not None and m2.config.is_gpt2
+
+
+def test_random_models_of_one_configuration_share_the_compiled_initializer():
+    """A second model of the same configuration and seed reuses the jitted initializer (no second compile) and gets
+    equal weights in arrays of its own; another seed gives other weights."""
+    from flax import nnx
+
+    from ie_jax.weights import _initializer
+    cfg = ie_jax.load_model("tiny-gpt2")[0].config
+    before = _initializer.cache_info()
+    a, b = ie_jax.weights.init_model(cfg, seed=11), ie_jax.weights.init_model(cfg, seed=11)
+    after = _initializer.cache_info()
+    assert after.misses == before.misses + 1 and after.hits == before.hits + 1
+    la, lb = jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))
+    assert all(np.array_equal(x, y) and x is not y for x, y in zip(la, lb))
+    assert a is not b and a.config == b.config
+    c = ie_jax.weights.init_model(cfg, seed=12)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(nnx.state(c)), la))
