@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels_pallas.quant_gemm import store_transposed, sum_splits
 from kernels_pallas.skinny_matmul import interpret_kwargs
 
 FP8 = jnp.float8_e4m3fn
@@ -160,10 +161,7 @@ def _kernel(x_ref, w_ref, xs_ref, ws_ref, y_ref, o_smem, xs_smem, ws_smem, bar, 
             acc = acc_ref[...]
             acc = acc * lax.broadcast_in_dim(ws_smem[wg, 0], acc.shape, [0])  # channel scale per row of y^T
             acc = acc * lax.broadcast_in_dim(xs_smem[wg, 0], acc.shape, [1])  # token scale per column
-            o_smem.at[wg].T[...] = acc.astype(o_smem.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], y_ref.at[out_rows, n_half])
-            plgpu.wait_smem_to_gmem(0)
+            store_transposed(acc, o_smem.at[wg], y_ref.at[out_rows, n_half])
 
     pipeline = plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_steps,), memory_registers=40, in_specs=in_specs, max_concurrent_steps=config.num_stages,
@@ -205,6 +203,4 @@ def _fp8_gemm(x, q, scale, input_scale=None, *, config, interpret, out_dtype=Non
         **interpret_kwargs(interpret),
     )
     y = kernel(xq, q, xs, scale.reshape(1, n).astype(jnp.float32))
-    if config.splits > 1:  # the K ranges' bf16 partials, summed in f32
-        y = y.reshape(config.splits, mp, n).astype(jnp.float32).sum(0)
-    return y[:m].astype(out_dtype or x.dtype)
+    return sum_splits(y, config.splits, m, out_dtype or x.dtype)

@@ -192,10 +192,7 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_
                 plgpu.barrier_wait(c_bar.at[wg])
                 scale = c_smem[wg, 0]
                 acc = acc * lax.broadcast_in_dim(scale, acc.shape, [0])
-            o_smem.at[wg].T[...] = acc.astype(o_smem.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], y_ref.at[out_rows, n_half])
-            plgpu.wait_smem_to_gmem(0)
+            store_transposed(acc, o_smem.at[wg], y_ref.at[out_rows, n_half])
 
     pipeline = plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_steps,), memory_registers=40, in_specs=in_specs, max_concurrent_steps=config.num_stages,
@@ -205,6 +202,22 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, c_ref, y_ref, o_smem, c_smem, c_bar, *a_
         groups = pl.ds(s_idx * (k_steps // group_steps), k_steps // group_steps)
         operands += [s_ref.at[groups, n_cols], z_ref.at[groups, n_cols]]
     pipeline(*operands)
+
+
+def store_transposed(acc, o_tile, y_tile):
+    """A compute warpgroup's f32 accumulator [cols, rows] (y^T) as y's bf16 [rows, cols] tile: written transposed
+    into its SMEM tile, then one TMA store."""
+    o_tile.T[...] = acc.astype(o_tile.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_tile, y_tile)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def sum_splits(y, splits: int, m: int, out_dtype):
+    """y [splits * Mp, N]: each K range's bf16 partial, summed in f32; the first m rows in out_dtype."""
+    if splits > 1:
+        y = y.reshape(splits, -1, y.shape[-1]).astype(jnp.float32).sum(0)
+    return y[:m].astype(out_dtype)
 
 
 def quant_gemm(x, packed, *, config: GemmConfig | None = None, interpret=False, out_dtype=None):
@@ -247,7 +260,4 @@ def _quant_gemm(x, packed, *, config, interpret, out_dtype=None):
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **interpret_kwargs(interpret),
     )
-    y = kernel(x_padded, packed.q, scales, zeros, channel)
-    if config.splits > 1:  # the K ranges' bf16 partials, summed in f32
-        y = y.reshape(config.splits, mp, n).astype(jnp.float32).sum(0)
-    return y[:m].astype(out_dtype or x.dtype)
+    return sum_splits(kernel(x_padded, packed.q, scales, zeros, channel), config.splits, m, out_dtype or x.dtype)
