@@ -25,7 +25,6 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -35,7 +34,7 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, frozen_heap
 from engine.lora import LoRARequest
-from engine.pooling import pair_texts
+from engine.pooling import pair_texts, unit_rows
 from engine.variants import row_variant
 from ie_jax.chat_template import content_text, continue_final
 from ie_jax.generate import CompletionOutput, GenerateOutput
@@ -168,12 +167,10 @@ class LLM:
         text_1 is paired with each text_2, two lists entry by entry (`pooling.pair_texts`, as /v1/score)."""
         both = pair_texts(text_1, text_2)
         out = self.embed([t for pair in both for t in pair], truncate_prompt_tokens=truncate_prompt_tokens)
-        results = []
-        for a, b in zip(out[0::2], out[1::2]):
-            u, v = np.asarray(a.outputs.embedding, np.float64), np.asarray(b.outputs.embedding, np.float64)
-            cos = float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
-            results.append(ScoringRequestOutput(a.prompt_token_ids + b.prompt_token_ids, ScoringOutput(cos)))
-        return results
+        unit = unit_rows([o.outputs.embedding for o in out])
+        scores = (unit[0::2] * unit[1::2]).sum(-1)
+        return [ScoringRequestOutput(a.prompt_token_ids + b.prompt_token_ids, ScoringOutput(float(s)))
+                for a, b, s in zip(out[0::2], out[1::2], scores)]
 
     def reset_prefix_cache(self) -> bool:
         """Forget the prefix cache's pages (vLLM's LLM.reset_prefix_cache), e.g. to time without hits."""

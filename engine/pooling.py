@@ -93,3 +93,10 @@ def pair_texts(text_1, text_2) -> list[tuple[str, str]]:
         raise ValueError(f"text_1 has {len(first)} entries and text_2 {len(second)}: give one text_1, or as many as "
                          f"text_2")
     return list(zip(first, second))
+
+
+def unit_rows(vectors) -> np.ndarray:
+    """Embeddings [n, D] scaled to unit length in float64 (a zero row stays zero): the score of a pair is then the
+    dot product of its two rows, their cosine similarity."""
+    v = np.asarray(vectors, np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)

@@ -16,7 +16,7 @@ import uuid
 import numpy as np
 
 from engine import protocol as P
-from engine.pooling import pair_texts
+from engine.pooling import pair_texts, unit_rows
 
 
 class ScoreRequest(P._Request):
@@ -48,8 +48,7 @@ def add_routes(app, server) -> None:
         """Unit-length embeddings [n, D] of distinct texts (each computed once), and the tokens they took."""
         unique = list(dict.fromkeys(texts))
         vectors, ids = await server.embed(unique, body, "scoring")
-        vectors = np.asarray(vectors, np.float64)
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        vectors = unit_rows(vectors)
         row = {t: i for i, t in enumerate(unique)}
         return vectors[[row[t] for t in texts]], sum(map(len, ids))
 

@@ -33,13 +33,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.quant_gemm import store_transposed, sum_splits
+from kernels_pallas.quant_gemm import check_tiles, store_transposed, sum_splits
 from kernels_pallas.skinny_matmul import interpret_kwargs
 
 FP8 = jnp.float8_e4m3fn
 _FP8_TF = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))  # 128 e4m3 values: one swizzled row
 _BF16_TF = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 64 bf16 values: one swizzled row
-_SMEM_LIMIT = 227 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,19 +55,7 @@ class Fp8GemmConfig:
     tile_k = 128
 
     def __post_init__(self):
-        if self.tile_n not in (128, 256):
-            raise ValueError(f"{self.tile_n=} must be 128 or 256 (two warpgroups of 64 or 128 rows)")
-        if self.tile_m not in (64, 128, 256):
-            raise ValueError(f"{self.tile_m=} must be 64, 128 or 256")
-        if not 2 <= self.num_stages <= 8:
-            raise ValueError(f"{self.num_stages=} must be in [2, 8]")
-        if not 1 <= self.splits <= 16:
-            raise ValueError(f"{self.splits=} must be in [1, 16]")
-        acc_regs = self.tile_n // 2 * self.tile_m // 128  # f32 accumulator registers per thread
-        if acc_regs > 128:
-            raise ValueError(f"{self.tile_n=} x {self.tile_m=} needs {acc_regs} accumulator registers a thread")
-        if self.smem_bytes() > _SMEM_LIMIT:
-            raise ValueError(f"{self} needs {self.smem_bytes()} B of shared memory (> {_SMEM_LIMIT} B)")
+        check_tiles(self)
 
     @classmethod
     def parse(cls, label: str) -> Fp8GemmConfig:

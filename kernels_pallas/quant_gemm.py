@@ -57,21 +57,7 @@ class GemmConfig:
     splits: int = 1
 
     def __post_init__(self):
-        if self.tile_n not in (128, 256):
-            raise ValueError(f"{self.tile_n=} must be 128 or 256 (two warpgroups of 64 or 128 rows)")
-        if self.tile_m not in (64, 128, 256):
-            raise ValueError(f"{self.tile_m=} must be 64, 128 or 256")
-        if not 2 <= self.num_stages <= 8:
-            raise ValueError(f"{self.num_stages=} must be in [2, 8]")
-        if self.tile_k not in (64, 128):
-            raise ValueError(f"{self.tile_k=} must be 64 or 128")
-        if not 1 <= self.splits <= 16:
-            raise ValueError(f"{self.splits=} must be in [1, 16]")
-        acc_regs = self.tile_n // 2 * self.tile_m // 128  # f32 accumulator registers per thread
-        if acc_regs > 128:
-            raise ValueError(f"{self.tile_n=} x {self.tile_m=} needs {acc_regs} accumulator registers a thread")
-        if self.smem_bytes() > 227 * 1024:
-            raise ValueError(f"{self} needs {self.smem_bytes()} B of shared memory (> 227 KiB)")
+        check_tiles(self)
 
     def smem_bytes(self, int4: bool = False) -> int:
         """Shared memory of the ring (int8 weight tiles: the larger), the output tiles and the SMEM operand."""
@@ -79,6 +65,26 @@ class GemmConfig:
         ring = self.num_stages * (w + self.tile_m * self.tile_k * 2 + self.tile_n * 3)
         out = self.tile_m * self.tile_n * 2
         return ring + out + (0 if self.a_in_registers else self.tile_n * self.tile_k * 2)
+
+
+def check_tiles(config) -> None:
+    """The tile rules both many-row GEMMs (this one and fp8_gemm.py) share: two compute warpgroups of tile_n / 2
+    rows, wgmma N = tile_m, their f32 accumulators in registers, and the whole config in 227 KiB of SMEM."""
+    if config.tile_n not in (128, 256):
+        raise ValueError(f"{config.tile_n=} must be 128 or 256 (two warpgroups of 64 or 128 rows)")
+    if config.tile_m not in (64, 128, 256):
+        raise ValueError(f"{config.tile_m=} must be 64, 128 or 256")
+    if not 2 <= config.num_stages <= 8:
+        raise ValueError(f"{config.num_stages=} must be in [2, 8]")
+    if config.tile_k not in (64, 128):
+        raise ValueError(f"{config.tile_k=} must be 64 or 128")
+    if not 1 <= config.splits <= 16:
+        raise ValueError(f"{config.splits=} must be in [1, 16]")
+    acc_regs = config.tile_n // 2 * config.tile_m // 128  # f32 accumulator registers per thread
+    if acc_regs > 128:
+        raise ValueError(f"{config.tile_n=} x {config.tile_m=} needs {acc_regs} accumulator registers a thread")
+    if config.smem_bytes() > 227 * 1024:
+        raise ValueError(f"{config} needs {config.smem_bytes()} B of shared memory (> 227 KiB)")
 
 
 # Where the GEMM beat the path that ran before (the decode kernel over 64-row chunks, or XLA's dequantize-then-dot)
